@@ -1,0 +1,12 @@
+# Common `train` settings for lazy configs (detectron2's lazy-config convention).
+train = dict(
+    output_dir="./output",
+    init_checkpoint="",  # a local detectron2 checkpoint of the whole model, or ""
+    max_iter=1000,
+    amp=dict(enabled=False),
+    ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),
+    checkpointer=dict(period=500, max_to_keep=100),
+    eval_period=500,
+    log_period=20,
+    device="cuda",  # set "cpu" on a machine without a GPU (train.device=cpu)
+)

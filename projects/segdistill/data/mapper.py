@@ -1,0 +1,119 @@
+"""Semantic-segmentation dataset mapper: read, check, augment, and convert to tensors.
+
+Training: random resize by a ratio (``INPUT.RESIZE_RATIO_RANGE``, of the image's own size
+or of ``INPUT.RESIZE_BASE_SIZE``), a fixed-size crop of ``INPUT.CROP.SIZE`` padded with the
+ignore value where the image is smaller, a random flip, optional brightness/contrast
+jitter. Test: the image as is (or resized by ``INPUT.MIN_SIZE_TEST``); the label is not
+loaded, the evaluator reads it at the original resolution.
+"""
+from __future__ import annotations
+
+import copy
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from detectron2.config import configurable
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+
+from .labels import check_label_values, read_dataset_label
+
+__all__ = ["SemSegDatasetMapper", "RandomResizeRatio", "build_sem_seg_train_augmentations"]
+
+
+class RandomResizeRatio(T.Augmentation):
+    """Resize by a ratio drawn uniformly from ``ratio_range``.
+
+    Without ``base_size`` the ratio scales the image itself. With ``base_size=(h, w)`` the
+    image is rescaled, keeping its aspect ratio, to fit ``ratio * base_size`` (the long side
+    to the long side), as mmsegmentation's ``Resize(img_scale, ratio_range)`` does.
+    """
+
+    def __init__(self, ratio_range: Sequence[float], base_size: Optional[Sequence[int]] = None,
+                 interp=Image.BILINEAR):
+        super().__init__()
+        if len(ratio_range) != 2 or not 0 < ratio_range[0] <= ratio_range[1]:
+            raise ValueError(f"INPUT.RESIZE_RATIO_RANGE must be (min, max) with 0 < min <= max, got {ratio_range}")
+        base_size = tuple(base_size) if base_size and min(base_size) > 0 else None
+        self._init(locals())
+
+    def get_transform(self, image: np.ndarray) -> T.Transform:
+        h, w = image.shape[:2]
+        ratio = np.random.uniform(*self.ratio_range)
+        if self.base_size is None:
+            scale = ratio
+        else:
+            long_, short = max(self.base_size), min(self.base_size)
+            scale = ratio * min(long_ / max(h, w), short / min(h, w))
+        nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+        return T.ResizeTransform(h, w, nh, nw, self.interp)
+
+
+def build_sem_seg_train_augmentations(cfg) -> List[T.Augmentation]:
+    augs: List[T.Augmentation] = [RandomResizeRatio(cfg.INPUT.RESIZE_RATIO_RANGE, cfg.INPUT.RESIZE_BASE_SIZE)]
+    if cfg.INPUT.CROP.ENABLED:
+        if cfg.INPUT.CROP.TYPE != "absolute":
+            raise ValueError(f"INPUT.CROP.TYPE must be 'absolute' for semantic segmentation, got {cfg.INPUT.CROP.TYPE!r}")
+        augs.append(T.FixedSizeCrop(tuple(cfg.INPUT.CROP.SIZE), pad=True, pad_value=128.0,
+                                    seg_pad_value=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE))
+    if cfg.INPUT.RANDOM_FLIP != "none":
+        augs.append(T.RandomFlip(horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
+                                 vertical=cfg.INPUT.RANDOM_FLIP == "vertical"))
+    if cfg.INPUT.COLOR_JITTER > 0:
+        j = cfg.INPUT.COLOR_JITTER
+        augs += [T.RandomBrightness(1 - j, 1 + j), T.RandomContrast(1 - j, 1 + j)]
+    return augs
+
+
+class SemSegDatasetMapper:
+    """Dataset dict -> model input: ``image`` (CxHxW uint8), ``sem_seg`` (HxW long, training),
+    ``height``/``width`` (the original size, for the output)."""
+
+    @configurable
+    def __init__(self, is_train: bool, *, augmentations: List[T.Augmentation], image_format: str,
+                 num_classes: int, ignore_value: int):
+        self.is_train = is_train
+        self.augmentations = T.AugmentationList(augmentations)
+        self.image_format = image_format
+        self.num_classes = num_classes
+        self.ignore_value = ignore_value
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        if is_train:
+            augs = build_sem_seg_train_augmentations(cfg)
+        elif cfg.INPUT.MIN_SIZE_TEST > 0:
+            augs = [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)]
+        else:
+            augs = []
+        return dict(
+            is_train=is_train, augmentations=augs, image_format=cfg.INPUT.FORMAT,
+            num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, ignore_value=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+        )
+
+    def __call__(self, dataset_dict: dict) -> dict:
+        d = copy.copy(dataset_dict)
+        image = utils.read_image(d["file_name"], format=self.image_format)
+        d.setdefault("height", image.shape[0])
+        d.setdefault("width", image.shape[1])
+        sem_seg = None
+        if self.is_train:
+            if "sem_seg_file_name" not in d:
+                raise ValueError(f"Training image {d['file_name']!r} has no label (sem_seg_file_name).")
+            sem_seg = read_dataset_label(d)
+            if sem_seg.shape != image.shape[:2]:
+                raise ValueError(
+                    f"Label {d['sem_seg_file_name']!r} is {sem_seg.shape[1]}x{sem_seg.shape[0]} but its image "
+                    f"{d['file_name']!r} is {image.shape[1]}x{image.shape[0]} (width x height)."
+                )
+            check_label_values(sem_seg, self.num_classes, self.ignore_value, d["sem_seg_file_name"])
+            sem_seg = sem_seg.astype(np.uint8 if sem_seg.max() < 256 else np.int32)
+        aug = T.AugInput(image, sem_seg=sem_seg)
+        self.augmentations(aug)
+        d["image"] = torch.as_tensor(np.ascontiguousarray(aug.image.transpose(2, 0, 1)))
+        if sem_seg is not None:
+            d["sem_seg"] = torch.as_tensor(aug.sem_seg.astype(np.int64))
+        return d

@@ -1,0 +1,112 @@
+"""The project's Trainer: detectron2's DefaultTrainer with semantic-segmentation defaults.
+
+Differences from ``DefaultTrainer``:
+
+* DDP is built by :func:`segdistill.engine.ddp.create_ddp_model`, which works for CPU
+  models (gloo) and takes ``MODEL.FIND_UNUSED_PARAMETERS`` from the config (detectron2
+  hard-codes it off; multi-exit models need it);
+* data: :class:`SemSegDatasetMapper` for training and testing;
+* evaluation: :class:`SemSegEvaluator` for ``evaluator_type`` ``sem_seg`` and
+  ``cityscapes_sem_seg``;
+* LR: detectron2's DeepLab ``WarmupPolyLR`` when ``SOLVER.LR_SCHEDULER_NAME`` asks for it;
+* a missing ``MODEL.WEIGHTS`` file is a clear error before anything is loaded;
+* ``training_curves.png`` in ``OUTPUT_DIR``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.projects.deeplab import build_lr_scheduler as build_deeplab_lr_scheduler
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from ..data import SemSegDatasetMapper
+from ..evaluation import SemSegEvaluator
+from .ddp import create_ddp_model
+from .hooks import TrainingCurvesHook
+
+__all__ = ["Trainer", "check_weights_file"]
+
+SEM_SEG_EVALUATOR_TYPES = ("sem_seg", "cityscapes_sem_seg")
+
+
+def check_weights_file(path: str, key: str = "MODEL.WEIGHTS") -> None:
+    """Raise FileNotFoundError for a local weights path that does not exist.
+
+    Remote URLs (``detectron2://``, ``https://``) are refused too: nothing can be
+    downloaded, so the error says where to put a local copy.
+    """
+    if not path:
+        return
+    if "://" in path and not path.startswith("file://"):
+        raise FileNotFoundError(
+            f"{key} is a remote location ({path!r}); this project never downloads weights. "
+            f"Download the file elsewhere, copy it to this machine and set {key} to its local path."
+        )
+    local = path[len("file://"):] if path.startswith("file://") else path
+    if not os.path.isfile(local):
+        raise FileNotFoundError(
+            f"Weights file not found: {local!r} ({key}). Point {key} at a local detectron2 "
+            "checkpoint (.pth/.pkl) or set it to '' to start from random weights."
+        )
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer for the project's segmentors (see the module docstring)."""
+
+    def __init__(self, cfg):
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(
+            model, broadcast_buffers=False, find_unused_parameters=cfg.MODEL.FIND_UNUSED_PARAMETERS
+        )
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    def resume_or_load(self, resume: bool = True):
+        if not (resume and self.checkpointer.has_checkpoint()):
+            check_weights_file(self.cfg.MODEL.WEIGHTS)
+        super().resume_or_load(resume=resume)
+
+    def build_hooks(self):
+        hooks = super().build_hooks()
+        hooks.append(TrainingCurvesHook(self.cfg.OUTPUT_DIR, period=self.cfg.TEST.EVAL_PERIOD))
+        return hooks
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=SemSegDatasetMapper(cfg, True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=SemSegDatasetMapper(cfg, False))
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+        if evaluator_type not in SEM_SEG_EVALUATOR_TYPES:
+            raise NotImplementedError(
+                f"No evaluator for dataset '{dataset_name}' of evaluator_type {evaluator_type!r}; "
+                f"this trainer handles {SEM_SEG_EVALUATOR_TYPES}."
+            )
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return build_deeplab_lr_scheduler(cfg, optimizer)

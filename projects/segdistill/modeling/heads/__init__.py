@@ -1,0 +1,9 @@
+"""Segmentation heads registered in detectron2's SEM_SEG_HEADS_REGISTRY."""
+from .base import AuxFCNHead, SegHeadMixin, build_aux_head, head_outputs, upsample_logits
+from .deeplab import SegDeepLabV3Head, SegDeepLabV3PlusHead
+from .fcn import FCNHead
+
+__all__ = [
+    "SegHeadMixin", "AuxFCNHead", "build_aux_head", "head_outputs", "upsample_logits",
+    "SegDeepLabV3Head", "SegDeepLabV3PlusHead", "FCNHead",
+]

@@ -1,0 +1,102 @@
+"""Shared test helpers: tiny configs, a temporary labelled dataset, repository paths."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "projects"))  # also works without `pip install -e .`
+
+import segdistill  # noqa: E402,F401
+from detectron2.config import get_cfg  # noqa: E402
+from segdistill import add_segdistill_config  # noqa: E402
+
+
+def tiny_cfg(backbone="resnet18", head="SegDeepLabV3Head", output_stride=8, num_classes=5, **overrides):
+    """A CPU config for a backbone x head pair at tiny sizes."""
+    cfg = get_cfg()
+    add_segdistill_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO, "configs/demo/Base-Demo.yaml"))
+    hrnet = backbone.startswith("hrnet")
+    cfg.MODEL.TIMM.NAME = backbone
+    cfg.MODEL.TIMM.OUTPUT_STRIDE = 32 if hrnet else output_stride
+    cfg.MODEL.SEM_SEG_HEAD.NAME = head
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = num_classes
+    cfg.MODEL.SEM_SEG_HEAD.ASPP_CHANNELS = 32
+    cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 32
+    cfg.MODEL.SEM_SEG_HEAD.AUX_CHANNELS = 16
+    if head == "SegDeepLabV3PlusHead":
+        feats = ["res2", "res5"]
+        cfg.MODEL.SEM_SEG_HEAD.PROJECT_FEATURES = ["res2"]
+        cfg.MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS = [16]
+    else:
+        feats = ["res5"]
+    cfg.MODEL.TIMM.OUT_FEATURES = feats
+    cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = feats
+    for k, v in overrides.items():
+        node = cfg
+        *path, last = k.split(".")
+        for p in path:
+            node = getattr(node, p)
+        setattr(node, last, v)
+    return cfg
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def random_batch(n, h, w, num_classes, seed=0, with_labels=True):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    batch = []
+    for _ in range(n):
+        d = {"image": torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8), "height": h, "width": w}
+        if with_labels:
+            label = torch.randint(0, num_classes, (h, w), generator=g)
+            label[:2] = 255
+            d["sem_seg"] = label
+        batch.append(d)
+    return batch
+
+
+@pytest.fixture
+def write_label_dataset(tmp_path):
+    """Write a folder dataset of random images/labels and register it under a fresh name."""
+    from PIL import Image
+
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from segdistill.data.datasets import load_sem_seg_folder
+
+    made = []
+
+    def make(name, labels, num_classes, images=None):
+        img_dir, lbl_dir = tmp_path / name / "img", tmp_path / name / "lbl"
+        img_dir.mkdir(parents=True)
+        lbl_dir.mkdir(parents=True)
+        rng = np.random.default_rng(0)
+        for i, label in enumerate(labels):
+            h, w = label.shape
+            img = images[i] if images is not None else rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            Image.fromarray(img).save(img_dir / f"{i:03d}.png")
+            Image.fromarray(label.astype(np.uint8)).save(lbl_dir / f"{i:03d}.png")
+        DatasetCatalog.register(
+            name, lambda: load_sem_seg_folder(str(img_dir), str(lbl_dir), dataset_name=name, layout_help="")
+        )
+        MetadataCatalog.get(name).set(
+            stuff_classes=[f"c{k}" for k in range(num_classes)], ignore_label=255, evaluator_type="sem_seg"
+        )
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
