@@ -82,6 +82,7 @@ def test_mapper_resizes_crops_with_ignore_padding_and_flips():
     cfg = tiny_cfg(num_classes=10)
     cfg.INPUT.CROP.SIZE = (200, 150)  # larger than the 96x96 mini images: padded
     cfg.INPUT.RESIZE_RATIO_RANGE = (1.0, 1.0)
+    cfg.INPUT.RANDOM_FLIP = "none"  # padding stays bottom/right; flips are tested below
     rec = DatasetCatalog.get("segdistill_demo_mini_train")[0]
     out = SemSegDatasetMapper(cfg, True)(rec)
     assert out["image"].shape == (3, 200, 150) and out["image"].dtype == torch.uint8
@@ -93,7 +94,6 @@ def test_mapper_resizes_crops_with_ignore_padding_and_flips():
 
     cfg.INPUT.CROP.SIZE = (64, 64)
     cfg.INPUT.RESIZE_RATIO_RANGE = (0.5, 0.5)
-    cfg.INPUT.RANDOM_FLIP = "none"
     out = SemSegDatasetMapper(cfg, True)(rec)  # 48x48 after resizing, padded to 64
     assert out["sem_seg"].shape == (64, 64) and (out["sem_seg"][48:] == 255).all()
 

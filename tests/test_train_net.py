@@ -47,16 +47,15 @@ def test_yaml_train_evaluate_resume_and_eval_only(tmp_path):
     assert conf["metrics"]["mIoU"] == pytest.approx(miou, abs=1e-3)
 
     # --resume continues from the last checkpoint up to the new MAX_ITER
-    _, out = run(cfg + TINY[:6] + ["SOLVER.MAX_ITER", "5"] + TINY[8:] + ["OUTPUT_DIR", out_dir, "--resume"])
+    _, out = run(cfg + ["--resume"] + TINY + ["SOLVER.MAX_ITER", "5", "OUTPUT_DIR", out_dir])
     assert "Starting training from iteration 3" in out
     records = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.json"))]
     assert max(r["iteration"] for r in records if "total_loss" in r) == 4
 
     # --eval-only on the saved weights gives the numbers of a fresh evaluation
-    _, out = run(cfg + TINY + ["OUTPUT_DIR", str(tmp_path / "eval"), "--eval-only",
-                               "MODEL.WEIGHTS", os.path.join(out_dir, "model_final.pth")])
-    _, out2 = run(cfg + TINY + ["OUTPUT_DIR", str(tmp_path / "eval2"), "--eval-only",
-                                "MODEL.WEIGHTS", os.path.join(out_dir, "model_final.pth")])
+    weights = ["MODEL.WEIGHTS", os.path.join(out_dir, "model_final.pth")]
+    _, out = run(cfg + ["--eval-only"] + TINY + weights + ["OUTPUT_DIR", str(tmp_path / "eval")])
+    _, out2 = run(cfg + ["--eval-only"] + TINY + weights + ["OUTPUT_DIR", str(tmp_path / "eval2")])
     assert final_miou(out) == final_miou(out2)
 
 

@@ -82,6 +82,15 @@ class Trainer(DefaultTrainer):
         if not (resume and self.checkpointer.has_checkpoint()):
             check_weights_file(self.cfg.MODEL.WEIGHTS)
         super().resume_or_load(resume=resume)
+        # A checkpoint restores the scheduler's own schedule length; a resumed run whose
+        # config asks for a different SOLVER.MAX_ITER follows the config (detectron2's
+        # poly schedule would otherwise fail once past its old end).
+        old = getattr(self.scheduler, "max_iters", None)
+        if old is not None and old != self.max_iter:
+            logging.getLogger(__name__).warning(
+                "Resumed schedule had max_iter=%d; continuing with SOLVER.MAX_ITER=%d.", old, self.max_iter
+            )
+            self.scheduler.max_iters = self.max_iter
 
     def build_hooks(self):
         hooks = super().build_hooks()

@@ -91,7 +91,8 @@ class SegHeadMixin:
     ``predictor`` and ``aux_head`` (or None), and implements ``forward_features``.
     """
 
-    aux_head: Optional[AuxFCNHead] = None
+    # No class-level default for ``aux_head``: it would shadow the submodule that
+    # nn.Module keeps in ``_modules``. Every head assigns it (None when unused).
 
     def forward_features(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
