@@ -66,3 +66,19 @@ def add_segdistill_config(cfg: CN) -> None:
     # the first test set, written by tools/visualize_predictions.py and by the demo.
     cfg.SEGDISTILL = CN()
     cfg.SEGDISTILL.VIS_MAX_IMAGES = 50
+
+    _add_exit_keys(cfg)
+    _add_distill_keys(cfg)
+    _add_dataset_keys(cfg)
+
+
+def _add_exit_keys(cfg: CN) -> None:
+    """MODEL.EXITS: multi-exit segmentor (deep supervision, Self-Regulation, HS3)."""
+
+
+def _add_distill_keys(cfg: CN) -> None:
+    """MODEL.DISTILL: teacher-student distillation (PD, CWD, HWD, FAKD)."""
+
+
+def _add_dataset_keys(cfg: CN) -> None:
+    """Keys of the real datasets' loaders and evaluators (COCO-Stuff, Cityscapes, CamVid)."""

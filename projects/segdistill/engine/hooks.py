@@ -7,7 +7,28 @@ import os
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-__all__ = ["TrainingCurvesHook"]
+__all__ = ["TrainingCurvesHook", "TrainingProgressHook", "unwrap_model"]
+
+
+def unwrap_model(model):
+    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+class TrainingProgressHook(HookBase):
+    """Tell the model where training stands, before every step.
+
+    Models whose losses follow a schedule (a temperature, a ramped weight, a warm-up) define
+    ``set_training_progress(iteration, max_iter)``; this hook calls it with the iteration
+    about to run, so the schedules are a pure function of the iteration and a resumed run
+    continues them exactly. Models without the method are left alone.
+    """
+
+    def before_step(self):
+        model = unwrap_model(self.trainer.model)
+        fn = getattr(model, "set_training_progress", None)
+        if fn is not None:
+            fn(self.trainer.iter, self.trainer.max_iter)
 
 
 class TrainingCurvesHook(HookBase):

@@ -17,7 +17,7 @@ from detectron2.utils import comm
 
 from .checks import check_dataset_names, check_device
 from .ddp import create_ddp_model
-from .hooks import TrainingCurvesHook
+from .hooks import TrainingCurvesHook, TrainingProgressHook
 from .trainer import check_weights_file
 
 __all__ = ["lazy_test", "lazy_train", "check_lazy_config"]
@@ -62,6 +62,7 @@ def lazy_train(cfg, resume: bool = False):
     main = comm.is_main_process()
     trainer.register_hooks([
         hooks.IterationTimer(),
+        TrainingProgressHook(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main else None,
         hooks.EvalHook(cfg.train.eval_period, lambda: lazy_test(cfg, model)),

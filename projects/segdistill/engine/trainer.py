@@ -7,7 +7,9 @@ Differences from ``DefaultTrainer``:
   hard-codes it off; multi-exit models need it);
 * data: :class:`SemSegDatasetMapper` for training and testing;
 * evaluation: :class:`SemSegEvaluator` for ``evaluator_type`` ``sem_seg`` and
-  ``cityscapes_sem_seg``;
+  ``cityscapes_sem_seg``, with the label spaces of exits that predict their own class
+  sets (:func:`segdistill.evaluation.build_label_spaces`);
+* :class:`TrainingProgressHook` tells the model the iteration (loss schedules);
 * LR: detectron2's DeepLab ``WarmupPolyLR`` when ``SOLVER.LR_SCHEDULER_NAME`` asks for it;
 * a missing ``MODEL.WEIGHTS`` file is a clear error before anything is loaded;
 * ``training_curves.png`` in ``OUTPUT_DIR``.
@@ -26,9 +28,9 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..data import SemSegDatasetMapper
-from ..evaluation import SemSegEvaluator
+from ..evaluation import SemSegEvaluator, build_label_spaces
 from .ddp import create_ddp_model
-from .hooks import TrainingCurvesHook
+from .hooks import TrainingCurvesHook, TrainingProgressHook
 
 __all__ = ["Trainer", "check_weights_file"]
 
@@ -94,6 +96,7 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self):
         hooks = super().build_hooks()
+        hooks.insert(1, TrainingProgressHook())  # after the IterationTimer, before the LR scheduler
         hooks.append(TrainingCurvesHook(self.cfg.OUTPUT_DIR, period=self.cfg.TEST.EVAL_PERIOD))
         return hooks
 
@@ -114,7 +117,9 @@ class Trainer(DefaultTrainer):
                 f"this trainer handles {SEM_SEG_EVALUATOR_TYPES}."
             )
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder)
+        return SemSegEvaluator(
+            dataset_name, distributed=True, output_dir=output_folder, label_spaces=build_label_spaces(cfg, dataset_name)
+        )
 
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):

@@ -1,5 +1,6 @@
 """Evaluators and the metrics behind them."""
 from .metrics import confusion_matrix, metrics_from_confusion, per_class_iou
 from .sem_seg import LabelSpace, SemSegEvaluator
+from .label_spaces import build_label_spaces, register_label_space_provider
 
-__all__ = ["SemSegEvaluator", "LabelSpace", "confusion_matrix", "metrics_from_confusion", "per_class_iou"]
+__all__ = ["SemSegEvaluator", "LabelSpace", "build_label_spaces", "register_label_space_provider", "confusion_matrix", "metrics_from_confusion", "per_class_iou"]
