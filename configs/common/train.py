@@ -2,11 +2,11 @@
 train = dict(
     output_dir="./output",
     init_checkpoint="",  # a local detectron2 checkpoint of the whole model, or ""
-    max_iter=1000,
+    max_iter=800,
     amp=dict(enabled=False),
     ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),
-    checkpointer=dict(period=500, max_to_keep=100),
-    eval_period=500,
+    checkpointer=dict(period=400, max_to_keep=100),
+    eval_period=400,
     log_period=20,
     device="cuda",  # set "cpu" on a machine without a GPU (train.device=cpu)
 )

@@ -27,6 +27,6 @@ model = L(SemanticSegmentor)(
 )
 
 optimizer.lr = 0.02
-train.max_iter = 1000
+train.max_iter = 800
 train.device = "cpu"
 train.output_dir = "output/demo/deeplabv3_r18_lazy"

@@ -67,9 +67,14 @@ def add_segdistill_config(cfg: CN) -> None:
     cfg.SEGDISTILL = CN()
     cfg.SEGDISTILL.VIS_MAX_IMAGES = 50
 
+    _add_model_zoo_keys(cfg)
     _add_exit_keys(cfg)
     _add_distill_keys(cfg)
     _add_dataset_keys(cfg)
+
+
+def _add_model_zoo_keys(cfg: CN) -> None:
+    """Keys of the model-zoo heads (PSPNet, OCR, HRNetV2) and the model-wide norm switch."""
 
 
 def _add_exit_keys(cfg: CN) -> None:

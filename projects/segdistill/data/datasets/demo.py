@@ -5,7 +5,7 @@ the demo and the tests need a dataset that is always there. It is made to be a r
 learning problem rather than a colour lookup:
 
 * 10 classes: large regions (sky, building, road, sidewalk, vegetation), objects of a
-  few to a few hundred pixels (car, person, sign) and thin structures (pole: 2-4 px,
+  few to a few hundred pixels (car, person, sign) and thin structures (pole: 3-5 px,
   wire: 1 px);
 * colour alone does not give the class: buildings, road, sidewalk, cars and overcast
   sky draw from overlapping grey/beige palettes and differ by texture (bricks and windows,
@@ -40,7 +40,7 @@ __all__ = [
     "ensure_demo_dataset", "demo_split_dirs",
 ]
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 IGNORE = 255
 
 DEMO_CLASSES = ["sky", "building", "road", "sidewalk", "vegetation", "car", "person", "pole", "wire", "sign"]
@@ -243,7 +243,7 @@ def generate_scene(rng: np.random.Generator, height: int, width: int) -> Tuple[n
             c.paint(wheels, _flat(rng, (20, 20, 20), h, w, 5), CAR)
         elif kind == "person":
             for px in on_sidewalk(yb)[:1]:
-                ph = rng.uniform(0.25, 0.4) * (h - horizon) * s + 4
+                ph = rng.uniform(0.35, 0.6) * (h - horizon) * s + 6
                 pw = ph * 0.28
                 body = c.mask(lambda a: cv2.ellipse(a, (int(px), int(yb - ph * 0.4)), (max(1, int(pw / 2)), max(1, int(ph * 0.4))), 0, 0, 360, 1, -1))
                 head = c.mask(lambda a: cv2.circle(a, (int(px), int(yb - ph * 0.88)), max(1, int(pw * 0.35)), 1, -1))
@@ -265,13 +265,13 @@ def generate_scene(rng: np.random.Generator, height: int, width: int) -> Tuple[n
         elif kind == "pole":
             for qx in on_sidewalk(yb)[:1]:
                 ph = rng.uniform(0.5, 0.9) * yb
-                thick = int(np.clip(round(1 + 3 * s), 2, 4))
+                thick = int(np.clip(round(2 + 3 * s), 3, 5))
                 top = yb - ph
                 m = c.mask(lambda a: cv2.rectangle(a, (int(qx), int(top)), (int(qx) + thick - 1, int(yb)), 1, -1))
                 c.paint(m, _flat(rng, _GREYS[rng.integers(len(_GREYS))], h, w, 20), POLE)
                 pole_tops.append((qx + thick / 2, top))
                 if rng.random() < 0.7:  # a sign on the pole
-                    sz = max(3, int(4 + 8 * s))
+                    sz = max(6, int(6 + 8 * s))
                     sy = top + rng.uniform(0.05, 0.3) * ph
                     shape = rng.integers(3)
                     if shape == 0:

@@ -1,0 +1,51 @@
+#!/usr/bin/env python
+"""Write the deployed checkpoint of a trained model: training-only parts removed.
+
+    python tools/deploy_model.py --config-file TRAIN_CONFIG.yaml --output model_deploy.pth \
+        MODEL.WEIGHTS output/run/model_final.pth
+
+The output loads with no missing or unexpected keys into the plain model its deployed
+config builds (a multi-exit model's baseline config, a distiller's student config).
+"""
+import argparse
+import logging
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "projects"))
+
+import segdistill  # noqa: E402,F401
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
+from segdistill import add_segdistill_config  # noqa: E402
+from segdistill.engine import check_weights_file  # noqa: E402
+from segdistill.engine.deploy import save_deployed_checkpoint  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", required=True, help="the config the model was trained with")
+    p.add_argument("--output", required=True, help="where to write the deployed checkpoint (.pth)")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides (MODEL.WEIGHTS is required)")
+    args = p.parse_args(argv)
+    setup_logger(name="segdistill")
+    cfg = get_cfg()
+    add_segdistill_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.MODEL.DEVICE = "cpu"
+    if not cfg.MODEL.WEIGHTS:
+        p.error("set MODEL.WEIGHTS to the trained checkpoint")
+    check_weights_file(cfg.MODEL.WEIGHTS)
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    path = save_deployed_checkpoint(model, args.output)
+    logging.getLogger("segdistill").info("Deployed checkpoint written to %s", path)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
