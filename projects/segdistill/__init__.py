@@ -12,6 +12,7 @@ warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated", c
 
 from . import data  # noqa: F401  (dataset registration)
 from . import modeling  # noqa: F401  (registries)
+from . import hs3  # noqa: F401
 from .config import add_segdistill_config
 
 __version__ = "0.1.0"
