@@ -16,6 +16,7 @@ from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from segdistill import add_segdistill_config
+from segdistill.hs3.model import register_config_splits
 from segdistill.engine import (
     Trainer, check_dataset_names, check_device, check_lazy_config, check_weights_file, lazy_test, lazy_train,
 )
@@ -28,6 +29,7 @@ def setup(args):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
+    register_config_splits(cfg)  # HS3: <name>_hs3_reduced / _hs3_analysis, in every launched process
     check_device("MODEL.DEVICE", cfg.MODEL.DEVICE)
     check_dataset_names("DATASETS.TRAIN", cfg.DATASETS.TRAIN)
     check_dataset_names("DATASETS.TEST", cfg.DATASETS.TEST)

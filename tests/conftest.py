@@ -7,6 +7,13 @@ import sys
 
 import numpy as np
 import pytest
+import torch
+
+# One thread per process: tests start train_net.py subprocesses and 2-process gloo runs on a
+# 2-core machine, where several OpenMP thread pools oversubscribe the cores (steps ran ~50x
+# slower). Subprocesses inherit the variable.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "projects"))  # also works without `pip install -e .`

@@ -75,14 +75,186 @@ def add_segdistill_config(cfg: CN) -> None:
 
 def _add_model_zoo_keys(cfg: CN) -> None:
     """Keys of the model-zoo heads (PSPNet, OCR, HRNetV2) and the model-wide norm switch."""
+    # One switch for every BatchNorm of the model (backbone, head, auxiliary heads, exits):
+    # "BN" (CPU, one GPU), "SyncBN" (several GPUs), "FrozenBN" (fine-tuning a trained
+    # model from MODEL.WEIGHTS), "auto" (SyncBN when training on several CUDA processes,
+    # else BN). "" (default) keeps the per-part keys MODEL.TIMM.NORM and
+    # MODEL.SEM_SEG_HEAD.NORM, e.g. a frozen backbone under a BN head. Read it through
+    # segdistill.modeling.backbones.norm.resolve_norm(cfg, "backbone" | "head").
+    cfg.MODEL.NORM = ""
+    # PSPHead: pyramid pooling bins; channels of each pooling branch (0 = in_channels /
+    # len(bins)); the bottleneck 3x3 conv's width is MODEL.SEM_SEG_HEAD.CONVS_DIM and its
+    # dropout MODEL.SEM_SEG_HEAD.DROPOUT.
+    cfg.MODEL.SEM_SEG_HEAD.PSP_BINS = [1, 2, 3, 6]
+    cfg.MODEL.SEM_SEG_HEAD.PSP_POOL_CHANNELS = 0
+    # HRNetV2Head: width of the 1x1 conv after the concatenated branches (0 = the
+    # concatenated width, 270 for W18 and 720 for W48, as in HRNetV2).
+    cfg.MODEL.SEM_SEG_HEAD.HRNETV2_CHANNELS = 0
+    # OCRHead (object-contextual representations, on the concatenated IN_FEATURES):
+    # 3x3 conv to MID channels, pixel-region attention with KEY channels, dropout after
+    # the fusion conv, the soft-object-region head's width (0 = input width, as in
+    # HRNet-OCR) and the weight of its loss ("loss_ocr_aux").
+    cfg.MODEL.SEM_SEG_HEAD.OCR_MID_CHANNELS = 512
+    cfg.MODEL.SEM_SEG_HEAD.OCR_KEY_CHANNELS = 256
+    cfg.MODEL.SEM_SEG_HEAD.OCR_DROPOUT = 0.05
+    cfg.MODEL.SEM_SEG_HEAD.OCR_REGION_CHANNELS = 0
+    cfg.MODEL.SEM_SEG_HEAD.OCR_AUX_LOSS_WEIGHT = 0.4
+    # SegDeepLabV3Head: 3x3 conv-norm-ReLU layers between the ASPP and the classifier
+    # (CIRKD/HWD's DeepLabV3 has one; detectron2's and the default have none).
+    cfg.MODEL.SEM_SEG_HEAD.ASPP_BOTTLENECK_CONVS = 0
 
 
 def _add_exit_keys(cfg: CN) -> None:
     """MODEL.EXITS: multi-exit segmentor (deep supervision, Self-Regulation, HS3)."""
+    # Used by META_ARCHITECTURE "MultiExitSegmentor" (modeling/meta_arch/multi_exit.py).
+    cfg.MODEL.EXITS = CN()
+    # "none" (plain training, no exits built), "ds" (deep supervision), "sr" (Self-Regulation:
+    # MEA + SR-F + SR-L); other modes (e.g. "hs3") register themselves.
+    cfg.MODEL.EXITS.MODE = "none"
+    # Where exits attach, shallowest first: backbone stages (res2..res5; HRNet layer1,
+    # stage2_b*, stage3_b*, res2..res5) or "head_features" (the head's pre-classifier features).
+    # Timm backbones return these stages automatically (MODEL.TIMM.OUT_FEATURES is extended).
+    cfg.MODEL.EXITS.IN_FEATURES = ["res2", "res3", "res4"]
+    # Classes predicted by each exit, one per IN_FEATURES entry; empty = MODEL.SEM_SEG_HEAD.NUM_CLASSES.
+    cfg.MODEL.EXITS.NUM_CLASSES = []
+    # Channels of an exit's two 3x3 convs (256 in the paper) and their norm ("" = the heads' norm:
+    # MODEL.NORM, else MODEL.SEM_SEG_HEAD.NORM).
+    cfg.MODEL.EXITS.CHANNELS = 256
+    cfg.MODEL.EXITS.NORM = ""
+    # Every exit's feature map is resized to 1/COMMON_STRIDE of the input (1/8 in the paper).
+    cfg.MODEL.EXITS.COMMON_STRIDE = 8
+    # Largest bilinear down-sampling factor to the common stride (a larger factor skips pixels):
+    # a stage finer than COMMON_STRIDE / MAX_DOWNSAMPLE is a config error.
+    cfg.MODEL.EXITS.MAX_DOWNSAMPLE = 2
+    # In eval(), also return each exit's prediction as "sem_seg_<exit>" (per-exit metrics).
+    cfg.MODEL.EXITS.EVAL_EXITS = False
+    # Deep supervision: weight of every exit's full-class cross-entropy (loss_ds, summed over exits).
+    cfg.MODEL.EXITS.DS = CN()
+    cfg.MODEL.EXITS.DS.WEIGHT = 1.0
+    # Self-Regulation (paper Eq. 5; defaults from its section 5).
+    cfg.MODEL.EXITS.SR = CN()
+    # lambda1: multi-label BCE of every classifier (exits + final head), loss_mea_cls.
+    cfg.MODEL.EXITS.SR.CLS_WEIGHT = 0.2
+    # lambda2: pixel cross-entropy of every exit's segmenter, loss_mea_seg.
+    cfg.MODEL.EXITS.SR.SEG_WEIGHT = 0.8
+    # lambda3: SR-F, shallowest exit's features teach the deeper exits' (loss_sr_f); 0 = off.
+    cfg.MODEL.EXITS.SR.F_WEIGHT = 1.0
+    # SR-L, the final head's class logits teach the shallower exits' (loss_sr_l); 0 = off.
+    cfg.MODEL.EXITS.SR.L_WEIGHT = 1.0
+    # "paper" (Eq. 1-4, tempered soft cross-entropy) or "code" (the authors' released code:
+    # SR-F = CE towards the shallowest exit's argmax, SR-L = BCE towards the final sigmoid).
+    cfg.MODEL.EXITS.SR.VARIANT = "paper"
+    # Stop gradients through the teachers of SR-F and SR-L.
+    cfg.MODEL.EXITS.SR.DETACH_TEACHER = True
+    # MEA only for the first WARMUP_ITERS iterations, then SR-F and SR-L on.
+    cfg.MODEL.EXITS.SR.WARMUP_ITERS = 0
+    # Adaptive temperature (section 5): starts at TEMPERATURE and is multiplied by ANNEAL_FACTOR
+    # whenever the max-min spread of a teacher feature map (tempered softmax) in the minibatch
+    # exceeds ANNEAL_THRESHOLD. ANNEAL_FACTOR 1.0 keeps it fixed. Saved in checkpoints.
+    cfg.MODEL.EXITS.SR.TEMPERATURE = 1.0
+    cfg.MODEL.EXITS.SR.ANNEAL_FACTOR = 1.05
+    cfg.MODEL.EXITS.SR.ANNEAL_THRESHOLD = 0.5
+    # HS3 (MODE "hs3"; docs/hs3.md): every exit predicts its own clustered class set.
+    cfg.MODEL.EXITS.HS3 = CN()
+    # The clusters file of Phase 1 (tools/hs3_analyze.py or tools/hs3_pipeline.py); required
+    # with MODE "hs3". Each exit's class count and label table come from it.
+    cfg.MODEL.EXITS.HS3.CLUSTERS_FILE = ""
+    # gamma_i of Eq. 1 (weight of exit i's clustered cross-entropy), one per exit or one for all.
+    cfg.MODEL.EXITS.HS3.GAMMAS = [1.0]
+    # Phase-1 split of DATASETS.TRAIN[0] into <name>_hs3_reduced / <name>_hs3_analysis:
+    # share of the analysis set, seed, and optionally a text file listing the analysis images.
+    cfg.MODEL.EXITS.HS3.ANALYSIS_FRACTION = 0.1
+    cfg.MODEL.EXITS.HS3.SPLIT_SEED = 0
+    cfg.MODEL.EXITS.HS3.ANALYSIS_FILES = ""
+    # Phase-1 analysis (tools/hs3_pipeline.py): "spectral", "kmeans" or "manual".
+    cfg.MODEL.EXITS.HS3.METHOD = "spectral"
+    # Trade-off angle in degrees, in [0, 90]; < 0 = the paper's line through the origin.
+    cfg.MODEL.EXITS.HS3.THETA = -1.0
+    # K values of the trade-off curves ("2-18", "2,4,8", "2-170:4"); "" = 2..N.
+    cfg.MODEL.EXITS.HS3.K_GRID = ""
+    # Seed of the clustering.
+    cfg.MODEL.EXITS.HS3.SEED = 0
+    # Affinity from the row-normalised ("row") or raw ("none") confusion matrix.
+    cfg.MODEL.EXITS.HS3.NORMALIZE = "row"
+    # "manual": classes of an exit / classes of the next deeper stage.
+    cfg.MODEL.EXITS.HS3.MANUAL_RATIO = 0.5
+    # HS3-Fuse (paper 3.2): an OCR block on each exit's features (soft regions from the exit's
+    # cluster logits), concatenated into the final head's finest input feature. Costs inference.
+    cfg.MODEL.EXITS.HS3.FUSE = CN()
+    cfg.MODEL.EXITS.HS3.FUSE.ENABLED = False
+    # Mid / key channels of the deepest exit's OCR block; each shallower exit's block has half
+    # of the next deeper one's.
+    cfg.MODEL.EXITS.HS3.FUSE.OCR_MID_CHANNELS = 256
+    cfg.MODEL.EXITS.HS3.FUSE.OCR_KEY_CHANNELS = 128
+    # Multiplies every OCR block's channels (< 1: the paper's "lighter" HS3-Fuse).
+    cfg.MODEL.EXITS.HS3.FUSE.CHANNEL_SCALE = 1.0
 
 
 def _add_distill_keys(cfg: CN) -> None:
     """MODEL.DISTILL: teacher-student distillation (PD, CWD, HWD, FAKD)."""
+    # Used by META_ARCHITECTURE "Distiller" (modeling/meta_arch/distill.py; docs/distillation.md).
+    cfg.MODEL.DISTILL = CN()
+    # Meta-architecture of the student, built from this config's MODEL as usual
+    # (SemanticSegmentor, or any segmentor with distill_forward, e.g. MultiExitSegmentor).
+    cfg.MODEL.DISTILL.STUDENT_META_ARCHITECTURE = "SemanticSegmentor"
+    cfg.MODEL.DISTILL.TEACHER = CN()
+    # The teacher's own config (YAML or lazy .py; relative paths: working directory, then
+    # the repository root) and its trained weights (a local detectron2 checkpoint).
+    cfg.MODEL.DISTILL.TEACHER.CONFIG_FILE = ""
+    cfg.MODEL.DISTILL.TEACHER.WEIGHTS = ""
+    # Overrides of the teacher's config, as a KEY VALUE list (e.g. ["MODEL.TIMM.NORM", "BN"]).
+    cfg.MODEL.DISTILL.TEACHER.OPTS = []
+    # Tests and benchmarks only: accept an empty WEIGHTS and distil from a random teacher (warns).
+    cfg.MODEL.DISTILL.TEACHER.ALLOW_RANDOM = False
+    # In eval(), also return the teacher's prediction as "sem_seg_teacher", so the evaluator
+    # reports teacher and student side by side (costs one teacher inference per test image).
+    cfg.MODEL.DISTILL.EVAL_TEACHER = False
+    # Distillation terms, each logged as loss_<name> with the WEIGHT of its section below:
+    # "pd", "cwd", "hwd", "fakd_cwd", "fakd_pd"; several combine (e.g. ["hwd", "fakd_pd"]).
+    cfg.MODEL.DISTILL.LOSSES = ["cwd"]
+    # Leave ignore pixels (labels resized to the logits) out of every distillation loss.
+    # Off: every pixel counts, as in the papers (the teacher needs no label).
+    cfg.MODEL.DISTILL.EXCLUDE_IGNORE = False
+    # PD (FAKD Eq. 1): per-pixel KL of the class distributions at temperature T (x T^2).
+    cfg.MODEL.DISTILL.PD = CN()
+    cfg.MODEL.DISTILL.PD.WEIGHT = 1.0
+    cfg.MODEL.DISTILL.PD.TEMPERATURE = 1.0
+    # CWD (FAKD Eq. 2, HWD Eq. 3): KL of each channel's spatial softmax at temperature TAU.
+    cfg.MODEL.DISTILL.CWD = CN()
+    cfg.MODEL.DISTILL.CWD.WEIGHT = 3.0
+    cfg.MODEL.DISTILL.CWD.TAU = 4.0
+    # HWD (HWD section III-C): CWD with per-image channel weights. Defaults: the authors'
+    # recommended run; the paper's variant is MU 0.0 + PIXEL_CORRECTION True.
+    cfg.MODEL.DISTILL.HWD = CN()
+    cfg.MODEL.DISTILL.HWD.WEIGHT = 3.0  # alpha
+    cfg.MODEL.DISTILL.HWD.TAU = 4.0
+    cfg.MODEL.DISTILL.HWD.BETA = 0.1  # smoothing, in (0, 1)
+    cfg.MODEL.DISTILL.HWD.MU = 1.0  # mean of the normalised divergences
+    cfg.MODEL.DISTILL.HWD.SIGMA = 1.0  # their standard deviation
+    cfg.MODEL.DISTILL.HWD.EPS = 1e-8  # added to the std of the divergences / their mean (relative)
+    # Divide each channel's divergence by (its class's pixel count in the image + 1).
+    cfg.MODEL.DISTILL.HWD.PIXEL_CORRECTION = False
+    # Divergence of the "activation" maps (spatial softmax; paper and recommended run) or
+    # of the raw "logits" (the authors' code without --activation).
+    cfg.MODEL.DISTILL.HWD.DIVERGENCE_INPUT = "activation"
+    # FAKD (Eq. 7, 8): feature augmentation of the student by its class covariance.
+    cfg.MODEL.DISTILL.FAKD = CN()
+    # lambda0, the end value of lambda; "cosine" ramps lambda 0 -> LAMBDA0 over SOLVER.MAX_ITER,
+    # "constant" keeps LAMBDA0.
+    cfg.MODEL.DISTILL.FAKD.LAMBDA0 = 1.0
+    cfg.MODEL.DISTILL.FAKD.LAMBDA_SCHEDULE = "cosine"
+    # Class-conditional covariance of the student's pre-classifier features: "diagonal" or "full"
+    # (C x A x A, heavier). Estimated online from the labels, saved in checkpoints.
+    cfg.MODEL.DISTILL.FAKD.COVARIANCE = "diagonal"
+    # Sum the covariance statistics over the training processes (same estimate everywhere).
+    cfg.MODEL.DISTILL.FAKD.ALL_REDUCE = True
+    # FAKD-CWD (CWD-aug, Eq. 7) and FAKD-PD (PD-aug, Eq. 8): weights and temperatures as CWD / PD.
+    cfg.MODEL.DISTILL.FAKD_CWD = CN()
+    cfg.MODEL.DISTILL.FAKD_CWD.WEIGHT = 3.0
+    cfg.MODEL.DISTILL.FAKD_CWD.TAU = 4.0
+    cfg.MODEL.DISTILL.FAKD_PD = CN()
+    cfg.MODEL.DISTILL.FAKD_PD.WEIGHT = 1.0
+    cfg.MODEL.DISTILL.FAKD_PD.TEMPERATURE = 1.0
 
 
 def _add_dataset_keys(cfg: CN) -> None:

@@ -15,6 +15,7 @@ from detectron2.engine.defaults import default_writers
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
+from ..hs3 import maybe_register_hs3_split
 from .checks import check_dataset_names, check_device
 from .ddp import create_ddp_model
 from .hooks import TrainingCurvesHook, TrainingProgressHook
@@ -30,8 +31,10 @@ def check_lazy_config(cfg) -> None:
     for part in ("train", "test"):
         dataset = cfg.dataloader[part].get("dataset", None)
         if dataset is not None and "names" in dataset:
-            names = dataset.names
-            check_dataset_names(f"dataloader.{part}.dataset.names", [names] if isinstance(names, str) else names)
+            names = [dataset.names] if isinstance(dataset.names, str) else list(dataset.names)
+            for name in names:  # HS3's derived <name>_hs3_{reduced,analysis} splits, as train_net's setup() does
+                maybe_register_hs3_split(name)
+            check_dataset_names(f"dataloader.{part}.dataset.names", names)
 
 
 def lazy_test(cfg, model):

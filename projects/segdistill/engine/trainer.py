@@ -110,14 +110,19 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        from ..evaluation import CocoStuffEvaluator
+
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
-        if evaluator_type not in SEM_SEG_EVALUATOR_TYPES:
+        # sem_seg / cityscapes_sem_seg: SemSegEvaluator; coco_stuff_sem_seg: + things/stuff and hierarchy breakdown
+        evaluators = {t: SemSegEvaluator for t in SEM_SEG_EVALUATOR_TYPES}
+        evaluators["coco_stuff_sem_seg"] = CocoStuffEvaluator
+        if evaluator_type not in evaluators:
             raise NotImplementedError(
                 f"No evaluator for dataset '{dataset_name}' of evaluator_type {evaluator_type!r}; "
-                f"this trainer handles {SEM_SEG_EVALUATOR_TYPES}."
+                f"this trainer handles {tuple(evaluators)}."
             )
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return SemSegEvaluator(
+        return evaluators[evaluator_type](
             dataset_name, distributed=True, output_dir=output_folder, label_spaces=build_label_spaces(cfg, dataset_name)
         )
 

@@ -2,5 +2,6 @@
 from .metrics import confusion_matrix, metrics_from_confusion, per_class_iou
 from .sem_seg import LabelSpace, SemSegEvaluator
 from .label_spaces import build_label_spaces, register_label_space_provider
+from .coco_stuff import CocoStuffEvaluator  # noqa: F401  (evaluator_type coco_stuff_sem_seg)
 
 __all__ = ["SemSegEvaluator", "LabelSpace", "build_label_spaces", "register_label_space_provider", "confusion_matrix", "metrics_from_confusion", "per_class_iou"]

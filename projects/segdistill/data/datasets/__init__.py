@@ -1,8 +1,11 @@
 """Dataset loaders and their registration in detectron2's catalogs."""
 from .builtin import register_all
-from .camvid import CAMVID_CLASSES, CAMVID_COLORS
+from .camvid import CAMVID_CLASSES, CAMVID_COLORS, load_camvid, register_camvid
+from .cityscapes import CITYSCAPES_CLASSES, CITYSCAPES_COLORS, load_cityscapes_sem_seg, register_cityscapes
+from .coco_stuff import COCO_STUFF_COLORS, load_coco_stuff_sem_seg, register_coco_stuff
+from .coco_stuff_meta import COCO_STUFF_CLASSES, COCO_STUFF_IDS
 from .demo import DEMO_CLASSES, DEMO_COLORS, DEMO_SPECS, ensure_demo_dataset, generate_scene
-from .folder import DatasetLayoutError, load_sem_seg_folder
+from .folder import DatasetContentError, DatasetLayoutError, load_sem_seg_folder, verify_sem_seg_dicts
 from .paths import datasets_root
 
 register_all()

@@ -1,7 +1,9 @@
 """Register the project's datasets in detectron2's catalogs (on import of segdistill).
 
 Registration happens on package import, never in ``setup()`` or ``__main__``, so that
-worker processes started by ``launch()`` see the same catalog.
+worker processes started by ``launch()`` see the same catalog. Roots are read from the
+environment at import: ``$DETECTRON2_DATASETS`` (default ``./datasets``) and
+``$SEGDISTILL_CAMVID_ROOT``; ``register_*`` functions re-register a dataset elsewhere.
 """
 from __future__ import annotations
 
@@ -9,22 +11,24 @@ import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from .camvid import register_camvid
+from .camvid import camvid_root, register_camvid
+from .cityscapes import register_cityscapes
+from .coco_stuff import register_coco_stuff
 from .demo import DEMO_CLASSES, DEMO_COLORS, DEMO_SPECS, demo_split_dirs, ensure_demo_dataset
-from .folder import load_sem_seg_folder
+from .folder import load_sem_seg_folder, verify_sem_seg_dicts
 from .paths import datasets_root
 
-__all__ = ["register_all"]
+__all__ = ["register_all", "register_demo"]
 
 
 def _load_demo(name: str, split: str):
     folder = ensure_demo_dataset(name)
     image_dir, label_dir = demo_split_dirs(folder, split)
-    return load_sem_seg_folder(
-        image_dir, label_dir, dataset_name=f"{name}_{split}",
-        layout_help=f"The demo dataset is generated under $DETECTRON2_DATASETS/{name}/ "
-        f"(now {os.path.abspath(folder)}); delete that folder to regenerate it.",
-    )
+    help_ = (f"The demo dataset is generated under $DETECTRON2_DATASETS/{name}/ "
+             f"(now {os.path.abspath(folder)}); delete that folder to regenerate it.")
+    dicts = load_sem_seg_folder(image_dir, label_dir, dataset_name=f"{name}_{split}", layout_help=help_)
+    verify_sem_seg_dicts(dicts, dataset_name=f"{name}_{split}", num_classes=len(DEMO_CLASSES), fix_help=help_)
+    return dicts
 
 
 def register_demo(root: str) -> None:
@@ -49,4 +53,6 @@ def register_demo(root: str) -> None:
 def register_all() -> None:
     root = datasets_root()
     register_demo(root)
-    register_camvid(os.environ.get("SEGDISTILL_CAMVID_ROOT") or os.path.join(root, "camvid"))
+    register_camvid(camvid_root())
+    register_coco_stuff(root)
+    register_cityscapes(root)

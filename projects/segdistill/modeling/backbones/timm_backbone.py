@@ -29,7 +29,7 @@ from torch import nn
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
-from .norm import convert_norm
+from .norm import convert_norm, resolve_norm
 
 __all__ = ["TimmBackbone", "HRNetBackbone", "build_timm_backbone", "load_body_checkpoint"]
 
@@ -207,7 +207,7 @@ def build_timm_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
     c = cfg.MODEL.TIMM
     kwargs = dict(
         out_features=list(c.OUT_FEATURES) or None,
-        norm=c.NORM,
+        norm=resolve_norm(cfg, "backbone"),
         checkpoint=c.CHECKPOINT,
         in_chans=input_shape.channels,
     )

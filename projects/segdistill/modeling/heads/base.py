@@ -28,6 +28,8 @@ from torch.nn import functional as F
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.projects.deeplab.loss import DeepLabCE
 
+from ..backbones.norm import resolve_norm
+
 __all__ = ["SegHeadMixin", "AuxFCNHead", "build_aux_head", "head_outputs", "upsample_logits", "LOSS_TYPES"]
 
 LOSS_TYPES = ("cross_entropy", "hard_pixel_mining")
@@ -43,7 +45,10 @@ def upsample_logits(logits: torch.Tensor, stride: int) -> torch.Tensor:
 def sem_seg_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_value: int, loss_type: str):
     """Pixel CE (or DeepLab's hard pixel mining) of logits already at the targets' size."""
     if loss_type == "cross_entropy":
-        return F.cross_entropy(logits, targets, ignore_index=ignore_value, reduction="mean")
+        # Mean over labelled pixels; a batch whose pixels are all ignored (COCO-Stuff keeps such
+        # images) gives 0 with a graph, where reduction="mean" would give NaN.
+        total = F.cross_entropy(logits, targets, ignore_index=ignore_value, reduction="sum")
+        return total / (targets != ignore_value).sum().clamp(min=1)
     if loss_type == "hard_pixel_mining":
         return DeepLabCE(ignore_label=ignore_value, top_k_percent_pixels=0.2)(logits, targets)
     raise ValueError(f"Unknown MODEL.SEM_SEG_HEAD.LOSS_TYPE {loss_type!r}; choose from {LOSS_TYPES}.")
@@ -80,7 +85,7 @@ def build_aux_head(cfg, input_shape: Dict[str, ShapeSpec]) -> Optional[AuxFCNHea
     shape = input_shape[c.AUX_IN_FEATURE]
     return AuxFCNHead(
         shape.channels, shape.stride, c.AUX_IN_FEATURE, channels=c.AUX_CHANNELS,
-        num_classes=c.NUM_CLASSES, norm=c.NORM, loss_weight=c.AUX_LOSS_WEIGHT,
+        num_classes=c.NUM_CLASSES, norm=resolve_norm(cfg, "head"), loss_weight=c.AUX_LOSS_WEIGHT,
     )
 
 

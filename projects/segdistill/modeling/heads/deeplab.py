@@ -19,10 +19,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from detectron2.config import configurable
-from detectron2.layers import ASPP, Conv2d, ShapeSpec
+import fvcore.nn.weight_init as weight_init
+from detectron2.layers import ASPP, Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from detectron2.projects.deeplab import DeepLabV3PlusHead
 
+from ..backbones.norm import resolve_norm
 from .base import LOSS_TYPES, AuxFCNHead, SegHeadMixin, build_aux_head
 
 __all__ = ["SegDeepLabV3Head", "SegDeepLabV3PlusHead"]
@@ -76,11 +78,15 @@ class SegDeepLabV3Head(SegHeadMixin, nn.Module):
         pool_kernel_size: Optional[tuple] = None,
         norm: str = "BN",
         use_depthwise_separable_conv: bool = False,
+        bottleneck_convs: int = 0,
+        bottleneck_dropout: float = 0.1,
         ignore_value: int = 255,
         loss_weight: float = 1.0,
         loss_type: str = "cross_entropy",
         aux_head: Optional[AuxFCNHead] = None,
     ):
+        """``bottleneck_convs`` 3x3 conv-norm-ReLU layers (then dropout) between the ASPP and
+        the classifier: CIRKD/HWD's DeepLabV3 has one; 0 keeps detectron2's layout."""
         super().__init__()
         self.in_features = [in_feature]
         self.common_stride = input_shape[in_feature].stride
@@ -97,6 +103,16 @@ class SegDeepLabV3Head(SegHeadMixin, nn.Module):
             dropout=aspp_dropout,
             use_depthwise_separable_conv=use_depthwise_separable_conv,
         )
+        self.bottleneck = None
+        if bottleneck_convs > 0:
+            layers = []
+            for _ in range(bottleneck_convs):
+                layers.append(Conv2d(aspp_channels, aspp_channels, 3, padding=1, bias=not norm,
+                                     norm=get_norm(norm, aspp_channels), activation=F.relu))
+                weight_init.c2_msra_fill(layers[-1])
+            if bottleneck_dropout > 0:
+                layers.append(nn.Dropout2d(bottleneck_dropout))
+            self.bottleneck = nn.Sequential(*layers)
         self.predictor = Conv2d(aspp_channels, num_classes, kernel_size=1)
         nn.init.normal_(self.predictor.weight, 0, 0.001)
         nn.init.constant_(self.predictor.bias, 0)
@@ -114,8 +130,10 @@ class SegDeepLabV3Head(SegHeadMixin, nn.Module):
             aspp_dilations=c.ASPP_DILATIONS,
             aspp_dropout=c.ASPP_DROPOUT,
             pool_kernel_size=_aspp_pool_kernel(cfg, input_shape[in_feature].stride),
-            norm=c.NORM,
+            norm=resolve_norm(cfg, "head"),
             use_depthwise_separable_conv=c.USE_DEPTHWISE_SEPARABLE_CONV,
+            bottleneck_convs=c.ASPP_BOTTLENECK_CONVS,
+            bottleneck_dropout=c.DROPOUT,
             ignore_value=c.IGNORE_VALUE,
             loss_weight=c.LOSS_WEIGHT,
             loss_type=c.LOSS_TYPE,
@@ -123,7 +141,8 @@ class SegDeepLabV3Head(SegHeadMixin, nn.Module):
         )
 
     def forward_features(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.aspp(features[self.in_features[0]])
+        x = self.aspp(features[self.in_features[0]])
+        return x if self.bottleneck is None else self.bottleneck(x)
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
@@ -135,7 +154,8 @@ class SegDeepLabV3PlusHead(SegHeadMixin, DeepLabV3PlusHead):
         _check_loss_type(kwargs.get("loss_type", "cross_entropy"))
         if kwargs.get("num_classes") is None:
             raise ValueError("SegDeepLabV3PlusHead needs num_classes (MODEL.SEM_SEG_HEAD.NUM_CLASSES).")
-        super().__init__(input_shape, **kwargs)
+        # dict(): a lazy config's DictConfig would pass for a config in the parent's @configurable
+        super().__init__(dict(input_shape), **kwargs)
         self.aux_head = aux_head
 
     @classmethod
@@ -147,6 +167,7 @@ class SegDeepLabV3PlusHead(SegHeadMixin, DeepLabV3PlusHead):
                 f"gives {sorted(input_shape)} (add them to MODEL.TIMM.OUT_FEATURES)."
             )
         ret = super().from_config(cfg, input_shape)
+        ret["norm"] = resolve_norm(cfg, "head")  # MODEL.NORM, else MODEL.SEM_SEG_HEAD.NORM
         strides = sorted(v.stride for v in ret["input_shape"].values())
         if _aspp_pool_kernel(cfg, strides[-1]) is None:
             ret["train_size"] = None  # global image pooling at any input size

@@ -12,6 +12,7 @@ from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
+from ..backbones.norm import resolve_norm
 from .base import AuxFCNHead, SegHeadMixin, build_aux_head
 from .deeplab import _check_loss_type, _single_in_feature
 
@@ -75,7 +76,7 @@ class FCNHead(SegHeadMixin, nn.Module):
             num_convs=c.NUM_CONVS,
             concat_input=c.CONCAT_INPUT,
             dropout=c.DROPOUT,
-            norm=c.NORM,
+            norm=resolve_norm(cfg, "head"),
             ignore_value=c.IGNORE_VALUE,
             loss_weight=c.LOSS_WEIGHT,
             loss_type=c.LOSS_TYPE,

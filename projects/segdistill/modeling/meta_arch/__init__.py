@@ -1,1 +1,3 @@
 """Meta-architectures registered in detectron2's META_ARCH_REGISTRY."""
+from .multi_exit import MultiExitSegmentor  # noqa: F401
+from .distill import Distiller  # noqa: F401

@@ -1,0 +1,102 @@
+"""HRNetV2 head (Wang et al., TPAMI 2020; the HRNet and HS3 papers' segmentation head).
+
+Every input branch (HRNet's four final branches ``res2..res5``) is bilinearly upsampled to
+the finest one and concatenated (270 channels for W18, 720 for W48); a 1x1
+conv-norm-ReLU mixes them (the pre-classifier features) and a 1x1 conv classifies.
+:func:`concat_branches` is shared with the OCR head.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from detectron2.config import configurable
+from detectron2.layers import Conv2d, ShapeSpec
+from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+
+from ..backbones.norm import resolve_norm
+from .base import AuxFCNHead, SegHeadMixin, build_aux_head
+from .deeplab import _check_loss_type
+from .psp import conv_norm_relu
+
+__all__ = ["HRNetV2Head", "concat_branches", "multi_in_features"]
+
+HRNET_BRANCHES = ["res2", "res3", "res4", "res5"]
+
+
+def multi_in_features(cfg, input_shape: Dict[str, ShapeSpec], head: str) -> List[str]:
+    """``MODEL.SEM_SEG_HEAD.IN_FEATURES``, checked against the backbone's outputs, finest first."""
+    in_features = list(cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES)
+    missing = [f for f in in_features if f not in input_shape]
+    if not in_features or missing:
+        raise ValueError(
+            f"{head} concatenates the backbone features in MODEL.SEM_SEG_HEAD.IN_FEATURES, got "
+            f"{in_features}{f' ({missing} missing)' if missing else ''}; the backbone gives "
+            f"{sorted(input_shape)}. On HRNet use {HRNET_BRANCHES} (add them to MODEL.TIMM.OUT_FEATURES)."
+        )
+    return sorted(in_features, key=lambda f: input_shape[f].stride)
+
+
+def concat_branches(features: Dict[str, torch.Tensor], names: List[str]) -> torch.Tensor:
+    """Upsample ``features[names[1:]]`` to the size of ``features[names[0]]`` and concatenate."""
+    first = features[names[0]]
+    size = first.shape[-2:]
+    ups = [first] + [
+        F.interpolate(features[n], size=size, mode="bilinear", align_corners=False) for n in names[1:]
+    ]
+    return torch.cat(ups, dim=1)
+
+
+@SEM_SEG_HEADS_REGISTRY.register()
+class HRNetV2Head(SegHeadMixin, nn.Module):
+    """HRNetV2: concatenated branches -> 1x1 conv-norm-ReLU (the features) -> 1x1 classifier."""
+
+    @configurable
+    def __init__(
+        self,
+        input_shape: Dict[str, ShapeSpec],
+        *,
+        in_features: List[str],
+        num_classes: int,
+        channels: int = 0,
+        norm: str = "BN",
+        ignore_value: int = 255,
+        loss_weight: float = 1.0,
+        loss_type: str = "cross_entropy",
+        aux_head: Optional[AuxFCNHead] = None,
+    ):
+        """``channels`` 0 keeps the concatenated width (HRNetV2's choice)."""
+        super().__init__()
+        self.in_features = sorted(in_features, key=lambda f: input_shape[f].stride)
+        self.common_stride = input_shape[self.in_features[0]].stride
+        self.ignore_value = ignore_value
+        self.loss_weight = loss_weight
+        self.loss_type = _check_loss_type(loss_type)
+        in_channels = sum(input_shape[f].channels for f in self.in_features)
+        channels = channels or in_channels
+        self.fuse = conv_norm_relu(in_channels, channels, 1, norm)
+        self.predictor = Conv2d(channels, num_classes, kernel_size=1)
+        nn.init.normal_(self.predictor.weight, 0, 0.01)
+        nn.init.constant_(self.predictor.bias, 0)
+        self.aux_head = aux_head
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        c = cfg.MODEL.SEM_SEG_HEAD
+        return dict(
+            input_shape=input_shape,
+            in_features=multi_in_features(cfg, input_shape, cls.__name__),
+            num_classes=c.NUM_CLASSES,
+            channels=c.HRNETV2_CHANNELS,
+            norm=resolve_norm(cfg, "head"),
+            ignore_value=c.IGNORE_VALUE,
+            loss_weight=c.LOSS_WEIGHT,
+            loss_type=c.LOSS_TYPE,
+            aux_head=build_aux_head(cfg, input_shape),
+        )
+
+    def forward_features(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.fuse(concat_branches(features, self.in_features))

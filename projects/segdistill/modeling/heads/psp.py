@@ -1,0 +1,117 @@
+"""PSPNet head (Zhao et al., CVPR 2017): pyramid pooling module on one backbone feature.
+
+The input is average-pooled to ``bins`` x ``bins`` grids (1, 2, 3, 6), each grid goes
+through a 1x1 conv-norm-ReLU, is upsampled back and concatenated with the input; a 3x3
+conv-norm-ReLU (the bottleneck, ``channels`` wide) and dropout give the pre-classifier
+features, then the 1x1 classifier. The widths are configurable so that both common
+layouts build: CIRKD/HWD's (branches ``in/4``, bottleneck 128 for ResNet-18 and 256 for
+ResNet-101) and mmsegmentation's (branches and bottleneck 512).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import fvcore.nn.weight_init as weight_init
+from detectron2.config import configurable
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+
+from ..backbones.norm import resolve_norm
+from .base import AuxFCNHead, SegHeadMixin, build_aux_head
+from .deeplab import _check_loss_type, _single_in_feature
+
+__all__ = ["PSPHead", "PyramidPooling"]
+
+
+def conv_norm_relu(cin: int, cout: int, kernel_size: int, norm: str) -> Conv2d:
+    """``kernel_size`` conv (no bias under a norm) + norm + ReLU, MSRA-initialised."""
+    layer = Conv2d(cin, cout, kernel_size, padding=kernel_size // 2, bias=not norm,
+                   norm=get_norm(norm, cout), activation=F.relu)
+    weight_init.c2_msra_fill(layer)
+    return layer
+
+
+class PyramidPooling(nn.Module):
+    """Concatenation of the input with its pooled-and-upsampled pyramid (in + len(bins) * pool)."""
+
+    def __init__(self, in_channels: int, bins: Sequence[int], pool_channels: int, norm: str):
+        super().__init__()
+        if not bins or any(int(b) < 1 for b in bins):
+            raise ValueError(f"MODEL.SEM_SEG_HEAD.PSP_BINS must be positive grid sizes, got {list(bins)}")
+        self.bins = [int(b) for b in bins]
+        self.stages = nn.ModuleList(conv_norm_relu(in_channels, pool_channels, 1, norm) for _ in self.bins)
+        self.out_channels = in_channels + len(self.bins) * pool_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        pyramid = [x]
+        for b, stage in zip(self.bins, self.stages):
+            y = stage(F.adaptive_avg_pool2d(x, b))
+            pyramid.append(F.interpolate(y, size=size, mode="bilinear", align_corners=False))
+        return torch.cat(pyramid, dim=1)
+
+
+@SEM_SEG_HEADS_REGISTRY.register()
+class PSPHead(SegHeadMixin, nn.Module):
+    """PSPNet: pyramid pooling + 3x3 bottleneck + dropout (= the features) + 1x1 classifier."""
+
+    @configurable
+    def __init__(
+        self,
+        input_shape: Dict[str, ShapeSpec],
+        *,
+        in_feature: str,
+        num_classes: int,
+        bins: Sequence[int] = (1, 2, 3, 6),
+        pool_channels: int = 0,
+        channels: int = 512,
+        dropout: float = 0.1,
+        norm: str = "BN",
+        ignore_value: int = 255,
+        loss_weight: float = 1.0,
+        loss_type: str = "cross_entropy",
+        aux_head: Optional[AuxFCNHead] = None,
+    ):
+        """``pool_channels`` 0 means ``in_channels // len(bins)`` (the PSPNet paper's choice)."""
+        super().__init__()
+        if in_feature not in input_shape:
+            raise ValueError(f"PSPHead's in_feature {in_feature!r} is not in the backbone outputs {sorted(input_shape)}")
+        self.in_features = [in_feature]
+        in_channels = input_shape[in_feature].channels
+        self.common_stride = input_shape[in_feature].stride
+        self.ignore_value = ignore_value
+        self.loss_weight = loss_weight
+        self.loss_type = _check_loss_type(loss_type)
+        pool_channels = pool_channels or max(1, in_channels // len(bins))
+        self.ppm = PyramidPooling(in_channels, bins, pool_channels, norm)
+        self.bottleneck = conv_norm_relu(self.ppm.out_channels, channels, 3, norm)
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.predictor = Conv2d(channels, num_classes, kernel_size=1)
+        nn.init.normal_(self.predictor.weight, 0, 0.01)
+        nn.init.constant_(self.predictor.bias, 0)
+        self.aux_head = aux_head
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        c = cfg.MODEL.SEM_SEG_HEAD
+        return dict(
+            input_shape=input_shape,
+            in_feature=_single_in_feature(cfg, input_shape, cls.__name__),
+            num_classes=c.NUM_CLASSES,
+            bins=list(c.PSP_BINS),
+            pool_channels=c.PSP_POOL_CHANNELS,
+            channels=c.CONVS_DIM,
+            dropout=c.DROPOUT,
+            norm=resolve_norm(cfg, "head"),
+            ignore_value=c.IGNORE_VALUE,
+            loss_weight=c.LOSS_WEIGHT,
+            loss_type=c.LOSS_TYPE,
+            aux_head=build_aux_head(cfg, input_shape),
+        )
+
+    def forward_features(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.dropout(self.bottleneck(self.ppm(features[self.in_features[0]])))

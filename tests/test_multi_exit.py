@@ -1,0 +1,302 @@
+"""MultiExitSegmentor: zero inference cost, deploy round trip, tau in checkpoints, config
+errors, and every mode end to end through train_net.py."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, random_batch, tiny_cfg
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from segdistill import add_segdistill_config
+
+K = 5
+
+
+def run(args):
+    """python train_net.py ARGS in the repository; returns (exit code, stdout + stderr)."""
+    env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "projects") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "train_net.py", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"train_net.py {' '.join(args)} failed ({proc.returncode}):\n{out[-4000:]}"
+    return proc.returncode, out
+
+
+def exit_cfg(mode="sr", backbone="resnet18", head="SegDeepLabV3Head", **overrides):
+    cfg = tiny_cfg(backbone, head, num_classes=K, **{"MODEL.META_ARCHITECTURE": "MultiExitSegmentor"})
+    cfg.MODEL.EXITS.MODE = mode
+    cfg.MODEL.EXITS.CHANNELS = 16
+    for k, v in overrides.items():
+        node = cfg
+        *path, last = k.split(".")
+        for p in path:
+            node = getattr(node, p)
+        setattr(node, last, v)
+    return cfg
+
+
+def trained_model(cfg, steps=1):
+    """A model after a few SGD steps, so BN statistics and weights are not at their init."""
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for i in range(steps):
+        losses = model(random_batch(2, 64, 64, K, seed=i))
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        opt.step()
+    return model.eval()
+
+
+def plain_twin(cfg, model):
+    """The plain SemanticSegmentor of the same config, loaded strictly from the deployed weights."""
+    base = cfg.clone()
+    base.MODEL.META_ARCHITECTURE = "SemanticSegmentor"
+    plain = build_model(base).eval()
+    plain.load_state_dict(model.deploy_state_dict(), strict=True)
+    return plain
+
+
+@pytest.mark.parametrize("mode", ["ds", "sr"])
+def test_eval_equals_plain_segmentor_bit_for_bit(mode):
+    cfg = exit_cfg(mode)
+    model = trained_model(cfg)
+    plain = plain_twin(cfg, model)
+    batch = random_batch(2, 70, 90, K, seed=5)  # labels present, as in evaluation
+    with torch.no_grad():
+        ours, ref = model(batch), plain(batch)
+        assert [set(o) for o in ours] == [{"sem_seg"}] * 2  # exits do not run unless asked
+        assert all(torch.equal(a["sem_seg"], b["sem_seg"]) for a, b in zip(ours, ref))
+        model.eval_exits = True
+        ours = model(batch)
+    assert all(torch.equal(a["sem_seg"], b["sem_seg"]) for a, b in zip(ours, ref))
+    assert set(ours[0]) == {"sem_seg", "sem_seg_res2", "sem_seg_res3", "sem_seg_res4"}
+    assert all(v.shape == (K, 70, 90) for v in ours[0].values())
+
+
+def test_training_losses_and_parameters_per_mode():
+    names = {}
+    for mode in ("none", "ds", "sr"):
+        model = build_model(exit_cfg(mode)).train()
+        losses = model(random_batch(2, 64, 64, K))
+        names[mode] = set(losses)
+        sum(losses.values()).backward()
+        unused = [n for n, p in model.named_parameters() if p.grad is None]
+        assert not unused, f"{mode}: parameters without gradient {unused[:5]}"  # no FIND_UNUSED_PARAMETERS needed
+    # SR without a term that reads class logits builds no classifiers (nothing unused under DDP)
+    model = build_model(exit_cfg("sr", **{"MODEL.EXITS.SR.CLS_WEIGHT": 0.0, "MODEL.EXITS.SR.L_WEIGHT": 0.0})).train()
+    assert model.final_classifier is None and all(e.classifier is None for e in model.exits.values())
+    sum(model(random_batch(2, 64, 64, K)).values()).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert names == {
+        "none": {"loss_sem_seg"},
+        "ds": {"loss_sem_seg", "loss_ds"},
+        "sr": {"loss_sem_seg", "loss_mea_cls", "loss_mea_seg", "loss_sr_f", "loss_sr_l"},
+    }
+
+
+def test_sr_teachers_receive_no_gradient_from_their_own_loss():
+    model = build_model(exit_cfg("sr")).train()
+    losses = model(random_batch(2, 64, 64, K))
+    losses["loss_sr_f"].backward(retain_graph=True)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(grads[n] is None for n in grads if n.startswith("exits.res2.")), "SR-F teacher got a gradient"
+    assert grads["exits.res3.feature.weight"].abs().sum() > 0 and grads["exits.res4.feature.weight"].abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+    losses["loss_sr_l"].backward()
+    assert all(p.grad is None for p in model.final_classifier.parameters()), "SR-L teacher got a gradient"
+    assert all(model.exits[n].classifier.fc.weight.grad.abs().sum() > 0 for n in ("res2", "res3", "res4"))
+
+
+def test_deploy_round_trip_into_the_baseline_config(tmp_path):
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import deploy_model
+
+    cfg = exit_cfg("sr")
+    model = trained_model(cfg)
+    trained = str(tmp_path / "model_final.pth")
+    DetectionCheckpointer(model, str(tmp_path)).save("model_final")
+    out = str(tmp_path / "deploy.pth")
+    cfg_file = tmp_path / "train.yaml"
+    cfg_file.write_text(cfg.dump())
+    deploy_model.main(["--config-file", str(cfg_file), "--output", out, "MODEL.WEIGHTS", trained])
+    state = torch.load(out, map_location="cpu")["model"]
+    assert not [k for k in state if not k.startswith(("backbone.", "sem_seg_head."))]
+
+    # the plain baseline config (configs/demo/deeplabv3_r18.yaml at the same tiny sizes)
+    base = get_cfg()
+    add_segdistill_config(base)
+    base.merge_from_file(os.path.join(REPO, "configs/demo/deeplabv3_r18.yaml"))
+    base.MODEL.SEM_SEG_HEAD.NUM_CLASSES = K
+    base.MODEL.SEM_SEG_HEAD.ASPP_CHANNELS = cfg.MODEL.SEM_SEG_HEAD.ASPP_CHANNELS
+    plain = build_model(base).eval()
+    incompatible = plain.load_state_dict(state, strict=False)
+    assert not incompatible.missing_keys and not incompatible.unexpected_keys
+    batch = random_batch(1, 64, 64, K, with_labels=False)
+    with torch.no_grad():
+        assert torch.equal(plain(batch)[0]["sem_seg"], model(batch)[0]["sem_seg"])
+
+
+def test_checkpoint_restores_temperature(tmp_path):
+    cfg = exit_cfg("sr")
+    model = build_model(cfg)
+    model.exit_objective.temperature.fill_(1.05 ** 7)
+    DetectionCheckpointer(model, str(tmp_path)).save("model_0000009")
+    fresh = build_model(cfg)
+    assert float(fresh.exit_objective.temperature) == 1.0
+    DetectionCheckpointer(fresh, str(tmp_path)).resume_or_load("", resume=True)
+    assert float(fresh.exit_objective.temperature) == pytest.approx(1.05 ** 7)
+
+
+def test_exit_on_head_features_and_per_exit_class_counts():
+    cfg = exit_cfg("ds", **{"MODEL.EXITS.IN_FEATURES": ["res3", "head_features"], "MODEL.EXITS.NUM_CLASSES": [3, 4]})
+    model = build_model(cfg).train()
+    assert [model.exits[n].segmenter.out_channels for n in ("res3", "head_features")] == [3, 4]
+    model.exit_objective.label_luts = {"res3": torch.tensor([0, 0, 1, 2, 2]), "head_features": torch.tensor([0, 1, 2, 3, 3])}
+    losses = model(random_batch(2, 64, 64, K))
+    assert torch.isfinite(losses["loss_ds"])
+    model.eval()
+    model.eval_exits = True
+    with torch.no_grad():
+        out = model(random_batch(1, 64, 64, K, with_labels=False))[0]
+    assert out["sem_seg_res3"].shape[0] == 3 and out["sem_seg_head_features"].shape[0] == 4
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"MODEL.EXITS.IN_FEATURES": ["res3", "layer9"]},
+     r"Unknown MODEL.EXITS.IN_FEATURES \['layer9'\].*valid choices.*'res1', 'res2', 'res3', 'res4', 'res5'.*head_features"),
+    ({"MODEL.EXITS.IN_FEATURES": ["res1", "res3"]},
+     r"\['res1'\] \(stride \[2\]\) are finer than MODEL.EXITS.COMMON_STRIDE 8.*Valid choices: \['res2', 'res3', 'res4', 'res5', 'head_features'\]"),
+    ({"MODEL.EXITS.MODE": "hs4"}, r"Unknown MODEL.EXITS.MODE 'hs4'; choose from \['none', 'ds', 'sr'"),
+    ({"MODEL.EXITS.IN_FEATURES": ["res3"]}, r"SR-F needs at least two exits"),
+    ({"MODEL.EXITS.NUM_CLASSES": [3, 5, 5]}, r"exits \{'res2': 3\} predict other class sets"),
+    ({"MODEL.EXITS.NUM_CLASSES": [5, 5]}, r"has 2 entries for 3 exits"),
+    ({"MODEL.EXITS.SR.VARIANT": "authors"}, r"VARIANT must be one of \('paper', 'code'\)"),
+])
+def test_config_errors_name_the_valid_choices(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        build_model(exit_cfg("sr", **overrides))
+
+
+def test_hrnet_stage_names_are_the_choices():
+    cfg = exit_cfg("ds", backbone="hrnet_w18_small", head="FCNHead", **{"MODEL.EXITS.IN_FEATURES": ["stage2_b0", "res9"]})
+    with pytest.raises(ValueError, match=r"'layer1', 'stage2_b0', 'stage2_b1', 'stage3_b0'"):
+        build_model(cfg)
+
+
+@pytest.mark.parametrize("name", ["none", "ds", "sr"])
+def test_lazy_configs_train_a_step_with_the_progress_hook(name):
+    from types import SimpleNamespace
+
+    from detectron2.config import LazyConfig, instantiate
+    from segdistill.engine import TrainingProgressHook
+
+    cfg = LazyConfig.load(os.path.join(REPO, f"configs/demo/exits/{name}.py"))
+    if name != "none":
+        cfg.model.exits.channels = 16
+    if name == "sr":
+        cfg.model.objective.warmup_iters = 1
+    torch.manual_seed(0)
+    model = instantiate(cfg.model).train()
+    assert set(model.exits) == (set() if name == "none" else {"res2", "res3", "res4"})
+    hook = TrainingProgressHook()
+    hook.trainer = SimpleNamespace(model=model, iter=0, max_iter=10)
+    hook.before_step()
+    losses = model(random_batch(2, 64, 64, 10))
+    sum(losses.values()).backward()
+    if name == "sr":  # MEA only during the warm-up, then SR on
+        assert losses["loss_sr_f"].item() == 0 and losses["loss_sr_l"].item() == 0
+        hook.trainer.iter = 1
+        hook.before_step()
+        losses = model(random_batch(2, 64, 64, 10))
+        assert losses["loss_sr_f"].item() > 0 and losses["loss_sr_l"].item() > 0
+    assert model.eval_exits == (name != "none")
+
+
+def test_cityscapes_sr_configs_build_and_run_a_step():
+    for name in ("deeplabv3_r101_sr", "ocrnet_hrnetv2_w48_sr"):
+        path = os.path.join(REPO, "configs/cityscapes/sr", name + ".yaml")
+        if not os.path.isfile(path):
+            continue
+        cfg = get_cfg()
+        add_segdistill_config(cfg)
+        cfg.merge_from_file(path)
+        cfg.MODEL.DEVICE = "cpu"
+        cfg.MODEL.NORM = "BN"
+        assert cfg.MODEL.EXITS.MODE == "sr" and cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 19
+        assert cfg.SOLVER.IMS_PER_BATCH == 8 and cfg.SOLVER.BASE_LR == 0.01 and tuple(cfg.INPUT.CROP.SIZE) == (969, 969)
+        torch.manual_seed(0)
+        model = build_model(cfg).train()
+        losses = model(random_batch(2, 32, 32, 19))
+        assert {"loss_sem_seg", "loss_mea_cls", "loss_mea_seg", "loss_sr_f", "loss_sr_l"} <= set(losses)
+        sum(losses.values()).backward()
+        assert all(torch.isfinite(v) for v in losses.values())
+
+
+# ------------------------------------------------------------------ end to end through train_net.py
+TINY = [
+    "DATASETS.TRAIN", '("segdistill_demo_mini_train",)', "DATASETS.TEST", '("segdistill_demo_mini_val",)',
+    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.WARMUP_ITERS", "1", "SOLVER.CHECKPOINT_PERIOD", "100",
+    "INPUT.CROP.SIZE", "(64,64)", "MODEL.SEM_SEG_HEAD.ASPP_CHANNELS", "32", "MODEL.EXITS.CHANNELS", "16",
+    "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0",
+]
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.json"))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["none", "ds"])
+def test_train_net_modes(tmp_path, mode):
+    out_dir = str(tmp_path / mode)
+    _, out = run(["--config-file", f"configs/demo/exits/{mode}.yaml"] + TINY + ["OUTPUT_DIR", out_dir])
+    rec = metrics(out_dir)
+    losses = {k for r in rec for k in r if k.startswith("loss_")}
+    # (detectron2 logs the terms separately only when there are several)
+    assert losses == {"none": set(), "ds": {"loss_sem_seg", "loss_ds"}}[mode] and any("total_loss" in r for r in rec)
+    inference = os.path.join(out_dir, "inference", "segdistill_demo_mini_val")
+    assert os.path.isfile(os.path.join(inference, "confusion_sem_seg.json"))
+    # per-exit metrics when exits exist (EVAL_EXITS in the demo configs)
+    assert os.path.isfile(os.path.join(inference, "confusion_sem_seg_res3.json")) == (mode == "ds")
+    assert ("copypaste: Task: sem_seg_res2" in out) == (mode == "ds")
+
+
+@pytest.mark.slow
+def test_train_net_sr_logs_tau_and_resume_continues_it(tmp_path):
+    out_dir = str(tmp_path / "sr")
+    cfg = ["--config-file", "configs/demo/exits/sr.yaml"] + TINY + [
+        "MODEL.EXITS.SR.ANNEAL_THRESHOLD", "0.0", "OUTPUT_DIR", out_dir]  # threshold 0: tau grows every step
+    _, out = run(cfg)
+    rec = metrics(out_dir)
+    losses = {k for r in rec for k in r if k.startswith("loss_")}
+    assert losses == {"loss_sem_seg", "loss_mea_cls", "loss_mea_seg", "loss_sr_f", "loss_sr_l"}
+    assert "copypaste: Task: sem_seg_res4" in out
+    state = torch.load(os.path.join(out_dir, "model_final.pth"), map_location="cpu", weights_only=False)["model"]
+    assert float(state["exit_objective.temperature"]) == pytest.approx(1.05 ** 2)
+    _, out = run(cfg[:2] + ["--resume"] + cfg[2:] + ["SOLVER.MAX_ITER", "4"])
+    assert "Starting training from iteration 2" in out
+    tau = {r["iteration"]: r["sr_temperature"] for r in metrics(out_dir) if "sr_temperature" in r}
+    assert tau[3] == pytest.approx(1.05 ** 3)  # not restarted from 1
+    state = torch.load(os.path.join(out_dir, "model_final.pth"), map_location="cpu", weights_only=False)["model"]
+    assert float(state["exit_objective.temperature"]) == pytest.approx(1.05 ** 4)
+
+
+@pytest.mark.slow
+def test_train_net_lazy_sr(tmp_path):
+    out_dir = str(tmp_path / "lazy")
+    _, out = run([
+        "--config-file", "configs/demo/exits/sr.py",
+        "dataloader.train.dataset.names=segdistill_demo_mini_train",
+        "dataloader.test.dataset.names=segdistill_demo_mini_val",
+        "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
+        "model.exits.channels=16", "train.max_iter=2", "train.eval_period=0", f"train.output_dir={out_dir}",
+    ])
+    assert "copypaste: Task: sem_seg_res2" in out
+    assert {"loss_mea_cls", "loss_mea_seg", "loss_sr_f", "loss_sr_l", "sr_temperature"} <= set(metrics(out_dir)[0])
+    assert os.path.isfile(os.path.join(out_dir, "inference", "confusion_sem_seg_res4.json"))
