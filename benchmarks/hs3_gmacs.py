@@ -87,7 +87,7 @@ def main(argv=None):
     rows = {name: measure(c, tuple(args.size)) for name, c in variants.items()}
     b_macs, b_params = rows["baseline"]
     print(f"{args.config_file}, one {args.size[0]}x{args.size[1]} image, eval(); GMACs = fvcore count (multiply-accumulates)")
-    print(f"| model | GMACs | vs baseline | params (M) |\n|---|---|---|---|")
+    print("| model | GMACs | vs baseline | params (M) |\n|---|---|---|---|")
     for name, (macs, params) in rows.items():
         print(f"| {name} | {macs / 1e9:.3f} | {macs / b_macs:.3f}x | {params / 1e6:.3f} |")
     same = rows["HS3"] == rows["baseline"]

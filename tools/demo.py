@@ -72,7 +72,7 @@ def main(argv=None):
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)
 
     say("3/4 evaluation")
-    conf_file = os.path.join(args.output, "inference", test_name, f"confusion_sem_seg.json")
+    conf_file = os.path.join(args.output, "inference", test_name, "confusion_sem_seg.json")
     saved = json.load(open(conf_file))
     conf = np.asarray(saved["matrix"])
     names = saved["classes"]

@@ -9,7 +9,7 @@ loaded, the evaluator reads it at the original resolution.
 from __future__ import annotations
 
 import copy
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch

@@ -25,12 +25,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+import fvcore.nn.weight_init as weight_init
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.projects.deeplab.loss import DeepLabCE
 
 from ..backbones.norm import resolve_norm
 
-__all__ = ["SegHeadMixin", "AuxFCNHead", "build_aux_head", "head_outputs", "upsample_logits", "LOSS_TYPES"]
+__all__ = ["SegHeadMixin", "AuxFCNHead", "build_aux_head", "head_outputs", "upsample_logits", "LOSS_TYPES",
+           "build_classifier", "common_head_config", "conv_norm_relu"]
 
 LOSS_TYPES = ("cross_entropy", "hard_pixel_mining")
 
@@ -89,15 +91,58 @@ def build_aux_head(cfg, input_shape: Dict[str, ShapeSpec]) -> Optional[AuxFCNHea
     )
 
 
+def conv_norm_relu(cin: int, cout: int, kernel_size: int, norm: str) -> Conv2d:
+    """``kernel_size`` conv (no bias under a norm) + norm + ReLU, MSRA-initialised."""
+    layer = Conv2d(cin, cout, kernel_size, padding=kernel_size // 2, bias=not norm,
+                   norm=get_norm(norm, cout), activation=F.relu)
+    weight_init.c2_msra_fill(layer)
+    return layer
+
+
+def build_classifier(channels: int, num_classes: int) -> Conv2d:
+    """The 1x1 classifier of a head (``predictor``): weights N(0, 0.01), zero bias."""
+    layer = Conv2d(channels, num_classes, kernel_size=1)
+    nn.init.normal_(layer.weight, 0, 0.01)
+    nn.init.constant_(layer.bias, 0)
+    return layer
+
+
+def common_head_config(cfg, input_shape: Dict[str, ShapeSpec]) -> dict:
+    """``from_config`` arguments every head of the project shares (``MODEL.SEM_SEG_HEAD``)."""
+    c = cfg.MODEL.SEM_SEG_HEAD
+    return dict(
+        input_shape=input_shape,
+        num_classes=c.NUM_CLASSES,
+        norm=resolve_norm(cfg, "head"),
+        ignore_value=c.IGNORE_VALUE,
+        loss_weight=c.LOSS_WEIGHT,
+        loss_type=c.LOSS_TYPE,
+        aux_head=build_aux_head(cfg, input_shape),
+    )
+
+
 class SegHeadMixin:
     """detectron2's head contract built on ``forward_features`` + ``predictor``.
 
-    A head class sets ``common_stride``, ``ignore_value``, ``loss_weight``, ``loss_type``,
-    ``predictor`` and ``aux_head`` (or None), and implements ``forward_features``.
+    A head class sets ``in_features``, ``common_stride``, ``ignore_value``, ``loss_weight``,
+    ``loss_type``, ``predictor`` and ``aux_head`` (or None) — ``_init_contract`` sets all but
+    the predictor — and implements ``forward_features``.
     """
 
     # No class-level default for ``aux_head``: it would shadow the submodule that
     # nn.Module keeps in ``_modules``. Every head assigns it (None when unused).
+
+    def _init_contract(self, *, in_features, common_stride: int, ignore_value: int, loss_weight: float,
+                       loss_type: str, aux_head: Optional["AuxFCNHead"]) -> None:
+        """Set the attributes the contract reads (call after ``nn.Module.__init__``)."""
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"Unknown MODEL.SEM_SEG_HEAD.LOSS_TYPE {loss_type!r}; choose from {LOSS_TYPES}.")
+        self.in_features = list(in_features)
+        self.common_stride = common_stride
+        self.ignore_value = ignore_value
+        self.loss_weight = loss_weight
+        self.loss_type = loss_type
+        self.aux_head = aux_head
 
     def forward_features(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError

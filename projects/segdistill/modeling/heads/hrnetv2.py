@@ -14,13 +14,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from detectron2.config import configurable
-from detectron2.layers import Conv2d, ShapeSpec
+from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
-from ..backbones.norm import resolve_norm
-from .base import AuxFCNHead, SegHeadMixin, build_aux_head
-from .deeplab import _check_loss_type
-from .psp import conv_norm_relu
+from .base import AuxFCNHead, SegHeadMixin, build_classifier, common_head_config, conv_norm_relu
 
 __all__ = ["HRNetV2Head", "concat_branches", "multi_in_features"]
 
@@ -70,32 +67,20 @@ class HRNetV2Head(SegHeadMixin, nn.Module):
     ):
         """``channels`` 0 keeps the concatenated width (HRNetV2's choice)."""
         super().__init__()
-        self.in_features = sorted(in_features, key=lambda f: input_shape[f].stride)
-        self.common_stride = input_shape[self.in_features[0]].stride
-        self.ignore_value = ignore_value
-        self.loss_weight = loss_weight
-        self.loss_type = _check_loss_type(loss_type)
+        in_features = sorted(in_features, key=lambda f: input_shape[f].stride)
+        self._init_contract(in_features=in_features, common_stride=input_shape[in_features[0]].stride,
+                            ignore_value=ignore_value, loss_weight=loss_weight, loss_type=loss_type, aux_head=aux_head)
         in_channels = sum(input_shape[f].channels for f in self.in_features)
         channels = channels or in_channels
         self.fuse = conv_norm_relu(in_channels, channels, 1, norm)
-        self.predictor = Conv2d(channels, num_classes, kernel_size=1)
-        nn.init.normal_(self.predictor.weight, 0, 0.01)
-        nn.init.constant_(self.predictor.bias, 0)
-        self.aux_head = aux_head
+        self.predictor = build_classifier(channels, num_classes)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        c = cfg.MODEL.SEM_SEG_HEAD
         return dict(
-            input_shape=input_shape,
+            common_head_config(cfg, input_shape),
             in_features=multi_in_features(cfg, input_shape, cls.__name__),
-            num_classes=c.NUM_CLASSES,
-            channels=c.HRNETV2_CHANNELS,
-            norm=resolve_norm(cfg, "head"),
-            ignore_value=c.IGNORE_VALUE,
-            loss_weight=c.LOSS_WEIGHT,
-            loss_type=c.LOSS_TYPE,
-            aux_head=build_aux_head(cfg, input_shape),
+            channels=cfg.MODEL.SEM_SEG_HEAD.HRNETV2_CHANNELS,
         )
 
     def forward_features(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:

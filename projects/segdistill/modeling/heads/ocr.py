@@ -25,14 +25,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from detectron2.config import configurable
-from detectron2.layers import Conv2d, ShapeSpec
+from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
-from ..backbones.norm import resolve_norm
-from .base import AuxFCNHead, SegHeadMixin, build_aux_head, sem_seg_loss, upsample_logits
-from .deeplab import _check_loss_type
+from .base import (
+    AuxFCNHead, SegHeadMixin, build_classifier, common_head_config, conv_norm_relu, sem_seg_loss, upsample_logits,
+)
 from .hrnetv2 import concat_branches, multi_in_features
-from .psp import conv_norm_relu
 
 __all__ = ["OCRHead", "ObjectContext"]
 
@@ -106,43 +105,31 @@ class OCRHead(SegHeadMixin, nn.Module):
     ):
         """``region_channels`` 0 keeps the input width in the soft-region head (HRNet-OCR)."""
         super().__init__()
-        self.in_features = sorted(in_features, key=lambda f: input_shape[f].stride)
-        self.common_stride = input_shape[self.in_features[0]].stride
-        self.ignore_value = ignore_value
-        self.loss_weight = loss_weight
-        self.loss_type = _check_loss_type(loss_type)
+        in_features = sorted(in_features, key=lambda f: input_shape[f].stride)
+        self._init_contract(in_features=in_features, common_stride=input_shape[in_features[0]].stride,
+                            ignore_value=ignore_value, loss_weight=loss_weight, loss_type=loss_type, aux_head=aux_head)
         self.ocr_aux_loss_weight = ocr_aux_loss_weight
         in_channels = sum(input_shape[f].channels for f in self.in_features)
         region_channels = region_channels or in_channels
         self.region_head = nn.Sequential(
             conv_norm_relu(in_channels, region_channels, 1, norm),
-            Conv2d(region_channels, num_classes, kernel_size=1),
+            build_classifier(region_channels, num_classes),
         )
         self.pixel_conv = conv_norm_relu(in_channels, mid_channels, 3, norm)
         self.context = ObjectContext(mid_channels, key_channels, norm, dropout=dropout)
-        self.predictor = Conv2d(mid_channels, num_classes, kernel_size=1)
-        for m in (self.predictor, self.region_head[1]):
-            nn.init.normal_(m.weight, 0, 0.01)
-            nn.init.constant_(m.bias, 0)
-        self.aux_head = aux_head
+        self.predictor = build_classifier(mid_channels, num_classes)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
         c = cfg.MODEL.SEM_SEG_HEAD
         return dict(
-            input_shape=input_shape,
+            common_head_config(cfg, input_shape),
             in_features=multi_in_features(cfg, input_shape, cls.__name__),
-            num_classes=c.NUM_CLASSES,
             mid_channels=c.OCR_MID_CHANNELS,
             key_channels=c.OCR_KEY_CHANNELS,
             region_channels=c.OCR_REGION_CHANNELS,
             dropout=c.OCR_DROPOUT,
             ocr_aux_loss_weight=c.OCR_AUX_LOSS_WEIGHT,
-            norm=resolve_norm(cfg, "head"),
-            ignore_value=c.IGNORE_VALUE,
-            loss_weight=c.LOSS_WEIGHT,
-            loss_type=c.LOSS_TYPE,
-            aux_head=build_aux_head(cfg, input_shape),
         )
 
     def forward_features_and_regions(self, features: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:

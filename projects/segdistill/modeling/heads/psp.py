@@ -15,24 +15,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import fvcore.nn.weight_init as weight_init
 from detectron2.config import configurable
-from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
-from ..backbones.norm import resolve_norm
-from .base import AuxFCNHead, SegHeadMixin, build_aux_head
-from .deeplab import _check_loss_type, _single_in_feature
+from .base import AuxFCNHead, SegHeadMixin, build_classifier, common_head_config, conv_norm_relu
+from .deeplab import _single_in_feature
 
 __all__ = ["PSPHead", "PyramidPooling"]
-
-
-def conv_norm_relu(cin: int, cout: int, kernel_size: int, norm: str) -> Conv2d:
-    """``kernel_size`` conv (no bias under a norm) + norm + ReLU, MSRA-initialised."""
-    layer = Conv2d(cin, cout, kernel_size, padding=kernel_size // 2, bias=not norm,
-                   norm=get_norm(norm, cout), activation=F.relu)
-    weight_init.c2_msra_fill(layer)
-    return layer
 
 
 class PyramidPooling(nn.Module):
@@ -80,37 +70,25 @@ class PSPHead(SegHeadMixin, nn.Module):
         super().__init__()
         if in_feature not in input_shape:
             raise ValueError(f"PSPHead's in_feature {in_feature!r} is not in the backbone outputs {sorted(input_shape)}")
-        self.in_features = [in_feature]
+        self._init_contract(in_features=[in_feature], common_stride=input_shape[in_feature].stride,
+                            ignore_value=ignore_value, loss_weight=loss_weight, loss_type=loss_type, aux_head=aux_head)
         in_channels = input_shape[in_feature].channels
-        self.common_stride = input_shape[in_feature].stride
-        self.ignore_value = ignore_value
-        self.loss_weight = loss_weight
-        self.loss_type = _check_loss_type(loss_type)
         pool_channels = pool_channels or max(1, in_channels // len(bins))
         self.ppm = PyramidPooling(in_channels, bins, pool_channels, norm)
         self.bottleneck = conv_norm_relu(self.ppm.out_channels, channels, 3, norm)
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
-        self.predictor = Conv2d(channels, num_classes, kernel_size=1)
-        nn.init.normal_(self.predictor.weight, 0, 0.01)
-        nn.init.constant_(self.predictor.bias, 0)
-        self.aux_head = aux_head
+        self.predictor = build_classifier(channels, num_classes)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
         c = cfg.MODEL.SEM_SEG_HEAD
         return dict(
-            input_shape=input_shape,
+            common_head_config(cfg, input_shape),
             in_feature=_single_in_feature(cfg, input_shape, cls.__name__),
-            num_classes=c.NUM_CLASSES,
             bins=list(c.PSP_BINS),
             pool_channels=c.PSP_POOL_CHANNELS,
             channels=c.CONVS_DIM,
             dropout=c.DROPOUT,
-            norm=resolve_norm(cfg, "head"),
-            ignore_value=c.IGNORE_VALUE,
-            loss_weight=c.LOSS_WEIGHT,
-            loss_type=c.LOSS_TYPE,
-            aux_head=build_aux_head(cfg, input_shape),
         )
 
     def forward_features(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
