@@ -44,6 +44,11 @@ def tiny_cfg(backbone="resnet18", head="SegDeepLabV3Head", output_stride=8, num_
         feats = ["res5"]
     cfg.MODEL.TIMM.OUT_FEATURES = feats
     cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = feats
+    return set_keys(cfg, **overrides)
+
+
+def set_keys(cfg, **overrides):
+    """Set dotted config keys given as keyword names: ``set_keys(cfg, **{"MODEL.EXITS.MODE": "sr"})``."""
     for k, v in overrides.items():
         node = cfg
         *path, last = k.split(".")
@@ -51,6 +56,23 @@ def tiny_cfg(backbone="resnet18", head="SegDeepLabV3Head", output_stride=8, num_
             node = getattr(node, p)
         setattr(node, last, v)
     return cfg
+
+
+def trained_model(cfg, num_classes, steps=1):
+    """A model after a few SGD steps on random 64x64 batches (BN statistics and weights off
+    their init), returned in eval mode."""
+    import torch
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for i in range(steps):
+        losses = model(random_batch(2, 64, 64, num_classes, seed=i))
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        opt.step()
+    return model.eval()
 
 
 def free_port() -> int:

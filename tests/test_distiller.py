@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import REPO, random_batch, tiny_cfg
+from conftest import REPO, random_batch, set_keys, tiny_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
@@ -43,13 +43,7 @@ def distill_cfg(tmp_path, losses=LOSS_NAMES, head="SegDeepLabV3Head", **override
     cfg.MODEL.DISTILL.TEACHER.ALLOW_RANDOM = True
     cfg.MODEL.DISTILL.LOSSES = list(losses)
     cfg.MODEL.DISTILL.EVAL_TEACHER = True
-    for k, v in overrides.items():
-        node = cfg
-        *path, last = k.split(".")
-        for p in path:
-            node = getattr(node, p)
-        setattr(node, last, v)
-    return cfg
+    return set_keys(cfg, **overrides)
 
 
 @pytest.fixture(scope="module")

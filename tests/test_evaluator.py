@@ -1,6 +1,5 @@
 """SemSegEvaluator against brute force, across two processes, and on bad labels."""
 import json
-import os
 import pickle
 
 import numpy as np

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import REPO, random_batch, tiny_cfg
+from conftest import REPO, random_batch, set_keys, tiny_cfg, trained_model
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
@@ -40,25 +40,11 @@ def hs3_cfg(clusters, fuse=False, **overrides):
     cfg.MODEL.EXITS.HS3.FUSE.ENABLED = fuse
     cfg.MODEL.EXITS.HS3.FUSE.OCR_MID_CHANNELS = 16
     cfg.MODEL.EXITS.HS3.FUSE.OCR_KEY_CHANNELS = 8
-    for k, v in overrides.items():
-        node = cfg
-        *path, last = k.split(".")
-        for p in path:
-            node = getattr(node, p)
-        setattr(node, last, v)
-    return cfg
+    return set_keys(cfg, **overrides)
 
 
 def trained(cfg, steps=1):
-    torch.manual_seed(0)
-    model = build_model(cfg).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    for i in range(steps):
-        losses = model(random_batch(2, 64, 64, K, seed=i))
-        opt.zero_grad()
-        sum(losses.values()).backward()
-        opt.step()
-    return model.eval()
+    return trained_model(cfg, K, steps)
 
 
 def test_loss_is_eq1_against_brute_force_ce(tmp_path):

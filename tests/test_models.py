@@ -1,5 +1,4 @@
 """Every backbone x head builds, trains a step and infers at the input's original size."""
-import os
 
 import pytest
 import torch

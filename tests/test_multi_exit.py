@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, random_batch, tiny_cfg
+from conftest import REPO, random_batch, set_keys, tiny_cfg
+from conftest import trained_model as train_steps
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
@@ -31,26 +32,12 @@ def exit_cfg(mode="sr", backbone="resnet18", head="SegDeepLabV3Head", **override
     cfg = tiny_cfg(backbone, head, num_classes=K, **{"MODEL.META_ARCHITECTURE": "MultiExitSegmentor"})
     cfg.MODEL.EXITS.MODE = mode
     cfg.MODEL.EXITS.CHANNELS = 16
-    for k, v in overrides.items():
-        node = cfg
-        *path, last = k.split(".")
-        for p in path:
-            node = getattr(node, p)
-        setattr(node, last, v)
-    return cfg
+    return set_keys(cfg, **overrides)
 
 
 def trained_model(cfg, steps=1):
     """A model after a few SGD steps, so BN statistics and weights are not at their init."""
-    torch.manual_seed(0)
-    model = build_model(cfg).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    for i in range(steps):
-        losses = model(random_batch(2, 64, 64, K, seed=i))
-        opt.zero_grad()
-        sum(losses.values()).backward()
-        opt.step()
-    return model.eval()
+    return train_steps(cfg, K, steps)
 
 
 def plain_twin(cfg, model):
