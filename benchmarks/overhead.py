@@ -1,0 +1,570 @@
+#!/usr/bin/env python
+"""Training and inference overhead of every method against its baseline, in one run.
+
+    python benchmarks/overhead.py --threads 1                  # demo scale: batch 8, 128x128, CPU
+    python benchmarks/overhead.py --methods sr hs3 cwd --rounds 20 --markdown overhead.md
+    python benchmarks/overhead.py --device cuda --batch 8 --size 512x512 --output-json overhead.json
+
+Methods and their baselines (demo-scale configs, ``configs/demo/``):
+
+* multi-exit DeepLabV3-R18 (``exits/*.yaml``, ``hs3/hs3*_r18.yaml``): ``ds``, ``mea``,
+  ``mea+sr-l``, ``mea+sr-f``, ``sr``, ``hs3``, ``hs3-fuse`` against ``baseline``, the same
+  multi-exit config with ``MODEL.EXITS.MODE none`` (no exits built; ``exits/none.yaml``).
+  HS3's clusters file is a synthetic one written to a temporary folder (K_i = N / 2^(exits - i)
+  clusters per exit; the count only changes the exits' segmenters).
+* distillation (``distill/*.yaml``): ``pd``, ``cwd``, ``hwd``, ``fakd_cwd``, ``fakd_pd``,
+  ``hwd+fakd_pd`` against ``student``, the demo student (DeepLabV3 on MobileNetV2) trained
+  alone. The teacher (DeepLabV3-R18, 256-channel ASPP) has random weights
+  (``MODEL.DISTILL.TEACHER.ALLOW_RANDOM``): its cost does not depend on them.
+
+**Training block.** One process builds every model with the same seed and times SGD steps
+(zero_grad, forward with losses, backward, update; FAKD's lambda and every other schedule at
+mid-training) on one random batch, all models interleaved round by round so that load on the
+machine affects them alike (the order rotated by one each round, so that position in the
+round biases no model). A step's time is the median over the rounds after the warm-up
+ones; ``x base`` is the ratio to the method's baseline. On CPU the process's CPU time per
+step is reported next to the wall time and is the figure the ratios use: on a shared machine
+it is far less sensitive to other processes. On CUDA the ratios use the (synchronised) wall
+time. Memory: on CUDA the peak allocated memory of a step (the model's own weights, buffers,
+optimizer state and frozen teacher, plus the step's peak above what was allocated before it:
+activations, gradients, workspace; the other models resident in the process are not
+counted); on CPU the bytes of the distinct tensors autograd saves for the backward pass of a
+step (weights included), a deterministic proxy for activation memory. The table names which.
+Parameters and FLOPs (fvcore's count, one multiply-accumulate = one FLOP, one image): at
+training, the whole training model (backbone, head, exits, classifiers, HS3-Fuse blocks, and
+the frozen teacher for distillation) and the forward pass of everything a step computes
+before the losses (losses and backward not counted; fvcore counts a batch norm in training
+mode, which computes batch statistics, higher than in eval(), so a baseline's training FLOPs
+are slightly above its inference FLOPs); at inference, the deployed model.
+
+**Inference block.** Every method's deployed model is built the way the project ships it
+(``segdistill.engine.deploy``, ``tools/deploy_model.py``): the trained model's
+``deploy_state_dict()`` loaded strictly (no missing or unexpected keys) into its deployed
+config: the plain ``deeplabv3_r18.yaml`` ``SemanticSegmentor`` for ds / MEA / SR / HS3, the
+same hs3-fuse config for HS3-Fuse (its fuse blocks and the exits they read stay at inference),
+the student's config for distillation. Each is timed in ``eval()`` under ``no_grad`` on the
+batch (no labels), interleaved with its plain baseline (``plain``: the baseline's weights in
+``deeplabv3_r18.yaml``; ``student``), as a median ratio. Parameters and FLOPs of the deployed
+model are compared with the baseline's *exactly*: every method but HS3-Fuse must be equal
+(``equal`` column), and its inference time ratio 1.00 within noise (identical computation).
+HS3-Fuse is expected to cost more.
+
+Reading it: ``x base 1.10`` on a training row means a step costs 10% more than the
+baseline's on the same model and batch; ``x base (mem)`` the same for memory. The teacher
+runs under ``no_grad``, so it adds time but (on CPU's saved-for-backward measure) next to no
+memory; its transient activations show in the CUDA peak only. On the inference rows, every
+ratio of a deployed model that equals its baseline should read 1.00 within the run's noise
+(about +-2% with ten rounds on a shared CPU); use more ``--rounds`` to tighten it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "projects"))
+
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.structures import ImageList  # noqa: E402
+from segdistill import add_segdistill_config  # noqa: E402
+from segdistill.engine.deploy import deployed_state_dict  # noqa: E402
+from segdistill.modeling.heads import head_outputs  # noqa: E402
+
+PLAIN_CONFIG = "configs/demo/deeplabv3_r18.yaml"
+STUDENT_CONFIG = "configs/demo/distill/student.yaml"
+TEACHER = ["MODEL.DISTILL.TEACHER.WEIGHTS", "", "MODEL.DISTILL.TEACHER.ALLOW_RANDOM", True]
+HS3 = "@clusters"  # replaced by the synthetic clusters file
+
+
+class Method(NamedTuple):
+    config: str
+    overrides: Tuple = ()
+    baseline: Optional[str] = None   # training baseline (None: it is a baseline)
+    deploy_config: str = PLAIN_CONFIG  # the config its deployed state dict loads into
+    deploy_overrides: Tuple = ()
+    same_at_inference: bool = True   # deployed params / FLOPs must equal the inference baseline's
+
+
+SR = "configs/demo/exits/sr.yaml"
+METHODS: Dict[str, Method] = {
+    # baselines
+    "baseline": Method("configs/demo/exits/none.yaml"),
+    "student": Method(STUDENT_CONFIG, deploy_config=STUDENT_CONFIG),
+    # multi-exit training (the paper's Table 2 columns) and HS3
+    "ds": Method("configs/demo/exits/ds.yaml", baseline="baseline"),
+    "mea": Method(SR, ("MODEL.EXITS.SR.F_WEIGHT", 0.0, "MODEL.EXITS.SR.L_WEIGHT", 0.0), baseline="baseline"),
+    "mea+sr-l": Method(SR, ("MODEL.EXITS.SR.F_WEIGHT", 0.0), baseline="baseline"),
+    "mea+sr-f": Method(SR, ("MODEL.EXITS.SR.L_WEIGHT", 0.0), baseline="baseline"),
+    "sr": Method(SR, baseline="baseline"),
+    "hs3": Method("configs/demo/hs3/hs3_r18.yaml", ("MODEL.EXITS.HS3.CLUSTERS_FILE", HS3), baseline="baseline"),
+    "hs3-fuse": Method("configs/demo/hs3/hs3_fuse_r18.yaml", ("MODEL.EXITS.HS3.CLUSTERS_FILE", HS3),
+                       baseline="baseline", deploy_config="configs/demo/hs3/hs3_fuse_r18.yaml",
+                       deploy_overrides=("MODEL.EXITS.HS3.CLUSTERS_FILE", HS3, "MODEL.EXITS.EVAL_EXITS", False),
+                       same_at_inference=False),
+    # distillation (random teacher)
+    **{name: Method(f"configs/demo/distill/{file}.yaml", tuple(TEACHER), baseline="student",
+                    deploy_config=STUDENT_CONFIG)
+       for name, file in [("pd", "pd"), ("cwd", "cwd"), ("hwd", "hwd"), ("fakd_cwd", "fakd_cwd"),
+                          ("fakd_pd", "fakd_pd"), ("hwd+fakd_pd", "hwd_fakd_pd")]},
+}
+BASELINES = [n for n, m in METHODS.items() if m.baseline is None]
+CHOICES = [n for n, m in METHODS.items() if m.baseline is not None]
+INFERENCE_BASELINE = {"baseline": "plain", "student": "student"}  # training baseline -> inference row name
+
+
+def progress(msg: str) -> None:
+    print(f"[overhead] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------- setup
+def parse_size(text: str) -> Tuple[int, int]:
+    try:
+        parts = [int(v) for v in text.lower().replace(",", "x").split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) <= 0:
+        raise argparse.ArgumentTypeError(f"--size takes HxW (e.g. 128x128) or one side, got {text!r}")
+    return parts[0], parts[1]
+
+
+def resolve_methods(names: Sequence[str]) -> List[str]:
+    """The requested methods in the canonical order; ``all`` = every method. ValueError on a bad name."""
+    wanted = []
+    for n in names:
+        for part in str(n).split(","):
+            part = part.strip().lower()
+            if part:
+                wanted.append(part)
+    if not wanted:
+        raise ValueError(f"No method given; choose from {', '.join(CHOICES)} (or 'all').")
+    bad = [n for n in wanted if n != "all" and n not in CHOICES]
+    if bad:
+        raise ValueError(f"Unknown method(s) {', '.join(repr(b) for b in bad)}; choose from "
+                         f"{', '.join(CHOICES)} (or 'all'; baselines {', '.join(BASELINES)} are always run).")
+    if "all" in wanted:
+        return list(CHOICES)
+    return [n for n in CHOICES if n in wanted]
+
+
+def write_clusters(folder: str, exits: Sequence[str], num_classes: int) -> str:
+    """A valid HS3 clusters file (tests' format): K_i = N / 2^(exits - i), at least 2."""
+    data = {"format": "segdistill-hs3-clusters", "version": 1, "class_names": [f"c{i}" for i in range(num_classes)],
+            "exits": {}}
+    for i, e in enumerate(exits):
+        k = max(2, num_classes // 2 ** (len(exits) - i))
+        data["exits"][e] = {"assignment": [c % k for c in range(num_classes)]}
+    path = os.path.join(folder, "clusters.json")
+    with open(path, "w") as f:
+        json.dump(data, f)
+    return path
+
+
+def load_cfg(file: str, overrides: Sequence, device: str, clusters: Optional[str]):
+    cfg = get_cfg()
+    add_segdistill_config(cfg)
+    cfg.merge_from_file(os.path.join(ROOT, file))
+    if clusters is None and HS3 in overrides:
+        raise ValueError(f"{file} needs the HS3 clusters file")
+    cfg.merge_from_list([clusters if v == HS3 else v for v in overrides])
+    cfg.MODEL.DEVICE = device
+    cfg.DATASETS.TRAIN = ()  # nothing reads the dataset (HS3 would check the clusters' class names)
+    return cfg
+
+
+def build(file: str, overrides: Sequence, device: str, clusters: Optional[str]) -> nn.Module:
+    cfg = load_cfg(file, overrides, device, clusters)
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+def make_batch(n: int, size: Tuple[int, int], num_classes: int, seed: int = 0, labels: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    batch = []
+    for _ in range(n):
+        d = {"image": torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8), "height": h, "width": w}
+        if labels:
+            lab = torch.randint(0, num_classes, (max(1, h // 8), max(1, w // 8)), generator=g)
+            lab = lab.repeat_interleave(8, 0).repeat_interleave(8, 1)[:h, :w]  # blobs: a few classes per image
+            lab = torch.nn.functional.pad(lab, (0, w - lab.shape[1], 0, h - lab.shape[0]), value=255)
+            lab[: max(1, h // 32)] = 255  # some ignore pixels, as padding makes
+            d["sem_seg"] = lab
+        batch.append(d)
+    return batch
+
+
+# ------------------------------------------------------------------------------------- measures
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+
+def resident_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Weights, buffers, optimizer state and (distillation) the frozen teacher."""
+    mods = [model] + ([model.teacher] if isinstance(getattr(model, "teacher", None), nn.Module) else [])
+    n = sum(tensor_bytes(m.parameters()) + tensor_bytes(m.buffers()) for m in mods)
+    return n + sum(tensor_bytes(s.values()) for s in opt.state.values())
+
+
+def train_step(model, opt, batch, device: str) -> Tuple[float, float, int]:
+    """One SGD step: (wall s, CPU s, CUDA peak bytes above the memory allocated before it)."""
+    opt.zero_grad(set_to_none=True)
+    cuda = device.startswith("cuda")
+    sync(device)
+    if cuda:
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    w, c = time.perf_counter(), time.process_time()
+    losses = model(batch)
+    sum(losses.values()).backward()
+    opt.step()
+    sync(device)
+    wall, cpu = time.perf_counter() - w, time.process_time() - c
+    return wall, cpu, (torch.cuda.max_memory_allocated() - before) if cuda else 0
+
+
+@torch.no_grad()
+def infer_step(model, batch, device: str) -> Tuple[float, float]:
+    sync(device)
+    w, c = time.perf_counter(), time.process_time()
+    model(batch)
+    sync(device)
+    return time.perf_counter() - w, time.process_time() - c
+
+
+def saved_bytes(model, opt, batch) -> int:
+    """Bytes of the distinct storages autograd saves for the backward pass of one step (no update)."""
+    seen = {}
+
+    def pack(t):
+        try:
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    opt.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        losses = model(batch)
+    sum(losses.values()).backward()
+    opt.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
+class TrainingGraph(nn.Module):
+    """Everything a training step computes before the losses, as a traceable module: the
+    (student's) backbone, head, exits, classifiers and HS3-Fuse blocks, and the teacher."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.teacher = getattr(model, "teacher", None) if isinstance(getattr(model, "teacher", None), nn.Module) else None
+
+    def forward(self, x):
+        m = self.model
+        s = m.student if self.teacher is not None else m
+        feats = s.backbone(x)
+        if len(getattr(s, "exits", None) or {}):
+            out = s.forward_outputs(feats, x.shape[-2:])
+            tensors = [out.final.features, out.final.seg_logits]
+            tensors += [out.final.cls_logits] if out.final.cls_logits is not None else []
+            for e in out.exits.values():
+                tensors += [e.features, e.seg_logits] + ([e.cls_logits] if e.cls_logits is not None else [])
+            logits = out.final.seg_logits
+        else:
+            head = head_outputs(s.sem_seg_head, feats)
+            logits = head["logits"]
+            tensors = [head["features"], logits] if head.get("features") is not None else [logits]
+        if self.teacher is not None:
+            tensors.append(m.teacher_logits(ImageList(x, [tuple(x.shape[-2:])] * x.shape[0]), logits.shape[-2:]))
+        return tuple(tensors)
+
+
+def count_flops(model: nn.Module, size: Tuple[int, int], device: str, training: bool) -> int:
+    from detectron2.utils.analysis import FlopCountAnalysis as D2Flops
+    from fvcore.nn import FlopCountAnalysis
+
+    img = make_batch(1, size, 2, labels=False)[0]
+    was_training = model.training
+    if training:
+        s = getattr(model, "student", model)
+        x = ((img["image"].to(device).float() - s.pixel_mean) / s.pixel_std)[None]
+        model.train()
+        counter = FlopCountAnalysis(TrainingGraph(model), (x,))
+    else:
+        model.eval()
+        counter = D2Flops(model, [{"image": img["image"].to(device), "height": size[0], "width": size[1]}])
+    counter.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+    with torch.no_grad():
+        total = counter.total()
+    model.train(was_training)
+    return int(total)
+
+
+def training_params(model: nn.Module) -> int:
+    teacher = getattr(model, "teacher", None)
+    n = sum(p.numel() for p in model.parameters())
+    return n + (sum(p.numel() for p in teacher.parameters()) if isinstance(teacher, nn.Module) else 0)
+
+
+def rotated(names: List[str], r: int) -> List[str]:
+    """Round ``r``'s order: rotated by one each round, so that no model always runs first
+    (after a different model has filled the caches) or right after the same neighbour."""
+    k = r % len(names)
+    return names[k:] + names[:k]
+
+
+def median(xs: List[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+# ------------------------------------------------------------------------------------- run
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=["all"], metavar="METHOD",
+                   help=f"'all' or any of: {', '.join(CHOICES)} (their baselines always run)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default; 1 is steadiest "
+                   "on a shared machine)")
+    p.add_argument("--rounds", type=int, default=10, help="timed rounds (each times every model once)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--size", type=parse_size, default=(128, 128), metavar="HxW")
+    p.add_argument("--output-json", default="", metavar="PATH")
+    p.add_argument("--markdown", default="", metavar="PATH", help="write the tables as markdown")
+    args = p.parse_args(argv)
+    try:
+        methods = resolve_methods(args.methods)
+    except ValueError as e:
+        p.error(str(e))
+    if args.rounds < 1 or args.warmup < 0 or args.batch < 1:
+        p.error("--rounds and --batch must be >= 1 and --warmup >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, cuda = args.device, args.device == "cuda"
+    logging.getLogger("segdistill.modeling.meta_arch.distill").setLevel(logging.ERROR)  # the random-teacher banner
+
+    baselines = [b for b in BASELINES if any(METHODS[m].baseline == b for m in methods)]
+    names = [n for n in list(METHODS) if n in baselines or n in methods]  # canonical order, baselines first
+    tmp = tempfile.TemporaryDirectory(prefix="overhead_")
+    try:
+        return _run(args, names, device, cuda, tmp.name)
+    finally:
+        tmp.cleanup()
+
+
+def _run(args, names, device, cuda, tmp) -> dict:
+    num_classes = load_cfg(PLAIN_CONFIG, (), device, None).MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    clusters = None
+    if any(HS3 in METHODS[n].overrides for n in names):
+        hs3_cfg = get_cfg()
+        add_segdistill_config(hs3_cfg)
+        hs3_cfg.merge_from_file(os.path.join(ROOT, "configs/demo/hs3/hs3_r18.yaml"))
+        clusters = write_clusters(tmp, list(hs3_cfg.MODEL.EXITS.IN_FEATURES), hs3_cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
+
+    # ---- training block
+    models, opts = {}, {}
+    for n in names:
+        m = METHODS[n]
+        progress(f"building {n} ({m.config}{' + overrides' if m.overrides else ''})")
+        models[n] = build(m.config, m.overrides, device, clusters).train()
+        cfg = load_cfg(m.config, m.overrides, device, clusters)
+        if hasattr(models[n], "set_training_progress"):  # schedules (FAKD's lambda, SR) at mid-training
+            models[n].set_training_progress(cfg.SOLVER.MAX_ITER // 2, cfg.SOLVER.MAX_ITER)
+        opts[n] = torch.optim.SGD(models[n].parameters(), lr=1e-3, momentum=0.9)
+        if cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES != num_classes:
+            raise ValueError(f"{n}: {cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES} classes, the plain baseline {num_classes}")
+    batch = make_batch(args.batch, args.size, num_classes)
+    rec = {n: [] for n in names}
+    total = args.warmup + args.rounds
+    for r in range(total):
+        t0 = time.perf_counter()
+        for n in rotated(names, r):
+            out = train_step(models[n], opts[n], batch, device)
+            if r >= args.warmup:
+                rec[n].append(out)
+        progress(f"training round {r + 1}/{total}{' (warm-up)' if r < args.warmup else ''}: "
+                 f"{time.perf_counter() - t0:.1f} s")
+    train = {}
+    for n in names:
+        progress(f"memory, parameters and FLOPs of {n} (training)")
+        wall, cpu, peak = (median([x[i] for x in rec[n]]) for i in range(3))
+        train[n] = {
+            "baseline": METHODS[n].baseline or n, "wall_s": wall, "cpu_s": cpu if not cuda else None,
+            "saved_bytes": saved_bytes(models[n], opts[n], batch),
+            "cuda_peak_bytes": int(peak + resident_bytes(models[n], opts[n])) if cuda else None,
+            "params": training_params(models[n]),
+            "trainable_params": sum(p.numel() for p in models[n].parameters() if p.requires_grad),
+            "flops": count_flops(models[n], args.size, device, training=True),
+        }
+    key = "wall_s" if cuda else "cpu_s"
+    mem = "cuda_peak_bytes" if cuda else "saved_bytes"
+    for n in names:
+        b = train[train[n]["baseline"]]
+        train[n].update(time_ratio=ratio(train[n][key], b[key]), wall_ratio=ratio(train[n]["wall_s"], b["wall_s"]),
+                        memory_ratio=ratio(train[n][mem], b[mem]))
+
+    # ---- inference block: deployed models
+    deployed, rows = {}, {}
+    for n in names:
+        m = METHODS[n]
+        row = INFERENCE_BASELINE.get(n, n)
+        progress(f"deploying {n} -> {m.deploy_config}")
+        model = build(m.deploy_config, m.deploy_overrides, device, clusters)
+        model.load_state_dict({k: v.to(device) for k, v in deployed_state_dict(models[n]).items()}, strict=True)
+        deployed[row] = model.eval()
+        rows[row] = n
+    del models, opts
+    infer_batch = make_batch(args.batch, args.size, num_classes, labels=False)
+    irec = {r: [] for r in deployed}
+    for r in range(total):
+        t0 = time.perf_counter()
+        for row in rotated(list(deployed), r):
+            out = infer_step(deployed[row], infer_batch, device)
+            if r >= args.warmup:
+                irec[row].append(out)
+        progress(f"inference round {r + 1}/{total}{' (warm-up)' if r < args.warmup else ''}: "
+                 f"{time.perf_counter() - t0:.1f} s")
+    infer = {}
+    for row, model in deployed.items():
+        progress(f"parameters and FLOPs of {row} (deployed)")
+        n = rows[row]
+        base = INFERENCE_BASELINE[METHODS[n].baseline or n]
+        infer[row] = {
+            "method": n, "baseline": base, "deploy_config": METHODS[n].deploy_config,
+            "wall_s": median([x[0] for x in irec[row]]), "cpu_s": None if cuda else median([x[1] for x in irec[row]]),
+            "params": sum(p.numel() for p in model.parameters()),
+            "flops": count_flops(model, args.size, device, training=False),
+            "expected_equal": METHODS[n].same_at_inference,
+        }
+    for row, v in infer.items():
+        b = infer[v["baseline"]]
+        v.update(time_ratio=ratio(v[key], b[key]), wall_ratio=ratio(v["wall_s"], b["wall_s"]),
+                 params_equal=v["params"] == b["params"], flops_equal=v["flops"] == b["flops"])
+    for n in names:
+        d = infer[INFERENCE_BASELINE.get(n, n)]
+        train[n].update(params_inference=d["params"], flops_inference=d["flops"])
+
+    where = (f"CUDA {torch.cuda.get_device_name()}" if cuda else f"CPU, {torch.get_num_threads()} thread(s)")
+    result = {
+        "settings": {"device": device, "where": where, "batch": args.batch, "size": list(args.size),
+                     "rounds": args.rounds, "warmup": args.warmup, "timing": "wall" if cuda else "cpu",
+                     "memory": "cuda_peak" if cuda else "saved_for_backward", "torch": torch.__version__},
+        "training": train, "inference": infer,
+    }
+    for d in (train, infer):  # every ratio must be a real number
+        for n, v in d.items():
+            bad = [k for k, x in v.items() if k.endswith("ratio") and not (x > 0 and math.isfinite(x))]
+            if bad:
+                raise RuntimeError(f"{n}: non-finite ratios {bad}: {v}")
+    text = report(result, "github")
+    print(report(result, "simple"))
+    if args.markdown:
+        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
+        with open(args.markdown, "w") as f:
+            f.write(text)
+        progress(f"markdown written to {args.markdown}")
+    if args.output_json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
+        with open(args.output_json, "w") as f:
+            json.dump(result, f, indent=2)
+        progress(f"JSON written to {args.output_json}")
+    return result
+
+
+# ------------------------------------------------------------------------------------- report
+def report(result: dict, fmt: str) -> str:
+    from tabulate import tabulate
+
+    s, train, infer = result["settings"], result["training"], result["inference"]
+    cuda = s["device"] == "cuda"
+    t = "wall" if cuda else "CPU"
+    mem = "CUDA peak" if cuda else "saved for bwd"
+    md = fmt == "github"
+    h = "### " if md else ""
+    mb, m, g = (lambda b: f"{b / 2**20:.1f}"), (lambda n: f"{n / 1e6:.3f}"), (lambda n: f"{n / 1e9:.3f}")
+    lines = [
+        f"{h}Overhead of every method against its baseline",
+        "",
+        f"Batch {s['batch']} x {s['size'][0]}x{s['size'][1]}, {s['where']}, median of {s['rounds']} interleaved "
+        f"rounds after {s['warmup']} warm-up; ratios (x base) use the {t} time; memory: "
+        + ("peak CUDA memory of a step (own weights, optimizer state, teacher + the step's peak)" if cuda else
+           "bytes autograd saves for the backward pass (CPU: no peak-memory counter)")
+        + ". Params / FLOPs (fvcore, 1 image): training = the whole training model (frozen teacher included), "
+          "forward before the losses; inference = the deployed model.",
+        "",
+        f"{h}Training step",
+        "",
+    ]
+    head = ["method", "baseline", "step wall (ms)"] + ([] if cuda else ["step CPU (ms)"]) + [
+        f"x base ({t})", f"{mem} (MB)", "x base (mem)", "params train (M)", "GFLOPs train",
+        "params infer (M)", "GFLOPs infer"]
+    rows = []
+    for n, v in train.items():
+        rows.append([n, v["baseline"] if v["baseline"] != n else "-", f"{v['wall_s'] * 1e3:.1f}"]
+                    + ([] if cuda else [f"{v['cpu_s'] * 1e3:.1f}"])
+                    + [f"{v['time_ratio']:.3f}", mb(v["cuda_peak_bytes"] if cuda else v["saved_bytes"]),
+                       f"{v['memory_ratio']:.3f}", m(v["params"]), g(v["flops"]),
+                       m(v["params_inference"]), g(v["flops_inference"])])
+    lines += [tabulate(rows, head, tablefmt=fmt, disable_numparse=True, colalign=_align(head, 2)), "",
+              f"{h}Inference (deployed model vs plain baseline)", ""]
+    head = ["deployed", "loads into", "baseline", "wall (ms)"] + ([] if cuda else ["CPU (ms)"]) + [
+        f"x base ({t})", "params (M)", "GFLOPs", "params equal", "FLOPs equal"]
+    rows = []
+    for n, v in infer.items():
+        rows.append([n, os.path.relpath(v["deploy_config"], "configs/demo"), v["baseline"] if v["baseline"] != n else "-",
+                     f"{v['wall_s'] * 1e3:.1f}"] + ([] if cuda else [f"{v['cpu_s'] * 1e3:.1f}"])
+                    + [f"{v['time_ratio']:.3f}", m(v["params"]), g(v["flops"]),
+                       _yes(v["params_equal"], v["expected_equal"]), _yes(v["flops_equal"], v["expected_equal"])])
+    lines += [tabulate(rows, head, tablefmt=fmt, disable_numparse=True, colalign=_align(head, 3)), ""]
+    must = {n: v for n, v in infer.items() if v["expected_equal"]}
+    ok = all(v["params_equal"] and v["flops_equal"] for v in must.values())
+    lines.append(f"Deployed parameters and FLOPs equal the baseline's exactly for {', '.join(must)}: "
+                 f"{'yes' if ok else 'NO'}")
+    ratios = [v["time_ratio"] for n, v in must.items() if n != v["baseline"]]
+    if ratios:
+        lines.append(f"Their inference time ratios ({t}): {min(ratios):.3f} to {max(ratios):.3f} "
+                     "(identical computation: 1.00 within noise).")
+    extra = [n for n, v in infer.items() if not v["expected_equal"]]
+    if extra:
+        lines.append(f"Kept at inference by design: {', '.join(extra)} (HS3-Fuse's fuse blocks and the exits they read).")
+    return "\n".join(lines) + "\n"
+
+
+def _align(head, text_columns: int):
+    return ("left",) * text_columns + ("right",) * (len(head) - text_columns)
+
+
+def _yes(equal: bool, expected: bool) -> str:
+    if equal:
+        return "yes"
+    return "no (by design)" if not expected else "NO"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""benchmarks/overhead.py end to end on a tiny setting (every method, batch 2, 32x32, one
+warm-up and two timed rounds): every method and baseline reported, the deployed models of
+the methods that drop their training-only parts equal to the baseline exactly (parameters
+and FLOPs), HS3-Fuse larger, finite positive ratios, markdown and JSON written; and clear
+errors for bad method names."""
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("overhead_benchmark", os.path.join(REPO, "benchmarks", "overhead.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+overhead = _load()
+METHODS = ["ds", "mea", "mea+sr-l", "mea+sr-f", "sr", "hs3", "hs3-fuse",
+           "pd", "cwd", "hwd", "fakd_cwd", "fakd_pd", "hwd+fakd_pd"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("overhead")
+    md, js = out / "overhead.md", out / "overhead.json"
+    result = overhead.main(["--threads", "1", "--batch", "2", "--size", "32x32", "--warmup", "1", "--rounds", "2",
+                            "--methods", "all", "--markdown", str(md), "--output-json", str(js)])
+    return result, md, js
+
+
+def test_every_method_against_its_baseline(run):
+    result, _, _ = run
+    assert overhead.CHOICES == METHODS
+    train, infer = result["training"], result["inference"]
+    assert list(train) == ["baseline", "student"] + METHODS
+    assert list(infer) == ["plain", "student"] + METHODS
+    for n in METHODS:
+        assert train[n]["baseline"] == ("student" if n in METHODS[7:] else "baseline")
+        assert infer[n]["baseline"] == ("student" if n in METHODS[7:] else "plain")
+    for block in (train, infer):
+        for n, v in block.items():
+            for k in ("time_ratio", "wall_ratio") + (("memory_ratio",) if block is train else ()):
+                assert v[k] > 0 and math.isfinite(v[k]), (n, k, v[k])
+            assert v["wall_s"] > 0 and v["cpu_s"] > 0
+    assert train["baseline"]["time_ratio"] == 1.0 and infer["plain"]["time_ratio"] == 1.0
+    assert result["settings"]["timing"] == "cpu" and result["settings"]["memory"] == "saved_for_backward"
+
+
+def test_deployed_models_cost_exactly_the_baseline(run):
+    result, _, _ = run
+    train, infer = result["training"], result["inference"]
+    plain, student = infer["plain"], infer["student"]
+    # the multi-exit baseline deploys to the plain DeepLabV3-R18, with the same cost
+    assert (train["baseline"]["params_inference"], train["baseline"]["flops_inference"]) == \
+        (plain["params"], plain["flops"])
+    for n in METHODS:
+        if n == "hs3-fuse":
+            continue
+        base = student if n in METHODS[7:] else plain
+        assert infer[n]["params"] == base["params"] and infer[n]["flops"] == base["flops"], n
+        assert infer[n]["params_equal"] and infer[n]["flops_equal"] and infer[n]["expected_equal"]
+        assert train[n]["params_inference"] == base["params"]
+    for n in ("ds", "sr", "hs3", "hs3-fuse"):  # exits cost parameters and FLOPs at training only
+        assert train[n]["params"] > train["baseline"]["params"] and train[n]["flops"] > train["baseline"]["flops"]
+    for n in METHODS[7:]:  # the frozen teacher is counted at training
+        assert train[n]["params"] > 2 * train["student"]["params"]
+        assert train[n]["trainable_params"] == train["student"]["trainable_params"]
+    fuse = infer["hs3-fuse"]  # HS3-Fuse keeps its fuse blocks at inference
+    assert fuse["params"] > plain["params"] and fuse["flops"] > plain["flops"]
+    assert not fuse["params_equal"] and not fuse["expected_equal"]
+
+
+def test_tables_markdown_and_json(run):
+    result, md, js = run
+    text = md.read_text()
+    assert "| method" in text and "| deployed" in text
+    for n in METHODS + ["baseline", "student", "plain"]:
+        assert f"| {n} " in text, n
+    assert "saved for bwd" in text and "no (by design)" in text
+    assert "equal the baseline's exactly for" in text and ": yes" in text
+    data = json.loads(js.read_text())
+    assert set(data["training"]) == set(result["training"]) and data["settings"]["size"] == [32, 32]
+
+
+def test_bad_method_names_are_clear_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        overhead.main(["--methods", "sr", "srf", "--rounds", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Unknown method(s) 'srf'" in err and "hwd+fakd_pd" in err and "hs3-fuse" in err
+    with pytest.raises(ValueError, match=r"Unknown method\(s\) 'baseline'.*choose from ds, mea"):
+        overhead.resolve_methods(["baseline"])  # a baseline is not a method: it always runs
+    assert overhead.resolve_methods(["CWD,sr", "ds"]) == ["ds", "sr", "cwd"]
+    assert overhead.resolve_methods(["all"]) == METHODS
+    with pytest.raises(SystemExit):
+        overhead.main(["--size", "12xfoo"])
