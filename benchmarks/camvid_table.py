@@ -281,7 +281,7 @@ class Table:
             base = results.get(names[0], [])
             base_mean = statistics.mean(r["mIoU"] for r in base) if base else float("nan")
             lines += [f"### {title}", "",
-                      f"| method | mIoU | Δ vs {METHODS[names[0]].label} | n | exits mIoU (res2 / res3 / res4) | s / iter |",
+                      f"| method | mIoU | Δ vs {METHODS[names[0]].label} | n | exits mIoU (res2 / res3 / res4) | s / iter (shared machine) |",
                       "|---|---|---|---|---|---|"]
             for n in names:
                 rs = results.get(n, [])
