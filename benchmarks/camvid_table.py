@@ -142,13 +142,9 @@ class Table:
             env["SEGDISTILL_CAMVID_ROOT"] = os.path.abspath(self.args.data_root)
         return env
 
-    def train_cmd(self, config: str, opts: Sequence[str], folder: str, seed: int, eval_only_weights: str = "") -> List[str]:
-        cmd = [sys.executable, os.path.join(ROOT, "train_net.py"), "--config-file", os.path.join(CONFIGS, config)]
-        cmd += ["--eval-only"] if eval_only_weights else ["--resume"]
-        cmd += ["SEED", str(seed), "OUTPUT_DIR", folder] + list(opts) + list(self.args.opts)
-        if eval_only_weights:
-            cmd += ["MODEL.WEIGHTS", eval_only_weights]
-        return cmd
+    def train_cmd(self, config: str, opts: Sequence[str], folder: str, seed: int) -> List[str]:
+        cmd = [sys.executable, os.path.join(ROOT, "train_net.py"), "--config-file", os.path.join(CONFIGS, config), "--resume"]
+        return cmd + ["SEED", str(seed), "OUTPUT_DIR", folder] + list(opts) + list(self.args.opts)
 
     def jobs(self) -> List[Job]:
         jobs = []
