@@ -80,6 +80,7 @@ from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import ImageList  # noqa: E402
 from segdistill import add_segdistill_config  # noqa: E402
 from segdistill.engine.deploy import deployed_state_dict  # noqa: E402
+from segdistill.hs3.clusters import clusters_from_dict, save_clusters  # noqa: E402
 from segdistill.modeling.heads import head_outputs  # noqa: E402
 
 PLAIN_CONFIG = "configs/demo/deeplabv3_r18.yaml"
@@ -161,16 +162,12 @@ def resolve_methods(names: Sequence[str]) -> List[str]:
 
 
 def write_clusters(folder: str, exits: Sequence[str], num_classes: int) -> str:
-    """A valid HS3 clusters file (tests' format): K_i = N / 2^(exits - i), at least 2."""
-    data = {"format": "segdistill-hs3-clusters", "version": 1, "class_names": [f"c{i}" for i in range(num_classes)],
-            "exits": {}}
+    """A valid HS3 clusters file: K_i = N / 2^(exits - i), at least 2 (the package's writer)."""
+    data = {"class_names": [f"c{i}" for i in range(num_classes)], "exits": {}}
     for i, e in enumerate(exits):
         k = max(2, num_classes // 2 ** (len(exits) - i))
         data["exits"][e] = {"assignment": [c % k for c in range(num_classes)]}
-    path = os.path.join(folder, "clusters.json")
-    with open(path, "w") as f:
-        json.dump(data, f)
-    return path
+    return save_clusters(os.path.join(folder, "clusters.json"), clusters_from_dict(data))
 
 
 def load_cfg(file: str, overrides: Sequence, device: str, clusters: Optional[str]):
