@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Write image | ground truth | prediction pictures for a trained model (YAML config).
+"""Write image | ground truth | prediction pictures, with a legend of the class names and
+colours in each picture, for a trained model (YAML config).
 
     python tools/visualize_predictions.py --config-file CFG --weights MODEL.pth \
-        [--dataset NAME] [--output DIR] [--max-images N] [KEY VALUE ...]
+        [--dataset NAME] [--output DIR] [--max-images N] [--scale 2] [--overview 4] [KEY VALUE ...]
 """
 import argparse
 import os
@@ -27,6 +28,8 @@ def main(argv=None):
     p.add_argument("--dataset", help="default: the config's first DATASETS.TEST")
     p.add_argument("--output", help="default: OUTPUT_DIR/predictions/<dataset>")
     p.add_argument("--max-images", type=int, default=None, help="default: SEGDISTILL.VIS_MAX_IMAGES")
+    p.add_argument("--scale", type=int, default=1, help="enlarge every tile this many times (small images)")
+    p.add_argument("--overview", type=int, default=0, help="also stack the first N pictures into overview.png")
     p.add_argument("opts", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     cfg = get_cfg()
@@ -39,7 +42,7 @@ def main(argv=None):
     model = build_model(cfg)
     DetectionCheckpointer(model).load(args.weights)
     n = write_prediction_pictures(model, dataset, out, max_images=args.max_images or cfg.SEGDISTILL.VIS_MAX_IMAGES,
-                                  mapper=SemSegDatasetMapper(cfg, False))
+                                  mapper=SemSegDatasetMapper(cfg, False), scale=args.scale, overview=args.overview)
     print(f"wrote {n} pictures to {out}")
 
 
