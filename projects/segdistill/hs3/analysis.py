@@ -457,16 +457,19 @@ def _cluster_sums(x: np.ndarray, labels: np.ndarray, k: int) -> Tuple[np.ndarray
     keys = (labels + k * np.arange(runs)[:, None]).ravel()
     order = np.argsort(keys, kind="stable")
     sorted_keys = keys[order]
-    new_segment = np.r_[True, sorted_keys[1:] != sorted_keys[:-1]]
-    starts = np.flatnonzero(new_segment)
-    rank = np.arange(len(keys)) - np.repeat(starts, np.diff(np.r_[starts, len(keys)]))
-    sums = np.zeros((runs * k, x.shape[1]))
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    sizes = np.diff(np.r_[starts, len(keys)])
     rows = order % n
-    first = rank == 0
-    sums[sorted_keys[first]] = x[rows[first]]
-    for r in range(1, int(rank.max()) + 1):  # the r-th member of every cluster that has one
-        sel = rank == r
-        sums[sorted_keys[sel]] += x[rows[sel]]
+    sums = np.zeros((runs * k, x.shape[1]))
+    if len(starts) <= 8 * int(sizes.max()):  # few large clusters: one reduction per cluster
+        sums[sorted_keys[starts]] = np.add.reduceat(x[rows], starts, axis=0)
+    else:  # many small clusters: add the r-th member of every cluster at once, r = 0, 1, ...
+        rank = np.arange(len(keys)) - np.repeat(starts, sizes)
+        first = rank == 0
+        sums[sorted_keys[first]] = x[rows[first]]
+        for r in range(1, int(sizes.max())):
+            sel = rank == r
+            sums[sorted_keys[sel]] += x[rows[sel]]
     weight = np.bincount(keys, minlength=runs * k).astype(np.float64)
     return sums.reshape(runs, k, -1), weight.reshape(runs, k)
 
@@ -488,14 +491,17 @@ def _relocate_empty(x, c_old, c_new, weight, labels) -> None:
 
 
 def _average(sums: np.ndarray, weight: np.ndarray) -> None:
-    """Sums -> means (times the reciprocal, as scikit-learn does); an empty cluster takes
-    the heaviest cluster's centre (in place)."""
-    heaviest = np.argmax(weight, axis=1)
-    for r in range(len(sums)):
-        full = weight[r] > 0
-        sums[r, full] *= (1.0 / weight[r, full])[:, None]
-        if not full.all():
-            sums[r, ~full] = sums[r, heaviest[r]]
+    """Sums -> means (times the reciprocal, as scikit-learn does) in place; sums [R, k, d],
+    weight [R, k]. An empty cluster (left only when every sample sits on its centre) takes
+    the heaviest cluster's centre as scikit-learn's loop leaves it: already averaged if the
+    heaviest comes first, still a sum if it comes later."""
+    empty_runs = np.flatnonzero((weight == 0).any(1))
+    heaviest = {r: (int(np.argmax(weight[r])), sums[r, np.argmax(weight[r])].copy()) for r in empty_runs}
+    reciprocal = np.divide(1.0, weight, out=np.zeros_like(weight), where=weight > 0)
+    sums *= reciprocal[:, :, None]
+    for r, (h, unscaled) in heaviest.items():
+        for j in np.flatnonzero(weight[r] == 0):
+            sums[r, j] = sums[r, h] if h < j else unscaled
 
 
 def _sq_norm_unrolled(diff: np.ndarray) -> np.ndarray:
