@@ -16,20 +16,20 @@ from segdistill.hs3.analysis import (
 )
 
 
-def grouped_confusion(n, seed, p_correct=0.5, p_group=0.3):
-    """Classes confused mostly inside random groups, unequal sizes (as the benchmark's)."""
-    rng = np.random.default_rng(seed)
-    groups = rng.integers(0, max(2, n // 5), n)
-    conf = np.zeros((n, n), dtype=np.int64)
-    for i in range(n):
-        mates = np.flatnonzero((groups == groups[i]) & (np.arange(n) != i))
-        w = np.full(n, (1 - p_correct - (p_group if len(mates) else 0)) / n)
-        w[i] += p_correct
-        if len(mates):
-            w[mates] += p_group / len(mates)
-        w *= rng.uniform(0.7, 1.3, n)
-        conf[i] = rng.multinomial(int(rng.integers(2_000, 100_000)), w / w.sum())
-    return conf
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("hs3_analysis_speed",
+                                                  os.path.join(REPO, "benchmarks", "hs3_analysis_speed.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+BENCH = load_benchmark()
+
+
+def grouped_confusion(n, seed):
+    """Classes confused mostly inside random groups, unequal sizes (the benchmark's confusions)."""
+    return BENCH.synthetic_confusion(BENCH.class_groups(n, seed), 0.5, 0.3, seed)
 
 
 @pytest.mark.parametrize("n,d,k,seed", [(30, 3, 4, 0), (50, 8, 12, 1), (40, 39, 38, 2), (25, 2, 2, 3), (60, 20, 30, 4)])
@@ -87,11 +87,7 @@ def test_bad_embedding_shape():
 
 
 def test_benchmark_toy_size(capsys):
-    spec = importlib.util.spec_from_file_location("hs3_analysis_speed",
-                                                  os.path.join(REPO, "benchmarks", "hs3_analysis_speed.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    res = bench.main(["--classes", "16", "--exits", "1", "--reference-every", "3"])
+    res = BENCH.main(["--classes", "16", "--exits", "1", "--reference-every", "3"])
     out = capsys.readouterr().out
     assert "fast path, every K" in out and "reference (scikit-learn SpectralClustering per K)" in out
     assert "noise floor" in out and "speed-up" in out

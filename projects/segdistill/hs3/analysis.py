@@ -286,11 +286,9 @@ def spectral_clusters(conf: np.ndarray, k: int, seed: int = 0, normalize: str = 
     1e-12); ``benchmarks/hs3_analysis_speed.py`` counts the agreement.
     """
     n = len(conf)
-    _check_k(k, n)
-    if k == n:
-        return np.arange(n)
-    if k == 1:
-        return np.zeros(n, dtype=np.int64)
+    trivial = _trivial_clusters(k, n)
+    if trivial is not None:
+        return trivial
     emb = spectral_embedding(conf, normalize) if embedding is None else np.asarray(embedding)
     if emb.shape != (n, n):
         raise ValueError(f"embedding must be [{n}, {n}] (spectral_embedding of the confusion), got {emb.shape}.")
@@ -305,11 +303,9 @@ def spectral_clusters_reference(conf: np.ndarray, k: int, seed: int = 0, normali
     ARPACK eigensolve and one ``k_means`` per K): the reference the fast path is checked
     against (tests, ``benchmarks/hs3_analysis_speed.py``); slow (~0.6 s per K at 171 classes)."""
     n = len(conf)
-    _check_k(k, n)
-    if k == n:
-        return np.arange(n)
-    if k == 1:
-        return np.zeros(n, dtype=np.int64)
+    trivial = _trivial_clusters(k, n)
+    if trivial is not None:
+        return trivial
     import warnings
 
     from sklearn.cluster import SpectralClustering
@@ -550,6 +546,16 @@ def kmeans_clusters(features: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
 
     labels = KMeans(n_clusters=k, random_state=seed, n_init=10).fit_predict(x)
     return _full_k(canonical_assignment(labels), k, None)
+
+
+def _trivial_clusters(k: int, n: int) -> Optional[np.ndarray]:
+    """K = N (every class alone) and K = 1 (one cluster) need no clustering; None otherwise."""
+    _check_k(k, n)
+    if k == n:
+        return np.arange(n)
+    if k == 1:
+        return np.zeros(n, dtype=np.int64)
+    return None
 
 
 def _check_k(k: int, n: int) -> None:
