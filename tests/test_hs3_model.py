@@ -117,9 +117,9 @@ def test_inference_and_deploy_round_trip(tmp_path, fuse):
 
 
 def test_fuse_channels_halve_and_lighter_variant(tmp_path):
-    from segdistill.modeling.hs3_fuse import fuse_channels
+    from segdistill.modeling.exits.hs3 import fuse_channels
 
-    assert fuse_channels(3, 256, 128) == [(64, 32), (128, 64), (256, 128)]
+    assert fuse_channels(3, 256, 128, 1.0) == [(64, 32), (128, 64), (256, 128)]
     assert fuse_channels(2, 256, 128, 0.5) == [(64, 32), (128, 64)]
     path = write_clusters(tmp_path / "c.json")
     params = {}
@@ -128,10 +128,10 @@ def test_fuse_channels_halve_and_lighter_variant(tmp_path):
         model = build_model(cfg)
         params[name] = sum(v.numel() for v in model.deploy_state_dict().values())
         if scale:
-            blocks = model.hs3_fuse.blocks
+            blocks = model.fusion.blocks
             assert [blocks[n].pixel_conv.out_channels for n in ("res3", "res4")] == [int(8 * scale), int(16 * scale)]
             # the head reads res5 widened by the fused channels
-            assert model.hs3_fuse.target == "res5" and model.hs3_fuse.out_channels == int(24 * scale)
+            assert model.fusion.target == "res5" and model.fusion.out_channels == int(24 * scale)
     assert params["hs3"] < params["lighter"] < params["fuse"]
 
 
@@ -207,7 +207,7 @@ def test_config_errors(tmp_path, write_label_dataset):
     cfg.DATASETS.TRAIN = (name + "_hs3_reduced",)
     cfg.MODEL.EXITS.HS3.CLUSTERS_FILE = path
     build_model(cfg)
-    from segdistill.hs3.model import register_config_splits
+    from segdistill.hs3.splits import register_config_splits
 
     cfg.DATASETS.TEST = (name + "_hs3_analysis", "other")
     assert register_config_splits(cfg) == [name + "_hs3_reduced", name + "_hs3_analysis"]
@@ -235,7 +235,7 @@ def test_demo_configs_build_and_train_a_step(tmp_path, name, exits):
     cfg.DATASETS.TRAIN = ()
     torch.manual_seed(0)
     model = build_model(cfg).train()
-    assert list(model.exits) == exits and (model.hs3_fuse is not None) == ("fuse" in name)
+    assert list(model.exits) == exits and (model.fusion is not None) == ("fuse" in name)
     losses = model(random_batch(2, 64, 64, 10))
     assert set(losses) == {"loss_sem_seg", "loss_hs3"}
     sum(losses.values()).backward()
