@@ -213,12 +213,14 @@ class MultiExitSegmentor(SemanticSegmentor):
     def deploy_state_dict(self) -> Dict[str, torch.Tensor]:
         """The weights of the plain ``SemanticSegmentor``: exits, classifier and objective state removed.
 
-        With a fusion (HS3-Fuse): also the fusion's parameters and the exits' parts it reads
-        (``ExitFusion.exit_parts``); it loads into the same config."""
+        With a fusion (HS3-Fuse): also the fusion's parameters, the exits' parts it reads
+        (``ExitFusion.exit_parts``) and the objective's buffers (HS3: the clusters the exits were
+        trained on, checked when the checkpoint loads); it loads into the same config."""
         keep = DEPLOYED_PREFIXES
         fusion = self.fusion
         if fusion is not None:
-            keep = keep + (f"{fusion.name}.",) + tuple(f"exits.{n}.{p}." for n in self.exits for p in fusion.exit_parts)
+            keep = keep + (f"{fusion.name}.", "exit_objective.") + tuple(
+                f"exits.{n}.{p}." for n in self.exits for p in fusion.exit_parts)
         return {k: v for k, v in self.state_dict().items() if k.startswith(keep)}
 
     # ------------------------------------------------------------------ forward
