@@ -140,3 +140,17 @@ def test_bad_method_names_are_clear_errors(capsys):
     assert overhead.resolve_methods(["all"]) == METHODS
     with pytest.raises(SystemExit):
         overhead.main(["--size", "12xfoo"])
+
+
+def test_hs3_gmacs_toy_size():
+    """benchmarks/hs3_gmacs.py on the demo HS3 config at 32x32: HS3 costs exactly the baseline
+    at inference, HS3-Fuse more, its lighter variant in between (synthetic clusters written
+    with the package's writer)."""
+    spec = importlib.util.spec_from_file_location("hs3_gmacs", os.path.join(REPO, "benchmarks", "hs3_gmacs.py"))
+    gmacs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gmacs)
+    rows = gmacs.main(["--size", "32", "32", "MODEL.EXITS.CHANNELS", "16"])
+    assert list(rows) == ["baseline", "HS3", "HS3-Fuse", "HS3-Fuse (lighter)"]
+    assert rows["HS3"] == rows["baseline"]
+    (base, p0), (fuse, p1), (light, p2) = rows["baseline"], rows["HS3-Fuse"], rows["HS3-Fuse (lighter)"]
+    assert base < light < fuse and p0 < p2 < p1

@@ -16,15 +16,16 @@ T = DATASETS.TRAIN[0] and V = DATASETS.TEST[0]:
               (the config's OUTPUT_DIR name when it starts with "phase2", e.g. phase2_fuse/;
               else phase2/, or phase2_fuse/ when MODEL.EXITS.HS3.FUSE.ENABLED)
 5. summary.md / summary.json: final and per-exit mIoU, ds vs hs3 (each exit in its own space),
-              and the clusters file (path and SHA-256) Phase 2 was trained with
+              and the clusters file (path and clusters fingerprint) Phase 2 was trained with
 
 DIR defaults to the folder two levels above MODEL.EXITS.HS3.CLUSTERS_FILE (the demo configs
 point it at DIR/hs3/clusters.json), else OUTPUT_DIR. Trainings run ``train_net.py`` as
 subprocesses, so their logs and outputs are the usual ones.
 
-Every step records the inputs it was built from in DIR/pipeline_state.json (the training
-config's and the clusters file's SHA-256, the checkpoint an evaluation read, the confusion
-files the analysis read). A step whose outputs exist with the same inputs is skipped
+Every step records the inputs it was built from in DIR/pipeline_state.json (the SHA-256 of
+the training config, the fingerprint of the clusters (class names and assignments, see
+``clusters_fingerprint``), the checkpoint an evaluation read, the confusion files the
+analysis read). A step whose outputs exist with the same inputs is skipped
 ("[hs3] skip ..."), so an interrupted pipeline resumes (trainings run with --resume). A step
 whose inputs changed is rerun: a training's old folder is moved aside to ``<folder>.stale-N``
 (nothing is deleted), so e.g. ``--redo-analysis`` that writes different clusters retrains
@@ -50,7 +51,7 @@ from detectron2.config import get_cfg  # noqa: E402
 from segdistill import add_segdistill_config  # noqa: E402
 from segdistill.hs3.analysis import hs3_split_names  # noqa: E402
 from segdistill.hs3.report import k_equals_n_warning, run_hs3_analysis  # noqa: E402
-from segdistill.modeling.exits.hs3_clusters import file_sha256, load_clusters  # noqa: E402
+from segdistill.modeling.exits.hs3_clusters import clusters_fingerprint, file_sha256, load_clusters  # noqa: E402
 
 STATE_FILE = "pipeline_state.json"
 # HS3_ANALYSIS keys that only the analysis reads (the split keys change Phase 1's data).
@@ -179,18 +180,21 @@ class Pipeline:
         return ["MODEL.EXITS.MODE", "ds", "MODEL.EXITS.EVAL_EXITS", "True", "MODEL.EXITS.HS3.FUSE.ENABLED", "False",
                 "DATASETS.TRAIN", tup(self.reduced), "DATASETS.TEST", tup(dataset), "OUTPUT_DIR", self.phase1]
 
-    def training(self, step, folder, opts, what):
-        """Train into ``folder`` unless its model_final.pth was trained from the same config."""
+    def training(self, step, folder, opts, what, eval_step, eval_dataset):
+        """Train into ``folder`` unless its model_final.pth was trained from the same config.
+        The training's own final evaluation (on ``eval_dataset``) is recorded as ``eval_step``."""
         weights = os.path.join(folder, "model_final.pth")
         inputs = {"config_sha256": hashlib.sha256(self.training_config(opts).encode()).hexdigest()}
-        if step == "phase2":
-            inputs.update(clusters_file=self.clusters, clusters_sha256=file_sha256(self.clusters))
+        if step == "phase2":  # what it trains on: the clusters (not the file's date or notes)
+            inputs.update(clusters_file=self.clusters, clusters_sha256=clusters_fingerprint(load_clusters(self.clusters)))
         action = self.check(step, inputs, os.path.isfile(weights), folder, what)
         if action == "skip":
             say(f"skip {what}: {weights} was trained from the same inputs")
         else:
             self.train_net(opts)
             self.record(step, inputs)
+            if self.have(self.confusions(folder, eval_dataset)[1]):
+                self.record(eval_step, {"weights_sha256": file_sha256(weights), "dataset": eval_dataset})
         return weights
 
     def evaluation(self, step, out_dir, dataset, opts, weights, what):
@@ -212,7 +216,8 @@ class Pipeline:
             say(f"1/5 phase 1: given DS checkpoint {weights1}")
         else:
             weights1 = self.training("phase1", self.phase1, self.phase1_opts(self.analysis),
-                                     f"1/5 phase 1 (deep supervision on {self.reduced})")
+                                     f"1/5 phase 1 (deep supervision on {self.reduced})",
+                                     f"phase1_eval/{self.analysis}", self.analysis)
         analysis_files = self.evaluation(f"phase1_eval/{self.analysis}", self.phase1, self.analysis,
                                          self.phase1_opts(self.analysis), weights1,
                                          f"1/5 phase-1 evaluation on {self.analysis}")
@@ -225,7 +230,8 @@ class Pipeline:
         # 4. Phase 2: HS3 on the full training set, with the clusters file as it is now
         opts2 = ["MODEL.EXITS.HS3.CLUSTERS_FILE", self.clusters, "MODEL.EXITS.EVAL_EXITS", "True",
                  "OUTPUT_DIR", self.phase2]
-        weights2 = self.training("phase2", self.phase2, opts2, f"4/5 phase 2 (hs3 on {self.train} with {self.clusters})")
+        weights2 = self.training("phase2", self.phase2, opts2, f"4/5 phase 2 (hs3 on {self.train} with {self.clusters})",
+                                 f"phase2_eval/{self.test}", self.test)
         test2_files = self.evaluation(f"phase2_eval/{self.test}", self.phase2, self.test, opts2, weights2,
                                       f"4/5 phase-2 evaluation on {self.test}")
         # 5. the table
@@ -266,7 +272,7 @@ class Pipeline:
         used = self.state["phase2"]["inputs"]
         table = tabulate(rows, headers=[f"{self.test} mIoU (classes)", "ds (phase 1)", "hs3 (phase 2)"])
         note = (f"ds: deep supervision trained on {self.reduced}; hs3: trained on {self.train} with the clusters "
-                f"file {used['clusters_file']} (SHA-256 {used['clusters_sha256'][:16]}). "
+                f"file {used['clusters_file']} (clusters fingerprint {used['clusters_sha256'][:16]}). "
                 "Each exit is scored in its own label space.")
         warning = k_equals_n_warning(load_clusters(used["clusters_file"]))
         if warning:

@@ -45,7 +45,7 @@ from ..backbones.norm import resolve_norm
 from ..heads.ocr import ObjectContext
 from ..heads.psp import conv_norm_relu
 from .heads import HEAD_FEATURE_PREFIX, ExitFusion, ExitOutput, MultiExitOutputs
-from .hs3_clusters import HS3Clusters, file_sha256, load_clusters
+from .hs3_clusters import HS3Clusters, clusters_fingerprint, load_clusters
 from .objective import ExitObjective, put_scalar, register_exit_objective, seg_cross_entropy
 
 __all__ = [
@@ -211,7 +211,8 @@ class HS3Objective(ExitObjective):
     def __init__(self, *, gammas: Union[float, Dict[str, float]], ignore_value: int,
                  label_luts: Dict[str, torch.Tensor], clusters_file: str):
         """``gammas``: one float for all exits or {exit: gamma}; ``label_luts``: {exit: class -> cluster};
-        ``clusters_file``: the file they come from (named in errors, its SHA-256 saved in checkpoints)."""
+        ``clusters_file``: the file they come from (named in errors; its clusters' fingerprint,
+        :func:`~.hs3_clusters.clusters_fingerprint`, is saved in checkpoints)."""
         super().__init__(ignore_value=ignore_value, label_luts=label_luts)
         self.gammas = gammas
         self.clusters_file = clusters_file
@@ -222,7 +223,8 @@ class HS3Objective(ExitObjective):
         width = max((t.numel() for t in tables), default=0)
         tables = [F.pad(t.long(), (0, width - t.numel()), value=ignore_value) for t in tables]
         self.register_buffer("cluster_tables", torch.stack(tables) if tables else torch.zeros(0, 0, dtype=torch.long))
-        sha = file_sha256(clusters_file) if clusters_file and os.path.isfile(clusters_file) else "00" * 32
+        sha = (clusters_fingerprint(load_clusters(clusters_file)) if clusters_file and os.path.isfile(clusters_file)
+               else "00" * 32)
         self.register_buffer("clusters_sha256", torch.tensor(list(bytes.fromhex(sha)), dtype=torch.uint8))
         self.register_load_state_dict_pre_hook(_check_checkpoint_clusters)
 
@@ -324,8 +326,8 @@ def _check_checkpoint_clusters(module: HS3Objective, state_dict, prefix, *args) 
 
     sha = bytes(state_dict.get(prefix + "clusters_sha256", torch.zeros(0, dtype=torch.uint8)).tolist()).hex()
     raise ValueError(
-        f"The checkpoint being loaded was trained with other HS3 clusters (its clusters file's SHA-256 "
+        f"The checkpoint being loaded was trained with other HS3 clusters (fingerprint "
         f"{sha[:16] or 'unknown'}: {describe(theirs)}) than MODEL.EXITS.HS3.CLUSTERS_FILE {module.clusters_file!r} "
-        f"(SHA-256 {bytes(module.clusters_sha256.tolist()).hex()[:16]}: {describe(ours)}). Load it with the clusters "
+        f"(fingerprint {bytes(module.clusters_sha256.tolist()).hex()[:16]}: {describe(ours)}). Load it with the clusters "
         "file it was trained with (its run's config.yaml names it), or retrain Phase 2 with this one."
     )

@@ -28,7 +28,7 @@ import numpy as np
 __all__ = [
     "ClustersFileError", "ExitClusters", "HS3Clusters", "load_clusters", "save_clusters",
     "assignment_from_groups", "cluster_names_of", "groups_of", "ground_truth_lut", "map_labels",
-    "canonical_assignment", "clusters_from_dict", "synthetic_clusters", "file_sha256", "dumps_readable", "FORMAT", "VERSION",
+    "canonical_assignment", "clusters_from_dict", "synthetic_clusters", "file_sha256", "clusters_fingerprint", "dumps_readable", "FORMAT", "VERSION",
 ]
 
 FORMAT = "segdistill-hs3-clusters"
@@ -341,6 +341,16 @@ def file_sha256(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def clusters_fingerprint(clusters: HS3Clusters) -> str:
+    """SHA-256 of what a model trains on: the class names and every exit's assignment (not the
+    file's date or analysis notes, so a clusters file rewritten with the same clusters keeps it)."""
+    import hashlib
+
+    content = {"class_names": list(clusters.class_names),
+               "exits": {e: [int(v) for v in c.assignment] for e, c in clusters.exits.items()}}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def ground_truth_lut(assignment: Sequence[int], ignore_value: int = 255, size: Optional[int] = None) -> np.ndarray:
