@@ -32,7 +32,9 @@ from .choose import (
     choose_ks, clusters_from_assignments, constant_ratio_ks, line_side, manual_assignment, reference_theta,
     theta_line,
 )
-from ..modeling.exits.hs3_clusters import HS3Clusters, cluster_names_of, dumps_readable, load_clusters, save_clusters
+from ..modeling.exits.hs3_clusters import (
+    HS3Clusters, cluster_names_of, dumps_readable, file_sha256, load_clusters, save_clusters,
+)
 
 __all__ = ["plot_tradeoff", "write_report", "run_hs3_analysis", "k_equals_n_warning", "METHODS"]
 
@@ -150,11 +152,7 @@ def write_report(out_path: str, clusters: HS3Clusters, curves: Mapping[str, Trad
 
 
 def _sha1_file(path: str) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(path, "sha1")  # SHA-1, as the fingerprints of existing hs3_state.json files
 
 
 def _fingerprint(obj) -> str:

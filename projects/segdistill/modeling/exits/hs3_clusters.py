@@ -332,11 +332,12 @@ def synthetic_clusters(num_classes: int, exit_names: Sequence[str]) -> HS3Cluste
     return clusters_from_dict({"class_names": names, "exits": exits}, where="synthetic HS3 clusters")
 
 
-def file_sha256(path: str) -> str:
-    """SHA-256 of a file's bytes (what a run was built from: the HS3 pipeline records it)."""
+def file_sha256(path: str, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes (what a run was built from: the HS3 pipeline and the
+    analysis record it)."""
     import hashlib
 
-    h = hashlib.sha256()
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
