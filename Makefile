@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine with Python 3.11 (see README.md):
-#   make demo   set up .venv, then train + evaluate the demo model on CPU
+#   make demo   set up .venv, then the demo on CPU: a small model with and without distillation (tools/demo.py)
 #   make test   set up .venv, then run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
