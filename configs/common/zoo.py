@@ -36,6 +36,7 @@ CHANNELS = {
     "resnet101": (256, 512, 1024, 2048),
     "mobilenetv2_100": (24, 32, 96, 320),
     "hrnet_w18": (18, 36, 72, 144),
+    "hrnet_w18_small_v2": (18, 36, 72, 144),
     "hrnet_w48": (48, 96, 192, 384),
 }
 STAGES = ("res2", "res3", "res4", "res5")
