@@ -8,6 +8,7 @@ values) are collected and reported together, naming the files; nothing is writte
 """
 from __future__ import annotations
 
+import argparse
 import multiprocessing as mp
 import os
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
@@ -15,7 +16,7 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-__all__ = ["save_png", "run_jobs", "read_ids", "fail"]
+__all__ = ["save_png", "run_jobs", "read_ids", "fail", "base_parser"]
 
 Job = Tuple[str, str]  # (source, destination)
 
@@ -32,6 +33,15 @@ def read_ids(path: str) -> List[str]:
     """Image ids of a split list (first column of each non-empty line)."""
     with open(path) as f:
         return [line.split()[0] for line in f if line.strip()]
+
+
+def base_parser(doc: str) -> argparse.ArgumentParser:
+    """--root ($DETECTRON2_DATASETS or ./datasets), --workers, --force: every preparation script's options."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default=os.path.expanduser(os.environ.get("DETECTRON2_DATASETS", "datasets")))
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--force", action="store_true", help="convert again what was converted")
+    return p
 
 
 def fail(message: str) -> None:

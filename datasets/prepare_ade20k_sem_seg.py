@@ -13,7 +13,6 @@ naming the files.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -21,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _label_jobs import fail, run_jobs, save_png  # noqa: E402
+from _label_jobs import base_parser, fail, run_jobs, save_png  # noqa: E402
 
 SPLITS = ("training", "validation")
 
@@ -38,10 +37,7 @@ def convert(src: str, dst: str):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default=os.path.expanduser(os.environ.get("DETECTRON2_DATASETS", "datasets")))
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    p.add_argument("--force", action="store_true", help="convert again what was converted")
+    p = base_parser(__doc__)
     args = p.parse_args(argv)
     base = os.path.join(args.root, "ADEChallengeData2016")
     for split in SPLITS:

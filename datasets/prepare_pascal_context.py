@@ -13,7 +13,6 @@ classes' ids are checked against ``labels.txt`` when it is there. Resumable (``-
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import sys
@@ -21,7 +20,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _label_jobs import fail, read_ids, run_jobs, save_png  # noqa: E402
+from _label_jobs import base_parser, fail, read_ids, run_jobs, save_png  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 META_PATH = os.path.join(REPO, "projects", "segdistill", "data", "datasets", "pascal_meta.py")
@@ -62,11 +61,8 @@ def check_labels_txt(path: str, meta) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default=os.path.expanduser(os.environ.get("DETECTRON2_DATASETS", "datasets")))
+    p = base_parser(__doc__)
     p.add_argument("--context", default="", help="PASCAL-Context's trainval/ folder (default: <root>/VOCdevkit/VOC2010/trainval)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    p.add_argument("--force", action="store_true")
     args = p.parse_args(argv)
     voc = os.path.join(args.root, "VOCdevkit", "VOC2010")
     context = args.context or os.path.join(voc, "trainval")

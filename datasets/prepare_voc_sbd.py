@@ -15,7 +15,6 @@ minus VOC val: 10582 images with the official files. A VOC label is used where V
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -23,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _label_jobs import fail, read_ids, run_jobs, save_png  # noqa: E402
+from _label_jobs import base_parser, fail, read_ids, run_jobs, save_png  # noqa: E402
 
 
 def _check(label: np.ndarray, src: str):
@@ -49,11 +48,8 @@ def convert(src: str, dst: str):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default=os.path.expanduser(os.environ.get("DETECTRON2_DATASETS", "datasets")))
+    p = base_parser(__doc__)
     p.add_argument("--sbd", default="", help="SBD's dataset/ folder (default: <root>/VOCdevkit/VOCaug/dataset)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    p.add_argument("--force", action="store_true")
     args = p.parse_args(argv)
     voc = os.path.join(args.root, "VOCdevkit", "VOC2012")
     sbd = args.sbd or os.path.join(args.root, "VOCdevkit", "VOCaug", "dataset")

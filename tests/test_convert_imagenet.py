@@ -20,13 +20,6 @@ from segdistill.convert import CheckpointMismatchError, detect_backbone_format
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _hooked(model, modules):
     """Run ``model`` and return the outputs of ``modules`` (name -> module)."""

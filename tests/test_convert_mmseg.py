@@ -158,13 +158,6 @@ def _params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_mmseg_checkpoint_gives_mmseg_logits(name, tmp_path):

@@ -38,13 +38,6 @@ def _rel(p):
     return os.path.relpath(p, REPO)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _cfg(path, device="cpu"):
     cfg = get_cfg()

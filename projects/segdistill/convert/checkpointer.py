@@ -31,14 +31,16 @@ class SegDistillCheckpointer(DetectionCheckpointer):
         self.weights_format = weights_format
         self.key = key
 
-    def _load_file(self, filename: str):
-        if self.weights_format == "detectron2" or filename.endswith(".pkl"):
-            return super()._load_file(filename)
-        local = self.path_manager.get_local_path(filename)
-        state, _ = unwrap_state_dict(load_checkpoint_file(local, key=self.key))
-        conv = convert_model_state(state, self.model, self.weights_format, source=filename, key=self.key)
-        if conv is None:  # the project's own format
-            return super()._load_file(filename)
+    def _torch_load(self, f: str):
+        """detectron2 calls this for every non-``.pkl`` file: read it once, safely, and hand
+        back the project's own checkpoints as they are and foreign ones converted."""
+        if self.weights_format == "detectron2":
+            return super()._torch_load(f)
+        obj = load_checkpoint_file(f, key=self.key)
+        state, _ = unwrap_state_dict(obj)
+        conv = convert_model_state(state, self.model, self.weights_format, source=f, key=self.key)
+        if conv is None:  # the project's own format (also --resume)
+            return obj
         logger.info(conv.summary())
         _, prefix = segmentor_of(self.model)
         return {"model": {prefix + k: v for k, v in conv.state.items()}, "__author__": "segdistill.convert",

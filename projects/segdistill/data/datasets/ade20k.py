@@ -18,19 +18,15 @@ Mask2Former document it::
 """
 from __future__ import annotations
 
-import logging
 import os
 from typing import List, Optional
-
-from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from .folder import DatasetLayoutError, load_sem_seg_folder, verify_sem_seg_dicts
 from .palette import spread_colors
 from .paths import datasets_root
+from .registration import register_sem_seg
 
 __all__ = ["ADE20K_SPLITS", "ade20k_classes", "load_ade20k_sem_seg", "register_ade20k"]
-
-logger = logging.getLogger(__name__)
 
 #: dataset name -> folder of the split.
 ADE20K_SPLITS = {"ade20k_sem_seg_train": "training", "ade20k_sem_seg_val": "validation"}
@@ -82,16 +78,10 @@ def register_ade20k(root: Optional[str] = None) -> None:
     root = root or datasets_root()
     classes = ade20k_classes()
     for name, split in ADE20K_SPLITS.items():
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-        if name in MetadataCatalog.list():
-            MetadataCatalog.remove(name)
-        DatasetCatalog.register(name, lambda r=root, s=split: load_ade20k_sem_seg(r, s))
-        MetadataCatalog.get(name).set(
+        register_sem_seg(
+            name, lambda r=root, s=split: load_ade20k_sem_seg(r, s),
             stuff_classes=classes,
             stuff_colors=spread_colors(len(classes)),
-            ignore_label=255,
-            evaluator_type="sem_seg",
             image_root=os.path.join(root, ROOT_DIR, "images", split),
             sem_seg_root=os.path.join(root, ROOT_DIR, LABEL_DIR, split),
         )

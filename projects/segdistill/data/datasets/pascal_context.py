@@ -21,12 +21,11 @@ from __future__ import annotations
 import os
 from typing import List, Optional
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
-
 from .folder import DatasetLayoutError, _list, verify_sem_seg_dicts
 from .palette import spread_colors
 from .pascal_meta import PC59, PC59_CLASSES, PC59_IDS
 from .paths import datasets_root
+from .registration import register_sem_seg
 
 __all__ = ["PC59", "PC59_CLASSES", "PC59_IDS", "PASCAL_CONTEXT_SPLITS", "load_pascal_context_59", "register_pascal_context"]
 
@@ -80,16 +79,10 @@ def register_pascal_context(root: Optional[str] = None) -> None:
     root = root or datasets_root()
     base = os.path.join(root, VOC2010_DIR)
     for name, split in PASCAL_CONTEXT_SPLITS.items():
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-        if name in MetadataCatalog.list():
-            MetadataCatalog.remove(name)
-        DatasetCatalog.register(name, lambda r=root, s=split: load_pascal_context_59(r, s))
-        MetadataCatalog.get(name).set(
+        register_sem_seg(
+            name, lambda r=root, s=split: load_pascal_context_59(r, s),
             stuff_classes=list(PC59_CLASSES),
             stuff_colors=spread_colors(59),
-            ignore_label=255,
-            evaluator_type="sem_seg",
             image_root=os.path.join(base, "JPEGImages"),
             sem_seg_root=os.path.join(base, LABEL_DIR, f"pc59_{split}"),
         )

@@ -24,12 +24,11 @@ from __future__ import annotations
 import os
 from typing import List, Optional
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
-
 from .folder import DatasetLayoutError, _names, verify_sem_seg_dicts
 from .palette import voc_colormap
 from .pascal_meta import VOC_CLASSES
 from .paths import datasets_root
+from .registration import register_sem_seg
 
 __all__ = ["VOC_CLASSES", "VOC_SPLITS", "load_split_list", "load_voc_sem_seg", "register_pascal_voc"]
 
@@ -106,16 +105,10 @@ def register_pascal_voc(root: Optional[str] = None) -> None:
     root = root or datasets_root()
     voc = os.path.join(root, VOC_DIR)
     for name, (_, label_dir) in VOC_SPLITS.items():
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-        if name in MetadataCatalog.list():
-            MetadataCatalog.remove(name)
-        DatasetCatalog.register(name, lambda r=root, n=name: load_voc_sem_seg(r, n))
-        MetadataCatalog.get(name).set(
+        register_sem_seg(
+            name, lambda r=root, n=name: load_voc_sem_seg(r, n),
             stuff_classes=list(VOC_CLASSES),
             stuff_colors=voc_colormap(len(VOC_CLASSES)),
-            ignore_label=255,
-            evaluator_type="sem_seg",
             image_root=os.path.join(voc, "JPEGImages"),
             sem_seg_root=os.path.join(voc, label_dir),
         )
