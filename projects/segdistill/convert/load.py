@@ -94,6 +94,19 @@ def _describe_body(body: nn.Module) -> str:
     return f"a timm {family} body ({type(body).__name__}{stem}, {n / 1e6:.2f}M parameters)"
 
 
+def _describe_backbone_keys(keys) -> str:
+    """The family a backbone state dict's names suggest (for the error message)."""
+    keys = set(keys)
+    if any(k.startswith("transition1.") for k in keys):
+        return "an HRNet"
+    if "conv_stem.weight" in keys or "features.18.0.weight" in keys or any(k.startswith("layer1.0.conv.0.") for k in keys):
+        return "a MobileNetV2"
+    if "layer1.0.conv1.weight" in keys:
+        stem = "deep stem" if {"stem.0.weight", "conv1.0.weight", "conv2.weight"} & keys else "7x7 stem"
+        return f"a ResNet ({stem}, {'Bottleneck' if 'layer1.0.conv3.weight' in keys else 'BasicBlock'} blocks)"
+    return "an unknown network"
+
+
 def convert_backbone_state(state: Dict[str, torch.Tensor], body: nn.Module, fmt: str = "auto", *,
                            source: str = "<state dict>", key: str = "MODEL.TIMM.CHECKPOINT") -> Conversion:
     """Rename ``state`` to ``body``'s names and check that it fits (else CheckpointMismatchError)."""
@@ -108,7 +121,8 @@ def convert_backbone_state(state: Dict[str, torch.Tensor], body: nn.Module, fmt:
     hint = (f"is {key} a {family} ImageNet checkpoint in the {fmt} format? For ResNets the stem must match: "
             "MODEL.TIMM.STEM_TYPE deep with STEM_WIDTH 32 for OpenMMLab's ResNetV1c, 64 for CIRKD's; '' for "
             "torchvision/timm's 7x7 stem.")
-    check_fit(conv, body.state_dict(), expected=f"{_describe_body(body)} ({key})", hint=hint)
+    check_fit(conv, body.state_dict(), expected=f"{_describe_body(body)} ({key})",
+              looks_like=_describe_backbone_keys(state), hint=hint)
     return conv
 
 
