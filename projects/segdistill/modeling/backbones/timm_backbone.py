@@ -137,6 +137,9 @@ def _apply_mmseg_resnet(body: nn.Module, output_stride: int, multi_grid: Sequenc
     from timm.models.resnet import BasicBlock, Bottleneck
 
     stages = [getattr(body, f"layer{i}") for i in range(1, 5)]
+    unknown = {type(b).__name__ for stage in stages for b in stage if not isinstance(b, (BasicBlock, Bottleneck))}
+    if unknown:
+        raise ValueError(f"The mmseg dilation rule knows timm's BasicBlock and Bottleneck, not {sorted(unknown)}.")
 
     def strided_conv(block):
         return block.conv2 if isinstance(block, Bottleneck) else block.conv1
@@ -157,8 +160,6 @@ def _apply_mmseg_resnet(body: nn.Module, output_stride: int, multi_grid: Sequenc
             dils = [first] + [dil] * (len(stage) - 1)
         for j, block in enumerate(stage):
             s = stride if j == 0 else 1
-            if not isinstance(block, (BasicBlock, Bottleneck)):
-                raise ValueError(f"The mmseg dilation rule knows timm's BasicBlock and Bottleneck, not {type(block).__name__}.")
             _set_conv(strided_conv(block), s, dils[j])
             if isinstance(block, BasicBlock):
                 _set_conv(block.conv2, 1, 1)  # mmseg's BasicBlock never dilates its second conv
