@@ -208,6 +208,7 @@ def build_teacher(
     ``weights`` must be a local checkpoint; ``""`` is refused unless ``allow_random`` (tests
     and benchmarks only: a random teacher teaches nothing).
     """
+    from ...convert import load_foreign_weights
     from ...engine.trainer import check_weights_file
 
     path = _resolve(config_file, "MODEL.DISTILL.TEACHER.CONFIG_FILE")
@@ -234,7 +235,7 @@ def build_teacher(
         teacher = build_model(cfg)
         input_format = cfg.INPUT.FORMAT
     teacher.to(torch.device(device))
-    if weights:
+    if weights and not load_foreign_weights(teacher, weights):  # mmseg / CIRKD files: converted (segdistill.convert)
         _load_strict(teacher, weights)
     else:
         logger.warning(
