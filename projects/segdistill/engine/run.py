@@ -129,13 +129,15 @@ class RunOutput:
     """The output folder of one run (see the module docstring).
 
     ``mode``: "train", "resume" (``--resume``) or "eval" (``--eval-only``); ``overwrite``:
-    ``--overwrite-output``. The config is serialised when the object is made, so later
-    changes to a lazy config (the trainer puts the model into ``optimizer.params``) do not
-    reach ``config.yaml``.
+    ``--overwrite-output``. ``mode=None``: decided later, by :meth:`write_config` (a
+    ``Trainer(cfg)`` built without one learns it from ``resume_or_load(resume)``); until then
+    :meth:`open` creates the folder and the log but writes no config. The config is
+    serialised when the object is made, so later changes to a lazy config (the trainer puts
+    the model into ``optimizer.params``) do not reach ``config.yaml``.
     """
 
-    def __init__(self, cfg, *, mode: str = "train", overwrite: bool = False):
-        if mode not in _MODES:
+    def __init__(self, cfg, *, mode: Optional[str] = "train", overwrite: bool = False):
+        if mode is not None and mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         self.output_dir = output_dir_of(cfg)
         self.mode = mode
@@ -144,6 +146,7 @@ class RunOutput:
         self._cfg = cfg.clone() if self._is_yaml else copy.deepcopy(cfg)
         self.config_text = self._serialise()
         self.opened = False
+        self.config_written = False
 
     @classmethod
     def from_args(cls, cfg, args) -> "RunOutput":
@@ -185,7 +188,7 @@ class RunOutput:
 
     def check(self) -> None:
         """Read-only: raise :class:`OutputDirConflictError` now rather than after the build."""
-        if self.output_dir:
+        if self.output_dir and self.mode is not None:
             self._decide()
 
     # -- writing -----------------------------------------------------------------------------
@@ -198,7 +201,6 @@ class RunOutput:
         if not self.output_dir:
             return
         rank = comm.get_rank()
-        path, replaced = self._decide() if comm.is_main_process() else (None, None)
         PathManager.mkdirs(self.output_dir)
         log = os.path.join(self.output_dir, "log.txt" + (f".rank{rank}" if rank > 0 else ""))
         handler = logging.StreamHandler(open(log, "a"))
@@ -209,8 +211,20 @@ class RunOutput:
         for name in LOGGER_NAMES:
             logging.getLogger(name).addHandler(handler)
         _file_handlers.append(handler)
-        if path is None:
+        if self.mode is not None:
+            self.write_config()
+
+    def write_config(self, mode: Optional[str] = None) -> None:
+        """Write this run's config (main process) by the rule of the module docstring; ``mode``
+        sets a mode that was left undecided."""
+        if mode is not None and self.mode is None:
+            self.mode = mode
+        if self.mode is None:
+            raise ValueError("RunOutput.write_config: the run's mode (train / resume / eval) is not known")
+        if self.config_written or not self.output_dir or not comm.is_main_process():
             return
+        path, replaced = self._decide()
+        self.config_written = True
         if replaced:
             logging.getLogger("detectron2").warning(
                 "%s: replacing the config of %s with this run's; it differs in: %s", path,
@@ -220,6 +234,7 @@ class RunOutput:
             logging.getLogger("detectron2").info(
                 "%s holds checkpoints of its own config.yaml: this evaluation's config goes to %s.",
                 self.output_dir, path)
+        PathManager.mkdirs(self.output_dir)
         if self._is_yaml:
             with PathManager.open(path, "w") as f:
                 f.write(self.config_text)

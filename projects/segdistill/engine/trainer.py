@@ -50,16 +50,18 @@ class Trainer(DefaultTrainer):
     """DefaultTrainer for the project's segmentors (see the module docstring).
 
     ``output``: the run's :class:`RunOutput` (``train_net.py`` makes it from ``--resume`` /
-    ``--overwrite-output``); by default a plain training run's, which refuses an
-    ``OUTPUT_DIR`` holding checkpoints of another config.
+    ``--overwrite-output``). Without one (``Trainer(cfg)``, as detectron2 projects do), the
+    config is written by ``resume_or_load(resume)``: ``resume=True`` replaces the folder's
+    config, ``resume=False`` refuses a folder holding checkpoints of another config.
     """
 
     def __init__(self, cfg, *, output: RunOutput = None):
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
-        output = output if output is not None else RunOutput(cfg)
+        output = output if output is not None else RunOutput(cfg, mode=None)
         output.check()
+        self.output = output
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
@@ -79,6 +81,7 @@ class Trainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     def resume_or_load(self, resume: bool = True):
+        self.output.write_config("resume" if resume else "train")
         if resume and self.checkpointer.has_checkpoint():
             super().resume_or_load(resume=True)
         else:
