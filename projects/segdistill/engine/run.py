@@ -28,7 +28,6 @@ import copy
 import logging
 import logging.handlers
 import os
-import sys
 import tempfile
 from typing import Dict, List, Optional
 
@@ -59,40 +58,52 @@ def output_dir_of(cfg) -> str:
 
 
 class _Buffer(logging.handlers.BufferingHandler):
-    """Keeps every record until the output folder may be written (never flushes by itself)."""
+    """Keeps the records of a run until its output folder may be written (at most
+    ``capacity``; never flushes by itself)."""
 
-    def __init__(self):
-        super().__init__(capacity=sys.maxsize)
+    def __init__(self, capacity: int = 100_000):
+        super().__init__(capacity=capacity)
+        self.setLevel(logging.DEBUG)
 
     def shouldFlush(self, record):  # noqa: N802 (logging's API)
         return False
 
+    def emit(self, record):
+        if len(self.buffer) < self.capacity:
+            self.buffer.append(record)
 
+
+# One run's handlers at a time in a process: a new run (setup_run, or a RunOutput opened
+# without one) detaches the previous run's buffer and log file.
 _buffer: Optional[_Buffer] = None
-_file_handlers: List[logging.Handler] = []
+_file_handler: Optional[logging.Handler] = None
 
 
-def _start_buffering() -> None:
+def _detach(handler: Optional[logging.Handler]) -> None:
+    if handler is None:
+        return
+    for name in LOGGER_NAMES:
+        logging.getLogger(name).removeHandler(handler)
+    handler.close()
+
+
+def _start_buffering() -> _Buffer:
     global _buffer
-    _stop_buffering()
-    for h in _file_handlers:  # a second run in the same process writes to its own folder
-        for name in LOGGER_NAMES:
-            logging.getLogger(name).removeHandler(h)
-        h.close()
-    _file_handlers.clear()
+    _detach(_buffer)
     _buffer = _Buffer()
-    _buffer.setLevel(logging.DEBUG)
     for name in LOGGER_NAMES:
         logging.getLogger(name).addHandler(_buffer)
+    return _buffer
 
 
-def _stop_buffering() -> List[logging.LogRecord]:
+def _take_records(buffer: Optional[_Buffer]) -> List[logging.LogRecord]:
+    """The records ``buffer`` kept (none when it is not the current run's any more)."""
     global _buffer
-    if _buffer is None:
+    if buffer is None or buffer is not _buffer:
         return []
-    for name in LOGGER_NAMES:
-        logging.getLogger(name).removeHandler(_buffer)
-    records, _buffer = list(_buffer.buffer), None
+    records = list(buffer.buffer)
+    _detach(buffer)
+    _buffer = None
     return records
 
 
@@ -136,7 +147,8 @@ class RunOutput:
     the model into ``optimizer.params``) do not reach ``config.yaml``.
     """
 
-    def __init__(self, cfg, *, mode: Optional[str] = "train", overwrite: bool = False):
+    def __init__(self, cfg, *, mode: Optional[str] = "train", overwrite: bool = False,
+                 log_buffer: Optional[_Buffer] = None):
         if mode is not None and mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         self.output_dir = output_dir_of(cfg)
@@ -147,11 +159,12 @@ class RunOutput:
         self.config_text = self._serialise()
         self.opened = False
         self.config_written = False
+        self._buffer = log_buffer  # the log lines of setup_run, written to log.txt by open()
 
     @classmethod
-    def from_args(cls, cfg, args) -> "RunOutput":
+    def from_args(cls, cfg, args, log_buffer: Optional[_Buffer] = None) -> "RunOutput":
         mode = "eval" if args.eval_only else ("resume" if args.resume else "train")
-        return cls(cfg, mode=mode, overwrite=args.overwrite_output)
+        return cls(cfg, mode=mode, overwrite=args.overwrite_output, log_buffer=log_buffer)
 
     def _serialise(self) -> str:
         if self._is_yaml:
@@ -194,10 +207,11 @@ class RunOutput:
     # -- writing -----------------------------------------------------------------------------
     def open(self) -> None:
         """Create the folder, start ``log.txt`` (with the lines logged so far), write the config."""
+        global _file_handler
         if self.opened:
             return
         self.opened = True
-        records = _stop_buffering()
+        records = _take_records(self._buffer)
         if not self.output_dir:
             return
         rank = comm.get_rank()
@@ -208,9 +222,10 @@ class RunOutput:
         handler.setFormatter(_PLAIN)
         for r in records:
             handler.handle(r)
+        _detach(_file_handler)
+        _file_handler = handler
         for name in LOGGER_NAMES:
             logging.getLogger(name).addHandler(handler)
-        _file_handlers.append(handler)
         if self.mode is not None:
             self.write_config()
 
@@ -246,7 +261,7 @@ class RunOutput:
 def setup_run(cfg, args) -> RunOutput:
     """detectron2's ``default_setup`` without writing anything (see the module docstring).
     Returns the run's :class:`RunOutput`, already checked (a conflict raises here)."""
-    _start_buffering()
+    buffer = _start_buffering()
     rank = comm.get_rank()
     for name in LOGGER_NAMES:
         setup_logger(None, distributed_rank=rank, name=name)
@@ -254,10 +269,10 @@ def setup_run(cfg, args) -> RunOutput:
     logger.info("Rank of current process: %d. World size: %d", rank, comm.get_world_size())
     logger.info("Environment info:\n%s", collect_env_info())
     logger.info("Command line arguments: %s", args)
-    if getattr(args, "config_file", ""):
+    if args.config_file:
         with PathManager.open(args.config_file, "r") as f:
             logger.info("Contents of args.config_file=%s:\n%s", args.config_file, f.read())
-    output = RunOutput.from_args(cfg, args)
+    output = RunOutput.from_args(cfg, args, log_buffer=buffer)
     if isinstance(cfg, CfgNode):
         logger.info("Running with full config:\n%s", output.config_text)
     output.check()
