@@ -25,7 +25,7 @@ from segdistill.engine import (
     RunOutput, Trainer, apply_lazy_overrides, check_dataset_names, check_device, check_lazy_config, check_weights_file,
     lazy_evaluate, lazy_train, load_weights_for_evaluation, setup_run,
 )
-from segdistill.hs3.model import register_config_splits
+from segdistill.hs3.splits import register_config_splits
 
 
 def setup(args):
