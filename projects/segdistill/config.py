@@ -73,6 +73,7 @@ def add_segdistill_config(cfg: CN) -> None:
     _add_exit_keys(cfg)
     _add_hs3_analysis_keys(cfg)
     _add_distill_keys(cfg)
+    _add_training_safety_keys(cfg)
 
 
 def _add_model_zoo_keys(cfg: CN) -> None:
@@ -311,3 +312,18 @@ def _add_distill_keys(cfg: CN) -> None:
     cfg.MODEL.DISTILL.FAKD_PD.WEIGHT = 1.0
     cfg.MODEL.DISTILL.FAKD_PD.TEMPERATURE = 1.0
 
+
+def _add_training_safety_keys(cfg: CN) -> None:
+    """Keys of the checks that keep failures from being silent (train_net.py, engine/, data/build.py)."""
+    # A training image or label that cannot be decoded (truncated, corrupt; found by the dataset's
+    # load-time check or when read): "stop" (an error naming the file and its dataset) or "skip"
+    # (train without it; skipped files are logged and listed in OUTPUT_DIR/skipped_files.txt).
+    # Evaluation never skips. Lazy configs: dataloader.train.on_unreadable.
+    cfg.DATALOADER.ON_UNREADABLE = "stop"
+    # --eval-only with an empty MODEL.WEIGHTS is an error (a random model would be evaluated);
+    # True allows it, for tests. Lazy configs: train.allow_random_weights.
+    cfg.TEST.ALLOW_RANDOM_WEIGHTS = False
+    # --eval-only refuses a checkpoint that covers less than this share of the model's parameters
+    # and buffers (by elements), or any tensor of another shape; training from such a MODEL.WEIGHTS
+    # only warns. Lazy configs: train.min_matched_weights.
+    cfg.TEST.MIN_MATCHED_WEIGHTS = 0.9
