@@ -284,6 +284,13 @@ def test_distillation_and_exits_compose(tmp_path):
 
 
 PAPER = [(ds, s) for ds in ("cityscapes", "coco_stuff") for s in ("deeplabv3_r18", "deeplabv3_mbv2", "pspnet_r18")]
+# Every registered loss at once on each of the papers' pairs (the rows switch MODEL.DISTILL.LOSSES),
+# with small trainable parts: MGD on the head features (on res5 its generator is 2 x 2048^2 x 9
+# weights at the ResNet-101 teacher's width), a narrow discriminator, small memories.
+ALL_LOSSES = ["pd", "cwd", "hwd", "fakd_cwd", "fakd_pd", "skd", "ifvd", "cirkd", "mgd", "dist", "fitnet", "at"]
+SMALL_PARTS = ["MODEL.DISTILL.MGD.STUDENT_TAP", "head_features", "MODEL.DISTILL.MGD.TEACHER_TAP", "head_features",
+               "MODEL.DISTILL.HOLISTIC.CONV_DIM", 4, "MODEL.DISTILL.CIRKD.PIXEL_MEMORY_SIZE", 32,
+               "MODEL.DISTILL.CIRKD.REGION_MEMORY_SIZE", 8]
 
 
 @pytest.mark.parametrize("dataset,student", PAPER)
@@ -299,23 +306,26 @@ def test_paper_pair_configs(dataset, student):
     assert cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == classes
     teacher_cfg = os.path.join(REPO, cfg.MODEL.DISTILL.TEACHER.CONFIG_FILE)
     assert os.path.isfile(teacher_cfg)
-    if student.startswith("pspnet"):  # PSPHead: built by the model-zoo tests
-        assert cfg.MODEL.SEM_SEG_HEAD.NAME == "PSPHead"
-        return
-    tiny = ["MODEL.SEM_SEG_HEAD.ASPP_CHANNELS", "32", "MODEL.SEM_SEG_HEAD.AUX_CHANNELS", "32", "MODEL.DEVICE", "cpu"]
+    tiny = ["MODEL.SEM_SEG_HEAD.ASPP_CHANNELS", "32", "MODEL.SEM_SEG_HEAD.AUX_CHANNELS", "32", "MODEL.DEVICE", "cpu",
+            "MODEL.SEM_SEG_HEAD.CONVS_DIM", "32", "MODEL.SEM_SEG_HEAD.PSP_POOL_CHANNELS", "8"]
     cfg.merge_from_list(tiny + ["MODEL.DISTILL.TEACHER.WEIGHTS", "", "MODEL.DISTILL.TEACHER.ALLOW_RANDOM", True,
-                                "MODEL.DISTILL.TEACHER.OPTS", tiny, "MODEL.DISTILL.LOSSES", ["hwd", "fakd_cwd"]])
+                                "MODEL.DISTILL.TEACHER.OPTS", tiny, "MODEL.DISTILL.LOSSES", ALL_LOSSES] + SMALL_PARTS)
     torch.manual_seed(0)
     model = build_model(cfg).train()
-    losses = model(random_batch(1, 64, 64, classes))
-    assert {"loss_sem_seg", "loss_hwd", "loss_fakd_cwd"} <= set(losses)
+    losses = model(random_batch(2, 64, 64, classes))  # PSP's 1x1 pooling bin needs two images under BN
+    assert {"loss_sem_seg"} | {f"loss_{n}" for n in ("pd", "cwd", "hwd", "mgd", "dist", "fitnet", "at")} <= set(losses)
+    assert {"loss_skd_pairwise", "loss_ifvd", "loss_cirkd_batch"} <= set(losses)
     sum(losses.values()).backward()
+    assert all(p.grad is not None for p in model.distill_losses.parameters())
 
 
-DEMO = ["student", "pd", "cwd", "hwd", "fakd_cwd", "fakd_pd", "hwd_fakd_pd"]
+# demo config -> MODEL.DISTILL.LOSSES (a paper's full objective where it adds the pixel-wise PD or CWD)
+DEMO = {"pd": ["pd"], "cwd": ["cwd"], "hwd": ["hwd"], "fakd_cwd": ["fakd_cwd"], "fakd_pd": ["fakd_pd"],
+        "hwd_fakd_pd": ["hwd", "fakd_pd"], "skd": ["pd", "skd"], "ifvd": ["pd", "ifvd"], "cirkd": ["pd", "cirkd"],
+        "mgd": ["mgd", "cwd"], "dist": ["dist"], "fitnet": ["pd", "fitnet"], "at": ["pd", "at"]}
 
 
-@pytest.mark.parametrize("name", DEMO)
+@pytest.mark.parametrize("name", ["student"] + list(DEMO))
 def test_demo_configs(name):
     from detectron2.config import LazyConfig
 
@@ -326,10 +336,10 @@ def test_demo_configs(name):
         assert cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor"
         return
     assert cfg.MODEL.DISTILL.TEACHER.CONFIG_FILE == "configs/demo/distill/teacher.yaml"
-    assert cfg.MODEL.DISTILL.LOSSES == (["hwd", "fakd_pd"] if name == "hwd_fakd_pd" else [name])
+    assert cfg.MODEL.DISTILL.LOSSES == DEMO[name]
     if name != "hwd_fakd_pd":
         lazy = LazyConfig.load(os.path.join(REPO, f"configs/demo/distill/{name}.py"))
-        assert list(lazy.model.losses.names) == [name]
+        assert list(lazy.model.losses.names) == DEMO[name]
 
 
 # ---------------------------------------------------------------------------------------------
