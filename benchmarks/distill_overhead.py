@@ -37,7 +37,6 @@ import segdistill  # noqa: E402,F401
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from segdistill import add_segdistill_config  # noqa: E402
-from segdistill.modeling.meta_arch.distill import resize_labels, semantic_segmentor_distill_forward  # noqa: E402
 
 COLUMNS = ["student", "pd", "cwd", "hwd", "fakd_cwd", "fakd_pd"]
 TARGETS = {"hwd": 1.05, "fakd_cwd": 1.2, "fakd_pd": 1.2}  # step time / CWD's
@@ -110,19 +109,14 @@ def loss_only(model, batch, device, rounds):
     if not hasattr(model, "distill_losses"):
         return float("nan")
     with torch.no_grad():
-        out = semantic_segmentor_distill_forward(model.student, batch)
-        t = model.teacher_logits(out["images"], out["logits"].shape[-2:])
-    labels = resize_labels(out["targets"], t.shape[-2:])
-    extras = {}
-    if model.covariance is not None:
-        model.covariance.update(out["features"], labels)
-        extras = {"classifier": model.student.sem_seg_head.predictor, "covariance": model.covariance, "lam": 1.0}
+        _, inputs = model.distill_batch(batch)
+    fixed = dict(inputs.student)
     times = []
     for _ in range(rounds):
-        s = out["logits"].detach().requires_grad_(True)
+        inputs.student = {k: v.detach().requires_grad_(True) for k, v in fixed.items()}
         sync(device)
         c0 = time.perf_counter() if device.startswith("cuda") else time.process_time()
-        total = sum(l.loss_weight * l(s, t, labels, None, **extras) for l in model.distill_losses.values())
+        total = sum(sum(l.distill(inputs).values()) for l in model.distill_losses.values())
         total.backward()
         sync(device)
         times.append((time.perf_counter() if device.startswith("cuda") else time.process_time()) - c0)

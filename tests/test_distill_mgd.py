@@ -1,6 +1,5 @@
 """MGD: the seeded mask (its rule, its ratio, its reproducibility), the loss against a direct
 computation with that mask, and gradients into the aligner, the generator and the student."""
-import numpy as np
 import pytest
 import torch
 

@@ -159,7 +159,8 @@ def demo_cfg(out_dir, max_iter):
     cfg.merge_from_file(os.path.join(REPO, "configs/demo/distill/Base-Distill.yaml"))
     cfg.merge_from_list([
         "MODEL.DISTILL.LOSSES", ["pd", "fitnet", "cirkd", "skd"], "MODEL.DISTILL.TEACHER.WEIGHTS", "",
-        "MODEL.DISTILL.TEACHER.ALLOW_RANDOM", True, "MODEL.DISTILL.TEACHER.OPTS", ["MODEL.SEM_SEG_HEAD.ASPP_CHANNELS", 32],
+        "MODEL.DISTILL.TEACHER.ALLOW_RANDOM", True,
+        "MODEL.DISTILL.TEACHER.OPTS", ["MODEL.SEM_SEG_HEAD.ASPP_CHANNELS", 32],
         "MODEL.SEM_SEG_HEAD.ASPP_CHANNELS", 16, "MODEL.DISTILL.EVAL_TEACHER", False,
         "DATASETS.TRAIN", ("segdistill_demo_mini_train",), "DATASETS.TEST", (), "SOLVER.IMS_PER_BATCH", 2,
         "SOLVER.MAX_ITER", max_iter, "SOLVER.WARMUP_ITERS", 0, "SOLVER.CHECKPOINT_PERIOD", 100,

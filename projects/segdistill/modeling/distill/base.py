@@ -195,9 +195,6 @@ class DistillBatch:
             self._labels[size] = labels.masked_fill(~label_mask(labels, self.num_classes), -1)
         return self._labels[size]
 
-    def labels_or_none(self, size) -> Optional[torch.Tensor]:
-        return None if self.targets is None else self.labels(size)
-
     def valid(self, size) -> Optional[torch.Tensor]:
         """The pixels that count at ``size``: None (all) unless ignore pixels are excluded."""
         if not self.exclude_ignore or self.targets is None:

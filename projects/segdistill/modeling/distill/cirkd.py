@@ -130,8 +130,8 @@ def batch_relation_loss(student: torch.Tensor, teacher: torch.Tensor, student_al
     """``1 / (B_a B_b) * sum_{a,b} mean_i KL(p^T_{ab,i} || p^S_{ab,i})`` for the images a of
     ``student``/``teacher`` against the images b of ``student_all``/``teacher_all`` (all
     already normalised, N x C x h x w)."""
-    s, t = student.flatten(2).transpose(1, 2), teacher.flatten(2).transpose(1, 2)  # Ba x hw x C
-    s_all, t_all = student_all.flatten(2), teacher_all.flatten(2)  # Bb x C x hw
+    s, t = student.flatten(2).transpose(1, 2), teacher.detach().flatten(2).transpose(1, 2)  # Ba x hw x C
+    s_all, t_all = student_all.flatten(2), teacher_all.detach().flatten(2)  # Bb x C x hw
     total = s.new_zeros(())
     for a in range(s.shape[0]):
         for b in range(s_all.shape[0]):
@@ -158,9 +158,10 @@ class ClassMemory(nn.Module):
         self.num_classes, self.dim = int(num_classes), int(dim)
         self.update_freq, self.enqueue, self.seed = int(update_freq), enqueue, int(seed)
         g = torch.Generator().manual_seed(self.seed)
-        self.register_buffer("pixel_queue", F.normalize(torch.randn(num_classes, pixel_size, dim, generator=g), dim=2))
+        queue = lambda size: F.normalize(torch.randn(num_classes, size, dim, generator=g), dim=2)  # noqa: E731
+        self.register_buffer("pixel_queue", queue(pixel_size))
         self.register_buffer("pixel_ptr", torch.zeros(num_classes, dtype=torch.long))
-        self.register_buffer("region_queue", F.normalize(torch.randn(num_classes, region_size, dim, generator=g), dim=2))
+        self.register_buffer("region_queue", queue(region_size))
         self.register_buffer("region_ptr", torch.zeros(num_classes, dtype=torch.long))
         self.register_buffer("draws", torch.zeros((), dtype=torch.long))  # enqueue calls so far (seeds the draws)
 
@@ -216,7 +217,7 @@ def memory_relation_loss(student: torch.Tensor, teacher: torch.Tensor, contrast:
     """``kd_T^2 * mean_i KL(softmax(t_i . X / tau / kd_T) || softmax(s_i . X / tau / kd_T))``
     over the anchors (rows of ``student``/``teacher``, normalised) and the contrast set ``X``."""
     s_logits = student @ contrast.t() / temperature
-    t_logits = teacher @ contrast.t() / temperature
+    t_logits = teacher.detach() @ contrast.t() / temperature  # the teacher's side is a target
     log_ps = F.log_softmax(s_logits / kd_temperature, dim=1)
     log_pt = F.log_softmax(t_logits / kd_temperature, dim=1)
     return (log_pt.exp() * (log_pt - log_ps)).sum(dim=1).mean() * kd_temperature ** 2

@@ -44,9 +44,9 @@ class HintDistillation(DistillLoss):
 
     def bind(self, student, teacher, *, num_classes):
         p = self.taps[0]
+        owner = f"FitNet ('{p.student}' -> '{p.teacher}', MODEL.DISTILL.FITNET.CONNECTOR)"
         self.connector = build_connector(self.connector_kind, student[p.student].channels,
-                                         teacher[p.teacher].channels, norm=self.norm,
-                                         owner=f"FitNet ('{p.student}' -> '{p.teacher}', MODEL.DISTILL.FITNET.CONNECTOR)")
+                                         teacher[p.teacher].channels, norm=self.norm, owner=owner)
 
     def forward(self, student_feature, teacher_feature):
         return (self.connector(student_feature) - teacher_feature).pow(2).mean()

@@ -188,7 +188,9 @@ class HolisticDistillation(nn.Module):
                  lr_factor: float, conditional: bool, conv_dim: int, norm: str):
         super().__init__()
         if loss_type not in HOLISTIC_LOSS_TYPES:
-            raise ValueError(f"MODEL.DISTILL.HOLISTIC.LOSS_TYPE must be one of {HOLISTIC_LOSS_TYPES}, got {loss_type!r}.")
+            raise ValueError(
+                f"MODEL.DISTILL.HOLISTIC.LOSS_TYPE must be one of {HOLISTIC_LOSS_TYPES}, got {loss_type!r}."
+            )
         if lr_factor <= 0:
             raise ValueError(f"MODEL.DISTILL.HOLISTIC.LR_FACTOR must be > 0, got {lr_factor}.")
         self.g_weight, self.d_weight, self.gp_weight = float(g_weight), float(d_weight), float(gp_weight)
@@ -212,7 +214,7 @@ class HolisticDistillation(nn.Module):
         """{"student": the student's term, "discriminator": the discriminator's term}."""
         image = None
         if self.conditional:
-            image = F.interpolate(images.float(), size=student_logits.shape[-2:], mode="area")
+            image = F.interpolate(images.to(student_logits.dtype), size=student_logits.shape[-2:], mode="area")
         params = dict(self.discriminator.named_parameters())
         frozen = {k: p.detach() for k, p in params.items()}
         scaled = {k: _ScaleGrad.apply(p, self.lr_factor) for k, p in params.items()}

@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Dict, Mapping, Optional, Sequence, Union
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -348,20 +348,24 @@ class Distiller(nn.Module):
                 out[k] = v[..., : -(-h * lh // x.shape[-2]), : -(-w * lw // x.shape[-1])]
         return out
 
-    def forward(self, batched_inputs):
-        if not self.training:
-            return self._inference(batched_inputs)
+    def distill_batch(self, batched_inputs) -> Tuple[Dict[str, torch.Tensor], DistillBatch]:
+        """One training forward of the student (its own losses) and of the teacher (its taps):
+        what every distillation loss reads. ``forward`` = this + each loss's ``distill``."""
         student_taps = self._taps.value[0]
         out = student_taps.tap_student(batched_inputs, self.student_taps_needed)
-        losses = dict(out.losses)
         teacher = self.teacher_taps(out.images.tensor, self.teacher_taps_needed) if self.teacher_taps_needed else {}
         batch = DistillBatch(
             student=out.taps, teacher=teacher, targets=out.targets, images=out.images.tensor,
             classifier=student_taps.tap_classifier(), num_classes=self.num_classes,
             ignore_value=self.ignore_value, exclude_ignore=self.exclude_ignore,
         )
-        device_type = out.images.tensor.device.type
-        with torch.autocast(device_type, enabled=False):  # losses in float32 under AMP
+        return dict(out.losses), batch
+
+    def forward(self, batched_inputs):
+        if not self.training:
+            return self._inference(batched_inputs)
+        losses, batch = self.distill_batch(batched_inputs)
+        with torch.autocast(batch.images.device.type, enabled=False):  # losses in float32 under AMP
             for loss in self.distill_losses.values():
                 terms = loss.distill(batch)
                 clash = set(terms) & set(losses)
