@@ -77,7 +77,6 @@ sys.path.insert(0, os.path.join(ROOT, "projects"))
 
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
-from detectron2.structures import ImageList  # noqa: E402
 from segdistill import add_segdistill_config  # noqa: E402
 from segdistill.engine.deploy import deployed_state_dict  # noqa: E402
 from segdistill.hs3.clusters import clusters_from_dict, save_clusters  # noqa: E402
@@ -292,7 +291,10 @@ class TrainingGraph(nn.Module):
             logits = head["logits"]
             tensors = [head["features"], logits] if head.get("features") is not None else [logits]
         if self.teacher is not None:
-            tensors.append(m.teacher_logits(ImageList(x, [tuple(x.shape[-2:])] * x.shape[0]), logits.shape[-2:]))
+            t_logits = m.teacher_taps(x, ["logits"])["logits"]  # the Distiller's teacher on the same batch
+            if t_logits.shape[-2:] != logits.shape[-2:]:
+                t_logits = nn.functional.interpolate(t_logits, size=logits.shape[-2:], mode="bilinear")
+            tensors.append(t_logits)
         return tuple(tensors)
 
 

@@ -75,6 +75,7 @@ def distill_losses_from_names(names: Sequence[str], opts: Sequence = ()) -> List
 
     cfg = get_cfg()
     add_segdistill_config(cfg)
+    cfg.MODEL.NORM = "BN"  # the connectors' norm unless opts say otherwise (detectron2's default head norm is GN)
     cfg.merge_from_list(list(opts))
     cfg.MODEL.DISTILL.LOSSES = list(names)
     return list(build_distill_losses(cfg).values())
