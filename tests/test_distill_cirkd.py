@@ -15,13 +15,6 @@ from segdistill.modeling.distill.cirkd import (
 K, D = 3, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def normed(seed, n=3, c=D, h=3, w=2):
     g = torch.Generator().manual_seed(seed)

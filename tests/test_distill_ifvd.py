@@ -10,13 +10,6 @@ from segdistill.modeling.distill.ifvd import ifv_loss, variation_map
 K = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def case(seed=0, n=2, cs=3, ct=5, h=4, w=5):
     g = torch.Generator().manual_seed(seed)

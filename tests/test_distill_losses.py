@@ -18,14 +18,6 @@ from segdistill.modeling.distill.pd import PixelWiseDistillation, pixel_kl
 
 N, C, H, W, A = 2, 4, 3, 5, 6
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared, saturated CPU, two spinning threads run ~50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 IGNORE = 255
 HWD = dict(beta=0.1, mu=1.0, sigma=1.0, eps=1e-8, pixel_correction=False, divergence_input="activation")
 

@@ -12,13 +12,6 @@ import torch
 from segdistill.modeling.distill.skd import HolisticDistillation, pairwise_loss, skd_pool
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def features(seed, n=2, c=3, h=5, w=7):
     g = torch.Generator().manual_seed(seed)

@@ -25,13 +25,6 @@ SMALL = {"MODEL.DISTILL.HOLISTIC.CONV_DIM": 4, "MODEL.DISTILL.CIRKD.PIXEL_MEMORY
          "MODEL.DISTILL.CIRKD.REGION_MEMORY_SIZE": 8}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def teacher_yaml(tmp_path, **overrides):
     cfg = tiny_cfg("resnet18", "SegDeepLabV3Head", output_stride=16, num_classes=K, **overrides)

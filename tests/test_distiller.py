@@ -23,14 +23,6 @@ from segdistill.modeling.meta_arch.distill import Distiller, build_teacher
 K = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared, saturated CPU, two spinning threads run ~50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 LOSS_NAMES = ("pd", "cwd", "hwd", "fakd_cwd", "fakd_pd")
 # FAKD's loss state: each FAKD loss owns its covariance and the position of its lambda schedule.

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from detectron2.config import configurable
 
 from .base import DistillLoss, masked_mean, register_distill_loss
-from .skd import HolisticDistillation, holistic_settings
+from .skd import HolisticDistillation, WithHolisticTerm, holistic_settings
 from .taps import LOGITS
 
 __all__ = ["class_prototypes", "variation_map", "ifv_loss", "IntraClassFeatureVariationDistillation"]
@@ -64,7 +64,7 @@ def ifv_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
 
 
 @register_distill_loss("ifvd")
-class IntraClassFeatureVariationDistillation(DistillLoss):
+class IntraClassFeatureVariationDistillation(WithHolisticTerm, DistillLoss):
     """IFVD (+ the holistic term); ``MODEL.DISTILL.IFVD`` and ``MODEL.DISTILL.HOLISTIC``."""
 
     @configurable
@@ -83,9 +83,7 @@ class IntraClassFeatureVariationDistillation(DistillLoss):
                 "holistic_weight": c.HOLISTIC_WEIGHT, "holistic": holistic_settings(cfg)}
 
     def bind(self, student, teacher, *, num_classes):
-        if self.holistic_weight > 0:
-            self.holistic = HolisticDistillation(num_classes, g_weight=self.holistic_weight,
-                                                 **self.holistic_settings)
+        self.build_holistic(self.holistic_weight, self.holistic_settings, num_classes)
 
     def forward(self, student_features, teacher_features, labels, num_classes: int, valid=None):
         return ifv_loss(student_features, teacher_features, labels, num_classes, valid)
@@ -94,7 +92,4 @@ class IntraClassFeatureVariationDistillation(DistillLoss):
         s, t = batch.pair(self.taps[0])
         size = s.shape[-2:]
         out = {"loss_ifvd": self.loss_weight * self(s, t, batch.labels(size), batch.num_classes, batch.valid(size))}
-        if self.holistic is not None:
-            terms = self.holistic(*batch.pair(self.taps[1]), batch.images)
-            out["loss_ifvd_holistic"], out["loss_ifvd_discriminator"] = terms["student"], terms["discriminator"]
-        return out
+        return {**out, **self.holistic_terms(batch, self.taps[-1])}

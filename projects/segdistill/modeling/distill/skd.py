@@ -60,7 +60,7 @@ from .taps import LOGITS
 
 __all__ = [
     "skd_pool", "pairwise_similarity", "pairwise_loss", "Discriminator", "HolisticDistillation",
-    "StructuredKnowledgeDistillation", "HOLISTIC_LOSS_TYPES", "holistic_settings",
+    "StructuredKnowledgeDistillation", "HOLISTIC_LOSS_TYPES", "holistic_settings", "WithHolisticTerm",
 ]
 
 HOLISTIC_LOSS_TYPES = ("wgan-gp", "hinge")
@@ -236,6 +236,23 @@ class HolisticDistillation(nn.Module):
         return {"student": self.g_weight * g, "discriminator": self.d_weight * d}
 
 
+class WithHolisticTerm:
+    """What SKD and IFVD share: the optional holistic term on the logits, built at bind time."""
+
+    holistic: Optional[HolisticDistillation]
+
+    def build_holistic(self, weight: float, settings: dict, num_classes: int) -> None:
+        self.holistic = HolisticDistillation(num_classes, g_weight=weight, **settings) if weight > 0 else None
+
+    def holistic_terms(self, batch, pair) -> Dict[str, torch.Tensor]:
+        """{"loss_<name>_holistic", "loss_<name>_discriminator"} (nothing without the term)."""
+        if self.holistic is None:
+            return {}
+        terms = self.holistic(*batch.pair(pair), batch.images)
+        return {f"loss_{self.name}_holistic": terms["student"],
+                f"loss_{self.name}_discriminator": terms["discriminator"]}
+
+
 def holistic_settings(cfg) -> dict:
     """The discriminator's settings of ``MODEL.DISTILL.HOLISTIC`` (shared by SKD and IFVD)."""
     h = cfg.MODEL.DISTILL.HOLISTIC
@@ -247,7 +264,7 @@ def holistic_settings(cfg) -> dict:
 # The loss
 # ------------------------------------------------------------------------------------------
 @register_distill_loss("skd")
-class StructuredKnowledgeDistillation(DistillLoss):
+class StructuredKnowledgeDistillation(WithHolisticTerm, DistillLoss):
     """SKD's pair-wise term (+ the holistic term); ``MODEL.DISTILL.SKD`` and ``MODEL.DISTILL.HOLISTIC``."""
 
     @configurable
@@ -273,9 +290,7 @@ class StructuredKnowledgeDistillation(DistillLoss):
                 "holistic_weight": c.HOLISTIC_WEIGHT, "holistic": holistic_settings(cfg)}
 
     def bind(self, student, teacher, *, num_classes):
-        if self.holistic_weight > 0:
-            self.holistic = HolisticDistillation(num_classes, g_weight=self.holistic_weight,
-                                                 **self.holistic_settings)
+        self.build_holistic(self.holistic_weight, self.holistic_settings, num_classes)
 
     def forward(self, student_features, teacher_features):
         """The pair-wise term (unweighted)."""
@@ -283,10 +298,5 @@ class StructuredKnowledgeDistillation(DistillLoss):
                              pool_kernel=self.pool_kernel, detach_norm=self.detach_norm)
 
     def distill(self, batch):
-        out = {}
-        if self.loss_weight > 0:
-            out["loss_skd_pairwise"] = self.loss_weight * self(*batch.pair(self.taps[0]))
-        if self.holistic is not None:
-            terms = self.holistic(*batch.pair(self.taps[1]), batch.images)
-            out["loss_skd_holistic"], out["loss_skd_discriminator"] = terms["student"], terms["discriminator"]
-        return out
+        out = {"loss_skd_pairwise": self.loss_weight * self(*batch.pair(self.taps[0]))} if self.loss_weight > 0 else {}
+        return {**out, **self.holistic_terms(batch, self.taps[-1])}
