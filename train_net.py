@@ -10,12 +10,12 @@
 import logging
 
 import segdistill  # noqa: F401  (registers models and datasets, also in launched workers)
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from segdistill import add_segdistill_config
+from segdistill.convert import SegDistillCheckpointer
 from segdistill.hs3.splits import register_config_splits
 from segdistill.engine import (
     Trainer, check_dataset_names, check_device, check_lazy_config, check_weights_file, lazy_test, lazy_train,
@@ -53,7 +53,7 @@ def main(args):
 
             model = build_lazy_model(cfg)
             check_weights_file(cfg.train.init_checkpoint, "train.init_checkpoint")
-            DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+            SegDistillCheckpointer(model).load(cfg.train.init_checkpoint)
             return lazy_test(cfg, model)
         return lazy_train(cfg, resume=args.resume)
 
@@ -61,7 +61,8 @@ def main(args):
     if args.eval_only:
         model = Trainer.build_model(cfg)
         check_weights_file(cfg.MODEL.WEIGHTS)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        SegDistillCheckpointer(model, cfg.OUTPUT_DIR, weights_format=cfg.MODEL.WEIGHTS_FORMAT).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

@@ -29,8 +29,9 @@ def add_segdistill_config(cfg: CN) -> None:
     cfg.MODEL.TIMM.OUT_FEATURES = ["res5"]
     # BN (CPU / one process), SyncBN (several GPUs), FrozenBN (fine-tuning).
     cfg.MODEL.TIMM.NORM = "BN"
-    # Local ImageNet weights (timm or torchvision state dict) for the backbone body; nothing
-    # is downloaded. MODEL.WEIGHTS (a detectron2 checkpoint of the whole model) loads after it.
+    # Local ImageNet weights for the backbone body (timm, torchvision, OpenMMLab, HRNet or
+    # CIRKD format: MODEL.TIMM.CHECKPOINT_FORMAT); nothing is downloaded. MODEL.WEIGHTS (a
+    # checkpoint of the whole model, MODEL.WEIGHTS_FORMAT) loads after it.
     cfg.MODEL.TIMM.CHECKPOINT = ""
 
     # ---- Heads (SegDeepLabV3Head, SegDeepLabV3PlusHead, FCNHead; see modeling/heads).
@@ -68,6 +69,7 @@ def add_segdistill_config(cfg: CN) -> None:
     cfg.SEGDISTILL.VIS_MAX_IMAGES = 50
 
     _add_model_zoo_keys(cfg)
+    _add_foreign_layout_keys(cfg)
     _add_exit_keys(cfg)
     _add_hs3_analysis_keys(cfg)
     _add_distill_keys(cfg)
@@ -102,6 +104,47 @@ def _add_model_zoo_keys(cfg: CN) -> None:
     # SegDeepLabV3Head: 3x3 conv-norm-ReLU layers between the ASPP and the classifier
     # (CIRKD/HWD's DeepLabV3 has one; detectron2's and the default have none).
     cfg.MODEL.SEM_SEG_HEAD.ASPP_BOTTLENECK_CONVS = 0
+
+
+def _add_foreign_layout_keys(cfg: CN) -> None:
+    """Other code bases' layouts and checkpoint formats (docs/reproduce.md, segdistill.convert)."""
+    # ---- Backbone layouts (modeling/backbones/timm_backbone.py).
+    # ResNet stem: "" (the model's own: timm/torchvision 7x7) or "deep" (three 3x3 convs of
+    # STEM_WIDTH, STEM_WIDTH, 2 x STEM_WIDTH channels: 32 = mmsegmentation's ResNetV1c,
+    # 64 = CIRKD's resnet*_v1s).
+    cfg.MODEL.TIMM.STEM_TYPE = ""
+    cfg.MODEL.TIMM.STEM_WIDTH = 64
+    # Where dilated stages put their dilations: "timm" (= CIRKD's ResNetV1b) or "mmseg"
+    # (mmsegmentation: contract_dilation, BasicBlock's second conv undilated, MobileNetV2
+    # dilates only the first block of a stage).
+    cfg.MODEL.TIMM.DILATION_RULE = "timm"
+    # mmsegmentation's multi_grid (DILATION_RULE "mmseg"): the dilation of each block of the
+    # last ResNet stage, e.g. [1, 2, 4] for its "-mg124" models; [] = off.
+    cfg.MODEL.TIMM.MULTI_GRID = []
+    # HRNet: how branches are upsampled when fused: "nearest" (timm, the HRNet classification
+    # release) or "bilinear" (mmsegmentation).
+    cfg.MODEL.TIMM.HRNET_FUSE_UPSAMPLE = "nearest"
+    # Format of MODEL.TIMM.CHECKPOINT: "auto" (from its keys), "timm", "torchvision",
+    # "openmmlab" (open-mmlab://, mmcls, mmpretrain), "hrnet" (the official HRNet release),
+    # "cirkd" (CIRKD's ImageNet ResNets).
+    cfg.MODEL.TIMM.CHECKPOINT_FORMAT = "auto"
+    # Format of MODEL.WEIGHTS (and of a teacher config's weights): "auto", "detectron2" (this
+    # project's checkpoints), "mmseg" (mmsegmentation model zoo), "cirkd" (CIRKD / HWD).
+    cfg.MODEL.WEIGHTS_FORMAT = "auto"
+    # ---- Head layouts.
+    # SegDeepLabV3Head / SegDeepLabV3PlusHead: "detectron2" (detectron2's ASPP and decoder),
+    # "mmseg" (mmsegmentation's ASPPHead / DepthwiseSeparableASPPHead) or "cirkd" (CIRKD's
+    # DeepLabV3). The other heads have one structure, mmsegmentation's (and CIRKD's PSPNet).
+    cfg.MODEL.SEM_SEG_HEAD.LAYOUT = "detectron2"
+    # align_corners of every bilinear resize in the heads and of the logits' upsampling
+    # (mmsegmentation's 769x769 Cityscapes models and CIRKD use True).
+    cfg.MODEL.SEM_SEG_HEAD.ALIGN_CORNERS = False
+    # Dropout of the auxiliary FCN head before its classifier.
+    cfg.MODEL.SEM_SEG_HEAD.AUX_DROPOUT = 0.1
+    # ISAHead (ISANet): channels of the attention's queries and keys, and the local group
+    # size (h, w); its width is MODEL.SEM_SEG_HEAD.CONVS_DIM and its dropout DROPOUT.
+    cfg.MODEL.SEM_SEG_HEAD.ISA_CHANNELS = 256
+    cfg.MODEL.SEM_SEG_HEAD.ISA_DOWN_FACTOR = [8, 8]
 
 
 def _add_exit_keys(cfg: CN) -> None:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import instantiate
 from detectron2.engine import AMPTrainer, SimpleTrainer, hooks
 from detectron2.engine.defaults import default_writers
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
+from ..convert import SegDistillCheckpointer
 from ..hs3 import maybe_register_hs3_split
 from .checks import check_dataset_names, check_device
 from .ddp import create_ddp_model
@@ -61,7 +61,7 @@ def lazy_train(cfg, resume: bool = False):
     train_loader = instantiate(cfg.dataloader.train)
     model = create_ddp_model(model, **cfg.train.ddp)
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer = SegDistillCheckpointer(model, cfg.train.output_dir, trainer=trainer)  # converts foreign files
     main = comm.is_main_process()
     trainer.register_hooks([
         hooks.IterationTimer(),

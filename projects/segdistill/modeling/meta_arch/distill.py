@@ -134,6 +134,7 @@ def build_teacher(
     and benchmarks only: a random teacher teaches nothing). ``stages``: backbone stages the
     losses tap, added to the backbone's outputs (no parameter changes).
     """
+    from ...convert import load_foreign_weights
     from ...engine.trainer import check_weights_file
 
     path = _resolve(config_file, "MODEL.DISTILL.TEACHER.CONFIG_FILE")
@@ -159,7 +160,8 @@ def build_teacher(
         teacher = build_model(with_backbone_stages(cfg, stages))
     teacher.to(torch.device(device))
     if weights:
-        _load_strict(teacher, weights)
+        if not load_foreign_weights(teacher, weights):  # mmseg / CIRKD files: converted (segdistill.convert)
+            _load_strict(teacher, weights)
     else:
         logger.warning(
             "\n%s\nMODEL.DISTILL.TEACHER.ALLOW_RANDOM: the teacher %s has RANDOM weights. It teaches "
