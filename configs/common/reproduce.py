@@ -5,8 +5,7 @@
 # same model).
 from detectron2.config import LazyCall as L
 from segdistill.modeling.heads import HRNetV2Head, ISAHead, PSPHead, SegDeepLabV3Head, SegDeepLabV3PlusHead
-from segdistill.modeling.losses.channel_wise import ChannelWiseDistillation, HolisticWeightedDistillation
-from segdistill.modeling.losses.feature_aug import FeatureAugmentedCWD
+from segdistill.modeling.distill import distill_losses_from_names
 from segdistill.modeling.meta_arch.distill import Distiller, build_teacher
 
 from .cityscapes_data import NUM_CLASSES, dataloader as _cityscapes_dataloader
@@ -18,7 +17,6 @@ from .zoo import IGNORE, NORM, aux_head, backbone, segmentor, stage_shapes
 
 _D = default_cfg()
 _HEAD = _D.MODEL.SEM_SEG_HEAD
-_DISTILL = _D.MODEL.DISTILL
 HR = ["res2", "res3", "res4", "res5"]
 
 
@@ -124,26 +122,19 @@ def _setting(output_dir, *, batch, lr, weight_decay):
 
 
 # ---- distillation ------------------------------------------------------------------------------
-LOSSES = {
-    "cwd": lambda: L(ChannelWiseDistillation)(tau=_DISTILL.CWD.TAU, loss_weight=_DISTILL.CWD.WEIGHT),
-    "fakd_cwd": lambda: L(FeatureAugmentedCWD)(tau=_DISTILL.FAKD_CWD.TAU, loss_weight=_DISTILL.FAKD_CWD.WEIGHT),
-    "hwd": lambda: L(HolisticWeightedDistillation)(
-        tau=_DISTILL.HWD.TAU, loss_weight=_DISTILL.HWD.WEIGHT, beta=_DISTILL.HWD.BETA, mu=_DISTILL.HWD.MU,
-        sigma=_DISTILL.HWD.SIGMA),
-}
-
-
-def distiller(student, teacher_config, teacher_weights, loss):
+def distiller(student, teacher_config, teacher_weights, loss, opts=()):
     """The student taught by the teacher of `teacher_config` (YAML) with `teacher_weights`
-    (a foreign file is converted when it loads), with the distillation term `loss`."""
+    (a foreign file is converted when it loads), with the registered distillation loss(es)
+    `loss` (a name or a list, as MODEL.DISTILL.LOSSES; settings from config.py, then `opts`)."""
     return L(Distiller)(
         student=student,
         teacher=L(build_teacher)(config_file=teacher_config, weights=teacher_weights, allow_random=False),
-        losses=[LOSSES[loss]()],
+        teacher_name=teacher_config,
+        teacher_input_format="RGB",
+        losses=L(distill_losses_from_names)(names=[loss] if isinstance(loss, str) else list(loss),
+                                            opts=["MODEL.NORM", NORM, *opts]),
         ignore_value=IGNORE,
+        exclude_ignore=False,
         eval_teacher=True,
         input_format="RGB",
-        covariance=_DISTILL.FAKD.COVARIANCE,
-        lambda0=_DISTILL.FAKD.LAMBDA0,
-        lambda_schedule=_DISTILL.FAKD.LAMBDA_SCHEDULE,
     )
