@@ -43,12 +43,12 @@ import numpy as np  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 import segdistill  # noqa: E402,F401
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from segdistill import add_segdistill_config  # noqa: E402
 from segdistill.data import SemSegDatasetMapper  # noqa: E402
+from segdistill.engine import load_checked_weights  # noqa: E402
 from segdistill.evaluation import metrics_from_confusion  # noqa: E402
 from segdistill.utils.plots import read_metrics  # noqa: E402
 from segdistill.utils.predictions import write_prediction_pictures  # noqa: E402
@@ -232,7 +232,9 @@ def main(argv=None):
     for step, weights in ((BASELINE, os.path.join(args.output, BASELINE, "model_final.pth")),
                           (METHOD, deploy_method(args, env))):
         model = build_model(student_cfg)
-        DetectionCheckpointer(model).load(weights)
+        # every tensor of the student must come from the file (a Distiller checkpoint would not fit)
+        load_checked_weights(model, weights, key=f"the {step} step's checkpoint", min_matched=1.0,
+                             what=f"the {STEPS[step][1]}")
         models[STEPS[step][1]] = model
     pics = os.path.join(args.output, "pictures")
     n = write_prediction_pictures(models, test_name, pics, mapper=SemSegDatasetMapper(student_cfg, False),
