@@ -92,6 +92,28 @@ def test_merged_confusion_miou_equals_bruteforce_relabelling(seed):
     assert clustered_miou(conf, np.arange(n)) == pytest.approx(metrics_from_confusion(conf, [str(i) for i in range(n)])["mIoU"])
 
 
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64, np.float64])
+def test_merged_confusion_is_exact_at_large_counts(dtype):
+    """merge_confusion sums integer counts in float64 (BLAS) only where that is exact: the
+    result equals the loop sum in Python integers, in the confusion's own dtype."""
+    rng = np.random.default_rng(3)
+    n, k = 30, 7
+    conf = rng.integers(0, 2**40, (n, n)).astype(dtype)  # ~2**50 in all: float64-exact sums
+    assignment = np.r_[np.arange(k), rng.integers(0, k, n - k)]
+    want = [[0] * k for _ in range(k)]
+    for g in range(n):
+        for p in range(n):
+            want[assignment[g]][assignment[p]] += int(conf[g, p])
+    got = merge_confusion(conf, assignment, k)
+    assert got.dtype == conf.dtype and got.shape == (k, k)
+    assert [[int(v) for v in row] for row in got] == want
+    if dtype is np.int64:  # beyond 2**53 in all: the integer path, still exact
+        big = conf.copy()
+        big[0, 0] = 2**60
+        want[assignment[0]][assignment[0]] += 2**60 - int(conf[0, 0])
+        assert [[int(v) for v in row] for row in merge_confusion(big, assignment, k)] == want
+
 # ----------------------------------------------------------------------------- the K choice
 
 
