@@ -6,6 +6,10 @@
 
 The output loads with no missing or unexpected keys into the plain model its deployed
 config builds (a multi-exit model's baseline config, a distiller's student config).
+
+``--target anytime`` (a multi-exit ds / sr model) writes the anytime model instead: backbone,
+head and the exits' segmenters (classifiers and objective state dropped), which loads into
+the same training config with ``MODEL.META_ARCHITECTURE AnytimeSegmentor`` (docs/anytime.md).
 """
 import argparse
 import logging
@@ -29,6 +33,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", required=True, help="the config the model was trained with")
     p.add_argument("--output", required=True, help="where to write the deployed checkpoint (.pth)")
+    p.add_argument("--target", choices=("plain", "anytime"), default="plain",
+                   help="plain: the deployed SemanticSegmentor (default); anytime: the AnytimeSegmentor")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides (MODEL.WEIGHTS is required)")
     args = p.parse_args(argv)
     setup_logger(name="segdistill")
@@ -42,6 +48,14 @@ def main(argv=None):
     check_weights_file(cfg.MODEL.WEIGHTS)
     model = build_model(cfg)
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    if args.target == "anytime":  # issue 15: the exits kept for anytime inference
+        from segdistill.modeling.meta_arch.anytime import anytime_state_dict
+
+        anytime_cfg = cfg.clone()
+        anytime_cfg.MODEL.META_ARCHITECTURE = "AnytimeSegmentor"
+        anytime = build_model(anytime_cfg)
+        anytime.load_state_dict(anytime_state_dict(anytime, model.state_dict())[0], strict=True)
+        model = anytime
     path = save_deployed_checkpoint(model, args.output)
     logging.getLogger("segdistill").info("Deployed checkpoint written to %s", path)
     print(path)

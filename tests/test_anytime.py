@@ -1,0 +1,424 @@
+"""Anytime inference (issue 15): stage-by-stage backbones, the AnytimeSegmentor's policies
+(final = the plain deployed model bit for bit and in MACs; later stages not run after a
+confident exit), costs, the evaluator, calibration with a known answer, the held-out check."""
+import importlib.util
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, random_batch, tiny_cfg
+from conftest import trained_model as train_steps
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+from segdistill.evaluation import SemSegEvaluator, metrics_from_confusion
+from segdistill.evaluation.anytime import (
+    AnytimeEvaluator, ExitRecords, calibrate, check_held_out, collect_records, fixed_exit_outcome,
+    miou_of_confusions, policy_outcome,
+)
+from segdistill.modeling.backbones.timm_backbone import HRNetBackbone, TimmBackbone
+from segdistill.modeling.meta_arch.anytime import (
+    FINAL, AnytimeSegmentor, anytime_state_dict, load_anytime_weights, load_thresholds, save_thresholds,
+)
+
+K = 5
+
+
+def exit_cfg(mode="ds", meta="MultiExitSegmentor"):
+    cfg = tiny_cfg("resnet18", "SegDeepLabV3Head", num_classes=K, **{"MODEL.META_ARCHITECTURE": meta})
+    cfg.MODEL.EXITS.MODE = mode
+    cfg.MODEL.EXITS.CHANNELS = 16
+    return cfg
+
+
+def anytime_twin(cfg, trained):
+    """The AnytimeSegmentor of a training config, with the trained model's weights (strict)."""
+    acfg = cfg.clone()
+    acfg.MODEL.META_ARCHITECTURE = "AnytimeSegmentor"
+    model = build_model(acfg).eval()
+    state, dropped = anytime_state_dict(model, trained.state_dict())
+    model.load_state_dict(state, strict=True)
+    return model, dropped
+
+
+@pytest.fixture(scope="module")
+def sr_pair():
+    cfg = exit_cfg("sr")
+    trained = train_steps(cfg, K, 1)
+    model, dropped = anytime_twin(cfg, trained)
+    return cfg, trained, model, dropped
+
+
+class CallCounter:
+    """Forward hooks counting the calls of named submodules."""
+
+    def __init__(self, modules):
+        self.counts = {name: 0 for name in modules}
+        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name):
+        def hook(*_):
+            self.counts[name] += 1
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+# ---------------------------------------------------------------------- stage-by-stage backbones
+@pytest.mark.parametrize("kind,stop,later", [
+    ("resnet18", "res3", ["layer3", "layer4"]),
+    ("mobilenetv2_100", "res2", ["blocks.3", "blocks.6"]),
+    ("hrnet_w18_small", "stage2_b1", ["stage3", "stage4"]),
+])
+def test_forward_stages_equals_forward_and_stops_early(kind, stop, later):
+    torch.manual_seed(0)
+    if kind.startswith("hrnet"):
+        bb = HRNetBackbone(kind)
+    else:
+        bb = TimmBackbone(kind, output_stride=16, out_features=["res2", "res3", "res4", "res5"])
+    bb.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = bb(x)
+        stages = dict(bb.forward_stages(x))
+    shapes = bb.stage_shapes()
+    assert list(stages) == list(shapes)
+    for name, feat in stages.items():
+        assert feat.shape[1] == shapes[name].channels and 64 // feat.shape[-1] == shapes[name].stride, name
+    assert set(ref) <= set(stages) and all(torch.equal(ref[k], stages[k]) for k in ref)
+    # lazy: a consumer that stops at `stop` never runs the later stages
+    counter = CallCounter({n: bb.body.get_submodule(n) for n in later})
+    with torch.no_grad():
+        for name, _ in bb.forward_stages(x):
+            if name == stop:
+                break
+    assert counter.counts == {n: 0 for n in later}
+    with torch.no_grad():
+        list(bb.forward_stages(x))
+    assert all(v == 1 for v in counter.counts.values()), counter.counts
+    counter.remove()
+
+
+# ---------------------------------------------------------------------- policies
+@pytest.mark.parametrize("mode", ["ds", "sr"])
+def test_final_policy_is_the_plain_deployed_model_bit_for_bit_and_in_macs(mode, sr_pair):
+    cfg, trained, model, dropped = sr_pair if mode == "sr" else (exit_cfg("ds"), None, None, None)
+    if mode == "ds":
+        trained = train_steps(cfg, K, 1)
+        model, dropped = anytime_twin(cfg, trained)
+    else:
+        assert any(".classifier." in k for k in dropped) and "exit_objective.temperature" in dropped
+    base = cfg.clone()
+    base.MODEL.META_ARCHITECTURE = "SemanticSegmentor"
+    plain = build_model(base).eval()
+    plain.load_state_dict(trained.deploy_state_dict(), strict=True)
+    batch = random_batch(2, 70, 90, K, seed=3)
+    model.policy = FINAL
+    with torch.no_grad():
+        ours, ref = model(batch), plain(batch)
+    assert all(torch.equal(a["sem_seg"], b["sem_seg"]) for a, b in zip(ours, ref))
+    assert [o["sem_seg_exit"] for o in ours] == [FINAL, FINAL] and ours[0]["anytime"]["evaluated"] == ()
+
+    from fvcore.nn import FlopCountAnalysis
+
+    class PlainPath(torch.nn.Module):
+        def __init__(self, plain):
+            super().__init__()
+            self.plain = plain
+
+        def forward(self, x):
+            return self.plain.sem_seg_head(self.plain.backbone(x), None)[0]
+
+    counter = FlopCountAnalysis(PlainPath(plain), (torch.zeros(1, 3, 70, 90),))
+    counter.unsupported_ops_warnings(False)
+    costs = model.costs((70, 90))
+    assert costs.macs(FINAL, ()) == counter.total() == model.path_macs((70, 90), FINAL, ())
+
+
+def test_fixed_exit_policy_equals_the_training_models_exit_output(sr_pair):
+    _, trained, model, _ = sr_pair
+    batch = random_batch(2, 70, 90, K, seed=4)
+    trained.eval_exits = True
+    with torch.no_grad():
+        ref = trained(batch)
+        for name in model.exit_names:
+            model.policy = f"exit:{name}"
+            out = model(batch)
+            assert all(torch.equal(o["sem_seg"], r[f"sem_seg_{name}"]) for o, r in zip(out, ref)), name
+            assert out[0]["sem_seg_exit"] == name and out[0]["anytime"]["evaluated"] == (name,)
+    trained.eval_exits = False
+    model.policy = FINAL
+
+
+def test_path_macs_are_the_sum_of_the_measured_parts(sr_pair):
+    model = sr_pair[2]
+    costs = model.costs((64, 80))
+    for evaluated, answer in [(("res2",), "res2"), (("res2", "res3"), "res3"), (("res3", "res4"), "res4"),
+                              (("res2", "res3", "res4"), FINAL)]:
+        assert costs.macs(answer, evaluated) == model.path_macs((64, 80), answer, evaluated), (evaluated, answer)
+    assert costs.macs("res2", ("res2",)) < costs.macs("res3", ("res2", "res3")) < costs.macs("res4", ("res2", "res3", "res4"))
+    assert costs.macs("res4", ("res4",)) < costs.final < costs.macs(FINAL, ("res2",))
+
+
+def test_confidence_policy_does_not_run_the_stages_after_the_answering_exit(sr_pair):
+    model = sr_pair[2]
+    parts = {"res4": model.backbone.body.layer3, "res5": model.backbone.body.layer4, "head": model.sem_seg_head,
+             **{f"exit_{n}": m for n, m in model.exits.items()}}
+    counter = CallCounter(parts)
+    batch = random_batch(3, 64, 64, K, seed=6)
+    try:
+        # res2 never answers (not even run), res3 always does: res4, res5, exit res4 and the head never run
+        model.set_thresholds({"res2": 2.0, "res3": 0.0, "res4": 0.0})
+        model.policy = "confidence"
+        with torch.no_grad():
+            out = model(batch)
+        assert [o["sem_seg_exit"] for o in out] == ["res3"] * 3
+        assert [o["anytime"]["evaluated"] for o in out] == [("res3",)] * 3
+        assert counter.counts == {"res4": 0, "res5": 0, "head": 0, "exit_res2": 0, "exit_res3": 3, "exit_res4": 0}
+        # unreachable thresholds: every exit runs, then the final head answers
+        model.set_thresholds({"res2": 1.0, "res3": 1.0, "res4": 1.0})
+        counter.counts = dict.fromkeys(counter.counts, 0)
+        with torch.no_grad():
+            out = model(batch)
+        assert [o["sem_seg_exit"] for o in out] == [FINAL] * 3
+        assert counter.counts == {"res4": 3, "res5": 3, "head": 3, "exit_res2": 3, "exit_res3": 3, "exit_res4": 3}
+    finally:
+        counter.remove()
+        model.policy = FINAL
+
+
+def test_confidence_decision_follows_the_threshold_per_image(sr_pair):
+    model = sr_pair[2]
+    batch = random_batch(4, 64, 64, K, seed=8)
+    with torch.no_grad():
+        records = model.forward_all_exits(batch)
+        conf = [r["confidence"]["res2"] for r in records]
+        cut = sorted(conf)[2]  # images at or above it answer from res2
+        model.set_thresholds({"res2": cut, "res3": 2.0, "res4": 2.0})
+        model.policy = "confidence"
+        out = model(batch)
+    model.policy = FINAL
+    assert [o["sem_seg_exit"] for o in out] == ["res2" if c >= cut else FINAL for c in conf]
+    for o, r in zip(out, records):  # the answer is exactly the recorded output of that exit / the head
+        ref = r["exits"]["res2"] if o["sem_seg_exit"] == "res2" else r["final"]
+        assert torch.equal(o["sem_seg"], ref)
+
+
+def test_config_errors():
+    cfg = exit_cfg("ds", "AnytimeSegmentor")
+    cfg.MODEL.EXITS.ANYTIME.POLICY = "exit:res9"
+    with pytest.raises(ValueError, match=r"POLICY 'exit:res9'.*'exit:res2'"):
+        build_model(cfg)
+    cfg.MODEL.EXITS.ANYTIME.POLICY = "confidence"
+    with pytest.raises(ValueError, match="THRESHOLDS_FILE"):
+        build_model(cfg)
+    cfg.MODEL.EXITS.ANYTIME.THRESHOLDS = [0.5, 0.5]
+    with pytest.raises(ValueError, match="one per exit"):
+        build_model(cfg)
+    cfg.MODEL.EXITS.ANYTIME.THRESHOLDS = [0.5, 2.0, 0.9]
+    model = build_model(cfg)
+    assert model.thresholds == {"res2": 0.5, "res3": math.inf, "res4": 0.9} and model.active_exits() == ("res2", "res4")
+    cfg.MODEL.EXITS.ANYTIME.CONFIDENCE = "entropy"
+    with pytest.raises(ValueError, match="mean_max_prob"):
+        build_model(cfg)
+    cfg = exit_cfg("ds", "AnytimeSegmentor")
+    cfg.MODEL.EXITS.IN_FEATURES = ["res3", "head_features"]
+    with pytest.raises(ValueError, match="head's features"):
+        build_model(cfg)
+    cfg = exit_cfg("none", "AnytimeSegmentor")  # the plain model: no exits, policy final only
+    assert build_model(cfg).exit_names == []
+    cfg.MODEL.EXITS.ANYTIME.POLICY = "confidence"
+    with pytest.raises(ValueError, match=r"valid choices: \['final'\]"):
+        build_model(cfg)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        build_model(exit_cfg("ds", "AnytimeSegmentor")).train()(random_batch(1, 32, 32, K))
+
+
+def test_thresholds_file_round_trip_and_checks(tmp_path):
+    path = str(tmp_path / "t.json")
+    save_thresholds(path, {"res2": 0.9, "res3": math.inf}, confidence="mean_max_prob", pixel_threshold=0.9)
+    assert json.load(open(path))["thresholds"] == {"res2": 0.9, "res3": None}
+    assert load_thresholds(path, ["res2", "res3"], confidence="mean_max_prob", pixel_threshold=0.9) == \
+        {"res2": 0.9, "res3": math.inf}
+    with pytest.raises(ValueError, match="calibrated for confidence 'mean_max_prob'"):
+        load_thresholds(path, ["res2", "res3"], confidence="fraction_above", pixel_threshold=0.9)
+    with pytest.raises(ValueError, match="the model has"):
+        load_thresholds(path, ["res2", "res3", "res4"], confidence="mean_max_prob", pixel_threshold=0.9)
+
+
+def test_deploy_target_anytime_and_lazy_config(tmp_path, sr_pair):
+    cfg, trained, model, _ = sr_pair
+    ckpt = str(tmp_path / "model_final.pth")
+    DetectionCheckpointer(trained, save_dir=str(tmp_path)).save("model_final")
+    spec = importlib.util.spec_from_file_location("deploy_model", os.path.join(REPO, "tools", "deploy_model.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(cfg.dump())
+    out = str(tmp_path / "anytime.pth")
+    tool.main(["--config-file", str(cfg_file), "--output", out, "--target", "anytime", "MODEL.WEIGHTS", ckpt])
+    state = torch.load(out, weights_only=True)["model"]
+    assert set(state) == set(model.state_dict())  # no missing, no unexpected key
+    assert not any(".classifier." in k or k.startswith(("final_classifier", "exit_objective")) for k in state)
+    # the deployed file and the training checkpoint both load into the anytime model (lazy-built here)
+    from detectron2.config import LazyCall as L, instantiate
+    from segdistill.modeling.exits import build_exit_heads
+
+    lazy = L(AnytimeSegmentor)(
+        backbone=model.backbone, sem_seg_head=model.sem_seg_head, pixel_mean=cfg.MODEL.PIXEL_MEAN,
+        pixel_std=cfg.MODEL.PIXEL_STD, policy="exit:res3",
+        exits=L(build_exit_heads)(input_shape=model.backbone.stage_shapes(), in_features=["res2", "res3", "res4"],
+                                  num_classes=K, channels=16, common_stride=8, norm="BN", with_classifier=False),
+    )
+    built = instantiate(lazy).eval()
+    assert load_anytime_weights(built, out) == []
+    assert any(".classifier." in k for k in load_anytime_weights(built, ckpt))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in built.state_dict().items())
+
+
+# ---------------------------------------------------------------------- evaluator and records
+def test_evaluator_and_records_agree_with_a_real_run(write_label_dataset, sr_pair):
+    from detectron2.data import DatasetCatalog
+
+    model = sr_pair[2]
+    rng = np.random.default_rng(0)
+    name = write_label_dataset("anytime_eval", [rng.integers(0, K, (48, 64)) for _ in range(5)], K)
+    inputs = []
+    for d in DatasetCatalog.get(name):
+        from PIL import Image
+
+        img = torch.as_tensor(np.array(Image.open(d["file_name"]).convert("RGB"))).permute(2, 0, 1).contiguous()
+        inputs.append({"image": img, "height": 48, "width": 64, "file_name": d["file_name"]})
+    with torch.no_grad():
+        records = collect_records(model, [inputs[:2], inputs[2:]], name)
+    cut = float(np.sort(records.confidences[:, 0])[2])
+    thresholds = {"res2": cut, "res3": 2.0, "res4": 2.0}
+    expected = policy_outcome(records, thresholds)
+    model.set_thresholds(thresholds)
+    model.policy = "confidence"
+    model.eval_final = True
+    ev = AnytimeEvaluator(name, costs=model.costs, exit_names=model.exit_names, distributed=False)
+    ref = SemSegEvaluator(name, distributed=False)
+    with torch.no_grad():
+        for inp in inputs:
+            out = model([inp])
+            ev.process([inp], out)
+            ref.process([inp], [{"sem_seg": out[0]["sem_seg"]}])
+    model.policy, model.eval_final = FINAL, False
+    res = ev.evaluate()["anytime"]
+    assert res["mIoU"] == pytest.approx(ref.evaluate()["sem_seg"]["mIoU"]) == pytest.approx(expected.miou)
+    assert res["mIoU_final"] == pytest.approx(fixed_exit_outcome(records, FINAL).miou)
+    assert res["GMACs"] * 1e9 == pytest.approx(expected.avg_macs)
+    assert res["GMACs_final"] * 1e9 == pytest.approx(records.final.mean())
+    hist = expected.histogram()
+    assert hist["res2"] == 3 and hist[FINAL] == 2
+    assert {k: res[f"answered_{k}_pct"] for k in hist} == {k: 100.0 * v / 5 for k, v in hist.items()}
+    assert res["time_ms"] > 0 and res["time_ms_final"] > 0
+
+
+def test_miou_of_confusions_matches_the_evaluator_metrics():
+    rng = np.random.default_rng(1)
+    confs = rng.integers(0, 20, (4, 6, 6))
+    confs[1, 2] = 0  # a class absent from the ground truth
+    assert miou_of_confusions(confs) == pytest.approx(
+        [metrics_from_confusion(c, [str(i) for i in range(6)])["mIoU"] for c in confs])
+
+
+# ---------------------------------------------------------------------- calibration
+def synthetic_records():
+    """Two exits, 2 classes, 8 images of 100 pixels each, all of one class (0 for even images).
+
+    An output is right (all pixels) or wrong (all pixels the other class) per image; the final
+    head is always right. Exit 1 is right exactly on the images where its confidence is at
+    least 0.8; exit 2 is right where its confidence is at least 0.6, except image 7 (0.95,
+    wrong). Costs: exit 1 stops at 10 + 1 + 0 MACs, exit 2 at 20 + 1 + 0, the final head 100,
+    each exit that ran adding its 1.
+    """
+    conf1 = np.array([0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4])
+    conf2 = np.array([0.3, 0.3, 0.3, 0.3, 0.9, 0.6, 0.5, 0.95])
+    right1 = conf1 >= 0.8
+    right2 = (conf2 >= 0.6) & (np.arange(8) != 7)
+    confs = np.zeros((8, 3, 2, 2), dtype=np.int64)
+    for i in range(8):
+        g = i % 2
+        for j, right in enumerate([right1[i], right2[i], True]):
+            confs[i, j, g, g if right else 1 - g] = 100
+    n = 8
+    return ExitRecords(["e1", "e2"], np.stack([conf1, conf2], 1), confs, np.tile([10.0, 20.0], (n, 1)),
+                       np.ones((n, 2)), np.zeros((n, 2)), np.full(n, 100.0))
+
+
+def brute_force(records, max_drop=None, budget=None):
+    """Every pair of thresholds among the recorded confidences (+ never), evaluated with loops."""
+    best = None
+    final_miou = miou_of_confusions(records.confusions[:, -1].sum(0))
+    for t1 in list(np.unique(records.confidences[:, 0])) + [math.inf]:
+        for t2 in list(np.unique(records.confidences[:, 1])) + [math.inf]:
+            total, cost = np.zeros((2, 2)), 0.0
+            for i in range(records.num_images):
+                spent = 0.0
+                if math.isfinite(t1):
+                    spent += 1
+                    if records.confidences[i, 0] >= t1:
+                        total += records.confusions[i, 0]
+                        cost += 10 + spent
+                        continue
+                if math.isfinite(t2):
+                    spent += 1
+                    if records.confidences[i, 1] >= t2:
+                        total += records.confusions[i, 1]
+                        cost += 20 + spent
+                        continue
+                total += records.confusions[i, 2]
+                cost += 100 + spent
+            miou, cost = miou_of_confusions(total), cost / records.num_images
+            ok = miou >= final_miou - max_drop - 1e-9 if max_drop is not None else cost <= budget * 100 + 1e-9
+            key = (cost, -miou) if max_drop is not None else (-miou, cost)
+            if ok and (best is None or key < best[0]):
+                best = (key, t1, t2, miou, cost)
+    return best
+
+
+def test_calibration_finds_the_known_answer():
+    records = synthetic_records()
+    # no loss allowed: exit 1 answers images 0-3 (confidence >= 0.8, all right); exit 2 can never
+    # answer, since its most confident image (7, 0.95) is wrong: images 4-7 go to the final head.
+    cal = calibrate(records, max_drop=0.0)
+    assert cal.thresholds == {"e1": 0.8, "e2": math.inf}
+    assert cal.feasible and cal.outcome.miou == pytest.approx(100.0)
+    assert cal.outcome.histogram() == {"e1": 4, "e2": 0, FINAL: 4}
+    assert cal.outcome.avg_macs == pytest.approx((4 * 11 + 4 * 101) / 8)
+    bf = brute_force(records, max_drop=0.0)
+    assert (bf[1], bf[2]) == (0.8, math.inf) and bf[4] == pytest.approx(cal.outcome.avg_macs)
+    # looser mIoU budgets and a MACs budget: the brute-force optimum (thresholds may tie)
+    for kwargs in ({"max_drop": 5.0}, {"max_drop": 30.0}, {"budget": 0.4}):
+        cal, bf = calibrate(records, **kwargs), brute_force(records, **kwargs)
+        assert cal.outcome.avg_macs == pytest.approx(bf[4]) and cal.outcome.miou == pytest.approx(bf[3]), kwargs
+        assert cal.outcome.avg_macs <= 56.0
+    # coordinate descent (forced by a tiny combination limit) reaches the same optimum here
+    cd = calibrate(records, max_drop=0.0, max_combinations=1)
+    assert cd.thresholds == {"e1": 0.8, "e2": math.inf}
+
+
+def test_calibration_refuses_an_evaluation_split(write_label_dataset):
+    labels = [np.zeros((8, 8), dtype=np.int64) for _ in range(3)]
+    train = write_label_dataset("anytime_cal_train", labels, 2)
+    val = write_label_dataset("anytime_cal_val", labels, 2)
+    check_held_out(train, [val])  # disjoint: fine
+    with pytest.raises(ValueError, match="is an evaluation split"):
+        check_held_out(val, [val])
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    DatasetCatalog.register("anytime_cal_leak", lambda: DatasetCatalog.get(val)[:1])
+    MetadataCatalog.get("anytime_cal_leak").set(stuff_classes=["a", "b"], ignore_label=255)
+    try:
+        with pytest.raises(ValueError, match="1 of its images are in the evaluation split"):
+            check_held_out("anytime_cal_leak", [val])
+    finally:
+        DatasetCatalog.remove("anytime_cal_leak")
+        MetadataCatalog.remove("anytime_cal_leak")
