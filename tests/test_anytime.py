@@ -422,3 +422,38 @@ def test_calibration_refuses_an_evaluation_split(write_label_dataset):
     finally:
         DatasetCatalog.remove("anytime_cal_leak")
         MetadataCatalog.remove("anytime_cal_leak")
+
+
+# ---------------------------------------------------------------------- the curve benchmark, toy size
+def test_anytime_curve_benchmark_end_to_end(tmp_path, write_label_dataset):
+    rng = np.random.default_rng(2)
+    labels = lambda n: [rng.integers(0, K, (48, 64)) for _ in range(n)]  # noqa: E731
+    calib = write_label_dataset("anytime_toy_calib", labels(4), K)
+    val = write_label_dataset("anytime_toy_val", labels(3), K)
+    files = {}
+    for mode in ("ds", "none"):
+        cfg = exit_cfg(mode)
+        cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (calib,), (val,)
+        cfg.DATALOADER.NUM_WORKERS = 0
+        trained = train_steps(cfg, K, 1)
+        (tmp_path / mode).mkdir()
+        DetectionCheckpointer(trained, save_dir=str(tmp_path / mode)).save("model_final")
+        (tmp_path / f"{mode}.yaml").write_text(cfg.dump())
+        files[mode] = (str(tmp_path / f"{mode}.yaml"), str(tmp_path / mode / "model_final.pth"))
+    spec = importlib.util.spec_from_file_location("anytime_curve", os.path.join(REPO, "benchmarks", "anytime_curve.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "curve"
+    argv = ["--output", str(out), "--calib-dataset", calib, "--drops", "0,100", "--threads", "1",
+            "--model", "DS", *files["ds"], "--model", "plain", *files["none"]]
+    ds, plain = bench.main(argv)
+    assert {"curve.json", "curve.md", "curve.png", "records_DS_calib.npz", "records_DS_eval.npz"} <= set(os.listdir(out))
+    assert [c["max_drop"] for c in ds["curve"]] == [0.0, 100.0]
+    assert ds["curve"][1]["GMACs"] <= ds["curve"][0]["GMACs"] <= ds["fixed"][FINAL]["GMACs"] + 1e-9
+    assert ds["timed"]["confidence"]["consistent"] and ds["timed"]["confidence"]["max_drop"] == 0.0
+    assert set(ds["timed"]) == {"confidence", "exit:res2", "exit:res3", "exit:res4", FINAL}
+    assert plain["exits"] == [] and set(plain["timed"]) == {FINAL} and "curve" not in plain
+    # the plain model's deployed output is the DS model's "final" column in kind: same MACs, own weights
+    assert plain["fixed"][FINAL]["GMACs"] == pytest.approx(ds["fixed"][FINAL]["GMACs"])
+    with pytest.raises(ValueError, match="is an evaluation split"):
+        bench.main(["--output", str(out), "--calib-dataset", val, "--model", "DS", *files["ds"]])
