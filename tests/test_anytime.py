@@ -457,3 +457,50 @@ def test_anytime_curve_benchmark_end_to_end(tmp_path, write_label_dataset):
     assert plain["fixed"][FINAL]["GMACs"] == pytest.approx(ds["fixed"][FINAL]["GMACs"])
     with pytest.raises(ValueError, match="is an evaluation split"):
         bench.main(["--output", str(out), "--calib-dataset", val, "--model", "DS", *files["ds"]])
+
+
+def test_confidence_measures_against_numpy():
+    from segdistill.modeling.meta_arch.anytime import ANYTIME_CONFIDENCES
+
+    logits = torch.randn(2, 4, 3, 5) * 3
+    p = np.exp(logits.numpy()) / np.exp(logits.numpy()).sum(1, keepdims=True)
+    for n in range(2):
+        top = [[max(p[n, :, i, j]) for j in range(5)] for i in range(3)]
+        assert ANYTIME_CONFIDENCES["mean_max_prob"](logits, 0.9)[n].item() == pytest.approx(np.mean(top), rel=1e-5)
+        assert ANYTIME_CONFIDENCES["fraction_above"](logits, 0.7)[n].item() == pytest.approx(
+            np.mean([[t >= 0.7 for t in row] for row in top]))
+
+
+def test_hrnet_anytime_model_pads_and_answers_from_branch_exits():
+    """HRNet pads inputs to 32: the final policy is still the plain model's output, an exit's
+    confidence reads only the image's own (unpadded) part of its logits."""
+    cfg = tiny_cfg("hrnet_w18_small", "HRNetV2Head", num_classes=K, **{"MODEL.META_ARCHITECTURE": "MultiExitSegmentor"})
+    cfg.MODEL.TIMM.OUT_FEATURES = cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.EXITS.MODE, cfg.MODEL.EXITS.CHANNELS = "ds", 16
+    cfg.MODEL.EXITS.IN_FEATURES = ["stage2_b0", "stage3_b1"]
+    trained = train_steps(cfg, K, 1)
+    model, _ = anytime_twin(cfg, trained)
+    assert model.exit_names == ["stage2_b0", "stage3_b1"]
+    base = cfg.clone()
+    base.MODEL.META_ARCHITECTURE = "SemanticSegmentor"
+    plain = build_model(base).eval()
+    plain.load_state_dict(trained.deploy_state_dict(), strict=True)
+    batch = random_batch(1, 70, 90, K, seed=9)
+    with torch.no_grad():
+        assert torch.equal(model(batch)[0]["sem_seg"], plain(batch)[0]["sem_seg"])
+        assert model(batch)[0]["anytime"]["input_hw"] == (96, 96) == model.padded_size((70, 90))
+        rec = model.forward_all_exits(batch)[0]
+        trained.eval_exits = True
+        ref = trained(batch)[0]
+        from detectron2.structures import ImageList
+
+        x = (batch[0]["image"] - model.pixel_mean) / model.pixel_std
+        x = ImageList.from_tensors([x], 32).tensor  # 96 x 96
+        feat = dict(trained.backbone.forward_stages(x))["stage2_b0"]
+        logits = trained.exits["stage2_b0"](feat, (12, 12), with_classifier=False).seg_logits
+    assert torch.equal(rec["exits"]["stage3_b1"], ref["sem_seg_stage3_b1"])
+    from segdistill.modeling.meta_arch.anytime import mean_max_prob
+
+    # the image's own part of the stride-8 map: ceil(70 / 8) x ceil(90 / 8), not the padding
+    assert rec["confidence"]["stage2_b0"] == pytest.approx(mean_max_prob(logits[:, :, :9, :12], 0.9).item())
+    assert rec["confidence"]["stage2_b0"] != pytest.approx(mean_max_prob(logits, 0.9).item())
