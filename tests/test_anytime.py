@@ -230,6 +230,8 @@ def test_config_errors():
     cfg.MODEL.EXITS.IN_FEATURES = ["res3", "head_features"]
     with pytest.raises(ValueError, match="head's features"):
         build_model(cfg)
+    with pytest.raises(ValueError, match="HS3 exits predict clustered classes"):
+        build_model(exit_cfg("hs3", "AnytimeSegmentor"))
     cfg = exit_cfg("none", "AnytimeSegmentor")  # the plain model: no exits, policy final only
     assert build_model(cfg).exit_names == []
     cfg.MODEL.EXITS.ANYTIME.POLICY = "confidence"
