@@ -48,6 +48,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from detectron2.config import configurable
+from detectron2.utils.registry import Registry
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
@@ -58,7 +59,7 @@ from ..heads.base import SegHeadMixin
 from ..stagewise import StagewiseBackbone
 
 __all__ = [
-    "AnytimeSegmentor", "AnytimeCosts", "ANYTIME_CONFIDENCES", "register_anytime_confidence",
+    "AnytimeSegmentor", "AnytimeCosts", "ANYTIME_CONFIDENCES",
     "parse_policy", "load_thresholds", "save_thresholds", "anytime_state_dict", "load_anytime_weights",
     "FINAL", "NEVER",
 ]
@@ -71,29 +72,18 @@ EXIT_PREFIX = "exit:"
 NEVER = math.inf  # a threshold no confidence reaches: that exit is not run
 THRESHOLDS_FORMAT = "segdistill-anytime-thresholds/1"
 
-# MODEL.EXITS.ANYTIME.CONFIDENCE -> fn(logits N x K x h x w, pixel_threshold) -> N confidences in [0, 1]
-ANYTIME_CONFIDENCES: Dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {}
+# MODEL.EXITS.ANYTIME.CONFIDENCE -> fn(logits N x K x h x w, pixel_threshold) -> N confidences in
+# [0, 1]; a function registers under its own name: ``@ANYTIME_CONFIDENCES.register()``.
+ANYTIME_CONFIDENCES = Registry("ANYTIME_CONFIDENCES")
 
 
-def register_anytime_confidence(name: str):
-    """Function decorator: make ``name`` a valid ``MODEL.EXITS.ANYTIME.CONFIDENCE``."""
-
-    def deco(fn):
-        if name in ANYTIME_CONFIDENCES and ANYTIME_CONFIDENCES[name] is not fn:
-            raise ValueError(f"Anytime confidence {name!r} is already registered.")
-        ANYTIME_CONFIDENCES[name] = fn
-        return fn
-
-    return deco
-
-
-@register_anytime_confidence("mean_max_prob")
+@ANYTIME_CONFIDENCES.register()
 def mean_max_prob(logits: torch.Tensor, pixel_threshold: float) -> torch.Tensor:
     """Mean over pixels of the top softmax probability."""
     return F.softmax(logits.float(), dim=1).amax(dim=1).mean(dim=(1, 2))
 
 
-@register_anytime_confidence("fraction_above")
+@ANYTIME_CONFIDENCES.register()
 def fraction_above(logits: torch.Tensor, pixel_threshold: float) -> torch.Tensor:
     """Share of pixels whose top softmax probability is at least ``pixel_threshold``."""
     top = F.softmax(logits.float(), dim=1).amax(dim=1)
@@ -315,7 +305,7 @@ class AnytimeSegmentor(nn.Module):
         self.exits = nn.ModuleDict({n: exits[n] for n in stages if n in exits})
         if confidence not in ANYTIME_CONFIDENCES:
             raise ValueError(f"Unknown MODEL.EXITS.ANYTIME.CONFIDENCE {confidence!r}; "
-                             f"choose from {sorted(ANYTIME_CONFIDENCES)}.")
+                             f"choose from {sorted(name for name, _ in ANYTIME_CONFIDENCES)}.")
         self.confidence = confidence
         self.pixel_threshold = float(pixel_threshold)
         self.thresholds = None if thresholds is None else dict(thresholds)
@@ -407,7 +397,7 @@ class AnytimeSegmentor(nn.Module):
     def _confidences(self, logits: torch.Tensor, image_sizes) -> torch.Tensor:
         """Each image's confidence over its own (unpadded) part of the exit's logits."""
         stride = next(iter(self.exits.values())).common_stride
-        fn = ANYTIME_CONFIDENCES[self.confidence]
+        fn = ANYTIME_CONFIDENCES.get(self.confidence)
         out = []
         for i, (h, w) in enumerate(image_sizes):
             out.append(fn(logits[i:i + 1, :, :math.ceil(h / stride), :math.ceil(w / stride)], self.pixel_threshold))
