@@ -333,7 +333,8 @@ class AnytimeSegmentor(nn.Module):
         if names:
             exits = build_exit_heads(
                 input_shape=backbone.stage_shapes(), in_features=names,
-                num_classes=list(c.NUM_CLASSES) or cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, channels=c.CHANNELS, common_stride=c.COMMON_STRIDE, norm=c.NORM or resolve_norm(cfg, "head"),
+                num_classes=list(c.NUM_CLASSES) or cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, channels=c.CHANNELS,
+                common_stride=c.COMMON_STRIDE, norm=c.NORM or resolve_norm(cfg, "head"),
                 with_classifier=False, max_downsample=c.MAX_DOWNSAMPLE,
             )
         return {
