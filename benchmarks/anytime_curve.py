@@ -18,6 +18,8 @@ an evaluation split is refused) and on the evaluation split (default ``DATASETS.
 3. for each ``--drops`` value D, thresholds calibrated on the calibration split (lowest
    average MACs at most D mIoU below the final output there) and their outcome on the
    evaluation split (exact: the policy's answer for an image is one of the recorded outputs);
+   and, descriptive only, one threshold shared by every exit swept over the evaluation
+   split's confidences (``--sweep-points``);
 4. timed runs on the evaluation split (one image at a time, ``EVAL_FINAL`` on, so every image's
    policy time sits next to its own final-path time): the operating point (``--operating-drop``,
    default 1) and every fixed output. The operating point's measured mIoU and exit histogram
@@ -121,6 +123,15 @@ def run_model(label, config, weights, args, out_dir):
                 "mIoU": o.miou, "GMACs": o.avg_macs / 1e9, "drop": final["mIoU"] - o.miou,
                 "MACs_saved_pct": 100.0 * (1 - o.avg_macs / (final["GMACs"] * 1e9)), "answered": o.histogram(),
             })
+        # descriptive, no calibration: one threshold for every exit, swept over the evaluation
+        # split's own confidences (where the trade-off bends; the calibrated points sit on it or near it)
+        values = np.unique(rec_e.confidences)
+        sweep = np.unique(np.quantile(values, np.linspace(0, 1, args.sweep_points), method="nearest"))
+        result["sweep"] = []
+        for t in list(sweep) + [math.inf]:
+            o = policy_outcome(rec_e, {n: t for n in model.exit_names})
+            result["sweep"].append({"threshold": _finite(float(t)), "mIoU": o.miou, "GMACs": o.avg_macs / 1e9,
+                                    "answered": o.histogram()})
     save()
     if args.no_timing:
         return result
@@ -174,6 +185,13 @@ def write_table(results, args, out_dir, machine):
                 ans = ", ".join(f"{k} {v}" for k, v in c["answered"].items())
                 lines.append(f"| {c['max_drop']:g} | {th} | {c['calib_mIoU']:.2f} ({c['calib_final_mIoU']:.2f}) | "
                              f"{c['mIoU']:.2f} | {c['drop']:+.2f} | {c['GMACs']:.3f} | {c['MACs_saved_pct']:.1f}% | {ans} |")
+            lines += ["", "One threshold for every exit, swept on the evaluation split (descriptive, not calibrated):",
+                      "", "| threshold | val mIoU | GMACs | answered |", "|---|---|---|---|"]
+            sweep = r["sweep"]
+            for c in sweep[:: max(1, len(sweep) // 8)] + ([sweep[-1]] if (len(sweep) - 1) % max(1, len(sweep) // 8) else []):
+                ans = ", ".join(f"{k} {v}" for k, v in c["answered"].items())
+                th = "never" if c["threshold"] is None else f"{c['threshold']:.3f}"
+                lines.append(f"| {th} | {c['mIoU']:.2f} | {c['GMACs']:.3f} | {ans} |")
             t = timed.get("confidence")
             if t:
                 lines += ["", f"Operating point D = {t['max_drop']:g}, measured: mIoU {t['mIoU']:.2f} (final "
@@ -208,6 +226,8 @@ def plot(results, path):
             ax.plot(xs, ys, "s:", color=col, alpha=0.7, label=f"{r['label']}: fixed exits")
             for n, x, y in zip(fixed, xs, ys):
                 ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8, color=col)
+            sw = sorted((c["GMACs"], c["mIoU"]) for c in r["sweep"])
+            ax.plot(*zip(*sw), "-", lw=1, alpha=0.5, color=col, label=f"{r['label']}: one threshold, swept on val")
             pts = sorted((c["GMACs"], c["mIoU"]) for c in r["curve"])
             drops = ", ".join(f"{c['max_drop']:g}" for c in r["curve"])
             ax.plot(*zip(*pts), "o-", color=col, label=f"{r['label']}: confidence (calibrated, D = {drops})")
@@ -243,6 +263,7 @@ def main(argv=None):
     p.add_argument("--drops", default=DEFAULT_DROPS, help="max mIoU drops (on the calibration split) of the curve")
     p.add_argument("--operating-drop", type=float, default=1.0, help="the curve point that is timed")
     p.add_argument("--candidates", type=int, default=16, help="threshold candidates per exit")
+    p.add_argument("--sweep-points", type=int, default=25, help="points of the shared-threshold sweep")
     p.add_argument("--plot", default="", help="also copy the plot here (e.g. docs/images/anytime_demo.png)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--no-timing", action="store_true", help="skip the timed runs (step 4)")

@@ -446,6 +446,9 @@ def test_anytime_curve_benchmark_end_to_end(tmp_path, write_label_dataset):
     assert {"curve.json", "curve.md", "curve.png", "records_DS_calib.npz", "records_DS_eval.npz"} <= set(os.listdir(out))
     assert [c["max_drop"] for c in ds["curve"]] == [0.0, 100.0]
     assert ds["curve"][1]["GMACs"] <= ds["curve"][0]["GMACs"] <= ds["fixed"][FINAL]["GMACs"] + 1e-9
+    assert ds["sweep"][-1]["threshold"] is None and ds["sweep"][-1]["answered"][FINAL] == 3  # "never": the head
+    assert ds["sweep"][-1]["GMACs"] == pytest.approx(ds["fixed"][FINAL]["GMACs"])
+    assert ds["sweep"][0]["answered"]["res2"] == 3  # the lowest confidence seen: res2 answers every image
     assert ds["timed"]["confidence"]["consistent"] and ds["timed"]["confidence"]["max_drop"] == 0.0
     assert set(ds["timed"]) == {"confidence", "exit:res2", "exit:res3", "exit:res4", FINAL}
     assert plain["exits"] == [] and set(plain["timed"]) == {FINAL} and "curve" not in plain
