@@ -16,7 +16,7 @@ from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from segdistill import add_segdistill_config
-from segdistill.hs3.model import register_config_splits
+from segdistill.hs3.splits import register_config_splits
 from segdistill.engine import (
     Trainer, check_dataset_names, check_device, check_lazy_config, check_weights_file, lazy_test, lazy_train,
 )

@@ -7,7 +7,7 @@ the plain ``none``) and its checkpoint; each becomes its deployed ``AnytimeSegme
         --model DS configs/demo/exits/ds.yaml output/anytime_demo/ds/model_final.pth \
         --model SR configs/demo/exits/sr.yaml output/anytime_demo/sr/model_final.pth \
         --model plain configs/demo/exits/none.yaml output/anytime_demo/none/model_final.pth \
-        --opts DATASETS.TRAIN "('segdistill_demo_train_hs3_reduced',)" MODEL.EXITS.HS3.ANALYSIS_FRACTION 0.2
+        --opts DATASETS.TRAIN "('segdistill_demo_train_hs3_reduced',)" HS3_ANALYSIS.FRACTION 0.2
 
 Per model, on the held-out calibration split (default ``<DATASETS.TRAIN[0]>_hs3_analysis``;
 an evaluation split is refused) and on the evaluation split (default ``DATASETS.TEST[0]``):

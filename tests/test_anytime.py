@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, random_batch, tiny_cfg
+from conftest import REPO, random_batch, set_keys, tiny_cfg, write_clusters
 from conftest import trained_model as train_steps
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
@@ -230,8 +230,8 @@ def test_config_errors():
     cfg.MODEL.EXITS.IN_FEATURES = ["res3", "head_features"]
     with pytest.raises(ValueError, match="head's features"):
         build_model(cfg)
-    with pytest.raises(ValueError, match="HS3 exits predict clustered classes"):
-        build_model(exit_cfg("hs3", "AnytimeSegmentor"))
+    with pytest.raises(ValueError, match="Unknown MODEL.EXITS.MODE 'dss'"):
+        build_model(set_keys(exit_cfg("ds", "AnytimeSegmentor"), **{"MODEL.EXITS.MODE": "dss"}))
     cfg = exit_cfg("none", "AnytimeSegmentor")  # the plain model: no exits, policy final only
     assert build_model(cfg).exit_names == []
     cfg.MODEL.EXITS.ANYTIME.POLICY = "confidence"
@@ -275,7 +275,8 @@ def test_deploy_target_anytime_and_lazy_config(tmp_path, sr_pair):
         backbone=model.backbone, sem_seg_head=model.sem_seg_head, pixel_mean=cfg.MODEL.PIXEL_MEAN,
         pixel_std=cfg.MODEL.PIXEL_STD, policy="exit:res3",
         exits=L(build_exit_heads)(input_shape=model.backbone.stage_shapes(), in_features=["res2", "res3", "res4"],
-                                  num_classes=K, channels=16, common_stride=8, norm="BN", with_classifier=False),
+                                  num_classes=K, channels=16, common_stride=8, norm="BN", with_classifier=False,
+                                  max_downsample=2),
     )
     built = instantiate(lazy).eval()
     assert load_anytime_weights(built, out) == []
@@ -503,3 +504,18 @@ def test_hrnet_anytime_model_pads_and_answers_from_branch_exits():
     # the image's own part of the stride-8 map: ceil(70 / 8) x ceil(90 / 8), not the padding
     assert rec["confidence"]["stage2_b0"] == pytest.approx(mean_max_prob(logits[:, :, :9, :12], 0.9).item())
     assert rec["confidence"]["stage2_b0"] != pytest.approx(mean_max_prob(logits, 0.9).item())
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_hs3_exits_are_refused(tmp_path, fuse):
+    """HS3 exits predict clusters (and HS3-Fuse feeds them into the head): not anytime exits."""
+    from segdistill.data.datasets.demo import DEMO_CLASSES
+
+    n = len(DEMO_CLASSES)
+    cfg = tiny_cfg("resnet18", "SegDeepLabV3Head", num_classes=n, **{"MODEL.META_ARCHITECTURE": "AnytimeSegmentor"})
+    cfg.MODEL.EXITS.MODE, cfg.MODEL.EXITS.CHANNELS = "hs3", 16
+    cfg.MODEL.EXITS.HS3.CLUSTERS_FILE = write_clusters(
+        tmp_path / "clusters.json", {e: [i % 2 for i in range(n)] for e in cfg.MODEL.EXITS.IN_FEATURES}, DEMO_CLASSES)
+    cfg.MODEL.EXITS.HS3.FUSE.ENABLED = fuse
+    with pytest.raises(ValueError, match="fuses the exits into the head" if fuse else "their own label spaces"):
+        build_model(cfg)

@@ -14,8 +14,8 @@ are then searched on those records (docs/anytime.md):
   output's on the split (default, D = 1);
 * ``--budget F``: the best mIoU whose average MACs are at most F x the final path's.
 
-The split defaults to ``<DATASETS.TRAIN[0]>_hs3_analysis`` (MODEL.EXITS.HS3.ANALYSIS_FRACTION,
-SPLIT_SEED, ANALYSIS_FILES); train on ``<name>_hs3_reduced`` to hold it out. An evaluation
+The split defaults to ``<DATASETS.TRAIN[0]>_hs3_analysis`` (HS3_ANALYSIS.FRACTION,
+SPLIT_SEED, FILES); train on ``<name>_hs3_reduced`` to hold it out. An evaluation
 split (``DATASETS.TEST``), or one sharing an image with it, is refused. Use the file with
 
     MODEL.EXITS.ANYTIME.POLICY confidence MODEL.EXITS.ANYTIME.THRESHOLDS_FILE <output>

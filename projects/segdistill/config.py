@@ -70,8 +70,8 @@ def add_segdistill_config(cfg: CN) -> None:
     _add_model_zoo_keys(cfg)
     _add_exit_keys(cfg)
     _add_anytime_keys(cfg)
+    _add_hs3_analysis_keys(cfg)
     _add_distill_keys(cfg)
-    _add_dataset_keys(cfg)
 
 
 def _add_model_zoo_keys(cfg: CN) -> None:
@@ -118,10 +118,9 @@ def _add_exit_keys(cfg: CN) -> None:
     cfg.MODEL.EXITS.IN_FEATURES = ["res2", "res3", "res4"]
     # Classes predicted by each exit, one per IN_FEATURES entry; empty = MODEL.SEM_SEG_HEAD.NUM_CLASSES.
     cfg.MODEL.EXITS.NUM_CLASSES = []
-    # Channels of an exit's two 3x3 convs (256 in the paper) and their norm ("" = the heads' norm:
-    # MODEL.NORM, else MODEL.SEM_SEG_HEAD.NORM).
+    # Channels of an exit's two 3x3 convs (256 in the paper). Their norm is the heads' norm
+    # (MODEL.NORM, else MODEL.SEM_SEG_HEAD.NORM; modeling/backbones/norm.py).
     cfg.MODEL.EXITS.CHANNELS = 256
-    cfg.MODEL.EXITS.NORM = ""
     # Every exit's feature map is resized to 1/COMMON_STRIDE of the input (1/8 in the paper).
     cfg.MODEL.EXITS.COMMON_STRIDE = 8
     # Largest bilinear down-sampling factor to the common stride (a larger factor skips pixels):
@@ -138,6 +137,11 @@ def _add_exit_keys(cfg: CN) -> None:
     cfg.MODEL.EXITS.SR.CLS_WEIGHT = 0.2
     # lambda2: pixel cross-entropy of every exit's segmenter, loss_mea_seg.
     cfg.MODEL.EXITS.SR.SEG_WEIGHT = 0.8
+    # False (default, the paper's Eq. 5 as read here): the final head's cross-entropy is its own
+    # loss_sem_seg at weight 1 and SEG_WEIGHT weights the exits only. True (the authors' code,
+    # dongzhang89/SR-SS trainval.py): the final output is inside SEG_WEIGHT too (loss_sem_seg x
+    # SEG_WEIGHT). docs/multi_exit.md compares them.
+    cfg.MODEL.EXITS.SR.SEG_WEIGHT_INCLUDES_FINAL = False
     # lambda3: SR-F, shallowest exit's features teach the deeper exits' (loss_sr_f); 0 = off.
     cfg.MODEL.EXITS.SR.F_WEIGHT = 1.0
     # SR-L, the final head's class logits teach the shallower exits' (loss_sr_l); 0 = off.
@@ -162,23 +166,6 @@ def _add_exit_keys(cfg: CN) -> None:
     cfg.MODEL.EXITS.HS3.CLUSTERS_FILE = ""
     # gamma_i of Eq. 1 (weight of exit i's clustered cross-entropy), one per exit or one for all.
     cfg.MODEL.EXITS.HS3.GAMMAS = [1.0]
-    # Phase-1 split of DATASETS.TRAIN[0] into <name>_hs3_reduced / <name>_hs3_analysis:
-    # share of the analysis set, seed, and optionally a text file listing the analysis images.
-    cfg.MODEL.EXITS.HS3.ANALYSIS_FRACTION = 0.1
-    cfg.MODEL.EXITS.HS3.SPLIT_SEED = 0
-    cfg.MODEL.EXITS.HS3.ANALYSIS_FILES = ""
-    # Phase-1 analysis (tools/hs3_pipeline.py): "spectral", "kmeans" or "manual".
-    cfg.MODEL.EXITS.HS3.METHOD = "spectral"
-    # Trade-off angle in degrees, in [0, 90]; < 0 = the paper's line through the origin.
-    cfg.MODEL.EXITS.HS3.THETA = -1.0
-    # K values of the trade-off curves ("2-18", "2,4,8", "2-170:4"); "" = 2..N.
-    cfg.MODEL.EXITS.HS3.K_GRID = ""
-    # Seed of the clustering.
-    cfg.MODEL.EXITS.HS3.SEED = 0
-    # Affinity from the row-normalised ("row") or raw ("none") confusion matrix.
-    cfg.MODEL.EXITS.HS3.NORMALIZE = "row"
-    # "manual": classes of an exit / classes of the next deeper stage.
-    cfg.MODEL.EXITS.HS3.MANUAL_RATIO = 0.5
     # HS3-Fuse (paper 3.2): an OCR block on each exit's features (soft regions from the exit's
     # cluster logits), concatenated into the final head's finest input feature. Costs inference.
     cfg.MODEL.EXITS.HS3.FUSE = CN()
@@ -212,6 +199,31 @@ def _add_anytime_keys(cfg: CN) -> None:
     # Also return the final head's output ("sem_seg_final") and its time, run after the answer,
     # so evaluators report policy and final output side by side (costs one plain forward).
     cfg.MODEL.EXITS.ANYTIME.EVAL_FINAL = False
+
+
+def _add_hs3_analysis_keys(cfg: CN) -> None:
+    """HS3_ANALYSIS: HS3's offline Phase 1 (segdistill.hs3, tools/hs3_pipeline.py; docs/hs3.md).
+
+    Not part of any model: they say how DATASETS.TRAIN[0] is split and how the clusters file
+    (MODEL.EXITS.HS3.CLUSTERS_FILE, Phase 2's input) is made from the confusion matrices."""
+    cfg.HS3_ANALYSIS = CN()
+    # Phase-1 split of DATASETS.TRAIN[0] into <name>_hs3_reduced / <name>_hs3_analysis:
+    # share of the analysis set, seed, and optionally a text file listing the analysis images.
+    cfg.HS3_ANALYSIS.FRACTION = 0.1
+    cfg.HS3_ANALYSIS.SPLIT_SEED = 0
+    cfg.HS3_ANALYSIS.FILES = ""
+    # Clustering of the confusion matrices: "spectral", "kmeans" or "manual".
+    cfg.HS3_ANALYSIS.METHOD = "spectral"
+    # Trade-off angle in degrees, in [0, 90]; < 0 = the paper's line through the origin.
+    cfg.HS3_ANALYSIS.THETA = -1.0
+    # K values of the trade-off curves ("2-18", "2,4,8", "2-170:4"); "" = 2..N.
+    cfg.HS3_ANALYSIS.K_GRID = ""
+    # Seed of the clustering (the split has SPLIT_SEED).
+    cfg.HS3_ANALYSIS.CLUSTER_SEED = 0
+    # Affinity from the row-normalised ("row") or raw ("none") confusion matrix.
+    cfg.HS3_ANALYSIS.NORMALIZE = "row"
+    # "manual": classes of an exit / classes of the next deeper stage.
+    cfg.HS3_ANALYSIS.MANUAL_RATIO = 0.5
 
 
 def _add_distill_keys(cfg: CN) -> None:
@@ -280,6 +292,3 @@ def _add_distill_keys(cfg: CN) -> None:
     cfg.MODEL.DISTILL.FAKD_PD.WEIGHT = 1.0
     cfg.MODEL.DISTILL.FAKD_PD.TEMPERATURE = 1.0
 
-
-def _add_dataset_keys(cfg: CN) -> None:
-    """Keys of the real datasets' loaders and evaluators (COCO-Stuff, Cityscapes, CamVid)."""

@@ -376,7 +376,7 @@ def check_held_out(calibration_dataset: str, evaluation_datasets: Sequence[str])
     if calibration_dataset in evaluation_datasets:
         raise ValueError(f"Refusing to calibrate on {calibration_dataset!r}: it is an evaluation split "
                          f"(DATASETS.TEST {list(evaluation_datasets)}). Use a held-out part of the training set, "
-                         "e.g. <train>_hs3_analysis (MODEL.EXITS.HS3.ANALYSIS_FRACTION).")
+                         "e.g. <train>_hs3_analysis (HS3_ANALYSIS.FRACTION).")
     files = {d["file_name"] for d in DatasetCatalog.get(calibration_dataset)}
     for name in evaluation_datasets:
         shared = files & {d["file_name"] for d in DatasetCatalog.get(name)}
@@ -392,7 +392,7 @@ def anytime_cfg(config_file: str, opts: Sequence[str] = ()):
     from detectron2.config import get_cfg
 
     from ..config import add_segdistill_config
-    from ..hs3.model import register_config_splits
+    from ..hs3.splits import register_config_splits
 
     cfg = get_cfg()
     add_segdistill_config(cfg)
@@ -418,19 +418,19 @@ def build_anytime_model(cfg):
 
 def register_split(cfg, name: str) -> str:
     """Make ``name`` usable: registered already, or a derived ``<X>_hs3_analysis`` /
-    ``<X>_hs3_reduced`` split of ``MODEL.EXITS.HS3`` (ANALYSIS_FRACTION, SPLIT_SEED, ANALYSIS_FILES)."""
+    ``<X>_hs3_reduced`` split of ``HS3_ANALYSIS`` (FRACTION, SPLIT_SEED, FILES)."""
     from ..hs3.analysis import maybe_register_hs3_split
-    from ..hs3.model import read_analysis_files
+    from ..hs3.splits import read_analysis_files
 
-    h = cfg.MODEL.EXITS.HS3
-    if not maybe_register_hs3_split(name, h.ANALYSIS_FRACTION, h.SPLIT_SEED, read_analysis_files(h.ANALYSIS_FILES)):
+    h = cfg.HS3_ANALYSIS
+    if not maybe_register_hs3_split(name, h.FRACTION, h.SPLIT_SEED, read_analysis_files(h.FILES)):
         raise KeyError(f"Dataset {name!r} is not registered (nor a <registered>_hs3_analysis / _hs3_reduced split); "
                        f"registered: {sorted(DatasetCatalog.list())[:20]} ...")
     return name
 
 
 def default_calibration_split(cfg) -> str:
-    """``<train>_hs3_analysis``: the held-out part of ``DATASETS.TRAIN[0]`` (``MODEL.EXITS.HS3``'s
+    """``<train>_hs3_analysis``: the held-out part of ``DATASETS.TRAIN[0]`` (``HS3_ANALYSIS``'s
     split), registered on the way; warns when the model was trained on all of the training set."""
     from ..hs3.analysis import ANALYSIS_SUFFIX, REDUCED_SUFFIX
 

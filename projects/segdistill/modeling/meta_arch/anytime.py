@@ -54,7 +54,7 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 
 from ..backbones.norm import resolve_norm
-from ..exits import HEAD_FEATURE_PREFIX, ExitHead, build_exit_heads, exit_size
+from ..exits import EXIT_OBJECTIVES, HEAD_FEATURE_PREFIX, ExitHead, build_exit_heads, exit_modes, exit_size
 from ..heads.base import SegHeadMixin
 from ..stagewise import StagewiseBackbone
 
@@ -316,9 +316,8 @@ class AnytimeSegmentor(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         c, a = cfg.MODEL.EXITS, cfg.MODEL.EXITS.ANYTIME
-        if c.MODE == "hs3":
-            raise ValueError("HS3 exits predict clustered classes (and HS3-Fuse feeds them into the head): "
-                             "AnytimeSegmentor needs exits over the dataset's classes (MODEL.EXITS.MODE ds or sr).")
+        if c.MODE not in exit_modes():
+            raise ValueError(f"Unknown MODEL.EXITS.MODE {c.MODE!r}; choose from {list(exit_modes())}.")
         backbone = build_backbone(cfg)
         if not isinstance(backbone, StagewiseBackbone):
             raise TypeError(f"MODEL.BACKBONE.NAME {cfg.MODEL.BACKBONE.NAME!r} builds {type(backbone).__name__}, "
@@ -331,10 +330,20 @@ class AnytimeSegmentor(nn.Module):
                              "head's features, so they would answer after the head has run.")
         exits = {}
         if names:
+            objective_cls = EXIT_OBJECTIVES[c.MODE]  # the mode's contract says what its exits predict
+            if objective_cls.build_fusion(cfg, names, backbone.output_shape()) is not None:
+                raise ValueError(f"MODEL.EXITS.MODE {c.MODE!r} fuses the exits into the head's input, so the head "
+                                 "cannot run without them: anytime inference needs exits the head does not read.")
+            dataset = (list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN) or [None])[0]
+            spaces = objective_cls.eval_label_spaces(cfg, dataset) if dataset else {}
+            if spaces:
+                raise ValueError(f"The exits of MODEL.EXITS.MODE {c.MODE!r} predict their own label spaces "
+                                 f"({sorted(spaces)}), not the dataset's classes: an anytime exit answers in the "
+                                 "dataset's classes (MODE ds or sr).")
             exits = build_exit_heads(
                 input_shape=backbone.stage_shapes(), in_features=names,
-                num_classes=list(c.NUM_CLASSES) or cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, channels=c.CHANNELS,
-                common_stride=c.COMMON_STRIDE, norm=c.NORM or resolve_norm(cfg, "head"),
+                num_classes=objective_cls.exit_num_classes(cfg, names), channels=c.CHANNELS,
+                common_stride=c.COMMON_STRIDE, norm=resolve_norm(cfg, "head"),
                 with_classifier=False, max_downsample=c.MAX_DOWNSAMPLE,
             )
         return {

@@ -1,5 +1,4 @@
-"""Exits of a multi-exit segmentor, the named outputs every exit objective reads, and the
-registry of those objectives (deep supervision, Self-Regulation, ...).
+"""Exits of a multi-exit segmentor and the named outputs every exit objective reads.
 
 An exit (Self-Regulation, section 4.4) on a stage's features ``x``::
 
@@ -8,14 +7,15 @@ An exit (Self-Regulation, section 4.4) on a stage's features ``x``::
     -> ReLU -> segmenter: 1x1 conv to K logits  (pixel-level, MEA seg / deep supervision)
             -> classifier: global average pool + linear to K logits (image-level, MEA cls / SR-L)
 
-``K`` is per exit (HS3 gives each exit its own clustered class set). Exits are training-only:
-the deployed model (``MultiExitSegmentor.deploy_state_dict``) contains none of them.
+``K`` is per exit (HS3 gives each exit its own clustered class set). Exits are training-only
+unless an :class:`ExitFusion` feeds them into the head (HS3-Fuse); the deployed model
+(``MultiExitSegmentor.deploy_state_dict``) contains none of the others.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -24,13 +24,12 @@ from torch.nn import functional as F
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 
 __all__ = [
-    "ExitHead", "MultiLabelClassifier", "ExitOutput", "MultiExitOutputs", "build_exit_heads",
-    "check_exit_features", "exit_size", "ExitObjective", "EXIT_OBJECTIVES", "register_exit_objective",
-    "HEAD_FEATURE_PREFIX",
+    "ExitHead", "MultiLabelClassifier", "ExitOutput", "MultiExitOutputs", "ExitFusion", "build_exit_heads",
+    "check_exit_features", "exit_size", "HEAD_FEATURE_PREFIX",
 ]
 
-# Exit names of the head's exposed features: "head_features" (pre-classifier features of every
-# SegHeadMixin head) and any name a head lists in ``exposed_features()`` (e.g. decoder levels).
+# Exit name of the head's pre-classifier features (every SegHeadMixin head exposes them):
+# an exit on "head_features" reads them.
 HEAD_FEATURE_PREFIX = "head_"
 
 
@@ -42,7 +41,7 @@ def exit_size(image_hw: Sequence[int], common_stride: int) -> Tuple[int, int]:
 class MultiLabelClassifier(nn.Module):
     """Image-level multi-label classifier: global average pooling + linear to class logits."""
 
-    def __init__(self, in_channels: int, num_classes: int):
+    def __init__(self, *, in_channels: int, num_classes: int):
         super().__init__()
         self.fc = nn.Linear(in_channels, num_classes)
 
@@ -81,27 +80,13 @@ class MultiExitOutputs:
     backbone: Dict[str, torch.Tensor] = field(default_factory=dict)
     image_size: Tuple[int, int] = (0, 0)
 
-    @property
-    def names(self) -> List[str]:
-        return list(self.exits)
-
 
 class ExitHead(nn.Module):
     """One exit: reduce conv, resize to the common stride, feature conv, segmenter (+ classifier)."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        in_stride: int,
-        *,
-        num_classes: int,
-        channels: int = 256,
-        common_stride: int = 8,
-        norm: str = "BN",
-        with_classifier: bool = True,
-    ):
+    def __init__(self, *, in_channels: int, num_classes: int, channels: int, common_stride: int, norm: str,
+                 with_classifier: bool):
         super().__init__()
-        self.in_stride = in_stride
         self.common_stride = common_stride
         self.num_classes = num_classes
         self.channels = channels
@@ -109,7 +94,8 @@ class ExitHead(nn.Module):
                              norm=get_norm(norm, channels), activation=F.relu)
         self.feature = Conv2d(channels, channels, 3, padding=1, bias=not norm, norm=get_norm(norm, channels))
         self.segmenter = Conv2d(channels, num_classes, 1)
-        self.classifier = MultiLabelClassifier(channels, num_classes) if with_classifier else None
+        self.classifier = (MultiLabelClassifier(in_channels=channels, num_classes=num_classes)
+                           if with_classifier else None)
 
     def forward(self, x: torch.Tensor, size: Tuple[int, int], with_classifier: bool = True) -> ExitOutput:
         x = self.reduce(x)
@@ -121,11 +107,40 @@ class ExitHead(nn.Module):
         return ExitOutput(feats, self.segmenter(act), cls, self.common_stride)
 
 
+class ExitFusion(nn.Module):
+    """Exits that feed the final head (HS3-Fuse): the contract ``MultiExitSegmentor`` relies on.
+
+    An objective whose mode fuses its exits into the head builds one in
+    :meth:`ExitObjective.build_fusion`. Then the exits run before the head, also in
+    ``eval()``, and are part of the deployed model. A subclass sets:
+
+    * ``name``: the attribute (and state-dict prefix) the segmentor keeps it under;
+    * ``exit_names``: the exits it reads (every exit, backbone stages only);
+    * ``exit_parts``: the exits' submodules it needs at inference (kept by deploy);
+    * :meth:`head_input_shapes`: the backbone's output shapes as the head sees them;
+    * ``forward(features, exits) -> features``: the head's input from the backbone's
+      features and the exits' :class:`ExitOutput`.
+    """
+
+    name = "exit_fusion"
+    exit_parts: Tuple[str, ...] = ("reduce", "feature", "segmenter")
+
+    @property
+    def exit_names(self) -> List[str]:
+        raise NotImplementedError
+
+    def head_input_shapes(self, shapes: Dict[str, ShapeSpec]) -> Dict[str, ShapeSpec]:
+        raise NotImplementedError
+
+    def forward(self, features: Dict[str, torch.Tensor], exits: Dict[str, ExitOutput]) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
 def check_exit_features(
     in_features: Sequence[str],
     shapes: Dict[str, ShapeSpec],
     common_stride: int,
-    max_downsample: int = 2,
+    max_downsample: int,
 ) -> None:
     """Raise a clear ValueError for unknown exit names or stages too fine for the common stride.
 
@@ -156,15 +171,15 @@ def check_exit_features(
 
 
 def build_exit_heads(
+    *,
     input_shape: Dict[str, ShapeSpec],
     in_features: Sequence[str],
-    num_classes,
-    *,
-    channels: int = 256,
-    common_stride: int = 8,
-    norm: str = "BN",
-    with_classifier: bool = True,
-    max_downsample: int = 2,
+    num_classes: Union[int, Sequence[int]],
+    channels: int,
+    common_stride: int,
+    norm: str,
+    with_classifier: bool,
+    max_downsample: int,
 ) -> nn.ModuleDict:
     """Exits on ``in_features`` (shallowest first), checked against ``input_shape``.
 
@@ -182,63 +197,7 @@ def build_exit_heads(
             f"{in_features}; give one per exit (or none to use MODEL.SEM_SEG_HEAD.NUM_CLASSES)."
         )
     return nn.ModuleDict({
-        name: ExitHead(input_shape[name].channels, input_shape[name].stride, num_classes=int(k),
-                       channels=channels, common_stride=common_stride, norm=norm,
-                       with_classifier=with_classifier)
+        name: ExitHead(in_channels=input_shape[name].channels, num_classes=int(k), channels=channels,
+                       common_stride=common_stride, norm=norm, with_classifier=with_classifier)
         for name, k in zip(in_features, num_classes)
     })
-
-
-class ExitObjective(nn.Module):
-    """Base of the exit objectives: ``forward(outputs, targets) -> {loss name: tensor}``.
-
-    ``targets`` are the padded N x H x W labels of the dataset's classes; an objective reads
-    each exit's own targets through :meth:`exit_targets`, which maps them through
-    ``label_luts[exit_name]`` (a LongTensor from dataset class to the exit's class, ignore
-    kept) when the mode gives one (HS3), else returns them unchanged. Subclasses set
-    ``needs_classifiers`` (an attribute or property) when they read ``cls_logits``, so the
-    model builds the classifiers only then (no unused parameters under DDP).
-    """
-
-    needs_classifiers = False
-
-    def __init__(self, ignore_value: int = 255, label_luts: Optional[Dict[str, torch.Tensor]] = None):
-        super().__init__()
-        self.ignore_value = ignore_value
-        self.label_luts: Dict[str, torch.Tensor] = dict(label_luts or {})
-        self.iteration: Optional[int] = None
-        self.max_iter: Optional[int] = None
-
-    def exit_targets(self, exit_name: str, targets: torch.Tensor) -> torch.Tensor:
-        lut = self.label_luts.get(exit_name)
-        if lut is None:
-            return targets
-        lut = lut.to(targets.device)
-        valid = targets != self.ignore_value
-        mapped = lut[targets.clamp(0, lut.numel() - 1)]
-        return torch.where(valid, mapped, targets)
-
-    def check_exits(self, exit_num_classes: Dict[str, int], head_num_classes: int) -> None:
-        """Raise a clear ValueError when the exits do not suit this objective (called by the model)."""
-
-    def set_training_progress(self, iteration: int, max_iter: int) -> None:
-        self.iteration, self.max_iter = int(iteration), int(max_iter)
-
-    def forward(self, outputs: MultiExitOutputs, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-
-# MODEL.EXITS.MODE -> ExitObjective subclass, built as ``cls(cfg)`` (a @configurable class).
-EXIT_OBJECTIVES: Dict[str, type] = {}
-
-
-def register_exit_objective(name: str):
-    """Class decorator: make ``name`` a valid ``MODEL.EXITS.MODE``."""
-
-    def deco(cls):
-        if name in EXIT_OBJECTIVES and EXIT_OBJECTIVES[name] is not cls:
-            raise ValueError(f"Exit objective {name!r} is already registered ({EXIT_OBJECTIVES[name].__name__}).")
-        EXIT_OBJECTIVES[name] = cls
-        return cls
-
-    return deco

@@ -1,4 +1,5 @@
-"""Losses of multi-exit training: deep supervision and Self-Regulation (MEA, SR-F, SR-L).
+"""Self-Regulation (``MODEL.EXITS.MODE sr``): MEA, SR-F and SR-L, their functional forms and
+the objective.
 
 Self-Regulation (Zhang et al., ICCV 2021), Eq. 5::
 
@@ -6,7 +7,14 @@ Self-Regulation (Zhang et al., ICCV 2021), Eq. 5::
 
 * ``loss_mea_cls``: multi-label BCE of every classifier (exits and final head) against the
   image's class presence (ignore pixels never count);
-* ``loss_mea_seg``: pixel cross-entropy of every exit's segmenter (ignore respected);
+* ``loss_mea_seg``: pixel cross-entropy of every exit's segmenter (ignore respected); the
+  final head's own cross-entropy is its ``loss_sem_seg`` at weight 1 (this project's reading
+  of the paper, the default). The authors' code (``trainval.py`` of dongzhang89/SR-SS, the
+  line ``loss = Lambda1*loss1_classification + Lambda2*loss2_segmentation + ...``, where
+  ``loss2_segmentation = get_seg_loss(out, label)`` sums the CE of every output, the final
+  one ``out[0]`` included) puts the final output inside lambda2 as well:
+  ``seg_weight_includes_final=True`` (``MODEL.EXITS.SR.SEG_WEIGHT_INCLUDES_FINAL``) scales
+  ``loss_sem_seg`` by ``seg_weight`` to reproduce it (docs/multi_exit.md);
 * ``loss_sr_f`` (Eq. 1-3): the shallowest exit's feature map teaches every deeper exit's:
   ``-tau^2 * mean_pixels sum_c softmax(t/tau)_c * log softmax(s/tau)_c``, summed over students.
   The paper writes ``sigma(t)^(1/tau)`` renormalised, which is exactly ``softmax(t/tau)``;
@@ -33,12 +41,13 @@ from torch.nn import functional as F
 from detectron2.config import configurable
 from detectron2.utils import comm
 
-from ..exits import ExitObjective, MultiExitOutputs, register_exit_objective
+from .heads import MultiExitOutputs
+from .objective import ExitObjective, put_scalar, register_exit_objective, seg_cross_entropy
 
 __all__ = [
     "class_presence", "multilabel_bce", "seg_cross_entropy", "tempered_soft_ce", "sr_f_loss", "sr_l_loss",
     "sr_f_code_loss", "sr_l_code_loss", "teacher_spread", "anneal_temperature",
-    "DeepSupervisionObjective", "SelfRegulationObjective", "SR_VARIANTS",
+    "SelfRegulationObjective", "SR_VARIANTS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -68,17 +77,6 @@ def class_presence(targets: torch.Tensor, num_classes: int, ignore_value: int = 
 def multilabel_bce(cls_logits: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
     """Mean binary cross-entropy of N x K logits against N x K presence."""
     return F.binary_cross_entropy_with_logits(cls_logits.float(), presence.float())
-
-
-def seg_cross_entropy(seg_logits: torch.Tensor, targets: torch.Tensor, ignore_value: int = 255) -> torch.Tensor:
-    """Pixel CE of logits (upsampled bilinearly to the targets' size), mean over non-ignore pixels.
-
-    An all-ignore batch gives 0 (with a graph), not NaN.
-    """
-    if seg_logits.shape[-2:] != targets.shape[-2:]:
-        seg_logits = F.interpolate(seg_logits.float(), size=targets.shape[-2:], mode="bilinear", align_corners=False)
-    total = F.cross_entropy(seg_logits.float(), targets, ignore_index=ignore_value, reduction="sum")
-    return total / (targets != ignore_value).sum().clamp(min=1)
 
 
 def tempered_soft_ce(teacher: torch.Tensor, student: torch.Tensor, tau: float, detach_teacher: bool = True) -> torch.Tensor:
@@ -141,27 +139,6 @@ def anneal_temperature(tau: float, spread: torch.Tensor, threshold: float = 0.5,
 
 
 # ----------------------------------------------------------------------------- objectives
-@register_exit_objective("ds")
-class DeepSupervisionObjective(ExitObjective):
-    """Deep supervision: every exit's segmenter trained with the cross-entropy (``loss_ds``)."""
-
-    @configurable
-    def __init__(self, *, weight: float = 1.0, ignore_value: int = 255, label_luts=None):
-        super().__init__(ignore_value, label_luts)
-        self.weight = weight
-
-    @classmethod
-    def from_config(cls, cfg, exit_num_classes: Optional[Dict[str, int]] = None):
-        return {"weight": cfg.MODEL.EXITS.DS.WEIGHT, "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE}
-
-    def forward(self, outputs: MultiExitOutputs, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
-        total = sum(
-            seg_cross_entropy(out.seg_logits, self.exit_targets(name, targets), self.ignore_value)
-            for name, out in outputs.exits.items()
-        )
-        return {"loss_ds": self.weight * total}
-
-
 @register_exit_objective("sr")
 class SelfRegulationObjective(ExitObjective):
     """Self-Regulation: MEA + SR-F + SR-L with the adaptive temperature (see the module docstring)."""
@@ -170,20 +147,20 @@ class SelfRegulationObjective(ExitObjective):
     def __init__(
         self,
         *,
-        cls_weight: float = 0.2,
-        seg_weight: float = 0.8,
-        f_weight: float = 1.0,
-        l_weight: float = 1.0,
-        variant: str = "paper",
-        detach_teacher: bool = True,
-        warmup_iters: int = 0,
-        temperature: float = 1.0,
-        anneal_factor: float = 1.05,
-        anneal_threshold: float = 0.5,
-        ignore_value: int = 255,
-        label_luts=None,
+        cls_weight: float,
+        seg_weight: float,
+        seg_weight_includes_final: bool,
+        f_weight: float,
+        l_weight: float,
+        variant: str,
+        detach_teacher: bool,
+        warmup_iters: int,
+        temperature: float,
+        anneal_factor: float,
+        anneal_threshold: float,
+        ignore_value: int,
     ):
-        super().__init__(ignore_value, label_luts)
+        super().__init__(ignore_value=ignore_value)
         if variant not in SR_VARIANTS:
             raise ValueError(f"MODEL.EXITS.SR.VARIANT must be one of {SR_VARIANTS}, got {variant!r}.")
         if temperature <= 0 or anneal_factor < 1.0:
@@ -191,6 +168,7 @@ class SelfRegulationObjective(ExitObjective):
                 f"MODEL.EXITS.SR.TEMPERATURE must be > 0 and ANNEAL_FACTOR >= 1 (got {temperature}, {anneal_factor})."
             )
         self.cls_weight, self.seg_weight = cls_weight, seg_weight
+        self.seg_weight_includes_final = bool(seg_weight_includes_final)
         self.f_weight, self.l_weight = f_weight, l_weight
         self.variant = variant
         self.detach_teacher = detach_teacher
@@ -201,14 +179,19 @@ class SelfRegulationObjective(ExitObjective):
         self._warned_no_progress = False
 
     @classmethod
-    def from_config(cls, cfg, exit_num_classes: Optional[Dict[str, int]] = None):
+    def from_config(cls, cfg):
         c = cfg.MODEL.EXITS.SR
         return dict(
-            cls_weight=c.CLS_WEIGHT, seg_weight=c.SEG_WEIGHT, f_weight=c.F_WEIGHT, l_weight=c.L_WEIGHT,
-            variant=c.VARIANT, detach_teacher=c.DETACH_TEACHER, warmup_iters=c.WARMUP_ITERS,
-            temperature=c.TEMPERATURE, anneal_factor=c.ANNEAL_FACTOR, anneal_threshold=c.ANNEAL_THRESHOLD,
-            ignore_value=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+            cls_weight=c.CLS_WEIGHT, seg_weight=c.SEG_WEIGHT, seg_weight_includes_final=c.SEG_WEIGHT_INCLUDES_FINAL,
+            f_weight=c.F_WEIGHT, l_weight=c.L_WEIGHT, variant=c.VARIANT, detach_teacher=c.DETACH_TEACHER,
+            warmup_iters=c.WARMUP_ITERS, temperature=c.TEMPERATURE, anneal_factor=c.ANNEAL_FACTOR,
+            anneal_threshold=c.ANNEAL_THRESHOLD, ignore_value=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
         )
+
+    @property
+    def final_loss_weight(self) -> float:
+        """The authors' code weights the final output's CE by SEG_WEIGHT too (see the module docstring)."""
+        return float(self.seg_weight) if self.seg_weight_includes_final else 1.0
 
     @property
     def needs_classifiers(self) -> bool:
@@ -303,18 +286,8 @@ class SelfRegulationObjective(ExitObjective):
             losses["loss_sr_l"] = self.l_weight * loss
 
         if self.training:
-            _put_scalar("sr_temperature", tau)
+            put_scalar("sr_temperature", tau)
             if active and self.variant == "paper" and (self.f_weight > 0 or self.l_weight > 0):
                 self.update_temperature(teacher.features, tau)
         return losses
 
-
-def _put_scalar(name: str, value: float) -> None:
-    """Log to detectron2's event storage when one is open (inside a trainer)."""
-    from detectron2.utils.events import get_event_storage
-
-    try:
-        storage = get_event_storage()
-    except AssertionError:  # no trainer: nothing to log to
-        return
-    storage.put_scalar(name, value, smoothing_hint=False)

@@ -1,7 +1,7 @@
 """HS3 clusters file: which cluster every class belongs to, per exit, and how it was made.
 
-Phase 1 of HS3 (``tools/hs3_analyze.py``) writes it; Phase 2 (the ``hs3`` exit mode) and
-the evaluator read it (``MODEL.EXITS.HS3.CLUSTERS_FILE``). The file is JSON, readable and
+Phase 1 of HS3 (``segdistill.hs3``, ``tools/hs3_analyze.py``) writes it; Phase 2 (the ``hs3``
+exit mode, :mod:`.hs3`) and the evaluator read it (``MODEL.EXITS.HS3.CLUSTERS_FILE``). The file is JSON, readable and
 editable by hand (docs/hs3.md)::
 
     {"format": "segdistill-hs3-clusters", "version": 1,
@@ -28,7 +28,7 @@ import numpy as np
 __all__ = [
     "ClustersFileError", "ExitClusters", "HS3Clusters", "load_clusters", "save_clusters",
     "assignment_from_groups", "cluster_names_of", "groups_of", "ground_truth_lut", "map_labels",
-    "canonical_assignment", "dumps_readable", "FORMAT", "VERSION",
+    "canonical_assignment", "clusters_from_dict", "synthetic_clusters", "file_sha256", "clusters_fingerprint", "dumps_readable", "FORMAT", "VERSION",
 ]
 
 FORMAT = "segdistill-hs3-clusters"
@@ -321,6 +321,39 @@ def save_clusters(path: str, clusters: HS3Clusters) -> str:
     return path
 
 
+def synthetic_clusters(num_classes: int, exit_names: Sequence[str]) -> HS3Clusters:
+    """Valid clusters without an analysis, for benchmarks and cost counts: exit i of E (shallowest
+    first) gets K_i = N / 2^(E - i) clusters (at least 2), class c in cluster c mod K_i."""
+    names = [f"c{i}" for i in range(num_classes)]
+    exits = {}
+    for i, e in enumerate(exit_names):
+        k = max(2, num_classes // 2 ** (len(exit_names) - i))
+        exits[e] = {"assignment": [c % k for c in range(num_classes)]}
+    return clusters_from_dict({"class_names": names, "exits": exits}, where="synthetic HS3 clusters")
+
+
+def file_sha256(path: str, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes (what a run was built from: the HS3 pipeline and the
+    analysis record it)."""
+    import hashlib
+
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def clusters_fingerprint(clusters: HS3Clusters) -> str:
+    """SHA-256 of what a model trains on: the class names and every exit's assignment (not the
+    file's date or analysis notes, so a clusters file rewritten with the same clusters keeps it)."""
+    import hashlib
+
+    content = {"class_names": list(clusters.class_names),
+               "exits": {e: [int(v) for v in c.assignment] for e, c in clusters.exits.items()}}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
 def ground_truth_lut(assignment: Sequence[int], ignore_value: int = 255, size: Optional[int] = None) -> np.ndarray:
     """Lookup table label -> cluster: ``lut[c] = assignment[c]``, ``lut[ignore] = ignore``.
 
@@ -342,13 +375,23 @@ def ground_truth_lut(assignment: Sequence[int], ignore_value: int = 255, size: O
 
 
 def map_labels(labels, lut, ignore_value: int = 255):
-    """Map a label tensor (any shape, any device) through ``lut``; ignore pixels stay ignore,
-    values beyond the table become ignore. Returns int64 on the labels' device."""
+    """Map labels through a class -> cluster table: the one mapping of the package (the HS3
+    objective's targets, the evaluator's ground truth of every ``sem_seg_<exit>``).
+
+    ``labels``: a numpy array or a torch tensor (any shape, any device); ``lut``: a numpy
+    array or a tensor (:func:`ground_truth_lut`). ``lut[label]`` for labels inside the
+    table; the ignore value stays ignore, and every other value (negative, or beyond the
+    table) becomes the ignore value. Returns int64 of the labels' kind (and device).
+    """
+    if isinstance(labels, np.ndarray):
+        table = np.asarray(lut, dtype=np.int64)
+        lab = labels.astype(np.int64, copy=False)
+        inside = (lab >= 0) & (lab < table.size) & (lab != ignore_value)
+        return np.where(inside, table[np.clip(lab, 0, table.size - 1)], np.int64(ignore_value))
     import torch
 
-    table = torch.as_tensor(np.asarray(lut), dtype=torch.long, device=labels.device)
+    table = torch.as_tensor(lut, dtype=torch.long).to(labels.device)
     lab = labels.long()
-    inside = (lab >= 0) & (lab < table.numel())
+    inside = (lab >= 0) & (lab < table.numel()) & (lab != ignore_value)
     out = table[lab.clamp(0, table.numel() - 1)]
-    out = torch.where(inside, out, torch.full_like(out, ignore_value))
-    return torch.where(lab == ignore_value, torch.full_like(out, ignore_value), out)
+    return torch.where(inside, out, torch.full_like(out, ignore_value))
