@@ -519,3 +519,15 @@ def test_hs3_exits_are_refused(tmp_path, fuse):
     cfg.MODEL.EXITS.HS3.FUSE.ENABLED = fuse
     with pytest.raises(ValueError, match="fuses the exits into the head" if fuse else "their own label spaces"):
         build_model(cfg)
+    # tools/calibrate_exits.py on the same records: the thresholds of the benchmark's D = 100 point
+    spec = importlib.util.spec_from_file_location("calibrate_exits", os.path.join(REPO, "tools", "calibrate_exits.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    thr = str(tmp_path / "thresholds.json")
+    tool.main(["--config-file", files["ds"][0], "--output", thr, "--dataset", calib, "--max-drop", "100",
+               "--records", str(out / "records_DS_calib.npz"), "MODEL.WEIGHTS", files["ds"][1]])
+    doc = json.load(open(thr))
+    assert doc["thresholds"] == ds["curve"][1]["thresholds"] and doc["calibration"]["dataset"] == calib
+    assert load_thresholds(thr, ["res2", "res3", "res4"], confidence="mean_max_prob", pixel_threshold=0.9)
+    with pytest.raises(ValueError, match="is an evaluation split"):
+        tool.main(["--config-file", files["ds"][0], "--output", thr, "--dataset", val, "MODEL.WEIGHTS", files["ds"][1]])
