@@ -18,6 +18,7 @@ an evaluation split is refused) and on the evaluation split (default ``DATASETS.
 3. for each ``--drops`` value D, thresholds calibrated on the calibration split (lowest
    average MACs at most D mIoU below the final output there) and their outcome on the
    evaluation split (exact: the policy's answer for an image is one of the recorded outputs);
+   the same for each ``--budgets`` value B (best mIoU within B x the final path's MACs);
    and, descriptive only, one threshold shared by every exit swept over the evaluation
    split's confidences (``--sweep-points``);
 4. timed runs on the evaluation split (one image at a time, ``EVAL_FINAL`` on, so every image's
@@ -123,6 +124,16 @@ def run_model(label, config, weights, args, out_dir):
                 "mIoU": o.miou, "GMACs": o.avg_macs / 1e9, "drop": final["mIoU"] - o.miou,
                 "MACs_saved_pct": 100.0 * (1 - o.avg_macs / (final["GMACs"] * 1e9)), "answered": o.histogram(),
             })
+        result["budget_curve"] = []  # the other objective: the best mIoU within a MACs budget
+        for budget in args.budgets:
+            cal = calibrate(rec_c, budget=budget, candidates=args.candidates)
+            o = policy_outcome(rec_e, cal.thresholds)
+            result["budget_curve"].append({
+                "budget": budget, "feasible": cal.feasible,
+                "thresholds": {k: _finite(v) for k, v in cal.thresholds.items()}, "calib_mIoU": cal.outcome.miou,
+                "mIoU": o.miou, "GMACs": o.avg_macs / 1e9, "drop": final["mIoU"] - o.miou,
+                "MACs_saved_pct": 100.0 * (1 - o.avg_macs / (final["GMACs"] * 1e9)), "answered": o.histogram(),
+            })
         # descriptive, no calibration: one threshold for every exit, swept over the evaluation
         # split's own confidences (where the trade-off bends; the calibrated points sit on it or near it)
         values = np.unique(rec_e.confidences)
@@ -185,6 +196,16 @@ def write_table(results, args, out_dir, machine):
                 ans = ", ".join(f"{k} {v}" for k, v in c["answered"].items())
                 lines.append(f"| {c['max_drop']:g} | {th} | {c['calib_mIoU']:.2f} ({c['calib_final_mIoU']:.2f}) | "
                              f"{c['mIoU']:.2f} | {c['drop']:+.2f} | {c['GMACs']:.3f} | {c['MACs_saved_pct']:.1f}% | {ans} |")
+            lines += ["", "Confidence policy, thresholds calibrated for the best mIoU within B x the final path's "
+                      "average MACs on the calibration split:", "",
+                      "| B | thresholds | calib mIoU | val mIoU | val drop | GMACs | MACs saved | answered |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for c in r.get("budget_curve", []):
+                th = ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in c["thresholds"].items())
+                ans = ", ".join(f"{k} {v}" for k, v in c["answered"].items())
+                lines.append(f"| {c['budget']:g}{'' if c['feasible'] else ' (infeasible)'} | {th} | "
+                             f"{c['calib_mIoU']:.2f} | {c['mIoU']:.2f} | {c['drop']:+.2f} | {c['GMACs']:.3f} | "
+                             f"{c['MACs_saved_pct']:.1f}% | {ans} |")
             lines += ["", "One threshold for every exit, swept on the evaluation split (descriptive, not calibrated):",
                       "", "| threshold | val mIoU | GMACs | answered |", "|---|---|---|---|"]
             sweep = r["sweep"]
@@ -230,7 +251,12 @@ def plot(results, path):
             ax.plot(*zip(*sw), "-", lw=1, alpha=0.5, color=col, label=f"{r['label']}: one threshold, swept on val")
             pts = sorted((c["GMACs"], c["mIoU"]) for c in r["curve"])
             drops = ", ".join(f"{c['max_drop']:g}" for c in r["curve"])
-            ax.plot(*zip(*pts), "o-", color=col, label=f"{r['label']}: confidence (calibrated, D = {drops})")
+            ax.plot(*zip(*pts), "o-", color=col, label=f"{r['label']}: confidence, calibrated for a max drop D = {drops}")
+            if r.get("budget_curve"):
+                bp = sorted((c["GMACs"], c["mIoU"]) for c in r["budget_curve"])
+                budgets = ", ".join(f"{c['budget']:g}" for c in r["budget_curve"])
+                ax.plot(*zip(*bp), "^--", color=col, alpha=0.8,
+                        label=f"{r['label']}: confidence, calibrated for a MACs budget B = {budgets}")
             t = r.get("timed", {}).get("confidence")
             if t:
                 ax.plot([t["GMACs"]], [t["mIoU"]], "D", ms=11, mfc="none", mew=2, color=col,
@@ -261,6 +287,8 @@ def main(argv=None):
     p.add_argument("--calib-dataset", default="", help="default: <DATASETS.TRAIN[0]>_hs3_analysis")
     p.add_argument("--eval-dataset", default="", help="default: DATASETS.TEST[0]")
     p.add_argument("--drops", default=DEFAULT_DROPS, help="max mIoU drops (on the calibration split) of the curve")
+    p.add_argument("--budgets", default="0.1,0.15,0.2,0.3,0.5",
+                   help="MACs budgets (fractions of the final path's) of the best-mIoU curve")
     p.add_argument("--operating-drop", type=float, default=1.0, help="the curve point that is timed")
     p.add_argument("--candidates", type=int, default=16, help="threshold candidates per exit")
     p.add_argument("--sweep-points", type=int, default=25, help="points of the shared-threshold sweep")
@@ -270,6 +298,7 @@ def main(argv=None):
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides for every model")
     args = p.parse_args(argv)
     args.drops = [float(v) for v in args.drops.split(",") if v.strip()]
+    args.budgets = [float(v) for v in args.budgets.split(",") if v.strip()]
     setup_logger(name="segdistill")
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -446,6 +446,7 @@ def test_anytime_curve_benchmark_end_to_end(tmp_path, write_label_dataset):
     ds, plain = bench.main(argv)
     assert {"curve.json", "curve.md", "curve.png", "records_DS_calib.npz", "records_DS_eval.npz"} <= set(os.listdir(out))
     assert [c["max_drop"] for c in ds["curve"]] == [0.0, 100.0]
+    assert [c["budget"] for c in ds["budget_curve"]] == [0.1, 0.15, 0.2, 0.3, 0.5]
     assert ds["curve"][1]["GMACs"] <= ds["curve"][0]["GMACs"] <= ds["fixed"][FINAL]["GMACs"] + 1e-9
     assert ds["sweep"][-1]["threshold"] is None and ds["sweep"][-1]["answered"][FINAL] == 3  # "never": the head
     assert ds["sweep"][-1]["GMACs"] == pytest.approx(ds["fixed"][FINAL]["GMACs"])
