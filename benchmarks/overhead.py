@@ -15,8 +15,9 @@ Methods and their baselines (demo-scale configs, ``configs/demo/``):
   HS3's clusters file is a synthetic one written to a temporary folder (K_i = N / 2^(exits - i)
   clusters per exit; the count only changes the exits' segmenters).
 * distillation (``distill/*.yaml``): ``pd``, ``cwd``, ``hwd``, ``fakd_cwd``, ``fakd_pd``,
-  ``hwd+fakd_pd`` against ``student``, the demo student (DeepLabV3 on MobileNetV2) trained
-  alone. The teacher (DeepLabV3-R18, 256-channel ASPP) has random weights
+  ``hwd+fakd_pd`` and the comparison rows ``skd``, ``ifvd``, ``cirkd``, ``mgd``, ``dist``,
+  ``fitnet``, ``at`` (each with its full objective, e.g. PD + SKD) against ``student``, the
+  demo student (DeepLabV3 on MobileNetV2) trained alone. The teacher (DeepLabV3-R18, 256-channel ASPP) has random weights
   (``MODEL.DISTILL.TEACHER.ALLOW_RANDOM``): its cost does not depend on them.
 
 **Training block.** One process builds every model with the same seed and times SGD steps
@@ -53,7 +54,9 @@ HS3-Fuse is expected to cost more.
 
 Distillation rows also have ``x CWD`` (step time and memory against CWD's, when ``cwd``
 runs) and ``loss alone``: the distillation terms' forward + backward from fixed student
-logits / features and teacher logits, which isolates what each term costs next to CWD.
+and teacher taps, which isolates what each term costs next to CWD; ``loss parts`` counts the
+parameters of the losses' trainable parts (connectors, MGD's generator, CIRKD's projection
+head, SKD/IFVD's discriminator), trained with the student and never deployed.
 ``--classes N`` builds every model (and the teacher) with N classes (e.g. 171, COCO-Stuff's),
 ``--covariance`` picks FAKD's covariance. The targets (issues 3 and 4: SR at most 1.15x its
 baseline; HWD at most 1.05x and FAKD at most 1.2x CWD, per training step) are checked at the
@@ -87,11 +90,10 @@ sys.path.insert(0, os.path.join(ROOT, "projects"))
 
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
-from detectron2.structures import ImageList  # noqa: E402
 from segdistill import add_segdistill_config  # noqa: E402
 from segdistill.engine.deploy import deployed_state_dict  # noqa: E402
 from segdistill.modeling.exits.hs3_clusters import save_clusters, synthetic_clusters  # noqa: E402
-from segdistill.modeling.meta_arch.distill import resize_labels, semantic_segmentor_distill_forward  # noqa: E402
+from segdistill.modeling.meta_arch.distill import Distiller  # noqa: E402
 from segdistill.modeling.heads import head_outputs  # noqa: E402
 
 PLAIN_CONFIG = "configs/demo/deeplabv3_r18.yaml"
@@ -129,7 +131,10 @@ METHODS: Dict[str, Method] = {
     **{name: Method(f"configs/demo/distill/{file}.yaml", tuple(TEACHER), baseline="student",
                     deploy_config=STUDENT_CONFIG)
        for name, file in [("pd", "pd"), ("cwd", "cwd"), ("hwd", "hwd"), ("fakd_cwd", "fakd_cwd"),
-                          ("fakd_pd", "fakd_pd"), ("hwd+fakd_pd", "hwd_fakd_pd")]},
+                          ("fakd_pd", "fakd_pd"), ("hwd+fakd_pd", "hwd_fakd_pd"),
+                          # the papers' comparison rows, each with its full objective (docs/distillation.md)
+                          ("skd", "skd"), ("ifvd", "ifvd"), ("cirkd", "cirkd"), ("mgd", "mgd"), ("dist", "dist"),
+                          ("fitnet", "fitnet"), ("at", "at")]},
 }
 BASELINES = [n for n, m in METHODS.items() if m.baseline is None]
 CHOICES = [n for n, m in METHODS.items() if m.baseline is not None]
@@ -298,24 +303,19 @@ def saved_bytes(model, opt, batch) -> int:
 
 def loss_alone(model, batch, device: str, rounds: int) -> Optional[float]:
     """Median time of a Distiller's distillation terms alone (forward + backward from fixed
-    student logits / features and teacher logits); None for other models."""
-    if not isinstance(getattr(model, "teacher", None), nn.Module):
+    student and teacher taps); None for other models."""
+    if not isinstance(model, Distiller):
         return None
     with torch.no_grad():
-        out = semantic_segmentor_distill_forward(model.student, batch)
-        t = model.teacher_logits(out["images"], out["logits"].shape[-2:])
-    labels = resize_labels(out["targets"], t.shape[-2:])
-    extras = {}
-    if model.covariance is not None:
-        model.covariance.update(out["features"], labels)
-        extras = {"classifier": model.student.sem_seg_head.predictor, "covariance": model.covariance, "lam": 1.0}
+        _, inputs = model.distill_batch(batch)
+    fixed = dict(inputs.student)
     cuda = device.startswith("cuda")
     times = []
     for _ in range(rounds):
-        s = out["logits"].detach().requires_grad_(True)
+        inputs.student = {k: v.detach().requires_grad_(True) for k, v in fixed.items()}
         sync(device)
         t0 = time.perf_counter() if cuda else time.process_time()
-        total = sum(term.loss_weight * term(s, t, labels, None, **extras) for term in model.distill_losses.values())
+        total = sum(sum(term.distill(inputs).values()) for term in model.distill_losses.values())
         total.backward()
         sync(device)
         times.append((time.perf_counter() if cuda else time.process_time()) - t0)
@@ -347,7 +347,10 @@ class TrainingGraph(nn.Module):
             logits = head["logits"]
             tensors = [head["features"], logits] if head.get("features") is not None else [logits]
         if self.teacher is not None:
-            tensors.append(m.teacher_logits(ImageList(x, [tuple(x.shape[-2:])] * x.shape[0]), logits.shape[-2:]))
+            t_logits = m.teacher_taps(x, ["logits"])["logits"]  # the Distiller's teacher on the same batch
+            if t_logits.shape[-2:] != logits.shape[-2:]:
+                t_logits = nn.functional.interpolate(t_logits, size=logits.shape[-2:], mode="bilinear")
+            tensors.append(t_logits)
         return tuple(tensors)
 
 
@@ -370,6 +373,11 @@ def count_flops(model: nn.Module, size: Tuple[int, int], device: str, training: 
         total = counter.total()
     model.train(was_training)
     return int(total)
+
+
+def loss_parts_params(model: nn.Module) -> Optional[int]:
+    """Parameters of a Distiller's loss parts (None for other models)."""
+    return sum(p.numel() for p in model.distill_losses.parameters()) if isinstance(model, Distiller) else None
 
 
 def training_params(model: nn.Module) -> int:
@@ -478,6 +486,9 @@ def _run(args, names, device, cuda, tmp) -> dict:
             "cuda_peak_bytes": int(peak + resident_bytes(models[n], opts[n])) if cuda else None,
             "params": training_params(models[n]),
             "trainable_params": sum(p.numel() for p in models[n].parameters() if p.requires_grad),
+            # a Distiller's trainable loss parts (connectors, generators, projection heads,
+            # discriminators), counted apart from the student: trained, never deployed
+            "loss_parts_params": loss_parts_params(models[n]),
             "flops": count_flops(models[n], args.size, device, training=True),
             "loss_alone_s": loss_alone(models[n], batch, device, args.rounds),
         }
@@ -592,7 +603,7 @@ def report(result: dict, fmt: str) -> str:
     ]
     head = ["method", "baseline", "step wall (ms)"] + ([] if cuda else ["step CPU (ms)"]) + [
         f"x base ({t})", "x CWD", f"{mem} (MB)", "x base (mem)", "x CWD (mem)", "loss alone (ms)",
-        "params train (M)", "GFLOPs train", "params infer (M)", "GFLOPs infer"]
+        "params train (M)", "loss parts (M)", "GFLOPs train", "params infer (M)", "GFLOPs infer"]
     rows = []
     opt = (lambda x, f: "-" if x is None else f.format(x))
     for n, v in train.items():
@@ -601,7 +612,8 @@ def report(result: dict, fmt: str) -> str:
                     + [f"{v['time_ratio']:.3f}", opt(v["cwd_ratio"], "{:.3f}"),
                        mb(v["cuda_peak_bytes"] if cuda else v["saved_bytes"]), f"{v['memory_ratio']:.3f}",
                        opt(v["cwd_memory_ratio"], "{:.3f}"), opt(v["loss_alone_s"] and v["loss_alone_s"] * 1e3, "{:.2f}"),
-                       m(v["params"]), g(v["flops"]), m(v["params_inference"]), g(v["flops_inference"])])
+                       m(v["params"]), opt(v["loss_parts_params"] and v["loss_parts_params"] / 1e6, "{:.3f}"),
+                       g(v["flops"]), m(v["params_inference"]), g(v["flops_inference"])])
     lines += [tabulate(rows, head, tablefmt=fmt, disable_numparse=True, colalign=_align(head, 2)), "",
               f"{h}Inference (deployed model vs plain baseline)", ""]
     head = ["deployed", "loads into", "baseline", "wall (ms)"] + ([] if cuda else ["CPU (ms)"]) + [

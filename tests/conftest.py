@@ -47,6 +47,23 @@ def tiny_cfg(backbone="resnet18", head="SegDeepLabV3Head", output_stride=8, num_
     return set_keys(cfg, **overrides)
 
 
+def make_backbone(model_name="resnet18", **overrides):
+    """A TimmBackbone (HRNetBackbone for hrnet*) with the config defaults (MODEL.TIMM.*) and
+    constructor-argument ``overrides`` (its arguments are all required keyword-only)."""
+    from detectron2.layers import ShapeSpec
+    from segdistill.modeling.backbones import HRNetBackbone, TimmBackbone
+
+    cfg = get_cfg()
+    add_segdistill_config(cfg)
+    cfg.MODEL.TIMM.NAME = model_name
+    cls = HRNetBackbone if model_name.startswith("hrnet") else TimmBackbone
+    if cls is HRNetBackbone:
+        cfg.MODEL.TIMM.OUTPUT_STRIDE = 32
+    kwargs = cls.from_config(cfg, ShapeSpec(channels=3))
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
 def set_keys(cfg, **overrides):
     """Set dotted config keys given as keyword names: ``set_keys(cfg, **{"MODEL.EXITS.MODE": "sr"})``."""
     for k, v in overrides.items():

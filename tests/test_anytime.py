@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, random_batch, set_keys, tiny_cfg, write_clusters
+from conftest import REPO, make_backbone, random_batch, set_keys, tiny_cfg, write_clusters
 from conftest import trained_model as train_steps
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
@@ -19,7 +19,7 @@ from segdistill.evaluation.anytime import (
     AnytimeEvaluator, ExitRecords, calibrate, check_held_out, collect_records, fixed_exit_outcome,
     miou_of_confusions, policy_outcome,
 )
-from segdistill.modeling.backbones.timm_backbone import HRNetBackbone, TimmBackbone
+from segdistill.modeling.stagewise import StagewiseBackbone
 from segdistill.modeling.meta_arch.anytime import (
     FINAL, AnytimeSegmentor, anytime_state_dict, load_anytime_weights, load_thresholds, save_thresholds,
 )
@@ -70,17 +70,21 @@ class CallCounter:
 
 
 # ---------------------------------------------------------------------- stage-by-stage backbones
-@pytest.mark.parametrize("kind,stop,later", [
-    ("resnet18", "res3", ["layer3", "layer4"]),
-    ("mobilenetv2_100", "res2", ["blocks.3", "blocks.6"]),
-    ("hrnet_w18_small", "stage2_b1", ["stage3", "stage4"]),
+@pytest.mark.parametrize("kind,options,stop,later", [
+    ("resnet18", {"output_stride": 16}, "res3", ["layer3", "layer4"]),
+    ("resnet18", {"output_stride": 8, "dilation_rule": "mmseg", "stem_type": "deep"}, "res3", ["layer3", "layer4"]),
+    ("mobilenetv2_100", {"output_stride": 16}, "res2", ["blocks.3", "blocks.6"]),
+    ("mobilenetv2_100", {"output_stride": 8, "dilation_rule": "mmseg"}, "res2", ["blocks.3", "blocks.6"]),
+    ("hrnet_w18_small", {}, "stage2_b1", ["stage3", "stage4"]),
+    ("hrnet_w18_small", {"fuse_upsample": "bilinear"}, "stage2_b1", ["stage3", "stage4"]),
 ])
-def test_forward_stages_equals_forward_and_stops_early(kind, stop, later):
+def test_forward_stages_equals_forward_and_stops_early(kind, options, stop, later):
+    """Every layout option of the backbones (mmseg dilation rule, deep stem, bilinear fuse):
+    the stages' tensors are ``forward``'s, their shapes ``stage_shapes()``'s, later stages unrun."""
     torch.manual_seed(0)
-    if kind.startswith("hrnet"):
-        bb = HRNetBackbone(kind)
-    else:
-        bb = TimmBackbone(kind, output_stride=16, out_features=["res2", "res3", "res4", "res5"])
+    every = ["layer1", "res2", "res3", "res4", "res5"] if kind.startswith("hrnet") else ["res2", "res3", "res4", "res5"]
+    bb = make_backbone(kind, out_features=every, **options)
+    assert isinstance(bb, StagewiseBackbone)
     bb.eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -458,6 +462,18 @@ def test_anytime_curve_benchmark_end_to_end(tmp_path, write_label_dataset):
     assert plain["fixed"][FINAL]["GMACs"] == pytest.approx(ds["fixed"][FINAL]["GMACs"])
     with pytest.raises(ValueError, match="is an evaluation split"):
         bench.main(["--output", str(out), "--calib-dataset", val, "--model", "DS", *files["ds"]])
+    # tools/calibrate_exits.py on the same records: the thresholds of the benchmark's D = 100 point
+    spec = importlib.util.spec_from_file_location("calibrate_exits", os.path.join(REPO, "tools", "calibrate_exits.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    thr = str(tmp_path / "thresholds.json")
+    tool.main(["--config-file", files["ds"][0], "--output", thr, "--dataset", calib, "--max-drop", "100",
+               "--records", str(out / "records_DS_calib.npz"), "MODEL.WEIGHTS", files["ds"][1]])
+    doc = json.load(open(thr))
+    assert doc["thresholds"] == ds["curve"][1]["thresholds"] and doc["calibration"]["dataset"] == calib
+    assert load_thresholds(thr, ["res2", "res3", "res4"], confidence="mean_max_prob", pixel_threshold=0.9)
+    with pytest.raises(ValueError, match="is an evaluation split"):
+        tool.main(["--config-file", files["ds"][0], "--output", thr, "--dataset", val, "MODEL.WEIGHTS", files["ds"][1]])
 
 
 def test_confidence_measures_against_numpy():
@@ -520,15 +536,3 @@ def test_hs3_exits_are_refused(tmp_path, fuse):
     cfg.MODEL.EXITS.HS3.FUSE.ENABLED = fuse
     with pytest.raises(ValueError, match="fuses the exits into the head" if fuse else "their own label spaces"):
         build_model(cfg)
-    # tools/calibrate_exits.py on the same records: the thresholds of the benchmark's D = 100 point
-    spec = importlib.util.spec_from_file_location("calibrate_exits", os.path.join(REPO, "tools", "calibrate_exits.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    thr = str(tmp_path / "thresholds.json")
-    tool.main(["--config-file", files["ds"][0], "--output", thr, "--dataset", calib, "--max-drop", "100",
-               "--records", str(out / "records_DS_calib.npz"), "MODEL.WEIGHTS", files["ds"][1]])
-    doc = json.load(open(thr))
-    assert doc["thresholds"] == ds["curve"][1]["thresholds"] and doc["calibration"]["dataset"] == calib
-    assert load_thresholds(thr, ["res2", "res3", "res4"], confidence="mean_max_prob", pixel_threshold=0.9)
-    with pytest.raises(ValueError, match="is an evaluation split"):
-        tool.main(["--config-file", files["ds"][0], "--output", thr, "--dataset", val, "MODEL.WEIGHTS", files["ds"][1]])

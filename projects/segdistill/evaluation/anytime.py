@@ -412,7 +412,7 @@ def build_anytime_model(cfg):
     if not cfg.MODEL.WEIGHTS:
         raise ValueError("Set MODEL.WEIGHTS to the trained multi-exit checkpoint (or its anytime deployment).")
     model = build_model(cfg)
-    load_anytime_weights(model, cfg.MODEL.WEIGHTS)
+    load_anytime_weights(model, cfg.MODEL.WEIGHTS, weights_format=cfg.MODEL.WEIGHTS_FORMAT)
     return model.eval()
 
 

@@ -228,7 +228,7 @@ class _Path(nn.Module):
             ran.append(logits)
             return e == self.answer
 
-        return (self.model._run(x, sizes, self.evaluated, decide)[0], *ran)
+        return (self.model.run_stages(x, sizes, self.evaluated, decide)[0], *ran)
 
 
 def _fvcore_macs(module: nn.Module, inputs: tuple) -> float:
@@ -413,7 +413,8 @@ class AnytimeSegmentor(nn.Module):
             out.append(fn(logits[i:i + 1, :, :math.ceil(h / stride), :math.ceil(w / stride)], self.pixel_threshold))
         return torch.cat(out)
 
-    def _run(self, x: torch.Tensor, image_sizes, evaluate: Sequence[str], decide: Callable[[str, torch.Tensor], bool]):
+    def run_stages(self, x: torch.Tensor, image_sizes, evaluate: Sequence[str],
+                   decide: Callable[[str, torch.Tensor], bool]):
         """Run the stages lazily; after exit ``e`` of ``evaluate`` (shallowest first),
         ``decide(e, logits)`` True makes ``e`` answer and nothing after it runs.
         Returns (logits at the padded input size, answer, exits evaluated)."""
@@ -460,7 +461,7 @@ class AnytimeSegmentor(nn.Module):
     def _infer(self, batched_inputs) -> List[dict]:
         start = self._clock()
         images = self._images(batched_inputs)
-        logits, answer, evaluated = self._run(images.tensor, images.image_sizes, self.active_exits(),
+        logits, answer, evaluated = self.run_stages(images.tensor, images.image_sizes, self.active_exits(),
                                               self._decide(images.image_sizes))
         preds = self._postprocess(logits, batched_inputs, images)
         spent = (self._clock() - start) / len(batched_inputs)
@@ -470,7 +471,7 @@ class AnytimeSegmentor(nn.Module):
         if self.eval_final:
             start = self._clock()
             images = self._images(batched_inputs)
-            logits, _, _ = self._run(images.tensor, images.image_sizes, (), lambda n, l: False)
+            logits, _, _ = self.run_stages(images.tensor, images.image_sizes, (), lambda n, l: False)
             finals = self._postprocess(logits, batched_inputs, images)
             spent = (self._clock() - start) / len(batched_inputs)
             for o, p in zip(outputs, finals):
@@ -504,7 +505,7 @@ class AnytimeSegmentor(nn.Module):
                                              align_corners=False)
                 return False
 
-            final, _, _ = self._run(images.tensor, images.image_sizes, self.exit_names, record)
+            final, _, _ = self.run_stages(images.tensor, images.image_sizes, self.exit_names, record)
             post = lambda t: self._postprocess(t, [inp], images)[0]  # noqa: E731
             out.append({"final": post(final), "exits": {n: post(t) for n, t in logits.items()},
                         "confidence": confs, "input_hw": tuple(images.tensor.shape[-2:])})
@@ -563,24 +564,21 @@ def anytime_state_dict(model: AnytimeSegmentor, trained: Dict[str, torch.Tensor]
     return {k: trained[k] for k in own}, sorted(k for k in trained if k not in own)
 
 
-def load_anytime_weights(model: AnytimeSegmentor, path: str) -> List[str]:
-    """Load a trained ``MultiExitSegmentor`` checkpoint (or a deployed anytime one) into ``model``.
+def load_anytime_weights(model: AnytimeSegmentor, path: str, *, key: str = "MODEL.WEIGHTS",
+                         weights_format: str = "auto") -> List[str]:
+    """Load a trained ``MultiExitSegmentor`` checkpoint (or its anytime deployment) into ``model``.
 
-    Read with ``torch.load(weights_only=True)`` (detectron2's ``.pth`` format, ``{"model": state}``);
-    returns the trained keys left out (classifiers, objective state)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Weights file not found: {path!r} (MODEL.WEIGHTS): point it at the trained "
-                                "multi-exit checkpoint (model_final.pth) or its anytime deployment.")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickled objects other than tensors and containers
-        raise ValueError(f"{path!r} cannot be read with torch.load(weights_only=True) ({e}); give a detectron2 "
-                         ".pth checkpoint of this project.") from None
-    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path!r} holds no state dict (expected {{'model': state_dict}}).")
-    state, dropped = anytime_state_dict(model, state)
-    model.load_state_dict(state, strict=True)
+    Through the shared checked loader (``segdistill.engine.weights.load_checked_weights``:
+    detectron2's checkpointer, foreign formats converted, untrusted files read safely) with
+    ``min_matched=1.0``: every tensor of the anytime model must come from the file, with its
+    shape, else :class:`~segdistill.engine.weights.WeightsMismatchError` (a plain deployed
+    checkpoint has no exits, so it is refused). Returns the file's keys left out
+    (classifiers, objective state)."""
+    from ...engine.weights import load_checked_weights
+
+    report = load_checked_weights(model, path, key=key, min_matched=1.0, weights_format=weights_format,
+                                  what="the anytime model (backbone, head and the exits' segmenters)")
+    dropped = sorted(report.unexpected)
     if dropped:
         logger.info("Loaded %s into the anytime model; left out %d training-only tensors (%s%s).", path, len(dropped),
                     ", ".join(dropped[:4]), ", ..." if len(dropped) > 4 else "")

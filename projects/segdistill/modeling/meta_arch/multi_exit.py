@@ -37,7 +37,11 @@ from ..exits import (
     EXIT_OBJECTIVES, HEAD_FEATURE_PREFIX, ExitFusion, ExitObjective, ExitOutput, MultiExitOutputs,
     MultiLabelClassifier, build_exit_heads, exit_modes, exit_size,
 )
+from ..distill.taps import (
+    HEAD_TAPS, SegmentorTaps, StudentTaps, check_tap_head, collect_taps, head_tap_shapes, normalise_inputs,
+)
 from ..heads.base import SegHeadMixin, head_outputs
+from ..stagewise import StagewiseBackbone
 
 __all__ = ["MultiExitSegmentor", "exit_modes", "head_feature_shapes", "backbone_stage_shapes"]
 
@@ -53,12 +57,10 @@ def head_feature_shapes(head: nn.Module) -> Dict[str, ShapeSpec]:
 
 
 def backbone_stage_shapes(backbone: nn.Module) -> Dict[str, ShapeSpec]:
-    """Every stage a backbone can return (timm backbones: all levels), else its outputs."""
-    if hasattr(backbone, "_all_names") and hasattr(backbone, "_out_feature_strides"):  # TimmBackbone
-        return {n: ShapeSpec(channels=backbone._out_feature_channels[n], stride=backbone._out_feature_strides[n])
-                for n in backbone._all_names}
-    if isinstance(getattr(backbone, "_shapes", None), dict):  # HRNetBackbone
-        return {n: ShapeSpec(channels=c, stride=s) for n, (c, s) in backbone._shapes.items()}
+    """Every stage a backbone can return: a :class:`StagewiseBackbone`'s ``stage_shapes()``
+    (segdistill's timm backbones: all levels), any other backbone's ``output_shape()``."""
+    if isinstance(backbone, StagewiseBackbone):
+        return dict(backbone.stage_shapes())
     return dict(backbone.output_shape())
 
 
@@ -87,7 +89,7 @@ def _build_backbone_with_exit_stages(cfg, exit_names):
 
 
 @META_ARCH_REGISTRY.register()
-class MultiExitSegmentor(SemanticSegmentor):
+class MultiExitSegmentor(SemanticSegmentor, SegmentorTaps):
     """SemanticSegmentor with exits on intermediate stages (deep supervision, Self-Regulation, HS3, ...)."""
 
     @configurable
@@ -271,23 +273,40 @@ class MultiExitSegmentor(SemanticSegmentor):
         losses.update(self.exit_objective(outputs, targets))
         return losses
 
-    def distill_forward(self, batched_inputs) -> dict:
-        """The Distiller's student contract (docs/distillation.md): own losses (exits included),
-        final logits and pre-classifier features, the padded images and targets."""
-        images = self._images(batched_inputs)
+    # ------------------------------------------------------------------ distillation taps
+    # The tap contract (segdistill.modeling.distill.SegmentorTaps): a distilled multi-exit
+    # student keeps its exit losses; as a teacher it runs the deployed path only.
+    def tap_shapes(self):
+        check_tap_head(self.sem_seg_head, type(self).__name__)
+        return {**dict(self.backbone.output_shape()), **head_tap_shapes(self.sem_seg_head)}
+
+    def tap_student(self, batched_inputs, taps) -> StudentTaps:
+        images, targets = normalise_inputs(self, batched_inputs)
         features = self.backbone(images.tensor)
-        targets = self._targets(batched_inputs) if "sem_seg" in batched_inputs[0] else None
+        image_hw = tuple(images.tensor.shape[-2:])
         if self.exits and self.training:
             if targets is None:
                 raise ValueError("Training inputs need 'sem_seg' labels.")
-            outputs = self.forward_outputs(features, tuple(images.tensor.shape[-2:]))
+            outputs = self.forward_outputs(features, image_hw)
             head = outputs.head
             losses = self._training_losses(outputs, targets)
         else:
-            head = head_outputs(self.sem_seg_head, self._head_input(features, tuple(images.tensor.shape[-2:]))[0])
+            head = head_outputs(self.sem_seg_head, self._head_input(features, image_hw)[0])
             losses = self.sem_seg_head.losses(head, targets) if self.training and targets is not None else {}
-        return {"losses": losses, "logits": head["logits"], "features": head["features"],
-                "images": images, "targets": targets}
+        return StudentTaps(losses, collect_taps(taps, features, head), images, targets)
+
+    def tap_teacher(self, images, taps):
+        features = self.backbone(images)
+        head = None
+        if set(taps) & set(HEAD_TAPS):
+            head = head_outputs(self.sem_seg_head, self._head_input(features, tuple(images.shape[-2:]))[0])
+        return collect_taps(taps, features, head)
+
+    def tap_classifier(self):
+        return self.sem_seg_head.predictor
+
+    def tap_normalization(self):
+        return self.pixel_mean, self.pixel_std, self.backbone.size_divisibility
 
     def _head_input(self, features, image_hw, with_classifier: bool = False):
         """(the head's input features, exit outputs or None): with a fusion the exits run and

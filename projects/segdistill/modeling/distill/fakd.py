@@ -1,4 +1,4 @@
-"""FAKD (Yuan et al., AAAI 2023): CWD-aug (Eq. 7) and PD-aug (Eq. 8).
+"""FAKD (Yuan et al., WACV 2024): CWD-aug (Eq. 7) and PD-aug (Eq. 8).
 
 The student's pre-classifier feature ``s_i`` of pixel i is augmented infinitely many times,
 ``s^_i ~ N(s_i, lambda Sigma)``, with Sigma the online class-conditional covariance of the
@@ -30,6 +30,13 @@ averaged over the (valid) pixels. ``B[c, k] = (w_k - w_c)^T Sigma_c (w_k - w_c)`
 matrix per step, so the inner log-sum-exp is one (pixels x C) @ (C x C) product.
 
 lambda follows a cosine ramp from 0 to ``lambda0`` over training (:func:`cosine_ramp`).
+
+Both losses read the ``logits`` taps and the student's ``head_features`` (the covariance is
+estimated on them, labels nearest-resized to their size) and the student's 1x1 classifier
+(the tap contract's ``tap_classifier()``). Each owns its :class:`ClassCovariance` and the
+position of its lambda schedule (``progress`` = iteration, max_iter) as buffers, so
+``--resume`` continues both. Settings: ``MODEL.DISTILL.FAKD`` (shared) and
+``MODEL.DISTILL.FAKD_CWD`` / ``MODEL.DISTILL.FAKD_PD``.
 """
 from __future__ import annotations
 
@@ -40,17 +47,22 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .channel_wise import channel_distributions, channel_kl
+from detectron2.config import configurable
+
+from .base import DistillLoss, as_float, masked_mean, register_distill_loss
 from .covariance import ClassCovariance
-from .pixel_wise import _masked_mean, as_float, pixel_kl
+from .cwd import channel_distributions, channel_kl
+from .pd import pixel_kl
+from .taps import HEAD_FEATURES, LOGITS
 
 __all__ = [
     "cosine_ramp", "class_projected_variance", "pairwise_projected_variance",
     "fakd_cwd_loss", "fakd_pd_loss", "FeatureAugmentedCWD", "FeatureAugmentedPD", "ClassCovariance",
-    "LAMBDA_SCHEDULES",
+    "LAMBDA_SCHEDULES", "COVARIANCE_TYPES",
 ]
 
 LAMBDA_SCHEDULES = ("cosine", "constant")
+COVARIANCE_TYPES = ("diagonal", "full")
 
 
 def cosine_ramp(iteration: float, max_iter: float, lambda0: float, schedule: str = "cosine") -> float:
@@ -100,10 +112,11 @@ def fakd_cwd_loss(
     weight: torch.Tensor,
     cov: torch.Tensor,
     lam: float,
-    tau: float = 4.0,
+    temperature: float,
     valid: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """CWD-aug (FAKD Eq. 7 as a KL); ``lam = 0`` is CWD exactly."""
+    """CWD-aug (FAKD Eq. 7 as a KL) at temperature tau; ``lam = 0`` is CWD exactly."""
+    tau = float(temperature)
     n, c = student_logits.shape[:2]
     student_logits, teacher_logits = as_float(student_logits), as_float(teacher_logits)
     weight = _classifier_weight(weight).to(student_logits.dtype)
@@ -127,7 +140,7 @@ def fakd_pd_loss(
     weight: torch.Tensor,
     cov: torch.Tensor,
     lam: float,
-    temperature: float = 1.0,
+    temperature: float,
     valid: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """PD-aug (FAKD Eq. 8 as a KL); ``lam = 0`` is PD exactly."""
@@ -149,50 +162,101 @@ def fakd_pd_loss(
     log_pt = F.log_softmax(teacher_logits / t, dim=1).permute(0, 2, 3, 1).reshape(-1, c)
     per_pixel = (log_pt.exp() * (log_pt - x + lse)).sum(dim=1)
     per_pixel = per_pixel.view(student_logits.shape[0], *student_logits.shape[2:])
-    return t * t * _masked_mean(per_pixel, valid)
+    return t * t * masked_mean(per_pixel, valid)
 
 
-class FeatureAugmentedCWD(nn.Module):
-    """FAKD's CWD-aug as a loss term; needs the labels, the classifier, the covariance and lambda."""
+class _FeatureAugmented(DistillLoss):
+    """What FAKD's two bounds share: the covariance, the lambda schedule, the taps."""
 
-    name = "fakd_cwd"
-    needs_classifier = True
+    key = ""  # the config section of the subclass
 
-    def __init__(self, tau: float = 4.0, loss_weight: float = 3.0):
-        super().__init__()
-        if tau <= 0:
-            raise ValueError(f"FAKD-CWD tau must be > 0, got {tau}.")
-        self.tau = float(tau)
-        self.loss_weight = float(loss_weight)
+    @configurable
+    def __init__(self, *, temperature: float, loss_weight: float, lambda0: float, lambda_schedule: str,
+                 covariance: str, all_reduce: bool):
+        super().__init__(loss_weight=loss_weight, taps=[(LOGITS, LOGITS), (HEAD_FEATURES, None)])
+        if temperature <= 0:
+            raise ValueError(f"MODEL.DISTILL.{self.key}.TEMPERATURE must be > 0, got {temperature}.")
+        if covariance not in COVARIANCE_TYPES:
+            raise ValueError(f"MODEL.DISTILL.FAKD.COVARIANCE must be one of {COVARIANCE_TYPES}, got {covariance!r}.")
+        if lambda_schedule not in LAMBDA_SCHEDULES:
+            raise ValueError(
+                f"MODEL.DISTILL.FAKD.LAMBDA_SCHEDULE must be one of {LAMBDA_SCHEDULES}, got {lambda_schedule!r}."
+            )
+        self.temperature = float(temperature)
+        self.lambda0 = float(lambda0)
+        self.lambda_schedule = lambda_schedule
+        self.full_covariance = covariance == "full"
+        self.all_reduce = bool(all_reduce)
+        self.covariance: Optional[ClassCovariance] = None  # sized in bind()
+        # (iteration, max_iter) of the lambda schedule; saved with the checkpoint.
+        self.register_buffer("progress", torch.zeros(2, dtype=torch.float64))
 
-    def forward(self, student_logits, teacher_logits, labels=None, valid=None, *,
-                classifier=None, covariance: Optional[ClassCovariance] = None, lam: float = 0.0, **unused):
-        if labels is None or classifier is None or covariance is None:
-            raise ValueError("FAKD-CWD needs the labels, the student's classifier and the class covariance.")
-        return fakd_cwd_loss(student_logits, teacher_logits, labels, classifier, covariance.cov, lam, self.tau, valid)
+    @classmethod
+    def from_config(cls, cfg):
+        f, c = cfg.MODEL.DISTILL.FAKD, cfg.MODEL.DISTILL.get(cls.key)
+        return {"temperature": c.TEMPERATURE, "loss_weight": c.WEIGHT, "lambda0": f.LAMBDA0,
+                "lambda_schedule": f.LAMBDA_SCHEDULE, "covariance": f.COVARIANCE, "all_reduce": f.ALL_REDUCE}
+
+    def bind(self, student, teacher, *, num_classes):
+        self.check_same_channels(student, teacher)
+        self.covariance = ClassCovariance(student[LOGITS].channels, student[HEAD_FEATURES].channels,
+                                          full=self.full_covariance, all_reduce=self.all_reduce)
+
+    def set_training_progress(self, iteration: int, max_iter: int) -> None:
+        self.progress.copy_(torch.tensor([float(iteration), float(max_iter)], dtype=torch.float64))
+
+    @property
+    def lam(self) -> float:
+        """lambda at the current iteration (``lambda0`` before any progress is known)."""
+        it, max_iter = self.progress.tolist()
+        return cosine_ramp(it, max_iter, self.lambda0, self.lambda_schedule)
+
+    def distill(self, batch):
+        if self.covariance is None:
+            raise RuntimeError(f"Distillation loss '{self.name}' was not bound to its taps' shapes.")
+        s, t = batch.pair(self.taps[0])
+        features, _ = batch.pair(self.taps[1])
+        labels = batch.labels(s.shape[-2:])
+        self.covariance.update(features, batch.labels(features.shape[-2:]))
+        lam = self.lam
+        put_scalar("fakd_lambda", lam)
+        value = self(s, t, labels, batch.valid(s.shape[-2:]), classifier=batch.classifier,
+                     covariance=self.covariance, lam=lam)
+        return {f"loss_{self.name}": self.loss_weight * value}
 
     def extra_repr(self) -> str:
-        return f"tau={self.tau}, loss_weight={self.loss_weight}"
+        return (f"temperature={self.temperature}, lambda0={self.lambda0}, schedule={self.lambda_schedule!r}, "
+                + super().extra_repr())
 
 
-class FeatureAugmentedPD(nn.Module):
-    """FAKD's PD-aug as a loss term; needs the classifier, the covariance and lambda."""
+@register_distill_loss("fakd_cwd")
+class FeatureAugmentedCWD(_FeatureAugmented):
+    """FAKD's CWD-aug (Eq. 7) on the logits; ``MODEL.DISTILL.FAKD_CWD`` and ``MODEL.DISTILL.FAKD``."""
 
-    name = "fakd_pd"
-    needs_classifier = True
+    key = "FAKD_CWD"
 
-    def __init__(self, temperature: float = 1.0, loss_weight: float = 1.0):
-        super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"FAKD-PD temperature must be > 0, got {temperature}.")
-        self.temperature = float(temperature)
-        self.loss_weight = float(loss_weight)
+    def forward(self, student_logits, teacher_logits, labels, valid=None, *, classifier, covariance, lam):
+        if labels is None:
+            raise ValueError("FAKD-CWD needs the labels of the batch.")
+        return fakd_cwd_loss(student_logits, teacher_logits, labels, classifier, covariance.cov, lam,
+                             self.temperature, valid)
 
-    def forward(self, student_logits, teacher_logits, labels=None, valid=None, *,
-                classifier=None, covariance: Optional[ClassCovariance] = None, lam: float = 0.0, **unused):
-        if classifier is None or covariance is None:
-            raise ValueError("FAKD-PD needs the student's classifier and the class covariance.")
+
+@register_distill_loss("fakd_pd")
+class FeatureAugmentedPD(_FeatureAugmented):
+    """FAKD's PD-aug (Eq. 8) on the logits; ``MODEL.DISTILL.FAKD_PD`` and ``MODEL.DISTILL.FAKD``."""
+
+    key = "FAKD_PD"
+
+    def forward(self, student_logits, teacher_logits, labels=None, valid=None, *, classifier, covariance, lam):
         return fakd_pd_loss(student_logits, teacher_logits, classifier, covariance.cov, lam, self.temperature, valid)
 
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, loss_weight={self.loss_weight}"
+
+def put_scalar(name: str, value: float) -> None:
+    """Log a scalar to detectron2's event storage (nothing outside a trainer)."""
+    try:
+        from detectron2.utils.events import get_event_storage
+
+        get_event_storage().put_scalar(name, value, smoothing_hint=False)
+    except (AssertionError, ImportError):  # outside a trainer: no event storage
+        pass
