@@ -166,7 +166,22 @@ def run_model(label, config, weights, args, out_dir):
         timed[policy] = t
         save()
     model.policy = FINAL
+    if len(timed) > 2:  # does the measured time fall with the MACs? (paired ratios: robust to load drift)
+        pols = sorted(timed, key=lambda k: timed[k]["GMACs"])
+        macs = np.array([timed[k]["GMACs"] / timed[k]["GMACs_final"] for k in pols])
+        ratio = np.array([timed[k]["time_ms"] / timed[k]["time_ms_final"] for k in pols])
+        result["time_vs_macs"] = {
+            "policies": pols, "macs_ratio": macs.tolist(), "time_ratio": ratio.tolist(),
+            "spearman": _spearman(macs, ratio), "time_monotone_in_macs": bool(np.all(np.diff(ratio) > 0)),
+        }
+        save()
     return result
+
+
+def _spearman(a, b) -> float:
+    """Spearman's rank correlation (no ties expected: distinct paths have distinct MACs)."""
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def write_table(results, args, out_dir, machine):
@@ -213,6 +228,13 @@ def write_table(results, args, out_dir, machine):
                 ans = ", ".join(f"{k} {v}" for k, v in c["answered"].items())
                 th = "never" if c["threshold"] is None else f"{c['threshold']:.3f}"
                 lines.append(f"| {th} | {c['mIoU']:.2f} | {c['GMACs']:.3f} | {ans} |")
+            tv = r.get("time_vs_macs")
+            if tv:
+                pairs = ", ".join(f"{p} {m:.2f}x / {q:.2f}x" for p, m, q in
+                                  zip(tv["policies"], tv["macs_ratio"], tv["time_ratio"]))
+                lines += ["", f"Measured time against MACs (timed policies, MACs / final and paired time / final): "
+                          f"{pairs}; Spearman {tv['spearman']:+.2f}, time rises with MACs at every step: "
+                          f"{tv['time_monotone_in_macs']}."]
             t = timed.get("confidence")
             if t:
                 lines += ["", f"Operating point D = {t['max_drop']:g}, measured: mIoU {t['mIoU']:.2f} (final "

@@ -328,6 +328,40 @@ def test_evaluator_and_records_agree_with_a_real_run(write_label_dataset, sr_pai
     assert res["time_ms"] > 0 and res["time_ms_final"] > 0
 
 
+def test_trainer_and_lazy_evaluation_of_an_anytime_model_report_its_costs(write_label_dataset, sr_pair, tmp_path):
+    """train_net --eval-only (Trainer.test) and the lazy loop (lazy_test) score an
+    AnytimeSegmentor with AnytimeEvaluator: the policy's mIoU next to its MACs and exits."""
+    from detectron2.config import LazyCall as L
+    from omegaconf import OmegaConf
+    from segdistill.engine import Trainer, lazy_test
+
+    cfg, _, model, _ = sr_pair
+    rng = np.random.default_rng(3)
+    name = write_label_dataset("anytime_trainer_eval", [rng.integers(0, K, (48, 64)) for _ in range(3)], K)
+    cfg = cfg.clone()
+    cfg.DATASETS.TEST, cfg.DATALOADER.NUM_WORKERS, cfg.OUTPUT_DIR = (name,), 0, str(tmp_path)
+    model.policy = "exit:res3"
+    try:
+        res = Trainer.test(cfg, model)
+        assert res["anytime"]["answered_res3_pct"] == 100.0 and res["anytime"]["mIoU"] == res["sem_seg"]["mIoU"]
+        assert res["anytime"]["GMACs"] * 1e9 == pytest.approx(model.costs(model.padded_size((48, 64))).macs(
+            "res3", ("res3",)))
+        from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
+        from segdistill.data import SemSegDatasetMapper
+
+        lazy = OmegaConf.create({"train": {"output_dir": str(tmp_path)}, "dataloader": {
+            "test": L(build_detection_test_loader)(
+                dataset=L(get_detection_dataset_dicts)(names=name, filter_empty=False),
+                mapper=L(SemSegDatasetMapper)(is_train=False, augmentations=[], image_format="RGB", num_classes=K,
+                                              ignore_value=255), num_workers=0),
+            "evaluator": L(SemSegEvaluator)(dataset_name=name, distributed=False)}})
+        got = lazy_test(lazy, model)["anytime"]
+        assert {k: v for k, v in got.items() if "time" not in k} == \
+            pytest.approx({k: v for k, v in res["anytime"].items() if "time" not in k}, nan_ok=True)
+    finally:
+        model.policy = FINAL
+
+
 def test_miou_of_confusions_matches_the_evaluator_metrics():
     rng = np.random.default_rng(1)
     confs = rng.integers(0, 20, (4, 6, 6))
@@ -456,6 +490,9 @@ def test_anytime_curve_benchmark_end_to_end(tmp_path, write_label_dataset):
     assert ds["sweep"][-1]["GMACs"] == pytest.approx(ds["fixed"][FINAL]["GMACs"])
     assert ds["sweep"][0]["answered"]["res2"] == 3  # the lowest confidence seen: res2 answers every image
     assert ds["timed"]["confidence"]["consistent"] and ds["timed"]["confidence"]["max_drop"] == 0.0
+    tv = ds["time_vs_macs"]  # reported, not asserted (timings of a toy model on a shared machine)
+    assert set(tv["policies"]) == set(ds["timed"]) and -1.0 <= tv["spearman"] <= 1.0
+    assert tv["macs_ratio"] == sorted(tv["macs_ratio"]) and tv["macs_ratio"][-1] >= 1.0
     assert set(ds["timed"]) == {"confidence", "exit:res2", "exit:res3", "exit:res4", FINAL}
     assert plain["exits"] == [] and set(plain["timed"]) == {FINAL} and "curve" not in plain
     # the plain model's deployed output is the DS model's "final" column in kind: same MACs, own weights

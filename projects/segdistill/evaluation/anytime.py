@@ -81,6 +81,13 @@ class AnytimeEvaluator(DatasetEvaluator):
         self._distributed = distributed
         self.reset()
 
+    @classmethod
+    def for_model(cls, model, dataset_name: str, *, distributed: bool = True,
+                  output_dir: Optional[str] = None) -> "AnytimeEvaluator":
+        """The evaluator of ``model`` (an ``AnytimeSegmentor``): its costs, exits and policy."""
+        return cls(dataset_name, costs=model.costs, exit_names=model.exit_names, policy=model.policy,
+                   distributed=distributed, output_dir=output_dir)
+
     def reset(self):
         self._scorer.reset()
         self._rows: List[tuple] = []
@@ -453,6 +460,5 @@ def evaluate_policy(cfg, model, dataset_name: str, output_dir: Optional[str] = N
     from ..engine import Trainer
 
     loader = Trainer.build_test_loader(cfg, dataset_name)
-    evaluator = AnytimeEvaluator(dataset_name, costs=model.costs, exit_names=model.exit_names, policy=model.policy,
-                                 distributed=False, output_dir=output_dir)
+    evaluator = AnytimeEvaluator.for_model(model, dataset_name, distributed=False, output_dir=output_dir)
     return inference_on_dataset(model, loader, evaluator)
