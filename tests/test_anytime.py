@@ -435,6 +435,10 @@ def test_calibration_finds_the_known_answer():
         cal, bf = calibrate(records, **kwargs), brute_force(records, **kwargs)
         assert cal.outcome.avg_macs == pytest.approx(bf[4]) and cal.outcome.miou == pytest.approx(bf[3]), kwargs
         assert cal.outcome.avg_macs <= 56.0
+    # a budget below the cheapest path (e1 answering every image: 11 MACs): the cheapest, flagged
+    cheap = calibrate(records, budget=0.05)
+    assert not cheap.feasible and cheap.thresholds == {"e1": 0.4, "e2": math.inf}
+    assert cheap.outcome.avg_macs == pytest.approx(11.0) and cheap.outcome.histogram()["e1"] == 8
     # coordinate descent (forced by a tiny combination limit) reaches the same optimum here
     cd = calibrate(records, max_drop=0.0, max_combinations=1)
     assert cd.thresholds == {"e1": 0.8, "e2": math.inf}

@@ -313,14 +313,17 @@ def _candidates(values: np.ndarray, limit: int) -> np.ndarray:
 
 
 def _best(miou, cost, t, final_miou, final_cost, max_drop, budget):
-    """Index of the best row: feasible first; then lowest cost (max_drop) or best mIoU (budget);
-    ties: higher mIoU / lower cost, then higher thresholds (fewer early answers)."""
+    """Index of the best row: among the feasible ones, the lowest cost (max_drop) or the best
+    mIoU (budget); ties: higher mIoU / lower cost, then higher thresholds (fewer early answers).
+    When none is feasible (a budget below the cheapest path), the closest: the lowest cost."""
     if max_drop is not None:
         feasible = miou >= final_miou - max_drop - EPS
         primary, secondary = cost, -miou
     else:
         feasible = cost <= budget * final_cost + EPS
         primary, secondary = -miou, cost
+    if not feasible.any():
+        primary, secondary = cost, -miou
     tsum = np.where(np.isfinite(t), t, 2.0).sum(1)
     order = np.lexsort((-tsum, secondary, primary, ~feasible))
     return int(order[0]), bool(feasible[order[0]])
@@ -336,8 +339,9 @@ def calibrate(records: ExitRecords, *, max_drop: Optional[float] = None, budget:
     ``max_drop`` 1).
     The search is exhaustive over ``candidates`` values per exit (+ never) when that makes at
     most ``max_combinations`` settings, else coordinate descent from "never" everywhere.
-    When no setting is feasible, the best infeasible one is returned with ``feasible`` False
-    (with ``max_drop``: the final head everywhere is always feasible).
+    When no setting is feasible (a budget below the cheapest path), the cheapest setting is
+    returned with ``feasible`` False (with ``max_drop``: the final head everywhere is always
+    feasible).
     """
     if max_drop is None and budget is None:
         max_drop = 1.0
