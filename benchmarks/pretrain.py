@@ -199,7 +199,10 @@ def main(argv=None) -> List[str]:
         return []
     if args.data_root:
         os.environ["SEGDISTILL_CAMVID_ROOT"] = os.path.abspath(args.data_root)
-    os.environ.setdefault("PYTHONPATH", os.path.join(ROOT, "projects"))
+        if "segdistill" in sys.modules:  # registered on import, with the root of that time
+            from segdistill.data.datasets.camvid import register_camvid
+
+            register_camvid(os.path.abspath(args.data_root), replace=True)
     return [pretrain(n, args.output, args.opts) for n in args.names]
 
 
