@@ -5,21 +5,27 @@
     python train_net.py --config-file configs/demo/deeplabv3_r18.py [key=value ...]
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS out/model_final.pth
     python train_net.py --config-file ... --num-gpus 2      (also CPU processes, with gloo)
-    python train_net.py --config-file ... --resume          (continue from OUTPUT_DIR)
+    python train_net.py --config-file ... --resume          (continue from OUTPUT_DIR, exactly)
+    python train_net.py --config-file ... --overwrite-output  (train from scratch in a folder
+                                                               holding another config's checkpoints)
+
+Nothing is written into OUTPUT_DIR before the model and the data are built; lazy-config
+overrides must name keys of the config (``+key=value`` adds one on purpose).
 """
 import logging
 
 import segdistill  # noqa: F401  (registers models and datasets, also in launched workers)
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, get_cfg
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from segdistill import add_segdistill_config
-from segdistill.hs3.model import register_config_splits
+from segdistill.data import check_eval_datasets
 from segdistill.engine import (
-    Trainer, check_dataset_names, check_device, check_lazy_config, check_weights_file, lazy_test, lazy_train,
+    RunOutput, Trainer, apply_lazy_overrides, check_dataset_names, check_device, check_lazy_config, check_weights_file,
+    lazy_evaluate, lazy_train, load_weights_for_evaluation, setup_run,
 )
+from segdistill.hs3.splits import register_config_splits
 
 
 def setup(args):
@@ -33,46 +39,66 @@ def setup(args):
     check_device("MODEL.DEVICE", cfg.MODEL.DEVICE)
     check_dataset_names("DATASETS.TRAIN", cfg.DATASETS.TRAIN)
     check_dataset_names("DATASETS.TEST", cfg.DATASETS.TEST)
-    default_setup(cfg, args)
-    return cfg
+    if not args.resume:  # a missing file fails now, not after the build (--resume: the last checkpoint wins)
+        check_weights_file(cfg.MODEL.WEIGHTS)
+    return cfg, setup_run(cfg, args)
 
 
 def setup_lazy(args):
     cfg = LazyConfig.load(args.config_file)
-    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    cfg = apply_lazy_overrides(cfg, args.opts)
     check_lazy_config(cfg)
-    default_setup(cfg, args)
-    return cfg
+    if not args.resume:
+        check_weights_file(cfg.train.init_checkpoint, "train.init_checkpoint")
+    return cfg, setup_run(cfg, args)
+
+
+def evaluate(cfg, args, output: RunOutput):
+    """--eval-only: MODEL.WEIGHTS (or OUTPUT_DIR's last checkpoint with --resume), refused when
+    empty or not fitting the model unless TEST.ALLOW_RANDOM_WEIGHTS."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    model = Trainer.build_model(cfg)
+    weights = cfg.MODEL.WEIGHTS
+    last = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+    if args.resume and last.has_checkpoint():
+        weights = last.get_checkpoint_file()
+    load_weights_for_evaluation(model, weights, allow_random=cfg.TEST.ALLOW_RANDOM_WEIGHTS,
+                                min_matched=cfg.TEST.MIN_MATCHED_WEIGHTS, weights_format=cfg.MODEL.WEIGHTS_FORMAT)
+    check_eval_datasets(cfg.DATASETS.TEST)
+    output.open()  # the first write into OUTPUT_DIR: model and data are ready
+    res = Trainer.test(cfg, model)
+    if comm.is_main_process():
+        verify_results(cfg, res)
+    return res
 
 
 def main(args):
     if args.config_file.endswith(".py"):
-        cfg = setup_lazy(args)
+        cfg, output = setup_lazy(args)
         if args.eval_only:
-            from segdistill.engine.lazy import build_lazy_model
+            return lazy_evaluate(cfg, output)
+        return lazy_train(cfg, resume=args.resume, output=output)
 
-            model = build_lazy_model(cfg)
-            check_weights_file(cfg.train.init_checkpoint, "train.init_checkpoint")
-            DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
-            return lazy_test(cfg, model)
-        return lazy_train(cfg, resume=args.resume)
-
-    cfg = setup(args)
+    cfg, output = setup(args)
     if args.eval_only:
-        model = Trainer.build_model(cfg)
-        check_weights_file(cfg.MODEL.WEIGHTS)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        res = Trainer.test(cfg, model)
-        if comm.is_main_process():
-            verify_results(cfg, res)
-        return res
-    trainer = Trainer(cfg)
+        return evaluate(cfg, args, output)
+    trainer = Trainer(cfg, output=output)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 
 
+def argument_parser():
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--overwrite-output", action="store_true",
+        help="train from scratch in an OUTPUT_DIR that holds checkpoints of another config, replacing its config.yaml",
+    )
+    return parser
+
+
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = argument_parser().parse_args()
     logging.getLogger(__name__).info("Command line arguments: %s", args)
     launch(
         main,

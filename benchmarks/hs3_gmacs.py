@@ -15,7 +15,6 @@ the exits' segmenters, which HS3 drops and HS3-Fuse counts).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -30,22 +29,14 @@ from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.analysis import FlopCountAnalysis  # noqa: E402
 from segdistill import add_segdistill_config  # noqa: E402
-
-
-def synthetic_clusters(path, exits, n):
-    data = {"class_names": [f"c{i}" for i in range(n)], "exits": {}}
-    for i, e in enumerate(exits):
-        k = max(2, n // 2 ** (len(exits) - i))
-        data["exits"][e] = {"assignment": [c % k for c in range(n)]}
-    with open(path, "w") as f:
-        json.dump(data, f)
-    return path
+from segdistill.engine.deploy import deployed_state_dict  # noqa: E402
+from segdistill.modeling.exits.hs3_clusters import save_clusters, synthetic_clusters  # noqa: E402
 
 
 def measure(cfg, size):
     torch.manual_seed(0)
     model = build_model(cfg).eval()
-    kept = set(model.deploy_state_dict() if hasattr(model, "deploy_state_dict") else model.state_dict())
+    kept = set(deployed_state_dict(model))
     params = sum(p.numel() for n, p in model.named_parameters() if n in kept)  # deployed parameters
     img = torch.zeros(3, *size, dtype=torch.uint8)
     counter = FlopCountAnalysis(model, [{"image": img, "height": size[0], "width": size[1]}])
@@ -70,8 +61,8 @@ def main(argv=None):
         base.MODEL.NORM = "BN"
     base.DATASETS.TRAIN = ()
     tmp = tempfile.mkdtemp()
-    clusters = synthetic_clusters(os.path.join(tmp, "clusters.json"), list(base.MODEL.EXITS.IN_FEATURES),
-                                  base.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
+    clusters = save_clusters(os.path.join(tmp, "clusters.json"), synthetic_clusters(
+        base.MODEL.SEM_SEG_HEAD.NUM_CLASSES, list(base.MODEL.EXITS.IN_FEATURES)))
     variants = {}
     c = base.clone()
     c.MODEL.META_ARCHITECTURE = "SemanticSegmentor"

@@ -4,6 +4,8 @@
     python benchmarks/overhead.py --threads 1                  # demo scale: batch 8, 128x128, CPU
     python benchmarks/overhead.py --methods sr hs3 cwd --rounds 20 --markdown overhead.md
     python benchmarks/overhead.py --device cuda --batch 8 --size 512x512 --output-json overhead.json
+    python benchmarks/overhead.py --methods pd cwd hwd fakd_cwd fakd_pd --classes 171 --threads 1
+    python benchmarks/overhead.py --methods ds sr MODEL.EXITS.CHANNELS 128      # KEY VALUE: every config
 
 Methods and their baselines (demo-scale configs, ``configs/demo/``):
 
@@ -13,8 +15,9 @@ Methods and their baselines (demo-scale configs, ``configs/demo/``):
   HS3's clusters file is a synthetic one written to a temporary folder (K_i = N / 2^(exits - i)
   clusters per exit; the count only changes the exits' segmenters).
 * distillation (``distill/*.yaml``): ``pd``, ``cwd``, ``hwd``, ``fakd_cwd``, ``fakd_pd``,
-  ``hwd+fakd_pd`` against ``student``, the demo student (DeepLabV3 on MobileNetV2) trained
-  alone. The teacher (DeepLabV3-R18, 256-channel ASPP) has random weights
+  ``hwd+fakd_pd`` and the comparison rows ``skd``, ``ifvd``, ``cirkd``, ``mgd``, ``dist``,
+  ``fitnet``, ``at`` (each with its full objective, e.g. PD + SKD) against ``student``, the
+  demo student (DeepLabV3 on MobileNetV2) trained alone. The teacher (DeepLabV3-R18, 256-channel ASPP) has random weights
   (``MODEL.DISTILL.TEACHER.ALLOW_RANDOM``): its cost does not depend on them.
 
 **Training block.** One process builds every model with the same seed and times SGD steps
@@ -49,6 +52,16 @@ model are compared with the baseline's *exactly*: every method but HS3-Fuse must
 (``equal`` column), and its inference time ratio 1.00 within noise (identical computation).
 HS3-Fuse is expected to cost more.
 
+Distillation rows also have ``x CWD`` (step time and memory against CWD's, when ``cwd``
+runs) and ``loss alone``: the distillation terms' forward + backward from fixed student
+and teacher taps, which isolates what each term costs next to CWD; ``loss parts`` counts the
+parameters of the losses' trainable parts (connectors, MGD's generator, CIRKD's projection
+head, SKD/IFVD's discriminator), trained with the student and never deployed.
+``--classes N`` builds every model (and the teacher) with N classes (e.g. 171, COCO-Stuff's),
+``--covariance`` picks FAKD's covariance. The targets (issues 3 and 4: SR at most 1.15x its
+baseline; HWD at most 1.05x and FAKD at most 1.2x CWD, per training step) are checked at the
+end (PASS / FAIL) for the methods that ran.
+
 Reading it: ``x base 1.10`` on a training row means a step costs 10% more than the
 baseline's on the same model and batch; ``x base (mem)`` the same for memory. The teacher
 runs under ``no_grad``, so it adds time but (on CPU's saved-for-backward measure) next to no
@@ -77,10 +90,10 @@ sys.path.insert(0, os.path.join(ROOT, "projects"))
 
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
-from detectron2.structures import ImageList  # noqa: E402
 from segdistill import add_segdistill_config  # noqa: E402
 from segdistill.engine.deploy import deployed_state_dict  # noqa: E402
-from segdistill.hs3.clusters import clusters_from_dict, save_clusters  # noqa: E402
+from segdistill.modeling.exits.hs3_clusters import save_clusters, synthetic_clusters  # noqa: E402
+from segdistill.modeling.meta_arch.distill import Distiller  # noqa: E402
 from segdistill.modeling.heads import head_outputs  # noqa: E402
 
 PLAIN_CONFIG = "configs/demo/deeplabv3_r18.yaml"
@@ -118,11 +131,27 @@ METHODS: Dict[str, Method] = {
     **{name: Method(f"configs/demo/distill/{file}.yaml", tuple(TEACHER), baseline="student",
                     deploy_config=STUDENT_CONFIG)
        for name, file in [("pd", "pd"), ("cwd", "cwd"), ("hwd", "hwd"), ("fakd_cwd", "fakd_cwd"),
-                          ("fakd_pd", "fakd_pd"), ("hwd+fakd_pd", "hwd_fakd_pd")]},
+                          ("fakd_pd", "fakd_pd"), ("hwd+fakd_pd", "hwd_fakd_pd"),
+                          # the papers' comparison rows, each with its full objective (docs/distillation.md)
+                          ("skd", "skd"), ("ifvd", "ifvd"), ("cirkd", "cirkd"), ("mgd", "mgd"), ("dist", "dist"),
+                          ("fitnet", "fitnet"), ("at", "at")]},
 }
 BASELINES = [n for n, m in METHODS.items() if m.baseline is None]
 CHOICES = [n for n, m in METHODS.items() if m.baseline is not None]
 INFERENCE_BASELINE = {"baseline": "plain", "student": "student"}  # training baseline -> inference row name
+# method -> (reference method, largest step-time ratio): the targets of issues 3 (SR) and 4 (HWD, FAKD).
+TARGETS = {"sr": ("baseline", 1.15), "hwd": ("cwd", 1.05), "fakd_cwd": ("cwd", 1.2), "fakd_pd": ("cwd", 1.2)}
+COVARIANCES = ("diagonal", "full")
+
+
+class Settings(NamedTuple):
+    """What every model of one run is built with, besides its own config and overrides."""
+
+    device: str
+    clusters: Optional[str] = None  # the synthetic HS3 clusters file
+    classes: int = 0  # 0: the configs' own class count
+    covariance: str = ""  # FAKD's covariance ("" = the configs')
+    opts: Tuple = ()  # KEY VALUE overrides of every config
 
 
 def progress(msg: str) -> None:
@@ -162,28 +191,33 @@ def resolve_methods(names: Sequence[str]) -> List[str]:
 
 
 def write_clusters(folder: str, exits: Sequence[str], num_classes: int) -> str:
-    """A valid HS3 clusters file: K_i = N / 2^(exits - i), at least 2 (the package's writer)."""
-    data = {"class_names": [f"c{i}" for i in range(num_classes)], "exits": {}}
-    for i, e in enumerate(exits):
-        k = max(2, num_classes // 2 ** (len(exits) - i))
-        data["exits"][e] = {"assignment": [c % k for c in range(num_classes)]}
-    return save_clusters(os.path.join(folder, "clusters.json"), clusters_from_dict(data))
+    """A valid HS3 clusters file (the package's synthetic clusters, written by its writer)."""
+    return save_clusters(os.path.join(folder, "clusters.json"), synthetic_clusters(num_classes, exits))
 
 
-def load_cfg(file: str, overrides: Sequence, device: str, clusters: Optional[str]):
+def load_cfg(file: str, overrides: Sequence, settings: Settings):
     cfg = get_cfg()
     add_segdistill_config(cfg)
     cfg.merge_from_file(os.path.join(ROOT, file))
-    if clusters is None and HS3 in overrides:
+    if settings.clusters is None and HS3 in overrides:
         raise ValueError(f"{file} needs the HS3 clusters file")
-    cfg.merge_from_list([clusters if v == HS3 else v for v in overrides])
-    cfg.MODEL.DEVICE = device
+    cfg.merge_from_list([settings.clusters if v == HS3 else v for v in overrides])
+    cfg.merge_from_list(list(settings.opts))
+    if settings.classes:
+        cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = settings.classes
+    if cfg.MODEL.META_ARCHITECTURE == "Distiller":
+        if settings.classes:
+            cfg.MODEL.DISTILL.TEACHER.OPTS = list(cfg.MODEL.DISTILL.TEACHER.OPTS) + [
+                "MODEL.SEM_SEG_HEAD.NUM_CLASSES", settings.classes]
+        if settings.covariance:
+            cfg.MODEL.DISTILL.FAKD.COVARIANCE = settings.covariance
+    cfg.MODEL.DEVICE = settings.device
     cfg.DATASETS.TRAIN = ()  # nothing reads the dataset (HS3 would check the clusters' class names)
     return cfg
 
 
-def build(file: str, overrides: Sequence, device: str, clusters: Optional[str]) -> nn.Module:
-    cfg = load_cfg(file, overrides, device, clusters)
+def build(file: str, overrides: Sequence, settings: Settings) -> nn.Module:
+    cfg = load_cfg(file, overrides, settings)
     torch.manual_seed(0)
     return build_model(cfg)
 
@@ -267,6 +301,27 @@ def saved_bytes(model, opt, batch) -> int:
     return sum(seen.values())
 
 
+def loss_alone(model, batch, device: str, rounds: int) -> Optional[float]:
+    """Median time of a Distiller's distillation terms alone (forward + backward from fixed
+    student and teacher taps); None for other models."""
+    if not isinstance(model, Distiller):
+        return None
+    with torch.no_grad():
+        _, inputs = model.distill_batch(batch)
+    fixed = dict(inputs.student)
+    cuda = device.startswith("cuda")
+    times = []
+    for _ in range(rounds):
+        inputs.student = {k: v.detach().requires_grad_(True) for k, v in fixed.items()}
+        sync(device)
+        t0 = time.perf_counter() if cuda else time.process_time()
+        total = sum(sum(term.distill(inputs).values()) for term in model.distill_losses.values())
+        total.backward()
+        sync(device)
+        times.append((time.perf_counter() if cuda else time.process_time()) - t0)
+    return median(times)
+
+
 class TrainingGraph(nn.Module):
     """Everything a training step computes before the losses, as a traceable module: the
     (student's) backbone, head, exits, classifiers and HS3-Fuse blocks, and the teacher."""
@@ -292,7 +347,10 @@ class TrainingGraph(nn.Module):
             logits = head["logits"]
             tensors = [head["features"], logits] if head.get("features") is not None else [logits]
         if self.teacher is not None:
-            tensors.append(m.teacher_logits(ImageList(x, [tuple(x.shape[-2:])] * x.shape[0]), logits.shape[-2:]))
+            t_logits = m.teacher_taps(x, ["logits"])["logits"]  # the Distiller's teacher on the same batch
+            if t_logits.shape[-2:] != logits.shape[-2:]:
+                t_logits = nn.functional.interpolate(t_logits, size=logits.shape[-2:], mode="bilinear")
+            tensors.append(t_logits)
         return tuple(tensors)
 
 
@@ -315,6 +373,11 @@ def count_flops(model: nn.Module, size: Tuple[int, int], device: str, training: 
         total = counter.total()
     model.train(was_training)
     return int(total)
+
+
+def loss_parts_params(model: nn.Module) -> Optional[int]:
+    """Parameters of a Distiller's loss parts (None for other models)."""
+    return sum(p.numel() for p in model.distill_losses.parameters()) if isinstance(model, Distiller) else None
 
 
 def training_params(model: nn.Module) -> int:
@@ -352,13 +415,20 @@ def main(argv=None) -> dict:
     p.add_argument("--size", type=parse_size, default=(128, 128), metavar="HxW")
     p.add_argument("--output-json", default="", metavar="PATH")
     p.add_argument("--markdown", default="", metavar="PATH", help="write the tables as markdown")
+    p.add_argument("--classes", type=int, default=0,
+                   help="classes of every model and of the teacher (default: the configs' own, 10)")
+    p.add_argument("--covariance", default="", choices=("",) + COVARIANCES,
+                   help="FAKD's class covariance (default: the configs')")
+    p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="overrides of every config")
     args = p.parse_args(argv)
     try:
         methods = resolve_methods(args.methods)
     except ValueError as e:
         p.error(str(e))
-    if args.rounds < 1 or args.warmup < 0 or args.batch < 1:
-        p.error("--rounds and --batch must be >= 1 and --warmup >= 0")
+    if args.rounds < 1 or args.warmup < 0 or args.batch < 1 or args.classes < 0 or args.classes == 1:
+        p.error("--rounds and --batch must be >= 1, --warmup >= 0 and --classes 0 (the configs') or >= 2")
+    if len(args.opts) % 2:
+        p.error(f"overrides come as KEY VALUE pairs, got {args.opts}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available")
     if args.threads:
@@ -376,21 +446,20 @@ def main(argv=None) -> dict:
 
 
 def _run(args, names, device, cuda, tmp) -> dict:
-    num_classes = load_cfg(PLAIN_CONFIG, (), device, None).MODEL.SEM_SEG_HEAD.NUM_CLASSES
-    clusters = None
+    settings = Settings(device, None, args.classes, args.covariance, tuple(args.opts))
+    num_classes = load_cfg(PLAIN_CONFIG, (), settings).MODEL.SEM_SEG_HEAD.NUM_CLASSES
     if any(HS3 in METHODS[n].overrides for n in names):
-        hs3_cfg = get_cfg()
-        add_segdistill_config(hs3_cfg)
-        hs3_cfg.merge_from_file(os.path.join(ROOT, "configs/demo/hs3/hs3_r18.yaml"))
+        hs3_cfg = load_cfg("configs/demo/hs3/hs3_r18.yaml", (), settings)
         clusters = write_clusters(tmp, list(hs3_cfg.MODEL.EXITS.IN_FEATURES), hs3_cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
+        settings = settings._replace(clusters=clusters)
 
     # ---- training block
     models, opts = {}, {}
     for n in names:
         m = METHODS[n]
         progress(f"building {n} ({m.config}{' + overrides' if m.overrides else ''})")
-        models[n] = build(m.config, m.overrides, device, clusters).train()
-        cfg = load_cfg(m.config, m.overrides, device, clusters)
+        models[n] = build(m.config, m.overrides, settings).train()
+        cfg = load_cfg(m.config, m.overrides, settings)
         if hasattr(models[n], "set_training_progress"):  # schedules (FAKD's lambda, SR) at mid-training
             models[n].set_training_progress(cfg.SOLVER.MAX_ITER // 2, cfg.SOLVER.MAX_ITER)
         opts[n] = torch.optim.SGD(models[n].parameters(), lr=1e-3, momentum=0.9)
@@ -417,7 +486,11 @@ def _run(args, names, device, cuda, tmp) -> dict:
             "cuda_peak_bytes": int(peak + resident_bytes(models[n], opts[n])) if cuda else None,
             "params": training_params(models[n]),
             "trainable_params": sum(p.numel() for p in models[n].parameters() if p.requires_grad),
+            # a Distiller's trainable loss parts (connectors, generators, projection heads,
+            # discriminators), counted apart from the student: trained, never deployed
+            "loss_parts_params": loss_parts_params(models[n]),
             "flops": count_flops(models[n], args.size, device, training=True),
+            "loss_alone_s": loss_alone(models[n], batch, device, args.rounds),
         }
     key = "wall_s" if cuda else "cpu_s"
     mem = "cuda_peak_bytes" if cuda else "saved_bytes"
@@ -425,6 +498,14 @@ def _run(args, names, device, cuda, tmp) -> dict:
         b = train[train[n]["baseline"]]
         train[n].update(time_ratio=ratio(train[n][key], b[key]), wall_ratio=ratio(train[n]["wall_s"], b["wall_s"]),
                         memory_ratio=ratio(train[n][mem], b[mem]))
+        cwd = train.get("cwd") if train[n]["baseline"] == "student" else None  # distillation rows against CWD
+        train[n].update(cwd_ratio=ratio(train[n][key], cwd[key]) if cwd else None,
+                        cwd_memory_ratio=ratio(train[n][mem], cwd[mem]) if cwd else None)
+    targets = {}
+    for n, (ref, limit) in TARGETS.items():
+        if n in train and ref in train:
+            r = ratio(train[n][key], train[ref][key])
+            targets[n] = {"reference": ref, "ratio": r, "limit": limit, "pass": bool(r <= limit)}
 
     # ---- inference block: deployed models
     deployed, rows = {}, {}
@@ -432,7 +513,7 @@ def _run(args, names, device, cuda, tmp) -> dict:
         m = METHODS[n]
         row = INFERENCE_BASELINE.get(n, n)
         progress(f"deploying {n} -> {m.deploy_config}")
-        model = build(m.deploy_config, m.deploy_overrides, device, clusters)
+        model = build(m.deploy_config, m.deploy_overrides, settings)
         model.load_state_dict({k: v.to(device) for k, v in deployed_state_dict(models[n]).items()}, strict=True)
         deployed[row] = model.eval()
         rows[row] = n
@@ -470,13 +551,14 @@ def _run(args, names, device, cuda, tmp) -> dict:
     where = (f"CUDA {torch.cuda.get_device_name()}" if cuda else f"CPU, {torch.get_num_threads()} thread(s)")
     result = {
         "settings": {"device": device, "where": where, "batch": args.batch, "size": list(args.size),
+                     "classes": num_classes, "covariance": args.covariance or "config", "opts": list(args.opts),
                      "rounds": args.rounds, "warmup": args.warmup, "timing": "wall" if cuda else "cpu",
                      "memory": "cuda_peak" if cuda else "saved_for_backward", "torch": torch.__version__},
-        "training": train, "inference": infer,
+        "training": train, "inference": infer, "targets": targets,
     }
     for d in (train, infer):  # every ratio must be a real number
         for n, v in d.items():
-            bad = [k for k, x in v.items() if k.endswith("ratio") and not (x > 0 and math.isfinite(x))]
+            bad = [k for k, x in v.items() if k.endswith("ratio") and x is not None and not (x > 0 and math.isfinite(x))]
             if bad:
                 raise RuntimeError(f"{n}: non-finite ratios {bad}: {v}")
     text = report(result, "github")
@@ -508,7 +590,8 @@ def report(result: dict, fmt: str) -> str:
     lines = [
         f"{h}Overhead of every method against its baseline",
         "",
-        f"Batch {s['batch']} x {s['size'][0]}x{s['size'][1]}, {s['where']}, median of {s['rounds']} interleaved "
+        f"Batch {s['batch']} x {s['size'][0]}x{s['size'][1]}, {s['classes']} classes, {s['where']}, median of "
+        f"{s['rounds']} interleaved "
         f"rounds after {s['warmup']} warm-up; ratios (x base) use the {t} time; memory: "
         + ("peak CUDA memory of a step (own weights, optimizer state, teacher + the step's peak)" if cuda else
            "bytes autograd saves for the backward pass (CPU: no peak-memory counter)")
@@ -519,15 +602,18 @@ def report(result: dict, fmt: str) -> str:
         "",
     ]
     head = ["method", "baseline", "step wall (ms)"] + ([] if cuda else ["step CPU (ms)"]) + [
-        f"x base ({t})", f"{mem} (MB)", "x base (mem)", "params train (M)", "GFLOPs train",
-        "params infer (M)", "GFLOPs infer"]
+        f"x base ({t})", "x CWD", f"{mem} (MB)", "x base (mem)", "x CWD (mem)", "loss alone (ms)",
+        "params train (M)", "loss parts (M)", "GFLOPs train", "params infer (M)", "GFLOPs infer"]
     rows = []
+    opt = (lambda x, f: "-" if x is None else f.format(x))
     for n, v in train.items():
         rows.append([n, v["baseline"] if v["baseline"] != n else "-", f"{v['wall_s'] * 1e3:.1f}"]
                     + ([] if cuda else [f"{v['cpu_s'] * 1e3:.1f}"])
-                    + [f"{v['time_ratio']:.3f}", mb(v["cuda_peak_bytes"] if cuda else v["saved_bytes"]),
-                       f"{v['memory_ratio']:.3f}", m(v["params"]), g(v["flops"]),
-                       m(v["params_inference"]), g(v["flops_inference"])])
+                    + [f"{v['time_ratio']:.3f}", opt(v["cwd_ratio"], "{:.3f}"),
+                       mb(v["cuda_peak_bytes"] if cuda else v["saved_bytes"]), f"{v['memory_ratio']:.3f}",
+                       opt(v["cwd_memory_ratio"], "{:.3f}"), opt(v["loss_alone_s"] and v["loss_alone_s"] * 1e3, "{:.2f}"),
+                       m(v["params"]), opt(v["loss_parts_params"] and v["loss_parts_params"] / 1e6, "{:.3f}"),
+                       g(v["flops"]), m(v["params_inference"]), g(v["flops_inference"])])
     lines += [tabulate(rows, head, tablefmt=fmt, disable_numparse=True, colalign=_align(head, 2)), "",
               f"{h}Inference (deployed model vs plain baseline)", ""]
     head = ["deployed", "loads into", "baseline", "wall (ms)"] + ([] if cuda else ["CPU (ms)"]) + [
@@ -550,6 +636,11 @@ def report(result: dict, fmt: str) -> str:
     extra = [n for n, v in infer.items() if not v["expected_equal"]]
     if extra:
         lines.append(f"Kept at inference by design: {', '.join(extra)} (HS3-Fuse's fuse blocks and the exits they read).")
+    if result["targets"]:
+        lines += ["", f"{h}Targets (training step, {t} time)", ""]
+        for n, v in result["targets"].items():
+            lines.append(f"{'- ' if md else ''}{n}: {v['ratio']:.3f}x {v['reference']} per step "
+                         f"(target <= {v['limit']}): {'PASS' if v['pass'] else 'FAIL'}")
     return "\n".join(lines) + "\n"
 
 

@@ -139,14 +139,12 @@ def pretrain(name: str, output: str = DEFAULT_OUTPUT, opts: Sequence[str] = ()) 
     folder = run_folder(output, name)
     sys.path.insert(0, ROOT)
     import segdistill  # noqa: F401  (registers datasets and models)
-    from detectron2.engine import default_argument_parser
-
     import train_net
 
     if p.data == "demo":
         register_demo_pretrain()
     config = os.path.join(CONFIGS, p.config)
-    args = default_argument_parser().parse_args(
+    args = train_net.argument_parser().parse_args(
         ["--config-file", config, "--resume", "SEED", "0", "OUTPUT_DIR", folder] + list(opts))
     t0 = time.time()
     print(f"[pretrain] {name}: {p.description}; training in {folder} (log.txt there)", flush=True)

@@ -47,6 +47,23 @@ def tiny_cfg(backbone="resnet18", head="SegDeepLabV3Head", output_stride=8, num_
     return set_keys(cfg, **overrides)
 
 
+def make_backbone(model_name="resnet18", **overrides):
+    """A TimmBackbone (HRNetBackbone for hrnet*) with the config defaults (MODEL.TIMM.*) and
+    constructor-argument ``overrides`` (its arguments are all required keyword-only)."""
+    from detectron2.layers import ShapeSpec
+    from segdistill.modeling.backbones import HRNetBackbone, TimmBackbone
+
+    cfg = get_cfg()
+    add_segdistill_config(cfg)
+    cfg.MODEL.TIMM.NAME = model_name
+    cls = HRNetBackbone if model_name.startswith("hrnet") else TimmBackbone
+    if cls is HRNetBackbone:
+        cfg.MODEL.TIMM.OUTPUT_STRIDE = 32
+    kwargs = cls.from_config(cfg, ShapeSpec(channels=3))
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
 def set_keys(cfg, **overrides):
     """Set dotted config keys given as keyword names: ``set_keys(cfg, **{"MODEL.EXITS.MODE": "sr"})``."""
     for k, v in overrides.items():
@@ -129,3 +146,28 @@ def write_label_dataset(tmp_path):
     for name in made:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
+
+
+def write_clusters(path, assignments, class_names=None, num_classes=None):
+    """An HS3 clusters file ``{exit: assignment}`` written with the package's writer
+    (class names ``c0..`` when not given)."""
+    from segdistill.modeling.exits.hs3_clusters import clusters_from_dict, save_clusters
+
+    n = num_classes or len(next(iter(assignments.values())))
+    names = list(class_names) if class_names else [f"c{i}" for i in range(n)]
+    data = {"class_names": names, "exits": {e: {"assignment": list(a)} for e, a in assignments.items()}}
+    return save_clusters(str(path), clusters_from_dict(data))
+
+
+def run_train_net(args, env=None, timeout=600):
+    """``python train_net.py ARGS`` in the repository (the checkout's package first on the path);
+    asserts it succeeded and returns its stdout + stderr."""
+    import subprocess
+
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.path.join(REPO, "projects") + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "train_net.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"train_net.py {' '.join(args)} failed ({proc.returncode}):\n{out[-4000:]}"
+    return out

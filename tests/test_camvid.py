@@ -1,4 +1,6 @@
-"""CamVid from ../shared/data/camvid (real data, never copied into the repo): skipped when absent."""
+"""The real CamVid, found where the package looks for it (``camvid_root()``:
+``$SEGDISTILL_CAMVID_ROOT`` or ``$DETECTRON2_DATASETS/camvid``; never copied into the repo):
+skipped when absent. On the project's machines: ``SEGDISTILL_CAMVID_ROOT=../shared/data/camvid``."""
 import os
 import re
 import subprocess
@@ -12,9 +14,9 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from segdistill.data import read_dataset_label
 from segdistill.data.datasets import camvid as camvid_mod
 
-CAMVID = os.path.abspath(os.path.join(REPO, "..", "shared", "data", "camvid"))
+CAMVID = os.path.abspath(camvid_mod.camvid_root())
 pytestmark = pytest.mark.skipif(not os.path.isdir(os.path.join(CAMVID, "trainannot")),
-                                reason=f"CamVid not found at {CAMVID}")
+                                reason=f"CamVid not found at {CAMVID} (set {camvid_mod.ROOT_ENV})")
 
 
 @pytest.fixture

@@ -84,9 +84,15 @@ def test_chain_pretrain_table_verdict(tiny):
     body = torch.load(path, weights_only=True)
     final = torch.load(pre / "runs" / "resnet18_camvid" / "model_final.pth", weights_only=True)["model"]
     assert all(torch.equal(v, final["backbone.body." + k]) for k, v in body.items())
-    from segdistill.modeling.backbones.timm_backbone import TimmBackbone
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_backbone
+    from segdistill.config import add_segdistill_config
 
-    own = TimmBackbone("resnet18", output_stride=16, checkpoint=path).body.state_dict()
+    bcfg = get_cfg()
+    add_segdistill_config(bcfg)
+    bcfg.merge_from_file(os.path.join(table.ROOT, "configs", "camvid", "table", "baseline.yaml"))
+    bcfg.MODEL.TIMM.CHECKPOINT = path
+    own = build_backbone(bcfg).body.state_dict()
     assert set(own) == set(body) and all(torch.equal(own[k], body[k]) for k in own)
     info = json.loads((pre / "resnet18_camvid.json").read_text())
     assert info["backbone"] == "resnet18" and 0 <= info["held_out"]["sem_seg/mIoU"] <= 100

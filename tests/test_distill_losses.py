@@ -7,26 +7,36 @@ import pytest
 import torch
 
 from conftest import free_port
-from segdistill.modeling.losses.channel_wise import (
-    ChannelWiseDistillation, HolisticWeightedDistillation, class_pixel_counts, cwd_loss, hwd_weights,
-)
-from segdistill.modeling.losses.covariance import ClassCovariance
-from segdistill.modeling.losses.feature_aug import (
+from segdistill.modeling.distill.base import label_mask
+from segdistill.modeling.distill.covariance import ClassCovariance
+from segdistill.modeling.distill.cwd import ChannelWiseDistillation, cwd_loss
+from segdistill.modeling.distill.fakd import (
     FeatureAugmentedCWD, FeatureAugmentedPD, cosine_ramp, fakd_cwd_loss, fakd_pd_loss,
 )
-from segdistill.modeling.losses.pixel_wise import PixelWiseDistillation, label_mask, pixel_kl
+from segdistill.modeling.distill.hwd import HolisticWeightedDistillation, class_pixel_counts, hwd_weights
+from segdistill.modeling.distill.pd import PixelWiseDistillation, pixel_kl
 
 N, C, H, W, A = 2, 4, 3, 5, 6
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared, saturated CPU, two spinning threads run ~50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 IGNORE = 255
+HWD = dict(beta=0.1, mu=1.0, sigma=1.0, eps=1e-8, pixel_correction=False, divergence_input="activation")
+
+
+def pd(temperature):
+    return PixelWiseDistillation(temperature=temperature, loss_weight=1.0)
+
+
+def cwd(temperature):
+    return ChannelWiseDistillation(temperature=temperature, loss_weight=3.0)
+
+
+def hwd(temperature, **kw):
+    return HolisticWeightedDistillation(temperature=temperature, loss_weight=3.0, **{**HWD, **kw})
+
+
+def fakd(cls, temperature):
+    return cls(temperature=temperature, loss_weight=1.0, lambda0=1.0, lambda_schedule="cosine",
+               covariance="diagonal", all_reduce=False)
 
 
 def case(seed=0, scale=3.0):
@@ -155,7 +165,7 @@ def ref_fakd_pd(s, t, wt, cov, lam, T, valid=None):
 def test_pd_matches_brute_force(temperature, exclude_ignore):
     s, t, labels = case()
     valid = label_mask(labels, C) if exclude_ignore else None
-    got = PixelWiseDistillation(temperature)(s, t, labels, valid)
+    got = pd(temperature)(s, t, labels, valid)
     assert got.item() == pytest.approx(ref_pd(s, t, temperature, valid), rel=1e-5)
     assert pixel_kl(t, t, temperature).item() == pytest.approx(0.0, abs=1e-6)
 
@@ -165,7 +175,7 @@ def test_pd_matches_brute_force(temperature, exclude_ignore):
 def test_cwd_matches_brute_force(tau, exclude_ignore):
     s, t, labels = case(1)
     valid = label_mask(labels, C) if exclude_ignore else None
-    got = ChannelWiseDistillation(tau)(s, t, labels, valid)
+    got = cwd(tau)(s, t, labels, valid)
     assert got.item() == pytest.approx(ref_cwd(s, t, tau, valid), rel=1e-5)
 
 
@@ -191,11 +201,12 @@ def test_class_pixel_counts_is_a_per_image_histogram():
 def test_hwd_weights_and_loss_match_brute_force(mu, correction, divergence):
     s, t, labels = case(3)
     kw = dict(tau=4.0, beta=0.1, mu=mu, sigma=1.0)
-    w = hwd_weights(s, t, pixel_correction=correction, labels=labels, divergence_input=divergence, **kw)
+    w = hwd_weights(s, t, **{**HWD, "temperature": 4.0, "mu": mu, "pixel_correction": correction,
+                             "divergence_input": divergence}, labels=labels)
     ref_w = ref_hwd_weights(s, t, correction=correction, labels=labels, divergence_input=divergence, **kw)
     np.testing.assert_allclose(w.numpy(), ref_w, rtol=1e-5)
     np.testing.assert_allclose(w.sum(1).numpy(), [C] * N, rtol=1e-6)  # the weights sum to C per image
-    loss = HolisticWeightedDistillation(4.0, mu=mu, pixel_correction=correction, divergence_input=divergence)
+    loss = hwd(4.0, mu=mu, pixel_correction=correction, divergence_input=divergence)
     got = loss(s, t, labels)
     ref = 16.0 * (ref_w * ref_channel_kl(s.double().numpy(), t.double().numpy(), 4.0)).sum() / (N * C)
     assert got.item() == pytest.approx(ref, rel=1e-5)
@@ -203,10 +214,11 @@ def test_hwd_weights_and_loss_match_brute_force(mu, correction, divergence):
 
 def test_hwd_weights_do_not_depend_on_the_scale_of_the_divergences():
     s, t, _ = case(11)
-    big = hwd_weights(s, t, divergence_input="logits")
-    small = hwd_weights(s * 1e-4, t * 1e-4, divergence_input="logits")  # divergences 1e-8 smaller
+    kw = {**HWD, "temperature": 4.0, "divergence_input": "logits"}
+    big = hwd_weights(s, t, **kw)
+    small = hwd_weights(s * 1e-4, t * 1e-4, **kw)  # divergences 1e-8 smaller
     torch.testing.assert_close(big, small, rtol=1e-5, atol=1e-6)
-    same = hwd_weights(t, t)  # no divergence at all: uniform weights
+    same = hwd_weights(t, t, **HWD, temperature=4.0)  # no divergence at all: uniform weights
     torch.testing.assert_close(same, torch.ones_like(same))
 
 
@@ -217,12 +229,12 @@ def test_hwd_weights_carry_no_gradient_and_favour_diverging_channels():
     s[:, 2] = t[:, 2] + 5.0 * torch.randn(t[:, 2].shape, generator=g)  # channel 2 far from it,
     s[:, 0] = t[:, 0]  # channel 0 identical
     s.requires_grad_(True)
-    w = hwd_weights(s, t)
+    w = hwd_weights(s, t, **HWD, temperature=4.0)
     assert not w.requires_grad
     assert (w[:, 2] > w[:, 1]).all() and (w[:, 0] < w[:, 1]).all()
     # equal weights (all 1) would be CWD: HWD differs from it exactly by the weighting
-    hwd = HolisticWeightedDistillation(4.0)(s, t, labels)
-    assert not torch.allclose(hwd, cwd_loss(s, t, 4.0))
+    value = hwd(4.0)(s, t, labels)
+    assert not torch.allclose(value, cwd_loss(s, t, 4.0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,15 +275,15 @@ def test_fakd_with_lambda_zero_is_cwd_and_pd_exactly(full):
     clf = torch.nn.Conv2d(A, C, 1)
     clf.weight.data.copy_(weight)
     for valid in (None, label_mask(labels, C)):
-        cwd = ChannelWiseDistillation(4.0)(s, t, labels, valid)
-        fakd_cwd = FeatureAugmentedCWD(4.0)(s, t, labels, valid, classifier=clf, covariance=est, lam=0.0)
-        assert torch.equal(cwd, fakd_cwd)
-        pd = PixelWiseDistillation(1.5)(s, t, labels, valid)
-        fakd_pd = FeatureAugmentedPD(1.5)(s, t, labels, valid, classifier=clf, covariance=est, lam=0.0)
-        assert torch.equal(pd, fakd_pd)
+        cwd_value = cwd(4.0)(s, t, labels, valid)
+        fakd_cwd = fakd(FeatureAugmentedCWD, 4.0)(s, t, labels, valid, classifier=clf, covariance=est, lam=0.0)
+        assert torch.equal(cwd_value, fakd_cwd)
+        pd_value = pd(1.5)(s, t, labels, valid)
+        fakd_pd = fakd(FeatureAugmentedPD, 1.5)(s, t, labels, valid, classifier=clf, covariance=est, lam=0.0)
+        assert torch.equal(pd_value, fakd_pd)
     # and the augmentation term is what makes the difference
-    assert FeatureAugmentedCWD(4.0)(s, t, labels, classifier=clf, covariance=est, lam=1.0) > cwd
-    assert FeatureAugmentedPD(1.5)(s, t, labels, classifier=clf, covariance=est, lam=1.0) > pd
+    assert fakd(FeatureAugmentedCWD, 4.0)(s, t, labels, classifier=clf, covariance=est, lam=1.0) > cwd_value
+    assert fakd(FeatureAugmentedPD, 1.5)(s, t, labels, classifier=clf, covariance=est, lam=1.0) > pd_value
 
 
 def test_fakd_bounds_the_loss_of_sampled_feature_augmentations():
@@ -313,7 +325,7 @@ def test_fakd_gradients_reach_the_classifier_and_the_logits():
     s.requires_grad_(True)
     weight.requires_grad_(True)
     cov = torch.tensor(cov, dtype=torch.float32)
-    (fakd_cwd_loss(s, t, labels, weight, cov, 1.0) + fakd_pd_loss(s, t, weight, cov, 1.0)).backward()
+    (fakd_cwd_loss(s, t, labels, weight, cov, 1.0, 4.0) + fakd_pd_loss(s, t, weight, cov, 1.0, 1.0)).backward()
     assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
     assert torch.isfinite(weight.grad).all() and weight.grad.abs().sum() > 0
 

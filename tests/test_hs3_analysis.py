@@ -21,7 +21,7 @@ from segdistill.hs3 import (
 )
 from segdistill.hs3.analysis import register_hs3_split, maybe_register_hs3_split
 from segdistill.hs3.choose import clusters_from_assignments, theta_line
-from segdistill.hs3.clusters import canonical_assignment
+from segdistill.modeling.exits.hs3_clusters import canonical_assignment
 
 DEMO = ["sky", "building", "road", "sidewalk", "vegetation", "car", "person", "pole", "wire", "sign"]
 COARSE = [["sky"], ["building", "vegetation"], ["road", "sidewalk"], ["car", "person", "pole", "wire", "sign"]]

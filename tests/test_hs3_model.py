@@ -3,7 +3,6 @@ deploy round trips, per-exit metrics in cluster space, clusters-file errors at m
 and the demo / Cityscapes HS3 configs."""
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -11,10 +10,12 @@ import torch
 from torch.nn import functional as F
 
 from conftest import REPO, random_batch, set_keys, tiny_cfg, trained_model
+from conftest import write_clusters as _write_clusters
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from segdistill import add_segdistill_config
+from segdistill.engine.deploy import save_deployed_checkpoint
 from segdistill.hs3 import ClustersFileError
 
 K = 5
@@ -22,12 +23,22 @@ ASSIGN = {"res3": [0, 0, 1, 1, 2], "res4": [0, 1, 2, 2, 3]}
 
 
 def write_clusters(path, assignments=ASSIGN, class_names=None, num_classes=K):
-    names = class_names or [f"c{i}" for i in range(num_classes)]
-    data = {"format": "segdistill-hs3-clusters", "version": 1, "class_names": names,
-            "exits": {e: {"assignment": a} for e, a in assignments.items()}}
-    with open(path, "w") as f:
-        json.dump(data, f)
-    return str(path)
+    return _write_clusters(path, assignments, class_names, num_classes)
+
+
+def brute_hs3_loss(outs, labels, assign, gammas, ignore=255):
+    """Eq. 1's exit term by hand: each exit's logits upsampled, every labelled pixel mapped
+    class -> cluster through ``assign`` (a Python list), mean CE per exit, weighted sum."""
+    lab = labels.numpy()
+    valid = lab != ignore
+    n_idx, y_idx, x_idx = np.nonzero(valid)
+    total = 0.0
+    for name, gamma in gammas.items():
+        logits = F.interpolate(outs.exits[name].seg_logits, size=lab.shape[-2:], mode="bilinear", align_corners=False)
+        logp = F.log_softmax(logits, dim=1).numpy()
+        mapped = np.array([assign[name][c] for c in lab[valid]])
+        total += gamma * float(-logp[n_idx, mapped, y_idx, x_idx].mean())
+    return total
 
 
 def hs3_cfg(clusters, fuse=False, **overrides):
@@ -63,38 +74,20 @@ def test_loss_is_eq1_against_brute_force_ce(tmp_path):
     with torch.no_grad():
         images = model._images(batch)
         outs = model.forward_outputs(model.backbone(images.tensor), tuple(images.tensor.shape[-2:]))
-    labels = torch.stack([b["sem_seg"] for b in batch])
-    expected = 0.0
-    for name, gamma in (("res3", 0.5), ("res4", 2.0)):
-        logits = F.interpolate(outs.exits[name].seg_logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        logp = F.log_softmax(logits, dim=1)
-        total, count = 0.0, 0
-        for n in range(labels.shape[0]):
-            for y in range(labels.shape[1]):
-                for x in range(labels.shape[2]):
-                    c = int(labels[n, y, x])
-                    if c == 255:
-                        continue
-                    total -= float(logp[n, ASSIGN[name][c], y, x])
-                    count += 1
-        expected += gamma * total / count
+    expected = brute_hs3_loss(outs, torch.stack([b["sem_seg"] for b in batch]), ASSIGN, {"res3": 0.5, "res4": 2.0})
     assert losses["loss_hs3"].item() == pytest.approx(expected, rel=1e-4)
 
 
 @pytest.mark.parametrize("fuse", [False, True])
 def test_inference_and_deploy_round_trip(tmp_path, fuse):
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    import deploy_model
-
     cfg = hs3_cfg(write_clusters(tmp_path / "c.json"), fuse=fuse)
     model = trained(cfg)
     batch = random_batch(2, 70, 90, K, seed=5)
-    trained_path = tmp_path / "model_final.pth"
     DetectionCheckpointer(model, str(tmp_path)).save("model_final")
-    (tmp_path / "train.yaml").write_text(cfg.dump())
-    out = str(tmp_path / "deploy.pth")
-    deploy_model.main(["--config-file", str(tmp_path / "train.yaml"), "--output", out, "MODEL.WEIGHTS", str(trained_path)])
-    state = torch.load(out, map_location="cpu")["model"]
+    loaded = build_model(cfg)  # what tools/deploy_model.py does: the training checkpoint -> deployed weights
+    DetectionCheckpointer(loaded).load(str(tmp_path / "model_final.pth"))
+    out = save_deployed_checkpoint(loaded.eval(), str(tmp_path / "deploy.pth"))
+    state = torch.load(out, map_location="cpu", weights_only=True)["model"]
     if fuse:  # the deployed hs3-fuse model keeps the fused exits, not their classifiers or the objective
         twin_cfg = cfg
         assert any(k.startswith("hs3_fuse.blocks.res3.") for k in state)
@@ -117,9 +110,9 @@ def test_inference_and_deploy_round_trip(tmp_path, fuse):
 
 
 def test_fuse_channels_halve_and_lighter_variant(tmp_path):
-    from segdistill.modeling.hs3_fuse import fuse_channels
+    from segdistill.modeling.exits.hs3 import fuse_channels
 
-    assert fuse_channels(3, 256, 128) == [(64, 32), (128, 64), (256, 128)]
+    assert fuse_channels(3, 256, 128, 1.0) == [(64, 32), (128, 64), (256, 128)]
     assert fuse_channels(2, 256, 128, 0.5) == [(64, 32), (128, 64)]
     path = write_clusters(tmp_path / "c.json")
     params = {}
@@ -128,10 +121,10 @@ def test_fuse_channels_halve_and_lighter_variant(tmp_path):
         model = build_model(cfg)
         params[name] = sum(v.numel() for v in model.deploy_state_dict().values())
         if scale:
-            blocks = model.hs3_fuse.blocks
+            blocks = model.fusion.blocks
             assert [blocks[n].pixel_conv.out_channels for n in ("res3", "res4")] == [int(8 * scale), int(16 * scale)]
             # the head reads res5 widened by the fused channels
-            assert model.hs3_fuse.target == "res5" and model.hs3_fuse.out_channels == int(24 * scale)
+            assert model.fusion.target == "res5" and model.fusion.out_channels == int(24 * scale)
     assert params["hs3"] < params["lighter"] < params["fuse"]
 
 
@@ -207,7 +200,7 @@ def test_config_errors(tmp_path, write_label_dataset):
     cfg.DATASETS.TRAIN = (name + "_hs3_reduced",)
     cfg.MODEL.EXITS.HS3.CLUSTERS_FILE = path
     build_model(cfg)
-    from segdistill.hs3.model import register_config_splits
+    from segdistill.hs3.splits import register_config_splits
 
     cfg.DATASETS.TEST = (name + "_hs3_analysis", "other")
     assert register_config_splits(cfg) == [name + "_hs3_reduced", name + "_hs3_analysis"]
@@ -235,7 +228,7 @@ def test_demo_configs_build_and_train_a_step(tmp_path, name, exits):
     cfg.DATASETS.TRAIN = ()
     torch.manual_seed(0)
     model = build_model(cfg).train()
-    assert list(model.exits) == exits and (model.hs3_fuse is not None) == ("fuse" in name)
+    assert list(model.exits) == exits and (model.fusion is not None) == ("fuse" in name)
     losses = model(random_batch(2, 64, 64, 10))
     assert set(losses) == {"loss_sem_seg", "loss_hs3"}
     sum(losses.values()).backward()
@@ -254,6 +247,7 @@ def test_demo_lazy_hs3_config(tmp_path):
                           class_names=demo_names)
     cfg.model.exits.num_classes.path = path
     cfg.model.objective.label_luts.path = path
+    cfg.model.objective.clusters_file = path
     cfg.model.exits.channels = 16
     model = instantiate(cfg.model).train()
     assert [e.segmenter.out_channels for e in model.exits.values()] == [3, 5]
@@ -264,25 +258,78 @@ def test_demo_lazy_hs3_config(tmp_path):
     assert len(spaces["sem_seg_res3"][1]) == 3 and spaces["sem_seg_res3"][0][:10].tolist() == [0, 0, 1, 1, 0, 2, 2, 1, 1, 0]
 
 
-def test_cityscapes_hs3_configs_build_and_run_a_step(tmp_path):
-    names = [f"c{i}" for i in range(19)]
-    path = write_clusters(tmp_path / "c.json", {"stage2_b0": [i % 4 for i in range(19)],
-                                                "stage3_b0": [i % 8 for i in range(19)]}, class_names=names)
+CITYSCAPES_HS3 = ["hrnetv2_w18_hs3", "hrnetv2_w48_hs3", "ocrnet_hrnetv2_w18_hs3", "ocrnet_hrnetv2_w18_hs3_fuse",
+                  "ocrnet_hrnetv2_w18_hs3_fuse_lighter", "ocrnet_hrnetv2_w48_hs3", "ocrnet_hrnetv2_w48_hs3_fuse"]
+
+
+def test_every_cityscapes_hs3_config_is_tested():
     folder = os.path.join(REPO, "configs/cityscapes/hs3")
-    for f in sorted(os.listdir(folder)):
-        cfg = _yaml(os.path.join("configs/cityscapes/hs3", f), **{"MODEL.EXITS.HS3.CLUSTERS_FILE": path})
-        cfg.MODEL.NORM = "BN"
-        cfg.DATASETS.TRAIN = ()
-        assert cfg.MODEL.EXITS.MODE == "hs3" and cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 19
-        assert cfg.MODEL.SEM_SEG_HEAD.NAME in ("HRNetV2Head", "OCRHead")
-        if "w48" in f:  # same code path as W18; only check that it merges (a W48 step is slow on CPU)
-            continue
-        cfg.MODEL.EXITS.CHANNELS = 16
-        cfg.MODEL.SEM_SEG_HEAD.OCR_MID_CHANNELS, cfg.MODEL.SEM_SEG_HEAD.OCR_KEY_CHANNELS = 32, 16
-        cfg.MODEL.EXITS.HS3.FUSE.OCR_MID_CHANNELS, cfg.MODEL.EXITS.HS3.FUSE.OCR_KEY_CHANNELS = 16, 8
-        torch.manual_seed(0)
-        model = build_model(cfg).train()
-        assert [e.segmenter.out_channels for e in model.exits.values()] == [4, 8]
-        losses = model(random_batch(2, 32, 32, 19))
-        assert {"loss_sem_seg", "loss_hs3"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())
-        sum(losses.values()).backward()
+    assert sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml")) == sorted(CITYSCAPES_HS3)
+
+
+@pytest.mark.parametrize("name", CITYSCAPES_HS3)
+def test_cityscapes_hs3_configs_build_and_run_a_step(tmp_path, name):
+    path = os.path.join(REPO, "configs/cityscapes/hs3", name + ".yaml")
+    assert os.path.isfile(path), f"{path} is missing"
+    assign = {"stage2_b0": [i % 4 for i in range(19)], "stage3_b0": [i % 8 for i in range(19)]}
+    clusters = write_clusters(tmp_path / "c.json", assign, class_names=[f"c{i}" for i in range(19)])
+    cfg = _yaml(path, **{"MODEL.EXITS.HS3.CLUSTERS_FILE": clusters})
+    cfg.MODEL.NORM = "BN"
+    cfg.DATASETS.TRAIN = ()
+    assert cfg.MODEL.EXITS.MODE == "hs3" and cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 19
+    assert cfg.MODEL.SEM_SEG_HEAD.NAME in ("HRNetV2Head", "OCRHead")
+    assert cfg.HS3_ANALYSIS.FRACTION == pytest.approx(0.1008)  # the paper's 300 of 2975 images
+    if "w48" in name:  # same code path as W18; only check that it merges (a W48 step is slow on CPU)
+        return
+    cfg.MODEL.EXITS.CHANNELS = 16
+    cfg.MODEL.SEM_SEG_HEAD.OCR_MID_CHANNELS, cfg.MODEL.SEM_SEG_HEAD.OCR_KEY_CHANNELS = 32, 16
+    cfg.MODEL.EXITS.HS3.FUSE.OCR_MID_CHANNELS, cfg.MODEL.EXITS.HS3.FUSE.OCR_KEY_CHANNELS = 16, 8
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    assert [e.segmenter.out_channels for e in model.exits.values()] == [4, 8]
+    assert (model.fusion is not None) == ("fuse" in name)
+    batch = random_batch(2, 32, 32, 19)
+    torch.manual_seed(1)
+    losses = model(batch)
+    assert {"loss_sem_seg", "loss_hs3"} <= set(losses)
+    sum(losses.values()).backward()
+    torch.manual_seed(1)  # the same dropout masks for the brute-force pass
+    with torch.no_grad():
+        images = model._images(batch)
+        outs = model.forward_outputs(model.backbone(images.tensor), tuple(images.tensor.shape[-2:]))
+    expected = brute_hs3_loss(outs, model._targets(batch), assign, {"stage2_b0": 1.0, "stage3_b0": 1.0})
+    assert losses["loss_hs3"].item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_one_label_to_cluster_mapping_for_objective_and_evaluator(tmp_path):
+    """The objective's targets and the evaluator's ground truth go through the same mapping:
+    classes -> clusters, ignore stays ignore, and anything else (negative values, values past
+    the table) becomes ignore (a negative label once took class 0's cluster in one of them)."""
+    from segdistill.modeling.exits.hs3_clusters import ground_truth_lut, map_labels
+
+    model = build_model(hs3_cfg(write_clusters(tmp_path / "c.json")))
+    labels = torch.tensor([[0, 1, 2, 3, 4, 255, -1, -7, 5, 254, 300]])
+    expected = [[0, 0, 1, 1, 2, 255, 255, 255, 255, 255, 255]]
+    assert model.exit_objective.exit_targets("res3", labels).tolist() == expected
+    lut = ground_truth_lut(ASSIGN["res3"], 255)
+    assert map_labels(labels.numpy(), lut, 255).tolist() == expected  # what the evaluator calls on its ground truth
+
+
+def test_checkpoint_with_other_clusters_is_an_error_naming_both(tmp_path):
+    """A Phase-2 checkpoint loaded with another clusters file: an error naming the clusters file
+    and both sets of clusters, not fvcore's shape warnings and silently dropped exits."""
+    a = write_clusters(tmp_path / "a.json")
+    model = trained(hs3_cfg(a))
+    DetectionCheckpointer(model, str(tmp_path)).save("model_final")
+    weights = str(tmp_path / "model_final.pth")
+    same = build_model(hs3_cfg(a))
+    DetectionCheckpointer(same).load(weights)  # the same clusters: loads
+    assert torch.equal(same.exits["res3"].segmenter.weight, model.exits["res3"].segmenter.weight)
+    for other in ({"res3": [0, 1, 1, 1, 2], "res4": [0, 1, 2, 2, 3]},  # same K, other grouping
+                  {"res3": [0, 0, 1, 1, 1], "res4": [0, 1, 2, 2, 3]}):  # other K
+        b = write_clusters(tmp_path / "b.json", other)
+        with pytest.raises(ValueError) as e:
+            DetectionCheckpointer(build_model(hs3_cfg(b))).load(weights)
+        msg = str(e.value)
+        assert "trained with other HS3 clusters" in msg and repr(b) in msg
+        assert "res3: K=3 [0, 0, 1, 1, 2]" in msg and f"res3: K={max(other['res3']) + 1} {other['res3']}" in msg

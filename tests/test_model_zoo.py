@@ -1,34 +1,20 @@
 """Model zoo: every config builds, trains a step and infers; the heads' contract; the norm
 switch; the papers' parameter counts (within 3%); the generated model table."""
 import glob
-import importlib.util
-import json
 import os
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, random_batch, tiny_cfg
+from conftest import REPO, random_batch, tiny_cfg, write_clusters
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
 from segdistill.modeling.heads import OCRHead, head_outputs, upsample_logits
-
-
-def _load_model_table():
-    spec = importlib.util.spec_from_file_location("model_table", os.path.join(REPO, "tools", "model_table.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["model_table"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-model_table = _load_model_table()
+from segdistill.utils import model_zoo as model_table
 
 # Meta-architectures this file builds. A new one must be added here, with what its configs
-# need to build on CPU from nothing (see _prepare_cfg), or listed as not handled (skipped).
+# need to build on CPU from nothing (see _prepare_cfg).
 HANDLED_META_ARCHS = {"SemanticSegmentor", "MultiExitSegmentor", "Distiller"}
-NOT_YET_HANDLED_META_ARCHS = {}
 H, W = 64, 64  # every config is run on tiny images, on CPU, with random weights
 
 
@@ -40,10 +26,13 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
 
-YAML_CONFIGS = model_table.yaml_configs()
+# configs/reproduce/ (the papers' recipes) are built, trained and checked against their
+# sources in tests/test_reproduce.py.
+_RECIPES = os.sep + "reproduce" + os.sep
+YAML_CONFIGS = [p for p in model_table.yaml_configs() if _RECIPES not in p]
 LAZY_CONFIGS = sorted(
     p for p in glob.glob(os.path.join(REPO, "configs", "**", "*.py"), recursive=True)
-    if os.sep + "common" + os.sep not in p
+    if os.sep + "common" + os.sep not in p and _RECIPES not in p
 )
 
 
@@ -52,11 +41,9 @@ def _rel(path):
 
 
 def _check_meta_arch(name, where):
-    if name in NOT_YET_HANDLED_META_ARCHS:
-        pytest.skip(f"{where}: {name} not handled yet ({NOT_YET_HANDLED_META_ARCHS[name]})")
     assert name in HANDLED_META_ARCHS, (
         f"{where} uses meta-architecture {name!r}: add it to HANDLED_META_ARCHS (with its checks) "
-        "or NOT_YET_HANDLED_META_ARCHS in tests/test_model_zoo.py"
+        "in tests/test_model_zoo.py"
     )
 
 
@@ -78,13 +65,9 @@ def _prepare_cfg(cfg, tmp_dir):
 
             k = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
             names = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("stuff_classes", None) if cfg.DATASETS.TRAIN else None
-            data = {"format": "segdistill-hs3-clusters", "version": 1,
-                    "class_names": list(names) if names and len(names) == k else [f"c{i}" for i in range(k)],
-                    "exits": {e: {"assignment": [i % 2 for i in range(k)]} for e in cfg.MODEL.EXITS.IN_FEATURES}}
-            path = os.path.join(str(tmp_dir), "clusters.json")
-            with open(path, "w") as f:
-                json.dump(data, f)
-            cfg.MODEL.EXITS.HS3.CLUSTERS_FILE = path
+            cfg.MODEL.EXITS.HS3.CLUSTERS_FILE = write_clusters(
+                os.path.join(str(tmp_dir), "clusters.json"), {e: [i % 2 for i in range(k)] for e in cfg.MODEL.EXITS.IN_FEATURES},
+                class_names=names if names and len(names) == k else None)
     if cfg.MODEL.META_ARCHITECTURE == "Distiller":
         cfg.MODEL.DISTILL.TEACHER.WEIGHTS = ""
         cfg.MODEL.DISTILL.TEACHER.ALLOW_RANDOM = True
@@ -154,13 +137,8 @@ def _point_lazy_clusters_files(node, tmp_dir):
 
     if isinstance(node, DictConfig):
         if {"path", "exit_names", "class_names"} <= set(node.keys()) and isinstance(node.class_names, int):
-            k = node.class_names
-            data = {"format": "segdistill-hs3-clusters", "version": 1, "class_names": [f"c{i}" for i in range(k)],
-                    "exits": {e: {"assignment": [i % 2 for i in range(k)]} for e in node.exit_names}}
-            file = os.path.join(str(tmp_dir), "lazy_clusters.json")
-            with open(file, "w") as f:
-                json.dump(data, f)
-            node.path = file
+            node.path = write_clusters(os.path.join(str(tmp_dir), "lazy_clusters.json"),
+                                       {e: [i % 2 for i in range(node.class_names)] for e in node.exit_names})
         for key in node.keys():
             _point_lazy_clusters_files(node[key], tmp_dir)
     elif isinstance(node, ListConfig):
@@ -218,7 +196,7 @@ HRNET_FEATURES = ["res2", "res3", "res4", "res5"]
 
 
 def _head_cfg(head, **overrides):
-    if head == "PSPHead":
+    if head not in HRNET_HEADS:
         return tiny_cfg("resnet18", head, **overrides)
     cfg = tiny_cfg("hrnet_w18_small", head, **overrides)
     cfg.MODEL.TIMM.OUT_FEATURES = HRNET_FEATURES
@@ -229,10 +207,12 @@ def _head_cfg(head, **overrides):
     return cfg
 
 
-NEW_HEADS = ["PSPHead", "HRNetV2Head", "OCRHead"]
+HRNET_HEADS = ["HRNetV2Head", "OCRHead"]
+NEW_HEADS = ["PSPHead"] + HRNET_HEADS
+ALL_HEADS = ["SegDeepLabV3Head", "SegDeepLabV3PlusHead", "FCNHead"] + NEW_HEADS
 
 
-@pytest.mark.parametrize("head", NEW_HEADS)
+@pytest.mark.parametrize("head", ALL_HEADS)
 def test_exposed_features_and_classifier_reproduce_logits(head):
     torch.manual_seed(0)
     model = build_model(_head_cfg(head)).eval()

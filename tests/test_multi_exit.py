@@ -2,30 +2,21 @@
 errors, and every mode end to end through train_net.py."""
 import json
 import os
-import subprocess
-import sys
 
+import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
-from conftest import REPO, random_batch, set_keys, tiny_cfg
+from conftest import REPO, random_batch, run_train_net, set_keys, tiny_cfg
 from conftest import trained_model as train_steps
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from segdistill import add_segdistill_config
+from segdistill.engine.deploy import save_deployed_checkpoint
 
 K = 5
-
-
-def run(args):
-    """python train_net.py ARGS in the repository; returns (exit code, stdout + stderr)."""
-    env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "projects") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "train_net.py", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"train_net.py {' '.join(args)} failed ({proc.returncode}):\n{out[-4000:]}"
-    return proc.returncode, out
 
 
 def exit_cfg(mode="sr", backbone="resnet18", head="SegDeepLabV3Head", **overrides):
@@ -101,18 +92,13 @@ def test_sr_teachers_receive_no_gradient_from_their_own_loss():
 
 
 def test_deploy_round_trip_into_the_baseline_config(tmp_path):
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    import deploy_model
-
     cfg = exit_cfg("sr")
     model = trained_model(cfg)
-    trained = str(tmp_path / "model_final.pth")
     DetectionCheckpointer(model, str(tmp_path)).save("model_final")
-    out = str(tmp_path / "deploy.pth")
-    cfg_file = tmp_path / "train.yaml"
-    cfg_file.write_text(cfg.dump())
-    deploy_model.main(["--config-file", str(cfg_file), "--output", out, "MODEL.WEIGHTS", trained])
-    state = torch.load(out, map_location="cpu")["model"]
+    loaded = build_model(cfg)  # what tools/deploy_model.py does: the training checkpoint -> deployed weights
+    DetectionCheckpointer(loaded).load(str(tmp_path / "model_final.pth"))
+    out = save_deployed_checkpoint(loaded.eval(), str(tmp_path / "deploy.pth"))
+    state = torch.load(out, map_location="cpu", weights_only=True)["model"]
     assert not [k for k in state if not k.startswith(("backbone.", "sem_seg_head."))]
 
     # the plain baseline config (configs/demo/deeplabv3_r18.yaml at the same tiny sizes)
@@ -144,9 +130,27 @@ def test_exit_on_head_features_and_per_exit_class_counts():
     cfg = exit_cfg("ds", **{"MODEL.EXITS.IN_FEATURES": ["res3", "head_features"], "MODEL.EXITS.NUM_CLASSES": [3, 4]})
     model = build_model(cfg).train()
     assert [model.exits[n].segmenter.out_channels for n in ("res3", "head_features")] == [3, 4]
-    model.exit_objective.label_luts = {"res3": torch.tensor([0, 0, 1, 2, 2]), "head_features": torch.tensor([0, 1, 2, 3, 3])}
-    losses = model(random_batch(2, 64, 64, K))
-    assert torch.isfinite(losses["loss_ds"])
+    luts = {"res3": [0, 0, 1, 2, 2], "head_features": [0, 1, 2, 3, 3]}
+    model.exit_objective.label_luts = {n: torch.tensor(v) for n, v in luts.items()}
+    batch = random_batch(2, 64, 64, K)
+    torch.manual_seed(0)
+    losses = model(batch)
+    # brute force: the exits' logits (same BN batch statistics and dropout masks), labels mapped by hand
+    torch.manual_seed(0)
+    with torch.no_grad():
+        images = model._images(batch)
+        outs = model.forward_outputs(model.backbone(images.tensor), tuple(images.tensor.shape[-2:]))
+    labels = torch.stack([b["sem_seg"] for b in batch])
+    expected = 0.0
+    for name, lut in luts.items():
+        logits = F.interpolate(outs.exits[name].seg_logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        logp = F.log_softmax(logits, dim=1).numpy()
+        lab = labels.numpy()
+        valid = lab != 255
+        n_idx, y_idx, x_idx = np.nonzero(valid)
+        mapped = np.array(lut)[lab[valid]]
+        expected += -logp[n_idx, mapped, y_idx, x_idx].mean()
+    assert losses["loss_ds"].item() == pytest.approx(expected, rel=1e-4)
     model.eval()
     model.eval_exits = True
     with torch.no_grad():
@@ -205,24 +209,85 @@ def test_lazy_configs_train_a_step_with_the_progress_hook(name):
     assert model.eval_exits == (name != "none")
 
 
-def test_cityscapes_sr_configs_build_and_run_a_step():
-    for name in ("deeplabv3_r101_sr", "ocrnet_hrnetv2_w48_sr"):
-        path = os.path.join(REPO, "configs/cityscapes/sr", name + ".yaml")
-        if not os.path.isfile(path):
-            continue
-        cfg = get_cfg()
-        add_segdistill_config(cfg)
-        cfg.merge_from_file(path)
-        cfg.MODEL.DEVICE = "cpu"
-        cfg.MODEL.NORM = "BN"
-        assert cfg.MODEL.EXITS.MODE == "sr" and cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 19
-        assert cfg.SOLVER.IMS_PER_BATCH == 8 and cfg.SOLVER.BASE_LR == 0.01 and tuple(cfg.INPUT.CROP.SIZE) == (969, 969)
+def sr_reference_losses(model, batch):
+    """Brute-force MEA terms of a built SR model in train mode: the final head's and every exit's
+    pixel CE and the image-level BCE against class presence (numpy), from one forward pass
+    (call it with the RNG seeded as for the model's own step: the same dropout masks)."""
+    with torch.no_grad():
+        images = model._images(batch)
+        outs = model.forward_outputs(model.backbone(images.tensor), tuple(images.tensor.shape[-2:]))
+    labels = model._targets(batch)
+    lab = labels.numpy()
+    ignore = model.exit_objective.ignore_value
+    valid = lab != ignore
+    n_idx, y_idx, x_idx = np.nonzero(valid)
+
+    def ce(seg_logits):
+        logits = F.interpolate(seg_logits.float(), size=lab.shape[-2:], mode="bilinear", align_corners=False)
+        logp = F.log_softmax(logits, dim=1).numpy()
+        return float(-logp[n_idx, lab[valid], y_idx, x_idx].mean())
+
+    def bce(cls_logits):
+        k = cls_logits.shape[1]
+        presence = np.zeros((lab.shape[0], k))
+        for i in range(lab.shape[0]):
+            presence[i, np.unique(lab[i][lab[i] != ignore])] = 1
+        p = torch.sigmoid(cls_logits.double()).numpy()
+        return float(-(presence * np.log(p) + (1 - presence) * np.log(1 - p)).mean())
+
+    head = model.sem_seg_head
+    final = F.interpolate(outs.final.seg_logits, scale_factor=head.common_stride, mode="bilinear", align_corners=False)
+    return {
+        "sem_seg": head.loss_weight * ce(final),
+        "mea_seg": sum(ce(e.seg_logits) for e in outs.exits.values()),
+        "mea_cls": bce(outs.final.cls_logits) + sum(bce(e.cls_logits) for e in outs.exits.values()),
+    }
+
+
+@pytest.mark.parametrize("name", ["deeplabv3_r101_sr", "ocrnet_hrnetv2_w48_sr"])
+def test_cityscapes_sr_configs_build_and_run_a_step(name):
+    path = os.path.join(REPO, "configs/cityscapes/sr", name + ".yaml")
+    assert os.path.isfile(path), f"{path} is missing"
+    cfg = get_cfg()
+    add_segdistill_config(cfg)
+    cfg.merge_from_file(path)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.NORM = "BN"
+    assert cfg.MODEL.EXITS.MODE == "sr" and cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 19
+    assert cfg.SOLVER.IMS_PER_BATCH == 8 and cfg.SOLVER.BASE_LR == 0.01 and tuple(cfg.INPUT.CROP.SIZE) == (969, 969)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    batch = random_batch(2, 32, 32, 19)
+    torch.manual_seed(1)
+    losses = model(batch)
+    assert {"loss_sem_seg", "loss_mea_cls", "loss_mea_seg", "loss_sr_f", "loss_sr_l"} <= set(losses)
+    sum(losses.values()).backward()
+    torch.manual_seed(1)
+    ref = sr_reference_losses(model, batch)  # the paper's weights: lambda1 0.2, lambda2 0.8, head CE at 1
+    assert losses["loss_sem_seg"].item() == pytest.approx(ref["sem_seg"], rel=1e-4)
+    assert losses["loss_mea_seg"].item() == pytest.approx(0.8 * ref["mea_seg"], rel=1e-4)
+    assert losses["loss_mea_cls"].item() == pytest.approx(0.2 * ref["mea_cls"], rel=1e-4)
+    assert losses["loss_sr_f"].item() > 0 and losses["loss_sr_l"].item() > 0  # soft cross-entropies of distinct maps
+
+
+def test_mea_segmentation_weight_paper_and_authors_code():
+    """Default: the head's CE at weight 1, SEG_WEIGHT on the exits only; SEG_WEIGHT_INCLUDES_FINAL
+    (the authors' code): the head's CE inside SEG_WEIGHT too. Every other term is unchanged."""
+    batch = random_batch(2, 64, 64, K, seed=4)
+    out = {}
+    for includes in (False, True):
         torch.manual_seed(0)
-        model = build_model(cfg).train()
-        losses = model(random_batch(2, 32, 32, 19))
-        assert {"loss_sem_seg", "loss_mea_cls", "loss_mea_seg", "loss_sr_f", "loss_sr_l"} <= set(losses)
-        sum(losses.values()).backward()
-        assert all(torch.isfinite(v) for v in losses.values())
+        model = build_model(exit_cfg("sr", **{"MODEL.EXITS.SR.SEG_WEIGHT": 0.7,
+                                              "MODEL.EXITS.SR.SEG_WEIGHT_INCLUDES_FINAL": includes})).train()
+        torch.manual_seed(1)
+        out[includes] = {k: v.item() for k, v in model(batch).items()}
+    torch.manual_seed(1)
+    ref = sr_reference_losses(model, batch)
+    assert out[False]["loss_sem_seg"] == pytest.approx(ref["sem_seg"], rel=1e-4)
+    assert out[True]["loss_sem_seg"] == pytest.approx(0.7 * ref["sem_seg"], rel=1e-4)
+    assert out[True]["loss_mea_seg"] == pytest.approx(0.7 * ref["mea_seg"], rel=1e-4)
+    assert {k: v for k, v in out[True].items() if k != "loss_sem_seg"} == \
+        {k: v for k, v in out[False].items() if k != "loss_sem_seg"}
 
 
 # ------------------------------------------------------------------ end to end through train_net.py
@@ -242,7 +307,7 @@ def metrics(out_dir):
 @pytest.mark.parametrize("mode", ["none", "ds"])
 def test_train_net_modes(tmp_path, mode):
     out_dir = str(tmp_path / mode)
-    _, out = run(["--config-file", f"configs/demo/exits/{mode}.yaml"] + TINY + ["OUTPUT_DIR", out_dir])
+    out = run_train_net(["--config-file", f"configs/demo/exits/{mode}.yaml"] + TINY + ["OUTPUT_DIR", out_dir])
     rec = metrics(out_dir)
     losses = {k for r in rec for k in r if k.startswith("loss_")}
     # (detectron2 logs the terms separately only when there are several)
@@ -259,14 +324,14 @@ def test_train_net_sr_logs_tau_and_resume_continues_it(tmp_path):
     out_dir = str(tmp_path / "sr")
     cfg = ["--config-file", "configs/demo/exits/sr.yaml"] + TINY + [
         "MODEL.EXITS.SR.ANNEAL_THRESHOLD", "0.0", "OUTPUT_DIR", out_dir]  # threshold 0: tau grows every step
-    _, out = run(cfg)
+    out = run_train_net(cfg)
     rec = metrics(out_dir)
     losses = {k for r in rec for k in r if k.startswith("loss_")}
     assert losses == {"loss_sem_seg", "loss_mea_cls", "loss_mea_seg", "loss_sr_f", "loss_sr_l"}
     assert "copypaste: Task: sem_seg_res4" in out
     state = torch.load(os.path.join(out_dir, "model_final.pth"), map_location="cpu", weights_only=False)["model"]
     assert float(state["exit_objective.temperature"]) == pytest.approx(1.05 ** 2)
-    _, out = run(cfg[:2] + ["--resume"] + cfg[2:] + ["SOLVER.MAX_ITER", "4"])
+    out = run_train_net(cfg[:2] + ["--resume"] + cfg[2:] + ["SOLVER.MAX_ITER", "4"])
     assert "Starting training from iteration 2" in out
     tau = {r["iteration"]: r["sr_temperature"] for r in metrics(out_dir) if "sr_temperature" in r}
     assert tau[3] == pytest.approx(1.05 ** 3)  # not restarted from 1
@@ -277,7 +342,7 @@ def test_train_net_sr_logs_tau_and_resume_continues_it(tmp_path):
 @pytest.mark.slow
 def test_train_net_lazy_sr(tmp_path):
     out_dir = str(tmp_path / "lazy")
-    _, out = run([
+    out = run_train_net([
         "--config-file", "configs/demo/exits/sr.py",
         "dataloader.train.dataset.names=segdistill_demo_mini_train",
         "dataloader.test.dataset.names=segdistill_demo_mini_val",

@@ -1,8 +1,9 @@
 """benchmarks/overhead.py end to end on a tiny setting (every method, batch 2, 32x32, one
 warm-up and two timed rounds): every method and baseline reported, the deployed models of
 the methods that drop their training-only parts equal to the baseline exactly (parameters
-and FLOPs), HS3-Fuse larger, finite positive ratios, markdown and JSON written; and clear
-errors for bad method names."""
+and FLOPs), HS3-Fuse larger, finite positive ratios, the distillation rows against CWD and
+their loss-alone times, the targets, markdown and JSON written; ``--classes`` and KEY VALUE
+overrides reach every model; and clear errors for bad method names."""
 import importlib.util
 import json
 import math
@@ -24,7 +25,9 @@ def _load():
 
 overhead = _load()
 METHODS = ["ds", "mea", "mea+sr-l", "mea+sr-f", "sr", "hs3", "hs3-fuse",
-           "pd", "cwd", "hwd", "fakd_cwd", "fakd_pd", "hwd+fakd_pd"]
+           "pd", "cwd", "hwd", "fakd_cwd", "fakd_pd", "hwd+fakd_pd",
+           "skd", "ifvd", "cirkd", "mgd", "dist", "fitnet", "at"]
+WITH_PARTS = {"skd", "ifvd", "cirkd", "mgd", "fitnet"}  # distillation rows with trainable loss parts
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +75,50 @@ def test_deployed_models_cost_exactly_the_baseline(run):
         assert train[n]["params"] > train["baseline"]["params"] and train[n]["flops"] > train["baseline"]["flops"]
     for n in METHODS[7:]:  # the frozen teacher is counted at training
         assert train[n]["params"] > 2 * train["student"]["params"]
-        assert train[n]["trainable_params"] == train["student"]["trainable_params"]
+        # the losses' trainable parts are counted apart: trained with the student, never deployed
+        parts = train[n]["loss_parts_params"]
+        assert (parts > 0) == (n in WITH_PARTS), (n, parts)
+        assert train[n]["trainable_params"] == train["student"]["trainable_params"] + parts
     fuse = infer["hs3-fuse"]  # HS3-Fuse keeps its fuse blocks at inference
     assert fuse["params"] > plain["params"] and fuse["flops"] > plain["flops"]
     assert not fuse["params_equal"] and not fuse["expected_equal"]
+
+
+def test_distillation_rows_against_cwd_and_the_targets(run):
+    result, md, _ = run
+    train = result["training"]
+    distill = METHODS[7:]
+    assert train["cwd"]["cwd_ratio"] == 1.0 and train["cwd"]["cwd_memory_ratio"] == 1.0
+    for n in distill + ["student"]:  # the student row too: how much the teacher adds over it
+        assert train[n]["cwd_ratio"] > 0 and train[n]["cwd_memory_ratio"] > 0
+    for n in ["baseline"] + METHODS[:7]:
+        assert train[n]["cwd_ratio"] is None and train[n]["loss_alone_s"] is None
+    for n in distill:  # the distillation terms alone, from fixed logits
+        assert 0 < train[n]["loss_alone_s"] < train[n]["cpu_s"]
+    assert train["student"]["loss_alone_s"] is None
+    targets = result["targets"]
+    assert {n: (v["reference"], v["limit"]) for n, v in targets.items()} == {
+        "sr": ("baseline", 1.15), "hwd": ("cwd", 1.05), "fakd_cwd": ("cwd", 1.2), "fakd_pd": ("cwd", 1.2)}
+    for n, v in targets.items():
+        assert v["ratio"] == pytest.approx(train[n]["cpu_s"] / train[v["reference"]]["cpu_s"])
+        assert v["pass"] == (v["ratio"] <= v["limit"])
+    text = md.read_text()
+    assert "x CWD" in text and "loss alone (ms)" in text and "(target <= 1.15)" in text and "(target <= 1.05)" in text
+
+
+def test_classes_and_overrides_reach_every_model(run):
+    result, _, _ = run
+    small = overhead.main(["--threads", "1", "--batch", "2", "--size", "32x32", "--warmup", "0", "--rounds", "1",
+                           "--methods", "hs3", "cwd", "--classes", "12", "MODEL.EXITS.CHANNELS", "8"])
+    assert small["settings"]["classes"] == 12 and result["settings"]["classes"] == 10
+    train, base = small["training"], result["training"]
+    assert list(train) == ["baseline", "student", "hs3", "cwd"]
+    # 12 classes: the classifiers (student's and teacher's) grow; 8-channel exits: HS3's training params shrink
+    assert train["student"]["params"] > base["student"]["params"] and train["cwd"]["params"] > base["cwd"]["params"]
+    exits = train["hs3"]["params"] - train["baseline"]["params"]
+    assert 0 < exits < base["hs3"]["params"] - base["baseline"]["params"]
+    with pytest.raises(SystemExit):
+        overhead.main(["--methods", "sr", "--classes", "1"])
 
 
 def test_tables_markdown_and_json(run):
@@ -102,3 +145,17 @@ def test_bad_method_names_are_clear_errors(capsys):
     assert overhead.resolve_methods(["all"]) == METHODS
     with pytest.raises(SystemExit):
         overhead.main(["--size", "12xfoo"])
+
+
+def test_hs3_gmacs_toy_size():
+    """benchmarks/hs3_gmacs.py on the demo HS3 config at 32x32: HS3 costs exactly the baseline
+    at inference, HS3-Fuse more, its lighter variant in between (synthetic clusters written
+    with the package's writer)."""
+    spec = importlib.util.spec_from_file_location("hs3_gmacs", os.path.join(REPO, "benchmarks", "hs3_gmacs.py"))
+    gmacs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gmacs)
+    rows = gmacs.main(["--size", "32", "32", "MODEL.EXITS.CHANNELS", "16"])
+    assert list(rows) == ["baseline", "HS3", "HS3-Fuse", "HS3-Fuse (lighter)"]
+    assert rows["HS3"] == rows["baseline"]
+    (base, p0), (fuse, p1), (light, p2) = rows["baseline"], rows["HS3-Fuse"], rows["HS3-Fuse (lighter)"]
+    assert base < light < fuse and p0 < p2 < p1

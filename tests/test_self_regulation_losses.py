@@ -5,13 +5,22 @@ import numpy as np
 import pytest
 import torch
 
-from segdistill.modeling.exits import ExitOutput, MultiExitOutputs
-from segdistill.modeling.losses.self_regulation import (
-    DeepSupervisionObjective, SelfRegulationObjective, anneal_temperature, class_presence, multilabel_bce,
-    seg_cross_entropy, sr_f_code_loss, sr_f_loss, sr_l_code_loss, sr_l_loss, teacher_spread, tempered_soft_ce,
+from detectron2.config import get_cfg
+from segdistill import add_segdistill_config
+from segdistill.modeling.exits import DeepSupervisionObjective, ExitOutput, MultiExitOutputs
+from segdistill.modeling.exits.self_regulation import (
+    SelfRegulationObjective, anneal_temperature, class_presence, multilabel_bce, seg_cross_entropy, sr_f_code_loss,
+    sr_f_loss, sr_l_code_loss, sr_l_loss, teacher_spread, tempered_soft_ce,
 )
 
 IGN = 255
+
+
+def sr_objective(**overrides):
+    """SelfRegulationObjective with config.py's defaults (the one source of them) and ``overrides``."""
+    cfg = get_cfg()
+    add_segdistill_config(cfg)
+    return SelfRegulationObjective(**{**SelfRegulationObjective.from_config(cfg), **overrides})
 
 
 def np_softmax(x, tau=1.0):
@@ -178,7 +187,7 @@ def test_annealing_rule():
     assert anneal_temperature(1.0, spread) == pytest.approx(1.05)
     assert anneal_temperature(1.0, spread[[0, 2]]) == 1.0
     # the objective keeps multiplying by 1.05 until no teacher map spreads more than 0.5
-    obj = SelfRegulationObjective()
+    obj = sr_objective()
     taus = []
     for _ in range(200):
         obj.update_temperature(feats, float(obj.temperature))
@@ -205,7 +214,7 @@ def fake_outputs(n=2, k=4, c=6, h=3, w=3, seed=10, grad=False):
 def test_sr_objective_combines_the_terms_with_the_paper_weights():
     out = fake_outputs()
     t = labels(2, 12, 12, 4, seed=11)
-    obj = SelfRegulationObjective(temperature=2.0, anneal_factor=1.0)
+    obj = sr_objective(temperature=2.0, anneal_factor=1.0)
     losses = obj(out, t)
     assert set(losses) == {"loss_mea_cls", "loss_mea_seg", "loss_sr_f", "loss_sr_l"}
     pres = class_presence(t, 4, IGN)
@@ -218,17 +227,17 @@ def test_sr_objective_combines_the_terms_with_the_paper_weights():
     assert losses["loss_mea_seg"].item() == pytest.approx(0.8 * seg.item(), rel=1e-5)
     assert losses["loss_sr_f"].item() == pytest.approx(srf, rel=1e-5)
     assert losses["loss_sr_l"].item() == pytest.approx(srl, rel=1e-5)
-    code = SelfRegulationObjective(variant="code", f_weight=0.5)(out, t)
+    code = sr_objective(variant="code", f_weight=0.5)(out, t)
     ref_f = sr_f_code_loss(ex[0].seg_logits, [e.seg_logits for e in ex[1:]] + [out.final.seg_logits])
     assert code["loss_sr_f"].item() == pytest.approx(0.5 * ref_f.item(), rel=1e-6)
     # weights 0 drop the terms
-    assert set(SelfRegulationObjective(f_weight=0, l_weight=0)(out, t)) == {"loss_mea_cls", "loss_mea_seg"}
+    assert set(sr_objective(f_weight=0, l_weight=0)(out, t)) == {"loss_mea_cls", "loss_mea_seg"}
 
 
 def test_warmup_runs_mea_only_then_sr():
     out = fake_outputs()
     t = labels(2, 12, 12, 4, seed=12)
-    obj = SelfRegulationObjective(warmup_iters=5, anneal_threshold=0.0).train()
+    obj = sr_objective(warmup_iters=5, anneal_threshold=0.0).train()
     obj.set_training_progress(4, 100)
     losses = obj(out, t)
     assert losses["loss_sr_f"].item() == 0 and losses["loss_sr_l"].item() == 0 and losses["loss_mea_seg"] > 0
@@ -243,7 +252,8 @@ def test_ds_objective_and_per_exit_targets():
     out = fake_outputs(k=3)
     t = labels(2, 12, 12, 5, seed=13)
     lut = torch.tensor([0, 0, 1, 2, 2])  # 5 dataset classes -> 3 exit classes
-    obj = DeepSupervisionObjective(weight=0.7, label_luts={"a": lut, "b": lut, "c": lut})
+    obj = DeepSupervisionObjective(weight=0.7, ignore_value=IGN)
+    obj.label_luts = {"a": lut, "b": lut, "c": lut}
     mapped = obj.exit_targets("a", t)
     ref = t.clone()
     for idx in np.ndindex(*t.shape):

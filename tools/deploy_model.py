@@ -5,7 +5,9 @@
         MODEL.WEIGHTS output/run/model_final.pth
 
 The output loads with no missing or unexpected keys into the plain model its deployed
-config builds (a multi-exit model's baseline config, a distiller's student config).
+config builds (a multi-exit model's baseline config, a distiller's student config). A
+checkpoint that does not fit the training config (less than TEST.MIN_MATCHED_WEIGHTS of
+the model, or tensors of another shape) is an error, not a half-random deployed model.
 """
 import argparse
 import logging
@@ -16,12 +18,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "projects"))
 
 import segdistill  # noqa: E402,F401
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from segdistill import add_segdistill_config  # noqa: E402
-from segdistill.engine import check_weights_file  # noqa: E402
+from segdistill.engine import load_checked_weights  # noqa: E402
 from segdistill.engine.deploy import save_deployed_checkpoint  # noqa: E402
 
 
@@ -39,9 +40,9 @@ def main(argv=None):
     cfg.MODEL.DEVICE = "cpu"
     if not cfg.MODEL.WEIGHTS:
         p.error("set MODEL.WEIGHTS to the trained checkpoint")
-    check_weights_file(cfg.MODEL.WEIGHTS)
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    load_checked_weights(model, cfg.MODEL.WEIGHTS, min_matched=cfg.TEST.MIN_MATCHED_WEIGHTS,
+                         what="the model of the training config")
     path = save_deployed_checkpoint(model, args.output)
     logging.getLogger("segdistill").info("Deployed checkpoint written to %s", path)
     print(path)

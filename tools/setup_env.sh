@@ -32,7 +32,7 @@ pip_install() {
   return "$rc"
 }
 stamp="$venv/.segdistill-setup"
-want="$(cat "$root/requirements.txt" "$root/pyproject.toml" "${BASH_SOURCE[0]}" | sha1sum | cut -c1-16)"
+want="$(cat "$root/requirements.txt" "$root/requirements-test.txt" "$root/pyproject.toml" "${BASH_SOURCE[0]}" | sha1sum | cut -c1-16)"
 
 # Fast path: everything installed by this same recipe and importable.
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && \
@@ -60,6 +60,16 @@ fi
 
 log "installing the remaining requirements"
 pip_install -r "$root/requirements.txt"
+
+# The test-only oracle (requirements-test.txt): OpenMMLab's packages without their declared
+# dependencies (opencv-python would clash with opencv-python-headless), then their pure-Python needs.
+log "installing the test oracle (mmsegmentation, mmengine, mmcv-lite; --no-deps)"
+oracle="$(grep -E '^(mmsegmentation|mmengine|mmcv-lite)==' "$root/requirements-test.txt")"
+others="$(grep -vE '^(#|$|mmsegmentation|mmengine|mmcv-lite)' "$root/requirements-test.txt")"
+# shellcheck disable=SC2086
+pip_install --no-deps $oracle
+# shellcheck disable=SC2086
+pip_install $others
 pip_install --no-deps -e "$root"
 
 "$py" -c "import torch, torchvision, detectron2, timm, segdistill; print('[setup_env] torch', torch.__version__, '| torchvision', torchvision.__version__, '| detectron2', detectron2.__version__, '| timm', timm.__version__)" >&2

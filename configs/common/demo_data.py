@@ -2,16 +2,16 @@
 from omegaconf import OmegaConf
 
 from detectron2.config import LazyCall as L
-from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.data import transforms as T
-from segdistill.data import RandomResizeRatio, SemSegDatasetMapper
+from segdistill.data import RandomResizeRatio, SemSegDatasetMapper, build_sem_seg_train_loader
 from segdistill.evaluation import SemSegEvaluator
 
 NUM_CLASSES = 10
 IGNORE = 255
 
 dataloader = OmegaConf.create()
-dataloader.train = L(build_detection_train_loader)(
+dataloader.train = L(build_sem_seg_train_loader)(
     dataset=L(get_detection_dataset_dicts)(names="segdistill_demo_train"),
     mapper=L(SemSegDatasetMapper)(
         is_train=True,
@@ -27,6 +27,9 @@ dataloader.train = L(build_detection_train_loader)(
     total_batch_size=8,
     num_workers=1,
     aspect_ratio_grouping=False,
+    seed="${...train.seed}",  # resumable order and per-sample augmentation seeds (segdistill.data.build)
+    on_unreadable="stop",  # or "skip": files that cannot be decoded (listed in skipped_files)
+    skipped_files="${...train.output_dir}/skipped_files.txt",
 )
 dataloader.test = L(build_detection_test_loader)(
     dataset=L(get_detection_dataset_dicts)(names="segdistill_demo_val", filter_empty=False),

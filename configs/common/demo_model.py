@@ -5,7 +5,11 @@ from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec
 from segdistill.modeling import SegDeepLabV3Head, TimmBackbone
 
+from .defaults import default_cfg
 from .demo_data import IGNORE, NUM_CLASSES
+
+_TIMM = default_cfg().MODEL.TIMM
+_HEAD = default_cfg().MODEL.SEM_SEG_HEAD
 
 PIXEL_MEAN = [123.675, 116.28, 103.53]
 PIXEL_STD = [58.395, 57.12, 57.375]
@@ -19,7 +23,11 @@ def shapes(stages):
 
 
 def demo_backbone(model_name="resnet18", out_features=("res5",)):
-    return L(TimmBackbone)(model_name=model_name, output_stride=8, out_features=list(out_features))
+    return L(TimmBackbone)(
+        model_name=model_name, output_stride=8, out_features=list(out_features), norm="BN", checkpoint="",
+        checkpoint_format=_TIMM.CHECKPOINT_FORMAT, in_chans=3, stem_type=_TIMM.STEM_TYPE, stem_width=_TIMM.STEM_WIDTH,
+        dilation_rule=_TIMM.DILATION_RULE, multi_grid=list(_TIMM.MULTI_GRID),
+    )
 
 
 def demo_deeplabv3_head(in_channels=512, aspp_channels=128, num_classes=NUM_CLASSES):
@@ -34,4 +42,12 @@ def demo_deeplabv3_head(in_channels=512, aspp_channels=128, num_classes=NUM_CLAS
         norm="BN",
         ignore_value=IGNORE,
         loss_type="cross_entropy",
+        layout=_HEAD.LAYOUT,
+        pool_kernel_size=None,
+        use_depthwise_separable_conv=_HEAD.USE_DEPTHWISE_SEPARABLE_CONV,
+        bottleneck_convs=_HEAD.ASPP_BOTTLENECK_CONVS,
+        dropout=_HEAD.DROPOUT,
+        loss_weight=_HEAD.LOSS_WEIGHT,
+        align_corners=_HEAD.ALIGN_CORNERS,
+        aux_head=None,
     )

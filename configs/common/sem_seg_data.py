@@ -5,9 +5,9 @@
 from omegaconf import OmegaConf
 
 from detectron2.config import LazyCall as L
-from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.data import transforms as T
-from segdistill.data import RandomResizeRatio, SemSegDatasetMapper
+from segdistill.data import RandomResizeRatio, SemSegDatasetMapper, build_sem_seg_train_loader
 from segdistill.evaluation import SemSegEvaluator
 
 
@@ -16,7 +16,7 @@ def sem_seg_dataloader(train, test, num_classes, crop, base_size, batch=8, test_
     test_augs = [L(T.ResizeShortestEdge)(short_edge_length=test_short_side, max_size=test_max_size)] \
         if test_short_side else []
     dataloader = OmegaConf.create()
-    dataloader.train = L(build_detection_train_loader)(
+    dataloader.train = L(build_sem_seg_train_loader)(
         dataset=L(get_detection_dataset_dicts)(names=train),
         mapper=L(SemSegDatasetMapper)(
             is_train=True,
@@ -32,6 +32,9 @@ def sem_seg_dataloader(train, test, num_classes, crop, base_size, batch=8, test_
         total_batch_size=batch,
         num_workers=workers,
         aspect_ratio_grouping=False,
+        seed="${...train.seed}",  # resumable order and per-sample augmentation seeds (segdistill.data.build)
+        on_unreadable="stop",  # or "skip": files that cannot be decoded (listed in skipped_files)
+        skipped_files="${...train.output_dir}/skipped_files.txt",
     )
     dataloader.test = L(build_detection_test_loader)(
         dataset=L(get_detection_dataset_dicts)(names=test, filter_empty=False),

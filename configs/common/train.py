@@ -9,4 +9,10 @@ train = dict(
     eval_period=400,
     log_period=20,
     device="cuda",  # set "cpu" on a machine without a GPU (train.device=cpu)
+    seed=-1,  # >= 0: a fixed seed (model init, data order, augmentation); -1: a random one
+    cudnn_benchmark=False,
+    # --eval-only: an empty init_checkpoint is an error unless allow_random_weights (tests); a
+    # checkpoint covering less than min_matched_weights of the model (elements) is refused.
+    allow_random_weights=False,
+    min_matched_weights=0.9,
 )

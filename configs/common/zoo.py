@@ -20,10 +20,14 @@ from segdistill.modeling.heads import (
     SegDeepLabV3PlusHead,
 )
 
+from .defaults import default_cfg
+
 IGNORE = 255
 PIXEL_MEAN = [123.675, 116.28, 103.53]  # RGB, ImageNet statistics (timm)
 PIXEL_STD = [58.395, 57.12, 57.375]
 NORM = L(auto_norm)(device="${train.device}")
+_TIMM = default_cfg().MODEL.TIMM
+_HEAD = default_cfg().MODEL.SEM_SEG_HEAD
 
 # Channels of res2..res5 of the timm bodies the zoo uses.
 CHANNELS = {
@@ -32,6 +36,7 @@ CHANNELS = {
     "resnet101": (256, 512, 1024, 2048),
     "mobilenetv2_100": (24, 32, 96, 320),
     "hrnet_w18": (18, 36, 72, 144),
+    "hrnet_w18_small_v2": (18, 36, 72, 144),
     "hrnet_w48": (48, 96, 192, 384),
 }
 STAGES = ("res2", "res3", "res4", "res5")
@@ -50,10 +55,17 @@ def stage_shapes(name, output_stride, features):
     return L("builtins.dict")(**shapes)
 
 
-def backbone(name, output_stride, features):
+def backbone(name, output_stride, features, **layout):
+    """The timm backbone `name`; `layout`: TimmBackbone's / HRNetBackbone's other arguments
+    (stem_type, stem_width, dilation_rule, multi_grid / fuse_upsample, checkpoint, ...)."""
+    common = dict(model_name=name, out_features=list(features), norm=NORM, checkpoint=_TIMM.CHECKPOINT,
+                  checkpoint_format=_TIMM.CHECKPOINT_FORMAT, in_chans=3)
     if name.startswith("hrnet"):
-        return L(HRNetBackbone)(model_name=name, out_features=list(features), norm=NORM)
-    return L(TimmBackbone)(model_name=name, output_stride=output_stride, out_features=list(features), norm=NORM)
+        return L(HRNetBackbone)(**{**common, "fuse_upsample": _TIMM.HRNET_FUSE_UPSAMPLE, **layout})
+    return L(TimmBackbone)(**{
+        **common, "output_stride": output_stride, "stem_type": _TIMM.STEM_TYPE, "stem_width": _TIMM.STEM_WIDTH,
+        "dilation_rule": _TIMM.DILATION_RULE, "multi_grid": list(_TIMM.MULTI_GRID), **layout,
+    })
 
 
 def aux_head(name, output_stride, num_classes, channels, feature="res4", weight=0.4):
@@ -61,7 +73,7 @@ def aux_head(name, output_stride, num_classes, channels, feature="res4", weight=
     shape = stage_shapes(name, output_stride, [feature])[feature]
     return L(AuxFCNHead)(
         in_channels=shape.channels, stride=shape.stride, in_feature=feature, channels=channels,
-        num_classes=num_classes, norm=NORM, loss_weight=weight,
+        num_classes=num_classes, norm=NORM, loss_weight=weight, dropout=_HEAD.AUX_DROPOUT,
     )
 
 
@@ -77,7 +89,9 @@ def deeplabv3(name, num_classes, aspp_channels, aux_channels=0, bottleneck_convs
         aspp_channels=aspp_channels, aspp_dilations=[12, 24, 36], aspp_dropout=0.1, norm=NORM,
         ignore_value=IGNORE, loss_type="cross_entropy",
         aux_head=aux_head(name, output_stride, num_classes, aux_channels) if aux_channels else None,
-        bottleneck_convs=bottleneck_convs,
+        bottleneck_convs=bottleneck_convs, layout=_HEAD.LAYOUT, pool_kernel_size=None,
+        use_depthwise_separable_conv=_HEAD.USE_DEPTHWISE_SEPARABLE_CONV, dropout=_HEAD.DROPOUT,
+        loss_weight=_HEAD.LOSS_WEIGHT, align_corners=_HEAD.ALIGN_CORNERS,
     )
     return segmentor(backbone(name, output_stride, features), head)
 
@@ -89,6 +103,7 @@ def pspnet(name, num_classes, pool_channels, channels, aux_channels, output_stri
         bins=[1, 2, 3, 6], pool_channels=pool_channels, channels=channels, dropout=0.1, norm=NORM,
         ignore_value=IGNORE, loss_type="cross_entropy",
         aux_head=aux_head(name, output_stride, num_classes, aux_channels),
+        loss_weight=_HEAD.LOSS_WEIGHT, align_corners=_HEAD.ALIGN_CORNERS,
     )
     return segmentor(backbone(name, output_stride, ["res4", "res5"]), head)
 
@@ -100,6 +115,8 @@ def deeplabv3plus(name, num_classes, aux_channels=256, output_stride=16):
         aspp_dilations=[6, 12, 18], aspp_dropout=0.1, decoder_channels=[256, 256], common_stride=4,
         norm=NORM, train_size=None, loss_type="cross_entropy", ignore_value=IGNORE, num_classes=num_classes,
         aux_head=aux_head(name, output_stride, num_classes, aux_channels),
+        layout=_HEAD.LAYOUT, loss_weight=_HEAD.LOSS_WEIGHT, use_depthwise_separable_conv=_HEAD.USE_DEPTHWISE_SEPARABLE_CONV,
+        dropout=_HEAD.DROPOUT, align_corners=_HEAD.ALIGN_CORNERS,
     )
     return segmentor(backbone(name, output_stride, ["res2", "res4", "res5"]), head)
 
@@ -110,6 +127,7 @@ def hrnetv2(width, num_classes):
     head = L(HRNetV2Head)(
         input_shape=stage_shapes(name, 32, STAGES), in_features=list(STAGES), num_classes=num_classes,
         channels=0, norm=NORM, ignore_value=IGNORE, loss_type="cross_entropy",
+        loss_weight=_HEAD.LOSS_WEIGHT, align_corners=_HEAD.ALIGN_CORNERS, aux_head=None,
     )
     return segmentor(backbone(name, 32, STAGES), head)
 
@@ -120,6 +138,7 @@ def ocrnet(width, num_classes, mid_channels=512, key_channels=256):
     head = L(OCRHead)(
         input_shape=stage_shapes(name, 32, STAGES), in_features=list(STAGES), num_classes=num_classes,
         mid_channels=mid_channels, key_channels=key_channels, dropout=0.05, ocr_aux_loss_weight=0.4,
-        norm=NORM, ignore_value=IGNORE, loss_type="cross_entropy",
+        norm=NORM, ignore_value=IGNORE, loss_type="cross_entropy", region_channels=_HEAD.OCR_REGION_CHANNELS,
+        loss_weight=_HEAD.LOSS_WEIGHT, align_corners=_HEAD.ALIGN_CORNERS, aux_head=None,
     )
     return segmentor(backbone(name, 32, STAGES), head)

@@ -29,8 +29,9 @@ def add_segdistill_config(cfg: CN) -> None:
     cfg.MODEL.TIMM.OUT_FEATURES = ["res5"]
     # BN (CPU / one process), SyncBN (several GPUs), FrozenBN (fine-tuning).
     cfg.MODEL.TIMM.NORM = "BN"
-    # Local ImageNet weights (timm or torchvision state dict) for the backbone body; nothing
-    # is downloaded. MODEL.WEIGHTS (a detectron2 checkpoint of the whole model) loads after it.
+    # Local ImageNet weights for the backbone body (timm, torchvision, OpenMMLab, HRNet or
+    # CIRKD format: MODEL.TIMM.CHECKPOINT_FORMAT); nothing is downloaded. MODEL.WEIGHTS (a
+    # checkpoint of the whole model, MODEL.WEIGHTS_FORMAT) loads after it.
     cfg.MODEL.TIMM.CHECKPOINT = ""
 
     # ---- Heads (SegDeepLabV3Head, SegDeepLabV3PlusHead, FCNHead; see modeling/heads).
@@ -68,9 +69,11 @@ def add_segdistill_config(cfg: CN) -> None:
     cfg.SEGDISTILL.VIS_MAX_IMAGES = 50
 
     _add_model_zoo_keys(cfg)
+    _add_foreign_layout_keys(cfg)
     _add_exit_keys(cfg)
+    _add_hs3_analysis_keys(cfg)
     _add_distill_keys(cfg)
-    _add_dataset_keys(cfg)
+    _add_training_safety_keys(cfg)
 
 
 def _add_model_zoo_keys(cfg: CN) -> None:
@@ -104,6 +107,47 @@ def _add_model_zoo_keys(cfg: CN) -> None:
     cfg.MODEL.SEM_SEG_HEAD.ASPP_BOTTLENECK_CONVS = 0
 
 
+def _add_foreign_layout_keys(cfg: CN) -> None:
+    """Other code bases' layouts and checkpoint formats (docs/reproduce.md, segdistill.convert)."""
+    # ---- Backbone layouts (modeling/backbones/timm_backbone.py).
+    # ResNet stem: "" (the model's own: timm/torchvision 7x7) or "deep" (three 3x3 convs of
+    # STEM_WIDTH, STEM_WIDTH, 2 x STEM_WIDTH channels: 32 = mmsegmentation's ResNetV1c,
+    # 64 = CIRKD's resnet*_v1s).
+    cfg.MODEL.TIMM.STEM_TYPE = ""
+    cfg.MODEL.TIMM.STEM_WIDTH = 64
+    # Where dilated stages put their dilations: "timm" (= CIRKD's ResNetV1b) or "mmseg"
+    # (mmsegmentation: contract_dilation, BasicBlock's second conv undilated, MobileNetV2
+    # dilates only the first block of a stage).
+    cfg.MODEL.TIMM.DILATION_RULE = "timm"
+    # mmsegmentation's multi_grid (DILATION_RULE "mmseg"): the dilation of each block of the
+    # last ResNet stage, e.g. [1, 2, 4] for its "-mg124" models; [] = off.
+    cfg.MODEL.TIMM.MULTI_GRID = []
+    # HRNet: how branches are upsampled when fused: "nearest" (timm, the HRNet classification
+    # release) or "bilinear" (mmsegmentation).
+    cfg.MODEL.TIMM.HRNET_FUSE_UPSAMPLE = "nearest"
+    # Format of MODEL.TIMM.CHECKPOINT: "auto" (from its keys), "timm", "torchvision",
+    # "openmmlab" (open-mmlab://, mmcls, mmpretrain), "hrnet" (the official HRNet release),
+    # "cirkd" (CIRKD's ImageNet ResNets).
+    cfg.MODEL.TIMM.CHECKPOINT_FORMAT = "auto"
+    # Format of MODEL.WEIGHTS (and of a teacher config's weights): "auto", "detectron2" (this
+    # project's checkpoints), "mmseg" (mmsegmentation model zoo), "cirkd" (CIRKD / HWD).
+    cfg.MODEL.WEIGHTS_FORMAT = "auto"
+    # ---- Head layouts.
+    # SegDeepLabV3Head / SegDeepLabV3PlusHead: "detectron2" (detectron2's ASPP and decoder),
+    # "mmseg" (mmsegmentation's ASPPHead / DepthwiseSeparableASPPHead) or "cirkd" (CIRKD's
+    # DeepLabV3). The other heads have one structure, mmsegmentation's (and CIRKD's PSPNet).
+    cfg.MODEL.SEM_SEG_HEAD.LAYOUT = "detectron2"
+    # align_corners of every bilinear resize in the heads and of the logits' upsampling
+    # (mmsegmentation's 769x769 Cityscapes models and CIRKD use True).
+    cfg.MODEL.SEM_SEG_HEAD.ALIGN_CORNERS = False
+    # Dropout of the auxiliary FCN head before its classifier.
+    cfg.MODEL.SEM_SEG_HEAD.AUX_DROPOUT = 0.1
+    # ISAHead (ISANet): channels of the attention's queries and keys, and the local group
+    # size (h, w); its width is MODEL.SEM_SEG_HEAD.CONVS_DIM and its dropout DROPOUT.
+    cfg.MODEL.SEM_SEG_HEAD.ISA_CHANNELS = 256
+    cfg.MODEL.SEM_SEG_HEAD.ISA_DOWN_FACTOR = [8, 8]
+
+
 def _add_exit_keys(cfg: CN) -> None:
     """MODEL.EXITS: multi-exit segmentor (deep supervision, Self-Regulation, HS3)."""
     # Used by META_ARCHITECTURE "MultiExitSegmentor" (modeling/meta_arch/multi_exit.py).
@@ -117,10 +161,9 @@ def _add_exit_keys(cfg: CN) -> None:
     cfg.MODEL.EXITS.IN_FEATURES = ["res2", "res3", "res4"]
     # Classes predicted by each exit, one per IN_FEATURES entry; empty = MODEL.SEM_SEG_HEAD.NUM_CLASSES.
     cfg.MODEL.EXITS.NUM_CLASSES = []
-    # Channels of an exit's two 3x3 convs (256 in the paper) and their norm ("" = the heads' norm:
-    # MODEL.NORM, else MODEL.SEM_SEG_HEAD.NORM).
+    # Channels of an exit's two 3x3 convs (256 in the paper). Their norm is the heads' norm
+    # (MODEL.NORM, else MODEL.SEM_SEG_HEAD.NORM; modeling/backbones/norm.py).
     cfg.MODEL.EXITS.CHANNELS = 256
-    cfg.MODEL.EXITS.NORM = ""
     # Every exit's feature map is resized to 1/COMMON_STRIDE of the input (1/8 in the paper).
     cfg.MODEL.EXITS.COMMON_STRIDE = 8
     # Largest bilinear down-sampling factor to the common stride (a larger factor skips pixels):
@@ -137,6 +180,11 @@ def _add_exit_keys(cfg: CN) -> None:
     cfg.MODEL.EXITS.SR.CLS_WEIGHT = 0.2
     # lambda2: pixel cross-entropy of every exit's segmenter, loss_mea_seg.
     cfg.MODEL.EXITS.SR.SEG_WEIGHT = 0.8
+    # False (default, the paper's Eq. 5 as read here): the final head's cross-entropy is its own
+    # loss_sem_seg at weight 1 and SEG_WEIGHT weights the exits only. True (the authors' code,
+    # dongzhang89/SR-SS trainval.py): the final output is inside SEG_WEIGHT too (loss_sem_seg x
+    # SEG_WEIGHT). docs/multi_exit.md compares them.
+    cfg.MODEL.EXITS.SR.SEG_WEIGHT_INCLUDES_FINAL = False
     # lambda3: SR-F, shallowest exit's features teach the deeper exits' (loss_sr_f); 0 = off.
     cfg.MODEL.EXITS.SR.F_WEIGHT = 1.0
     # SR-L, the final head's class logits teach the shallower exits' (loss_sr_l); 0 = off.
@@ -161,23 +209,6 @@ def _add_exit_keys(cfg: CN) -> None:
     cfg.MODEL.EXITS.HS3.CLUSTERS_FILE = ""
     # gamma_i of Eq. 1 (weight of exit i's clustered cross-entropy), one per exit or one for all.
     cfg.MODEL.EXITS.HS3.GAMMAS = [1.0]
-    # Phase-1 split of DATASETS.TRAIN[0] into <name>_hs3_reduced / <name>_hs3_analysis:
-    # share of the analysis set, seed, and optionally a text file listing the analysis images.
-    cfg.MODEL.EXITS.HS3.ANALYSIS_FRACTION = 0.1
-    cfg.MODEL.EXITS.HS3.SPLIT_SEED = 0
-    cfg.MODEL.EXITS.HS3.ANALYSIS_FILES = ""
-    # Phase-1 analysis (tools/hs3_pipeline.py): "spectral", "kmeans" or "manual".
-    cfg.MODEL.EXITS.HS3.METHOD = "spectral"
-    # Trade-off angle in degrees, in [0, 90]; < 0 = the paper's line through the origin.
-    cfg.MODEL.EXITS.HS3.THETA = -1.0
-    # K values of the trade-off curves ("2-18", "2,4,8", "2-170:4"); "" = 2..N.
-    cfg.MODEL.EXITS.HS3.K_GRID = ""
-    # Seed of the clustering.
-    cfg.MODEL.EXITS.HS3.SEED = 0
-    # Affinity from the row-normalised ("row") or raw ("none") confusion matrix.
-    cfg.MODEL.EXITS.HS3.NORMALIZE = "row"
-    # "manual": classes of an exit / classes of the next deeper stage.
-    cfg.MODEL.EXITS.HS3.MANUAL_RATIO = 0.5
     # HS3-Fuse (paper 3.2): an OCR block on each exit's features (soft regions from the exit's
     # cluster logits), concatenated into the final head's finest input feature. Costs inference.
     cfg.MODEL.EXITS.HS3.FUSE = CN()
@@ -190,12 +221,38 @@ def _add_exit_keys(cfg: CN) -> None:
     cfg.MODEL.EXITS.HS3.FUSE.CHANNEL_SCALE = 1.0
 
 
+def _add_hs3_analysis_keys(cfg: CN) -> None:
+    """HS3_ANALYSIS: HS3's offline Phase 1 (segdistill.hs3, tools/hs3_pipeline.py; docs/hs3.md).
+
+    Not part of any model: they say how DATASETS.TRAIN[0] is split and how the clusters file
+    (MODEL.EXITS.HS3.CLUSTERS_FILE, Phase 2's input) is made from the confusion matrices."""
+    cfg.HS3_ANALYSIS = CN()
+    # Phase-1 split of DATASETS.TRAIN[0] into <name>_hs3_reduced / <name>_hs3_analysis:
+    # share of the analysis set, seed, and optionally a text file listing the analysis images.
+    cfg.HS3_ANALYSIS.FRACTION = 0.1
+    cfg.HS3_ANALYSIS.SPLIT_SEED = 0
+    cfg.HS3_ANALYSIS.FILES = ""
+    # Clustering of the confusion matrices: "spectral", "kmeans" or "manual".
+    cfg.HS3_ANALYSIS.METHOD = "spectral"
+    # Trade-off angle in degrees, in [0, 90]; < 0 = the paper's line through the origin.
+    cfg.HS3_ANALYSIS.THETA = -1.0
+    # K values of the trade-off curves ("2-18", "2,4,8", "2-170:4"); "" = 2..N.
+    cfg.HS3_ANALYSIS.K_GRID = ""
+    # Seed of the clustering (the split has SPLIT_SEED).
+    cfg.HS3_ANALYSIS.CLUSTER_SEED = 0
+    # Affinity from the row-normalised ("row") or raw ("none") confusion matrix.
+    cfg.HS3_ANALYSIS.NORMALIZE = "row"
+    # "manual": classes of an exit / classes of the next deeper stage.
+    cfg.HS3_ANALYSIS.MANUAL_RATIO = 0.5
+
+
 def _add_distill_keys(cfg: CN) -> None:
-    """MODEL.DISTILL: teacher-student distillation (PD, CWD, HWD, FAKD)."""
-    # Used by META_ARCHITECTURE "Distiller" (modeling/meta_arch/distill.py; docs/distillation.md).
+    """MODEL.DISTILL: teacher-student distillation (docs/distillation.md, with the source of
+    every default below)."""
+    # Used by META_ARCHITECTURE "Distiller" (modeling/meta_arch/distill.py; losses in modeling/distill).
     cfg.MODEL.DISTILL = CN()
-    # Meta-architecture of the student, built from this config's MODEL as usual
-    # (SemanticSegmentor, or any segmentor with distill_forward, e.g. MultiExitSegmentor).
+    # Meta-architecture of the student, built from this config's MODEL as usual: SemanticSegmentor,
+    # MultiExitSegmentor, or any segmentor implementing the tap contract (modeling/distill/taps.py).
     cfg.MODEL.DISTILL.STUDENT_META_ARCHITECTURE = "SemanticSegmentor"
     cfg.MODEL.DISTILL.TEACHER = CN()
     # The teacher's own config (YAML or lazy .py; relative paths: working directory, then
@@ -209,25 +266,27 @@ def _add_distill_keys(cfg: CN) -> None:
     # In eval(), also return the teacher's prediction as "sem_seg_teacher", so the evaluator
     # reports teacher and student side by side (costs one teacher inference per test image).
     cfg.MODEL.DISTILL.EVAL_TEACHER = False
-    # Distillation terms, each logged as loss_<name> with the WEIGHT of its section below:
-    # "pd", "cwd", "hwd", "fakd_cwd", "fakd_pd"; several combine (e.g. ["hwd", "fakd_pd"]).
+    # Distillation losses (registered names), each with its section below, logged as loss_<name>*:
+    # "pd", "cwd", "hwd", "fakd_cwd", "fakd_pd", "skd", "ifvd", "cirkd", "mgd", "dist", "fitnet",
+    # "at"; several combine (a paper's full objective is often e.g. ["pd", "skd"]).
     cfg.MODEL.DISTILL.LOSSES = ["cwd"]
-    # Leave ignore pixels (labels resized to the logits) out of every distillation loss.
-    # Off: every pixel counts, as in the papers (the teacher needs no label).
+    # Leave ignore pixels (labels resized to each loss's maps) out of the losses that average
+    # over pixels (PD, CWD, HWD, FAKD, IFVD). Off: every pixel counts, as in the papers.
     cfg.MODEL.DISTILL.EXCLUDE_IGNORE = False
-    # PD (FAKD Eq. 1): per-pixel KL of the class distributions at temperature T (x T^2).
+
+    # PD (FAKD Eq. 1): per-pixel KL of the class distributions at TEMPERATURE (x T^2), on the logits.
     cfg.MODEL.DISTILL.PD = CN()
     cfg.MODEL.DISTILL.PD.WEIGHT = 1.0
     cfg.MODEL.DISTILL.PD.TEMPERATURE = 1.0
-    # CWD (FAKD Eq. 2, HWD Eq. 3): KL of each channel's spatial softmax at temperature TAU.
+    # CWD (FAKD Eq. 2, HWD Eq. 3): KL of each channel's spatial softmax at TEMPERATURE, on the logits.
     cfg.MODEL.DISTILL.CWD = CN()
     cfg.MODEL.DISTILL.CWD.WEIGHT = 3.0
-    cfg.MODEL.DISTILL.CWD.TAU = 4.0
-    # HWD (HWD section III-C): CWD with per-image channel weights. Defaults: the authors'
-    # recommended run; the paper's variant is MU 0.0 + PIXEL_CORRECTION True.
+    cfg.MODEL.DISTILL.CWD.TEMPERATURE = 4.0
+    # HWD (HWD section III-C): CWD with per-image channel weights. Defaults: the authors' recommended
+    # run; the paper's variant is MU 0.0 + PIXEL_CORRECTION True.
     cfg.MODEL.DISTILL.HWD = CN()
     cfg.MODEL.DISTILL.HWD.WEIGHT = 3.0  # alpha
-    cfg.MODEL.DISTILL.HWD.TAU = 4.0
+    cfg.MODEL.DISTILL.HWD.TEMPERATURE = 4.0
     cfg.MODEL.DISTILL.HWD.BETA = 0.1  # smoothing, in (0, 1)
     cfg.MODEL.DISTILL.HWD.MU = 1.0  # mean of the normalised divergences
     cfg.MODEL.DISTILL.HWD.SIGMA = 1.0  # their standard deviation
@@ -251,11 +310,141 @@ def _add_distill_keys(cfg: CN) -> None:
     # FAKD-CWD (CWD-aug, Eq. 7) and FAKD-PD (PD-aug, Eq. 8): weights and temperatures as CWD / PD.
     cfg.MODEL.DISTILL.FAKD_CWD = CN()
     cfg.MODEL.DISTILL.FAKD_CWD.WEIGHT = 3.0
-    cfg.MODEL.DISTILL.FAKD_CWD.TAU = 4.0
+    cfg.MODEL.DISTILL.FAKD_CWD.TEMPERATURE = 4.0
     cfg.MODEL.DISTILL.FAKD_PD = CN()
     cfg.MODEL.DISTILL.FAKD_PD.WEIGHT = 1.0
     cfg.MODEL.DISTILL.FAKD_PD.TEMPERATURE = 1.0
 
+    # Taps (modeling/distill/taps.py): "logits", "head_features" (pre-classifier features) or a
+    # backbone stage ("res2".."res5", HRNet's "stage2_b0", ...). Connectors (student -> teacher
+    # channels): "none", "conv1x1", "conv1x1_bias", "conv_bn_relu" (norm: the heads' norm).
 
-def _add_dataset_keys(cfg: CN) -> None:
-    """Keys of the real datasets' loaders and evaluators (COCO-Stuff, Cityscapes, CamVid)."""
+    # SKD (Liu et al., CVPR 2019): pair-wise similarity distillation on max-pooled features
+    # (loss_skd_pairwise) and, with HOLISTIC_WEIGHT > 0, the holistic adversarial term
+    # (loss_skd_holistic for the student, loss_skd_discriminator for the discriminator, see
+    # MODEL.DISTILL.HOLISTIC). The paper's pixel-wise term is "pd". Defaults: the authors' code
+    # (irfanICMLL/structure_knowledge_distillation run_train_val.sh, utils/train_options.py).
+    cfg.MODEL.DISTILL.SKD = CN()
+    cfg.MODEL.DISTILL.SKD.PAIRWISE_WEIGHT = 0.5
+    cfg.MODEL.DISTILL.SKD.STUDENT_TAP = "head_features"
+    cfg.MODEL.DISTILL.SKD.TEACHER_TAP = "head_features"
+    # Nodes: max-pooling windows of POOL_SCALE x the map's size (0.5: 2x2 nodes, the authors' code)
+    # or, when POOL_KERNEL > 0, of POOL_KERNEL x POOL_KERNEL pixels (CIRKD/HWD code: 2).
+    cfg.MODEL.DISTILL.SKD.POOL_SCALE = 0.5
+    cfg.MODEL.DISTILL.SKD.POOL_KERNEL = 0
+    # Divide by the feature norms without gradient through them (the authors' code); off: the
+    # paper's cosine similarity, differentiated in full.
+    cfg.MODEL.DISTILL.SKD.DETACH_NORM = False
+    # Weight of the holistic (adversarial) term for the student; 0 = no discriminator.
+    cfg.MODEL.DISTILL.SKD.HOLISTIC_WEIGHT = 0.1
+    # The holistic distillation's discriminator (SKD section 3.3), shared by SKD and IFVD: trained
+    # in the same step as the student, in the same optimizer (its gradient scaled by LR_FACTOR),
+    # from the student's detached logits (docs/distillation.md).
+    cfg.MODEL.DISTILL.HOLISTIC = CN()
+    # "wgan-gp" (paper and SKD/IFVD authors' code) or "hinge" (CIRKD/HWD code, no gradient penalty).
+    cfg.MODEL.DISTILL.HOLISTIC.LOSS_TYPE = "wgan-gp"
+    cfg.MODEL.DISTILL.HOLISTIC.GP_WEIGHT = 10.0  # lambda_gp
+    cfg.MODEL.DISTILL.HOLISTIC.D_WEIGHT = 0.1  # lambda_d: weight of the discriminator's loss
+    # Discriminator learning rate / SOLVER.BASE_LR (authors: 4e-4 for D, 1e-2 for the student).
+    cfg.MODEL.DISTILL.HOLISTIC.LR_FACTOR = 0.04
+    # Condition the discriminator on the image (paper); off: logits alone (the authors' code).
+    cfg.MODEL.DISTILL.HOLISTIC.CONDITIONAL = True
+    # Width of the first of the discriminator's four stride-2 convs (SAGAN-style, doubling).
+    cfg.MODEL.DISTILL.HOLISTIC.CONV_DIM = 64
+
+    # IFVD (Wang et al., ECCV 2020): intra-class feature variation maps (cosine of each pixel's
+    # feature to its class prototype in the image) matched by MSE (loss_ifvd), plus SKD's holistic
+    # term with HOLISTIC_WEIGHT > 0. Defaults: the authors' code (YukangWang/IFVD options.py).
+    cfg.MODEL.DISTILL.IFVD = CN()
+    cfg.MODEL.DISTILL.IFVD.WEIGHT = 200.0
+    cfg.MODEL.DISTILL.IFVD.STUDENT_TAP = "head_features"
+    cfg.MODEL.DISTILL.IFVD.TEACHER_TAP = "head_features"
+    cfg.MODEL.DISTILL.IFVD.HOLISTIC_WEIGHT = 0.001
+
+    # CIRKD (Yang et al., CVPR 2022): pixel-to-pixel distillation across the images of the batch
+    # (loss_cirkd_batch), pixel-to-pixel and pixel-to-region distillation against class-wise
+    # memories of teacher embeddings (loss_cirkd_pixel_memory, loss_cirkd_region_memory). The
+    # student's embeddings go through a projection head (1x1 conv, norm, ReLU, 1x1 conv) to the
+    # teacher's channels. Defaults: the authors' code (winycg/CIRKD train_cirkd.py).
+    cfg.MODEL.DISTILL.CIRKD = CN()
+    cfg.MODEL.DISTILL.CIRKD.STUDENT_TAP = "head_features"
+    cfg.MODEL.DISTILL.CIRKD.TEACHER_TAP = "head_features"
+    cfg.MODEL.DISTILL.CIRKD.BATCH_WEIGHT = 1.0
+    cfg.MODEL.DISTILL.CIRKD.PIXEL_MEMORY_WEIGHT = 0.1
+    cfg.MODEL.DISTILL.CIRKD.REGION_MEMORY_WEIGHT = 0.1
+    # Temperature of the similarity distributions, and of their KL (x T^2).
+    cfg.MODEL.DISTILL.CIRKD.TEMPERATURE = 0.1
+    cfg.MODEL.DISTILL.CIRKD.KD_TEMPERATURE = 1.0
+    # Memory per class (entries) and how many of them one step contrasts with (all classes
+    # together: TOTAL // NUM_CLASSES + 1 per class); pixels a class adds per image and step.
+    cfg.MODEL.DISTILL.CIRKD.PIXEL_MEMORY_SIZE = 20000
+    cfg.MODEL.DISTILL.CIRKD.REGION_MEMORY_SIZE = 2000
+    cfg.MODEL.DISTILL.CIRKD.PIXEL_CONTRAST_SIZE = 4096
+    cfg.MODEL.DISTILL.CIRKD.REGION_CONTRAST_SIZE = 1024
+    cfg.MODEL.DISTILL.CIRKD.PIXEL_UPDATE_FREQ = 16
+    # The batch term over the global batch, gathered across processes (paper); off: each
+    # process's own images (the authors' code). The memories always take the global batch.
+    cfg.MODEL.DISTILL.CIRKD.GATHER = True
+    # Pixels a class enqueues: drawn among that class's pixels ("class", the paper) or, as the
+    # authors' code indexes them, among the first n pixels of the image in raster order, n = the
+    # class's pixel count ("code").
+    cfg.MODEL.DISTILL.CIRKD.ENQUEUE = "class"
+    # Seed of the memories' random draws (identical on every process, so the memories stay equal).
+    cfg.MODEL.DISTILL.CIRKD.SEED = 0
+
+    # MGD (Yang et al., ECCV 2022): a random spatial mask (MASK_RATIO of the positions zeroed) on
+    # the aligned student feature, a generator (3x3 conv, ReLU, 3x3 conv) reconstructs the
+    # teacher's; summed squared error / N. Defaults: the authors' segmentation code (yzd-v/MGD
+    # seg/configs/distillers/mgd), which adds CWD on the logits ("cwd").
+    cfg.MODEL.DISTILL.MGD = CN()
+    cfg.MODEL.DISTILL.MGD.WEIGHT = 2e-5
+    cfg.MODEL.DISTILL.MGD.MASK_RATIO = 0.75
+    cfg.MODEL.DISTILL.MGD.STUDENT_TAP = "res5"
+    cfg.MODEL.DISTILL.MGD.TEACHER_TAP = "res5"
+    cfg.MODEL.DISTILL.MGD.CONNECTOR = "conv1x1_bias"
+
+    # DIST (Huang et al., NeurIPS 2022): inter-class and intra-class Pearson correlation of the
+    # per-pixel class distributions. Defaults: the authors' segmentation code (hunto/DIST_KD
+    # segmentation/losses/dist_kd.py, train_kd.py).
+    cfg.MODEL.DISTILL.DIST = CN()
+    cfg.MODEL.DISTILL.DIST.WEIGHT = 1.0
+    cfg.MODEL.DISTILL.DIST.BETA = 1.0  # inter-class
+    cfg.MODEL.DISTILL.DIST.GAMMA = 1.0  # intra-class
+    cfg.MODEL.DISTILL.DIST.TEMPERATURE = 1.0
+    # Relations of the "probabilities" (softmax at TEMPERATURE, paper and authors' code) or of
+    # the raw "logits" (HWD's code).
+    cfg.MODEL.DISTILL.DIST.INPUT = "probabilities"
+
+    # FitNet (Romero et al., ICLR 2015): MSE between the connector's map of the student's hint
+    # and the teacher's. Defaults: CIRKD's segmentation setting (scripts/train_kd/train_fitnet.sh).
+    cfg.MODEL.DISTILL.FITNET = CN()
+    cfg.MODEL.DISTILL.FITNET.WEIGHT = 10.0
+    cfg.MODEL.DISTILL.FITNET.STUDENT_TAP = "head_features"
+    cfg.MODEL.DISTILL.FITNET.TEACHER_TAP = "head_features"
+    cfg.MODEL.DISTILL.FITNET.CONNECTOR = "conv1x1"
+
+    # AT (Zagoruyko & Komodakis, ICLR 2017): L2-normalised spatial attention maps mean_c |f_c|^P.
+    # Defaults: CIRKD's segmentation setting (scripts/train_kd/train_at.sh, losses/at.py).
+    cfg.MODEL.DISTILL.AT = CN()
+    cfg.MODEL.DISTILL.AT.WEIGHT = 10000.0
+    # Taps compared (the same name in student and teacher), summed.
+    cfg.MODEL.DISTILL.AT.TAPS = ["head_features"]
+    cfg.MODEL.DISTILL.AT.P = 2.0
+    # "code": mean squared difference of the normalised maps (the authors' and CIRKD's code);
+    # "paper": half the L2 norm of their difference per image (AT Eq. 2), averaged over images.
+    cfg.MODEL.DISTILL.AT.FORM = "code"
+
+def _add_training_safety_keys(cfg: CN) -> None:
+    """Keys of the checks that keep failures from being silent (train_net.py, engine/, data/build.py)."""
+    # A training image or label that cannot be decoded (truncated, corrupt; found by the dataset's
+    # load-time check or when read): "stop" (an error naming the file and its dataset) or "skip"
+    # (train without it; skipped files are logged and listed in OUTPUT_DIR/skipped_files.txt).
+    # Evaluation never skips. Lazy configs: dataloader.train.on_unreadable.
+    cfg.DATALOADER.ON_UNREADABLE = "stop"
+    # --eval-only with an empty MODEL.WEIGHTS is an error (a random model would be evaluated);
+    # True allows it, for tests. Lazy configs: train.allow_random_weights.
+    cfg.TEST.ALLOW_RANDOM_WEIGHTS = False
+    # --eval-only refuses a checkpoint that covers less than this share of the model's parameters
+    # and buffers (by elements), or any tensor of another shape; training from such a MODEL.WEIGHTS
+    # only warns. Lazy configs: train.min_matched_weights.
+    cfg.TEST.MIN_MATCHED_WEIGHTS = 0.9

@@ -1,17 +1,8 @@
 # Cityscapes: DeepLabV3 on a dilated ResNet-18 (HWD's student; CIRKD layout). Lazy twin of deeplabv3_r18.yaml (same model and schedule).
 from ...common.zoo import deeplabv3
 from ...common.cityscapes_data import NUM_CLASSES, dataloader
-from ...common.optim import SGD as optimizer
-from ...common.schedule import poly_lr_multiplier as lr_multiplier
-from ...common.train import train
+from ...common.baseline_schedule import lr_multiplier, optimizer, train, use_schedule  # noqa: F401
 
 model = deeplabv3("resnet18", NUM_CLASSES, aspp_channels=128, aux_channels=64)
 
-dataloader.train.total_batch_size = 8
-optimizer.lr = 0.02
-optimizer.weight_decay = 0.0001
-lr_multiplier.warmup_length = 0.0
-train.max_iter = 40000
-train.checkpointer.period = 4000
-train.eval_period = 4000
-train.output_dir = "output/cityscapes/baseline/deeplabv3_r18_lazy"
+use_schedule(dataloader, "cityscapes_40k_cirkd", "output/cityscapes/baseline/deeplabv3_r18_lazy")

@@ -1,17 +1,8 @@
 # Cityscapes: OCRNet on HRNetV2-W48. Lazy twin of ocrnet_hrnetv2_w48.yaml (same model and schedule).
 from ...common.zoo import ocrnet
 from ...common.cityscapes_data import NUM_CLASSES, dataloader
-from ...common.optim import SGD as optimizer
-from ...common.schedule import poly_lr_multiplier as lr_multiplier
-from ...common.train import train
+from ...common.baseline_schedule import lr_multiplier, optimizer, train, use_schedule  # noqa: F401
 
 model = ocrnet(48, NUM_CLASSES)
 
-dataloader.train.total_batch_size = 12
-optimizer.lr = 0.01
-optimizer.weight_decay = 0.0005
-lr_multiplier.warmup_length = 0.0
-train.max_iter = 120000
-train.checkpointer.period = 12000
-train.eval_period = 12000
-train.output_dir = "output/cityscapes/baseline/ocrnet_hrnetv2_w48_lazy"
+use_schedule(dataloader, "cityscapes_hrnet", "output/cityscapes/baseline/ocrnet_hrnetv2_w48_lazy")

@@ -1,17 +1,8 @@
 # COCO-Stuff-164k: DeepLabV3+ on a dilated ResNet-101 (output stride 16; detectron2's layout). Lazy twin of deeplabv3plus_r101.yaml (same model and schedule).
 from ...common.zoo import deeplabv3plus
 from ...common.coco_stuff_data import NUM_CLASSES, dataloader
-from ...common.optim import SGD as optimizer
-from ...common.schedule import poly_lr_multiplier as lr_multiplier
-from ...common.train import train
+from ...common.baseline_schedule import lr_multiplier, optimizer, train, use_schedule  # noqa: F401
 
 model = deeplabv3plus("resnet101", NUM_CLASSES)
 
-dataloader.train.total_batch_size = 16
-optimizer.lr = 0.01
-optimizer.weight_decay = 0.0005
-lr_multiplier.warmup_length = 0.0
-train.max_iter = 80000
-train.checkpointer.period = 8000
-train.eval_period = 8000
-train.output_dir = "output/coco_stuff/baseline/deeplabv3plus_r101_lazy"
+use_schedule(dataloader, "coco_stuff_80k", "output/coco_stuff/baseline/deeplabv3plus_r101_lazy")

@@ -1,9 +1,11 @@
 # Lazy-config twin of Base-Distill.yaml: the demo student (DeepLabV3, dilated MobileNetV2,
 # ASPP 64) taught by the demo teacher (teacher.yaml, trained first), demo dataset, CPU.
-# Each <loss>.py sets `model.losses`; train with
+# Each <loss>.py sets `model.losses.names` (the registered losses, with config.py's defaults;
+# `model.losses.opts` changes settings as KEY VALUE pairs); train with
 #   python train_net.py --config-file configs/demo/distill/cwd.py
 from detectron2.config import LazyCall as L
 from detectron2.modeling import SemanticSegmentor
+from segdistill.modeling.distill import distill_losses_from_names
 from segdistill.modeling.meta_arch.distill import Distiller, build_teacher
 
 from ...common.demo_data import IGNORE, dataloader
@@ -27,13 +29,14 @@ model = L(Distiller)(
         weights="output/demo/distill/teacher/model_final.pth",
         allow_random=False,  # True: tests/benchmarks only
     ),
-    losses=[],  # set by each <loss>.py: a list of loss modules, each with its loss_weight
+    teacher_name="configs/demo/distill/teacher.yaml",
+    teacher_input_format="RGB",
+    # set by each <loss>.py: the registered losses as MODEL.DISTILL.LOSSES names them
+    losses=L(distill_losses_from_names)(names=[], opts=["MODEL.NORM", "BN"]),
     ignore_value=IGNORE,
+    exclude_ignore=False,
     eval_teacher=True,  # the evaluator scores sem_seg_teacher too
     input_format="RGB",
-    covariance="diagonal",  # FAKD only
-    lambda0=1.0,
-    lambda_schedule="cosine",
 )
 
 optimizer.lr = 0.02

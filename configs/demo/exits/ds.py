@@ -1,6 +1,6 @@
 # Lazy-config twin of ds.yaml: deep supervision (every exit trained with the full-class CE).
 from detectron2.config import LazyCall as L
-from segdistill.modeling.losses.self_regulation import DeepSupervisionObjective
+from segdistill.modeling.exits import DeepSupervisionObjective
 
 from .sr import IGNORE, dataloader, lr_multiplier, model, optimizer, train
 

@@ -1,8 +1,7 @@
 # Lazy-config twin of sr.yaml: Self-Regulation on the demo DeepLabV3-R18 with exits on res2..res4.
 # ds.py and none.py derive from this file.
 from detectron2.config import LazyCall as L
-from segdistill.modeling.exits import MultiLabelClassifier, build_exit_heads
-from segdistill.modeling.losses.self_regulation import SelfRegulationObjective
+from segdistill.modeling.exits import MultiLabelClassifier, SelfRegulationObjective, build_exit_heads
 from segdistill.modeling.meta_arch.multi_exit import MultiExitSegmentor
 
 from ...common.demo_data import IGNORE, NUM_CLASSES, dataloader
@@ -28,13 +27,16 @@ model = L(MultiExitSegmentor)(
         common_stride=8,
         norm="BN",
         with_classifier=True,
+        max_downsample=2,
     ),
     final_classifier=L(MultiLabelClassifier)(in_channels=HEAD_CHANNELS, num_classes=NUM_CLASSES),
     objective=L(SelfRegulationObjective)(
-        cls_weight=0.2, seg_weight=0.8, f_weight=1.0, l_weight=1.0, variant="paper", detach_teacher=True,
+        cls_weight=0.2, seg_weight=0.8, seg_weight_includes_final=False, f_weight=1.0, l_weight=1.0,
+        variant="paper", detach_teacher=True,
         warmup_iters=0, temperature=1.0, anneal_factor=1.05, anneal_threshold=0.5, ignore_value=IGNORE,
     ),
     eval_exits=True,  # per-exit mIoU (sem_seg_res2, ...) next to the final one
+    fusion=None,
 )
 
 optimizer.lr = 0.02

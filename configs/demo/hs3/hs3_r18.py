@@ -3,9 +3,8 @@
 # (written by tools/hs3_pipeline.py --config-file configs/demo/hs3/hs3_r18.yaml; run from the
 # repository root). Phase 1 / the pipeline use the YAML configs.
 from detectron2.config import LazyCall as L
-from segdistill.hs3.model import clusters_label_luts, clusters_label_spaces, clusters_num_classes
-from segdistill.modeling.exits import build_exit_heads
-from segdistill.modeling.losses.hs3 import HS3Objective
+from segdistill.modeling.exits import HS3Objective, build_exit_heads
+from segdistill.modeling.exits.hs3 import clusters_label_luts, clusters_label_spaces, clusters_num_classes
 from segdistill.modeling.meta_arch.multi_exit import MultiExitSegmentor
 
 from ...common.demo_data import IGNORE, NUM_CLASSES, dataloader
@@ -31,13 +30,17 @@ model = L(MultiExitSegmentor)(
         common_stride=8,
         norm="BN",
         with_classifier=False,
+        max_downsample=2,
     ),
+    final_classifier=None,
     objective=L(HS3Objective)(
         gammas=1.0, ignore_value=IGNORE,
         label_luts=L(clusters_label_luts)(path=CLUSTERS_FILE, exit_names=EXITS, class_names=NUM_CLASSES,
                                           ignore_value=IGNORE),
+        clusters_file=CLUSTERS_FILE,
     ),
     eval_exits=True,  # per-exit mIoU, each exit in its own cluster space
+    fusion=None,
 )
 dataloader.evaluator.label_spaces = L(clusters_label_spaces)(
     path=CLUSTERS_FILE, exit_names=EXITS, dataset_name="${...test.dataset.names}"

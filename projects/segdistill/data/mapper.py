@@ -5,6 +5,12 @@ or of ``INPUT.RESIZE_BASE_SIZE``), a fixed-size crop of ``INPUT.CROP.SIZE`` padd
 ignore value where the image is smaller, a random flip, optional brightness/contrast
 jitter. Test: the image as is (or resized by ``INPUT.MIN_SIZE_TEST``); the label is not
 loaded, the evaluator reads it at the original resolution.
+
+A file that cannot be decoded (flagged by the dataset's load-time check, or failing now)
+raises :class:`UnreadableFileError` naming the file and the record's dataset; the training
+loader (:mod:`segdistill.data.build`) stops or skips on it (``DATALOADER.ON_UNREADABLE``).
+The mapper itself draws its random augmentations from numpy's global generator, which the
+training loader seeds per sample (exact resume).
 """
 from __future__ import annotations
 
@@ -19,7 +25,8 @@ from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
-from .labels import check_label_values, read_dataset_label
+from .datasets.folder import UnreadableFileError
+from .labels import LabelValueError, check_label_values, read_dataset_label
 
 __all__ = ["SemSegDatasetMapper", "RandomResizeRatio", "build_sem_seg_train_augmentations"]
 
@@ -96,14 +103,17 @@ class SemSegDatasetMapper:
 
     def __call__(self, dataset_dict: dict) -> dict:
         d = copy.copy(dataset_dict)
-        image = utils.read_image(d["file_name"], format=self.image_format)
+        if "unreadable" in d:
+            bad = d["unreadable"]
+            raise UnreadableFileError(_unreadable_message(d, bad["file"], bad["error"], at_load=True))
+        image = _decode(d, d["file_name"], lambda: utils.read_image(d["file_name"], format=self.image_format))
         d.setdefault("height", image.shape[0])
         d.setdefault("width", image.shape[1])
         sem_seg = None
         if self.is_train:
             if "sem_seg_file_name" not in d:
                 raise ValueError(f"Training image {d['file_name']!r} has no label (sem_seg_file_name).")
-            sem_seg = read_dataset_label(d)
+            sem_seg = _decode(d, d["sem_seg_file_name"], lambda: read_dataset_label(d))
             if sem_seg.shape != image.shape[:2]:
                 raise ValueError(
                     f"Label {d['sem_seg_file_name']!r} is {sem_seg.shape[1]}x{sem_seg.shape[0]} but its image "
@@ -117,3 +127,21 @@ class SemSegDatasetMapper:
         if sem_seg is not None:
             d["sem_seg"] = torch.as_tensor(aug.sem_seg.astype(np.int64))
         return d
+
+
+def _unreadable_message(record: dict, path: str, error: str, at_load: bool = False) -> str:
+    dataset = record.get("dataset_name")
+    where = f"Dataset '{dataset}'" if dataset else "A dataset record"
+    when = "found by the load-time check" if at_load else "while reading it"
+    return f"{where}: cannot decode {path!r} ({error}; {when})."
+
+
+def _decode(record: dict, path: str, read):
+    """``read()``, with any decoder error turned into an :class:`UnreadableFileError` naming
+    ``path`` and the record's dataset (label value/mode errors pass through unchanged)."""
+    try:
+        return read()
+    except LabelValueError:
+        raise
+    except Exception as e:  # noqa: BLE001  (PIL raises OSError, SyntaxError, ValueError, ...)
+        raise UnreadableFileError(_unreadable_message(record, path, f"{type(e).__name__}: {e}")) from e

@@ -6,12 +6,15 @@ only for CUDA models, and ``find_unused_parameters`` comes from the caller (the 
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from detectron2.utils import comm
 
-__all__ = ["create_ddp_model"]
+__all__ = ["create_ddp_model", "broadcast_batchnorm_buffers"]
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def create_ddp_model(model: nn.Module, *, fp16_compression: bool = False, **kwargs) -> nn.Module:
@@ -29,3 +32,28 @@ def create_ddp_model(model: nn.Module, *, fp16_compression: bool = False, **kwar
 
         ddp.register_comm_hook(state=None, hook=comm_hooks.fp16_compress_hook)
     return ddp
+
+
+@torch.no_grad()
+def broadcast_batchnorm_buffers(model: nn.Module, src: int = 0) -> int:
+    """Copy the BatchNorm running statistics of process ``src`` to every process.
+
+    With plain BN each training process keeps running statistics of its own batches, and
+    only rank 0's model is saved; evaluating in several processes would evaluate a mix of
+    models that is not the saved one. The trainers call this before every evaluation, so the
+    evaluated model is the saved model (SyncBN keeps the statistics equal already). Only the
+    BN buffers change: training never reads them. Returns the number of tensors sent (0 in
+    one process)."""
+    if comm.get_world_size() == 1:
+        return 0
+    import torch.distributed as dist
+
+    model = model.module if isinstance(model, DistributedDataParallel) else model
+    n = 0
+    for m in model.modules():
+        if isinstance(m, _BATCH_NORMS) and m.track_running_stats:
+            for buf in (m.running_mean, m.running_var, m.num_batches_tracked):
+                if buf is not None:
+                    dist.broadcast(buf, src)
+                    n += 1
+    return n

@@ -3,11 +3,17 @@ from __future__ import annotations
 
 import logging
 import os
+import random
+
+import numpy as np
+import torch
 
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-__all__ = ["TrainingCurvesHook", "TrainingProgressHook", "unwrap_model"]
+from ..data.build import SemSegTrainLoader, step_seed
+
+__all__ = ["ExactResumeHook", "TrainingCurvesHook", "TrainingProgressHook", "unwrap_model"]
 
 
 def unwrap_model(model):
@@ -58,3 +64,51 @@ class TrainingCurvesHook(HookBase):
 
     def after_train(self):
         self._plot()
+
+
+class ExactResumeHook(HookBase):
+    """Make a resumed run continue exactly where the interrupted one stopped.
+
+    * Its state (saved in every checkpoint with the trainer's, under ``hooks``) is the
+      training loader's seed; loading a checkpoint restores it, so the data order and every
+      sample's augmentation continue even when ``SEED`` is -1 (a random seed).
+    * Before training it tells the loader the first iteration, so the sampler skips the
+      samples the interrupted run consumed.
+    * Before every step it seeds Python's, numpy's and torch's (CPU and CUDA) generators
+      from ``(seed, iteration, process rank)``: dropout and any other randomness of a step
+      is a function of the iteration, not of what ran before it in this process.
+
+    What stays inexact: CUDA kernels that are not deterministic (atomic adds; set
+    ``torch.use_deterministic_algorithms`` for those), a change of the number of processes or of
+    the batch size between the runs, and aspect-ratio grouping (its buckets are lost).
+    """
+
+    def __init__(self, loader: SemSegTrainLoader):
+        self._loader = loader
+        self._restored = False
+
+    def state_dict(self):
+        return self._loader.state_dict()
+
+    def load_state_dict(self, state):
+        self._loader.load_state_dict(state)
+        self._restored = True
+
+    def before_train(self):
+        start = self.trainer.start_iter
+        if start > 0 and not self._restored:
+            logging.getLogger(__name__).warning(
+                "The checkpoint holds no data-stream state (an older checkpoint): the data order continues from "
+                "iteration %d with seed %d, which is not the interrupted run's unless SEED was set.", start,
+                self._loader.seed)
+        self._loader.set_start_iter(start)
+        if start > 0:
+            logging.getLogger(__name__).info(
+                "Data stream: seed %d, continuing after %d samples (iteration %d).", self._loader.seed,
+                start * self._loader.total_batch_size, start)
+
+    def before_step(self):
+        seed = step_seed(self._loader.seed, self.trainer.iter, comm.get_rank())
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)

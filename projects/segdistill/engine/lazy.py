@@ -2,38 +2,54 @@
 
 A lazy config provides ``model``, ``dataloader.{train,test,evaluator}``, ``optimizer``,
 ``lr_multiplier`` and ``train`` (``output_dir``, ``init_checkpoint``, ``max_iter``,
-``device``, ``amp.enabled``, ``ddp``, ``checkpointer``, ``eval_period``, ``log_period``).
+``device``, ``amp.enabled``, ``ddp``, ``checkpointer``, ``eval_period``, ``log_period``,
+``seed``, ``allow_random_weights``, ``min_matched_weights``).
+
+As in the YAML :class:`segdistill.engine.Trainer`: nothing is written into
+``train.output_dir`` before the model and the data are built (:class:`RunOutput`); a
+``dataloader.train`` built by :func:`segdistill.data.build_sem_seg_train_loader` resumes
+exactly (:class:`ExactResumeHook`; any other loader restarts its order on ``--resume``, with
+a warning); every evaluation first copies rank 0's BatchNorm statistics to every process;
+``--eval-only`` refuses random or mismatched weights (:func:`load_weights_for_evaluation`).
 """
 from __future__ import annotations
 
 import logging
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import instantiate
 from detectron2.engine import AMPTrainer, SimpleTrainer, hooks
 from detectron2.engine.defaults import default_writers
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
+from ..convert import SegDistillCheckpointer
+from ..data import SemSegTrainLoader, check_eval_datasets
 from ..hs3 import maybe_register_hs3_split
 from .checks import check_dataset_names, check_device
-from .ddp import create_ddp_model
-from .hooks import TrainingCurvesHook, TrainingProgressHook
-from .trainer import check_weights_file
+from .ddp import broadcast_batchnorm_buffers, create_ddp_model
+from .hooks import ExactResumeHook, TrainingCurvesHook, TrainingProgressHook
+from .run import RunOutput
+from .weights import DEFAULT_MIN_MATCHED, check_weights_file, load_weights_for_evaluation
 
-__all__ = ["lazy_test", "lazy_train", "check_lazy_config"]
+__all__ = ["lazy_test", "lazy_train", "lazy_evaluate", "check_lazy_config"]
 
 logger = logging.getLogger(__name__)
+
+
+def _dataset_names(cfg, part: str):
+    dataset = cfg.dataloader[part].get("dataset", None)
+    if dataset is None or "names" not in dataset:
+        return []
+    return [dataset.names] if isinstance(dataset.names, str) else list(dataset.names)
 
 
 def check_lazy_config(cfg) -> None:
     check_device("train.device", cfg.train.device)
     for part in ("train", "test"):
-        dataset = cfg.dataloader[part].get("dataset", None)
-        if dataset is not None and "names" in dataset:
-            names = [dataset.names] if isinstance(dataset.names, str) else list(dataset.names)
-            for name in names:  # HS3's derived <name>_hs3_{reduced,analysis} splits, as train_net's setup() does
-                maybe_register_hs3_split(name)
+        names = _dataset_names(cfg, part)
+        for name in names:  # HS3's derived <name>_hs3_{reduced,analysis} splits, as train_net's setup() does
+            maybe_register_hs3_split(name)
+        if names:
             check_dataset_names(f"dataloader.{part}.dataset.names", names)
 
 
@@ -41,6 +57,7 @@ def lazy_test(cfg, model):
     """Evaluate ``model`` on ``dataloader.test`` with ``dataloader.evaluator``."""
     if "evaluator" not in cfg.dataloader:
         return {}
+    broadcast_batchnorm_buffers(model)
     results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
     if comm.is_main_process():
         print_csv_format(results)
@@ -54,17 +71,42 @@ def build_lazy_model(cfg):
     return model
 
 
-def lazy_train(cfg, resume: bool = False):
+def lazy_evaluate(cfg, output: RunOutput = None):
+    """``--eval-only``: the model with ``train.init_checkpoint`` (refused when empty or not
+    fitting, unless ``train.allow_random_weights``), evaluated on ``dataloader.test``."""
+    model = build_lazy_model(cfg)
+    load_weights_for_evaluation(
+        model, cfg.train.init_checkpoint, key="train.init_checkpoint",
+        allow_random=bool(cfg.train.get("allow_random_weights", False)), allow_key="train.allow_random_weights",
+        min_matched=float(cfg.train.get("min_matched_weights", DEFAULT_MIN_MATCHED)),
+    )
+    check_eval_datasets(_dataset_names(cfg, "test"), "dataloader.test.dataset.names")
+    (output if output is not None else RunOutput(cfg, mode="eval")).open()
+    return lazy_test(cfg, model)
+
+
+def lazy_train(cfg, resume: bool = False, output: RunOutput = None):
+    output = output if output is not None else RunOutput(cfg, mode="resume" if resume else "train")
+    output.check()
     model = build_lazy_model(cfg)
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     train_loader = instantiate(cfg.dataloader.train)
+    check_eval_datasets(_dataset_names(cfg, "test"), "dataloader.test.dataset.names")
     model = create_ddp_model(model, **cfg.train.ddp)
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer = SegDistillCheckpointer(model, cfg.train.output_dir, trainer=trainer)  # converts foreign files
+    output.open()  # the first write into train.output_dir: model and data are built
     main = comm.is_main_process()
+    if isinstance(train_loader, SemSegTrainLoader):
+        exact = ExactResumeHook(train_loader)
+    else:
+        exact = None
+        logger.warning("dataloader.train is a %s, not segdistill.data.build_sem_seg_train_loader's loader: "
+                       "--resume restarts its data order.", type(train_loader).__name__)
     trainer.register_hooks([
         hooks.IterationTimer(),
+        exact,
         TrainingProgressHook(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main else None,

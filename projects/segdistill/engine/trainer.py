@@ -5,7 +5,14 @@ Differences from ``DefaultTrainer``:
 * DDP is built by :func:`segdistill.engine.ddp.create_ddp_model`, which works for CPU
   models (gloo) and takes ``MODEL.FIND_UNUSED_PARAMETERS`` from the config (detectron2
   hard-codes it off; multi-exit models need it);
-* data: :class:`SemSegDatasetMapper` for training and testing;
+* data: :class:`SemSegDatasetMapper` for training and testing; the training loader is
+  :func:`segdistill.data.build_sem_seg_train_loader` (resumable data order, per-sample
+  augmentation seeds, ``DATALOADER.ON_UNREADABLE``), and :class:`ExactResumeHook` makes
+  ``--resume`` continue exactly; the evaluation sets are loaded (and checked) at the start;
+* nothing is written into ``OUTPUT_DIR`` before the model and the data are built
+  (:class:`segdistill.engine.run.RunOutput`);
+* before every evaluation in several processes, rank 0's BatchNorm statistics are copied to
+  every process, so the evaluated model is the saved one;
 * evaluation: :class:`SemSegEvaluator` for ``evaluator_type`` ``sem_seg`` and
   ``cityscapes_sem_seg``, with the label spaces of exits that predict their own class
   sets (:func:`segdistill.evaluation.build_label_spaces`);
@@ -20,70 +27,75 @@ import logging
 import os
 import weakref
 
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.data import MetadataCatalog, build_detection_test_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.projects.deeplab import build_lr_scheduler as build_deeplab_lr_scheduler
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..data import SemSegDatasetMapper
+from ..convert import SegDistillCheckpointer
+from ..data import SemSegDatasetMapper, SemSegTrainLoader, build_sem_seg_train_loader, check_eval_datasets
 from ..evaluation import SemSegEvaluator, build_label_spaces
-from .ddp import create_ddp_model
-from .hooks import TrainingCurvesHook, TrainingProgressHook
+from .ddp import broadcast_batchnorm_buffers, create_ddp_model
+from .hooks import ExactResumeHook, TrainingCurvesHook, TrainingProgressHook
+from .run import RunOutput
+from .weights import check_weights_file, load_weights
 
 __all__ = ["Trainer", "check_weights_file"]
 
 SEM_SEG_EVALUATOR_TYPES = ("sem_seg", "cityscapes_sem_seg")
 
 
-def check_weights_file(path: str, key: str = "MODEL.WEIGHTS") -> None:
-    """Raise FileNotFoundError for a local weights path that does not exist.
-
-    Remote URLs (``detectron2://``, ``https://``) are refused too: nothing can be
-    downloaded, so the error says where to put a local copy.
-    """
-    if not path:
-        return
-    if "://" in path and not path.startswith("file://"):
-        raise FileNotFoundError(
-            f"{key} is a remote location ({path!r}); this project never downloads weights. "
-            f"Download the file elsewhere, copy it to this machine and set {key} to its local path."
-        )
-    local = path[len("file://"):] if path.startswith("file://") else path
-    if not os.path.isfile(local):
-        raise FileNotFoundError(
-            f"Weights file not found: {local!r} ({key}). Point {key} at a local detectron2 "
-            "checkpoint (.pth/.pkl) or set it to '' to start from random weights."
-        )
-
-
 class Trainer(DefaultTrainer):
-    """DefaultTrainer for the project's segmentors (see the module docstring)."""
+    """DefaultTrainer for the project's segmentors (see the module docstring).
 
-    def __init__(self, cfg):
+    ``output``: the run's :class:`RunOutput` (``train_net.py`` makes it from ``--resume`` /
+    ``--overwrite-output``). Without one (``Trainer(cfg)``, as detectron2 projects do), the
+    config is written by ``resume_or_load(resume)``: ``resume=True`` replaces the folder's
+    config, ``resume=False`` refuses a folder holding checkpoints of another config.
+    """
+
+    def __init__(self, cfg, *, output: RunOutput = None):
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
+        output = output if output is not None else RunOutput(cfg, mode=None)
+        output.check()
+        self.output = output
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
+        check_eval_datasets(cfg.DATASETS.TEST)
+        self.train_loader = data_loader
         model = create_ddp_model(
             model, broadcast_buffers=False, find_unused_parameters=cfg.MODEL.FIND_UNUSED_PARAMETERS
         )
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = SegDistillCheckpointer(  # converts foreign MODEL.WEIGHTS (segdistill.convert)
+            model, cfg.OUTPUT_DIR, weights_format=cfg.MODEL.WEIGHTS_FORMAT, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
+        output.open()  # the first write into OUTPUT_DIR: model and data are built
         self.register_hooks(self.build_hooks())
 
     def resume_or_load(self, resume: bool = True):
-        if not (resume and self.checkpointer.has_checkpoint()):
-            check_weights_file(self.cfg.MODEL.WEIGHTS)
-        super().resume_or_load(resume=resume)
+        self.output.write_config("resume" if resume else "train")
+        if resume and self.checkpointer.has_checkpoint():
+            super().resume_or_load(resume=True)
+        else:
+            self.start_iter = 0
+            if self.cfg.MODEL.WEIGHTS:
+                report = load_weights(self.model, self.cfg.MODEL.WEIGHTS, weights_format=self.cfg.MODEL.WEIGHTS_FORMAT)
+                if report.matched < self.cfg.TEST.MIN_MATCHED_WEIGHTS:
+                    logging.getLogger(__name__).warning(
+                        "MODEL.WEIGHTS: %s. Training starts with the rest of the model at its initialisation; "
+                        "an evaluation of such a load would be refused (TEST.MIN_MATCHED_WEIGHTS %.2f).",
+                        report.summary(), self.cfg.TEST.MIN_MATCHED_WEIGHTS)
+            else:
+                logging.getLogger(__name__).info("MODEL.WEIGHTS is empty: training from the model's initialisation.")
         # A checkpoint restores the scheduler's own schedule length; a resumed run whose
         # config asks for a different SOLVER.MAX_ITER follows the config (detectron2's
         # poly schedule would otherwise fail once past its old end).
@@ -97,12 +109,25 @@ class Trainer(DefaultTrainer):
     def build_hooks(self):
         hooks = super().build_hooks()
         hooks.insert(1, TrainingProgressHook())  # after the IterationTimer, before the LR scheduler
+        if isinstance(self.train_loader, SemSegTrainLoader):
+            hooks.insert(1, ExactResumeHook(self.train_loader))
+        else:
+            logging.getLogger(__name__).warning(
+                "build_train_loader returned a %s, not a SemSegTrainLoader: --resume restarts its data order.",
+                type(self.train_loader).__name__)
         hooks.append(TrainingCurvesHook(self.cfg.OUTPUT_DIR, period=self.cfg.TEST.EVAL_PERIOD))
         return hooks
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=SemSegDatasetMapper(cfg, True))
+        return build_sem_seg_train_loader(cfg, mapper=SemSegDatasetMapper(cfg, True))
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """detectron2's ``test``, after copying rank 0's BatchNorm statistics to every process
+        (several processes with plain BN: the evaluated model is then the saved model)."""
+        broadcast_batchnorm_buffers(model)
+        return super().test(cfg, model, evaluators)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

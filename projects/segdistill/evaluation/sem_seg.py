@@ -21,6 +21,7 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
 from ..data.labels import check_label_values, read_dataset_label
+from ..modeling.exits.hs3_clusters import map_labels
 from .metrics import confusion_matrix, metrics_from_confusion
 
 __all__ = ["SemSegEvaluator", "LabelSpace"]
@@ -82,7 +83,7 @@ class SemSegEvaluator(DatasetEvaluator):
                         f"Output '{key}' is {pred.shape} but the label {record['sem_seg_file_name']!r} is "
                         f"{gt.shape}: the model must return predictions at the input's height/width."
                     )
-                g = gt if lut is None else np.where(gt == self._ignore, self._ignore, lut[np.clip(gt, 0, len(lut) - 1)])
+                g = gt if lut is None else map_labels(gt, lut, self._ignore)
                 conf = confusion_matrix(g, pred, len(names), self._ignore)
                 self._conf[key] = self._conf.get(key, 0) + conf
 

@@ -34,7 +34,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..evaluation.metrics import metrics_from_confusion
-from .clusters import canonical_assignment
+from ..modeling.exits.hs3_clusters import canonical_assignment
 
 __all__ = [
     "split_records", "register_hs3_split", "maybe_register_hs3_split", "hs3_split_names",

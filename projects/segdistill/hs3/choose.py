@@ -31,7 +31,7 @@ from typing import Dict, Mapping, Optional, Sequence
 import numpy as np
 
 from .analysis import TradeoffCurve, spectral_clusters
-from .clusters import ExitClusters, HS3Clusters, assignment_from_groups
+from ..modeling.exits.hs3_clusters import ExitClusters, HS3Clusters, assignment_from_groups
 
 __all__ = [
     "reference_theta", "line_side", "choose_k", "choose_ks", "theta_line", "constant_ratio_ks",

@@ -32,9 +32,11 @@ from .choose import (
     choose_ks, clusters_from_assignments, constant_ratio_ks, line_side, manual_assignment, reference_theta,
     theta_line,
 )
-from .clusters import HS3Clusters, cluster_names_of, dumps_readable, load_clusters, save_clusters
+from ..modeling.exits.hs3_clusters import (
+    HS3Clusters, cluster_names_of, dumps_readable, file_sha256, load_clusters, save_clusters,
+)
 
-__all__ = ["plot_tradeoff", "write_report", "run_hs3_analysis", "METHODS"]
+__all__ = ["plot_tradeoff", "write_report", "run_hs3_analysis", "k_equals_n_warning", "METHODS"]
 
 logger = logging.getLogger(__name__)
 METHODS = ("spectral", "kmeans", "manual")
@@ -87,6 +89,18 @@ def plot_tradeoff(curves: Mapping[str, TradeoffCurve], num_classes: int, final_m
 # ----------------------------------------------------------------------------- text report
 
 
+def k_equals_n_warning(clusters: HS3Clusters) -> str:
+    """A warning when every exit keeps all N classes (K = N): HS3 is then deep supervision
+    (the trade-off rule found no clustering worth its loss of classes), else ""."""
+    n = clusters.num_classes
+    if clusters.exits and all(clusters.num_clusters(e) == n for e in clusters.exits):
+        return (f"every exit keeps all {n} classes (K = N for {list(clusters.exits)}): HS3 with these clusters is "
+                "deep supervision. The trade-off rule takes the largest K on or above its line, and that was N here; "
+                "a larger theta (HS3_ANALYSIS.THETA, which favours accuracy) or the manual method gives fewer "
+                "clusters (docs/hs3.md).")
+    return ""
+
+
 def write_report(out_path: str, clusters: HS3Clusters, curves: Mapping[str, TradeoffCurve], final_miou: float,
                  source_dir: str = "") -> str:
     """A short markdown report: the rule, the choice per exit, the clusters, the curves."""
@@ -110,6 +124,9 @@ def write_report(out_path: str, clusters: HS3Clusters, curves: Mapping[str, Trad
         m = e.extra.get("analysis_mIoU", float("nan"))
         lines.append(f"| {name} | {full:.2f} | {e.num_clusters} | {m:.2f} | {m / e.num_clusters:.3f} |")
     lines.append("")
+    warning = k_equals_n_warning(clusters)
+    if warning:
+        lines += [f"**Warning**: {warning}", ""]
     for name in clusters.exits:
         lines.append(f"## {name}: {clusters.num_clusters(name)} clusters")
         lines.append("")
@@ -135,11 +152,7 @@ def write_report(out_path: str, clusters: HS3Clusters, curves: Mapping[str, Trad
 
 
 def _sha1_file(path: str) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(path, "sha1")  # SHA-1, as the fingerprints of existing hs3_state.json files
 
 
 def _fingerprint(obj) -> str:
@@ -313,6 +326,9 @@ def run_hs3_analysis(
             logger.info("HS3: exit %s -> K=%d: %s", s, clusters.num_clusters(s), cluster_names_of(clusters.groups(s)))
         done("clusters", fp_choice)
 
+    warning = k_equals_n_warning(clusters)
+    if warning:
+        logger.warning("HS3: %s", warning)
     # 3. the plot and 4. the report
     chosen = {s: clusters.num_clusters(s) for s in clusters.exits}
     chosen_mious = {s: float(clusters[s].extra.get("analysis_mIoU", float("nan"))) for s in clusters.exits}

@@ -1,4 +1,5 @@
 """Dataset loaders and their registration in detectron2's catalogs."""
+from .ade20k import ADE20K_SPLITS, load_ade20k_sem_seg, register_ade20k
 from .builtin import register_all
 from .camvid import CAMVID_CLASSES, CAMVID_COLORS, load_camvid, register_camvid
 from .cityscapes import CITYSCAPES_CLASSES, CITYSCAPES_COLORS, load_cityscapes_sem_seg, register_cityscapes
@@ -6,6 +7,8 @@ from .coco_stuff import COCO_STUFF_COLORS, load_coco_stuff_sem_seg, register_coc
 from .coco_stuff_meta import COCO_STUFF_CLASSES, COCO_STUFF_IDS
 from .demo import DEMO_CLASSES, DEMO_COLORS, DEMO_SPECS, ensure_demo_dataset, generate_scene
 from .folder import DatasetContentError, DatasetLayoutError, load_sem_seg_folder, verify_sem_seg_dicts
+from .pascal_context import PC59_CLASSES, load_pascal_context_59, register_pascal_context
+from .pascal_voc import VOC_CLASSES, load_voc_sem_seg, register_pascal_voc
 from .paths import datasets_root
 
 register_all()

@@ -11,11 +11,14 @@ import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from .ade20k import register_ade20k
 from .camvid import camvid_root, register_camvid
 from .cityscapes import register_cityscapes
 from .coco_stuff import register_coco_stuff
 from .demo import DEMO_CLASSES, DEMO_COLORS, DEMO_SPECS, demo_split_dirs, ensure_demo_dataset
 from .folder import load_sem_seg_folder, verify_sem_seg_dicts
+from .pascal_context import register_pascal_context
+from .pascal_voc import register_pascal_voc
 from .paths import datasets_root
 
 __all__ = ["register_all", "register_demo"]
@@ -56,3 +59,6 @@ def register_all() -> None:
     register_camvid(camvid_root())
     register_coco_stuff(root)
     register_cityscapes(root)
+    register_ade20k(root)
+    register_pascal_voc(root)
+    register_pascal_context(root)

@@ -7,16 +7,24 @@ deep inside training, in two steps:
 
 1. :func:`load_sem_seg_folder` (always, it only lists files): missing folders, images
    without labels, labels without images -> :class:`DatasetLayoutError`.
-2. :func:`verify_sem_seg_dicts` (datasets that pass their label space): every label's
-   size against its image's (image headers only, nothing decoded), the label's mode
+2. :func:`verify_sem_seg_dicts` (datasets that pass their label space): every labelled
+   image and its label are decoded; the label's size against its image's, its mode
    (single channel) and its values (classes, the ignore value, after the dataset's
-   raw-value map) -> :class:`DatasetContentError`. Decoding every label costs about a
-   millisecond per image, so a dataset that passed is remembered: a marker named by a
-   fingerprint of the files (paths, sizes, modification times) and of the label space
-   is written under ``$SEGDISTILL_CACHE_DIR`` (default ``~/.cache/segdistill``), and later
-   loads only ``stat`` the files. Changing, adding or removing a file re-checks.
-   ``SEGDISTILL_DATASET_CHECK=layout`` skips step 2. The mapper and the evaluator check
-   each label again when they read it.
+   raw-value map) -> :class:`DatasetContentError`. A file that cannot be decoded (a
+   truncated or corrupt image or label) is not an error here: its record is flagged with
+   ``record["unreadable"] = {"file": path, "error": "..."}`` and a warning names it; the
+   training loader then stops or skips it (``DATALOADER.ON_UNREADABLE``), evaluation and
+   the mapper refuse it (:class:`UnreadableFileError`). Decoding costs a few milliseconds
+   per image (JPEGs are decoded at 1/8 scale, which still reads every byte), so a dataset
+   that was checked is remembered: a marker named by a fingerprint of the files (paths,
+   sizes, modification times) and of the label space is written under
+   ``$SEGDISTILL_CACHE_DIR`` (default ``~/.cache/segdistill``) with the list of unreadable
+   files, and later loads only ``stat`` the files. Changing, adding or removing a file
+   re-checks. ``SEGDISTILL_DATASET_CHECK=layout`` skips step 2. The mapper and the
+   evaluator check each label again when they read it.
+
+Every record of :func:`load_sem_seg_folder` carries ``dataset_name``, so that errors raised
+while reading it (in the mapper, possibly hours into training) name its dataset.
 """
 from __future__ import annotations
 
@@ -33,16 +41,16 @@ import numpy as np
 
 __all__ = [
     "load_sem_seg_folder", "verify_sem_seg_dicts", "DatasetLayoutError", "DatasetContentError",
-    "dataset_check_cache_dir", "mark_verified", "CHECK_ENV",
+    "dataset_check_cache_dir", "mark_verified", "CHECK_ENV", "UnreadableFileError", "unreadable_records",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Environment variable: "full" (default) or "layout" (skip the label size/value check).
 CHECK_ENV = "SEGDISTILL_DATASET_CHECK"
-_CHECK_VERSION = 1
+_CHECK_VERSION = 2  # 2: images are decoded too, unreadable files are recorded
 _LABEL_MODES = ("L", "P", "I", "I;16", "1")
-_VERIFIED: set = set()  # fingerprints checked in this process
+_VERIFIED: Dict[str, Dict[str, str]] = {}  # fingerprints checked in this process -> {unreadable file: error}
 
 
 class DatasetLayoutError(FileNotFoundError):
@@ -51,6 +59,17 @@ class DatasetLayoutError(FileNotFoundError):
 
 class DatasetContentError(ValueError):
     """Labels of the wrong size, mode or values, found when the dataset is loaded."""
+
+
+class UnreadableFileError(OSError):
+    """An image or label file that cannot be decoded; the message names the file and its dataset.
+
+    Takes one message argument, so that PyTorch can re-raise it from a data-loader worker."""
+
+
+def unreadable_records(dicts: Sequence[dict]) -> List[dict]:
+    """The records flagged by :func:`verify_sem_seg_dicts` as holding a file that cannot be decoded."""
+    return [d for d in dicts if "unreadable" in d]
 
 
 def _list(folder: str, ext: str) -> Dict[str, str]:
@@ -117,7 +136,7 @@ def load_sem_seg_folder(
         raise DatasetLayoutError(f"Dataset '{dataset_name}': " + "; ".join(problems) + f".\n{layout_help}")
     dicts = []
     for stem in sorted(images):
-        d = {"file_name": images[stem], "image_id": stem}
+        d = {"file_name": images[stem], "image_id": stem, "dataset_name": dataset_name}
         if stem in labels:
             d["sem_seg_file_name"] = labels[stem]
         dicts.append(d)
@@ -183,6 +202,9 @@ def _check_record(d: dict, num_classes: int, ignore_value: int, value_map: Mappi
     try:
         with Image.open(d["file_name"]) as im:
             image_size = im.size
+            if im.format == "JPEG":  # DCT scaling: every byte is still read and entropy-decoded
+                im.draft(im.mode, (max(1, image_size[0] // 8), max(1, image_size[1] // 8)))
+            im.load()
     except Exception as e:  # noqa: BLE001  (any decoder error names the file)
         return [("unreadable", d["file_name"], f"{type(e).__name__}: {e}")]
     label_path = d["sem_seg_file_name"]
@@ -259,7 +281,9 @@ def verify_sem_seg_dicts(
     fix_help: str = "",
     mode: Optional[str] = None,
 ) -> None:
-    """Check every labelled record's label size, mode and values (see the module docstring).
+    """Decode every labelled record's image and label and check the label's size, mode and
+    values (see the module docstring). Records with a file that cannot be decoded are
+    flagged (``record["unreadable"]``), in place.
 
     Raises :class:`DatasetContentError` naming the files, their counts and ``fix_help``.
     ``mode`` overrides ``$SEGDISTILL_DATASET_CHECK`` ("full" or "layout").
@@ -275,28 +299,64 @@ def verify_sem_seg_dicts(
         return
     params = {"v": _CHECK_VERSION, "classes": num_classes, "ignore": ignore_value, "map": sorted(value_map.items())}
     fp = _fingerprint(labeled, params)
-    if fp in _VERIFIED:
-        return
+    if fp not in _VERIFIED:
+        _VERIFIED[fp] = _checked(labeled, fp, params, dataset_name, num_classes, ignore_value, value_map, fix_help)
+    unreadable = _VERIFIED[fp]
+    if unreadable:
+        _flag_unreadable(labeled, unreadable, dataset_name)
+
+
+def _checked(labeled, fp, params, dataset_name, num_classes, ignore_value, value_map, fix_help) -> Dict[str, str]:
+    """{unreadable file: error} of a dataset that passed (from its marker, or checked now)."""
     marker = os.path.join(dataset_check_cache_dir(), fp + ".json")
-    if os.path.exists(marker):
-        _VERIFIED.add(fp)
-        return
+    cached = _read_marker(marker)
+    if cached is not None:
+        return cached
     with _lock(os.path.join(dataset_check_cache_dir(), ".lock")):
-        if os.path.exists(marker):
-            _VERIFIED.add(fp)
-            return
+        cached = _read_marker(marker)
+        if cached is not None:
+            return cached
         start = time.perf_counter()
         issues = _scan(labeled, dataset_name, num_classes, ignore_value, value_map)
-        if issues:
+        unreadable = {it[1]: it[2] for it in issues if it[0] == "unreadable"}
+        if len(unreadable) < len(issues):
             lines = _format_issues(issues, len(labeled), num_classes, ignore_value, value_map)
             raise DatasetContentError(
-                f"Dataset '{dataset_name}' failed its load-time label check ({len(labeled)} labelled images):\n  - "
+                f"Dataset '{dataset_name}' failed its load-time check ({len(labeled)} labelled images):\n  - "
                 + "\n  - ".join(lines) + (f"\n{fix_help}" if fix_help else "")
             )
-        _write_marker(marker, {"dataset": dataset_name, "labels": len(labeled), "checked": time.time(), **params})
-        logger.info("Dataset '%s': %d labels checked in %.1fs (cached in %s).", dataset_name, len(labeled),
-                    time.perf_counter() - start, os.path.dirname(marker))
-    _VERIFIED.add(fp)
+        _write_marker(marker, {"dataset": dataset_name, "labels": len(labeled), "checked": time.time(), **params,
+                               "unreadable": unreadable})
+        logger.info("Dataset '%s': %d images and labels decoded and checked in %.1fs (cached in %s).", dataset_name,
+                    len(labeled), time.perf_counter() - start, os.path.dirname(marker))
+    return unreadable
+
+
+def _read_marker(path: str) -> Optional[Dict[str, str]]:
+    """The unreadable files of a marker; None when there is no (valid) marker."""
+    try:
+        with open(path) as f:
+            content = json.load(f)
+    except (OSError, ValueError):
+        return None
+    unreadable = content.get("unreadable", {}) if isinstance(content, dict) else None
+    return dict(unreadable) if isinstance(unreadable, dict) else None
+
+
+def _flag_unreadable(labeled: Sequence[dict], unreadable: Mapping[str, str], dataset_name: str) -> None:
+    flagged = []
+    for d in labeled:
+        for key in ("file_name", "sem_seg_file_name"):
+            if d[key] in unreadable:
+                d["unreadable"] = {"file": d[key], "error": unreadable[d[key]]}
+                flagged.append(d)
+                break
+    shown = "; ".join(f"{d['unreadable']['file']!r} ({d['unreadable']['error']})" for d in flagged[:5])
+    logger.warning(
+        "Dataset '%s': %d of %d labelled images have a file that cannot be decoded: %s%s. Training stops on them "
+        "unless DATALOADER.ON_UNREADABLE is 'skip' (lazy configs: dataloader.train.on_unreadable='skip'); "
+        "evaluation always stops. Replace or remove these files.", dataset_name, len(flagged), len(labeled), shown,
+        " ..." if len(flagged) > 5 else "")
 
 
 def _scan(labeled, dataset_name, num_classes, ignore_value, value_map) -> List[tuple]:
@@ -310,8 +370,9 @@ def _scan(labeled, dataset_name, num_classes, ignore_value, value_map) -> List[t
         if len(labeled) > 2000:
             from tqdm import tqdm
 
-            logger.info("Dataset '%s': checking %d labels once (sizes, values) ...", dataset_name, len(labeled))
-            results = tqdm(results, total=len(labeled), desc=f"checking {dataset_name}", unit="label")
+            logger.info("Dataset '%s': checking %d images and labels once (decoding, sizes, values) ...",
+                        dataset_name, len(labeled))
+            results = tqdm(results, total=len(labeled), desc=f"checking {dataset_name}", unit="image")
         for r in results:
             issues.extend(r)
     return issues
@@ -329,11 +390,17 @@ def _write_marker(path: str, content: dict) -> None:
 
 
 def mark_verified(dicts: Sequence[dict], *, num_classes: int, ignore_value: int = 255,
-                  value_map: Optional[Mapping[int, int]] = None, dataset_name: str = "") -> None:
-    """Record ``dicts`` as checked (for tools that checked every label themselves, e.g. converters)."""
+                  value_map: Optional[Mapping[int, int]] = None, dataset_name: str = "",
+                  images_checked: bool = False) -> None:
+    """Record ``dicts`` as checked, for tools that decoded every image and checked every label
+    themselves (``images_checked=True``). A tool that checked the labels only (a label
+    converter) leaves no marker: the first load decodes the images, once."""
+    if not images_checked:
+        logger.info("Dataset '%s': labels checked; its images are decoded once, on its first load.", dataset_name)
+        return
     value_map = {int(k): int(v) for k, v in (value_map or {}).items()}
     labeled = [d for d in dicts if "sem_seg_file_name" in d]
     params = {"v": _CHECK_VERSION, "classes": num_classes, "ignore": ignore_value, "map": sorted(value_map.items())}
     fp = _fingerprint(labeled, params)
     _write_marker(os.path.join(dataset_check_cache_dir(), fp + ".json"),
-                  {"dataset": dataset_name, "labels": len(labeled), "checked": time.time(), **params})
+                  {"dataset": dataset_name, "labels": len(labeled), "checked": time.time(), **params, "unreadable": {}})

@@ -1,9 +1,12 @@
 """One switch for the model's normalisation: BN, SyncBN or frozen BN.
 
-``MODEL.NORM`` sets the norm of every part (backbone, heads, auxiliary heads, exits);
-left empty it defers to the per-part keys ``MODEL.TIMM.NORM`` (backbone) and
-``MODEL.SEM_SEG_HEAD.NORM`` (heads). ``resolve_norm(cfg, part)`` is the one place that
-reads them: every component builds its norm layers from what it returns.
+``MODEL.NORM`` sets the norm of every part (backbone, heads, auxiliary heads, exits, HS3-Fuse
+blocks); left empty it defers to the per-part keys ``MODEL.TIMM.NORM`` (backbone) and
+``MODEL.SEM_SEG_HEAD.NORM`` (everything after the backbone: heads, exits, fuse blocks), as
+detectron2 keeps a norm key per part (``MODEL.RESNETS.NORM``, ``MODEL.SEM_SEG_HEAD.NORM``).
+There is no other norm key (the former ``MODEL.EXITS.NORM`` is gone: exits follow the head).
+``resolve_norm(cfg, part)`` is the one place that reads them: every component builds its
+norm layers from what it returns.
 
 * ``BN``: plain BatchNorm, for CPU and one GPU;
 * ``SyncBN``: statistics synchronised across GPUs (needs CUDA when several processes train);

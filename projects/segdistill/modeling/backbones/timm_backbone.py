@@ -13,99 +13,288 @@ Stage names (what ``output_shape()`` returns, and what ``OUT_FEATURES`` / a head
   ``layer1`` is the stride-4 output of the first stage. All are computed anyway by the
   network, so exposing them costs nothing.
 
+Layouts of other code bases, as options of the same backbone (so that their checkpoints
+load, see :mod:`segdistill.convert`):
+
+* ``stem_type="deep"`` (ResNets): three 3x3 convs of ``stem_width``, ``stem_width``,
+  ``2 * stem_width`` channels instead of the 7x7 conv: ``stem_width`` 32 is
+  mmsegmentation's ResNetV1c (32-32-64), 64 is CIRKD's ``resnet*_v1s`` (64-64-128, timm's
+  ``resnet*s``).
+* ``dilation_rule``: where the dilated stages put their dilations. ``"timm"`` (default):
+  the first block of a dilated stage keeps the previous stage's dilation in its first 3x3
+  conv (identical to CIRKD's ResNetV1b). ``"mmseg"``: mmsegmentation's convention,
+  ``strides``/``dilations`` per stage derived from the output stride (D8: strides 1, 2, 1, 1,
+  dilations 1, 1, 2, 4), ``contract_dilation`` (the first block of a stage of dilation d uses
+  d / 2), its BasicBlock (second 3x3 conv never dilated), ``multi_grid`` (absolute
+  dilations of the last stage's blocks) and its MobileNetV2 (only the first block of a
+  stage is dilated).
+* ``hrnet_fuse_upsample="bilinear"`` (HRNet): mmsegmentation's HRNet upsamples the
+  branches bilinearly when it fuses them; timm and the HRNet classification release use
+  nearest neighbours.
+
 Nothing is ever downloaded: ``pretrained`` is always off, and ``checkpoint`` loads a local
-timm/torchvision state dict for the body (classifier keys are dropped).
+ImageNet state dict for the body (timm, torchvision, OpenMMLab, the HRNet release or
+CIRKD's; the format is detected from the keys or named by ``checkpoint_format``, and the
+file is converted by :mod:`segdistill.convert`).
 """
 from __future__ import annotations
 
 import logging
-import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
 from torch import nn
 
+from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
 from .norm import convert_norm, resolve_norm
 
-__all__ = ["TimmBackbone", "HRNetBackbone", "build_timm_backbone", "load_body_checkpoint"]
+__all__ = [
+    "TimmBackbone", "HRNetBackbone", "build_timm_backbone", "load_body_checkpoint",
+    "STEM_TYPES", "DILATION_RULES", "HRNET_FUSE_UPSAMPLES", "backbone_family",
+]
 
 logger = logging.getLogger(__name__)
 
+STEM_TYPES = ("", "deep")
+DILATION_RULES = ("timm", "mmseg")
+HRNET_FUSE_UPSAMPLES = ("nearest", "bilinear")
 
-def load_body_checkpoint(body: nn.Module, path: str) -> None:
-    """Load a local ImageNet state dict into a timm body; classifier keys are skipped.
 
-    Raises FileNotFoundError naming the path when the file is missing, and ValueError when
-    the file covers less than half of the body's tensors (another architecture).
+def backbone_family(body: nn.Module) -> str:
+    """"resnet", "mobilenetv2", "hrnet" or "other": the family of a timm body (for converters)."""
+    from timm.models.efficientnet import EfficientNetFeatures
+    from timm.models.hrnet import HighResolutionNet
+    from timm.models.resnet import BasicBlock, Bottleneck
+
+    if isinstance(body, HighResolutionNet):
+        return "hrnet"
+    if isinstance(body, EfficientNetFeatures):
+        return "mobilenetv2"
+    if any(isinstance(m, (BasicBlock, Bottleneck)) for m in body.modules()):
+        return "resnet"
+    return "other"
+
+
+def load_body_checkpoint(body: nn.Module, path: str, fmt: str = "auto", *, key: str = "MODEL.TIMM.CHECKPOINT") -> None:
+    """Load local ImageNet weights of format ``fmt`` (or detected) into a timm body.
+
+    Raises FileNotFoundError naming the path when the file is missing, and
+    :class:`segdistill.convert.CheckpointMismatchError` (a ValueError) naming the file, the
+    expected architecture and the first unmatched keys when it does not fit.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"Backbone checkpoint not found: {path!r} (MODEL.TIMM.CHECKPOINT). Nothing is "
-            "downloaded by this project: put the timm/torchvision ImageNet weights file "
-            "(.pth, .pt, .bin or .safetensors) at that path, or set MODEL.TIMM.CHECKPOINT ''."
-        )
-    state = timm.models.load_state_dict(path, use_ema=False)
-    own = body.state_dict()
-    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    # Scalar BN counters match any architecture by name; judge the fit on real tensors.
-    real = [k for k in own if not k.endswith("num_batches_tracked")]
-    covered = sum(k in matched for k in real)
-    if covered < 0.5 * len(real):
+    from ...convert import load_backbone_weights
+
+    load_backbone_weights(body, path, fmt, key=key)
+
+
+def _check_out_features(wanted: Sequence[str], valid: Sequence[str], model: str) -> List[str]:
+    bad = [n for n in wanted if n not in valid]
+    if bad:
         raise ValueError(
-            f"{path!r} fits only {covered} of the {len(real)} tensors of the backbone "
-            f"{type(body).__name__}: is it a checkpoint of the same architecture (MODEL.TIMM.NAME)?"
+            f"Unknown backbone feature(s) {bad} for {model}; valid names: {list(valid)} "
+            "(MODEL.TIMM.OUT_FEATURES / the head's IN_FEATURES)."
         )
-    missing = sorted(set(own) - set(matched))
-    skipped = sorted(set(state) - set(matched))
-    body.load_state_dict(matched, strict=False)
-    logger.info(
-        "Loaded %d tensors from %s into the backbone (%d missing, %d skipped%s).",
-        len(matched), path, len(missing), len(skipped),
-        f": {skipped[:6]}{'...' if len(skipped) > 6 else ''}" if skipped else "",
+    return list(wanted)
+
+
+def _check_choice(value, choices, key: str):
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# mmsegmentation's dilation convention
+# ---------------------------------------------------------------------------------------------
+def _stage_strides_dilations(orig: Sequence[int], start: int, output_stride: int) -> List[Tuple[int, int]]:
+    """(stride, dilation) per stage: a stage whose stride would take the network past
+    ``output_stride`` keeps stride 1 and multiplies the dilation by its stride instead."""
+    net, dil, out = start, 1, []
+    for s in orig:
+        if net * s > output_stride:
+            dil *= s
+            out.append((1, dil))
+        else:
+            net *= s
+            out.append((s, dil))
+    return out
+
+
+def _set_conv(conv: nn.Conv2d, stride: int, dilation: int) -> None:
+    k = conv.kernel_size[0]
+    conv.stride = (stride, stride)
+    conv.dilation = (dilation, dilation)
+    conv.padding = (dilation * (k - 1) // 2,) * 2
+
+
+def _apply_mmseg_resnet(body: nn.Module, output_stride: int, multi_grid: Sequence[int]) -> List[int]:
+    """Rewrite the strides and dilations of a (stride-32) timm ResNet the mmsegmentation way;
+    returns the stride of each stage."""
+    from timm.models.resnet import BasicBlock, Bottleneck
+
+    stages = [getattr(body, f"layer{i}") for i in range(1, 5)]
+    unknown = {type(b).__name__ for stage in stages for b in stage if not isinstance(b, (BasicBlock, Bottleneck))}
+    if unknown:
+        raise ValueError(f"The mmseg dilation rule knows timm's BasicBlock and Bottleneck, not {sorted(unknown)}.")
+
+    def strided_conv(block):
+        return block.conv2 if isinstance(block, Bottleneck) else block.conv1
+
+    orig = [strided_conv(stage[0]).stride[0] for stage in stages]
+    plan = _stage_strides_dilations(orig, 4, output_stride)
+    if multi_grid and len(multi_grid) != len(stages[-1]):
+        raise ValueError(
+            f"MODEL.TIMM.MULTI_GRID {list(multi_grid)} needs one dilation per block of the last stage "
+            f"({len(stages[-1])} blocks)."
+        )
+    strides, net = [], 4
+    for i, (stage, (stride, dil)) in enumerate(zip(stages, plan)):
+        if i == len(stages) - 1 and multi_grid:
+            dils = [int(m) for m in multi_grid]
+        else:
+            first = dil // 2 if dil > 1 else dil  # contract_dilation
+            dils = [first] + [dil] * (len(stage) - 1)
+        for j, block in enumerate(stage):
+            s = stride if j == 0 else 1
+            _set_conv(strided_conv(block), s, dils[j])
+            if isinstance(block, BasicBlock):
+                _set_conv(block.conv2, 1, 1)  # mmseg's BasicBlock never dilates its second conv
+            if j == 0 and block.downsample is not None:
+                down = block.downsample[0]
+                if not isinstance(down, nn.Conv2d):
+                    raise ValueError("The mmseg dilation rule needs a plain strided 1x1 downsample (not avg_down).")
+                down.stride = (s, s)
+        net *= stride
+        strides.append(net)
+    return strides
+
+
+def _apply_mmseg_mobilenetv2(body: nn.Module, output_stride: int) -> List[int]:
+    """mmsegmentation's MobileNetV2: dilation only in the first block of each stage."""
+    stages = list(body.blocks)
+    orig = [stage[0].conv_dw.stride[0] for stage in stages]
+    start = body.conv_stem.stride[0]
+    plan = _stage_strides_dilations(orig, start, output_stride)
+    strides, net = [], start
+    for stage, (stride, dil) in zip(stages, plan):
+        for j, block in enumerate(stage):
+            _set_conv(block.conv_dw, stride if j == 0 else 1, dil if j == 0 else 1)
+        net *= stride
+        strides.append(net)
+    return strides
+
+
+def _apply_dilation_rule(body: nn.Module, family: str, output_stride: int, multi_grid: Sequence[int],
+                         model_name: str) -> List[int]:
+    if family == "resnet":
+        return _apply_mmseg_resnet(body, output_stride, multi_grid)
+    if family == "mobilenetv2":
+        if multi_grid:
+            raise ValueError("MODEL.TIMM.MULTI_GRID applies to ResNets only.")
+        return _apply_mmseg_mobilenetv2(body, output_stride)
+    raise ValueError(
+        f"MODEL.TIMM.DILATION_RULE 'mmseg' knows ResNets and MobileNetV2, not {model_name!r}; use 'timm'."
     )
-    if missing:
-        logger.warning("Backbone tensors not in the checkpoint: %s", missing[:10])
+
+
+# ---------------------------------------------------------------------------------------------
+# Backbones
+# ---------------------------------------------------------------------------------------------
+def _common_from_config(cfg, input_shape: ShapeSpec) -> dict:
+    c = cfg.MODEL.TIMM
+    return dict(
+        model_name=c.NAME,
+        out_features=list(c.OUT_FEATURES) or None,
+        norm=resolve_norm(cfg, "backbone"),
+        checkpoint=c.CHECKPOINT,
+        checkpoint_format=c.CHECKPOINT_FORMAT,
+        in_chans=input_shape.channels,
+    )
 
 
 class TimmBackbone(Backbone):
-    """A timm ``features_only`` model (ResNet, MobileNetV2, ...) as a detectron2 Backbone."""
+    """A timm ``features_only`` model (ResNet, MobileNetV2, ...) as a detectron2 Backbone.
 
+    Every argument is keyword-only and required; the defaults live in ``config.py``
+    (``MODEL.TIMM.*``). ``model_kwargs`` are passed to ``timm.create_model`` as they are
+    (e.g. narrow ``channels`` in tests).
+    """
+
+    @configurable
     def __init__(
         self,
-        model_name: str,
         *,
-        output_stride: int = 32,
-        out_features: Optional[Sequence[str]] = None,
-        norm: str = "BN",
-        checkpoint: str = "",
-        in_chans: int = 3,
+        model_name: str,
+        output_stride: int,
+        out_features: Optional[Sequence[str]],
+        norm: str,
+        checkpoint: str,
+        checkpoint_format: str,
+        in_chans: int,
+        stem_type: str,
+        stem_width: int,
+        dilation_rule: str,
+        multi_grid: Sequence[int],
+        model_kwargs: Optional[dict] = None,
     ):
         super().__init__()
         if output_stride not in (8, 16, 32):
             raise ValueError(f"MODEL.TIMM.OUTPUT_STRIDE must be 8, 16 or 32, got {output_stride}")
+        _check_choice(stem_type, STEM_TYPES, "MODEL.TIMM.STEM_TYPE")
+        _check_choice(dilation_rule, DILATION_RULES, "MODEL.TIMM.DILATION_RULE")
+        if multi_grid and dilation_rule != "mmseg":
+            raise ValueError("MODEL.TIMM.MULTI_GRID is mmsegmentation's option: set MODEL.TIMM.DILATION_RULE 'mmseg'.")
+        kwargs = dict(model_kwargs or {})
+        if stem_type:
+            if not model_name.startswith(("resnet", "resnext", "wide_resnet")):
+                raise ValueError(f"MODEL.TIMM.STEM_TYPE {stem_type!r} applies to timm ResNets, not {model_name!r}.")
+            kwargs.update(stem_type=stem_type, stem_width=stem_width)
         self.body = timm.create_model(
             model_name,
             pretrained=False,
             features_only=True,
-            output_stride=output_stride,
+            output_stride=32 if dilation_rule == "mmseg" else output_stride,
             in_chans=in_chans,
+            **kwargs,
         )
+        self.model_name = model_name
+        self.family = backbone_family(self.body)
         info = self.body.feature_info
         # res{k}: 2**k is the level's reduction without dilation (res1 = 1/2 ... res5 = 1/32).
-        names = [f"res{r.bit_length() - 1}" for r in _nominal_reductions(info)]
+        nominal = _nominal_reductions(info)
+        names = [f"res{r.bit_length() - 1}" for r in nominal]
+        strides = list(info.reduction())
+        if dilation_rule == "mmseg":
+            stage_strides = _apply_dilation_rule(self.body, self.family, output_stride, multi_grid, model_name)
+            if self.family == "resnet":
+                strides = [2] + stage_strides
+            else:  # MobileNetV2: the levels are the outputs of stages 0, 1, 2, 4, 6
+                strides = [stage_strides[i] for i in _mobilenet_level_stages(info)]
         self._all_names = names
         self._out_feature_channels = dict(zip(names, info.channels()))
-        self._out_feature_strides = dict(zip(names, info.reduction()))
+        self._out_feature_strides = dict(zip(names, strides))
         self._out_features = _check_out_features(out_features or [names[-1]], names, model_name)
         # Ask timm only for the levels we return.
         self._return_index = [names.index(n) for n in self._out_features]
         if checkpoint:
-            load_body_checkpoint(self.body, checkpoint)
+            load_body_checkpoint(self.body, checkpoint, checkpoint_format)
         convert_norm(self, norm)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: ShapeSpec):
+        c = cfg.MODEL.TIMM
+        return dict(
+            _common_from_config(cfg, input_shape),
+            output_stride=c.OUTPUT_STRIDE,
+            stem_type=c.STEM_TYPE,
+            stem_width=c.STEM_WIDTH,
+            dilation_rule=c.DILATION_RULE,
+            multi_grid=list(c.MULTI_GRID),
+        )
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         feats = self.body(x)
@@ -128,34 +317,47 @@ def _nominal_reductions(info) -> List[int]:
     return [first * 2**i for i in range(len(info.reduction()))]
 
 
-def _check_out_features(wanted: Sequence[str], valid: Sequence[str], model: str) -> List[str]:
-    bad = [n for n in wanted if n not in valid]
-    if bad:
-        raise ValueError(
-            f"Unknown backbone feature(s) {bad} for {model}; valid names: {list(valid)} "
-            "(MODEL.TIMM.OUT_FEATURES / the head's IN_FEATURES)."
-        )
-    return list(wanted)
+def _mobilenet_level_stages(info) -> List[int]:
+    """Index of the stage (``blocks[i]``) each feature level of an EfficientNet body ends."""
+    out = []
+    for module in info.module_name():  # "blocks.0.0", "blocks.1.1", ...
+        parts = module.split(".")
+        if parts[0] != "blocks":
+            raise ValueError(f"Unexpected feature module {module!r} of a MobileNetV2 body")
+        out.append(int(parts[1]))
+    return out
 
 
 class HRNetBackbone(Backbone):
     """HRNetV2 from timm, exposing every stage's branches (see the module docstring)."""
 
+    @configurable
     def __init__(
         self,
-        model_name: str = "hrnet_w18",
         *,
-        out_features: Optional[Sequence[str]] = None,
-        norm: str = "BN",
-        checkpoint: str = "",
-        in_chans: int = 3,
+        model_name: str,
+        out_features: Optional[Sequence[str]],
+        norm: str,
+        checkpoint: str,
+        checkpoint_format: str,
+        in_chans: int,
+        fuse_upsample: str,
+        model_kwargs: Optional[dict] = None,
     ):
         super().__init__()
+        _check_choice(fuse_upsample, HRNET_FUSE_UPSAMPLES, "MODEL.TIMM.HRNET_FUSE_UPSAMPLE")
         # feature_location='' gives the plain HRNet (no classification 'incre' modules).
         self.body = timm.create_model(
-            model_name, pretrained=False, features_only=True, feature_location="", in_chans=in_chans
+            model_name, pretrained=False, features_only=True, feature_location="", in_chans=in_chans,
+            **(model_kwargs or {}),
         )
+        self.model_name = model_name
+        self.family = "hrnet"
         body = self.body
+        if fuse_upsample == "bilinear":  # mmsegmentation's HRNet
+            for m in body.modules():
+                if isinstance(m, nn.Upsample):
+                    m.mode, m.align_corners = "bilinear", False
         ch2, ch3, ch4 = (list(s[-1].num_in_chs) for s in (body.stage2, body.stage3, body.stage4))
         expansion = 4 if body.stage1_cfg["block_type"] == "BOTTLENECK" else 1
         layer1_ch = body.stage1_cfg["num_channels"][0] * expansion
@@ -168,8 +370,23 @@ class HRNetBackbone(Backbone):
             out_features or ["res2", "res3", "res4", "res5"], list(shapes), model_name
         )
         if checkpoint:
-            load_body_checkpoint(self.body, checkpoint)
+            load_body_checkpoint(self.body, checkpoint, checkpoint_format)
         convert_norm(self, norm)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: ShapeSpec):
+        c = cfg.MODEL.TIMM
+        if c.OUTPUT_STRIDE != 32:
+            raise ValueError(
+                "HRNet keeps a stride-4 branch and has no dilated variant: "
+                f"MODEL.TIMM.OUTPUT_STRIDE must be 32 for {c.NAME}, got {c.OUTPUT_STRIDE}."
+            )
+        if c.STEM_TYPE or c.DILATION_RULE != "timm" or len(c.MULTI_GRID):
+            raise ValueError(
+                f"MODEL.TIMM.STEM_TYPE / DILATION_RULE / MULTI_GRID are ResNet options; {c.NAME} needs "
+                "'', 'timm' and [] (HRNet's layouts differ only in MODEL.TIMM.HRNET_FUSE_UPSAMPLE)."
+            )
+        return dict(_common_from_config(cfg, input_shape), fuse_upsample=c.HRNET_FUSE_UPSAMPLE)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         b = self.body
@@ -204,18 +421,6 @@ def _transition(transitions: nn.ModuleList, yl: List[torch.Tensor]) -> List[torc
 @BACKBONE_REGISTRY.register()
 def build_timm_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
     """Build ``MODEL.TIMM.NAME`` (ResNet*, MobileNetV2*, HRNet*, ...) as a detectron2 Backbone."""
-    c = cfg.MODEL.TIMM
-    kwargs = dict(
-        out_features=list(c.OUT_FEATURES) or None,
-        norm=resolve_norm(cfg, "backbone"),
-        checkpoint=c.CHECKPOINT,
-        in_chans=input_shape.channels,
-    )
-    if c.NAME.startswith("hrnet"):
-        if c.OUTPUT_STRIDE != 32:
-            raise ValueError(
-                "HRNet keeps a stride-4 branch and has no dilated variant: "
-                f"MODEL.TIMM.OUTPUT_STRIDE must be 32 for {c.NAME}, got {c.OUTPUT_STRIDE}."
-            )
-        return HRNetBackbone(c.NAME, **kwargs)
-    return TimmBackbone(c.NAME, output_stride=c.OUTPUT_STRIDE, **kwargs)
+    if cfg.MODEL.TIMM.NAME.startswith("hrnet"):
+        return HRNetBackbone(cfg, input_shape)
+    return TimmBackbone(cfg, input_shape)

@@ -3,11 +3,12 @@ from .base import AuxFCNHead, SegHeadMixin, build_aux_head, head_outputs, upsamp
 from .deeplab import SegDeepLabV3Head, SegDeepLabV3PlusHead
 from .fcn import FCNHead
 from .hrnetv2 import HRNetV2Head
+from .isa import ISAHead
 from .ocr import OCRHead
 from .psp import PSPHead
 
 __all__ = [
     "SegHeadMixin", "AuxFCNHead", "build_aux_head", "head_outputs", "upsample_logits",
     "SegDeepLabV3Head", "SegDeepLabV3PlusHead", "FCNHead",
-    "PSPHead", "OCRHead", "HRNetV2Head",
+    "PSPHead", "OCRHead", "HRNetV2Head", "ISAHead",
 ]

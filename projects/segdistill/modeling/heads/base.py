@@ -37,11 +37,12 @@ __all__ = ["SegHeadMixin", "AuxFCNHead", "build_aux_head", "head_outputs", "upsa
 LOSS_TYPES = ("cross_entropy", "hard_pixel_mining")
 
 
-def upsample_logits(logits: torch.Tensor, stride: int) -> torch.Tensor:
-    """Bilinear upsampling by the head's stride, as detectron2's heads do."""
+def upsample_logits(logits: torch.Tensor, stride: int, align_corners: bool = False) -> torch.Tensor:
+    """Bilinear upsampling by the head's stride, as detectron2's heads do (``align_corners``:
+    the head's ``MODEL.SEM_SEG_HEAD.ALIGN_CORNERS``; CIRKD's models align corners)."""
     if stride == 1:
         return logits
-    return F.interpolate(logits.float(), scale_factor=stride, mode="bilinear", align_corners=False)
+    return F.interpolate(logits.float(), scale_factor=stride, mode="bilinear", align_corners=align_corners)
 
 
 def sem_seg_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_value: int, loss_type: str):
@@ -57,10 +58,12 @@ def sem_seg_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_value: int,
 
 
 class AuxFCNHead(nn.Module):
-    """Auxiliary FCN head on an intermediate stage (training only), as in the papers' baselines."""
+    """Auxiliary FCN head on an intermediate stage (training only), as in the papers' baselines:
+    3x3 conv-norm-ReLU, dropout, 1x1 classifier (mmsegmentation's auxiliary ``FCNHead`` with
+    one conv and no concatenation; CIRKD's ``auxlayer``)."""
 
-    def __init__(self, in_channels: int, stride: int, in_feature: str, *, channels: int,
-                 num_classes: int, norm: str, loss_weight: float, dropout: float = 0.1):
+    def __init__(self, *, in_channels: int, stride: int, in_feature: str, channels: int,
+                 num_classes: int, norm: str, loss_weight: float, dropout: float):
         super().__init__()
         self.in_feature = in_feature
         self.stride = stride
@@ -86,8 +89,9 @@ def build_aux_head(cfg, input_shape: Dict[str, ShapeSpec]) -> Optional[AuxFCNHea
         )
     shape = input_shape[c.AUX_IN_FEATURE]
     return AuxFCNHead(
-        shape.channels, shape.stride, c.AUX_IN_FEATURE, channels=c.AUX_CHANNELS,
+        in_channels=shape.channels, stride=shape.stride, in_feature=c.AUX_IN_FEATURE, channels=c.AUX_CHANNELS,
         num_classes=c.NUM_CLASSES, norm=resolve_norm(cfg, "head"), loss_weight=c.AUX_LOSS_WEIGHT,
+        dropout=c.AUX_DROPOUT,
     )
 
 
@@ -117,6 +121,7 @@ def common_head_config(cfg, input_shape: Dict[str, ShapeSpec]) -> dict:
         ignore_value=c.IGNORE_VALUE,
         loss_weight=c.LOSS_WEIGHT,
         loss_type=c.LOSS_TYPE,
+        align_corners=c.ALIGN_CORNERS,
         aux_head=build_aux_head(cfg, input_shape),
     )
 
@@ -125,15 +130,18 @@ class SegHeadMixin:
     """detectron2's head contract built on ``forward_features`` + ``predictor``.
 
     A head class sets ``in_features``, ``common_stride``, ``ignore_value``, ``loss_weight``,
-    ``loss_type``, ``predictor`` and ``aux_head`` (or None) — ``_init_contract`` sets all but
-    the predictor — and implements ``forward_features``.
+    ``loss_type``, ``align_corners``, ``predictor`` and ``aux_head`` (or None) —
+    ``_init_contract`` sets all but the predictor — and implements ``forward_features``.
+    ``layout`` names the code base whose structure a head reproduces where layouts differ
+    (``MODEL.SEM_SEG_HEAD.LAYOUT``; "" for heads with one structure).
     """
 
     # No class-level default for ``aux_head``: it would shadow the submodule that
     # nn.Module keeps in ``_modules``. Every head assigns it (None when unused).
+    layout: str = ""
 
     def _init_contract(self, *, in_features, common_stride: int, ignore_value: int, loss_weight: float,
-                       loss_type: str, aux_head: Optional["AuxFCNHead"]) -> None:
+                       loss_type: str, align_corners: bool, aux_head: Optional["AuxFCNHead"]) -> None:
         """Set the attributes the contract reads (call after ``nn.Module.__init__``)."""
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"Unknown MODEL.SEM_SEG_HEAD.LOSS_TYPE {loss_type!r}; choose from {LOSS_TYPES}.")
@@ -142,6 +150,7 @@ class SegHeadMixin:
         self.ignore_value = ignore_value
         self.loss_weight = loss_weight
         self.loss_type = loss_type
+        self.align_corners = bool(align_corners)
         self.aux_head = aux_head
 
     def forward_features(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -158,16 +167,16 @@ class SegHeadMixin:
         outputs = self.forward_outputs(features)
         if self.training:
             return None, self.losses(outputs, targets)
-        return upsample_logits(outputs["logits"], self.common_stride), {}
+        return upsample_logits(outputs["logits"], self.common_stride, self.align_corners), {}
 
     def losses(self, outputs: Dict[str, torch.Tensor], targets: torch.Tensor) -> Dict[str, torch.Tensor]:
-        logits = upsample_logits(outputs["logits"], self.common_stride)
+        logits = upsample_logits(outputs["logits"], self.common_stride, self.align_corners)
         losses = {
             "loss_sem_seg": self.loss_weight
             * sem_seg_loss(logits, targets, self.ignore_value, self.loss_type)
         }
         if "aux_logits" in outputs:
-            aux = upsample_logits(outputs["aux_logits"], self.aux_head.stride)
+            aux = upsample_logits(outputs["aux_logits"], self.aux_head.stride, self.align_corners)
             losses["loss_aux"] = self.aux_head.loss_weight * sem_seg_loss(
                 aux, targets, self.ignore_value, "cross_entropy"
             )

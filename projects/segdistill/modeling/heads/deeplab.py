@@ -1,9 +1,17 @@
-"""DeepLabV3 and DeepLabV3+ heads on detectron2's DeepLab components, with exposed features.
+"""DeepLabV3 and DeepLabV3+ heads, with exposed features, in three layouts.
 
-``SegDeepLabV3Head`` has the same modules (and state-dict keys: ``aspp.*``, ``predictor.*``)
-as ``detectron2.projects.deeplab.DeepLabV3Head``, but is ``@configurable`` (so lazy configs
-can build it) and follows :class:`SegHeadMixin`. ``SegDeepLabV3PlusHead`` *is*
-detectron2's ``DeepLabV3PlusHead`` with the mixin on top.
+``MODEL.SEM_SEG_HEAD.LAYOUT`` picks the structure (see :mod:`.aspp` for the ASPP's):
+
+* ``"detectron2"`` (default): ``SegDeepLabV3Head`` has the same modules (and state-dict
+  keys: ``aspp.*``, ``predictor.*``) as ``detectron2.projects.deeplab.DeepLabV3Head``, but
+  is ``@configurable`` and follows :class:`SegHeadMixin`; ``SegDeepLabV3PlusHead`` *is*
+  detectron2's ``DeepLabV3PlusHead`` with the mixin on top.
+* ``"mmseg"``: mmsegmentation's ``ASPPHead`` (image pooling first, 3x3 bottleneck, dropout,
+  classifier) and ``DepthwiseSeparableASPPHead`` (separable dilated branches; the ASPP output
+  upsampled to the low-level feature, concatenated after its 1x1 projection
+  (``c1_bottleneck``), two separable 3x3 convs (``sep_bottleneck``), dropout, classifier).
+* ``"cirkd"`` (DeepLabV3 only): CIRKD's ``_DeepLabHead`` (pooling last, 1x1 projection with
+  dropout ``ASPP_DROPOUT`` 0.5, then ``ASPP_BOTTLENECK_CONVS`` 3x3 convs, dropout, classifier).
 
 ASPP image pooling (``MODEL.SEM_SEG_HEAD.ASPP_POOLING``): ``"global"`` (default) pools over
 the whole feature map at any input size, as torchvision and mmsegmentation do;
@@ -25,7 +33,8 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from detectron2.projects.deeplab import DeepLabV3PlusHead
 
 from ..backbones.norm import resolve_norm
-from .base import LOSS_TYPES, AuxFCNHead, SegHeadMixin, build_aux_head
+from .aspp import ASPP_LAYOUTS, SegASPP, SeparableConvNormReLU
+from .base import LOSS_TYPES, AuxFCNHead, SegHeadMixin, build_aux_head, build_classifier, conv_norm_relu
 
 __all__ = ["SegDeepLabV3Head", "SegDeepLabV3PlusHead"]
 
@@ -61,9 +70,15 @@ def _single_in_feature(cfg, input_shape: Dict[str, ShapeSpec], head: str) -> str
     return in_features[0]
 
 
+def _check_layout(layout: str, head: str, allowed=ASPP_LAYOUTS) -> str:
+    if layout not in allowed:
+        raise ValueError(f"MODEL.SEM_SEG_HEAD.LAYOUT {layout!r} is not a layout of {head}; choose from {list(allowed)}.")
+    return layout
+
+
 @SEM_SEG_HEADS_REGISTRY.register()
 class SegDeepLabV3Head(SegHeadMixin, nn.Module):
-    """DeepLabV3: ASPP on one backbone feature, then a 1x1 classifier."""
+    """DeepLabV3: ASPP on one backbone feature, optional 3x3 convs, then a 1x1 classifier."""
 
     @configurable
     def __init__(
@@ -72,47 +87,60 @@ class SegDeepLabV3Head(SegHeadMixin, nn.Module):
         *,
         in_feature: str,
         num_classes: int,
-        aspp_channels: int = 256,
-        aspp_dilations: List[int] = (12, 24, 36),
-        aspp_dropout: float = 0.1,
-        pool_kernel_size: Optional[tuple] = None,
-        norm: str = "BN",
-        use_depthwise_separable_conv: bool = False,
-        bottleneck_convs: int = 0,
-        bottleneck_dropout: float = 0.1,
-        ignore_value: int = 255,
-        loss_weight: float = 1.0,
-        loss_type: str = "cross_entropy",
-        aux_head: Optional[AuxFCNHead] = None,
+        layout: str,
+        aspp_channels: int,
+        aspp_dilations: List[int],
+        aspp_dropout: float,
+        pool_kernel_size: Optional[tuple],
+        norm: str,
+        use_depthwise_separable_conv: bool,
+        bottleneck_convs: int,
+        dropout: float,
+        ignore_value: int,
+        loss_weight: float,
+        loss_type: str,
+        align_corners: bool,
+        aux_head: Optional[AuxFCNHead],
     ):
-        """``bottleneck_convs`` 3x3 conv-norm-ReLU layers (then dropout) between the ASPP and
-        the classifier: CIRKD/HWD's DeepLabV3 has one; 0 keeps detectron2's layout."""
+        """``bottleneck_convs`` 3x3 conv-norm-ReLU layers between the ASPP and the classifier
+        (CIRKD/HWD's DeepLabV3 has one). ``dropout`` is applied before the classifier: after
+        the bottleneck convs, and in the mmseg and cirkd layouts always (detectron2's layout
+        without bottleneck convs has only the ASPP's own dropout)."""
         super().__init__()
-        self.in_features = [in_feature]
-        self.common_stride = input_shape[in_feature].stride
-        self.ignore_value = ignore_value
-        self.loss_weight = loss_weight
-        self.loss_type = _check_loss_type(loss_type)
-        self.aspp = ASPP(
-            input_shape[in_feature].channels,
-            aspp_channels,
-            list(aspp_dilations),
-            norm=norm,
-            activation=F.relu,
-            pool_kernel_size=pool_kernel_size,
-            dropout=aspp_dropout,
-            use_depthwise_separable_conv=use_depthwise_separable_conv,
-        )
+        self.layout = _check_layout(layout, type(self).__name__)
+        self._init_contract(in_features=[in_feature], common_stride=input_shape[in_feature].stride,
+                            ignore_value=ignore_value, loss_weight=loss_weight, loss_type=loss_type,
+                            align_corners=align_corners, aux_head=None)
+        in_channels = input_shape[in_feature].channels
+        if layout == "detectron2":
+            self.aspp = ASPP(
+                in_channels,
+                aspp_channels,
+                list(aspp_dilations),
+                norm=norm,
+                activation=F.relu,
+                pool_kernel_size=pool_kernel_size,
+                dropout=aspp_dropout,
+                use_depthwise_separable_conv=use_depthwise_separable_conv,
+            )
+        else:
+            if pool_kernel_size is not None:
+                raise ValueError(f"MODEL.SEM_SEG_HEAD.ASPP_POOLING 'crop' is detectron2's; the {layout} layout pools globally.")
+            self.aspp = SegASPP(
+                in_channels, aspp_channels, list(aspp_dilations), norm=norm, pool_first=layout == "mmseg",
+                project_kernel=3 if layout == "mmseg" else 1, dropout=aspp_dropout,
+                separable=use_depthwise_separable_conv, align_corners=align_corners,
+            )
         self.bottleneck = None
-        if bottleneck_convs > 0:
+        if bottleneck_convs > 0 or layout != "detectron2":
             layers = []
             for _ in range(bottleneck_convs):
                 layers.append(Conv2d(aspp_channels, aspp_channels, 3, padding=1, bias=not norm,
                                      norm=get_norm(norm, aspp_channels), activation=F.relu))
                 weight_init.c2_msra_fill(layers[-1])
-            if bottleneck_dropout > 0:
-                layers.append(nn.Dropout2d(bottleneck_dropout))
-            self.bottleneck = nn.Sequential(*layers)
+            if dropout > 0:
+                layers.append(nn.Dropout2d(dropout))
+            self.bottleneck = nn.Sequential(*layers) if layers else None
         self.predictor = Conv2d(aspp_channels, num_classes, kernel_size=1)
         nn.init.normal_(self.predictor.weight, 0, 0.001)
         nn.init.constant_(self.predictor.bias, 0)
@@ -126,6 +154,7 @@ class SegDeepLabV3Head(SegHeadMixin, nn.Module):
             input_shape=input_shape,
             in_feature=in_feature,
             num_classes=c.NUM_CLASSES,
+            layout=c.LAYOUT,
             aspp_channels=c.ASPP_CHANNELS,
             aspp_dilations=c.ASPP_DILATIONS,
             aspp_dropout=c.ASPP_DROPOUT,
@@ -133,10 +162,11 @@ class SegDeepLabV3Head(SegHeadMixin, nn.Module):
             norm=resolve_norm(cfg, "head"),
             use_depthwise_separable_conv=c.USE_DEPTHWISE_SEPARABLE_CONV,
             bottleneck_convs=c.ASPP_BOTTLENECK_CONVS,
-            bottleneck_dropout=c.DROPOUT,
+            dropout=c.DROPOUT,
             ignore_value=c.IGNORE_VALUE,
             loss_weight=c.LOSS_WEIGHT,
             loss_type=c.LOSS_TYPE,
+            align_corners=c.ALIGN_CORNERS,
             aux_head=build_aux_head(cfg, input_shape),
         )
 
@@ -147,36 +177,114 @@ class SegDeepLabV3Head(SegHeadMixin, nn.Module):
 
 @SEM_SEG_HEADS_REGISTRY.register()
 class SegDeepLabV3PlusHead(SegHeadMixin, DeepLabV3PlusHead):
-    """detectron2's DeepLabV3+ decoder; features = the decoder output before the classifier."""
+    """DeepLabV3+: detectron2's decoder (layout "detectron2"), or mmsegmentation's
+    ``DepthwiseSeparableASPPHead`` (layout "mmseg"); features = the decoder output (after the
+    dropout, in the mmseg layout) before the classifier."""
 
     @configurable
-    def __init__(self, input_shape: Dict[str, ShapeSpec], *, aux_head: Optional[AuxFCNHead] = None, **kwargs):
-        _check_loss_type(kwargs.get("loss_type", "cross_entropy"))
-        if kwargs.get("num_classes") is None:
+    def __init__(
+        self,
+        input_shape: Dict[str, ShapeSpec],
+        *,
+        layout: str,
+        project_channels: List[int],
+        aspp_dilations: List[int],
+        aspp_dropout: float,
+        decoder_channels: List[int],
+        common_stride: int,
+        norm: str,
+        train_size: Optional[tuple],
+        loss_weight: float,
+        loss_type: str,
+        ignore_value: int,
+        num_classes: int,
+        use_depthwise_separable_conv: bool,
+        dropout: float,
+        align_corners: bool,
+        aux_head: Optional[AuxFCNHead],
+    ):
+        _check_loss_type(loss_type)
+        if num_classes is None:
             raise ValueError("SegDeepLabV3PlusHead needs num_classes (MODEL.SEM_SEG_HEAD.NUM_CLASSES).")
-        # dict(): a lazy config's DictConfig would pass for a config in the parent's @configurable
-        super().__init__(dict(input_shape), **kwargs)
-        self.aux_head = aux_head
+        layout = _check_layout(layout, type(self).__name__, ("detectron2", "mmseg"))
+        shapes = dict(input_shape)  # a lazy config's DictConfig would pass for a config in the parent's @configurable
+        if layout == "detectron2":
+            super().__init__(
+                shapes, project_channels=project_channels, aspp_dilations=aspp_dilations, aspp_dropout=aspp_dropout,
+                decoder_channels=decoder_channels, common_stride=common_stride, norm=norm, train_size=train_size,
+                loss_weight=loss_weight, loss_type=loss_type, ignore_value=ignore_value, num_classes=num_classes,
+                use_depthwise_separable_conv=use_depthwise_separable_conv,
+            )
+        else:
+            nn.Module.__init__(self)
+            self._build_mmseg(shapes, project_channels, aspp_dilations, aspp_dropout, decoder_channels, norm,
+                              train_size, num_classes, dropout, align_corners)
+        self.layout = layout
+        in_features = [k for k, _ in sorted(shapes.items(), key=lambda kv: kv[1].stride)]
+        self._init_contract(in_features=in_features, common_stride=common_stride, ignore_value=ignore_value,
+                            loss_weight=loss_weight, loss_type=loss_type, align_corners=align_corners,
+                            aux_head=aux_head)
+
+    def _build_mmseg(self, shapes, project_channels, aspp_dilations, aspp_dropout, decoder_channels, norm,
+                     train_size, num_classes, dropout, align_corners):
+        if len(shapes) != 2 or len(project_channels) != 1:
+            raise ValueError(
+                "The mmseg layout of SegDeepLabV3PlusHead takes two features (low-level, ASPP input) in "
+                f"MODEL.SEM_SEG_HEAD.IN_FEATURES and one PROJECT_CHANNELS, got {sorted(shapes)} and {list(project_channels)}."
+            )
+        if train_size is not None:
+            raise ValueError("MODEL.SEM_SEG_HEAD.ASPP_POOLING 'crop' is detectron2's; the mmseg layout pools globally.")
+        low, high = sorted(shapes.values(), key=lambda s: s.stride)
+        aspp_channels, channels = decoder_channels[-1], decoder_channels[0]
+        self.aspp = SegASPP(high.channels, aspp_channels, list(aspp_dilations), norm=norm, pool_first=True,
+                            project_kernel=3, dropout=aspp_dropout, separable=True, align_corners=align_corners)
+        self.c1_bottleneck = conv_norm_relu(low.channels, project_channels[0], 1, norm)
+        self.sep_bottleneck = nn.Sequential(
+            SeparableConvNormReLU(aspp_channels + project_channels[0], channels, 3, norm=norm),
+            SeparableConvNormReLU(channels, channels, 3, norm=norm),
+        )
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.predictor = build_classifier(channels, num_classes)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        missing = [f for f in cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES if f not in input_shape]
+        c = cfg.MODEL.SEM_SEG_HEAD
+        missing = [f for f in c.IN_FEATURES if f not in input_shape]
         if missing:
             raise ValueError(
                 f"MODEL.SEM_SEG_HEAD.IN_FEATURES {missing} are not backbone outputs; the backbone "
                 f"gives {sorted(input_shape)} (add them to MODEL.TIMM.OUT_FEATURES)."
             )
-        ret = super().from_config(cfg, input_shape)
-        ret["norm"] = resolve_norm(cfg, "head")  # MODEL.NORM, else MODEL.SEM_SEG_HEAD.NORM
-        strides = sorted(v.stride for v in ret["input_shape"].values())
-        if _aspp_pool_kernel(cfg, strides[-1]) is None:
-            ret["train_size"] = None  # global image pooling at any input size
-        # The decoder's output stride is the finest input's stride, not COMMON_STRIDE.
-        ret["common_stride"] = strides[0]
-        ret["aux_head"] = build_aux_head(cfg, input_shape)
-        return ret
+        shapes = {k: v for k, v in input_shape.items() if k in c.IN_FEATURES}
+        strides = sorted(v.stride for v in shapes.values())
+        pool = _aspp_pool_kernel(cfg, strides[-1])
+        return dict(
+            input_shape=shapes,
+            layout=c.LAYOUT,
+            project_channels=c.PROJECT_CHANNELS,
+            aspp_dilations=c.ASPP_DILATIONS,
+            aspp_dropout=c.ASPP_DROPOUT,
+            decoder_channels=[c.CONVS_DIM] * (len(c.IN_FEATURES) - 1) + [c.ASPP_CHANNELS],
+            # The decoder's output stride is the finest input's stride, not COMMON_STRIDE.
+            common_stride=strides[0],
+            norm=resolve_norm(cfg, "head"),  # MODEL.NORM, else MODEL.SEM_SEG_HEAD.NORM
+            train_size=None if pool is None else tuple(cfg.INPUT.CROP.SIZE),  # None: global image pooling
+            loss_weight=c.LOSS_WEIGHT,
+            loss_type=c.LOSS_TYPE,
+            ignore_value=c.IGNORE_VALUE,
+            num_classes=c.NUM_CLASSES,
+            use_depthwise_separable_conv=c.USE_DEPTHWISE_SEPARABLE_CONV,
+            dropout=c.DROPOUT,
+            align_corners=c.ALIGN_CORNERS,
+            aux_head=build_aux_head(cfg, input_shape),
+        )
 
     def forward_features(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.layout == "mmseg":
+            out = self.aspp(features[self.in_features[-1]])
+            c1 = self.c1_bottleneck(features[self.in_features[0]])
+            out = F.interpolate(out, size=c1.shape[-2:], mode="bilinear", align_corners=self.align_corners)
+            return self.dropout(self.sep_bottleneck(torch.cat([out, c1], dim=1)))
         # detectron2's ``layers`` without the final ``predictor``.
         y = None
         for f in self.in_features[::-1]:

@@ -28,21 +28,23 @@ class FCNHead(SegHeadMixin, nn.Module):
         *,
         in_feature: str,
         num_classes: int,
-        conv_dims: int = 512,
-        num_convs: int = 2,
-        concat_input: bool = True,
-        dropout: float = 0.1,
-        norm: str = "BN",
-        ignore_value: int = 255,
-        loss_weight: float = 1.0,
-        loss_type: str = "cross_entropy",
-        aux_head: Optional[AuxFCNHead] = None,
+        conv_dims: int,
+        num_convs: int,
+        concat_input: bool,
+        dropout: float,
+        norm: str,
+        ignore_value: int,
+        loss_weight: float,
+        loss_type: str,
+        align_corners: bool,
+        aux_head: Optional[AuxFCNHead],
     ):
         super().__init__()
         if num_convs < 1:
             raise ValueError(f"FCNHead needs at least one conv (MODEL.SEM_SEG_HEAD.NUM_CONVS), got {num_convs}")
         self._init_contract(in_features=[in_feature], common_stride=input_shape[in_feature].stride,
-                            ignore_value=ignore_value, loss_weight=loss_weight, loss_type=loss_type, aux_head=aux_head)
+                            ignore_value=ignore_value, loss_weight=loss_weight, loss_type=loss_type,
+                            align_corners=align_corners, aux_head=aux_head)
         in_channels = input_shape[in_feature].channels
 
         def conv(cin):

@@ -37,12 +37,13 @@ def multi_in_features(cfg, input_shape: Dict[str, ShapeSpec], head: str) -> List
     return sorted(in_features, key=lambda f: input_shape[f].stride)
 
 
-def concat_branches(features: Dict[str, torch.Tensor], names: List[str]) -> torch.Tensor:
-    """Upsample ``features[names[1:]]`` to the size of ``features[names[0]]`` and concatenate."""
+def concat_branches(features: Dict[str, torch.Tensor], names: List[str], align_corners: bool = False) -> torch.Tensor:
+    """Upsample ``features[names[1:]]`` to the size of ``features[names[0]]`` and concatenate
+    (mmsegmentation's ``resize_concat``)."""
     first = features[names[0]]
     size = first.shape[-2:]
     ups = [first] + [
-        F.interpolate(features[n], size=size, mode="bilinear", align_corners=False) for n in names[1:]
+        F.interpolate(features[n], size=size, mode="bilinear", align_corners=align_corners) for n in names[1:]
     ]
     return torch.cat(ups, dim=1)
 
@@ -58,18 +59,22 @@ class HRNetV2Head(SegHeadMixin, nn.Module):
         *,
         in_features: List[str],
         num_classes: int,
-        channels: int = 0,
-        norm: str = "BN",
-        ignore_value: int = 255,
-        loss_weight: float = 1.0,
-        loss_type: str = "cross_entropy",
-        aux_head: Optional[AuxFCNHead] = None,
+        channels: int,
+        norm: str,
+        ignore_value: int,
+        loss_weight: float,
+        loss_type: str,
+        align_corners: bool,
+        aux_head: Optional[AuxFCNHead],
     ):
-        """``channels`` 0 keeps the concatenated width (HRNetV2's choice)."""
+        """``channels`` 0 keeps the concatenated width (HRNetV2's choice). This is
+        mmsegmentation's ``FCNHead`` with ``input_transform="resize_concat"``, one 1x1 conv and
+        no dropout, layer for layer."""
         super().__init__()
         in_features = sorted(in_features, key=lambda f: input_shape[f].stride)
         self._init_contract(in_features=in_features, common_stride=input_shape[in_features[0]].stride,
-                            ignore_value=ignore_value, loss_weight=loss_weight, loss_type=loss_type, aux_head=aux_head)
+                            ignore_value=ignore_value, loss_weight=loss_weight, loss_type=loss_type,
+                            align_corners=align_corners, aux_head=aux_head)
         in_channels = sum(input_shape[f].channels for f in self.in_features)
         channels = channels or in_channels
         self.fuse = conv_norm_relu(in_channels, channels, 1, norm)
@@ -84,4 +89,4 @@ class HRNetV2Head(SegHeadMixin, nn.Module):
         )
 
     def forward_features(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.fuse(concat_branches(features, self.in_features))
+        return self.fuse(concat_branches(features, self.in_features, self.align_corners))

@@ -43,7 +43,7 @@ class ObjectContext(nn.Module):
     N x K x H x W soft-region logits and returns the fused N x C x H x W features.
     """
 
-    def __init__(self, channels: int, key_channels: int, norm: str, dropout: float = 0.05, scale: float = 1.0):
+    def __init__(self, channels: int, key_channels: int, norm: str, dropout: float, scale: float = 1.0):
         super().__init__()
         self.scale = scale
         self.key_channels = key_channels
@@ -92,22 +92,26 @@ class OCRHead(SegHeadMixin, nn.Module):
         *,
         in_features: List[str],
         num_classes: int,
-        mid_channels: int = 512,
-        key_channels: int = 256,
-        region_channels: int = 0,
-        dropout: float = 0.05,
-        ocr_aux_loss_weight: float = 0.4,
-        norm: str = "BN",
-        ignore_value: int = 255,
-        loss_weight: float = 1.0,
-        loss_type: str = "cross_entropy",
-        aux_head: Optional[AuxFCNHead] = None,
+        mid_channels: int,
+        key_channels: int,
+        region_channels: int,
+        dropout: float,
+        ocr_aux_loss_weight: float,
+        norm: str,
+        ignore_value: int,
+        loss_weight: float,
+        loss_type: str,
+        align_corners: bool,
+        aux_head: Optional[AuxFCNHead],
     ):
-        """``region_channels`` 0 keeps the input width in the soft-region head (HRNet-OCR)."""
+        """``region_channels`` 0 keeps the input width in the soft-region head (HRNet-OCR).
+        With ``dropout`` 0 this is mmsegmentation's OCRNet (``CascadeEncoderDecoder``: an
+        ``FCNHead`` for the soft regions, then ``OCRHead``) layer for layer."""
         super().__init__()
         in_features = sorted(in_features, key=lambda f: input_shape[f].stride)
         self._init_contract(in_features=in_features, common_stride=input_shape[in_features[0]].stride,
-                            ignore_value=ignore_value, loss_weight=loss_weight, loss_type=loss_type, aux_head=aux_head)
+                            ignore_value=ignore_value, loss_weight=loss_weight, loss_type=loss_type,
+                            align_corners=align_corners, aux_head=aux_head)
         self.ocr_aux_loss_weight = ocr_aux_loss_weight
         in_channels = sum(input_shape[f].channels for f in self.in_features)
         region_channels = region_channels or in_channels
@@ -134,7 +138,7 @@ class OCRHead(SegHeadMixin, nn.Module):
 
     def forward_features_and_regions(self, features: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """(pre-classifier features, soft object-region logits), both at ``common_stride``."""
-        x = concat_branches(features, self.in_features)
+        x = concat_branches(features, self.in_features, self.align_corners)
         regions = self.region_head(x)
         return self.context(self.pixel_conv(x), regions), regions
 
@@ -153,7 +157,7 @@ class OCRHead(SegHeadMixin, nn.Module):
     def losses(self, outputs: Dict[str, torch.Tensor], targets: torch.Tensor) -> Dict[str, torch.Tensor]:
         losses = super().losses(outputs, targets)
         if "ocr_aux_logits" in outputs and self.ocr_aux_loss_weight > 0:
-            regions = upsample_logits(outputs["ocr_aux_logits"], self.common_stride)
+            regions = upsample_logits(outputs["ocr_aux_logits"], self.common_stride, self.align_corners)
             losses["loss_ocr_aux"] = self.ocr_aux_loss_weight * sem_seg_loss(
                 regions, targets, self.ignore_value, "cross_entropy"
             )

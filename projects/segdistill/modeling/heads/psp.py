@@ -5,7 +5,8 @@ through a 1x1 conv-norm-ReLU, is upsampled back and concatenated with the input;
 conv-norm-ReLU (the bottleneck, ``channels`` wide) and dropout give the pre-classifier
 features, then the 1x1 classifier. The widths are configurable so that both common
 layouts build: CIRKD/HWD's (branches ``in/4``, bottleneck 128 for ResNet-18 and 256 for
-ResNet-101) and mmsegmentation's (branches and bottleneck 512).
+ResNet-101; ``ALIGN_CORNERS`` True) and mmsegmentation's (branches and bottleneck 512, 128
+on ResNet-18). The structure is theirs layer for layer (``convert/`` maps their checkpoints).
 """
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ __all__ = ["PSPHead", "PyramidPooling"]
 class PyramidPooling(nn.Module):
     """Concatenation of the input with its pooled-and-upsampled pyramid (in + len(bins) * pool)."""
 
-    def __init__(self, in_channels: int, bins: Sequence[int], pool_channels: int, norm: str):
+    def __init__(self, in_channels: int, bins: Sequence[int], pool_channels: int, norm: str, align_corners: bool):
         super().__init__()
+        self.align_corners = align_corners
         if not bins or any(int(b) < 1 for b in bins):
             raise ValueError(f"MODEL.SEM_SEG_HEAD.PSP_BINS must be positive grid sizes, got {list(bins)}")
         self.bins = [int(b) for b in bins]
@@ -41,7 +43,7 @@ class PyramidPooling(nn.Module):
         pyramid = [x]
         for b, stage in zip(self.bins, self.stages):
             y = stage(F.adaptive_avg_pool2d(x, b))
-            pyramid.append(F.interpolate(y, size=size, mode="bilinear", align_corners=False))
+            pyramid.append(F.interpolate(y, size=size, mode="bilinear", align_corners=self.align_corners))
         return torch.cat(pyramid, dim=1)
 
 
@@ -56,25 +58,27 @@ class PSPHead(SegHeadMixin, nn.Module):
         *,
         in_feature: str,
         num_classes: int,
-        bins: Sequence[int] = (1, 2, 3, 6),
-        pool_channels: int = 0,
-        channels: int = 512,
-        dropout: float = 0.1,
-        norm: str = "BN",
-        ignore_value: int = 255,
-        loss_weight: float = 1.0,
-        loss_type: str = "cross_entropy",
-        aux_head: Optional[AuxFCNHead] = None,
+        bins: Sequence[int],
+        pool_channels: int,
+        channels: int,
+        dropout: float,
+        norm: str,
+        ignore_value: int,
+        loss_weight: float,
+        loss_type: str,
+        align_corners: bool,
+        aux_head: Optional[AuxFCNHead],
     ):
         """``pool_channels`` 0 means ``in_channels // len(bins)`` (the PSPNet paper's choice)."""
         super().__init__()
         if in_feature not in input_shape:
             raise ValueError(f"PSPHead's in_feature {in_feature!r} is not in the backbone outputs {sorted(input_shape)}")
         self._init_contract(in_features=[in_feature], common_stride=input_shape[in_feature].stride,
-                            ignore_value=ignore_value, loss_weight=loss_weight, loss_type=loss_type, aux_head=aux_head)
+                            ignore_value=ignore_value, loss_weight=loss_weight, loss_type=loss_type,
+                            align_corners=align_corners, aux_head=aux_head)
         in_channels = input_shape[in_feature].channels
         pool_channels = pool_channels or max(1, in_channels // len(bins))
-        self.ppm = PyramidPooling(in_channels, bins, pool_channels, norm)
+        self.ppm = PyramidPooling(in_channels, bins, pool_channels, norm, align_corners)
         self.bottleneck = conv_norm_relu(self.ppm.out_channels, channels, 3, norm)
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.predictor = build_classifier(channels, num_classes)

@@ -1,143 +1,57 @@
-"""Distiller: a frozen teacher, any student segmentor and distillation losses (PD, CWD, HWD, FAKD).
+"""Distiller: a frozen teacher, any student segmentor, and registered distillation losses on taps.
 
 * The **student** is built from the config's ``MODEL`` with the meta-architecture named in
-  ``MODEL.DISTILL.STUDENT_META_ARCHITECTURE`` (``SemanticSegmentor``, or any segmentor that
-  implements the student contract below, e.g. a multi-exit one). It is the only trained
-  part: ``parameters()``, ``state_dict()`` and so the optimizer, DDP and checkpoints see the
-  student (``student.*``) and the loss state (FAKD's ``covariance.*``, ``fakd_progress``).
+  ``MODEL.DISTILL.STUDENT_META_ARCHITECTURE`` (``SemanticSegmentor``, ``MultiExitSegmentor``,
+  or any segmentor with the tap contract, :class:`~segdistill.modeling.distill.SegmentorTaps`).
 * The **teacher** comes from its own config file and weights
-  (``MODEL.DISTILL.TEACHER.{CONFIG_FILE,WEIGHTS,OPTS}``). It is kept outside the module tree
-  (``_apply`` moves it with the wrapper), frozen, always in ``eval()`` (also after
-  ``model.train()``) and run under ``no_grad``.
+  (``MODEL.DISTILL.TEACHER.{CONFIG_FILE,WEIGHTS,OPTS}``). It is held outside the module tree
+  (not in ``parameters()``, ``state_dict()`` or DDP; ``_apply`` moves it with the wrapper),
+  frozen, always in ``eval()`` (also after ``model.train()``) and run under ``no_grad``, only
+  as far as the losses' taps need.
+* The **losses** (``MODEL.DISTILL.LOSSES``, the registry of ``modeling/distill``) declare the
+  taps they read. When the distiller is built, every tap is checked against the student's and
+  the teacher's ``tap_shapes()`` (a missing tap is an error naming the model, the tap and the
+  valid ones) and each loss builds its trainable parts for those shapes (``bind``). Those
+  parts are submodules (``distill_losses.<name>.*``): in the optimizer, DDP and checkpoints,
+  never in the deployed student. Loss state (FAKD's covariance, CIRKD's memories) is in
+  buffers, saved and restored with them.
+* ``parameters()``/``state_dict()`` = ``student.*`` + ``distill_losses.*``.
 * In ``eval()`` the wrapper is the student alone; with ``MODEL.DISTILL.EVAL_TEACHER`` the
   teacher's prediction is added as ``sem_seg_teacher``, which the evaluator scores too.
-* ``deploy_state_dict()`` is the student's own state dict (``tools/deploy_model.py``): it
-  loads into the student's own config.
+* ``deploy_state_dict()`` is the student's own deployed state dict (``tools/deploy_model.py``):
+  it loads into the student's own config.
 
 Shapes: the teacher sees the student's padded batch (re-normalised with its own pixel
-mean/std, channels swapped if its ``INPUT.FORMAT`` differs). Its logits are resized
-(bilinear) to the student's logits' size, and the labels (nearest) too; every loss is
-computed at the student's logits' resolution (1/8 for the papers' students). Teacher and
-student must predict the same classes: a different count is an error at build time.
-
-Student contract (what a student meta-architecture other than ``SemanticSegmentor``
-implements to be distilled)::
-
-    student.distill_forward(batched_inputs) -> dict(
-        losses=dict of the student's own loss_* terms (training mode),
-        logits=N x C x h x w final logits before upsampling,
-        features=N x A x h x w pre-classifier features (FAKD) or None,
-        images=detectron2 ImageList of the normalised, padded images,
-        targets=N x H x W padded labels (ignore value outside the images) or None)
-    student.pixel_mean, student.pixel_std            # the normalisation of ``images``
-    student.sem_seg_head.predictor                   # the 1x1 classifier (FAKD), or
-    student.distill_classifier() -> nn.Conv2d
-
-``SemanticSegmentor`` students (and subclasses that keep its ``forward``) are served by
-:func:`semantic_segmentor_distill_forward` (backbone + ``head_outputs()``).
+mean/std, channels swapped if its ``INPUT.FORMAT`` differs, padded further if its backbone
+needs it, the extra rows and columns of every tap cropped). A teacher tap is resized
+(bilinear) to the spatial size of the student tap it is paired with, labels (nearest) to
+the size a loss asks for. Teacher and student must predict the same classes: a different
+count is an error at build time.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from detectron2.config import configurable
-from detectron2.modeling import META_ARCH_REGISTRY, SemanticSegmentor
-from detectron2.structures import ImageList
+from detectron2.modeling import META_ARCH_REGISTRY
 
-from ..heads.base import head_outputs
-from ..losses.channel_wise import ChannelWiseDistillation, HolisticWeightedDistillation
-from ..losses.covariance import ClassCovariance
-from ..losses.feature_aug import LAMBDA_SCHEDULES, FeatureAugmentedCWD, FeatureAugmentedPD, cosine_ramp
-from ..losses.pixel_wise import PixelWiseDistillation, label_mask
+from ..distill.base import DistillBatch, DistillLoss, build_distill_losses
+from ..distill.taps import (
+    LOGITS, backbone_stage_taps, segmentor_taps, with_backbone_stages,
+)
 
-__all__ = [
-    "Distiller", "build_teacher", "build_distill_losses", "semantic_segmentor_distill_forward", "resize_labels",
-    "LOSS_NAMES",
-]
+__all__ = ["Distiller", "build_teacher", "load_teacher_cfg"]
 
 logger = logging.getLogger(__name__)
 
-LOSS_NAMES = ("pd", "cwd", "hwd", "fakd_cwd", "fakd_pd")
-COVARIANCE_TYPES = ("diagonal", "full")
 _REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..", ".."))
-
-
-# ---------------------------------------------------------------------------------------------
-# The student: logits, features and its own losses for a batch
-# ---------------------------------------------------------------------------------------------
-def semantic_segmentor_distill_forward(model: SemanticSegmentor, batched_inputs: List[dict]) -> dict:
-    """The student contract for detectron2's ``SemanticSegmentor`` (same steps as its forward)."""
-    images = [x["image"].to(model.device) for x in batched_inputs]
-    images = [(x - model.pixel_mean) / model.pixel_std for x in images]
-    backbone = model.backbone
-    images = ImageList.from_tensors(images, backbone.size_divisibility,
-                                    padding_constraints=backbone.padding_constraints)
-    features = backbone(images.tensor)
-    targets = None
-    if "sem_seg" in batched_inputs[0]:
-        targets = [x["sem_seg"].to(model.device) for x in batched_inputs]
-        targets = ImageList.from_tensors(targets, backbone.size_divisibility, model.sem_seg_head.ignore_value,
-                                         backbone.padding_constraints).tensor
-    outputs = head_outputs(model.sem_seg_head, features)
-    losses = model.sem_seg_head.losses(outputs, targets) if model.training and targets is not None else {}
-    return {"losses": losses, "logits": outputs["logits"], "features": outputs.get("features"),
-            "images": images, "targets": targets}
-
-
-def _student_classifier(student: nn.Module) -> Optional[nn.Module]:
-    fn = getattr(student, "distill_classifier", None)
-    if fn is not None:
-        return fn()
-    return getattr(getattr(student, "sem_seg_head", None), "predictor", None)
-
-
-def _num_classes(model: nn.Module) -> Optional[int]:
-    head = getattr(model, "sem_seg_head", None)
-    pred = getattr(head, "predictor", None)
-    if isinstance(pred, nn.Conv2d):
-        return pred.out_channels
-    n = getattr(head, "num_classes", None)
-    return int(n) if isinstance(n, int) else None
-
-
-def _check_student(student: nn.Module, needs_classifier: bool) -> None:
-    name = type(student).__name__
-    if not hasattr(student, "distill_forward"):
-        if not _plain_semantic_segmentor(student):
-            raise TypeError(
-                f"The student {name} cannot be distilled: it has no distill_forward(batched_inputs) and "
-                "is not a plain SemanticSegmentor (a subclass with its own forward would lose its own "
-                "losses); see the student contract in docs/distillation.md."
-            )
-        head = student.sem_seg_head
-        if not (hasattr(head, "forward_outputs") and hasattr(head, "predictor")):
-            if needs_classifier:
-                _raise_no_fakd_features(student)
-            head_outputs(head, {})  # raises the head contract's TypeError, naming the usable heads
-    if needs_classifier:
-        clf = _student_classifier(student)
-        if not (isinstance(clf, nn.Conv2d) and tuple(clf.kernel_size) == (1, 1)):
-            _raise_no_fakd_features(student)
-
-
-def _plain_semantic_segmentor(model: nn.Module) -> bool:
-    """A SemanticSegmentor (or subclass) whose training forward is SemanticSegmentor's own."""
-    return isinstance(model, SemanticSegmentor) and type(model).forward is SemanticSegmentor.forward
-
-
-def _raise_no_fakd_features(student: nn.Module) -> None:
-    raise TypeError(
-        f"FAKD needs the student's pre-classifier features and its 1x1 classifier, but the student "
-        f"{type(student).__name__} (head {type(getattr(student, 'sem_seg_head', None)).__name__}) does not "
-        "expose them: use a head with segdistill's head contract (forward_features + 1x1 predictor, "
-        "e.g. SegDeepLabV3Head, FCNHead), or drop fakd_cwd/fakd_pd from MODEL.DISTILL.LOSSES."
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,28 +85,14 @@ def load_teacher_cfg(config_file: str, opts: Sequence[str] = ()):
     return cfg
 
 
-def _load_strict(model: nn.Module, weights: str) -> None:
-    """Load a detectron2 checkpoint and refuse one that leaves teacher weights missing."""
-    from detectron2.checkpoint import DetectionCheckpointer
-
-    class _Recording(DetectionCheckpointer):
-        def _load_model(self, checkpoint):
-            self.incompatible = super()._load_model(checkpoint)
-            return self.incompatible
-
-    ckpt = _Recording(model)
-    ckpt.load(weights)
-    incompatible = ckpt.incompatible
-    missing = list(incompatible.missing_keys)
-    shapes = list(incompatible.incorrect_shapes)
-    if missing or shapes:
-        hint = ""
-        if any(k.startswith("student.") for k in incompatible.unexpected_keys):
-            hint = " It is a Distiller checkpoint: write its student with tools/deploy_model.py first."
-        raise ValueError(
-            f"The teacher weights {weights!r} do not fit the teacher's config: {len(missing)} missing "
-            f"tensors {missing[:5]}, {len(shapes)} of another shape {[s[0] for s in shapes[:5]]}.{hint}"
-        )
+def _lazy_with_stages(lazy_model, stages: Sequence[str]):
+    """A lazy teacher whose backbone also returns ``stages`` (when it lists its out_features)."""
+    backbone = lazy_model.get("backbone", None)
+    if not stages or backbone is None or "out_features" not in backbone:
+        return lazy_model
+    current = list(backbone.out_features)
+    backbone.out_features = current + [s for s in stages if s not in current]
+    return lazy_model
 
 
 def build_teacher(
@@ -202,13 +102,16 @@ def build_teacher(
     opts: Sequence[str] = (),
     device: str = "cpu",
     allow_random: bool = False,
+    stages: Sequence[str] = (),
 ) -> nn.Module:
     """Build the frozen teacher from its config (YAML or lazy ``.py``) and local weights.
 
     ``weights`` must be a local checkpoint; ``""`` is refused unless ``allow_random`` (tests
-    and benchmarks only: a random teacher teaches nothing).
+    and benchmarks only: a random teacher teaches nothing). ``stages``: backbone stages the
+    losses tap, added to the backbone's outputs (no parameter changes).
     """
-    from ...engine.trainer import check_weights_file
+    from ...convert import load_foreign_weights
+    from ...engine.weights import check_weights_file, load_checked_weights
 
     path = _resolve(config_file, "MODEL.DISTILL.TEACHER.CONFIG_FILE")
     if weights:
@@ -221,9 +124,10 @@ def build_teacher(
     if path.endswith(".py"):
         from detectron2.config import LazyConfig, instantiate
 
-        lazy = LazyConfig.apply_overrides(LazyConfig.load(path), list(opts))
-        teacher = instantiate(lazy.model)
-        input_format = "RGB"
+        from ...engine.overrides import apply_lazy_overrides
+
+        lazy = apply_lazy_overrides(LazyConfig.load(path), list(opts))  # unknown keys: an error
+        teacher = instantiate(_lazy_with_stages(lazy.model, stages))
     else:
         from detectron2.modeling import build_model
 
@@ -231,44 +135,29 @@ def build_teacher(
         cfg.defrost()
         cfg.MODEL.DEVICE = str(device)
         cfg.MODEL.WEIGHTS = ""
-        teacher = build_model(cfg)
-        input_format = cfg.INPUT.FORMAT
+        teacher = build_model(with_backbone_stages(cfg, stages))
     teacher.to(torch.device(device))
     if weights:
-        _load_strict(teacher, weights)
+        if not load_foreign_weights(teacher, weights):  # mmseg / CIRKD files: converted (segdistill.convert)
+            # every tensor must come from the file; a Distiller checkpoint gets the deploy command
+            load_checked_weights(teacher, weights, key="MODEL.DISTILL.TEACHER.WEIGHTS", min_matched=1.0,
+                                 what="the teacher")
     else:
         logger.warning(
             "\n%s\nMODEL.DISTILL.TEACHER.ALLOW_RANDOM: the teacher %s has RANDOM weights. It teaches "
             "nothing; use this for tests and benchmarks only.\n%s", "!" * 80, path, "!" * 80,
         )
     teacher.requires_grad_(False)
-    teacher.eval()
-    teacher.segdistill_teacher_source = path
-    teacher.segdistill_input_format = input_format
-    return teacher
+    return teacher.eval()
 
 
-# ---------------------------------------------------------------------------------------------
-# Losses from the config
-# ---------------------------------------------------------------------------------------------
-def build_distill_losses(cfg) -> Dict[str, nn.Module]:
-    """``MODEL.DISTILL.LOSSES`` -> {name: loss module with its ``loss_weight``}."""
-    d = cfg.MODEL.DISTILL
-    names = list(d.LOSSES)
-    unknown = [n for n in names if n not in LOSS_NAMES]
-    if unknown or len(set(names)) != len(names):
-        raise ValueError(f"MODEL.DISTILL.LOSSES {names}: each of {LOSS_NAMES} at most once (unknown: {unknown}).")
-    make = {
-        "pd": lambda: PixelWiseDistillation(d.PD.TEMPERATURE, d.PD.WEIGHT),
-        "cwd": lambda: ChannelWiseDistillation(d.CWD.TAU, d.CWD.WEIGHT),
-        "hwd": lambda: HolisticWeightedDistillation(
-            d.HWD.TAU, d.HWD.WEIGHT, beta=d.HWD.BETA, mu=d.HWD.MU, sigma=d.HWD.SIGMA, eps=d.HWD.EPS,
-            pixel_correction=d.HWD.PIXEL_CORRECTION, divergence_input=d.HWD.DIVERGENCE_INPUT,
-        ),
-        "fakd_cwd": lambda: FeatureAugmentedCWD(d.FAKD_CWD.TAU, d.FAKD_CWD.WEIGHT),
-        "fakd_pd": lambda: FeatureAugmentedPD(d.FAKD_PD.TEMPERATURE, d.FAKD_PD.WEIGHT),
-    }
-    return {n: make[n]() for n in names}
+class _OutsideModuleTree:
+    """Holds a module (or a tap adapter) without registering it in the owner's module tree."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,74 +173,67 @@ class Distiller(nn.Module):
         *,
         student: nn.Module,
         teacher: nn.Module,
-        losses: Union[Mapping[str, nn.Module], Sequence[nn.Module]],
-        ignore_value: int = 255,
-        exclude_ignore: bool = False,
-        eval_teacher: bool = False,
-        input_format: str = "RGB",
-        teacher_input_format: Optional[str] = None,
-        covariance: str = "diagonal",
-        covariance_all_reduce: bool = True,
-        lambda0: float = 1.0,
-        lambda_schedule: str = "cosine",
+        losses: Union[Mapping[str, DistillLoss], Sequence[DistillLoss]],
+        ignore_value: int,
+        exclude_ignore: bool,
+        eval_teacher: bool,
+        input_format: str,
+        teacher_input_format: Optional[str],
+        teacher_name: str,
     ):
         """
         Args:
-            student: the trained segmentor (``SemanticSegmentor`` or the student contract).
+            student: the trained segmentor (the tap contract, directly or through an adapter).
             teacher: the teacher segmentor (see :func:`build_teacher`); frozen here.
-            losses: {name: loss module} or a list of loss modules (named by their ``name``);
-                each adds ``loss_<name> = loss_weight * loss``.
+            losses: {name: loss} or a list of registered losses (named by their ``name``),
+                not yet bound: the distiller binds them to the taps' shapes.
             ignore_value: label of ignore pixels.
-            exclude_ignore: leave ignore pixels out of every distillation loss (default: all
-                pixels count, as in the papers).
+            exclude_ignore: leave ignore pixels out of the losses that support it.
             eval_teacher: in eval(), also return the teacher's prediction as ``sem_seg_teacher``.
             input_format, teacher_input_format: channel order of the inputs and of the
-                teacher's training data (``None``: the teacher's own record, else the same).
-            covariance: FAKD's class covariance, ``"diagonal"`` or ``"full"``.
-            covariance_all_reduce: sum FAKD's covariance statistics over the processes.
-            lambda0, lambda_schedule: FAKD's lambda, ``"cosine"`` ramp 0 -> lambda0 or ``"constant"``.
+                teacher's training data (None: the same).
+            teacher_name: how errors name the teacher (its config file).
         """
         super().__init__()
-        if covariance not in COVARIANCE_TYPES:
-            raise ValueError(f"MODEL.DISTILL.FAKD.COVARIANCE must be one of {COVARIANCE_TYPES}, got {covariance!r}.")
-        if lambda_schedule not in LAMBDA_SCHEDULES:
-            raise ValueError(
-                f"MODEL.DISTILL.FAKD.LAMBDA_SCHEDULE must be one of {LAMBDA_SCHEDULES}, got {lambda_schedule!r}."
-            )
         if isinstance(student, Distiller) or isinstance(teacher, Distiller):
             raise TypeError("Neither the student nor the teacher of a Distiller can be a Distiller.")
-        if isinstance(losses, Mapping):
-            losses = dict(losses)
-        else:  # a list of loss modules (lazy configs), named by their ``name``
-            losses = {l.name: l for l in losses}
-        needs_classifier = any(getattr(l, "needs_classifier", False) for l in losses.values())
-        _check_student(student, needs_classifier)
-        s_classes, t_classes = _num_classes(student), _num_classes(teacher)
-        if s_classes is not None and t_classes is not None and s_classes != t_classes:
+        losses = dict(losses) if isinstance(losses, Mapping) else {l.name: l for l in losses}
+        student_taps = segmentor_taps(student)
+        try:
+            teacher_taps = segmentor_taps(teacher)
+        except TypeError as e:
+            raise TypeError(f"The teacher ({teacher_name}): {e}") from None
+        student_name = f"the student ({type(student).__name__})"
+        teacher_name = f"the teacher ({teacher_name})"
+        s_shapes, t_shapes = student_taps.tap_shapes(), teacher_taps.tap_shapes()
+        s_classes, t_classes = s_shapes[LOGITS].channels, t_shapes[LOGITS].channels
+        if s_classes != t_classes:
             raise ValueError(
-                f"The teacher ({getattr(teacher, 'segdistill_teacher_source', type(teacher).__name__)}) "
-                f"predicts {t_classes} classes but the student (MODEL.SEM_SEG_HEAD.NUM_CLASSES) predicts "
-                f"{s_classes}: distillation needs the same class set."
+                f"{teacher_name[0].upper()}{teacher_name[1:]} predicts {t_classes} classes but the student "
+                f"(MODEL.SEM_SEG_HEAD.NUM_CLASSES) predicts {s_classes}: distillation needs the same class set."
             )
+        for name, loss in losses.items():
+            if not isinstance(loss, DistillLoss):
+                raise TypeError(f"Distillation loss {name!r} is a {type(loss).__name__}, not a DistillLoss.")
+            s = {p.student: _tap_shape(s_shapes, p.student, name, student_name) for p in loss.taps}
+            t = {p.teacher: _tap_shape(t_shapes, p.teacher, name, teacher_name) for p in loss.taps
+                 if p.teacher is not None}
+            loss.bind(s, t, num_classes=s_classes)
         self.student = student
         self.distill_losses = nn.ModuleDict(losses)
+        self.num_classes = int(s_classes)
         self.ignore_value = int(ignore_value)
         self.exclude_ignore = bool(exclude_ignore)
         self.eval_teacher = bool(eval_teacher)
         self.input_format = input_format
-        self.teacher_input_format = teacher_input_format or getattr(teacher, "segdistill_input_format", input_format)
-        self.lambda0 = float(lambda0)
-        self.lambda_schedule = lambda_schedule
-        self.covariance = None
-        if needs_classifier:
-            clf = _student_classifier(student)
-            self.covariance = ClassCovariance(clf.out_channels, clf.in_channels, full=covariance == "full",
-                                              all_reduce=covariance_all_reduce)
-            # (iteration, max_iter) of the lambda schedule; saved with the checkpoint.
-            self.register_buffer("fakd_progress", torch.zeros(2, dtype=torch.float64))
-        # The teacher lives outside the module tree: no parameters(), state_dict() or DDP.
+        self.teacher_input_format = teacher_input_format or input_format
+        self.student_taps_needed = sorted({p.student for l in losses.values() for p in l.taps})
+        self.teacher_taps_needed = sorted({p.teacher for l in losses.values() for p in l.taps if p.teacher})
+        # The teacher and the tap adapters live outside the module tree: no parameters(),
+        # state_dict() or DDP for the teacher, no second registration of the student.
         teacher.requires_grad_(False)
-        self.teacher = teacher.eval()
+        self._teacher = _OutsideModuleTree(teacher.eval())
+        self._taps = _OutsideModuleTree((student_taps, teacher_taps))
         self.register_load_state_dict_pre_hook(_load_student_checkpoint)
 
     @classmethod
@@ -360,6 +242,9 @@ class Distiller(nn.Module):
         student_arch = d.STUDENT_META_ARCHITECTURE
         if student_arch == "Distiller":
             raise ValueError("MODEL.DISTILL.STUDENT_META_ARCHITECTURE cannot be 'Distiller'.")
+        losses = build_distill_losses(cfg)
+        student_stages = backbone_stage_taps([p.student for l in losses.values() for p in l.taps])
+        teacher_stages = backbone_stage_taps([p.teacher for l in losses.values() for p in l.taps if p.teacher])
         # The class counts are compared before anything is built.
         lazy_teacher = d.TEACHER.CONFIG_FILE.endswith(".py")
         t_cfg = None if lazy_teacher else load_teacher_cfg(d.TEACHER.CONFIG_FILE, d.TEACHER.OPTS)
@@ -369,32 +254,31 @@ class Distiller(nn.Module):
                 f"but the student (MODEL.SEM_SEG_HEAD.NUM_CLASSES) predicts {cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES}: "
                 "distillation needs the same class set."
             )
-        teacher = build_teacher(d.TEACHER.CONFIG_FILE, d.TEACHER.WEIGHTS, opts=d.TEACHER.OPTS,
-                                device=cfg.MODEL.DEVICE, allow_random=d.TEACHER.ALLOW_RANDOM)
-        student_cfg = cfg.clone()
+        with _naming_stage_taps(teacher_stages, f"the teacher ({d.TEACHER.CONFIG_FILE})"):
+            teacher = build_teacher(d.TEACHER.CONFIG_FILE, d.TEACHER.WEIGHTS, opts=d.TEACHER.OPTS,
+                                    device=cfg.MODEL.DEVICE, allow_random=d.TEACHER.ALLOW_RANDOM,
+                                    stages=teacher_stages)
+        student_cfg = with_backbone_stages(cfg, student_stages).clone()
         student_cfg.defrost()
         student_cfg.MODEL.META_ARCHITECTURE = student_arch
-        student = META_ARCH_REGISTRY.get(student_arch)(student_cfg)
+        with _naming_stage_taps(student_stages, f"the student ({student_arch})"):
+            student = META_ARCH_REGISTRY.get(student_arch)(student_cfg)
         return {
             "student": student,
             "teacher": teacher,
-            "losses": build_distill_losses(cfg),
+            "losses": losses,
             "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
             "exclude_ignore": d.EXCLUDE_IGNORE,
             "eval_teacher": d.EVAL_TEACHER,
             "input_format": cfg.INPUT.FORMAT,
-            "covariance": d.FAKD.COVARIANCE,
-            "covariance_all_reduce": d.FAKD.ALL_REDUCE,
-            "lambda0": d.FAKD.LAMBDA0,
-            "lambda_schedule": d.FAKD.LAMBDA_SCHEDULE,
+            "teacher_input_format": None if t_cfg is None else t_cfg.INPUT.FORMAT,
+            "teacher_name": d.TEACHER.CONFIG_FILE,
         }
 
-    # -- the teacher follows the wrapper's device/dtype but never its train mode ------------
-    def __setattr__(self, name, value):
-        if name == "teacher":  # never registered as a submodule
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
+    # -- the teacher: outside the module tree, follows the wrapper's device/dtype, never its mode
+    @property
+    def teacher(self) -> nn.Module:
+        return self._teacher.value
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
@@ -407,36 +291,21 @@ class Distiller(nn.Module):
         return self
 
     @property
-    def student_device(self) -> torch.device:
+    def device(self) -> torch.device:
         p = next(self.student.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
 
-    @property
-    def device(self) -> torch.device:
-        return self.student_device
-
     # -- schedules ------------------------------------------------------------------------
     def set_training_progress(self, iteration: int, max_iter: int) -> None:
-        """Called by TrainingProgressHook before every step (FAKD's lambda; the student's own)."""
-        if self.covariance is not None:
-            self.fakd_progress.copy_(torch.tensor([float(iteration), float(max_iter)], dtype=torch.float64))
-        fn = getattr(self.student, "set_training_progress", None)
-        if fn is not None:
-            fn(iteration, max_iter)
-
-    @property
-    def fakd_lambda(self) -> float:
-        """FAKD's lambda at the current iteration (``lambda0`` before any progress is known)."""
-        if self.covariance is None:
-            return 0.0
-        it, max_iter = self.fakd_progress.tolist()
-        return cosine_ramp(it, max_iter, self.lambda0, self.lambda_schedule)
+        """Called by TrainingProgressHook before every step: the losses' and the student's schedules."""
+        for loss in self.distill_losses.values():
+            loss.set_training_progress(iteration, max_iter)
+        self._taps.value[0].set_training_progress(iteration, max_iter)
 
     # -- deployment -----------------------------------------------------------------------
     def deploy_state_dict(self) -> Dict[str, torch.Tensor]:
-        """The student's own weights (keys of the student's config), without the loss state."""
-        fn = getattr(self.student, "deploy_state_dict", None)
-        return dict(fn()) if fn is not None else dict(self.student.state_dict())
+        """The student's own deployed weights (its config's keys): no teacher, no loss part or state."""
+        return dict(self._taps.value[0].deploy_state_dict())
 
     # -- forward ----------------------------------------------------------------------------
     def _to_teacher_format(self, x: torch.Tensor) -> torch.Tensor:
@@ -444,67 +313,47 @@ class Distiller(nn.Module):
             return x.flip(-3)
         return x
 
-    def _student_outputs(self, batched_inputs) -> dict:
-        fn = getattr(self.student, "distill_forward", None)
-        if fn is not None:
-            return fn(batched_inputs)
-        return semantic_segmentor_distill_forward(self.student, batched_inputs)
-
     @torch.no_grad()
-    def teacher_logits(self, images: ImageList, size) -> torch.Tensor:
-        """The teacher's logits on the student's padded, normalised batch, resized to ``size``."""
-        t, s = self.teacher, self.student
-        x = images.tensor
-        if hasattr(s, "pixel_mean") and hasattr(t, "pixel_mean"):
-            x = x * s.pixel_std + s.pixel_mean
-            x = (self._to_teacher_format(x) - t.pixel_mean) / t.pixel_std
+    def teacher_taps(self, images: torch.Tensor, taps: Sequence[str]) -> Dict[str, torch.Tensor]:
+        """The teacher's ``taps`` on the student's padded, normalised batch, cropped to its extent."""
+        student_taps, teacher_taps = self._taps.value
+        s_mean, s_std, _ = student_taps.tap_normalization()
+        t_mean, t_std, div = teacher_taps.tap_normalization()
+        x = (self._to_teacher_format(images * s_std + s_mean) - t_mean) / t_std
         h, w = x.shape[-2:]
-        div = getattr(getattr(t, "backbone", None), "size_divisibility", 0) or 0
         if div > 1 and (h % div or w % div):
             x = F.pad(x, (0, (-w) % div, 0, (-h) % div))
-        if hasattr(t, "distill_teacher_logits"):
-            logits = t.distill_teacher_logits(x)
-        else:
-            feats = t.backbone(x)
-            head = t.sem_seg_head
-            if hasattr(head, "forward_outputs") and hasattr(head, "predictor"):
-                logits = head.forward_outputs(feats)["logits"]
-            else:  # any detectron2 head: logits at the input's scale
-                logits, _ = head(feats)
+        out = teacher_taps.tap_teacher(x, taps)
         if x.shape[-2:] != (h, w):  # drop the teacher's extra padding
-            lh, lw = logits.shape[-2:]
-            logits = logits[..., : -(-h * lh // x.shape[-2]), : -(-w * lw // x.shape[-1])]
-        if logits.shape[-2:] != tuple(size):
-            logits = F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
-        return logits
+            for k, v in out.items():
+                lh, lw = v.shape[-2:]
+                out[k] = v[..., : -(-h * lh // x.shape[-2]), : -(-w * lw // x.shape[-1])]
+        return out
+
+    def distill_batch(self, batched_inputs) -> Tuple[Dict[str, torch.Tensor], DistillBatch]:
+        """One training forward of the student (its own losses) and of the teacher (its taps):
+        what every distillation loss reads. ``forward`` = this + each loss's ``distill``."""
+        student_taps = self._taps.value[0]
+        out = student_taps.tap_student(batched_inputs, self.student_taps_needed)
+        teacher = self.teacher_taps(out.images.tensor, self.teacher_taps_needed) if self.teacher_taps_needed else {}
+        batch = DistillBatch(
+            student=out.taps, teacher=teacher, targets=out.targets, images=out.images.tensor,
+            classifier=student_taps.tap_classifier(), num_classes=self.num_classes,
+            ignore_value=self.ignore_value, exclude_ignore=self.exclude_ignore,
+        )
+        return dict(out.losses), batch
 
     def forward(self, batched_inputs):
         if not self.training:
             return self._inference(batched_inputs)
-        out = self._student_outputs(batched_inputs)
-        losses = dict(out["losses"])
-        s_logits = out["logits"]
-        t_logits = self.teacher_logits(out["images"], s_logits.shape[-2:])
-        if t_logits.shape[1] != s_logits.shape[1]:
-            raise ValueError(f"The teacher gives {t_logits.shape[1]} channels, the student {s_logits.shape[1]}.")
-        labels = valid = None
-        if out.get("targets") is not None:
-            labels = resize_labels(out["targets"], s_logits.shape[-2:])
-            labels = labels.masked_fill(labels == self.ignore_value, -1)  # the losses' ignore: outside [0, C)
-            if self.exclude_ignore:
-                valid = label_mask(labels, s_logits.shape[1])
-        extras = {}
-        if self.covariance is not None:
-            features = out.get("features")
-            if features is None or labels is None:
-                raise ValueError("FAKD needs the student's pre-classifier features and the labels of the batch.")
-            self.covariance.update(features, labels)
-            lam = self.fakd_lambda
-            extras = {"classifier": _student_classifier(self.student), "covariance": self.covariance, "lam": lam}
-            _put_scalar("fakd_lambda", lam)
-        with torch.autocast(s_logits.device.type, enabled=False):  # losses in float32 under AMP
-            for name, loss in self.distill_losses.items():
-                losses[f"loss_{name}"] = loss.loss_weight * loss(s_logits, t_logits, labels, valid, **extras)
+        losses, batch = self.distill_batch(batched_inputs)
+        with torch.autocast(batch.images.device.type, enabled=False):  # losses in float32 under AMP
+            for loss in self.distill_losses.values():
+                terms = loss.distill(batch)
+                clash = set(terms) & set(losses)
+                if clash:
+                    raise ValueError(f"Distillation loss '{loss.name}' returns {sorted(clash)}, already used.")
+                losses.update(terms)
         return losses
 
     def _inference(self, batched_inputs):
@@ -520,9 +369,26 @@ class Distiller(nn.Module):
         return results
 
 
-def resize_labels(targets: torch.Tensor, size) -> torch.Tensor:
-    """N x H x W labels resized (nearest) to ``size``, as the losses read them."""
-    return F.interpolate(targets[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
+@contextlib.contextmanager
+def _naming_stage_taps(stages: Sequence[str], model: str):
+    """Re-raise a backbone's refusal of a stage as an error about the taps that asked for it."""
+    try:
+        yield
+    except ValueError as e:
+        if not stages:
+            raise
+        raise ValueError(f"Building {model} with the backbone stages {list(stages)} that MODEL.DISTILL.LOSSES "
+                         f"tap: {e}") from e
+
+
+def _tap_shape(shapes, tap: str, loss: str, model: str):
+    if tap not in shapes:
+        raise ValueError(
+            f"Distillation loss '{loss}' reads the tap '{tap}' of {model}, which gives only {sorted(shapes)}. "
+            "Backbone stages must be among the backbone's outputs (timm backbones: MODEL.TIMM.OUT_FEATURES is "
+            "extended automatically with valid stage names; a lazy config lists them in backbone.out_features)."
+        )
+    return shapes[tap]
 
 
 def _load_student_checkpoint(module, state_dict, prefix, *args) -> None:
@@ -536,12 +402,3 @@ def _load_student_checkpoint(module, state_dict, prefix, *args) -> None:
         logger.info("Loading a student-only checkpoint (%d tensors) into the Distiller's student.", len(hits))
         for k in hits:
             state_dict[own + k[len(prefix):]] = state_dict.pop(k)
-
-
-def _put_scalar(name: str, value: float) -> None:
-    try:
-        from detectron2.utils.events import get_event_storage
-
-        get_event_storage().put_scalar(name, value, smoothing_hint=False)
-    except (AssertionError, ImportError):  # outside a trainer: no event storage
-        pass

@@ -8,15 +8,15 @@ unexpected keys. In ``eval()`` the exits do not run and the output is
 or the attribute): then each exit's prediction comes back too as ``sem_seg_<exit>``.
 
 In training the backbone, head, exits and final classifier outputs are collected in one
-:class:`MultiExitOutputs`; the objective of ``MODEL.EXITS.MODE`` (``ds``, ``sr``, or any
-registered with :func:`register_exit_objective`) turns it into named loss terms, next to the
-head's own ``loss_sem_seg``.
+:class:`~segdistill.modeling.exits.MultiExitOutputs`; the objective of ``MODEL.EXITS.MODE``
+(``ds``, ``sr``, ``hs3``, or any registered with ``register_exit_objective``) turns it into
+named loss terms, next to the head's own ``loss_sem_seg``. Everything mode-specific (each
+exit's class count, label tables, an :class:`~segdistill.modeling.exits.ExitFusion`) comes
+from the objective class through its written contract (``segdistill.modeling.exits.objective``).
 
-HS3 (``MODEL.EXITS.MODE hs3``, docs/hs3.md): each exit's class count and class -> cluster
-table come from ``MODEL.EXITS.HS3.CLUSTERS_FILE``. With HS3-Fuse (``HS3.FUSE.ENABLED``) the
-exits are part of the deployed model: their OCR-refined features (``hs3_fuse``) widen the
-head's input, so they run in ``eval()`` too and :meth:`deploy_state_dict` keeps them
-(classifiers dropped); such a checkpoint loads into the same hs3-fuse config.
+With a fusion (HS3-Fuse) the exits are part of the deployed model: their fused features widen
+the head's input, so they run in ``eval()`` too and :meth:`deploy_state_dict` keeps them
+(classifiers dropped); such a checkpoint loads into the same config.
 """
 from __future__ import annotations
 
@@ -34,32 +34,25 @@ from detectron2.structures import ImageList
 
 from ..backbones.norm import resolve_norm
 from ..exits import (
-    EXIT_OBJECTIVES, HEAD_FEATURE_PREFIX, ExitObjective, ExitOutput, MultiExitOutputs, MultiLabelClassifier,
-    build_exit_heads, exit_size,
+    EXIT_OBJECTIVES, HEAD_FEATURE_PREFIX, ExitFusion, ExitObjective, ExitOutput, MultiExitOutputs,
+    MultiLabelClassifier, build_exit_heads, exit_modes, exit_size,
 )
-from ..heads.base import head_outputs
-from ..losses import self_regulation as _self_regulation  # noqa: F401  (registers "ds" and "sr")
+from ..distill.taps import (
+    HEAD_TAPS, SegmentorTaps, StudentTaps, check_tap_head, collect_taps, head_tap_shapes, normalise_inputs,
+)
+from ..heads.base import SegHeadMixin, head_outputs
 
 __all__ = ["MultiExitSegmentor", "exit_modes", "head_feature_shapes", "backbone_stage_shapes"]
 
 DEPLOYED_PREFIXES = ("backbone.", "sem_seg_head.")
 
 
-def exit_modes():
-    """Valid ``MODEL.EXITS.MODE`` values: ``none`` plus every registered objective."""
-    return ("none",) + tuple(EXIT_OBJECTIVES)
-
-
 def head_feature_shapes(head: nn.Module) -> Dict[str, ShapeSpec]:
-    """Head features exits may attach to: ``head_features`` and the head's ``exposed_features()``."""
-    shapes: Dict[str, ShapeSpec] = {}
-    predictor = getattr(head, "predictor", None)
-    if predictor is not None and hasattr(head, "forward_outputs"):
-        shapes[HEAD_FEATURE_PREFIX + "features"] = ShapeSpec(channels=predictor.in_channels, stride=head.common_stride)
-    exposed = getattr(head, "exposed_features", None)
-    if callable(exposed):
-        shapes.update({HEAD_FEATURE_PREFIX + k: v for k, v in exposed().items()})
-    return shapes
+    """Head features exits may attach to: ``head_features``, the pre-classifier features of
+    every :class:`SegHeadMixin` head (none for other heads)."""
+    if not isinstance(head, SegHeadMixin):
+        return {}
+    return {HEAD_FEATURE_PREFIX + "features": ShapeSpec(channels=head.predictor.in_channels, stride=head.common_stride)}
 
 
 def backbone_stage_shapes(backbone: nn.Module) -> Dict[str, ShapeSpec]:
@@ -96,25 +89,9 @@ def _build_backbone_with_exit_stages(cfg, exit_names):
         ) from None
 
 
-def _build_hs3_fuse(cfg, backbone, exit_names):
-    """HS3-Fuse's OCR blocks (``MODEL.EXITS.HS3.FUSE``) on the exits, fused into the head's finest input."""
-    from ..hs3_fuse import HS3Fuse, fuse_target
-
-    heads = [n for n in exit_names if n.startswith(HEAD_FEATURE_PREFIX)]
-    if heads:
-        raise ValueError(f"HS3-Fuse feeds the exits into the head, so exits cannot read the head's features {heads}; "
-                         "use backbone stages in MODEL.EXITS.IN_FEATURES.")
-    f = cfg.MODEL.EXITS.HS3.FUSE
-    shapes = dict(backbone.output_shape())
-    target = fuse_target(cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES, shapes)
-    return HS3Fuse({n: cfg.MODEL.EXITS.CHANNELS for n in exit_names}, target, shapes[target].stride,
-                   mid_channels=f.OCR_MID_CHANNELS, key_channels=f.OCR_KEY_CHANNELS, channel_scale=f.CHANNEL_SCALE,
-                   norm=cfg.MODEL.EXITS.NORM or resolve_norm(cfg, "head"))
-
-
 @META_ARCH_REGISTRY.register()
-class MultiExitSegmentor(SemanticSegmentor):
-    """SemanticSegmentor with exits on intermediate stages (deep supervision, Self-Regulation, ...)."""
+class MultiExitSegmentor(SemanticSegmentor, SegmentorTaps):
+    """SemanticSegmentor with exits on intermediate stages (deep supervision, Self-Regulation, HS3, ...)."""
 
     @configurable
     def __init__(
@@ -124,41 +101,44 @@ class MultiExitSegmentor(SemanticSegmentor):
         sem_seg_head: nn.Module,
         pixel_mean,
         pixel_std,
-        exits: Optional[Dict[str, nn.Module]] = None,
-        final_classifier: Optional[nn.Module] = None,
-        objective: Optional[ExitObjective] = None,
-        eval_exits: bool = False,
-        hs3_fuse: Optional[nn.Module] = None,
+        exits: Optional[Dict[str, nn.Module]],
+        final_classifier: Optional[nn.Module],
+        objective: Optional[ExitObjective],
+        eval_exits: bool,
+        fusion: Optional[ExitFusion],
     ):
         """
         Args:
             backbone, sem_seg_head, pixel_mean, pixel_std: as ``SemanticSegmentor``; the head
-                must follow segdistill's head contract (``forward_outputs``, ``predictor``, ``losses``).
-            exits: exit name (a backbone output, or ``head_<name>``) -> :class:`ExitHead`,
+                must be one of segdistill's heads (:class:`SegHeadMixin`) when there are exits.
+            exits: exit name (a backbone output, or ``head_features``) -> :class:`ExitHead`,
                 shallowest first (see :func:`build_exit_heads`); None/empty = plain training.
-            final_classifier: multi-label classifier on the head's features (MEA / SR-L).
+            final_classifier: multi-label classifier on the head's features (MEA / SR-L), or None.
             objective: turns :class:`MultiExitOutputs` into loss terms; required with exits.
             eval_exits: in eval(), also return ``sem_seg_<exit>`` for every exit.
-            hs3_fuse: :class:`~segdistill.modeling.hs3_fuse.HS3Fuse` over the exits (HS3-Fuse);
-                ``sem_seg_head`` must have been built for its widened input.
+            fusion: an :class:`ExitFusion` feeding the exits into the head (HS3-Fuse), or None;
+                ``sem_seg_head`` must have been built for its ``head_input_shapes``. Kept as
+                the attribute ``fusion.name`` (its parameters' prefix, e.g. ``hs3_fuse``).
         """
         super().__init__(backbone=backbone, sem_seg_head=sem_seg_head, pixel_mean=pixel_mean, pixel_std=pixel_std)
         self.exits = nn.ModuleDict(dict(exits or {}))
         self.final_classifier = final_classifier
         self.exit_objective = objective
         self.eval_exits = eval_exits
-        self.hs3_fuse = hs3_fuse
-        if hs3_fuse is not None:
-            if set(hs3_fuse.blocks) != set(self.exits) or any(n.startswith(HEAD_FEATURE_PREFIX) for n in self.exits):
+        self._fusion_name = None
+        if fusion is not None:
+            if set(fusion.exit_names) != set(self.exits) or any(n.startswith(HEAD_FEATURE_PREFIX) for n in self.exits):
                 raise ValueError(
-                    f"HS3-Fuse needs one OCR block per exit, on backbone stages only; exits {list(self.exits)}, "
-                    f"blocks {list(hs3_fuse.blocks)}."
+                    f"{type(fusion).__name__} needs one block per exit, on backbone stages only; exits "
+                    f"{list(self.exits)}, blocks {list(fusion.exit_names)}."
                 )
+            self._fusion_name = fusion.name
+            self.add_module(fusion.name, fusion)
         if not self.exits:
             return
         if objective is None:
             raise ValueError("A MultiExitSegmentor with exits needs an objective (MODEL.EXITS.MODE 'ds', 'sr', ...).")
-        if not all(hasattr(sem_seg_head, a) for a in ("forward_outputs", "predictor", "losses")):
+        if not isinstance(sem_seg_head, SegHeadMixin):
             raise TypeError(
                 f"{type(sem_seg_head).__name__} does not expose its features, classifier and losses "
                 "(forward_outputs / predictor / losses), which exits need: use one of segdistill's heads "
@@ -185,6 +165,11 @@ class MultiExitSegmentor(SemanticSegmentor):
         objective.check_exits({n: ex.num_classes for n, ex in self.exits.items()}, sem_seg_head.predictor.out_channels)
         self._uses_head_features = any(n.startswith(HEAD_FEATURE_PREFIX) for n in self.exits)
 
+    @property
+    def fusion(self) -> Optional[ExitFusion]:
+        """The :class:`ExitFusion` feeding the exits into the head, or None."""
+        return getattr(self, self._fusion_name) if self._fusion_name else None
+
     @classmethod
     def from_config(cls, cfg):
         c = cfg.MODEL.EXITS
@@ -193,32 +178,31 @@ class MultiExitSegmentor(SemanticSegmentor):
             raise ValueError(f"Unknown MODEL.EXITS.MODE {mode!r}; choose from {list(exit_modes())}.")
         names = list(c.IN_FEATURES) if mode != "none" else []
         backbone = _build_backbone_with_exit_stages(cfg, names)
-        fuse = _build_hs3_fuse(cfg, backbone, names) if mode == "hs3" and c.HS3.FUSE.ENABLED else None
-        head = build_sem_seg_head(cfg, fuse.widened_shapes(backbone.output_shape()) if fuse else backbone.output_shape())
+        objective_cls = EXIT_OBJECTIVES.get(mode)
+        fusion = objective_cls.build_fusion(cfg, names, backbone.output_shape()) if objective_cls else None
+        head = build_sem_seg_head(cfg, fusion.head_input_shapes(backbone.output_shape()) if fusion
+                                  else backbone.output_shape())
         ret = {
             "backbone": backbone, "sem_seg_head": head,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
-            "eval_exits": c.EVAL_EXITS, "hs3_fuse": fuse,
+            "eval_exits": c.EVAL_EXITS, "fusion": fusion,
+            "exits": None, "final_classifier": None, "objective": None,
         }
-        if mode == "none":
+        if objective_cls is None:
             return ret
-        head_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
-        exit_classes, objective_args = list(c.NUM_CLASSES) or head_classes, {}
-        if mode == "hs3":  # HS3: each exit's class count and class -> cluster table from the clusters file
-            from ...hs3.model import hs3_exit_classes
-
-            exit_classes, objective_args["label_luts"] = hs3_exit_classes(cfg, names)
+        exit_classes = objective_cls.exit_num_classes(cfg, names)
         shapes = {**backbone_stage_shapes(backbone), **dict(backbone.output_shape()), **head_feature_shapes(head)}
-        objective = EXIT_OBJECTIVES[mode](cfg, **objective_args)
+        objective = objective_cls(cfg)
         exits = build_exit_heads(
-            shapes, names, exit_classes, channels=c.CHANNELS, common_stride=c.COMMON_STRIDE,
-            norm=c.NORM or resolve_norm(cfg, "head"), with_classifier=objective.needs_classifiers,
-            max_downsample=c.MAX_DOWNSAMPLE,
+            input_shape=shapes, in_features=names, num_classes=exit_classes, channels=c.CHANNELS,
+            common_stride=c.COMMON_STRIDE, norm=resolve_norm(cfg, "head"),
+            with_classifier=objective.needs_classifiers, max_downsample=c.MAX_DOWNSAMPLE,
         )
         ret.update(exits=exits, objective=objective)
         if objective.needs_classifiers:
             ret["final_classifier"] = MultiLabelClassifier(
-                head_feature_shapes(head)[HEAD_FEATURE_PREFIX + "features"].channels, head_classes
+                in_channels=head_feature_shapes(head)[HEAD_FEATURE_PREFIX + "features"].channels,
+                num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
             )
         return ret
 
@@ -232,12 +216,14 @@ class MultiExitSegmentor(SemanticSegmentor):
     def deploy_state_dict(self) -> Dict[str, torch.Tensor]:
         """The weights of the plain ``SemanticSegmentor``: exits, classifier and objective state removed.
 
-        HS3-Fuse: also ``hs3_fuse.*`` and the exits' parts the fusion reads (reduce, feature,
-        segmenter); it loads into the same hs3-fuse config."""
+        With a fusion (HS3-Fuse): also the fusion's parameters, the exits' parts it reads
+        (``ExitFusion.exit_parts``) and the objective's buffers (HS3: the clusters the exits were
+        trained on, checked when the checkpoint loads); it loads into the same config."""
         keep = DEPLOYED_PREFIXES
-        if self.hs3_fuse is not None:
-            keep = keep + ("hs3_fuse.",) + tuple(f"exits.{n}.{p}." for n in self.exits
-                                                 for p in ("reduce", "feature", "segmenter"))
+        fusion = self.fusion
+        if fusion is not None:
+            keep = keep + (f"{fusion.name}.", "exit_objective.") + tuple(
+                f"exits.{n}.{p}." for n in self.exits for p in fusion.exit_parts)
         return {k: v for k, v in self.state_dict().items() if k.startswith(keep)}
 
     # ------------------------------------------------------------------ forward
@@ -261,9 +247,10 @@ class MultiExitSegmentor(SemanticSegmentor):
     def forward_outputs(self, features: Dict[str, torch.Tensor], image_hw) -> MultiExitOutputs:
         """Head, exits and classifiers on backbone ``features`` of a (padded) ``image_hw`` input."""
         size = exit_size(image_hw, self.common_stride)
-        if self.hs3_fuse is not None:  # HS3-Fuse: exits first, their OCR features widen the head's input
+        fusion = self.fusion
+        if fusion is not None:  # exits first, their fused features widen the head's input
             exits = {n: ex(features[n], size) for n, ex in self.exits.items()}
-            head_out = head_outputs(self.sem_seg_head, self.hs3_fuse(features, exits))
+            head_out = head_outputs(self.sem_seg_head, fusion(features, exits))
         else:
             head_out = head_outputs(self.sem_seg_head, features)
             sources = self._exit_sources(features, head_out)
@@ -277,36 +264,63 @@ class MultiExitSegmentor(SemanticSegmentor):
         return MultiExitOutputs(exits=exits, final=final, head=head_out, backbone=features,
                                 image_size=tuple(image_hw))
 
-    def distill_forward(self, batched_inputs) -> dict:
-        """The Distiller's student contract (docs/distillation.md): own losses (exits included),
-        final logits and pre-classifier features, the padded images and targets."""
-        images = self._images(batched_inputs)
+    def _training_losses(self, outputs: MultiExitOutputs, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The head's own losses (``loss_sem_seg`` scaled by the objective's ``final_loss_weight``)
+        and the objective's terms."""
+        losses = self.sem_seg_head.losses(outputs.head, targets)
+        weight = self.exit_objective.final_loss_weight
+        if weight != 1.0:
+            losses["loss_sem_seg"] = weight * losses["loss_sem_seg"]
+        losses.update(self.exit_objective(outputs, targets))
+        return losses
+
+    # ------------------------------------------------------------------ distillation taps
+    # The tap contract (segdistill.modeling.distill.SegmentorTaps): a distilled multi-exit
+    # student keeps its exit losses; as a teacher it runs the deployed path only.
+    def tap_shapes(self):
+        check_tap_head(self.sem_seg_head, type(self).__name__)
+        return {**dict(self.backbone.output_shape()), **head_tap_shapes(self.sem_seg_head)}
+
+    def tap_student(self, batched_inputs, taps) -> StudentTaps:
+        images, targets = normalise_inputs(self, batched_inputs)
         features = self.backbone(images.tensor)
-        targets = self._targets(batched_inputs) if "sem_seg" in batched_inputs[0] else None
+        image_hw = tuple(images.tensor.shape[-2:])
         if self.exits and self.training:
             if targets is None:
                 raise ValueError("Training inputs need 'sem_seg' labels.")
-            outputs = self.forward_outputs(features, tuple(images.tensor.shape[-2:]))
+            outputs = self.forward_outputs(features, image_hw)
             head = outputs.head
-            losses = self.sem_seg_head.losses(head, targets)
-            losses.update(self.exit_objective(outputs, targets))
+            losses = self._training_losses(outputs, targets)
         else:
-            head = head_outputs(self.sem_seg_head, self._head_input(features, tuple(images.tensor.shape[-2:]))[0])
+            head = head_outputs(self.sem_seg_head, self._head_input(features, image_hw)[0])
             losses = self.sem_seg_head.losses(head, targets) if self.training and targets is not None else {}
-        return {"losses": losses, "logits": head["logits"], "features": head["features"],
-                "images": images, "targets": targets}
+        return StudentTaps(losses, collect_taps(taps, features, head), images, targets)
+
+    def tap_teacher(self, images, taps):
+        features = self.backbone(images)
+        head = None
+        if set(taps) & set(HEAD_TAPS):
+            head = head_outputs(self.sem_seg_head, self._head_input(features, tuple(images.shape[-2:]))[0])
+        return collect_taps(taps, features, head)
+
+    def tap_classifier(self):
+        return self.sem_seg_head.predictor
+
+    def tap_normalization(self):
+        return self.pixel_mean, self.pixel_std, self.backbone.size_divisibility
 
     def _head_input(self, features, image_hw, with_classifier: bool = False):
-        """(the head's input features, exit outputs or None): with HS3-Fuse the exits run and
+        """(the head's input features, exit outputs or None): with a fusion the exits run and
         their fused features widen the input; otherwise the backbone features as they are."""
-        if self.hs3_fuse is None:
+        fusion = self.fusion
+        if fusion is None:
             return features, None
         size = exit_size(image_hw, self.common_stride)
         exits = {n: ex(features[n], size, with_classifier=with_classifier) for n, ex in self.exits.items()}
-        return self.hs3_fuse(features, exits), exits
+        return fusion(features, exits), exits
 
     def forward(self, batched_inputs):
-        if self.hs3_fuse is None and (not self.exits or (not self.training and not self.eval_exits)):
+        if self.fusion is None and (not self.exits or (not self.training and not self.eval_exits)):
             return super().forward(batched_inputs)
         images = self._images(batched_inputs)
         features = self.backbone(images.tensor)
@@ -315,17 +329,14 @@ class MultiExitSegmentor(SemanticSegmentor):
             if "sem_seg" not in batched_inputs[0]:
                 raise ValueError("Training inputs need 'sem_seg' labels.")
             targets = self._targets(batched_inputs)
-            outputs = self.forward_outputs(features, image_hw)
-            losses = self.sem_seg_head.losses(outputs.head, targets)
-            losses.update(self.exit_objective(outputs, targets))
-            return losses
+            return self._training_losses(self.forward_outputs(features, image_hw), targets)
         return self._inference_with_exits(batched_inputs, images, features)
 
     def _inference_with_exits(self, batched_inputs, images: ImageList, features):
         head_in, fused_exits = self._head_input(features, tuple(images.tensor.shape[-2:]))
         results, _ = self.sem_seg_head(head_in, None)  # the deployed path, exactly as SemanticSegmentor
         exit_logits = {}
-        if fused_exits is not None:  # HS3-Fuse: the exits already ran
+        if fused_exits is not None:  # fusion: the exits already ran
             raw = {n: o.seg_logits for n, o in fused_exits.items()} if self.eval_exits else {}
         else:
             head_out = head_outputs(self.sem_seg_head, features) if self._uses_head_features else None

@@ -1,0 +1,252 @@
+"""The distillation-loss contract, its registry, the batch a loss reads and the connectors.
+
+A distillation loss is one registered class (``@register_distill_loss("name")``, one file
+per method): ``MODEL.DISTILL.LOSSES`` lists the names, each with its config section
+``MODEL.DISTILL.<NAME>``. A loss
+
+* declares the taps it reads as :class:`TapPair` s (student tap, teacher tap or None) in its
+  constructor (:attr:`DistillLoss.taps`);
+* builds its trainable parts (a connector, a generator, a projection head, a discriminator)
+  in :meth:`DistillLoss.bind`, which the distiller calls once at build time with the taps'
+  :class:`~detectron2.layers.ShapeSpec` s, so parts are sized before the optimizer exists;
+  they are submodules of the loss, hence of the distiller: trained with the student (in the
+  optimizer, DDP and checkpoints), never in the deployed student;
+* keeps state (queues, memories, covariances, schedule positions) in buffers, so checkpoints
+  save it and ``--resume`` restores it;
+* returns its weighted terms from :meth:`DistillLoss.distill` as ``{"loss_<name>...": tensor}``.
+
+Conventions of :class:`DistillBatch`: teacher taps are resized (bilinear) to the spatial size
+of the student tap they are paired with; labels are resized (nearest) to the size asked for,
+with every ignore pixel set to -1 (outside ``[0, K)``).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from detectron2.layers import ShapeSpec, get_norm
+
+__all__ = [
+    "DISTILL_LOSSES", "register_distill_loss", "build_distill_losses", "distill_losses_from_names",
+    "DistillLoss", "DistillBatch", "TapPair", "CONNECTORS", "build_connector",
+    "as_float", "label_mask", "masked_mean", "resize_labels",
+]
+
+DISTILL_LOSSES: Dict[str, type] = {}
+
+
+def register_distill_loss(name: str):
+    """Class decorator: make ``name`` a valid entry of ``MODEL.DISTILL.LOSSES``."""
+
+    def deco(cls):
+        if name in DISTILL_LOSSES and DISTILL_LOSSES[name] is not cls:
+            raise ValueError(f"Distillation loss {name!r} is already registered ({DISTILL_LOSSES[name].__name__}).")
+        DISTILL_LOSSES[name] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
+def build_distill_losses(cfg) -> Dict[str, "DistillLoss"]:
+    """``MODEL.DISTILL.LOSSES`` -> {name: unbound loss}, each from its config section."""
+    names = list(cfg.MODEL.DISTILL.LOSSES)
+    unknown = [n for n in names if n not in DISTILL_LOSSES]
+    if unknown or len(set(names)) != len(names):
+        raise ValueError(
+            f"MODEL.DISTILL.LOSSES {names}: each of {sorted(DISTILL_LOSSES)} at most once (unknown: {unknown})."
+        )
+    return {n: DISTILL_LOSSES[n](cfg) for n in names}
+
+
+def distill_losses_from_names(names: Sequence[str], opts: Sequence = ()) -> List["DistillLoss"]:
+    """Losses for lazy configs: ``names`` with config.py's defaults, then ``opts`` (KEY VALUE list).
+
+    ``model.losses = L(distill_losses_from_names)(names=["pd", "skd"])`` builds exactly what
+    ``MODEL.DISTILL.LOSSES: ["pd", "skd"]`` builds in a YAML config; change a setting with e.g.
+    ``opts=["MODEL.DISTILL.SKD.POOL_SCALE", 0.25]``.
+    """
+    from detectron2.config import get_cfg
+
+    from ...config import add_segdistill_config
+
+    cfg = get_cfg()
+    add_segdistill_config(cfg)
+    cfg.MODEL.NORM = "BN"  # the connectors' norm unless opts say otherwise (detectron2's default head norm is GN)
+    cfg.merge_from_list(list(opts))
+    cfg.MODEL.DISTILL.LOSSES = list(names)
+    return list(build_distill_losses(cfg).values())
+
+
+class TapPair(NamedTuple):
+    """A student tap and the teacher tap it is compared with (None: the student's alone)."""
+
+    student: str
+    teacher: Optional[str]
+
+
+# ------------------------------------------------------------------------------------------
+# Small helpers every loss uses
+# ------------------------------------------------------------------------------------------
+def as_float(x: torch.Tensor) -> torch.Tensor:
+    """float32 for half/bfloat16 tensors (AMP), float64 kept as is."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def label_mask(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """True where ``labels`` is a class (``0 <= label < num_classes``), False at ignore pixels."""
+    return (labels >= 0) & (labels < num_classes)
+
+
+def masked_mean(values: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean of ``values`` over the ``valid`` positions (all when None; 0 when none is valid)."""
+    if valid is None:
+        return values.mean()
+    valid = valid.to(values.dtype)
+    return (values * valid).sum() / valid.sum().clamp(min=1.0)
+
+
+def resize_labels(targets: torch.Tensor, size) -> torch.Tensor:
+    """N x H x W labels resized (nearest) to ``size``."""
+    return F.interpolate(targets[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
+
+
+# ------------------------------------------------------------------------------------------
+# Connectors
+# ------------------------------------------------------------------------------------------
+CONNECTORS = ("none", "conv1x1", "conv1x1_bias", "conv_bn_relu")
+
+
+def build_connector(kind: str, in_channels: int, out_channels: int, *, norm: str = "BN", owner: str = "") -> nn.Module:
+    """A trainable map from the student's channels to the teacher's.
+
+    ``none``: identity (the channels must already match); ``conv1x1``: a 1x1 conv without bias
+    (FitNet in CIRKD's code); ``conv1x1_bias``: with bias (MGD's align layer); ``conv_bn_relu``:
+    1x1 conv + norm + ReLU (CWD's feature connector in HWD's code).
+    """
+    if kind not in CONNECTORS:
+        raise ValueError(f"{owner}: unknown connector {kind!r}; choose from {CONNECTORS}.")
+    if kind == "none":
+        if in_channels != out_channels:
+            raise ValueError(
+                f"{owner}: the student tap has {in_channels} channels and the teacher tap {out_channels}; "
+                f"without a connector they must match. Choose a connector from {CONNECTORS[1:]}."
+            )
+        return nn.Identity()
+    if kind == "conv_bn_relu":
+        conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        return nn.Sequential(conv, get_norm(norm, out_channels) or nn.Identity(), nn.ReLU(inplace=True))
+    return nn.Conv2d(in_channels, out_channels, 1, bias=kind == "conv1x1_bias")
+
+
+# ------------------------------------------------------------------------------------------
+# The batch a loss reads
+# ------------------------------------------------------------------------------------------
+class DistillBatch:
+    """What one training step gives to every loss (built by the distiller).
+
+    Args:
+        student, teacher: {tap: tensor} of the student and of the teacher (the teacher's
+            already cropped to the student's padded extent, without gradient).
+        targets: N x H x W padded labels of the batch, or None.
+        images: the student's normalised, padded N x 3 x H x W batch.
+        classifier: the student's 1x1 classifier (FAKD reads its weight).
+        num_classes, ignore_value: of the labels.
+        exclude_ignore: :meth:`valid` masks ignore pixels (``MODEL.DISTILL.EXCLUDE_IGNORE``).
+    """
+
+    def __init__(self, *, student: Dict[str, torch.Tensor], teacher: Dict[str, torch.Tensor],
+                 targets: Optional[torch.Tensor], images: torch.Tensor, classifier: nn.Module,
+                 num_classes: int, ignore_value: int, exclude_ignore: bool):
+        self.student = student
+        self.teacher = teacher
+        self.targets = targets
+        self.images = images
+        self.classifier = classifier
+        self.num_classes = int(num_classes)
+        self.ignore_value = int(ignore_value)
+        self.exclude_ignore = bool(exclude_ignore)
+        self._resized: Dict[Tuple, torch.Tensor] = {}
+        self._labels: Dict[Tuple[int, int], torch.Tensor] = {}
+
+    def pair(self, pair: TapPair) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(student tap, teacher tap resized bilinearly to the student tap's size, float32)."""
+        s = as_float(self.student[pair.student])
+        if pair.teacher is None:
+            return s, None
+        size = tuple(s.shape[-2:])
+        key = (pair.teacher, size)
+        if key not in self._resized:
+            t = as_float(self.teacher[pair.teacher])
+            if tuple(t.shape[-2:]) != size:
+                t = F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+            self._resized[key] = t
+        return s, self._resized[key]
+
+    def labels(self, size) -> torch.Tensor:
+        """N x h x w labels at ``size`` (nearest), ignore pixels -1; an error without labels."""
+        if self.targets is None:
+            raise ValueError("This distillation loss needs the labels of the batch ('sem_seg' in the inputs).")
+        size = tuple(int(v) for v in size)
+        if size not in self._labels:
+            labels = resize_labels(self.targets, size)
+            self._labels[size] = labels.masked_fill(~label_mask(labels, self.num_classes), -1)
+        return self._labels[size]
+
+    def valid(self, size) -> Optional[torch.Tensor]:
+        """The pixels that count at ``size``: None (all) unless ignore pixels are excluded."""
+        if not self.exclude_ignore or self.targets is None:
+            return None
+        return self.labels(size) >= 0
+
+
+# ------------------------------------------------------------------------------------------
+# The loss contract
+# ------------------------------------------------------------------------------------------
+class DistillLoss(nn.Module):
+    """Base of the registered distillation losses (see the module docstring).
+
+    Subclasses are ``@configurable`` (``from_config(cls, cfg)`` reads their
+    ``MODEL.DISTILL.<NAME>`` section, every constructor argument is keyword-only and required),
+    call ``super().__init__(loss_weight=..., taps=...)``, and implement :meth:`distill`.
+    """
+
+    name: str = ""
+
+    def __init__(self, *, loss_weight: float, taps: Sequence[Tuple[str, Optional[str]]]):
+        super().__init__()
+        self.loss_weight = float(loss_weight)
+        self.taps: Tuple[TapPair, ...] = tuple(TapPair(*p) for p in taps)
+
+    # -- build time ------------------------------------------------------------------------
+    def bind(self, student: Dict[str, ShapeSpec], teacher: Dict[str, ShapeSpec], *, num_classes: int) -> None:
+        """Called once by the distiller with the shapes of this loss's taps: build the parts.
+
+        ``student`` / ``teacher`` map tap names (only those of :attr:`taps`) to shapes;
+        ``num_classes`` is the class count of both models. The default builds nothing; losses
+        comparing tensors channel by channel check them here.
+        """
+
+    def check_same_channels(self, student: Dict[str, ShapeSpec], teacher: Dict[str, ShapeSpec]) -> None:
+        for p in self.taps:
+            if p.teacher is not None and student[p.student].channels != teacher[p.teacher].channels:
+                raise ValueError(
+                    f"Distillation loss '{self.name}' compares the student's '{p.student}' "
+                    f"({student[p.student].channels} channels) with the teacher's '{p.teacher}' "
+                    f"({teacher[p.teacher].channels} channels) channel by channel, and it has no connector: "
+                    "the channel counts must match (e.g. the same number of classes for logits)."
+                )
+
+    # -- training --------------------------------------------------------------------------
+    def set_training_progress(self, iteration: int, max_iter: int) -> None:
+        """Called before every training step (schedules); the default has none."""
+
+    def distill(self, batch: DistillBatch) -> Dict[str, torch.Tensor]:
+        """The weighted loss terms of one step, named ``loss_*``."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"loss_weight={self.loss_weight}, taps={[tuple(p) for p in self.taps]}"

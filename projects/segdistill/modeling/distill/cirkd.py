@@ -1,0 +1,308 @@
+"""CIRKD: cross-image relational knowledge distillation (Yang et al., CVPR 2022).
+
+Embeddings are L2-normalised along the channels: the teacher's ``f^T`` and the student's
+``f^S``; for the memory terms the student's go first through a trainable projection head
+``g`` (1x1 conv, norm, ReLU, 1x1 conv: student channels -> teacher channels), ``z = g(f^S)``.
+
+**Pixel-to-pixel across the images of the batch** (loss_cirkd_batch). For every ordered pair
+of images (a, b) of the batch, pixel i of a gets a distribution over the pixels j of b,
+``p_{ab,i}(j) = softmax_j(f_{a,i} . f_{b,j} / tau)``, and::
+
+    l_batch = 1 / B^2 * sum_{a,b} 1 / (h w) * sum_i KL(p^T_{ab,i} || p^S_{ab,i})
+
+The batch is the global one (``gather``, the paper's definition): each process takes its own
+images as ``a`` and every process's as ``b`` (gathered with their gradient, which flows back
+to the process that owns them), and divides by ``B_local * B_global``, so the gradients DDP
+averages are those of ``l_batch`` over the global batch. Without ``gather`` (the authors'
+code, where the gather is commented out) each process uses its own images. Maps of 256 x 256
+or more are average-pooled 4 x 4 first, as in the authors' code.
+
+**Pixel-to-pixel and pixel-to-region against memories** (loss_cirkd_pixel_memory,
+loss_cirkd_region_memory). Two class-wise queues of teacher embeddings, filled from the
+global batch (gathered from every process) *before* each step's loss, as the authors' code:
+
+* region memory (K x R x D): for each image and each class k in it, the normalised mean of the
+  class's teacher embeddings enters class k's queue at its pointer (modulo R);
+* pixel memory (K x P x D): ``min(n_k, update_freq)`` of the class's n_k pixels, drawn at
+  random (``enqueue="class"``; ``"code"`` draws among the first n_k pixels of the image in
+  raster order, as the authors' code indexes them), enter class k's queue at its pointer; when
+  they would reach the end, the last ``min(n_k, update_freq)`` entries are overwritten and the
+  pointer returns to 0 (the authors' rule).
+
+Each step contrasts with ``contrast_size // K + 1`` entries per class (the same random entries
+for every class): for every labelled pixel i of the local batch, with ``X`` the contrasted
+entries, ``q^T_i = softmax(f^T_i . X / tau)`` and ``q^S_i = softmax(z_i . X / tau)`` (each at
+``kd_temperature``), and ``l_memory = kd_T^2 * mean_i KL(q^T_i || q^S_i)``.
+
+The memories, their pointers and the draw counter are buffers: saved with the checkpoint,
+restored by ``--resume``, and identical on every process (same gathered data, same seeded
+draws). Defaults: the authors' code (winycg/CIRKD ``train_cirkd.py``,
+``losses/cirkd_mini_batch.py``, ``losses/cirkd_memory.py``); the paper's full objective adds
+the pixel-wise KD, ``pd``.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+
+from detectron2.config import configurable
+from detectron2.layers import get_norm
+
+from ..backbones.norm import resolve_norm
+from .base import DistillLoss, register_distill_loss
+
+__all__ = ["batch_relation_loss", "memory_relation_loss", "ClassMemory", "CrossImageRelationalDistillation",
+           "ENQUEUE_MODES", "all_gather_with_grad", "all_gather_no_grad"]
+
+ENQUEUE_MODES = ("class", "code")
+_POOL_MIN_SIZE, _POOL_KERNEL = 256, 4  # the authors' code pools maps of 256 x 256 or more by 4 x 4
+
+
+# ------------------------------------------------------------------------------------------
+# Processes
+# ------------------------------------------------------------------------------------------
+def _world() -> Tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _check_same_shape(x: torch.Tensor, what: str) -> None:
+    shape = torch.tensor(list(x.shape), device=x.device)
+    shapes = [torch.zeros_like(shape) for _ in range(_world()[1])]
+    dist.all_gather(shapes, shape)
+    if any(not torch.equal(s, shape) for s in shapes):
+        raise ValueError(f"CIRKD gathers {what} across processes, which needs the same shape on every process; "
+                         f"got {[tuple(s.tolist()) for s in shapes]} (use fixed-size crops, INPUT.CROP).")
+
+
+def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Every process's ``x`` concatenated along dim 0, in rank order (no gradient)."""
+    rank, world = _world()
+    if world == 1:
+        return x
+    _check_same_shape(x, "tensors")
+    out = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        rank, world = _world()
+        out = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(out, x.contiguous())
+        ctx.rank, ctx.n = rank, x.shape[0]
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every process's loss depends on every process's features
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """As :func:`all_gather_no_grad`, with the summed gradient flowing back to each slice's owner."""
+    if _world()[1] == 1:
+        return x
+    _check_same_shape(x, "the student's embeddings")
+    return _AllGatherWithGrad.apply(x)
+
+
+# ------------------------------------------------------------------------------------------
+# The batch term
+# ------------------------------------------------------------------------------------------
+def _pool(x: torch.Tensor) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    if h >= _POOL_MIN_SIZE and w >= _POOL_MIN_SIZE:
+        return F.avg_pool2d(x, _POOL_KERNEL, _POOL_KERNEL, ceil_mode=True)
+    return x
+
+
+def batch_relation_loss(student: torch.Tensor, teacher: torch.Tensor, student_all: torch.Tensor,
+                        teacher_all: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``1 / (B_a B_b) * sum_{a,b} mean_i KL(p^T_{ab,i} || p^S_{ab,i})`` for the images a of
+    ``student``/``teacher`` against the images b of ``student_all``/``teacher_all`` (all
+    already normalised, N x C x h x w)."""
+    s, t = student.flatten(2).transpose(1, 2), teacher.detach().flatten(2).transpose(1, 2)  # Ba x hw x C
+    s_all, t_all = student_all.flatten(2), teacher_all.detach().flatten(2)  # Bb x C x hw
+    total = s.new_zeros(())
+    for a in range(s.shape[0]):
+        for b in range(s_all.shape[0]):
+            log_ps = F.log_softmax(s[a] @ s_all[b] / temperature, dim=1)
+            log_pt = F.log_softmax(t[a] @ t_all[b] / temperature, dim=1)
+            total = total + (log_pt.exp() * (log_pt - log_ps)).sum(dim=1).mean()
+    return total / (s.shape[0] * s_all.shape[0])
+
+
+# ------------------------------------------------------------------------------------------
+# The memories
+# ------------------------------------------------------------------------------------------
+class ClassMemory(nn.Module):
+    """CIRKD's class-wise pixel and region queues of teacher embeddings (see the module docstring)."""
+
+    def __init__(self, num_classes: int, dim: int, *, pixel_size: int, region_size: int, update_freq: int,
+                 enqueue: str, seed: int):
+        super().__init__()
+        if enqueue not in ENQUEUE_MODES:
+            raise ValueError(f"MODEL.DISTILL.CIRKD.ENQUEUE must be one of {ENQUEUE_MODES}, got {enqueue!r}.")
+        if min(pixel_size, region_size, update_freq) < 1 or update_freq > pixel_size:
+            raise ValueError(f"CIRKD memories need 1 <= PIXEL_UPDATE_FREQ ({update_freq}) <= PIXEL_MEMORY_SIZE "
+                             f"({pixel_size}) and REGION_MEMORY_SIZE >= 1 ({region_size}).")
+        self.num_classes, self.dim = int(num_classes), int(dim)
+        self.update_freq, self.enqueue, self.seed = int(update_freq), enqueue, int(seed)
+        g = torch.Generator().manual_seed(self.seed)
+        queue = lambda size: F.normalize(torch.randn(num_classes, size, dim, generator=g), dim=2)  # noqa: E731
+        self.register_buffer("pixel_queue", queue(pixel_size))
+        self.register_buffer("pixel_ptr", torch.zeros(num_classes, dtype=torch.long))
+        self.register_buffer("region_queue", queue(region_size))
+        self.register_buffer("region_ptr", torch.zeros(num_classes, dtype=torch.long))
+        self.register_buffer("draws", torch.zeros((), dtype=torch.long))  # enqueue calls so far (seeds the draws)
+
+    def extra_repr(self) -> str:
+        return (f"classes={self.num_classes}, dim={self.dim}, pixel={self.pixel_queue.shape[1]}, "
+                f"region={self.region_queue.shape[1]}, update_freq={self.update_freq}, enqueue={self.enqueue!r}")
+
+    def generator(self) -> torch.Generator:
+        """The generator of this step's draws: the same on every process, continued by ``--resume``."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.draws))
+
+    @torch.no_grad()
+    def update(self, keys: torch.Tensor, labels: torch.Tensor) -> None:
+        """Enqueue the normalised teacher embeddings ``keys`` (N x D x h x w) with their ``labels``
+        (N x h x w, ignore outside [0, K)); ``keys``/``labels`` are already the global batch."""
+        g = self.generator()
+        self.draws += 1
+        n, d = keys.shape[:2]
+        pixel_size = self.pixel_queue.shape[1]
+        for b in range(n):
+            feat = keys[b].reshape(d, -1)
+            label = labels[b].reshape(-1)
+            for k in torch.unique(label).tolist():
+                if not 0 <= k < self.num_classes:
+                    continue
+                idxs = (label == k).nonzero()[:, 0]
+                # region: the class's mean embedding
+                ptr = int(self.region_ptr[k])
+                self.region_queue[k, ptr] = F.normalize(feat[:, idxs].mean(dim=1), dim=0)
+                self.region_ptr[k] = (ptr + 1) % self.region_queue.shape[1]
+                # pixels: min(n_k, update_freq) of them
+                perm = torch.randperm(len(idxs), generator=g).to(idxs.device)
+                count = min(len(idxs), self.update_freq)
+                chosen = idxs[perm[:count]] if self.enqueue == "class" else perm[:count]
+                values = F.normalize(feat[:, chosen].t(), dim=1)
+                ptr = int(self.pixel_ptr[k])
+                if ptr + count >= pixel_size:
+                    self.pixel_queue[k, pixel_size - count:] = values
+                    self.pixel_ptr[k] = 0
+                else:
+                    self.pixel_queue[k, ptr:ptr + count] = values
+                    self.pixel_ptr[k] = ptr + count
+
+
+def sample_memory(queue: torch.Tensor, per_class: int) -> torch.Tensor:
+    """``per_class`` random entries of every class's queue (the same entries for all), (K * n) x D."""
+    index = torch.randperm(queue.shape[1], device=queue.device)[:per_class]
+    return queue[:, index].reshape(-1, queue.shape[-1])
+
+
+def memory_relation_loss(student: torch.Tensor, teacher: torch.Tensor, contrast: torch.Tensor, *,
+                         temperature: float, kd_temperature: float) -> torch.Tensor:
+    """``kd_T^2 * mean_i KL(softmax(t_i . X / tau / kd_T) || softmax(s_i . X / tau / kd_T))``
+    over the anchors (rows of ``student``/``teacher``, normalised) and the contrast set ``X``."""
+    s_logits = student @ contrast.t() / temperature
+    t_logits = teacher.detach() @ contrast.t() / temperature  # the teacher's side is a target
+    log_ps = F.log_softmax(s_logits / kd_temperature, dim=1)
+    log_pt = F.log_softmax(t_logits / kd_temperature, dim=1)
+    return (log_pt.exp() * (log_pt - log_ps)).sum(dim=1).mean() * kd_temperature ** 2
+
+
+# ------------------------------------------------------------------------------------------
+# The loss
+# ------------------------------------------------------------------------------------------
+@register_distill_loss("cirkd")
+class CrossImageRelationalDistillation(DistillLoss):
+    """CIRKD; ``MODEL.DISTILL.CIRKD``."""
+
+    @configurable
+    def __init__(self, *, student_tap: str, teacher_tap: str, batch_weight: float, pixel_memory_weight: float,
+                 region_memory_weight: float, temperature: float, kd_temperature: float, pixel_memory_size: int,
+                 region_memory_size: int, pixel_contrast_size: int, region_contrast_size: int,
+                 pixel_update_freq: int, gather: bool, enqueue: str, seed: int, norm: str):
+        super().__init__(loss_weight=batch_weight, taps=[(student_tap, teacher_tap)])
+        if temperature <= 0 or kd_temperature <= 0:
+            raise ValueError(f"MODEL.DISTILL.CIRKD.TEMPERATURE and KD_TEMPERATURE must be > 0, got "
+                             f"{temperature}, {kd_temperature}.")
+        if enqueue not in ENQUEUE_MODES:
+            raise ValueError(f"MODEL.DISTILL.CIRKD.ENQUEUE must be one of {ENQUEUE_MODES}, got {enqueue!r}.")
+        self.pixel_memory_weight, self.region_memory_weight = float(pixel_memory_weight), float(region_memory_weight)
+        self.temperature, self.kd_temperature = float(temperature), float(kd_temperature)
+        self.memory_settings = dict(pixel_size=int(pixel_memory_size), region_size=int(region_memory_size),
+                                    update_freq=int(pixel_update_freq), enqueue=enqueue, seed=int(seed))
+        self.pixel_contrast_size, self.region_contrast_size = int(pixel_contrast_size), int(region_contrast_size)
+        self.gather = bool(gather)
+        self.norm = norm
+        self.projection: Optional[nn.Module] = None  # built in bind()
+        self.memory: Optional[ClassMemory] = None
+
+    @classmethod
+    def from_config(cls, cfg):
+        c = cfg.MODEL.DISTILL.CIRKD
+        return {"student_tap": c.STUDENT_TAP, "teacher_tap": c.TEACHER_TAP, "batch_weight": c.BATCH_WEIGHT,
+                "pixel_memory_weight": c.PIXEL_MEMORY_WEIGHT, "region_memory_weight": c.REGION_MEMORY_WEIGHT,
+                "temperature": c.TEMPERATURE, "kd_temperature": c.KD_TEMPERATURE,
+                "pixel_memory_size": c.PIXEL_MEMORY_SIZE, "region_memory_size": c.REGION_MEMORY_SIZE,
+                "pixel_contrast_size": c.PIXEL_CONTRAST_SIZE, "region_contrast_size": c.REGION_CONTRAST_SIZE,
+                "pixel_update_freq": c.PIXEL_UPDATE_FREQ, "gather": c.GATHER, "enqueue": c.ENQUEUE, "seed": c.SEED,
+                "norm": resolve_norm(cfg, "head")}
+
+    def bind(self, student, teacher, *, num_classes):
+        p = self.taps[0]
+        cs, ct = student[p.student].channels, teacher[p.teacher].channels
+        self.projection = nn.Sequential(
+            nn.Conv2d(cs, ct, 1, bias=False), get_norm(self.norm, ct) or nn.Identity(), nn.ReLU(inplace=True),
+            nn.Conv2d(ct, ct, 1, bias=False),
+        )
+        self.memory = ClassMemory(num_classes, ct, **self.memory_settings)
+
+    def memory_terms(self, s_proj: torch.Tensor, t_norm: torch.Tensor, labels: torch.Tensor) -> List[torch.Tensor]:
+        """(pixel-memory, region-memory) terms over the labelled pixels, after the enqueue."""
+        self.memory.update(all_gather_no_grad(t_norm.detach()), all_gather_no_grad(labels))
+        k = self.memory.num_classes
+        valid = ((labels >= 0) & (labels < k)).flatten()
+        s = s_proj.permute(0, 2, 3, 1).reshape(-1, s_proj.shape[1])[valid]
+        t = t_norm.permute(0, 2, 3, 1).reshape(-1, t_norm.shape[1])[valid]
+        if s.shape[0] == 0:  # no labelled pixel: zero terms that keep the projection in the graph
+            zero = 0.0 * s_proj.pow(2).mean()
+            return [zero, zero]
+        out = []
+        for queue, total in ((self.memory.pixel_queue, self.pixel_contrast_size),
+                             (self.memory.region_queue, self.region_contrast_size)):
+            contrast = sample_memory(queue, total // k + 1)
+            out.append(memory_relation_loss(s, t, contrast, temperature=self.temperature,
+                                            kd_temperature=self.kd_temperature))
+        return out
+
+    def distill(self, batch):
+        if self.memory is None:
+            raise RuntimeError("Distillation loss 'cirkd' was not bound to its taps' shapes.")
+        s, t = batch.pair(self.taps[0])
+        labels = batch.labels(s.shape[-2:])
+        s_norm, t_norm = F.normalize(_pool(s), dim=1), F.normalize(_pool(t), dim=1)
+        if self.gather:
+            s_all, t_all = all_gather_with_grad(s_norm), all_gather_no_grad(t_norm)
+        else:
+            s_all, t_all = s_norm, t_norm
+        out = {"loss_cirkd_batch": self.loss_weight * batch_relation_loss(s_norm, t_norm, s_all, t_all,
+                                                                          self.temperature)}
+        s_proj = F.normalize(self.projection(s), dim=1)
+        pixel, region = self.memory_terms(s_proj, F.normalize(t, dim=1), labels)
+        out["loss_cirkd_pixel_memory"] = self.pixel_memory_weight * pixel
+        out["loss_cirkd_region_memory"] = self.region_memory_weight * region
+        return out
