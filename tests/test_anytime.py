@@ -5,6 +5,8 @@ import importlib.util
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,13 +17,16 @@ from conftest import trained_model as train_steps
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from segdistill.evaluation import SemSegEvaluator, metrics_from_confusion
+from segdistill.engine import load_checked_weights
+from segdistill.engine.deploy import save_deployed_checkpoint
 from segdistill.evaluation.anytime import (
-    AnytimeEvaluator, ExitRecords, calibrate, check_held_out, collect_records, fixed_exit_outcome,
-    miou_of_confusions, policy_outcome,
+    AnytimeEvaluator, ExitRecords, anytime_cfg, calibrate, calibrate_from_config, check_held_out, collect_records,
+    fixed_exit_outcome, miou_of_confusions, policy_outcome,
 )
 from segdistill.modeling.stagewise import StagewiseBackbone
 from segdistill.modeling.meta_arch.anytime import (
-    FINAL, AnytimeSegmentor, anytime_state_dict, load_anytime_weights, load_thresholds, save_thresholds,
+    FINAL, AnytimeSegmentor, anytime_from_trained, anytime_state_dict, load_anytime_weights, load_thresholds,
+    save_thresholds,
 )
 
 K = 5
@@ -261,13 +266,11 @@ def test_deploy_target_anytime_and_lazy_config(tmp_path, sr_pair):
     cfg, trained, model, _ = sr_pair
     ckpt = str(tmp_path / "model_final.pth")
     DetectionCheckpointer(trained, save_dir=str(tmp_path)).save("model_final")
-    spec = importlib.util.spec_from_file_location("deploy_model", os.path.join(REPO, "tools", "deploy_model.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    cfg_file = tmp_path / "cfg.yaml"
-    cfg_file.write_text(cfg.dump())
-    out = str(tmp_path / "anytime.pth")
-    tool.main(["--config-file", str(cfg_file), "--output", out, "--target", "anytime", "MODEL.WEIGHTS", ckpt])
+    # what tools/deploy_model.py --target anytime does: the training config's model with its
+    # checked weights, its anytime form, the deployed file
+    loaded = build_model(cfg)
+    load_checked_weights(loaded, ckpt, min_matched=1.0)
+    out = save_deployed_checkpoint(anytime_from_trained(cfg, loaded), str(tmp_path / "anytime.pth"))
     state = torch.load(out, weights_only=True)["model"]
     assert set(state) == set(model.state_dict())  # no missing, no unexpected key
     assert not any(".classifier." in k or k.startswith(("final_classifier", "exit_objective")) for k in state)
@@ -503,18 +506,30 @@ def test_anytime_curve_benchmark_end_to_end(tmp_path, write_label_dataset):
     assert plain["fixed"][FINAL]["GMACs"] == pytest.approx(ds["fixed"][FINAL]["GMACs"])
     with pytest.raises(ValueError, match="is an evaluation split"):
         bench.main(["--output", str(out), "--calib-dataset", val, "--model", "DS", *files["ds"]])
-    # tools/calibrate_exits.py on the same records: the thresholds of the benchmark's D = 100 point
-    spec = importlib.util.spec_from_file_location("calibrate_exits", os.path.join(REPO, "tools", "calibrate_exits.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    # calibration (tools/calibrate_exits.py's work) on the same records: the benchmark's D = 100 thresholds
     thr = str(tmp_path / "thresholds.json")
-    tool.main(["--config-file", files["ds"][0], "--output", thr, "--dataset", calib, "--max-drop", "100",
-               "--records", str(out / "records_DS_calib.npz"), "MODEL.WEIGHTS", files["ds"][1]])
+    ds_cfg = lambda: anytime_cfg(files["ds"][0], ["MODEL.WEIGHTS", files["ds"][1]])  # noqa: E731
+    got = calibrate_from_config(ds_cfg(), thr, dataset=calib, max_drop=100, records_path=str(out / "records_DS_calib.npz"))
     doc = json.load(open(thr))
-    assert doc["thresholds"] == ds["curve"][1]["thresholds"] and doc["calibration"]["dataset"] == calib
+    assert got["thresholds"] == doc["thresholds"] == ds["curve"][1]["thresholds"] and doc["calibration"]["dataset"] == calib
     assert load_thresholds(thr, ["res2", "res3", "res4"], confidence="mean_max_prob", pixel_threshold=0.9)
     with pytest.raises(ValueError, match="is an evaluation split"):
-        tool.main(["--config-file", files["ds"][0], "--output", thr, "--dataset", val, "MODEL.WEIGHTS", files["ds"][1]])
+        calibrate_from_config(ds_cfg(), thr, dataset=val)
+    with pytest.raises(ValueError, match="holds records of"):
+        calibrate_from_config(ds_cfg(), thr, dataset=calib, records_path=str(out / "records_DS_eval.npz"))
+    # the command line is a thin wrapper: one run in its own process, on the same records under a
+    # split name it can register there (the demo's), writes the same thresholds
+    records = ExitRecords.load(str(out / "records_DS_calib.npz"))
+    records.dataset = "segdistill_demo_mini_train_hs3_analysis"
+    records.save(str(tmp_path / "records_cli.npz"))
+    cli_thr = str(tmp_path / "thresholds_cli.json")
+    env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "projects") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    subprocess.run([sys.executable, os.path.join(REPO, "tools", "calibrate_exits.py"), "--config-file", files["ds"][0],
+                    "--output", cli_thr, "--dataset", records.dataset, "--max-drop", "100",
+                    "--records", str(tmp_path / "records_cli.npz"), "DATASETS.TRAIN", "('segdistill_demo_mini_train',)",
+                    "DATASETS.TEST", "('segdistill_demo_mini_val',)", "MODEL.WEIGHTS", files["ds"][1]],
+                   env=env, cwd=REPO, check=True, capture_output=True, text=True)
+    assert json.load(open(cli_thr))["thresholds"] == doc["thresholds"]
 
 
 def test_confidence_measures_against_numpy():

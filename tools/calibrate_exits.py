@@ -19,10 +19,11 @@ SPLIT_SEED, FILES); train on ``<name>_hs3_reduced`` to hold it out. An evaluatio
 split (``DATASETS.TEST``), or one sharing an image with it, is refused. Use the file with
 
     MODEL.EXITS.ANYTIME.POLICY confidence MODEL.EXITS.ANYTIME.THRESHOLDS_FILE <output>
+
+The work is ``segdistill.evaluation.anytime.calibrate_from_config``; this is its command line.
 """
 import argparse
 import json
-import logging
 import os
 import sys
 
@@ -33,12 +34,7 @@ import torch  # noqa: E402
 
 import segdistill  # noqa: E402,F401
 from detectron2.utils.logger import setup_logger  # noqa: E402
-from segdistill.engine import Trainer, check_weights_file  # noqa: E402
-from segdistill.evaluation.anytime import (  # noqa: E402
-    ExitRecords, anytime_cfg, build_anytime_model, calibrate, check_held_out, collect_records,
-    default_calibration_split, register_split,
-)
-from segdistill.modeling.meta_arch.anytime import save_thresholds  # noqa: E402
+from segdistill.evaluation.anytime import anytime_cfg, calibrate_from_config  # noqa: E402
 
 
 def main(argv=None):
@@ -55,34 +51,15 @@ def main(argv=None):
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides (MODEL.WEIGHTS is required)")
     args = p.parse_args(argv)
     setup_logger(name="segdistill")
-    log = logging.getLogger("segdistill")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = anytime_cfg(args.config_file, args.opts)
-    name = register_split(cfg, args.dataset) if args.dataset else default_calibration_split(cfg)
-    check_held_out(name, list(cfg.DATASETS.TEST))
-    if args.records and os.path.isfile(args.records):
-        records = ExitRecords.load(args.records)
-        if records.dataset != name:
-            p.error(f"{args.records} holds records of {records.dataset!r}, not {name!r}")
-        log.info("Reusing the records in %s (%d images).", args.records, records.num_images)
-    else:
-        check_weights_file(cfg.MODEL.WEIGHTS)
-        model = build_anytime_model(cfg)
-        records = collect_records(model, Trainer.build_test_loader(cfg, name), name)
-        if args.records:
-            records.save(args.records)
-    result = calibrate(records, max_drop=args.max_drop, budget=args.budget, candidates=args.candidates)
-    a = cfg.MODEL.EXITS.ANYTIME
-    summary = {**result.summary(), "dataset": name, "images": records.num_images,
-               "config": args.config_file, "weights": cfg.MODEL.WEIGHTS}
-    save_thresholds(args.output, result.thresholds, confidence=a.CONFIDENCE, pixel_threshold=a.PIXEL_THRESHOLD,
-                    calibration=summary)
-    if not result.feasible:
-        log.warning("No threshold setting meets %s on %s; wrote the closest one.", result.objective, name)
-    print(json.dumps({"thresholds": {k: (None if v == float("inf") else v) for k, v in result.thresholds.items()},
-                      **summary}, indent=1))
-    print(args.output)
+    try:
+        doc = calibrate_from_config(cfg, args.output, dataset=args.dataset, max_drop=args.max_drop,
+                                    budget=args.budget, candidates=args.candidates, records_path=args.records)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        p.error(str(e))
+    print(json.dumps({**doc, "config": args.config_file}, indent=1))
 
 
 if __name__ == "__main__":

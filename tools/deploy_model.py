@@ -50,13 +50,9 @@ def main(argv=None):
     load_checked_weights(model, cfg.MODEL.WEIGHTS, min_matched=cfg.TEST.MIN_MATCHED_WEIGHTS,
                          what="the model of the training config")
     if args.target == "anytime":  # issue 15: the exits kept for anytime inference
-        from segdistill.modeling.meta_arch.anytime import anytime_state_dict
+        from segdistill.modeling.meta_arch.anytime import anytime_from_trained
 
-        anytime_cfg = cfg.clone()
-        anytime_cfg.MODEL.META_ARCHITECTURE = "AnytimeSegmentor"
-        anytime = build_model(anytime_cfg)
-        anytime.load_state_dict(anytime_state_dict(anytime, model.state_dict())[0], strict=True)
-        model = anytime
+        model = anytime_from_trained(cfg, model)
     path = save_deployed_checkpoint(model, args.output)
     logging.getLogger("segdistill").info("Deployed checkpoint written to %s", path)
     print(path)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -37,7 +38,8 @@ from .sem_seg import SemSegEvaluator
 
 __all__ = [
     "AnytimeEvaluator", "ExitRecords", "collect_records", "PolicyOutcome", "policy_outcome", "fixed_exit_outcome",
-    "Calibration", "calibrate", "check_held_out", "miou_of_confusions",
+    "Calibration", "calibrate", "check_held_out", "miou_of_confusions", "calibrate_from_config", "anytime_cfg",
+    "build_anytime_model", "evaluate_policy",
 ]
 
 logger = logging.getLogger(__name__)
@@ -455,6 +457,46 @@ def default_calibration_split(cfg) -> str:
                        "confident there than on new images. Train on %s%s to hold the split out.",
                        train, name, base, REDUCED_SUFFIX)
     return name
+
+
+def calibrate_from_config(cfg, output: str, *, dataset: str = "", max_drop: Optional[float] = None,
+                          budget: Optional[float] = None, candidates: int = 16, records_path: str = "") -> dict:
+    """What ``tools/calibrate_exits.py`` does: choose the thresholds of ``cfg``'s anytime model
+    (:func:`anytime_cfg`, ``MODEL.WEIGHTS`` set) on a held-out split and write the thresholds
+    file ``output``. Returns the file's summary (thresholds, ``None`` = never, and what they give
+    on the split).
+
+    ``dataset``: the calibration split (default ``<DATASETS.TRAIN[0]>_hs3_analysis``); an
+    evaluation split, or one sharing an image with one, is refused before anything runs.
+    ``records_path``: save the split's records there, or reuse them when the file holds
+    records of this split. ``max_drop`` / ``budget``: :func:`calibrate`'s objectives."""
+    from ..modeling.meta_arch.anytime import save_thresholds
+
+    name = register_split(cfg, dataset) if dataset else default_calibration_split(cfg)
+    check_held_out(name, list(cfg.DATASETS.TEST))
+    if records_path and os.path.isfile(records_path):
+        records = ExitRecords.load(records_path)
+        if records.dataset != name:
+            raise ValueError(f"{records_path!r} holds records of {records.dataset!r}, not of the calibration "
+                             f"split {name!r}: remove the file or name another one.")
+        logger.info("Reusing the records in %s (%d images).", records_path, records.num_images)
+    else:
+        from ..engine import Trainer, check_weights_file
+
+        check_weights_file(cfg.MODEL.WEIGHTS)
+        model = build_anytime_model(cfg)
+        records = collect_records(model, Trainer.build_test_loader(cfg, name), name)
+        if records_path:
+            records.save(records_path)
+    result = calibrate(records, max_drop=max_drop, budget=budget, candidates=candidates)
+    a = cfg.MODEL.EXITS.ANYTIME
+    summary = {**result.summary(), "dataset": name, "images": records.num_images, "weights": cfg.MODEL.WEIGHTS}
+    save_thresholds(output, result.thresholds, confidence=a.CONFIDENCE, pixel_threshold=a.PIXEL_THRESHOLD,
+                    calibration=summary)
+    if not result.feasible:
+        logger.warning("No threshold setting meets %s on %s; wrote the closest one.", result.objective, name)
+    return {"thresholds": {k: (None if not math.isfinite(v) else v) for k, v in result.thresholds.items()},
+            **summary, "output": output}
 
 
 def evaluate_policy(cfg, model, dataset_name: str, output_dir: Optional[str] = None) -> dict:

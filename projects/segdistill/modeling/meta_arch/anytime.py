@@ -60,7 +60,8 @@ from ..stagewise import StagewiseBackbone
 
 __all__ = [
     "AnytimeSegmentor", "AnytimeCosts", "ANYTIME_CONFIDENCES",
-    "parse_policy", "load_thresholds", "save_thresholds", "anytime_state_dict", "load_anytime_weights",
+    "parse_policy", "load_thresholds", "save_thresholds", "anytime_state_dict", "anytime_from_trained",
+    "load_anytime_weights",
     "FINAL", "NEVER",
 ]
 
@@ -562,6 +563,20 @@ def anytime_state_dict(model: AnytimeSegmentor, trained: Dict[str, torch.Tensor]
     if wrong:
         raise ValueError(f"Shape mismatch for {wrong[:5]}: the trained model is not this config's.")
     return {k: trained[k] for k in own}, sorted(k for k in trained if k not in own)
+
+
+def anytime_from_trained(cfg, trained: nn.Module) -> AnytimeSegmentor:
+    """The deployed anytime model of a trained ``MultiExitSegmentor`` (what ``tools/deploy_model.py
+    --target anytime`` writes): ``cfg``'s model with ``MODEL.META_ARCHITECTURE
+    "AnytimeSegmentor"``, every tensor taken from ``trained`` (strict), in ``eval()``."""
+    from detectron2.modeling import build_model
+
+    anytime_cfg = cfg.clone()
+    anytime_cfg.defrost()
+    anytime_cfg.MODEL.META_ARCHITECTURE = "AnytimeSegmentor"
+    model = build_model(anytime_cfg)
+    model.load_state_dict(anytime_state_dict(model, trained.state_dict())[0], strict=True)
+    return model.eval()
 
 
 def load_anytime_weights(model: AnytimeSegmentor, path: str, *, key: str = "MODEL.WEIGHTS",
