@@ -1,5 +1,6 @@
 """COCO-Stuff evaluation: the 171-class metrics and the breakdowns against brute force."""
 import json
+import logging
 import os
 
 import numpy as np
@@ -14,6 +15,7 @@ from segdistill.data.datasets import coco_stuff_meta as meta
 from segdistill.data.datasets import load_sem_seg_folder
 from segdistill.engine import Trainer
 from segdistill.evaluation import CocoStuffEvaluator
+from segdistill.evaluation.coco_stuff import HEADLINE_KEYS
 
 C = 171
 
@@ -70,7 +72,7 @@ def coco_stuff_like(tmp_path):
     MetadataCatalog.remove(name)
 
 
-def test_breakdown_matches_brute_force(coco_stuff_like, tmp_path):
+def test_breakdown_matches_brute_force(coco_stuff_like, tmp_path, caplog):
     name, labels = coco_stuff_like
     rng = np.random.default_rng(8)
     ev = Trainer.build_evaluator(tiny_cfg(num_classes=C), name, output_folder=str(tmp_path / "out"))
@@ -86,16 +88,18 @@ def test_breakdown_matches_brute_force(coco_stuff_like, tmp_path):
         keep = gt != 255
         gts.append(gt[keep].astype(int))
         preds.append(pred[keep])
-    res = ev.evaluate()["sem_seg"]
+    with caplog.at_level(logging.INFO, logger="segdistill.evaluation.sem_seg"):
+        res = ev.evaluate()["sem_seg"]
+    logged = list(caplog.records)
     gt, pred = np.concatenate(gts), np.concatenate(preds)
 
     iou = brute_iou(gt, pred, range(C))
     assert res["mIoU"] == pytest.approx(100 * np.mean(list(iou.values())))
     things = [v for c, v in iou.items() if c < 80]
     stuff = [v for c, v in iou.items() if c >= 80]
-    assert res["mIoU-things"] == pytest.approx(100 * np.mean(things))
-    assert res["mIoU-stuff"] == pytest.approx(100 * np.mean(stuff))
-    assert res["mIoU-182"] == pytest.approx(100 * sum(iou.values()) / 182)
+    assert res["mIoU_things"] == pytest.approx(100 * np.mean(things))
+    assert res["mIoU_stuff"] == pytest.approx(100 * np.mean(stuff))
+    assert res["mIoU_182"] == pytest.approx(100 * sum(iou.values()) / 182)
     acc = {c: ((gt == c) & (pred == c)).sum() / (gt == c).sum() for c in iou}
     assert res["mACC-things"] == pytest.approx(100 * np.mean([v for c, v in acc.items() if c < 80]))
 
@@ -108,7 +112,8 @@ def test_breakdown_matches_brute_force(coco_stuff_like, tmp_path):
     ):
         want = brute_level(gt, pred, group_of)
         for k, v in want.items():
-            assert res[f"{k}-{level}"] == pytest.approx(v), (level, k)
+            key = "mIoU_super" if (k, level) == ("mIoU", "super") else f"{k}-{level}"
+            assert res[key] == pytest.approx(v), (level, k)
     g_sup = np.array([supers[c] for c in gt])
     p_sup = np.array([supers[c] for c in pred])
     animal = (g_sup == "animal-things")
@@ -120,16 +125,37 @@ def test_breakdown_matches_brute_force(coco_stuff_like, tmp_path):
     # 2017 Stuff Challenge: 91 stuff classes + "other" for every thing pixel
     challenge = {c: ("other" if c < 80 else f"s{c}") for c in range(C)}
     for k, v in brute_level(gt, pred, challenge).items():
-        assert res[f"{k}-challenge"] == pytest.approx(v), k
+        assert res["mIoU_challenge" if k == "mIoU" else f"{k}-challenge"] == pytest.approx(v), k
     challenge_super = {c: ("other" if c < 80 else supers[c]) for c in range(C)}
     for k, v in brute_level(gt, pred, challenge_super).items():
         assert res[f"{k}-challenge-super"] == pytest.approx(v), k
 
-    # detectron2's copypaste line keeps the four headline numbers; the breakdown is saved
-    assert {k for k in res if "-" not in k} == {"mIoU", "fwIoU", "mACC", "pACC"}
-    print_csv_format({"sem_seg": res})
+    # the copypaste lines carry the four class-level numbers and the breakdown's headline
+    # numbers; the rest of the breakdown stays in the results dict (metrics.json, TensorBoard)
+    headline = ["mIoU", "fwIoU", "mACC", "pACC", "mIoU_things", "mIoU_stuff", "mIoU_182", "mIoU_super",
+                "mIoU_challenge"]
+    assert [k for k in res if "-" not in k and not k.startswith(("IoU-", "ACC-"))] == headline
+    assert set(HEADLINE_KEYS) <= set(res)
+    assert {"mACC-things", "fwIoU-super", "pACC-scene", "mIoU-kind", "IoU-super-animal-things",
+            "mIoU-in-plant-stuff", "mACC-challenge", "mIoU-challenge-super"} <= set(res)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="detectron2.evaluation.testing"):
+        print_csv_format({"sem_seg": res})
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("copypaste: ")]
+    assert lines[1] == "copypaste: " + ",".join(headline)
+    assert lines[2] == "copypaste: " + ",".join(f"{res[k]:.4f}" for k in headline)
+    # the breakdown as tables in the log
+    table = [r.getMessage() for r in logged if "COCO-Stuff breakdown of 'sem_seg'" in r.getMessage()]
+    assert len(table) == 1
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table[0].splitlines() if line.startswith("|")}
+    assert rows["supercategories (27)"] == [f"{res[k]:.2f}" for k in ("mIoU_super", "fwIoU-super", "mACC-super",
+                                                                       "pACC-super")]
+    assert rows["things (80 classes)"][0] == f"{res['mIoU_things']:.2f}"
+    assert rows["2017 challenge (91 stuff + other)"][0] == f"{res['mIoU_challenge']:.2f}"
+    assert rows["plant-stuff"] == [f"{res['IoU-super-plant-stuff']:.2f}", f"{res['mIoU-in-plant-stuff']:.2f}"]
     saved = json.load(open(os.path.join(tmp_path, "out", "breakdown_sem_seg.json")))
-    assert saved["metrics"]["mIoU-super"] == pytest.approx(res["mIoU-super"])
+    assert saved["metrics"]["mIoU_super"] == pytest.approx(res["mIoU_super"])
     assert os.path.isfile(os.path.join(tmp_path, "out", "confusion_sem_seg.json"))
 
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Write image | ground truth | prediction pictures for a trained model (YAML config).
+"""Write image | ground truth | prediction pictures, with a legend of the class names and
+colours in each picture, for a trained model (YAML config).
 
     python tools/visualize_predictions.py --config-file CFG --weights MODEL.pth \
-        [--dataset NAME] [--output DIR] [--max-images N] [KEY VALUE ...]
+        [--dataset NAME] [--output DIR] [--max-images N] [--scale 2] [--overview 4] [KEY VALUE ...]
 """
 import argparse
 import os
@@ -11,12 +12,11 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "projects"))
 
 import segdistill  # noqa: E402,F401
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from segdistill import add_segdistill_config  # noqa: E402
 from segdistill.data import SemSegDatasetMapper  # noqa: E402
-from segdistill.engine import check_weights_file  # noqa: E402
+from segdistill.engine import load_checked_weights  # noqa: E402
 from segdistill.utils.predictions import write_prediction_pictures  # noqa: E402
 
 
@@ -27,6 +27,8 @@ def main(argv=None):
     p.add_argument("--dataset", help="default: the config's first DATASETS.TEST")
     p.add_argument("--output", help="default: OUTPUT_DIR/predictions/<dataset>")
     p.add_argument("--max-images", type=int, default=None, help="default: SEGDISTILL.VIS_MAX_IMAGES")
+    p.add_argument("--scale", type=int, default=1, help="enlarge every tile this many times (small images)")
+    p.add_argument("--overview", type=int, default=0, help="also stack the first N pictures into overview.png")
     p.add_argument("opts", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     cfg = get_cfg()
@@ -35,11 +37,13 @@ def main(argv=None):
     cfg.merge_from_list(args.opts)
     dataset = args.dataset or cfg.DATASETS.TEST[0]
     out = args.output or os.path.join(cfg.OUTPUT_DIR, "predictions", dataset)
-    check_weights_file(args.weights, "--weights")
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(args.weights)
+    # refuses a missing file, random weights and a checkpoint of another model (e.g. an
+    # undeployed Distiller checkpoint: the error gives the tools/deploy_model.py command)
+    load_checked_weights(model, args.weights, key="--weights", min_matched=cfg.TEST.MIN_MATCHED_WEIGHTS,
+                         what="the model of --config-file", weights_format=cfg.MODEL.WEIGHTS_FORMAT)
     n = write_prediction_pictures(model, dataset, out, max_images=args.max_images or cfg.SEGDISTILL.VIS_MAX_IMAGES,
-                                  mapper=SemSegDatasetMapper(cfg, False))
+                                  mapper=SemSegDatasetMapper(cfg, False), scale=args.scale, overview=args.overview)
     print(f"wrote {n} pictures to {out}")
 
 

@@ -3,29 +3,37 @@
 :class:`CocoStuffEvaluator` is :class:`SemSegEvaluator` (171-class mIoU, fwIoU, mACC,
 pACC, per-class IoU/ACC: the protocol of the COCO-Stuff-164k papers, mmsegmentation and
 MaskFormer) with, for every prediction key scored in the dataset's own classes, these
-extra keys (all in percent, all from the same pixel confusion matrix; see docs/datasets.md):
+extra keys (all in percent, all from the same pixel confusion matrix; see docs/datasets.md).
 
-* ``mIoU-things`` / ``mIoU-stuff``, ``mACC-things`` / ``mACC-stuff``: the class IoUs/ACCs
-  averaged over the 80 thing / 91 stuff classes (present in the ground truth);
-* for each level of the official hierarchy (``kind``: things/stuff, ``scene``:
-  indoor/outdoor things/stuff, ``super``: the 27 supercategories): the confusion matrix
-  merged to that level and its ``mIoU-<level>``, ``fwIoU-<level>``, ``mACC-<level>``,
-  ``pACC-<level>``, ``IoU-<level>-<group>``; and ``mIoU-in-<supercategory>``, the mean
-  class IoU inside each supercategory;
-* ``*-challenge``: the 2017 Stuff Challenge protocol (91 stuff classes + one "other" class
-  for all thing pixels), and ``*-challenge-super`` its supercategory level (15 + other);
-* ``mIoU-182``: the sum of the 171 class IoUs divided by 182, what codebases that count the
+Headline numbers (:data:`HEADLINE_KEYS`; no "-" in their names, so detectron2's
+``print_csv_format`` puts them on the ``copypaste`` lines next to mIoU, fwIoU, mACC, pACC):
+
+* ``mIoU_things`` / ``mIoU_stuff``: the class IoUs averaged over the 80 thing / 91 stuff
+  classes (present in the ground truth);
+* ``mIoU_super``: mIoU of the matrix merged to the 27 supercategories;
+* ``mIoU_challenge``: the 2017 Stuff Challenge protocol (91 stuff classes + one "other"
+  class for all thing pixels);
+* ``mIoU_182``: the sum of the 171 class IoUs divided by 182, what codebases that count the
   11 unused COCO ids as classes with IoU 0 report.
 
-Key names contain "-" so that detectron2's ``print_csv_format`` copypaste line keeps the
-four headline numbers. The breakdown is also saved as ``breakdown_<key>.json``.
+The rest of the breakdown (a "-" in every name, kept off the copypaste lines as detectron2
+keeps per-category metrics off them): ``mACC-things`` / ``mACC-stuff``; for each level of
+the official hierarchy (``kind``: things/stuff, ``scene``: indoor/outdoor things/stuff,
+``super``: the 27 supercategories) ``fwIoU-<level>``, ``mACC-<level>``, ``pACC-<level>``,
+``IoU-<level>-<group>`` and ``mIoU-<level>`` (except ``mIoU_super``, a headline number);
+``mIoU-in-<supercategory>``, the mean class IoU inside each supercategory; the challenge's
+``fwIoU/mACC/pACC-challenge`` and its supercategory level ``*-challenge-super`` (15 + other).
+
+Every key is in the results dict, hence in ``metrics.json`` and TensorBoard; the evaluator
+also logs the breakdown as two tables (per level; per supercategory) and saves it as
+``breakdown_<key>.json``.
 """
 from __future__ import annotations
 
 import json
 import os
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -35,7 +43,11 @@ from detectron2.utils import comm
 from .metrics import metrics_from_confusion, per_class_iou
 from .sem_seg import LabelSpace, SemSegEvaluator
 
-__all__ = ["CocoStuffEvaluator", "merge_confusion", "coco_stuff_breakdown", "hierarchy_from_metadata"]
+__all__ = ["CocoStuffEvaluator", "merge_confusion", "coco_stuff_breakdown", "hierarchy_from_metadata",
+           "breakdown_tables", "HEADLINE_KEYS"]
+
+#: The breakdown's headline numbers: on the copypaste lines (no "-" in the names).
+HEADLINE_KEYS = ("mIoU_things", "mIoU_stuff", "mIoU_182", "mIoU_super", "mIoU_challenge")
 
 
 def merge_confusion(conf: np.ndarray, groups: Sequence[str]) -> Tuple[np.ndarray, List[str]]:
@@ -67,15 +79,15 @@ def coco_stuff_breakdown(
     acc[present] = np.diag(conf)[present] / gt[present]
     out: "OrderedDict[str, float]" = OrderedDict()
     for kind, mask in (("things", is_thing), ("stuff", ~is_thing)):
-        out[f"mIoU-{kind}"] = _masked_mean(iou, mask)
+        out[f"mIoU_{kind}"] = _masked_mean(iou, mask)
         out[f"mACC-{kind}"] = _masked_mean(acc, mask)
-    out["mIoU-182"] = 100 * float(np.nansum(iou)) / 182 if present.any() else float("nan")
+    out["mIoU_182"] = 100 * float(np.nansum(iou)) / 182 if present.any() else float("nan")
 
     def level_metrics(suffix: str, groups: Sequence[str]) -> None:
         merged, names = merge_confusion(conf, groups)
         m = metrics_from_confusion(merged, names)
         for key in ("mIoU", "fwIoU", "mACC", "pACC"):
-            out[f"{key}-{suffix}"] = m[key]
+            out[_level_key(key, suffix)] = m[key]
         for name in names:
             out[f"IoU-{suffix}-{name}"] = m[f"IoU-{name}"]
 
@@ -90,13 +102,48 @@ def coco_stuff_breakdown(
     merged, _ = merge_confusion(conf, challenge)
     m = metrics_from_confusion(merged, [str(i) for i in range(len(merged))])
     for key in ("mIoU", "fwIoU", "mACC", "pACC"):
-        out[f"{key}-challenge"] = m[key]
+        out[_level_key(key, "challenge")] = m[key]
     if "super" in levels:
         groups = ["other" if t else s for t, s in zip(is_thing, levels["super"])]
         merged, names = merge_confusion(conf, groups)
         m = metrics_from_confusion(merged, names)
         for key in ("mIoU", "fwIoU", "mACC", "pACC"):
             out[f"{key}-challenge-super"] = m[key]
+    return out
+
+
+def _level_key(metric: str, level: str) -> str:
+    """``mIoU_super`` and ``mIoU_challenge`` are headline numbers; every other level key has a "-"."""
+    key = f"{metric}_{level}"
+    return key if key in HEADLINE_KEYS else f"{metric}-{level}"
+
+
+def breakdown_tables(metrics: Mapping[str, float], levels: Sequence[str] = ("kind", "scene", "super")) -> str:
+    """The breakdown of one prediction key as two text tables: mIoU, fwIoU, mACC, pACC per
+    level (classes, things, stuff, each hierarchy level, the challenge protocols); then per
+    supercategory its merged IoU and the mean IoU of its classes."""
+    from tabulate import tabulate
+
+    def get(key):
+        v = metrics.get(key, float("nan"))
+        return "" if v != v else f"{v:.2f}"
+
+    rows = [["classes (171)", get("mIoU"), get("fwIoU"), get("mACC"), get("pACC")],
+            ["things (80 classes)", get("mIoU_things"), "", get("mACC-things"), ""],
+            ["stuff (91 classes)", get("mIoU_stuff"), "", get("mACC-stuff"), ""],
+            ["classes, sum / 182", get("mIoU_182"), "", "", ""]]
+    names = {"kind": "things / stuff (2)", "scene": "indoor / outdoor (4)", "super": "supercategories (27)",
+             "challenge": "2017 challenge (91 stuff + other)", "challenge-super": "challenge supercategories (15 + other)"}
+    for level in list(levels) + ["challenge", "challenge-super"]:
+        keys = [_level_key(m, level) for m in ("mIoU", "fwIoU", "mACC", "pACC")]
+        if any(k in metrics for k in keys):
+            rows.append([names.get(level, level)] + [get(k) for k in keys])
+    out = tabulate(rows, headers=["level", "mIoU", "fwIoU", "mACC", "pACC"], tablefmt="pipe", disable_numparse=True)
+    supers = [k[len("IoU-super-"):] for k in metrics if k.startswith("IoU-super-")]
+    if supers:
+        rows = [[s, get(f"IoU-super-{s}"), get(f"mIoU-in-{s}")] for s in supers]
+        out += "\n\n" + tabulate(rows, headers=["supercategory", "IoU (merged)", "mIoU of its classes"],
+                                  tablefmt="pipe", disable_numparse=True)
     return out
 
 
@@ -153,6 +200,8 @@ class CocoStuffEvaluator(SemSegEvaluator):
                 continue  # scored in another label space (e.g. an HS3 exit): no COCO hierarchy there
             extra = coco_stuff_breakdown(conf[key], self._is_thing, self._levels)
             results[key].update(extra)
+            self._logger.info("COCO-Stuff breakdown of '%s' on %s (%%):\n%s", key, self._dataset_name,
+                              breakdown_tables(results[key], list(self._levels)))
             if self._output_dir:
                 with open(os.path.join(self._output_dir, f"breakdown_{key}.json"), "w") as f:
                     json.dump({"dataset": self._dataset_name, "prediction": key,
