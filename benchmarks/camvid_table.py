@@ -489,7 +489,7 @@ class Table:
                  f"keeps the largest K with mIoU_exit(K) / K >= {m:.1f} / {n} = {m / n:.2f} per class."]
         for e, info in data["exits"].items():
             k = info["num_clusters"]
-            mi = info.get("extra", {}).get("analysis_mIoU", float("nan"))
+            mi = info.get("analysis_mIoU", float("nan"))  # the clusters file's per-exit record
             why = " (= N: this exit's full-class mIoU already meets the final output's per-class rate)" if k == n else ""
             lines.append(f"- {e}: K = {k}, mIoU {mi:.1f} in its {k}-cluster space ({mi / k:.2f} per class){why}")
         return lines

@@ -126,6 +126,10 @@ def test_chain_pretrain_table_verdict(tiny):
     assert (out / "table.md").read_text().strip() == text.strip()
     assert "final above every DS exit (Phase-1 DS model, analysis split): final " in text
     assert "teacher clearly above the student" in text and "margin" in text
+    # the paper's rule in numbers: each exit's K and its mIoU in that K-cluster space, from the clusters file
+    chosen = json.loads(clusters.read_text())["exits"]
+    for e, info in chosen.items():
+        assert f"- {e}: K = {info['num_clusters']}, mIoU {info['analysis_mIoU']:.1f} in its" in text
     summary = json.loads((out / "summary.json").read_text())
     assert summary["results"]["hs3"][0]["mIoU"] == pytest.approx(hs3["mIoU"], abs=1e-3)
     assert summary["pretraining"]["resnet18_camvid"]["backbone"] == "resnet18"
