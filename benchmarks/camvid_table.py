@@ -125,6 +125,10 @@ METHODS = {m.name: m for m in [
     Method("dist", "DIST", "distill.yaml", ["MODEL.DISTILL.LOSSES", '["dist"]'], ["teacher"]),
     Method("fitnet", "FitNet", "distill.yaml", ["MODEL.DISTILL.LOSSES", '["pd", "fitnet"]'], ["teacher"]),
     Method("at", "AT", "distill.yaml", ["MODEL.DISTILL.LOSSES", '["pd", "at"]'], ["teacher"]),
+    # AT's code-form loss scales as 1 / (H W) of the tapped map and CIRKD's weight 1e4 is tuned for
+    # 64x128 maps (512x1024 crops at stride 8); here head_features are 6x8: 1e4 * 48 / 8192
+    Method("at_scaled", "AT (weight x HW/8192)", "distill.yaml",
+           ["MODEL.DISTILL.LOSSES", '["pd", "at"]', "MODEL.DISTILL.AT.WEIGHT", "58.6"], ["teacher"]),
 ]}
 # block -> (title, methods; the first is the baseline of the others)
 BLOCKS = {
@@ -132,7 +136,7 @@ BLOCKS = {
     "hs3": ("HS3 (HS3 Tables 1, 2 and 6)", ["baseline", "ds", "hs3", "hs3_manual", "hs3_fuse"]),
     "distill": ("Distillation (FAKD Tables 3-4, HWD Tables II-III)",
                 ["student", "teacher", "pd", "cwd", "fakd_cwd", "fakd_pd", "hwd", "hwd_fakd_pd",
-                 "skd", "ifvd", "cirkd", "mgd", "dist", "fitnet", "at"]),
+                 "skd", "ifvd", "cirkd", "mgd", "dist", "fitnet", "at", "at_scaled"]),
 }
 
 
