@@ -1,6 +1,5 @@
 """Distiller: a frozen teacher outside the optimizer and checkpoints, the student alone at
 inference, the student-only export, the configs, bad input, and runs through train_net.py."""
-import importlib.util
 import json
 import os
 
@@ -12,7 +11,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from segdistill import add_segdistill_config
-from segdistill.engine import Trainer
+from segdistill.engine import Trainer, load_checked_weights
+from segdistill.engine.deploy import save_deployed_checkpoint
 from segdistill.modeling.distill.base import resize_labels
 from segdistill.modeling.distill.cwd import cwd_loss
 from segdistill.modeling.distill.fakd import cosine_ramp
@@ -158,13 +158,10 @@ def test_student_only_export_round_trip(built, tmp_path):
     cfg, model = built
     model.eval()
     DetectionCheckpointer(model, str(tmp_path)).save("model_final")
-    train_cfg = tmp_path / "distill.yaml"
-    train_cfg.write_text(cfg.dump())
-    spec = importlib.util.spec_from_file_location("deploy_model", os.path.join(REPO, "tools", "deploy_model.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    out = str(tmp_path / "student.pth")
-    tool.main(["--config-file", str(train_cfg), "--output", out, "MODEL.WEIGHTS", str(tmp_path / "model_final.pth")])
+    # what tools/deploy_model.py does: the training config's model, its checked weights, the deployed file
+    trained = build_model(cfg)
+    load_checked_weights(trained, str(tmp_path / "model_final.pth"), min_matched=1.0, what="the distiller")
+    out = save_deployed_checkpoint(trained, str(tmp_path / "student.pth"))
 
     student_cfg = cfg.clone()
     student_cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentor"  # the student's own config

@@ -2,12 +2,14 @@
 the K choice, the label-space provider and tools/hs3_analyze.py (docs/hs3.md)."""
 from __future__ import annotations
 
+import argparse
 import copy
-import importlib.util
 import json
 import logging
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from segdistill.hs3 import (
     load_clusters, map_labels, merge_confusion, reference_theta, save_clusters, spectral_clusters, split_records,
 )
 from segdistill.hs3.analysis import register_hs3_split, maybe_register_hs3_split
+from segdistill.hs3.report import run_hs3_analysis
 from segdistill.hs3.choose import clusters_from_assignments, theta_line
 from segdistill.modeling.exits.hs3_clusters import canonical_assignment
 
@@ -383,19 +386,42 @@ def write_confusions(folder):
             json.dump({"prediction": key, "classes": DEMO, "matrix": conf.tolist()}, f)
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("hs3_analyze", os.path.join(REPO, "tools", "hs3_analyze.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def analyze(argv):
+    """tools/hs3_analyze.py's arguments -> the package's run_hs3_analysis (tests do not import tools/)."""
+    p = argparse.ArgumentParser()
+    p.add_argument("confusion_dir")
+    for opt in ("--output-dir", "--method", "--groups", "--exits", "--ks", "--features-dir"):
+        p.add_argument(opt, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--theta", type=float, default=None)
+    p.add_argument("--force", action="store_true")
+    a = p.parse_args(argv)
+    groups = None
+    if a.groups:
+        with open(a.groups) as f:
+            groups = json.load(f)
+    return run_hs3_analysis(a.confusion_dir, a.output_dir, method=a.method or "spectral", theta=a.theta,
+                            k_grid=a.ks or "", seed=a.seed, exits=[e for e in (a.exits or "").split(",") if e] or None,
+                            features_dir=a.features_dir, groups=groups, force=a.force)
+
+
+def test_cli_runs_the_package_analysis(tmp_path):
+    """The command line is a thin wrapper: one subprocess run writes the same clusters as the package."""
+    conf_dir = str(tmp_path / "inference")
+    write_confusions(conf_dir)
+    out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "hs3_analyze.py"), conf_dir, "--output-dir",
+                          str(tmp_path / "cli"), "--seed", "0"], capture_output=True, text=True, check=True).stdout
+    assert "clusters: " in out
+    direct = analyze([conf_dir, "--output-dir", str(tmp_path / "pkg"), "--seed", "0"])
+    cli, pkg = load_clusters(str(tmp_path / "cli" / "clusters.json")), load_clusters(direct["clusters"])
+    assert all(cli.groups(e) == pkg.groups(e) for e in ("res3", "res4"))
 
 
 def test_cli_end_to_end_and_resume(tmp_path, caplog):
     caplog.set_level(logging.INFO)
     conf_dir, out = str(tmp_path / "inference"), str(tmp_path / "hs3")
     write_confusions(conf_dir)
-    tool = load_tool()
-    paths = tool.main([conf_dir, "--output-dir", out, "--seed", "0"])
+    paths = analyze([conf_dir, "--output-dir", out, "--seed", "0"])
     for p in paths.values():
         assert os.path.getsize(p) > 0
     cl = load_clusters(paths["clusters"], DEMO, ["res3", "res4"])
@@ -420,28 +446,27 @@ def test_cli_end_to_end_and_resume(tmp_path, caplog):
     # resume: nothing is redone
     mtimes = {k: os.path.getmtime(p) for k, p in paths.items()}
     caplog.clear()
-    tool.main([conf_dir, "--output-dir", out, "--seed", "0"])
+    analyze([conf_dir, "--output-dir", out, "--seed", "0"])
     assert {k: os.path.getmtime(p) for k, p in paths.items()} == mtimes
     assert sum("up to date" in r.getMessage() for r in caplog.records) == 4
     # another theta: the curves are kept, the choice is redone
     caplog.clear()
-    tool.main([conf_dir, "--output-dir", out, "--theta", "0"])
+    analyze([conf_dir, "--output-dir", out, "--theta", "0"])
     assert os.path.getmtime(paths["curves"]) == mtimes["curves"]
     assert os.path.getmtime(paths["clusters"]) != mtimes["clusters"] or load_clusters(paths["clusters"]).theta == 0
     assert load_clusters(paths["clusters"]).num_clusters("res3") == 10  # theta = 0: deep supervision
     # --force redoes everything
     caplog.clear()
-    tool.main([conf_dir, "--output-dir", out, "--theta", "0", "--force"])
+    analyze([conf_dir, "--output-dir", out, "--theta", "0", "--force"])
     assert not any("up to date" in r.getMessage() for r in caplog.records)
 
 
 def test_cli_manual_and_kmeans(tmp_path):
     conf_dir = str(tmp_path / "inference")
     write_confusions(conf_dir)
-    tool = load_tool()
     groups = {"res3": COARSE}
     gpath = write_variant(tmp_path, groups, "groups.json")
-    paths = tool.main([conf_dir, "--output-dir", str(tmp_path / "manual"), "--method", "manual", "--groups", gpath,
+    paths = analyze([conf_dir, "--output-dir", str(tmp_path / "manual"), "--method", "manual", "--groups", gpath,
                        "--exits", "res3,res4", "--ks", "2-5"])
     cl = load_clusters(paths["clusters"], DEMO, ["res3", "res4"])
     assert cl.groups("res3") == COARSE and cl.num_clusters("res4") == 5  # half of the final output's 10
@@ -454,7 +479,7 @@ def test_cli_manual_and_kmeans(tmp_path):
     gid = [next(gi for gi, g in enumerate(COARSE) if c in g) for c in DEMO]
     for e in ("res3", "res4"):
         np.save(fdir / f"features_{e}.npy", centres[gid] + rng.normal(0, 0.5, (10, 8)))
-    paths = tool.main([conf_dir, "--output-dir", str(tmp_path / "km"), "--method", "kmeans", "--features-dir", str(fdir)])
+    paths = analyze([conf_dir, "--output-dir", str(tmp_path / "km"), "--method", "kmeans", "--features-dir", str(fdir)])
     with open(paths["curves"]) as f:
         curves = json.load(f)
     c = curves["stages"]["res3"]

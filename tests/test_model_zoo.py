@@ -71,6 +71,8 @@ def _prepare_cfg(cfg, tmp_dir):
     if cfg.MODEL.META_ARCHITECTURE == "Distiller":
         cfg.MODEL.DISTILL.TEACHER.WEIGHTS = ""
         cfg.MODEL.DISTILL.TEACHER.ALLOW_RANDOM = True
+        # nor its backbone file (the CamVid table's teacher starts from output/pretrain/)
+        cfg.MODEL.DISTILL.TEACHER.OPTS = list(cfg.MODEL.DISTILL.TEACHER.OPTS) + ["MODEL.TIMM.CHECKPOINT", ""]
     return cfg
 
 

@@ -8,6 +8,10 @@ The output loads with no missing or unexpected keys into the plain model its dep
 config builds (a multi-exit model's baseline config, a distiller's student config). A
 checkpoint that does not fit the training config (less than TEST.MIN_MATCHED_WEIGHTS of
 the model, or tensors of another shape) is an error, not a half-random deployed model.
+
+``--target anytime`` (a multi-exit ds / sr model) writes the anytime model instead: backbone,
+head and the exits' segmenters (classifiers and objective state dropped), which loads into
+the same training config with ``MODEL.META_ARCHITECTURE AnytimeSegmentor`` (docs/anytime.md).
 """
 import argparse
 import logging
@@ -30,6 +34,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", required=True, help="the config the model was trained with")
     p.add_argument("--output", required=True, help="where to write the deployed checkpoint (.pth)")
+    p.add_argument("--target", choices=("plain", "anytime"), default="plain",
+                   help="plain: the deployed SemanticSegmentor (default); anytime: the AnytimeSegmentor")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides (MODEL.WEIGHTS is required)")
     args = p.parse_args(argv)
     setup_logger(name="segdistill")
@@ -43,6 +49,10 @@ def main(argv=None):
     model = build_model(cfg)
     load_checked_weights(model, cfg.MODEL.WEIGHTS, min_matched=cfg.TEST.MIN_MATCHED_WEIGHTS,
                          what="the model of the training config")
+    if args.target == "anytime":  # issue 15: the exits kept for anytime inference
+        from segdistill.modeling.meta_arch.anytime import anytime_from_trained
+
+        model = anytime_from_trained(cfg, model)
     path = save_deployed_checkpoint(model, args.output)
     logging.getLogger("segdistill").info("Deployed checkpoint written to %s", path)
     print(path)

@@ -71,6 +71,7 @@ def add_segdistill_config(cfg: CN) -> None:
     _add_model_zoo_keys(cfg)
     _add_foreign_layout_keys(cfg)
     _add_exit_keys(cfg)
+    _add_anytime_keys(cfg)
     _add_hs3_analysis_keys(cfg)
     _add_distill_keys(cfg)
     _add_training_safety_keys(cfg)
@@ -219,6 +220,29 @@ def _add_exit_keys(cfg: CN) -> None:
     cfg.MODEL.EXITS.HS3.FUSE.OCR_KEY_CHANNELS = 128
     # Multiplies every OCR block's channels (< 1: the paper's "lighter" HS3-Fuse).
     cfg.MODEL.EXITS.HS3.FUSE.CHANNEL_SCALE = 1.0
+
+
+def _add_anytime_keys(cfg: CN) -> None:
+    """MODEL.EXITS.ANYTIME: anytime inference from the trained exits (docs/anytime.md)."""
+    # Read by META_ARCHITECTURE "AnytimeSegmentor" (modeling/meta_arch/anytime.py), the deployed
+    # multi-exit model built from a ds / sr training config; the other MODEL.EXITS keys say
+    # where its exits are.
+    cfg.MODEL.EXITS.ANYTIME = CN()
+    # "final" (the final head answers: the plain deployed model's output), "exit:<name>" (that
+    # exit always answers, e.g. "exit:res3"), "confidence" (per image, the first exit whose
+    # confidence reaches its threshold answers; the later stages are not run).
+    cfg.MODEL.EXITS.ANYTIME.POLICY = "final"
+    # An exit's confidence: "mean_max_prob" (mean over pixels of the top softmax probability)
+    # or "fraction_above" (share of pixels whose top probability is >= PIXEL_THRESHOLD).
+    cfg.MODEL.EXITS.ANYTIME.CONFIDENCE = "mean_max_prob"
+    cfg.MODEL.EXITS.ANYTIME.PIXEL_THRESHOLD = 0.9
+    # Thresholds of "confidence": a file written by tools/calibrate_exits.py ...
+    cfg.MODEL.EXITS.ANYTIME.THRESHOLDS_FILE = ""
+    # ... or one value per exit (IN_FEATURES order); above 1 = never answer there (not run).
+    cfg.MODEL.EXITS.ANYTIME.THRESHOLDS = []
+    # Also return the final head's output ("sem_seg_final") and its time, run after the answer,
+    # so evaluators report policy and final output side by side (costs one plain forward).
+    cfg.MODEL.EXITS.ANYTIME.EVAL_FINAL = False
 
 
 def _add_hs3_analysis_keys(cfg: CN) -> None:

@@ -29,6 +29,7 @@ from .checks import check_dataset_names, check_device
 from .ddp import broadcast_batchnorm_buffers, create_ddp_model
 from .hooks import ExactResumeHook, TrainingCurvesHook, TrainingProgressHook
 from .run import RunOutput
+from .trainer import anytime_evaluators
 from .weights import DEFAULT_MIN_MATCHED, check_weights_file, load_weights_for_evaluation
 
 __all__ = ["lazy_test", "lazy_train", "lazy_evaluate", "check_lazy_config"]
@@ -58,7 +59,13 @@ def lazy_test(cfg, model):
     if "evaluator" not in cfg.dataloader:
         return {}
     broadcast_batchnorm_buffers(model)
-    results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
+    evaluator = instantiate(cfg.dataloader.evaluator)
+    names = _dataset_names(cfg, "test")
+    anytime = anytime_evaluators(model, names[:1], cfg.train.output_dir) if len(names) == 1 else None
+    if anytime:  # an AnytimeSegmentor: its policy's mIoU, MACs, time and exits (as the YAML Trainer)
+        logger.info("Evaluating the AnytimeSegmentor with AnytimeEvaluator instead of %s.", type(evaluator).__name__)
+        evaluator = anytime[0]
+    results = inference_on_dataset(model, instantiate(cfg.dataloader.test), evaluator)
     if comm.is_main_process():
         print_csv_format(results)
     return results

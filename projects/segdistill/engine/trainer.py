@@ -37,13 +37,27 @@ from ..convert import SegDistillCheckpointer
 from ..data import SemSegDatasetMapper, SemSegTrainLoader, build_sem_seg_train_loader, check_eval_datasets
 from ..evaluation import SemSegEvaluator, build_label_spaces
 from .ddp import broadcast_batchnorm_buffers, create_ddp_model
-from .hooks import ExactResumeHook, TrainingCurvesHook, TrainingProgressHook
+from .hooks import ExactResumeHook, TrainingCurvesHook, TrainingProgressHook, unwrap_model
 from .run import RunOutput
 from .weights import check_weights_file, load_weights
 
 __all__ = ["Trainer", "check_weights_file"]
 
 SEM_SEG_EVALUATOR_TYPES = ("sem_seg", "cityscapes_sem_seg")
+
+
+def anytime_evaluators(model, dataset_names, output_dir: str):
+    """One :class:`~segdistill.evaluation.anytime.AnytimeEvaluator` per dataset when ``model``
+    is an ``AnytimeSegmentor`` (its outputs carry the answering exit and the path's cost),
+    else None (the usual evaluators)."""
+    from ..evaluation.anytime import AnytimeEvaluator
+    from ..modeling.meta_arch.anytime import AnytimeSegmentor
+
+    model = unwrap_model(model)
+    if not isinstance(model, AnytimeSegmentor):
+        return None
+    return [AnytimeEvaluator.for_model(model, name, output_dir=os.path.join(output_dir, "inference", name))
+            for name in dataset_names]
 
 
 class Trainer(DefaultTrainer):
@@ -125,8 +139,11 @@ class Trainer(DefaultTrainer):
     @classmethod
     def test(cls, cfg, model, evaluators=None):
         """detectron2's ``test``, after copying rank 0's BatchNorm statistics to every process
-        (several processes with plain BN: the evaluated model is then the saved model)."""
+        (several processes with plain BN: the evaluated model is then the saved model). An
+        ``AnytimeSegmentor`` is scored by :class:`AnytimeEvaluator` (mIoU, MACs, time, exits)."""
         broadcast_batchnorm_buffers(model)
+        if evaluators is None:
+            evaluators = anytime_evaluators(model, cfg.DATASETS.TEST, cfg.OUTPUT_DIR)
         return super().test(cfg, model, evaluators)
 
     @classmethod

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
@@ -70,7 +71,9 @@ class SemSegEvaluator(DatasetEvaluator):
                 raise ValueError(f"{inp['file_name']!r} has no label in dataset '{self._dataset_name}'.")
             gt = read_dataset_label(record)
             check_label_values(gt, self._num_classes, self._ignore, record["sem_seg_file_name"])
-            for key in sorted(k for k in out if k.startswith("sem_seg")):
+            # A prediction is a sem_seg* score tensor; other sem_seg* entries are not scored
+            # (e.g. sem_seg_exit, the name of the exit an AnytimeSegmentor answered from).
+            for key in sorted(k for k in out if k.startswith("sem_seg") and isinstance(out[k], torch.Tensor)):
                 lut, names = self._space(key)
                 pred = out[key].argmax(dim=0).cpu().numpy()
                 if out[key].shape[0] != len(names):

@@ -50,6 +50,7 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
+from ..stagewise import StagewiseBackbone  # issue 15: the stage-by-stage contract
 from .norm import convert_norm, resolve_norm
 
 __all__ = [
@@ -216,7 +217,7 @@ def _common_from_config(cfg, input_shape: ShapeSpec) -> dict:
     )
 
 
-class TimmBackbone(Backbone):
+class TimmBackbone(StagewiseBackbone):
     """A timm ``features_only`` model (ResNet, MobileNetV2, ...) as a detectron2 Backbone.
 
     Every argument is keyword-only and required; the defaults live in ``config.py``
@@ -300,6 +301,43 @@ class TimmBackbone(Backbone):
         feats = self.body(x)
         return {self._all_names[i]: feats[i] for i in self._return_index}
 
+    # ---- stage by stage (issue 15, anytime inference): the StagewiseBackbone contract ----
+    def forward_stages(self, x: torch.Tensor):
+        """Lazily yield ``(name, features)`` for every level (``res1``..), shallowest first; a
+        level is computed only when the next item is asked for. Same tensors as ``forward``.
+
+        ResNet-like bodies (timm's ``FeatureDictNet``) and MobileNetV2 / EfficientNet bodies
+        are run module by module; any other timm body is run whole first (correct, not lazy).
+        """
+        from timm.models import FeatureDictNet
+        from timm.models.efficientnet import EfficientNetFeatures
+
+        body, names = self.body, iter(self._all_names)
+        if isinstance(body, FeatureDictNet):
+            for key, module in body.items():
+                x = module(x)
+                if key in body.return_layers:  # as FeatureDictNet._collect
+                    out = x
+                    if isinstance(x, (tuple, list)):
+                        out = torch.cat(x, 1) if body.concat else x[0]
+                    yield next(names), out
+        elif isinstance(body, EfficientNetFeatures) and body.feature_hooks is None:
+            stages = {f["stage"] for f in body.feature_info.get_dicts()}  # as EfficientNetFeatures.forward
+            x = body.bn1(body.conv_stem(x))
+            if 0 in stages:
+                yield next(names), x
+            for i, block in enumerate(body.blocks):
+                x = block(x)
+                if i + 1 in stages:
+                    yield next(names), x
+        else:
+            yield from zip(self._all_names, body(x))
+
+    def stage_shapes(self) -> Dict[str, ShapeSpec]:
+        return {n: ShapeSpec(channels=self._out_feature_channels[n], stride=self._out_feature_strides[n])
+                for n in self._all_names}
+    # ---- end of the stage-by-stage hunk ----
+
     def output_shape(self) -> Dict[str, ShapeSpec]:
         return {
             n: ShapeSpec(channels=self._out_feature_channels[n], stride=self._out_feature_strides[n])
@@ -328,7 +366,7 @@ def _mobilenet_level_stages(info) -> List[int]:
     return out
 
 
-class HRNetBackbone(Backbone):
+class HRNetBackbone(StagewiseBackbone):
     """HRNetV2 from timm, exposing every stage's branches (see the module docstring)."""
 
     @configurable
@@ -400,6 +438,27 @@ class HRNetBackbone(Backbone):
         yl = b.stage4(_transition(b.transition3, yl))
         out.update({f"res{i + 2}": y for i, y in enumerate(yl)})
         return {k: out[k] for k in self._out_features}
+
+    # ---- stage by stage (issue 15, anytime inference): the StagewiseBackbone contract ----
+    def forward_stages(self, x: torch.Tensor):
+        """Lazily yield ``(name, features)``: ``layer1``, then each stage's branches
+        (``stage2_b*``, ``stage3_b*``, ``res2..res5``) once that stage has run. Same tensors as
+        ``forward``; a stage runs only when the consumer asks for its first branch."""
+        b = self.body
+        x = b.act1(b.bn1(b.conv1(x)))
+        x = b.act2(b.bn2(b.conv2(x)))
+        x = b.layer1(x)
+        yield "layer1", x
+        yl = b.stage2([t(x) for t in b.transition1])
+        yield from ((f"stage2_b{i}", y) for i, y in enumerate(yl))
+        yl = b.stage3(_transition(b.transition2, yl))
+        yield from ((f"stage3_b{i}", y) for i, y in enumerate(yl))
+        yl = b.stage4(_transition(b.transition3, yl))
+        yield from ((f"res{i + 2}", y) for i, y in enumerate(yl))
+
+    def stage_shapes(self) -> Dict[str, ShapeSpec]:
+        return {n: ShapeSpec(channels=c, stride=s) for n, (c, s) in self._shapes.items()}
+    # ---- end of the stage-by-stage hunk ----
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
         return {

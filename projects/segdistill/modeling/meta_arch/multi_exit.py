@@ -41,6 +41,7 @@ from ..distill.taps import (
     HEAD_TAPS, SegmentorTaps, StudentTaps, check_tap_head, collect_taps, head_tap_shapes, normalise_inputs,
 )
 from ..heads.base import SegHeadMixin, head_outputs
+from ..stagewise import StagewiseBackbone
 
 __all__ = ["MultiExitSegmentor", "exit_modes", "head_feature_shapes", "backbone_stage_shapes"]
 
@@ -56,12 +57,10 @@ def head_feature_shapes(head: nn.Module) -> Dict[str, ShapeSpec]:
 
 
 def backbone_stage_shapes(backbone: nn.Module) -> Dict[str, ShapeSpec]:
-    """Every stage a backbone can return (timm backbones: all levels), else its outputs."""
-    if hasattr(backbone, "_all_names") and hasattr(backbone, "_out_feature_strides"):  # TimmBackbone
-        return {n: ShapeSpec(channels=backbone._out_feature_channels[n], stride=backbone._out_feature_strides[n])
-                for n in backbone._all_names}
-    if isinstance(getattr(backbone, "_shapes", None), dict):  # HRNetBackbone
-        return {n: ShapeSpec(channels=c, stride=s) for n, (c, s) in backbone._shapes.items()}
+    """Every stage a backbone can return: a :class:`StagewiseBackbone`'s ``stage_shapes()``
+    (segdistill's timm backbones: all levels), any other backbone's ``output_shape()``."""
+    if isinstance(backbone, StagewiseBackbone):
+        return dict(backbone.stage_shapes())
     return dict(backbone.output_shape())
 
 

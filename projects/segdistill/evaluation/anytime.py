@@ -1,0 +1,510 @@
+"""Anytime inference: the evaluator of an exit policy and the calibration of its thresholds.
+
+* :class:`AnytimeEvaluator` scores an ``AnytimeSegmentor``'s outputs: mIoU, average MACs
+  (fvcore, per image from the path it took: exits run + answer), average wall time per image
+  and the exit histogram of the policy, next to the final output's (mIoU of ``sem_seg_final``
+  when the model returns it, MACs of the plain path, its measured time).
+* :func:`collect_records` runs every exit and the final head on a split once and keeps, per
+  image, each exit's confidence, each output's confusion matrix and the MACs of the parts of
+  every path (:class:`ExitRecords`). Any threshold setting's mIoU, average MACs and exit
+  histogram on that split then follow exactly without running the model again
+  (:func:`policy_outcome`): the confidence policy's answer for an image *is* one of those
+  outputs.
+* :func:`calibrate` chooses the thresholds on a held-out split: the lowest average MACs whose
+  mIoU is at most ``max_drop`` below the final output's, or the best mIoU within a MACs
+  ``budget``. :func:`check_held_out` refuses an evaluation split.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.utils import comm
+
+from ..data.labels import check_label_values, read_dataset_label
+from ..modeling.meta_arch.anytime import FINAL, NEVER, AnytimeCosts
+from .metrics import confusion_matrix
+from .sem_seg import SemSegEvaluator
+
+__all__ = [
+    "AnytimeEvaluator", "ExitRecords", "collect_records", "PolicyOutcome", "policy_outcome", "fixed_exit_outcome",
+    "Calibration", "calibrate", "check_held_out", "miou_of_confusions", "calibrate_from_config", "anytime_cfg",
+    "build_anytime_model", "evaluate_policy",
+]
+
+logger = logging.getLogger(__name__)
+EPS = 1e-9
+
+
+def miou_of_confusions(conf: np.ndarray) -> np.ndarray:
+    """mIoU (%) of a stack of confusion matrices ``... x K x K`` (rows = ground truth), over the
+    classes present in the ground truth, as :func:`~.metrics.metrics_from_confusion`."""
+    conf = np.asarray(conf, dtype=np.float64)
+    tp = np.diagonal(conf, axis1=-2, axis2=-1)
+    gt = conf.sum(-1)
+    union = gt + conf.sum(-2) - tp
+    present = gt > 0
+    iou = np.where(present, tp / np.where(union > 0, union, 1.0), 0.0)
+    return 100.0 * iou.sum(-1) / np.maximum(present.sum(-1), 1)
+
+
+# ----------------------------------------------------------------------------- evaluator
+class AnytimeEvaluator(DatasetEvaluator):
+    """mIoU, average MACs, average time per image and exit histogram of an anytime policy,
+    next to the final output's.
+
+    Args:
+        dataset_name: the evaluated split.
+        costs: ``input_hw -> AnytimeCosts`` (``AnytimeSegmentor.costs``).
+        exit_names: the model's exits (histogram rows, zeros included).
+        policy: the policy's name, for the log.
+    The results hold ``sem_seg`` (the policy's answers), ``sem_seg_final`` (when the model
+    returns it) and ``anytime``: ``mIoU``, ``mIoU_final``, ``GMACs``, ``GMACs_final``,
+    ``MACs_saved_pct``, ``time_ms``, ``time_ms_final``, ``images`` and ``answered_<exit>_pct``.
+    """
+
+    def __init__(self, dataset_name: str, *, costs: Callable[[Tuple[int, int]], AnytimeCosts],
+                 exit_names: Sequence[str] = (), policy: str = "", distributed: bool = True,
+                 output_dir: Optional[str] = None):
+        self._scorer = SemSegEvaluator(dataset_name, distributed=distributed, output_dir=output_dir)
+        self._costs = costs
+        self._exit_names = list(exit_names)
+        self._policy = policy
+        self._distributed = distributed
+        self.reset()
+
+    @classmethod
+    def for_model(cls, model, dataset_name: str, *, distributed: bool = True,
+                  output_dir: Optional[str] = None) -> "AnytimeEvaluator":
+        """The evaluator of ``model`` (an ``AnytimeSegmentor``): its costs, exits and policy."""
+        return cls(dataset_name, costs=model.costs, exit_names=model.exit_names, policy=model.policy,
+                   distributed=distributed, output_dir=output_dir)
+
+    def reset(self):
+        self._scorer.reset()
+        self._rows: List[tuple] = []
+
+    def process(self, inputs, outputs):
+        self._scorer.process(inputs, outputs)
+        for out in outputs:
+            a = out["anytime"]
+            c = self._costs(tuple(a["input_hw"]))
+            self._rows.append((out["sem_seg_exit"], c.macs(out["sem_seg_exit"], a["evaluated"]), c.macs(FINAL, ()),
+                               a["time_s"], a.get("final_time_s", math.nan)))
+
+    def evaluate(self):
+        results = self._scorer.evaluate()
+        rows = self._rows
+        if self._distributed:
+            rows = list(itertools.chain(*comm.all_gather(rows)))
+            if not comm.is_main_process():
+                return None
+        if not rows:
+            logger.warning("AnytimeEvaluator received no prediction.")
+            return results
+        answers = [r[0] for r in rows]
+        macs, final_macs, t, tf = (np.array([r[i] for r in rows], dtype=np.float64) for i in range(1, 5))
+        res = OrderedDict()
+        res["mIoU"] = results["sem_seg"]["mIoU"]
+        res["mIoU_final"] = results["sem_seg_final"]["mIoU"] if "sem_seg_final" in results else math.nan
+        res["GMACs"] = macs.mean() / 1e9
+        res["GMACs_final"] = final_macs.mean() / 1e9
+        res["MACs_saved_pct"] = 100.0 * (1.0 - macs.mean() / final_macs.mean())
+        res["time_ms"] = 1e3 * t.mean()
+        res["time_ms_final"] = 1e3 * tf.mean() if np.isfinite(tf).all() else math.nan
+        res["images"] = float(len(rows))
+        for name in self._exit_names + [n for n in dict.fromkeys(answers) if n not in self._exit_names + [FINAL]] + [FINAL]:
+            res[f"answered_{name}_pct"] = 100.0 * answers.count(name) / len(rows)
+        results["anytime"] = res
+        logger.info("Anytime policy %r: mIoU %.2f (final %.2f), %.3f GMACs (final %.3f, %.1f%% saved), "
+                    "%.1f ms/image (final %.1f); answered: %s", self._policy, res["mIoU"], res["mIoU_final"],
+                    res["GMACs"], res["GMACs_final"], res["MACs_saved_pct"], res["time_ms"], res["time_ms_final"],
+                    {k[9:-4]: round(v, 1) for k, v in res.items() if k.startswith("answered_")})
+        return results
+
+
+# ----------------------------------------------------------------------------- records
+@dataclass
+class ExitRecords:
+    """Per image of a split: every exit's confidence, every output's confusion matrix, path costs.
+
+    ``confidences`` N x E; ``confusions`` N x (E + 1) x K x K (outputs: the exits shallowest
+    first, then the final head; rows = ground truth); MACs per image: ``prefix``, ``exit_macs``,
+    ``answer`` N x E and ``final`` N (:class:`AnytimeCosts`' parts).
+    """
+
+    exit_names: List[str]
+    confidences: np.ndarray
+    confusions: np.ndarray
+    prefix: np.ndarray
+    exit_macs: np.ndarray
+    answer: np.ndarray
+    final: np.ndarray
+    dataset: str = ""
+    class_names: List[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        n, e = len(self.final), len(self.exit_names)
+        for name in ("confidences", "prefix", "exit_macs", "answer"):
+            if np.shape(getattr(self, name)) != (n, e):
+                raise ValueError(f"ExitRecords.{name} must be {n} x {e}, got {np.shape(getattr(self, name))}.")
+        if np.shape(self.confusions)[:2] != (n, e + 1):
+            raise ValueError(f"ExitRecords.confusions must be {n} x {e + 1} x K x K, got {np.shape(self.confusions)}.")
+
+    @property
+    def num_images(self) -> int:
+        return len(self.final)
+
+    def save(self, path: str) -> None:
+        np.savez_compressed(path, exit_names=np.array(self.exit_names), confidences=self.confidences,
+                            confusions=self.confusions, prefix=self.prefix, exit_macs=self.exit_macs,
+                            answer=self.answer, final=self.final, dataset=np.array(self.dataset),
+                            class_names=np.array(self.class_names))
+
+    @classmethod
+    def load(cls, path: str) -> "ExitRecords":
+        z = np.load(path, allow_pickle=False)
+        return cls([str(s) for s in z["exit_names"]], z["confidences"], z["confusions"], z["prefix"], z["exit_macs"],
+                   z["answer"], z["final"], str(z["dataset"]), [str(s) for s in z["class_names"]])
+
+
+@torch.no_grad()
+def collect_records(model, data_loader, dataset_name: str, log_every: int = 50) -> ExitRecords:
+    """Run ``model.forward_all_exits`` (an ``AnytimeSegmentor``) on every image of the loader."""
+    meta = MetadataCatalog.get(dataset_name)
+    names, ignore = list(meta.stuff_classes), meta.get("ignore_label", 255)
+    by_file = {d["file_name"]: d for d in DatasetCatalog.get(dataset_name)}
+    exits = model.exit_names
+    conf, confs, prefix, ex, ans, fin = [], [], [], [], [], []
+    was_training = model.training
+    model.eval()
+    for i, batch in enumerate(data_loader):
+        for inp, out in zip(batch, model.forward_all_exits(batch)):
+            record = by_file.get(inp["file_name"], inp)
+            gt = read_dataset_label(record)
+            check_label_values(gt, len(names), ignore, record["sem_seg_file_name"])
+            preds = [out["exits"][n] for n in exits] + [out["final"]]
+            confs.append(np.stack([confusion_matrix(gt, p.argmax(0).cpu().numpy(), len(names), ignore) for p in preds]))
+            conf.append([out["confidence"][n] for n in exits])
+            c = model.costs(out["input_hw"])
+            prefix.append([c.prefix[n] for n in exits])
+            ex.append([c.exits[n] for n in exits])
+            ans.append([c.answer[n] for n in exits])
+            fin.append(c.final)
+        if log_every and (i + 1) % log_every == 0:
+            logger.info("collect_records on %s: %d images", dataset_name, len(fin))
+    model.train(was_training)
+    e = len(exits)
+    shape = (len(fin), e)
+    return ExitRecords(exits, np.array(conf, dtype=np.float64).reshape(shape), np.array(confs),
+                       np.array(prefix, dtype=np.float64).reshape(shape), np.array(ex, dtype=np.float64).reshape(shape),
+                       np.array(ans, dtype=np.float64).reshape(shape), np.array(fin, dtype=np.float64),
+                       dataset_name, names)
+
+
+# ----------------------------------------------------------------------------- policies on records
+@dataclass
+class PolicyOutcome:
+    """A policy on a split: mIoU (%), average MACs, and which output answered each image
+    (index into the exits; E = the final head)."""
+
+    miou: float
+    avg_macs: float
+    answers: np.ndarray
+    exit_names: List[str]
+
+    def histogram(self) -> Dict[str, int]:
+        names = self.exit_names + [FINAL]
+        return {n: int((self.answers == i).sum()) for i, n in enumerate(names)}
+
+
+def _thresholds_array(records: ExitRecords, thresholds) -> np.ndarray:
+    if isinstance(thresholds, dict):
+        missing = [n for n in records.exit_names if n not in thresholds]
+        if missing:
+            raise ValueError(f"No threshold for exits {missing}.")
+        thresholds = [thresholds[n] for n in records.exit_names]
+    t = np.asarray(thresholds, dtype=np.float64)
+    return np.where(t > 1.0, np.inf, t)
+
+
+def _evaluate(records: ExitRecords, t: np.ndarray, chunk: Optional[int] = None):
+    """mIoU and average MACs of threshold rows ``t`` (M x E), and the answers (M x N)."""
+    n, e = records.confidences.shape
+    k2 = records.confusions.shape[-1] ** 2
+    flat = records.confusions.reshape(n, e + 1, k2).astype(np.float64)
+    chunk = chunk or max(1, int(5e6 // max(1, n * max(k2, e + 1))))
+    mious, costs, answers = [], [], []
+    for s in range(0, len(t), chunk):
+        tt = t[s:s + chunk]
+        active = np.isfinite(tt)  # M x E: exits that run
+        hit = records.confidences[None] >= tt[:, None, :]  # M x N x E
+        ans = np.where(hit.any(-1), hit.argmax(-1), e)  # M x N
+        spent = np.cumsum(records.exit_macs[None] * active[:, None, :], axis=-1)  # M x N x E: exits run up to j
+        stop_cost = records.prefix[None] + records.answer[None] + spent  # answered at j
+        final_cost = records.final[None] + spent[..., -1] if e else np.broadcast_to(records.final, (len(tt), n))
+        idx = np.minimum(ans, max(e - 1, 0))[..., None]
+        cost = np.where(ans < e, np.take_along_axis(stop_cost, idx, -1)[..., 0] if e else 0.0, final_cost)
+        conf = np.take_along_axis(flat[None], ans[..., None, None], axis=2)[:, :, 0].sum(1)  # M x K^2
+        k = int(round(math.sqrt(k2)))
+        mious.append(miou_of_confusions(conf.reshape(-1, k, k)))
+        costs.append(cost.mean(1))
+        answers.append(ans)
+    return np.concatenate(mious), np.concatenate(costs), np.concatenate(answers)
+
+
+def policy_outcome(records: ExitRecords, thresholds) -> PolicyOutcome:
+    """The confidence policy with ``thresholds`` (exit -> value, or one per exit; above 1 =
+    never) on the recorded split."""
+    t = _thresholds_array(records, thresholds)[None]
+    miou, cost, ans = _evaluate(records, t)
+    return PolicyOutcome(float(miou[0]), float(cost[0]), ans[0], list(records.exit_names))
+
+
+def fixed_exit_outcome(records: ExitRecords, answer: str) -> PolicyOutcome:
+    """Policy ``exit:<answer>`` (or ``final``): that output answers every image."""
+    names = list(records.exit_names)
+    i = len(names) if answer == FINAL else names.index(answer)
+    conf = records.confusions[:, i].sum(0)
+    if answer == FINAL:
+        cost = records.final
+    else:
+        cost = records.prefix[:, i] + records.exit_macs[:, i] + records.answer[:, i]
+    return PolicyOutcome(float(miou_of_confusions(conf)), float(cost.mean()), np.full(records.num_images, i), names)
+
+
+# ----------------------------------------------------------------------------- calibration
+@dataclass
+class Calibration:
+    """The chosen thresholds and what they give on the calibration split."""
+
+    thresholds: Dict[str, float]
+    outcome: PolicyOutcome
+    final: PolicyOutcome
+    objective: str
+    feasible: bool
+    candidates: int
+
+    def summary(self) -> dict:
+        return {
+            "objective": self.objective, "feasible": self.feasible, "candidates_per_exit": self.candidates,
+            "mIoU_policy": self.outcome.miou, "mIoU_final": self.final.miou,
+            "GMACs_policy": self.outcome.avg_macs / 1e9, "GMACs_final": self.final.avg_macs / 1e9,
+            "MACs_saved_pct": 100.0 * (1.0 - self.outcome.avg_macs / self.final.avg_macs),
+            "answered": self.outcome.histogram(),
+        }
+
+
+def _candidates(values: np.ndarray, limit: int) -> np.ndarray:
+    """Threshold candidates of one exit: its recorded confidences (at most ``limit`` of them,
+    spread by quantile), each one a value some image reaches, plus ``inf`` (never)."""
+    u = np.unique(values)
+    if len(u) > limit:
+        u = np.unique(np.quantile(u, np.linspace(0.0, 1.0, limit), method="nearest"))
+    return np.concatenate([u, [np.inf]])
+
+
+def _best(miou, cost, t, final_miou, final_cost, max_drop, budget):
+    """Index of the best row: among the feasible ones, the lowest cost (max_drop) or the best
+    mIoU (budget); ties: higher mIoU / lower cost, then higher thresholds (fewer early answers).
+    When none is feasible (a budget below the cheapest path), the closest: the lowest cost."""
+    if max_drop is not None:
+        feasible = miou >= final_miou - max_drop - EPS
+        primary, secondary = cost, -miou
+    else:
+        feasible = cost <= budget * final_cost + EPS
+        primary, secondary = -miou, cost
+    if not feasible.any():
+        primary, secondary = cost, -miou
+    tsum = np.where(np.isfinite(t), t, 2.0).sum(1)
+    order = np.lexsort((-tsum, secondary, primary, ~feasible))
+    return int(order[0]), bool(feasible[order[0]])
+
+
+def calibrate(records: ExitRecords, *, max_drop: Optional[float] = None, budget: Optional[float] = None,
+              candidates: int = 16, max_combinations: int = 200_000) -> Calibration:
+    """Thresholds on a held-out split.
+
+    ``max_drop`` (mIoU points): the lowest average MACs whose mIoU is at least the final
+    output's minus ``max_drop``. ``budget`` (a fraction of the final path's average MACs,
+    e.g. 0.7): the best mIoU whose average MACs stay within it. At most one of them (neither:
+    ``max_drop`` 1).
+    The search is exhaustive over ``candidates`` values per exit (+ never) when that makes at
+    most ``max_combinations`` settings, else coordinate descent from "never" everywhere.
+    When no setting is feasible (a budget below the cheapest path), the cheapest setting is
+    returned with ``feasible`` False (with ``max_drop``: the final head everywhere is always
+    feasible).
+    """
+    if max_drop is None and budget is None:
+        max_drop = 1.0
+    if max_drop is not None and budget is not None:
+        raise ValueError("calibrate: give exactly one of max_drop (mIoU points) and budget (fraction of final MACs).")
+    if max_drop is not None and max_drop < 0:
+        raise ValueError(f"max_drop must be >= 0 mIoU points, got {max_drop}.")
+    if budget is not None and budget <= 0:
+        raise ValueError(f"budget must be a positive fraction of the final path's MACs, got {budget}.")
+    names = list(records.exit_names)
+    if not names:
+        raise ValueError("calibrate: the model has no exits.")
+    final = fixed_exit_outcome(records, FINAL)
+    cands = [_candidates(records.confidences[:, i], candidates) for i in range(len(names))]
+    total = int(np.prod([len(c) for c in cands], dtype=np.float64))
+    args = (final.miou, final.avg_macs, max_drop, budget)
+    if total <= max_combinations:
+        t = np.array(list(itertools.product(*cands)), dtype=np.float64)
+        miou, cost, _ = _evaluate(records, t)
+        best, feasible = _best(miou, cost, t, *args)
+        chosen = t[best]
+    else:
+        chosen = np.full(len(names), np.inf)
+        for _ in range(20):
+            before = chosen.copy()
+            for i in range(len(names)):
+                t = np.repeat(chosen[None], len(cands[i]), axis=0)
+                t[:, i] = cands[i]
+                miou, cost, _ = _evaluate(records, t)
+                best, feasible = _best(miou, cost, t, *args)
+                chosen = t[best]
+            if np.array_equal(chosen, before):
+                break
+    thresholds = {n: (NEVER if not np.isfinite(v) else float(v)) for n, v in zip(names, chosen)}
+    objective = f"max_drop={max_drop}" if max_drop is not None else f"budget={budget}"
+    return Calibration(thresholds, policy_outcome(records, thresholds), final, objective, feasible,
+                       max(len(c) - 1 for c in cands))
+
+
+def check_held_out(calibration_dataset: str, evaluation_datasets: Sequence[str]) -> None:
+    """Raise ValueError when the calibration split is an evaluation split or shares an image
+    with one (thresholds chosen on the evaluated images would flatter the policy)."""
+    if calibration_dataset in evaluation_datasets:
+        raise ValueError(f"Refusing to calibrate on {calibration_dataset!r}: it is an evaluation split "
+                         f"(DATASETS.TEST {list(evaluation_datasets)}). Use a held-out part of the training set, "
+                         "e.g. <train>_hs3_analysis (HS3_ANALYSIS.FRACTION).")
+    files = {d["file_name"] for d in DatasetCatalog.get(calibration_dataset)}
+    for name in evaluation_datasets:
+        shared = files & {d["file_name"] for d in DatasetCatalog.get(name)}
+        if shared:
+            raise ValueError(f"Refusing to calibrate on {calibration_dataset!r}: {len(shared)} of its images are in "
+                             f"the evaluation split {name!r} (e.g. {sorted(shared)[0]!r}).")
+
+
+# ----------------------------------------------------------------------------- tools' helpers
+def anytime_cfg(config_file: str, opts: Sequence[str] = ()):
+    """A multi-exit training config (YAML) as its deployed anytime model's: the file, ``opts``,
+    then ``MODEL.META_ARCHITECTURE "AnytimeSegmentor"``; HS3-style derived splits registered."""
+    from detectron2.config import get_cfg
+
+    from ..config import add_segdistill_config
+    from ..hs3.splits import register_config_splits
+
+    cfg = get_cfg()
+    add_segdistill_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    cfg.MODEL.META_ARCHITECTURE = "AnytimeSegmentor"
+    register_config_splits(cfg)
+    return cfg
+
+
+def build_anytime_model(cfg):
+    """The AnytimeSegmentor of ``cfg`` with ``MODEL.WEIGHTS`` loaded (training or anytime checkpoint), in eval()."""
+    from detectron2.modeling import build_model
+
+    from ..modeling.meta_arch.anytime import load_anytime_weights
+
+    if not cfg.MODEL.WEIGHTS:
+        raise ValueError("Set MODEL.WEIGHTS to the trained multi-exit checkpoint (or its anytime deployment).")
+    model = build_model(cfg)
+    load_anytime_weights(model, cfg.MODEL.WEIGHTS, weights_format=cfg.MODEL.WEIGHTS_FORMAT)
+    return model.eval()
+
+
+def register_split(cfg, name: str) -> str:
+    """Make ``name`` usable: registered already, or a derived ``<X>_hs3_analysis`` /
+    ``<X>_hs3_reduced`` split of ``HS3_ANALYSIS`` (FRACTION, SPLIT_SEED, FILES)."""
+    from ..hs3.analysis import maybe_register_hs3_split
+    from ..hs3.splits import read_analysis_files
+
+    h = cfg.HS3_ANALYSIS
+    if not maybe_register_hs3_split(name, h.FRACTION, h.SPLIT_SEED, read_analysis_files(h.FILES)):
+        raise KeyError(f"Dataset {name!r} is not registered (nor a <registered>_hs3_analysis / _hs3_reduced split); "
+                       f"registered: {sorted(DatasetCatalog.list())[:20]} ...")
+    return name
+
+
+def default_calibration_split(cfg) -> str:
+    """``<train>_hs3_analysis``: the held-out part of ``DATASETS.TRAIN[0]`` (``HS3_ANALYSIS``'s
+    split), registered on the way; warns when the model was trained on all of the training set."""
+    from ..hs3.analysis import ANALYSIS_SUFFIX, REDUCED_SUFFIX
+
+    if not cfg.DATASETS.TRAIN:
+        raise ValueError("DATASETS.TRAIN is empty: name the calibration split with --dataset.")
+    train = cfg.DATASETS.TRAIN[0]
+    base = train[: -len(REDUCED_SUFFIX)] if train.endswith(REDUCED_SUFFIX) else train
+    name = register_split(cfg, base + ANALYSIS_SUFFIX)
+    if train == base:
+        logger.warning("The model was trained on all of %s, calibration split %s included: its exits are more "
+                       "confident there than on new images. Train on %s%s to hold the split out.",
+                       train, name, base, REDUCED_SUFFIX)
+    return name
+
+
+def calibrate_from_config(cfg, output: str, *, dataset: str = "", max_drop: Optional[float] = None,
+                          budget: Optional[float] = None, candidates: int = 16, records_path: str = "") -> dict:
+    """What ``tools/calibrate_exits.py`` does: choose the thresholds of ``cfg``'s anytime model
+    (:func:`anytime_cfg`, ``MODEL.WEIGHTS`` set) on a held-out split and write the thresholds
+    file ``output``. Returns the file's summary (thresholds, ``None`` = never, and what they give
+    on the split).
+
+    ``dataset``: the calibration split (default ``<DATASETS.TRAIN[0]>_hs3_analysis``); an
+    evaluation split, or one sharing an image with one, is refused before anything runs.
+    ``records_path``: save the split's records there, or reuse them when the file holds
+    records of this split. ``max_drop`` / ``budget``: :func:`calibrate`'s objectives."""
+    from ..modeling.meta_arch.anytime import save_thresholds
+
+    name = register_split(cfg, dataset) if dataset else default_calibration_split(cfg)
+    check_held_out(name, list(cfg.DATASETS.TEST))
+    if records_path and os.path.isfile(records_path):
+        records = ExitRecords.load(records_path)
+        if records.dataset != name:
+            raise ValueError(f"{records_path!r} holds records of {records.dataset!r}, not of the calibration "
+                             f"split {name!r}: remove the file or name another one.")
+        logger.info("Reusing the records in %s (%d images).", records_path, records.num_images)
+    else:
+        from ..engine import Trainer, check_weights_file
+
+        check_weights_file(cfg.MODEL.WEIGHTS)
+        model = build_anytime_model(cfg)
+        records = collect_records(model, Trainer.build_test_loader(cfg, name), name)
+        if records_path:
+            records.save(records_path)
+    result = calibrate(records, max_drop=max_drop, budget=budget, candidates=candidates)
+    a = cfg.MODEL.EXITS.ANYTIME
+    summary = {**result.summary(), "dataset": name, "images": records.num_images, "weights": cfg.MODEL.WEIGHTS}
+    save_thresholds(output, result.thresholds, confidence=a.CONFIDENCE, pixel_threshold=a.PIXEL_THRESHOLD,
+                    calibration=summary)
+    if not result.feasible:
+        logger.warning("No threshold setting meets %s on %s; wrote the closest one.", result.objective, name)
+    return {"thresholds": {k: (None if not math.isfinite(v) else v) for k, v in result.thresholds.items()},
+            **summary, "output": output}
+
+
+def evaluate_policy(cfg, model, dataset_name: str, output_dir: Optional[str] = None) -> dict:
+    """Run ``model`` (its current policy) on ``dataset_name`` with :class:`AnytimeEvaluator`."""
+    from detectron2.evaluation import inference_on_dataset
+
+    from ..engine import Trainer
+
+    loader = Trainer.build_test_loader(cfg, dataset_name)
+    evaluator = AnytimeEvaluator.for_model(model, dataset_name, distributed=False, output_dir=output_dir)
+    return inference_on_dataset(model, loader, evaluator)

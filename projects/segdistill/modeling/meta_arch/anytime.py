@@ -1,0 +1,600 @@
+"""``AnytimeSegmentor``: the deployed multi-exit model, run stage by stage, answering from an exit.
+
+The exits that deep supervision and Self-Regulation train are an early-exit model: an image
+that the res3 exit already segments confidently does not need res4, res5 and the head. This
+meta-architecture is the *deployed* form of a trained ``MultiExitSegmentor`` (docs/anytime.md):
+
+* parts: the backbone (a :class:`~segdistill.modeling.stagewise.StagewiseBackbone`), the
+  final head and each exit's segmenter (``ExitHead`` without its multi-label classifier);
+  the training-only parts (classifiers, objective state) are not built. Parameter names are
+  the training model's (``backbone.*``, ``sem_seg_head.*``, ``exits.<name>.*``), so
+  ``tools/deploy_model.py --target anytime`` writes a checkpoint that loads with no missing
+  or unexpected keys into the training config with ``MODEL.META_ARCHITECTURE
+  "AnytimeSegmentor"``.
+* inference runs the backbone with ``forward_stages`` (a lazy generator): after an exit's
+  stage the exit may answer, and then no later stage, exit or head runs.
+* the exit policy (``MODEL.EXITS.ANYTIME.POLICY``, or the ``policy`` attribute):
+
+  - ``final``: the final head answers; no exit runs. The output is bit for bit the plain
+    deployed ``SemanticSegmentor``'s and the cost the same MACs (tested).
+  - ``exit:<name>``: that exit always answers (stages after it are not run).
+  - ``confidence``: per image, the exits with a finite threshold run shallowest first; the
+    first whose confidence (``MODEL.EXITS.ANYTIME.CONFIDENCE``, :data:`ANYTIME_CONFIDENCES`)
+    reaches its threshold answers, else the final head. Images run one at a time (each
+    image takes its own path; batch size does not change a decision).
+
+* every output carries ``sem_seg`` (the answer), ``sem_seg_exit`` (the answering exit's
+  name, or ``"final"``) and ``anytime`` = ``{"evaluated": exits run, "input_hw": padded
+  input size, "time_s": wall time of this image's forward}``; with ``EVAL_FINAL`` also
+  ``sem_seg_final`` and ``anytime["final_time_s"]`` (the plain path, run after the answer
+  and timed on its own), so an evaluator reports both side by side.
+* :meth:`AnytimeSegmentor.costs` measures (fvcore) the MACs of the parts every path is made
+  of at one input size: backbone prefixes, exits, the answer's upsampling and the plain
+  final path; :meth:`AnytimeCosts.macs` adds them up for a path (tested against a trace of
+  the whole path).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from detectron2.config import configurable
+from detectron2.utils.registry import Registry
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import ImageList
+
+from ..backbones.norm import resolve_norm
+from ..exits import EXIT_OBJECTIVES, HEAD_FEATURE_PREFIX, ExitHead, build_exit_heads, exit_modes, exit_size
+from ..heads.base import SegHeadMixin
+from ..stagewise import StagewiseBackbone
+
+__all__ = [
+    "AnytimeSegmentor", "AnytimeCosts", "ANYTIME_CONFIDENCES",
+    "parse_policy", "load_thresholds", "save_thresholds", "anytime_state_dict", "anytime_from_trained",
+    "load_anytime_weights",
+    "FINAL", "NEVER",
+]
+
+logger = logging.getLogger(__name__)
+
+FINAL = "final"  # the answer of the final head (``sem_seg_exit``), and the policy that always takes it
+CONFIDENCE = "confidence"
+EXIT_PREFIX = "exit:"
+NEVER = math.inf  # a threshold no confidence reaches: that exit is not run
+THRESHOLDS_FORMAT = "segdistill-anytime-thresholds/1"
+
+# MODEL.EXITS.ANYTIME.CONFIDENCE -> fn(logits N x K x h x w, pixel_threshold) -> N confidences in
+# [0, 1]; a function registers under its own name: ``@ANYTIME_CONFIDENCES.register()``.
+ANYTIME_CONFIDENCES = Registry("ANYTIME_CONFIDENCES")
+
+
+@ANYTIME_CONFIDENCES.register()
+def mean_max_prob(logits: torch.Tensor, pixel_threshold: float) -> torch.Tensor:
+    """Mean over pixels of the top softmax probability."""
+    return F.softmax(logits.float(), dim=1).amax(dim=1).mean(dim=(1, 2))
+
+
+@ANYTIME_CONFIDENCES.register()
+def fraction_above(logits: torch.Tensor, pixel_threshold: float) -> torch.Tensor:
+    """Share of pixels whose top softmax probability is at least ``pixel_threshold``."""
+    top = F.softmax(logits.float(), dim=1).amax(dim=1)
+    return (top >= pixel_threshold).float().mean(dim=(1, 2))
+
+
+def parse_policy(policy: str, exit_names: Sequence[str]) -> Tuple[str, Optional[str]]:
+    """``(kind, exit)`` of a policy string: ``("final", None)``, ``("exit", name)``, ``("confidence", None)``."""
+    choices = [FINAL, CONFIDENCE] + [EXIT_PREFIX + n for n in exit_names]
+    if policy == FINAL:
+        return FINAL, None
+    if policy == CONFIDENCE and exit_names:
+        return CONFIDENCE, None
+    if policy.startswith(EXIT_PREFIX) and policy[len(EXIT_PREFIX):] in exit_names:
+        return "exit", policy[len(EXIT_PREFIX):]
+    raise ValueError(f"Unknown MODEL.EXITS.ANYTIME.POLICY {policy!r} for exits {list(exit_names)}; "
+                     f"valid choices: {choices if exit_names else [FINAL]}.")
+
+
+# ----------------------------------------------------------------------------- thresholds file
+def save_thresholds(path: str, thresholds: Dict[str, float], *, confidence: str, pixel_threshold: float,
+                    calibration: Optional[dict] = None) -> str:
+    """Write the thresholds file ``MODEL.EXITS.ANYTIME.THRESHOLDS_FILE`` points to (JSON;
+    ``null`` = never answer from that exit)."""
+    doc = {
+        "format": THRESHOLDS_FORMAT,
+        "confidence": confidence,
+        "pixel_threshold": float(pixel_threshold),
+        "thresholds": {k: (None if not math.isfinite(v) else float(v)) for k, v in thresholds.items()},
+        "calibration": calibration or {},
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+    return path
+
+
+def load_thresholds(path: str, exit_names: Sequence[str], *, confidence: str, pixel_threshold: float) -> Dict[str, float]:
+    """Read a thresholds file, checked against the model's exits and confidence settings."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"MODEL.EXITS.ANYTIME.THRESHOLDS_FILE {path!r} does not exist; "
+                                "tools/calibrate_exits.py writes one.")
+    with open(path) as f:
+        doc = json.load(f)
+    if doc.get("format") != THRESHOLDS_FORMAT:
+        raise ValueError(f"{path!r} is not an anytime thresholds file (format {doc.get('format')!r}, "
+                         f"expected {THRESHOLDS_FORMAT!r}).")
+    if doc["confidence"] != confidence or (confidence == "fraction_above"
+                                           and float(doc["pixel_threshold"]) != float(pixel_threshold)):
+        raise ValueError(
+            f"{path!r} was calibrated for confidence {doc['confidence']!r} (pixel threshold "
+            f"{doc['pixel_threshold']}), but the config asks for MODEL.EXITS.ANYTIME.CONFIDENCE {confidence!r} "
+            f"(PIXEL_THRESHOLD {pixel_threshold}); recalibrate or change the config.")
+    got = doc["thresholds"]
+    if sorted(got) != sorted(exit_names):
+        raise ValueError(f"{path!r} has thresholds for exits {sorted(got)}, the model has {list(exit_names)}.")
+    return {k: (NEVER if got[k] is None else float(got[k])) for k in exit_names}
+
+
+def _thresholds_from_config(a, exit_names: Sequence[str]) -> Optional[Dict[str, float]]:
+    if a.THRESHOLDS and a.THRESHOLDS_FILE:
+        raise ValueError("Set MODEL.EXITS.ANYTIME.THRESHOLDS or MODEL.EXITS.ANYTIME.THRESHOLDS_FILE, not both.")
+    if a.THRESHOLDS_FILE:
+        return load_thresholds(a.THRESHOLDS_FILE, exit_names, confidence=a.CONFIDENCE, pixel_threshold=a.PIXEL_THRESHOLD)
+    if a.THRESHOLDS:
+        if len(a.THRESHOLDS) != len(exit_names):
+            raise ValueError(f"MODEL.EXITS.ANYTIME.THRESHOLDS has {len(a.THRESHOLDS)} values for the exits "
+                             f"{list(exit_names)}; give one per exit (above 1 = never answer there).")
+        return {n: (NEVER if float(t) > 1.0 else float(t)) for n, t in zip(exit_names, a.THRESHOLDS)}
+    return None
+
+
+# ----------------------------------------------------------------------------- costs
+@dataclass
+class AnytimeCosts:
+    """fvcore MACs of the parts of every path at one (padded) input size.
+
+    ``prefix[e]``: the backbone up to and including exit ``e``'s stage; ``exits[e]``: exit
+    ``e`` (reduce conv, resize, feature conv, segmenter) on that stage; ``answer[e]``:
+    upsampling ``e``'s logits to the input size; ``final``: the plain deployed path (backbone
+    as far as the head reads, head, its upsampling). fvcore counts one multiply-accumulate of
+    a convolution / linear layer as one "flop" and adds its per-element counts of batch norm
+    and bilinear upsampling; the softmax of a confidence is not counted.
+    """
+
+    input_hw: Tuple[int, int]
+    prefix: Dict[str, float] = field(default_factory=dict)
+    exits: Dict[str, float] = field(default_factory=dict)
+    answer: Dict[str, float] = field(default_factory=dict)
+    final: float = 0.0
+
+    def macs(self, answer: str, evaluated: Sequence[str]) -> float:
+        """MACs of a path that ran the exits ``evaluated`` and answered from ``answer``."""
+        spent = sum(self.exits[e] for e in evaluated)
+        if answer == FINAL:
+            return self.final + spent
+        return self.prefix[answer] + spent + self.answer[answer]
+
+
+class _Prefix(nn.Module):
+    def __init__(self, model, stage):
+        super().__init__()
+        self.model, self.stage = model, stage
+
+    def forward(self, x):
+        for name, feat in self.model.backbone.forward_stages(x):
+            if name == self.stage:
+                return feat
+        raise KeyError(self.stage)
+
+
+class _ExitOnly(nn.Module):
+    def __init__(self, model, name, size):
+        super().__init__()
+        self.model, self.name, self.size = model, name, size
+
+    def forward(self, feat):
+        return self.model.exits[self.name](feat, self.size, with_classifier=False).seg_logits
+
+
+class _Upsample(nn.Module):
+    def __init__(self, size):
+        super().__init__()
+        self.size = size
+
+    def forward(self, logits):
+        return F.interpolate(logits, size=self.size, mode="bilinear", align_corners=False)
+
+
+class _Path(nn.Module):
+    """A forced path of the model (exits ``evaluated`` run, ``answer`` answers), for fvcore."""
+
+    def __init__(self, model, evaluated, answer):
+        super().__init__()
+        self.model, self.evaluated, self.answer = model, tuple(evaluated), answer
+
+    def forward(self, x):
+        sizes = [tuple(x.shape[-2:])] * x.shape[0]
+        ran = []  # every exit's logits are outputs too, so the trace keeps exits that did not answer
+
+        def decide(e, logits):
+            ran.append(logits)
+            return e == self.answer
+
+        return (self.model.run_stages(x, sizes, self.evaluated, decide)[0], *ran)
+
+
+def _fvcore_macs(module: nn.Module, inputs: tuple) -> float:
+    from fvcore.nn import FlopCountAnalysis
+
+    counter = FlopCountAnalysis(module, inputs)
+    counter.unsupported_ops_warnings(False)
+    counter.uncalled_modules_warnings(False)
+    return float(counter.total())
+
+
+# ----------------------------------------------------------------------------- the model
+@META_ARCH_REGISTRY.register()
+class AnytimeSegmentor(nn.Module):
+    """The deployed multi-exit segmentor: stage-by-stage inference with an exit policy."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: StagewiseBackbone,
+        sem_seg_head: nn.Module,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        exits: Dict[str, ExitHead],
+        policy: str = FINAL,
+        confidence: str = "mean_max_prob",
+        pixel_threshold: float = 0.9,
+        thresholds: Optional[Dict[str, float]] = None,
+        eval_final: bool = False,
+    ):
+        """
+        Args:
+            backbone: a :class:`StagewiseBackbone` (segdistill's timm backbones).
+            sem_seg_head: the final head, as the plain ``SemanticSegmentor`` has it.
+            pixel_mean, pixel_std: as ``SemanticSegmentor``.
+            exits: backbone stage name -> :class:`ExitHead` over the head's classes (built
+                without classifier); {} for a model without exits (policy ``final`` only).
+            policy: ``final``, ``exit:<name>`` or ``confidence`` (settable later: ``model.policy = ...``).
+            confidence: a name in :data:`ANYTIME_CONFIDENCES`.
+            pixel_threshold: the per-pixel probability of ``fraction_above``.
+            thresholds: exit name -> threshold in [0, 1] (``math.inf`` or above 1: never
+                answer there, the exit is not run); required by ``confidence``.
+            eval_final: also return the plain path's output ``sem_seg_final`` (and its time).
+        """
+        super().__init__()
+        if not isinstance(backbone, StagewiseBackbone):
+            raise TypeError(f"AnytimeSegmentor runs the backbone stage by stage: {type(backbone).__name__} is not a "
+                            "StagewiseBackbone (segdistill.modeling.stagewise); use MODEL.BACKBONE.NAME "
+                            "'build_timm_backbone' or implement forward_stages / stage_shapes.")
+        self.backbone = backbone
+        self.sem_seg_head = sem_seg_head
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        stages = list(backbone.stage_shapes())
+        exits = dict(exits or {})
+        bad = [n for n in exits if n not in stages]
+        if bad:
+            heads = [n for n in bad if n.startswith(HEAD_FEATURE_PREFIX)]
+            raise ValueError(
+                f"Anytime exits must sit on backbone stages (an exit on the head's features {heads} answers "
+                f"after the head has run); {bad} are not stages of {type(backbone).__name__}: {stages}."
+                if heads else f"Exits {bad} are not stages of {type(backbone).__name__}: {stages}.")
+        if exits:
+            if not isinstance(sem_seg_head, SegHeadMixin):
+                raise TypeError(f"{type(sem_seg_head).__name__} is not one of segdistill's heads (SegHeadMixin), "
+                                "whose classes the exits must predict.")
+            k = sem_seg_head.predictor.out_channels
+            wrong = {n: e.num_classes for n, e in exits.items() if e.num_classes != k}
+            if wrong:
+                raise ValueError(f"Exits {wrong} do not predict the head's {k} classes: an anytime exit answers in "
+                                 "the dataset's classes (MODE ds or sr, MODEL.EXITS.NUM_CLASSES empty).")
+        # shallowest first, in the order the backbone computes the stages
+        self.exits = nn.ModuleDict({n: exits[n] for n in stages if n in exits})
+        if confidence not in ANYTIME_CONFIDENCES:
+            raise ValueError(f"Unknown MODEL.EXITS.ANYTIME.CONFIDENCE {confidence!r}; "
+                             f"choose from {sorted(name for name, _ in ANYTIME_CONFIDENCES)}.")
+        self.confidence = confidence
+        self.pixel_threshold = float(pixel_threshold)
+        self.thresholds = None if thresholds is None else dict(thresholds)
+        self.eval_final = eval_final
+        self.policy = policy
+        self._costs: Dict[Tuple[int, int], AnytimeCosts] = {}
+
+    @classmethod
+    def from_config(cls, cfg):
+        c, a = cfg.MODEL.EXITS, cfg.MODEL.EXITS.ANYTIME
+        if c.MODE not in exit_modes():
+            raise ValueError(f"Unknown MODEL.EXITS.MODE {c.MODE!r}; choose from {list(exit_modes())}.")
+        backbone = build_backbone(cfg)
+        if not isinstance(backbone, StagewiseBackbone):
+            raise TypeError(f"MODEL.BACKBONE.NAME {cfg.MODEL.BACKBONE.NAME!r} builds {type(backbone).__name__}, "
+                            "which cannot run stage by stage (StagewiseBackbone); use 'build_timm_backbone'.")
+        head = build_sem_seg_head(cfg, backbone.output_shape())
+        names = list(c.IN_FEATURES) if c.MODE != "none" else []
+        heads = [n for n in names if n.startswith(HEAD_FEATURE_PREFIX)]
+        if heads:
+            raise ValueError(f"Anytime exits must sit on backbone stages: MODEL.EXITS.IN_FEATURES {heads} read the "
+                             "head's features, so they would answer after the head has run.")
+        exits = {}
+        if names:
+            objective_cls = EXIT_OBJECTIVES[c.MODE]  # the mode's contract says what its exits predict
+            if objective_cls.build_fusion(cfg, names, backbone.output_shape()) is not None:
+                raise ValueError(f"MODEL.EXITS.MODE {c.MODE!r} fuses the exits into the head's input, so the head "
+                                 "cannot run without them: anytime inference needs exits the head does not read.")
+            dataset = (list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN) or [None])[0]
+            spaces = objective_cls.eval_label_spaces(cfg, dataset) if dataset else {}
+            if spaces:
+                raise ValueError(f"The exits of MODEL.EXITS.MODE {c.MODE!r} predict their own label spaces "
+                                 f"({sorted(spaces)}), not the dataset's classes: an anytime exit answers in the "
+                                 "dataset's classes (MODE ds or sr).")
+            exits = build_exit_heads(
+                input_shape=backbone.stage_shapes(), in_features=names,
+                num_classes=objective_cls.exit_num_classes(cfg, names), channels=c.CHANNELS,
+                common_stride=c.COMMON_STRIDE, norm=resolve_norm(cfg, "head"),
+                with_classifier=False, max_downsample=c.MAX_DOWNSAMPLE,
+            )
+        return {
+            "backbone": backbone, "sem_seg_head": head,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
+            "exits": exits, "policy": a.POLICY, "confidence": a.CONFIDENCE, "pixel_threshold": a.PIXEL_THRESHOLD,
+            "thresholds": _thresholds_from_config(a, names), "eval_final": a.EVAL_FINAL,
+        }
+
+    # ------------------------------------------------------------------ policy
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    @property
+    def exit_names(self) -> List[str]:
+        """The exits, shallowest first."""
+        return list(self.exits)
+
+    @property
+    def policy(self) -> str:
+        return self._policy
+
+    @policy.setter
+    def policy(self, value: str) -> None:
+        kind, name = parse_policy(value, self.exit_names)
+        if kind == CONFIDENCE:
+            if self.thresholds is None:
+                raise ValueError("Policy 'confidence' needs thresholds: MODEL.EXITS.ANYTIME.THRESHOLDS_FILE "
+                                 "(tools/calibrate_exits.py writes one) or MODEL.EXITS.ANYTIME.THRESHOLDS.")
+            if sorted(self.thresholds) != sorted(self.exit_names):
+                raise ValueError(f"Thresholds for {sorted(self.thresholds)} but the exits are {self.exit_names}.")
+        self._policy, self._kind, self._fixed_exit = value, kind, name
+
+    def set_thresholds(self, thresholds: Dict[str, float]) -> None:
+        """Replace the confidence thresholds (exit name -> value; above 1 = never)."""
+        if sorted(thresholds) != sorted(self.exit_names):
+            raise ValueError(f"Thresholds for {sorted(thresholds)} but the exits are {self.exit_names}.")
+        self.thresholds = {k: (NEVER if float(v) > 1.0 else float(v)) for k, v in thresholds.items()}
+
+    def active_exits(self) -> Tuple[str, ...]:
+        """The exits the current policy runs, shallowest first."""
+        if self._kind == FINAL:
+            return ()
+        if self._kind == "exit":
+            return (self._fixed_exit,)
+        return tuple(n for n in self.exit_names if math.isfinite(self.thresholds[n]))
+
+    # ------------------------------------------------------------------ forward
+    def _images(self, batched_inputs) -> ImageList:
+        images = [x["image"].to(self.device) for x in batched_inputs]
+        images = [(x - self.pixel_mean) / self.pixel_std for x in images]
+        return ImageList.from_tensors(images, self.backbone.size_divisibility,
+                                      padding_constraints=self.backbone.padding_constraints)
+
+    def _clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _confidences(self, logits: torch.Tensor, image_sizes) -> torch.Tensor:
+        """Each image's confidence over its own (unpadded) part of the exit's logits."""
+        stride = next(iter(self.exits.values())).common_stride
+        fn = ANYTIME_CONFIDENCES.get(self.confidence)
+        out = []
+        for i, (h, w) in enumerate(image_sizes):
+            out.append(fn(logits[i:i + 1, :, :math.ceil(h / stride), :math.ceil(w / stride)], self.pixel_threshold))
+        return torch.cat(out)
+
+    def run_stages(self, x: torch.Tensor, image_sizes, evaluate: Sequence[str],
+                   decide: Callable[[str, torch.Tensor], bool]):
+        """Run the stages lazily; after exit ``e`` of ``evaluate`` (shallowest first),
+        ``decide(e, logits)`` True makes ``e`` answer and nothing after it runs.
+        Returns (logits at the padded input size, answer, exits evaluated)."""
+        pending = [n for n in self.exit_names if n in set(evaluate)]
+        need = set(self.sem_seg_head.in_features)
+        features, evaluated = {}, []
+        size = exit_size(x.shape[-2:], next(iter(self.exits.values())).common_stride) if pending else None
+        stages = self.backbone.forward_stages(x)
+        try:
+            for name, feat in stages:
+                features[name] = feat
+                if pending and pending[0] == name:
+                    pending.pop(0)
+                    logits = self.exits[name](feat, size, with_classifier=False).seg_logits
+                    evaluated.append(name)
+                    if decide(name, logits):
+                        up = F.interpolate(logits, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+                        return up, name, tuple(evaluated)
+                if not pending and need.issubset(features):
+                    break
+        finally:
+            stages.close()  # later stages are never computed
+        results, _ = self.sem_seg_head(features, None)  # the plain deployed path, as SemanticSegmentor
+        return results, FINAL, tuple(evaluated)
+
+    def _decide(self, image_sizes):
+        if self._kind == "exit":
+            return lambda name, logits: True
+        if self._kind == FINAL:
+            return lambda name, logits: False
+
+        def by_confidence(name, logits):
+            return bool(self._confidences(logits, image_sizes)[0] >= self.thresholds[name])
+
+        return by_confidence
+
+    def _postprocess(self, logits, batched_inputs, images):
+        out = []
+        for i, (inp, image_size) in enumerate(zip(batched_inputs, images.image_sizes)):
+            out.append(sem_seg_postprocess(logits[i], image_size, inp.get("height", image_size[0]),
+                                           inp.get("width", image_size[1])))
+        return out
+
+    def _infer(self, batched_inputs) -> List[dict]:
+        start = self._clock()
+        images = self._images(batched_inputs)
+        logits, answer, evaluated = self.run_stages(images.tensor, images.image_sizes, self.active_exits(),
+                                              self._decide(images.image_sizes))
+        preds = self._postprocess(logits, batched_inputs, images)
+        spent = (self._clock() - start) / len(batched_inputs)
+        hw = tuple(images.tensor.shape[-2:])
+        outputs = [{"sem_seg": p, "sem_seg_exit": answer,
+                    "anytime": {"evaluated": evaluated, "input_hw": hw, "time_s": spent}} for p in preds]
+        if self.eval_final:
+            start = self._clock()
+            images = self._images(batched_inputs)
+            logits, _, _ = self.run_stages(images.tensor, images.image_sizes, (), lambda n, l: False)
+            finals = self._postprocess(logits, batched_inputs, images)
+            spent = (self._clock() - start) / len(batched_inputs)
+            for o, p in zip(outputs, finals):
+                o["sem_seg_final"] = p
+                o["anytime"]["final_time_s"] = spent
+        return outputs
+
+    def forward(self, batched_inputs):
+        if self.training:
+            raise RuntimeError("AnytimeSegmentor is a deployed, inference-only model: train the MultiExitSegmentor of "
+                               "the same config and deploy it (tools/deploy_model.py --target anytime).")
+        if self._kind == CONFIDENCE:  # each image takes its own path
+            return [self._infer([inp])[0] for inp in batched_inputs]
+        return self._infer(batched_inputs)
+
+    @torch.no_grad()
+    def forward_all_exits(self, batched_inputs) -> List[dict]:
+        """Every exit's and the final head's prediction and every exit's confidence, per image
+        (one image at a time, as the confidence policy runs): what calibration reads.
+
+        Returns per image ``{"final": KxHxW, "exits": {name: KxHxW}, "confidence": {name: float},
+        "input_hw": padded size}``."""
+        out = []
+        for inp in batched_inputs:
+            images = self._images([inp])
+            logits, confs = {}, {}
+
+            def record(name, exit_logits):
+                confs[name] = float(self._confidences(exit_logits, images.image_sizes)[0])
+                logits[name] = F.interpolate(exit_logits, size=tuple(images.tensor.shape[-2:]), mode="bilinear",
+                                             align_corners=False)
+                return False
+
+            final, _, _ = self.run_stages(images.tensor, images.image_sizes, self.exit_names, record)
+            post = lambda t: self._postprocess(t, [inp], images)[0]  # noqa: E731
+            out.append({"final": post(final), "exits": {n: post(t) for n, t in logits.items()},
+                        "confidence": confs, "input_hw": tuple(images.tensor.shape[-2:])})
+        return out
+
+    # ------------------------------------------------------------------ cost
+    def padded_size(self, image_hw: Sequence[int]) -> Tuple[int, int]:
+        """The size an image of ``image_hw`` is padded to before the backbone."""
+        return tuple(ImageList.from_tensors([torch.zeros(1, *image_hw)], self.backbone.size_divisibility,
+                                            padding_constraints=self.backbone.padding_constraints).tensor.shape[-2:])
+
+    @torch.no_grad()
+    def costs(self, input_hw: Sequence[int]) -> AnytimeCosts:
+        """fvcore MACs of every path's parts for a padded input of ``input_hw`` (cached)."""
+        hw = tuple(int(v) for v in input_hw)
+        if hw in self._costs:
+            return self._costs[hw]
+        was_training = self.training
+        self.eval()
+        x = torch.zeros(1, 3, *hw, device=self.device)
+        costs = AnytimeCosts(hw)
+        costs.final = _fvcore_macs(_Path(self, (), FINAL), (x,))
+        if self.exits:
+            feats = dict(self.backbone.forward_stages(x))
+            size = exit_size(hw, next(iter(self.exits.values())).common_stride)
+            for name in self.exit_names:
+                costs.prefix[name] = _fvcore_macs(_Prefix(self, name), (x,))
+                costs.exits[name] = _fvcore_macs(_ExitOnly(self, name, size), (feats[name],))
+                logits = self.exits[name](feats[name], size, with_classifier=False).seg_logits
+                costs.answer[name] = _fvcore_macs(_Upsample(hw), (logits,))
+        self.train(was_training)
+        self._costs[hw] = costs
+        return costs
+
+    def path_macs(self, input_hw: Sequence[int], answer: str, evaluated: Sequence[str]) -> float:
+        """fvcore MACs of one path (exits ``evaluated`` run, ``answer`` answered), traced whole."""
+        x = torch.zeros(1, 3, *input_hw, device=self.device)
+        with torch.no_grad():
+            return _fvcore_macs(_Path(self, evaluated, answer), (x,))
+
+
+def anytime_state_dict(model: AnytimeSegmentor, trained: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """The anytime model's weights taken from a trained ``MultiExitSegmentor``'s state dict.
+
+    Returns (state dict with exactly ``model``'s keys, the trained keys left out: the exits'
+    classifiers, the final classifier, the objective's state). A key the anytime model needs
+    but the trained weights lack is an error naming it."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in trained]
+    if missing:
+        raise KeyError(f"The trained weights lack {len(missing)} tensors the anytime model needs, e.g. {missing[:5]}: "
+                       "were they trained with this config's MODEL.EXITS (IN_FEATURES, CHANNELS)?")
+    wrong = [k for k in own if tuple(trained[k].shape) != tuple(own[k].shape)]
+    if wrong:
+        raise ValueError(f"Shape mismatch for {wrong[:5]}: the trained model is not this config's.")
+    return {k: trained[k] for k in own}, sorted(k for k in trained if k not in own)
+
+
+def anytime_from_trained(cfg, trained: nn.Module) -> AnytimeSegmentor:
+    """The deployed anytime model of a trained ``MultiExitSegmentor`` (what ``tools/deploy_model.py
+    --target anytime`` writes): ``cfg``'s model with ``MODEL.META_ARCHITECTURE
+    "AnytimeSegmentor"``, every tensor taken from ``trained`` (strict), in ``eval()``."""
+    from detectron2.modeling import build_model
+
+    anytime_cfg = cfg.clone()
+    anytime_cfg.defrost()
+    anytime_cfg.MODEL.META_ARCHITECTURE = "AnytimeSegmentor"
+    model = build_model(anytime_cfg)
+    model.load_state_dict(anytime_state_dict(model, trained.state_dict())[0], strict=True)
+    return model.eval()
+
+
+def load_anytime_weights(model: AnytimeSegmentor, path: str, *, key: str = "MODEL.WEIGHTS",
+                         weights_format: str = "auto") -> List[str]:
+    """Load a trained ``MultiExitSegmentor`` checkpoint (or its anytime deployment) into ``model``.
+
+    Through the shared checked loader (``segdistill.engine.weights.load_checked_weights``:
+    detectron2's checkpointer, foreign formats converted, untrusted files read safely) with
+    ``min_matched=1.0``: every tensor of the anytime model must come from the file, with its
+    shape, else :class:`~segdistill.engine.weights.WeightsMismatchError` (a plain deployed
+    checkpoint has no exits, so it is refused). Returns the file's keys left out
+    (classifiers, objective state)."""
+    from ...engine.weights import load_checked_weights
+
+    report = load_checked_weights(model, path, key=key, min_matched=1.0, weights_format=weights_format,
+                                  what="the anytime model (backbone, head and the exits' segmenters)")
+    dropped = sorted(report.unexpected)
+    if dropped:
+        logger.info("Loaded %s into the anytime model; left out %d training-only tensors (%s%s).", path, len(dropped),
+                    ", ".join(dropped[:4]), ", ..." if len(dropped) > 4 else "")
+    return dropped

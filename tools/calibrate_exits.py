@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""Choose the anytime exit thresholds on a held-out split and write the thresholds file.
+
+    python tools/calibrate_exits.py --config-file configs/demo/exits/ds.yaml \
+        --output output/anytime/thresholds_ds.json --max-drop 1.0 \
+        MODEL.WEIGHTS output/demo/exits/ds/model_final.pth
+
+The config is the multi-exit *training* config (ds / sr); the model is its deployed
+``AnytimeSegmentor`` (MODEL.WEIGHTS: the training checkpoint or ``tools/deploy_model.py
+--target anytime``'s). Every exit and the final head run once on the split; the thresholds
+are then searched on those records (docs/anytime.md):
+
+* ``--max-drop D``: the lowest average MACs whose mIoU is at most D points below the final
+  output's on the split (default, D = 1);
+* ``--budget F``: the best mIoU whose average MACs are at most F x the final path's.
+
+The split defaults to ``<DATASETS.TRAIN[0]>_hs3_analysis`` (HS3_ANALYSIS.FRACTION,
+SPLIT_SEED, FILES); train on ``<name>_hs3_reduced`` to hold it out. An evaluation
+split (``DATASETS.TEST``), or one sharing an image with it, is refused. Use the file with
+
+    MODEL.EXITS.ANYTIME.POLICY confidence MODEL.EXITS.ANYTIME.THRESHOLDS_FILE <output>
+
+The work is ``segdistill.evaluation.anytime.calibrate_from_config``; this is its command line.
+"""
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "projects"))
+
+import torch  # noqa: E402
+
+import segdistill  # noqa: E402,F401
+from detectron2.utils.logger import setup_logger  # noqa: E402
+from segdistill.evaluation.anytime import anytime_cfg, calibrate_from_config  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", required=True, help="the multi-exit training config (YAML)")
+    p.add_argument("--output", required=True, help="the thresholds file to write (.json)")
+    p.add_argument("--dataset", default="", help="calibration split (default: <DATASETS.TRAIN[0]>_hs3_analysis)")
+    goal = p.add_mutually_exclusive_group()
+    goal.add_argument("--max-drop", type=float, default=None, help="mIoU points below the final output (default 1)")
+    goal.add_argument("--budget", type=float, default=None, help="average MACs as a fraction of the final path's")
+    p.add_argument("--candidates", type=int, default=16, help="threshold candidates per exit")
+    p.add_argument("--records", default="", help="save / reuse the split's records here (.npz)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides (MODEL.WEIGHTS is required)")
+    args = p.parse_args(argv)
+    setup_logger(name="segdistill")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = anytime_cfg(args.config_file, args.opts)
+    try:
+        doc = calibrate_from_config(cfg, args.output, dataset=args.dataset, max_drop=args.max_drop,
+                                    budget=args.budget, candidates=args.candidates, records_path=args.records)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        p.error(str(e))
+    print(json.dumps({**doc, "config": args.config_file}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
