@@ -47,6 +47,9 @@ def _worker(out_dir):
     trainer.train()
     torch.save({"value": value.detach(), "grad": s.grad, "memory": memory.state_dict(), "init": init,
                 "final": model.distill_losses.state_dict()}, os.path.join(out_dir, f"rank{rank}.pth"))
+    # detectron2's launch leaves the group to interpreter exit; tear it down here, together
+    comm.synchronize()
+    torch.distributed.destroy_process_group()
 
 
 def test_two_processes(tmp_path):

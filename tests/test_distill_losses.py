@@ -402,6 +402,7 @@ def _covariance_worker(rank, port, out_dir):
         for _ in range(2):
             est.update(*_covariance_batches(rank))
         torch.save(est.state_dict(), os.path.join(out_dir, f"rank{rank}_{full}.pth"))
+    dist.barrier()  # neither process tears its group down while the other still uses it
     dist.destroy_process_group()
 
 

@@ -114,6 +114,8 @@ def _worker(rank, port, name, root, labels, logits, out_file):
     import torch.distributed as dist
 
     from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    torch.set_num_threads(1)
     from segdistill.data.datasets import load_sem_seg_folder
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -125,6 +127,9 @@ def _worker(rank, port, name, root, labels, logits, out_file):
             pickle.dump(res, f)
     else:
         assert res is None
+    # both processes reach this point before either tears its group down: a process that
+    # destroys its gloo group while the other still talks to it can abort (seen in CI once)
+    dist.barrier()
     dist.destroy_process_group()
 
 
