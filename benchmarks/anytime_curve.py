@@ -19,6 +19,8 @@ an evaluation split is refused) and on the evaluation split (default ``DATASETS.
    average MACs at most D mIoU below the final output there) and their outcome on the
    evaluation split (exact: the policy's answer for an image is one of the recorded outputs);
    the same for each ``--budgets`` value B (best mIoU within B x the final path's MACs);
+   risk-controlled thresholds (``--risk-epsilons``: one shared threshold per method, crc and
+   ucb, ``segdistill.evaluation.anytime_risk``) and their per-image gap on the evaluation split;
    and, descriptive only, one threshold shared by every exit swept over the evaluation
    split's confidences (``--sweep-points``);
 4. timed runs on the evaluation split (one image at a time, ``EVAL_FINAL`` on, so every image's
@@ -56,6 +58,7 @@ from segdistill.evaluation.anytime import (  # noqa: E402
     ExitRecords, anytime_cfg, build_anytime_model, calibrate, check_held_out, collect_records,
     default_calibration_split, evaluate_policy, fixed_exit_outcome, policy_outcome, register_split,
 )
+from segdistill.evaluation.anytime_risk import calibrate_risk, gap_losses  # noqa: E402
 from segdistill.modeling.meta_arch.anytime import FINAL  # noqa: E402
 
 logger = logging.getLogger("segdistill.anytime_curve")
@@ -134,6 +137,22 @@ def run_model(label, config, weights, args, out_dir):
                 "mIoU": o.miou, "GMACs": o.avg_macs / 1e9, "drop": final["mIoU"] - o.miou,
                 "MACs_saved_pct": 100.0 * (1 - o.avg_macs / (final["GMACs"] * 1e9)), "answered": o.histogram(),
             })
+        # risk control (Fast yet Safe): one shared threshold with a guarantee on the per-image gap
+        result["risk"] = []
+        for method in ("crc", "ucb"):
+            for eps in args.risk_epsilons:
+                cal = calibrate_risk(rec_c, epsilon=eps, method=method, delta=args.risk_delta, quality=args.risk_quality)
+                o = policy_outcome(rec_e, cal.thresholds)
+                lam = cal.details["threshold"]
+                val_risk = gap_losses(rec_e, np.array([math.inf if lam is None else lam]), args.risk_quality)[0]
+                result["risk"].append({
+                    "method": method, "epsilon": eps, "delta": args.risk_delta if method == "ucb" else None,
+                    "quality": args.risk_quality, "feasible": cal.feasible, "threshold": lam,
+                    "reason": cal.details.get("reason", ""), "calib_risk": cal.details["empirical_risk"],
+                    "val_risk": float(val_risk.mean()), "mIoU": o.miou, "GMACs": o.avg_macs / 1e9,
+                    "drop": final["mIoU"] - o.miou, "answered": o.histogram(),
+                    "MACs_saved_pct": 100.0 * (1 - o.avg_macs / (final["GMACs"] * 1e9)),
+                })
         # descriptive, no calibration: one threshold for every exit, swept over the evaluation
         # split's own confidences (where the trade-off bends; the calibrated points sit on it or near it)
         values = np.unique(rec_e.confidences)
@@ -225,6 +244,18 @@ def write_table(results, args, out_dir, machine):
                 lines.append(f"| {c['budget']:g}{'' if c['feasible'] else ' (infeasible)'} | {th} | "
                              f"{c['calib_mIoU']:.2f} | {c['mIoU']:.2f} | {c['drop']:+.2f} | {c['GMACs']:.3f} | "
                              f"{c['MACs_saved_pct']:.1f}% | {ans} |")
+            if r.get("risk"):
+                lines += ["", f"Risk control (one shared threshold; per-image {r['risk'][0]['quality']} gap to the final "
+                          "output at most epsilon: in expectation for crc, with probability 1 - delta for ucb):", "",
+                          "| method | epsilon | threshold | calib risk | val risk | val mIoU | val drop | MACs saved | answered |",
+                          "|---|---|---|---|---|---|---|---|---|"]
+                for c in r["risk"]:
+                    m = c["method"] + (f" (delta {c['delta']:g})" if c["delta"] is not None else "")
+                    th = ("never" if c["threshold"] is None else f"{c['threshold']:.3f}") + (
+                        "" if c["feasible"] else " (cannot certify: " + c["reason"].split(": ")[-1] + ")")
+                    ans = ", ".join(f"{k} {v}" for k, v in c["answered"].items())
+                    lines.append(f"| {m} | {c['epsilon']:g} | {th} | {c['calib_risk']:.4f} | {c['val_risk']:.4f} | "
+                                 f"{c['mIoU']:.2f} | {c['drop']:+.2f} | {c['MACs_saved_pct']:.1f}% | {ans} |")
             lines += ["", "One threshold for every exit, swept on the evaluation split (descriptive, not calibrated):",
                       "", "| threshold | val mIoU | GMACs | answered |", "|---|---|---|---|"]
             sweep = r["sweep"]
@@ -319,6 +350,10 @@ def main(argv=None):
     p.add_argument("--operating-drop", type=float, default=1.0, help="the curve point that is timed")
     p.add_argument("--candidates", type=int, default=16, help="threshold candidates per exit")
     p.add_argument("--sweep-points", type=int, default=25, help="points of the shared-threshold sweep")
+    p.add_argument("--risk-epsilons", default="0.02,0.05,0.1",
+                   help="risk control: per-image gaps allowed (crc and ucb rows; empty: none)")
+    p.add_argument("--risk-delta", type=float, default=0.1, help="risk control (ucb): failure probability")
+    p.add_argument("--risk-quality", choices=["miou", "pixel_accuracy"], default="miou")
     p.add_argument("--plot", default="", help="also copy the plot here (e.g. docs/images/anytime_demo.png)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--no-timing", action="store_true", help="skip the timed runs (step 4)")
@@ -326,6 +361,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.drops = [float(v) for v in args.drops.split(",") if v.strip()]
     args.budgets = [float(v) for v in args.budgets.split(",") if v.strip()]
+    args.risk_epsilons = [float(v) for v in args.risk_epsilons.split(",") if v.strip()]
     setup_logger(name="segdistill")
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -23,6 +23,7 @@ from segdistill.evaluation.anytime import (
     AnytimeEvaluator, ExitRecords, anytime_cfg, calibrate, calibrate_from_config, check_held_out, collect_records,
     fixed_exit_outcome, miou_of_confusions, policy_outcome,
 )
+from segdistill.evaluation.anytime_risk import calibrate_risk
 from segdistill.modeling.stagewise import StagewiseBackbone
 from segdistill.modeling.meta_arch.anytime import (
     FINAL, AnytimeSegmentor, anytime_from_trained, anytime_state_dict, load_anytime_weights, load_thresholds,
@@ -494,6 +495,10 @@ def test_anytime_curve_benchmark_end_to_end(tmp_path, write_label_dataset):
     assert [c["budget"] for c in ds["budget_curve"]] == [0.1, 0.15, 0.2, 0.3, 0.5]
     assert ds["curve"][1]["GMACs"] <= ds["curve"][0]["GMACs"] <= ds["fixed"][FINAL]["GMACs"] + 1e-9
     assert ds["sweep"][-1]["threshold"] is None and ds["sweep"][-1]["answered"][FINAL] == 3  # "never": the head
+    # risk control rows: 4 calibration images cannot certify epsilon 0.1 (crc needs 9, ucb 22): never exit
+    assert [(c["method"], c["epsilon"]) for c in ds["risk"]] == [(m, e) for m in ("crc", "ucb") for e in (0.02, 0.05, 0.1)]
+    assert all(not c["feasible"] and c["threshold"] is None and c["val_risk"] == 0.0 for c in ds["risk"])
+    assert "at least 9 are needed" in ds["risk"][2]["reason"]
     assert ds["sweep"][-1]["GMACs"] == pytest.approx(ds["fixed"][FINAL]["GMACs"])
     assert ds["sweep"][0]["answered"]["res2"] == 3  # the lowest confidence seen: res2 answers every image
     assert ds["timed"]["confidence"]["consistent"] and ds["timed"]["confidence"]["max_drop"] == 0.0
@@ -512,6 +517,14 @@ def test_anytime_curve_benchmark_end_to_end(tmp_path, write_label_dataset):
     got = calibrate_from_config(ds_cfg(), thr, dataset=calib, max_drop=100, records_path=str(out / "records_DS_calib.npz"))
     doc = json.load(open(thr))
     assert got["thresholds"] == doc["thresholds"] == ds["curve"][1]["thresholds"] and doc["calibration"]["dataset"] == calib
+    # the risk-controlled variant through the same entry point: what calibrate_risk gives on those records
+    got = calibrate_from_config(ds_cfg(), thr, dataset=calib, risk_control="crc", epsilon=0.5,
+                                records_path=str(out / "records_DS_calib.npz"))
+    want = calibrate_risk(ExitRecords.load(str(out / "records_DS_calib.npz")), epsilon=0.5, method="crc")
+    assert want.feasible and got["risk_control"]["threshold"] == want.details["threshold"]
+    assert json.load(open(thr))["calibration"]["risk_control"]["method"] == "crc"
+    with pytest.raises(ValueError, match="not both"):
+        calibrate_from_config(ds_cfg(), thr, dataset=calib, risk_control="ucb", epsilon=0.1, max_drop=1.0)
     assert load_thresholds(thr, ["res2", "res3", "res4"], confidence="mean_max_prob", pixel_threshold=0.9)
     with pytest.raises(ValueError, match="is an evaluation split"):
         calibrate_from_config(ds_cfg(), thr, dataset=val)

@@ -12,7 +12,12 @@ are then searched on those records (docs/anytime.md):
 
 * ``--max-drop D``: the lowest average MACs whose mIoU is at most D points below the final
   output's on the split (default, D = 1);
-* ``--budget F``: the best mIoU whose average MACs are at most F x the final path's.
+* ``--budget F``: the best mIoU whose average MACs are at most F x the final path's;
+* ``--risk-control {crc,ucb} --epsilon E [--delta D] [--risk-quality miou|pixel_accuracy]``:
+  one threshold for every exit, chosen so that the per-image gap to the final output
+  (max(0, q_final - q_answer), q in [0, 1]) is at most E on new images drawn like the split:
+  in expectation (``crc``, conformal risk control) or with probability 1 - D (``ucb``,
+  Hoeffding-Bentkus upper bound); *Fast yet Safe* (Jazbec et al., NeurIPS 2024).
 
 The split defaults to ``<DATASETS.TRAIN[0]>_hs3_analysis`` (HS3_ANALYSIS.FRACTION,
 SPLIT_SEED, FILES); train on ``<name>_hs3_reduced`` to hold it out. An evaluation
@@ -45,6 +50,12 @@ def main(argv=None):
     goal = p.add_mutually_exclusive_group()
     goal.add_argument("--max-drop", type=float, default=None, help="mIoU points below the final output (default 1)")
     goal.add_argument("--budget", type=float, default=None, help="average MACs as a fraction of the final path's")
+    goal.add_argument("--risk-control", choices=["crc", "ucb"], default="",
+                      help="one shared threshold with a guarantee on new images (needs --epsilon)")
+    p.add_argument("--epsilon", type=float, default=None, help="risk control: the per-image gap allowed, in (0, 1)")
+    p.add_argument("--delta", type=float, default=0.1, help="risk control (ucb): the probability the bound may fail")
+    p.add_argument("--risk-quality", choices=["miou", "pixel_accuracy"], default="miou",
+                   help="risk control: the per-image quality whose gap is controlled")
     p.add_argument("--candidates", type=int, default=16, help="threshold candidates per exit")
     p.add_argument("--records", default="", help="save / reuse the split's records here (.npz)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
@@ -53,10 +64,14 @@ def main(argv=None):
     setup_logger(name="segdistill")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if bool(args.risk_control) != (args.epsilon is not None):
+        p.error("--risk-control and --epsilon go together.")
     cfg = anytime_cfg(args.config_file, args.opts)
     try:
         doc = calibrate_from_config(cfg, args.output, dataset=args.dataset, max_drop=args.max_drop,
-                                    budget=args.budget, candidates=args.candidates, records_path=args.records)
+                                    budget=args.budget, candidates=args.candidates, records_path=args.records,
+                                    risk_control=args.risk_control, epsilon=args.epsilon, delta=args.delta,
+                                    quality=args.risk_quality)
     except (ValueError, KeyError, FileNotFoundError) as e:
         p.error(str(e))
     print(json.dumps({**doc, "config": args.config_file}, indent=1))

@@ -12,7 +12,8 @@
   outputs.
 * :func:`calibrate` chooses the thresholds on a held-out split: the lowest average MACs whose
   mIoU is at most ``max_drop`` below the final output's, or the best mIoU within a MACs
-  ``budget``. :func:`check_held_out` refuses an evaluation split.
+  ``budget``; ``anytime_risk.calibrate_risk`` is the risk-controlled variant (one shared
+  threshold with a guarantee on new images). :func:`check_held_out` refuses an evaluation split.
 """
 from __future__ import annotations
 
@@ -294,9 +295,11 @@ class Calibration:
     objective: str
     feasible: bool
     candidates: int
+    details: dict = field(default_factory=dict)  # the risk-controlled variant's (anytime_risk.calibrate_risk)
 
     def summary(self) -> dict:
         return {
+            **({"risk_control": self.details} if self.details else {}),
             "objective": self.objective, "feasible": self.feasible, "candidates_per_exit": self.candidates,
             "mIoU_policy": self.outcome.miou, "mIoU_final": self.final.miou,
             "GMACs_policy": self.outcome.avg_macs / 1e9, "GMACs_final": self.final.avg_macs / 1e9,
@@ -460,7 +463,9 @@ def default_calibration_split(cfg) -> str:
 
 
 def calibrate_from_config(cfg, output: str, *, dataset: str = "", max_drop: Optional[float] = None,
-                          budget: Optional[float] = None, candidates: int = 16, records_path: str = "") -> dict:
+                          budget: Optional[float] = None, candidates: int = 16, records_path: str = "",
+                          risk_control: str = "", epsilon: Optional[float] = None, delta: float = 0.1,
+                          quality: str = "miou") -> dict:
     """What ``tools/calibrate_exits.py`` does: choose the thresholds of ``cfg``'s anytime model
     (:func:`anytime_cfg`, ``MODEL.WEIGHTS`` set) on a held-out split and write the thresholds
     file ``output``. Returns the file's summary (thresholds, ``None`` = never, and what they give
@@ -469,7 +474,18 @@ def calibrate_from_config(cfg, output: str, *, dataset: str = "", max_drop: Opti
     ``dataset``: the calibration split (default ``<DATASETS.TRAIN[0]>_hs3_analysis``); an
     evaluation split, or one sharing an image with one, is refused before anything runs.
     ``records_path``: save the split's records there, or reuse them when the file holds
-    records of this split. ``max_drop`` / ``budget``: :func:`calibrate`'s objectives."""
+    records of this split. ``max_drop`` / ``budget``: :func:`calibrate`'s objectives;
+    ``risk_control`` (``crc`` / ``ucb``) with ``epsilon``, ``delta``, ``quality`` instead:
+    ``anytime_risk.calibrate_risk`` (one shared threshold with a guarantee)."""
+    if risk_control:
+        from .anytime_risk import RISK_METHODS
+
+        if risk_control not in RISK_METHODS:
+            raise ValueError(f"risk_control must be one of {RISK_METHODS}, got {risk_control!r}.")
+        if max_drop is not None or budget is not None:
+            raise ValueError("Give either risk_control (with epsilon) or max_drop / budget, not both.")
+        if epsilon is None:
+            raise ValueError("risk_control needs epsilon: the per-image gap allowed, e.g. 0.02.")
     from ..modeling.meta_arch.anytime import save_thresholds
 
     name = register_split(cfg, dataset) if dataset else default_calibration_split(cfg)
@@ -488,13 +504,19 @@ def calibrate_from_config(cfg, output: str, *, dataset: str = "", max_drop: Opti
         records = collect_records(model, Trainer.build_test_loader(cfg, name), name)
         if records_path:
             records.save(records_path)
-    result = calibrate(records, max_drop=max_drop, budget=budget, candidates=candidates)
+    if risk_control:
+        from .anytime_risk import calibrate_risk
+
+        result = calibrate_risk(records, epsilon=epsilon, method=risk_control, delta=delta, quality=quality)
+    else:
+        result = calibrate(records, max_drop=max_drop, budget=budget, candidates=candidates)
     a = cfg.MODEL.EXITS.ANYTIME
     summary = {**result.summary(), "dataset": name, "images": records.num_images, "weights": cfg.MODEL.WEIGHTS}
     save_thresholds(output, result.thresholds, confidence=a.CONFIDENCE, pixel_threshold=a.PIXEL_THRESHOLD,
                     calibration=summary)
     if not result.feasible:
-        logger.warning("No threshold setting meets %s on %s; wrote the closest one.", result.objective, name)
+        why = result.details.get("reason", "wrote the closest one")
+        logger.warning("No threshold setting meets %s on %s: %s.", result.objective, name, why)
     return {"thresholds": {k: (None if not math.isfinite(v) else v) for k, v in result.thresholds.items()},
             **summary, "output": output}
 
