@@ -548,6 +548,7 @@ class Table:
             for need, label in (("hs3_clusters", "trade-off rule"), ("hs3_manual", "manual ratio")):
                 if os.path.isfile(self.clusters[need]):
                     lines += [f"HS3 clusters ({label}): {describe_clusters(self.clusters[need])}", ""]
+        lines += self.per_class_lines(results)
         verdict = self.verdict(results)
         lines += ["### Verdict (claims of the papers, paired by seed)", ""]
         if all(c["ok"] for c in checks):
@@ -563,6 +564,8 @@ class Table:
         with open(os.path.join(self.out, "table.md"), "w") as f:
             f.write(text + "\n")
         summary = {m: [{"seed": r["seed"], "mIoU": round(r["mIoU"], 3),
+                        "IoU": {k[len("sem_seg/IoU-"):]: round(v, 2) for k, v in r.get("metrics", {}).items()
+                                if k.startswith("sem_seg/IoU-")},
                         "exits": {e: round(v, 3) for e, v in r.get("exits", {}).items()},
                         "sec_per_iter": r.get("sec_per_iter")} for r in rs] for m, rs in results.items()}
         common = {"seeds": self.seeds, "blocks": {b: block_methods(b) for b in self.blocks},
@@ -581,6 +584,38 @@ class Table:
             for c in checks:
                 say(f"premise {'holds' if c['ok'] else 'FAILS'}: {c['name']}: {c['text']}")
         return text
+
+    def per_class_lines(self, results: Dict[str, List[dict]]) -> List[str]:
+        """Per-class IoU of every row (mean over its seeds), the classes no run predicts, and the
+        class whose IoU moves most between the seeds of one row: where the mIoU's variance lives."""
+        rows = [(n, rs) for n, rs in results.items() if rs and all(r.get("metrics") for r in rs)]
+        classes = per_class_names({k: 0 for _, rs in rows for r in rs for k in r["metrics"]})
+        if not classes:
+            return []
+        lines = ["### Per class (IoU %, mean over the row's seeds)", "",
+                 "| method | n | " + " | ".join(classes) + " |", "|---|---|" + "---|" * len(classes)]
+        spread = []  # (range over seeds, class, method, low, high)
+        for n, rs in rows:
+            ious = [[r["metrics"].get(f"sem_seg/IoU-{c}", float("nan")) for c in classes] for r in rs]
+            means = [statistics.mean(col) for col in zip(*ious)]
+            lines.append(f"| {METHODS[n].label} | {len(rs)} | " + " | ".join(f"{v:.1f}" for v in means) + " |")
+            if len(rs) > 1:
+                for c, col in zip(classes, zip(*ious)):
+                    spread.append((max(col) - min(col), c, n, min(col), max(col)))
+        never = [c for i, c in enumerate(classes)
+                 if all(r["metrics"].get(f"sem_seg/IoU-{c}", 0.0) < 1.0 for _, rs in rows for r in rs)]
+        lines.append("")
+        if never:
+            lines.append(f"Below 1 IoU in every run: {', '.join(never)} ({len(never)} of {len(classes)} classes).")
+        if spread:
+            per_class = {}
+            for rng, c, n, lo, hi in spread:
+                per_class.setdefault(c, []).append(rng)
+            top = max(spread)
+            lines.append(f"Largest seed-to-seed range within one row: {top[1]} in {METHODS[top[2]].label} "
+                         f"({top[3]:.1f} to {top[4]:.1f} IoU); median range per class over the rows: "
+                         + ", ".join(f"{c} {statistics.median(v):.1f}" for c, v in per_class.items()) + ".")
+        return lines + [""]
 
     def verdict(self, results: Dict[str, List[dict]]) -> List[dict]:
         out = []
@@ -680,6 +715,14 @@ def paired(base: List[dict], rows: List[dict]) -> dict:
 
     half = t.ppf(0.975, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
     return {"n": len(d), "mean": mean, "lo": mean - half, "hi": mean + half}
+
+
+def per_class_names(metrics: dict) -> List[str]:
+    """The class names of a final-output evaluation, in CamVid's class order."""
+    from segdistill.data.datasets.camvid import CAMVID_CLASSES
+
+    names = {k[len("sem_seg/IoU-"):] for k in metrics if k.startswith("sem_seg/IoU-")}
+    return [c for c in CAMVID_CLASSES if c in names] + sorted(names - set(CAMVID_CLASSES))
 
 
 def exit_mious(metrics: dict) -> Dict[str, float]:

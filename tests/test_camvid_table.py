@@ -160,10 +160,12 @@ def test_chain_pretrain_table_verdict(tiny):
                                  "mobilenetv2_100")
 
 
-def fake_run(out, method, seed, miou, exits=None):
+def fake_run(out, method, seed, miou, exits=None, ious=None):
     d = out / "runs" / method / f"seed{seed}"
     d.mkdir(parents=True, exist_ok=True)
-    (d / "result.json").write_text(json.dumps({"method": method, "seed": seed, "mIoU": miou, "exits": exits or {}}))
+    metrics = {f"sem_seg/IoU-{c}": v for c, v in (ious or {}).items()}
+    (d / "result.json").write_text(json.dumps({"method": method, "seed": seed, "mIoU": miou, "exits": exits or {},
+                                               **({"metrics": metrics} if ious else {})}))
 
 
 def fake_phase1(out, final, exits):
@@ -193,8 +195,15 @@ def test_premises_gate_the_verdict_and_cis_match_a_direct_t_interval(tiny):
         fake_run(out, "cwd", s, 29.0 + 0.1 * s)  # below the student in every seed
     fake_run(out, "teacher", 0, 45.0)
     fake_phase1(out, 42.0, {"res2": 30.0, "res3": 36.0, "res4": 41.0})
+    for s in range(5):  # per-class IoU on the student's runs: where the variance lives
+        fake_run(out, "student", s, 30.0 + 0.1 * s, ious={"tree": [20.0, 70.0, 40.0, 50.0, 60.0][s], "sky": 80.0 + s,
+                                                          "pole": 0.5, "mystery": 3.0})
     argv = ["--output", str(out), "--table-only", "--seeds", "5", "--data-root", str(data), "--blocks", "sr,distill"]
     text = table.main(argv)
+    assert "| student (MBV2) alone | 5 | 82.0 | 0.5 | 48.0 | 3.0 |" in text  # CamVid's order, then the others
+    assert "Below 1 IoU in every run: pole (1 of 4 classes)." in text
+    assert "Largest seed-to-seed range within one row: tree in student (MBV2) alone (20.0 to 70.0 IoU)" in text
+    assert json.loads((out / "summary.json").read_text())["results"]["student"][1]["IoU"]["tree"] == 70.0
     assert "holds: final above every DS exit (Phase-1 DS model, analysis split)" in text
     assert "res4 +1.0" in text and "margins res2 +10.2" in text  # baseline mean 40.24 vs DS res2 30
     assert "holds: teacher clearly above" in text and "| claim |" in text
