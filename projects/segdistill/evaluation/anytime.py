@@ -39,8 +39,8 @@ from .sem_seg import SemSegEvaluator
 
 __all__ = [
     "AnytimeEvaluator", "ExitRecords", "collect_records", "PolicyOutcome", "policy_outcome", "fixed_exit_outcome",
-    "Calibration", "calibrate", "check_held_out", "miou_of_confusions", "calibrate_from_config", "anytime_cfg",
-    "build_anytime_model", "evaluate_policy",
+    "Calibration", "calibrate", "check_held_out", "evaluate_thresholds", "miou_of_confusions", "calibrate_from_config",
+    "anytime_cfg", "build_anytime_model", "evaluate_policy",
 ]
 
 logger = logging.getLogger(__name__)
@@ -239,8 +239,9 @@ def _thresholds_array(records: ExitRecords, thresholds) -> np.ndarray:
     return np.where(t > 1.0, np.inf, t)
 
 
-def _evaluate(records: ExitRecords, t: np.ndarray, chunk: Optional[int] = None):
-    """mIoU and average MACs of threshold rows ``t`` (M x E), and the answers (M x N)."""
+def evaluate_thresholds(records: ExitRecords, t: np.ndarray, chunk: Optional[int] = None):
+    """mIoU and average MACs of threshold rows ``t`` (M x E, ``inf`` = never), and the answer of
+    every image under each row (M x N: index of the exit, E = the final head)."""
     n, e = records.confidences.shape
     k2 = records.confusions.shape[-1] ** 2
     flat = records.confusions.reshape(n, e + 1, k2).astype(np.float64)
@@ -268,7 +269,7 @@ def policy_outcome(records: ExitRecords, thresholds) -> PolicyOutcome:
     """The confidence policy with ``thresholds`` (exit -> value, or one per exit; above 1 =
     never) on the recorded split."""
     t = _thresholds_array(records, thresholds)[None]
-    miou, cost, ans = _evaluate(records, t)
+    miou, cost, ans = evaluate_thresholds(records, t)
     return PolicyOutcome(float(miou[0]), float(cost[0]), ans[0], list(records.exit_names))
 
 
@@ -365,7 +366,7 @@ def calibrate(records: ExitRecords, *, max_drop: Optional[float] = None, budget:
     args = (final.miou, final.avg_macs, max_drop, budget)
     if total <= max_combinations:
         t = np.array(list(itertools.product(*cands)), dtype=np.float64)
-        miou, cost, _ = _evaluate(records, t)
+        miou, cost, _ = evaluate_thresholds(records, t)
         best, feasible = _best(miou, cost, t, *args)
         chosen = t[best]
     else:
@@ -375,7 +376,7 @@ def calibrate(records: ExitRecords, *, max_drop: Optional[float] = None, budget:
             for i in range(len(names)):
                 t = np.repeat(chosen[None], len(cands[i]), axis=0)
                 t[:, i] = cands[i]
-                miou, cost, _ = _evaluate(records, t)
+                miou, cost, _ = evaluate_thresholds(records, t)
                 best, feasible = _best(miou, cost, t, *args)
                 chosen = t[best]
             if np.array_equal(chosen, before):

@@ -36,7 +36,9 @@ from typing import Optional
 import numpy as np
 
 from ..modeling.meta_arch.anytime import FINAL, NEVER
-from .anytime import Calibration, ExitRecords, _evaluate, fixed_exit_outcome, miou_of_confusions, policy_outcome
+from .anytime import (
+    Calibration, ExitRecords, evaluate_thresholds, fixed_exit_outcome, miou_of_confusions, policy_outcome,
+)
 
 __all__ = ["QUALITIES", "RISK_METHODS", "per_image_quality", "gap_losses", "shared_candidates",
            "hoeffding_bentkus_pvalue", "calibrate_risk"]
@@ -74,7 +76,7 @@ def gap_losses(records: ExitRecords, lambdas: np.ndarray, quality: str = "miou")
     lambdas = np.asarray(lambdas, dtype=np.float64)
     e = len(records.exit_names)
     q = per_image_quality(records, quality)
-    _, _, answers = _evaluate(records, np.repeat(lambdas[:, None], e, axis=1))
+    _, _, answers = evaluate_thresholds(records, np.repeat(lambdas[:, None], e, axis=1))
     answered = np.take_along_axis(q[None], answers[..., None], axis=2)[..., 0]
     return np.clip(q[None, :, e] - answered, 0.0, 1.0)
 
