@@ -478,15 +478,12 @@ def calibrate_from_config(cfg, output: str, *, dataset: str = "", max_drop: Opti
     records of this split. ``max_drop`` / ``budget``: :func:`calibrate`'s objectives;
     ``risk_control`` (``crc`` / ``ucb``) with ``epsilon``, ``delta``, ``quality`` instead:
     ``anytime_risk.calibrate_risk`` (one shared threshold with a guarantee)."""
-    if risk_control:
-        from .anytime_risk import RISK_METHODS
+    if risk_control:  # checked before the model runs
+        from .anytime_risk import check_risk_args
 
-        if risk_control not in RISK_METHODS:
-            raise ValueError(f"risk_control must be one of {RISK_METHODS}, got {risk_control!r}.")
         if max_drop is not None or budget is not None:
             raise ValueError("Give either risk_control (with epsilon) or max_drop / budget, not both.")
-        if epsilon is None:
-            raise ValueError("risk_control needs epsilon: the per-image gap allowed, e.g. 0.02.")
+        check_risk_args(risk_control, epsilon, delta, quality)
     from ..modeling.meta_arch.anytime import save_thresholds
 
     name = register_split(cfg, dataset) if dataset else default_calibration_split(cfg)

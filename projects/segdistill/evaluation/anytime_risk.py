@@ -40,7 +40,7 @@ from .anytime import (
     Calibration, ExitRecords, evaluate_thresholds, fixed_exit_outcome, miou_of_confusions, policy_outcome,
 )
 
-__all__ = ["QUALITIES", "RISK_METHODS", "per_image_quality", "gap_losses", "shared_candidates",
+__all__ = ["QUALITIES", "RISK_METHODS", "check_risk_args", "per_image_quality", "gap_losses", "shared_candidates",
            "hoeffding_bentkus_pvalue", "calibrate_risk"]
 
 QUALITIES = ("miou", "pixel_accuracy")
@@ -110,6 +110,20 @@ def hoeffding_bentkus_pvalue(risk_hat: float, n: int, epsilon: float) -> float:
     return min(p_hoeffding, p_bentkus, 1.0)
 
 
+def check_risk_args(method: str, epsilon: Optional[float], delta: float, quality: str) -> None:
+    """ValueError for a risk-control setting :func:`calibrate_risk` cannot use (callers check
+    before running a model)."""
+    if method not in RISK_METHODS:
+        raise ValueError(f"method must be one of {RISK_METHODS}, got {method!r}.")
+    if epsilon is None or not 0.0 < epsilon < 1.0:
+        raise ValueError(f"epsilon must be in (0, 1) (a per-image gap in units of {quality}, e.g. 0.05), "
+                         f"got {epsilon}.")
+    if method == "ucb" and not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must be in (0, 1), got {delta}.")
+    if quality not in QUALITIES:
+        raise ValueError(f"quality must be one of {QUALITIES}, got {quality!r}.")
+
+
 def calibrate_risk(records: ExitRecords, *, epsilon: float, method: str = "ucb", delta: float = 0.1,
                    quality: str = "miou", candidates: int = 2000) -> Calibration:
     """One threshold shared by every exit, chosen by risk control (module docstring).
@@ -121,12 +135,7 @@ def calibrate_risk(records: ExitRecords, *, epsilon: float, method: str = "ucb",
     bound at the chosen threshold. ``feasible`` is False when even "never exit" cannot be
     certified (too few calibration images for ``epsilon``/``delta``): then no exit is used.
     """
-    if method not in RISK_METHODS:
-        raise ValueError(f"method must be one of {RISK_METHODS}, got {method!r}.")
-    if not 0.0 < epsilon < 1.0:
-        raise ValueError(f"epsilon must be in (0, 1) (a per-image gap in units of {quality}), got {epsilon}.")
-    if method == "ucb" and not 0.0 < delta < 1.0:
-        raise ValueError(f"delta must be in (0, 1), got {delta}.")
+    check_risk_args(method, epsilon, delta, quality)
     names = list(records.exit_names)
     if not names:
         raise ValueError("calibrate_risk: the model has no exits.")

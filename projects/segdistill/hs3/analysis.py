@@ -365,9 +365,9 @@ def _kmeans_plusplus_batched(x: np.ndarray, xsq: np.ndarray, k: int, rng: np.ran
     # panel differently), so the products are precomputed for every (sample, position):
     # block b holds sample (b + p) % n at position p.
     pos = np.arange(trials)
-    blocks = x[blocks_index(n, pos)]  # [n, trials, d]
-    table = -2 * (blocks @ x.T)  # [n, trials, n]; [(i - p) % n, p]: sample i at position p
-    table += xsq[blocks_index(n, pos)][:, :, None]
+    held = (np.arange(n)[:, None] + pos[None, :]) % n  # [n, trials]: block b holds sample (b + p) % n at p
+    table = -2 * (x[held] @ x.T)  # [n, trials, n]; [(i - p) % n, p]: sample i at position p
+    table += xsq[held][:, :, None]
     table += xsq[None, None, :]
     np.maximum(table, 0, out=table)
     ones = np.ones(n)
@@ -396,11 +396,6 @@ def _kmeans_plusplus_batched(x: np.ndarray, xsq: np.ndarray, k: int, rng: np.ran
         closest = dist[runs, best]
         index[:, c] = cand[runs, best]
     return x[index]
-
-
-def blocks_index(n: int, pos: np.ndarray) -> np.ndarray:
-    """[n, len(pos)]: block b holds sample (b + p) % n at position p."""
-    return (np.arange(n)[:, None] + pos[None, :]) % n
 
 
 def _lloyd_batched(x: np.ndarray, centers: np.ndarray, max_iter: int, tol: float) -> Tuple[np.ndarray, np.ndarray]:
@@ -698,12 +693,13 @@ def _available_cpus() -> int:
 
 def _spectral_chunk(conf: np.ndarray, ks: Sequence[int], seed: int, embedding: np.ndarray,
                     one_thread: bool = False) -> List[np.ndarray]:
-    if one_thread:  # a worker process: the CPUs are shared out between processes already
-        from threadpoolctl import threadpool_limits
+    from contextlib import nullcontext
 
-        with threadpool_limits(1):
-            return [spectral_clusters(conf, k, seed=seed, embedding=embedding) for k in ks]
-    return [spectral_clusters(conf, k, seed=seed, embedding=embedding) for k in ks]
+    from threadpoolctl import threadpool_limits
+
+    # a worker process: the CPUs are shared out between processes already
+    with threadpool_limits(1) if one_thread else nullcontext():
+        return [spectral_clusters(conf, k, seed=seed, embedding=embedding) for k in ks]
 
 
 def _spectral_assignments(conf: np.ndarray, ks: Sequence[int], seed: int, embedding: np.ndarray,
