@@ -11,7 +11,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from segdistill.data import LabelValueError, SemSegDatasetMapper
 from segdistill.data.datasets import DEMO_CLASSES, DatasetLayoutError, ensure_demo_dataset, generate_scene, load_sem_seg_folder
 from segdistill.data.datasets.demo import DEMO_SPECS
-from segdistill.engine import ConfigError, check_dataset_names
+from segdistill.config import ConfigError, check_dataset_names
 
 
 def test_generator_is_deterministic_and_seed_dependent():

@@ -22,7 +22,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import HookBase
 from segdistill.data import SemSegDatasetMapper, UnreadableFileError, build_sem_seg_train_loader
 from segdistill.data.datasets import folder
-from segdistill.engine import LazyOverrideError, OutputDirConflictError, WeightsMismatchError, apply_lazy_overrides
+from segdistill.config import LazyOverrideError, apply_lazy_overrides
+from segdistill.engine import OutputDirConflictError, WeightsMismatchError
 
 
 def _load_train_net():

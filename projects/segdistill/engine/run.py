@@ -38,7 +38,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
-from .checks import ConfigError
+from ..config import ConfigError
 
 __all__ = ["RunOutput", "OutputDirConflictError", "setup_run", "output_dir_of", "LOGGER_NAMES"]
 

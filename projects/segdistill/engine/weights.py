@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Tuple
 from torch import nn
 
 from ..convert import SegDistillCheckpointer
-from .checks import ConfigError
+from ..config import ConfigError
 
 __all__ = ["LoadReport", "WeightsMismatchError", "check_weights_file", "load_weights", "load_checked_weights",
            "load_weights_for_evaluation", "DEFAULT_MIN_MATCHED"]

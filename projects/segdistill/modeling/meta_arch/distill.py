@@ -124,7 +124,7 @@ def build_teacher(
     if path.endswith(".py"):
         from detectron2.config import LazyConfig, instantiate
 
-        from ...engine.overrides import apply_lazy_overrides
+        from ...config import apply_lazy_overrides
 
         lazy = apply_lazy_overrides(LazyConfig.load(path), list(opts))  # unknown keys: an error
         teacher = instantiate(_lazy_with_stages(lazy.model, stages))
