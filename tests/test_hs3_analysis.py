@@ -21,7 +21,7 @@ from segdistill.hs3 import (
     ClustersFileError, TradeoffCurve, choose_k, clustered_miou, constant_ratio_ks, ground_truth_lut, kmeans_clusters,
     load_clusters, map_labels, merge_confusion, reference_theta, save_clusters, spectral_clusters, split_records,
 )
-from segdistill.hs3.analysis import register_hs3_split, maybe_register_hs3_split
+from segdistill.hs3.splits import register_hs3_split, maybe_register_hs3_split
 from segdistill.hs3.report import run_hs3_analysis
 from segdistill.hs3.choose import clusters_from_assignments, theta_line
 from segdistill.modeling.exits.hs3_clusters import canonical_assignment

@@ -11,9 +11,9 @@ import pytest
 
 from conftest import REPO
 from segdistill.hs3.analysis import (
-    affinity_from_confusion, kmeans_like_sklearn, spectral_clusters, spectral_clusters_reference,
-    spectral_embedding, tradeoff_curve,
+    affinity_from_confusion, spectral_clusters, spectral_clusters_reference, spectral_embedding, tradeoff_curve,
 )
+from segdistill.hs3.kmeans import kmeans_like_sklearn
 
 
 def load_benchmark():

@@ -49,7 +49,7 @@ from tabulate import tabulate  # noqa: E402
 import segdistill  # noqa: E402,F401
 from detectron2.config import get_cfg  # noqa: E402
 from segdistill import add_segdistill_config  # noqa: E402
-from segdistill.hs3.analysis import hs3_split_names  # noqa: E402
+from segdistill.hs3.splits import hs3_split_names  # noqa: E402
 from segdistill.hs3.report import k_equals_n_warning, run_hs3_analysis  # noqa: E402
 from segdistill.modeling.exits.hs3_clusters import clusters_fingerprint, file_sha256, load_clusters  # noqa: E402
 

@@ -24,7 +24,7 @@ from detectron2.utils import comm
 
 from ..convert import SegDistillCheckpointer
 from ..data import SemSegTrainLoader, check_eval_datasets
-from ..hs3 import maybe_register_hs3_split
+from ..hs3.splits import maybe_register_hs3_split
 from ..config import check_dataset_names, check_device
 from .ddp import broadcast_batchnorm_buffers, create_ddp_model
 from .hooks import ExactResumeHook, TrainingCurvesHook, TrainingProgressHook

@@ -436,8 +436,7 @@ def build_anytime_model(cfg):
 def register_split(cfg, name: str) -> str:
     """Make ``name`` usable: registered already, or a derived ``<X>_hs3_analysis`` /
     ``<X>_hs3_reduced`` split of ``HS3_ANALYSIS`` (FRACTION, SPLIT_SEED, FILES)."""
-    from ..hs3.analysis import maybe_register_hs3_split
-    from ..hs3.splits import read_analysis_files
+    from ..hs3.splits import maybe_register_hs3_split, read_analysis_files
 
     h = cfg.HS3_ANALYSIS
     if not maybe_register_hs3_split(name, h.FRACTION, h.SPLIT_SEED, read_analysis_files(h.FILES)):
@@ -449,7 +448,7 @@ def register_split(cfg, name: str) -> str:
 def default_calibration_split(cfg) -> str:
     """``<train>_hs3_analysis``: the held-out part of ``DATASETS.TRAIN[0]`` (``HS3_ANALYSIS``'s
     split), registered on the way; warns when the model was trained on all of the training set."""
-    from ..hs3.analysis import ANALYSIS_SUFFIX, REDUCED_SUFFIX
+    from ..hs3.splits import ANALYSIS_SUFFIX, REDUCED_SUFFIX
 
     if not cfg.DATASETS.TRAIN:
         raise ValueError("DATASETS.TRAIN is empty: name the calibration split with --dataset.")

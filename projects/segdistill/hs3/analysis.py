@@ -1,12 +1,12 @@
-"""HS3 Phase 1 (paper section 3.1): analysis split, confusion matrices, clustering, trade-off curves.
+"""HS3 Phase 1 (paper section 3.1): confusion matrices, clustering, trade-off curves.
 
 1. The training set is split into a *reduced training* set (train a deep-supervision
-   model on it) and an *analysis* set (evaluate it there): :func:`split_records`,
-   :func:`register_hs3_split`.
+   model on it) and an *analysis* set (evaluate it there): :mod:`.splits`.
 2. The evaluator saves one confusion matrix per output (``confusion_sem_seg.npy`` for the
    final output, ``confusion_sem_seg_<exit>.npy`` per exit): :func:`load_confusions`.
 3. For every stage and every K, the classes are clustered (spectral clustering of the
-   symmetric confusion ``A = (C + C^T) / 2``, or k-means of per-class features) and the
+   symmetric confusion ``A = (C + C^T) / 2``, whose k-means is :mod:`.kmeans`, or k-means
+   of per-class features) and the
    clustered mIoU is computed from the same confusion matrix by merging its rows and
    columns (:func:`merge_confusion`): no second inference pass. This gives the
    performance-complexity curve of each stage (:func:`tradeoff_curve`).
@@ -29,134 +29,24 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from ..evaluation.metrics import metrics_from_confusion
 from ..modeling.exits.hs3_clusters import canonical_assignment
+from .kmeans import kmeans_like_sklearn
 
 __all__ = [
-    "split_records", "register_hs3_split", "maybe_register_hs3_split", "hs3_split_names",
     "load_confusions", "StageConfusion", "FINAL_KEY",
     "affinity_from_confusion", "spectral_embedding", "spectral_clusters", "spectral_clusters_reference",
-    "kmeans_like_sklearn", "kmeans_clusters", "merge_confusion",
+    "kmeans_clusters", "merge_confusion",
     "clustered_miou", "TradeoffCurve", "tradeoff_curve", "default_k_grid", "parse_k_grid",
 ]
 
 logger = logging.getLogger(__name__)
 
 FINAL_KEY = "sem_seg"  # the evaluator's key of the final output; exits are sem_seg_<exit>
-REDUCED_SUFFIX = "_hs3_reduced"
-ANALYSIS_SUFFIX = "_hs3_analysis"
-
-
-# ----------------------------------------------------------------------------- split
-
-
-def split_records(
-    records: Sequence[dict],
-    analysis_fraction: float = 0.1,
-    seed: int = 0,
-    analysis_files: Optional[Sequence[str]] = None,
-) -> Tuple[List[dict], List[dict]]:
-    """Split dataset dicts into (reduced training, analysis) sets, disjoint and covering.
-
-    Deterministic: the records are ordered by ``file_name`` before a seeded permutation,
-    so the same files land in the same set whatever the input order or process.
-    ``round(fraction * n)`` records (at least 1, at most n - 1) go to the analysis set.
-    With ``analysis_files`` (full paths, or base names when unique) those records form the
-    analysis set instead; a name that matches no record is an error. Each output keeps
-    the input order.
-    """
-    n = len(records)
-    names = [str(r["file_name"]) for r in records]
-    if len(set(names)) != n:
-        raise ValueError("Dataset records share file names; the HS3 split identifies records by file_name.")
-    if analysis_files is not None:
-        wanted = {str(f) for f in analysis_files}
-        by_full = {nm: i for i, nm in enumerate(names)}
-        by_base: Dict[str, List[int]] = {}
-        for i, nm in enumerate(names):
-            by_base.setdefault(os.path.basename(nm), []).append(i)
-        chosen = set()
-        unknown = []
-        for f in sorted(wanted):
-            candidates = [by_full[f]] if f in by_full else by_base.get(os.path.basename(f), [])
-            if len(candidates) > 1:
-                raise ValueError(f"Analysis file {f!r} matches several records by its base name; give its full path.")
-            if candidates:
-                chosen.add(candidates[0])
-            else:
-                unknown.append(f)
-        if unknown:
-            raise ValueError(f"Analysis files not in the dataset: {sorted(unknown)[:10]} ({len(unknown)} in all).")
-        if not chosen or len(chosen) == n:
-            raise ValueError(f"The analysis files select {len(chosen)} of {n} records; both sets must be non-empty.")
-    else:
-        if not 0.0 < analysis_fraction < 1.0:
-            raise ValueError(f"analysis_fraction must be in (0, 1), got {analysis_fraction}.")
-        if n < 2:
-            raise ValueError(f"Cannot split {n} record(s) into a reduced training and an analysis set.")
-        k = min(n - 1, max(1, int(round(analysis_fraction * n))))
-        order = sorted(range(n), key=lambda i: names[i])
-        perm = np.random.default_rng(seed).permutation(n)
-        chosen = {order[i] for i in perm[:k]}
-    reduced = [r for i, r in enumerate(records) if i not in chosen]
-    analysis = [r for i, r in enumerate(records) if i in chosen]
-    return reduced, analysis
-
-
-def hs3_split_names(dataset_name: str) -> Tuple[str, str]:
-    """Derived catalog names: (``<name>_hs3_reduced``, ``<name>_hs3_analysis``)."""
-    return dataset_name + REDUCED_SUFFIX, dataset_name + ANALYSIS_SUFFIX
-
-
-def register_hs3_split(
-    dataset_name: str,
-    analysis_fraction: float = 0.1,
-    seed: int = 0,
-    analysis_files: Optional[Sequence[str]] = None,
-) -> Tuple[str, str]:
-    """Register ``<name>_hs3_reduced`` and ``<name>_hs3_analysis`` in DatasetCatalog, with
-    the parent's metadata copied; idempotent (already registered names are kept).
-
-    The records are split lazily, when a subset is first asked for, so registering on
-    import costs nothing. Returns the two names.
-    """
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-
-    if dataset_name not in DatasetCatalog.list():
-        raise KeyError(f"Dataset {dataset_name!r} is not registered; cannot derive its HS3 split.")
-    names = hs3_split_names(dataset_name)
-    files = list(analysis_files) if analysis_files is not None else None
-    meta = {k: v for k, v in MetadataCatalog.get(dataset_name).as_dict().items() if k != "name"}
-    for which, name in enumerate(names):
-        if name in DatasetCatalog.list():
-            continue
-
-        def load(which=which):
-            parts = split_records(DatasetCatalog.get(dataset_name), analysis_fraction, seed, files)
-            return parts[which]
-
-        DatasetCatalog.register(name, load)
-        MetadataCatalog.get(name).set(**meta, hs3_parent=dataset_name, hs3_subset=("reduced", "analysis")[which])
-    return names
-
-
-def maybe_register_hs3_split(name: str, analysis_fraction: float = 0.1, seed: int = 0,
-                             analysis_files: Optional[Sequence[str]] = None) -> bool:
-    """Register the split behind a derived name (``X_hs3_reduced`` / ``X_hs3_analysis``) when
-    X is registered; True if ``name`` is (now) registered. Lets configs name the subsets."""
-    from detectron2.data import DatasetCatalog
-
-    if name in DatasetCatalog.list():
-        return True
-    for suffix in (REDUCED_SUFFIX, ANALYSIS_SUFFIX):
-        if name.endswith(suffix) and name[: -len(suffix)] in DatasetCatalog.list():
-            register_hs3_split(name[: -len(suffix)], analysis_fraction, seed, analysis_files)
-            return True
-    return False
 
 
 # ----------------------------------------------------------------------------- confusion files
@@ -315,212 +205,6 @@ def spectral_clusters_reference(conf: np.ndarray, k: int, seed: int = 0, normali
         warnings.simplefilter("ignore", UserWarning)  # "graph not fully connected" on near-block matrices
         labels = model.fit_predict(affinity_from_confusion(conf, normalize))
     return _full_k(canonical_assignment(labels), k, conf)
-
-
-# ----------------------------------------------------------------------------- k-means
-
-
-def kmeans_like_sklearn(x: np.ndarray, k: int, rng: np.random.RandomState, n_init: int = 10,
-                        max_iter: int = 300, tol: float = 1e-4) -> np.ndarray:
-    """Labels of ``sklearn.cluster.k_means(x, k, random_state=rng, n_init=n_init)`` (greedy
-    k-means++ with ``2 + int(log k)`` local trials, then Lloyd; the run of lowest inertia),
-    for small dense problems (classes x K), without scikit-learn's per-call overhead.
-
-    The same random numbers are drawn in the same order, and every quantity a decision
-    depends on is computed with the same operations on arrays of the same shapes, so the
-    labels are the same; the ``n_init`` runs advance together (batched array operations),
-    which is where the speed comes from. Inertias are summed in a different order, which
-    matters only if two different clusterings tie to rounding error.
-    """
-    x = np.array(x, dtype=np.float64, order="C", copy=True)
-    n, d = x.shape
-    if not 1 <= k <= n:
-        raise ValueError(f"k={k} must be in [1, {n}].")
-    tol = float(np.mean(np.var(x, axis=0)) * tol)  # scikit-learn's _tolerance, before centring
-    x -= x.mean(axis=0)
-    xsq = np.einsum("ij,ij->i", x, x)
-    centers = _kmeans_plusplus_batched(x, xsq, k, rng, n_init)
-    labels, inertia = _lloyd_batched(x, centers, max_iter, tol)
-    best = 0
-    for r in range(1, n_init):  # scikit-learn keeps a later run only if better and a different partition
-        if inertia[r] < inertia[best] and not _same_partition(labels[r], labels[best], k):
-            best = r
-    return labels[best]
-
-
-def _kmeans_plusplus_batched(x: np.ndarray, xsq: np.ndarray, k: int, rng: np.random.RandomState,
-                             n_init: int) -> np.ndarray:
-    """The ``n_init`` k-means++ initialisations scikit-learn makes one after another from
-    ``rng`` (``_kmeans_plusplus`` with unit sample weights), made side by side: [n_init, k, d]."""
-    n = len(x)
-    trials = 2 + int(np.log(k))
-    draws = rng.random_sample(n_init * (1 + (k - 1) * trials)).reshape(n_init, -1)
-    cdf = (np.ones(n) / n).cumsum()  # RandomState.choice(n, p=uniform) on one draw
-    cdf /= cdf[-1]
-    first = cdf.searchsorted(draws[:, 0], side="right")
-    steps = draws[:, 1:].reshape(n_init, k - 1, trials)
-    # Squared distances from candidates to every sample, as scikit-learn computes them for a
-    # (trials, d) block of candidates: -2 X_cand @ X.T + |x_cand|^2 + |x|^2. A row of such a
-    # product depends on the row's position in the block (BLAS kernels treat the rows of a
-    # panel differently), so the products are precomputed for every (sample, position):
-    # block b holds sample (b + p) % n at position p.
-    pos = np.arange(trials)
-    held = (np.arange(n)[:, None] + pos[None, :]) % n  # [n, trials]: block b holds sample (b + p) % n at p
-    table = -2 * (x[held] @ x.T)  # [n, trials, n]; [(i - p) % n, p]: sample i at position p
-    table += xsq[held][:, :, None]
-    table += xsq[None, None, :]
-    np.maximum(table, 0, out=table)
-    ones = np.ones(n)
-    runs = np.arange(n_init)
-    closest = np.empty((n_init, n))
-    pot = np.empty(n_init)
-    for r in range(n_init):  # the first centre's distances come from a (1, d) @ (d, n) product
-        c0 = x[first[r]][None, :]
-        row = -2 * (c0 @ x.T)
-        row += np.einsum("ij,ij->i", c0, c0)[:, None]
-        row += xsq[None, :]
-        np.maximum(row, 0, out=row)
-        closest[r] = row[0]
-        pot[r] = (row @ ones)[0]
-    index = np.empty((n_init, k), dtype=np.int64)
-    index[:, 0] = first
-    for c in range(1, k):
-        targets = steps[:, c - 1, :] * pot[:, None]
-        cums = np.cumsum(closest, axis=1)
-        cand = (cums[:, None, :] < targets[:, :, None]).sum(-1)  # searchsorted(cums, targets), side left
-        np.minimum(cand, n - 1, out=cand)
-        dist = np.minimum(closest[:, None, :], table[(cand - pos) % n, pos])
-        cand_pot = (dist @ ones[:, None])[:, :, 0]
-        best = np.argmin(cand_pot, axis=1)
-        pot = cand_pot[runs, best]
-        closest = dist[runs, best]
-        index[:, c] = cand[runs, best]
-    return x[index]
-
-
-def _lloyd_batched(x: np.ndarray, centers: np.ndarray, max_iter: int, tol: float) -> Tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's ``_kmeans_single_lloyd`` for each run of ``centers`` [R, k, d]:
-    labels [R, n] and inertias [R]."""
-    runs, k, d = centers.shape
-    n = len(x)
-    centers = centers.copy()
-    labels = np.zeros((runs, n), dtype=np.int64)
-    labels_old = np.full((runs, n), -1, dtype=np.int64)
-    active = np.ones(runs, dtype=bool)
-    strict = np.zeros(runs, dtype=bool)
-    for _ in range(max_iter):
-        act = np.flatnonzero(active)
-        if not len(act):
-            break
-        c_old = centers[act]
-        lab = _assign(x, c_old)
-        labels[act] = lab
-        c_new, weight = _cluster_sums(x, lab, k)
-        for i in np.flatnonzero((weight == 0).any(1)):
-            _relocate_empty(x, c_old[i], c_new[i], weight[i], lab[i])
-        _average(c_new, weight)
-        shift = np.sqrt(_sq_norm_unrolled(c_new - c_old))
-        centers[act] = c_new
-        same = (lab == labels_old[act]).all(1)
-        strict[act[same]] = True
-        done = same | ((shift ** 2).sum(1) <= tol)
-        active[act[done]] = False
-        labels_old[act] = lab
-    relabel = np.flatnonzero(~strict)  # the final E-step when not strictly converged
-    if len(relabel):
-        labels[relabel] = _assign(x, centers[relabel])
-    inertia = _sq_norm_unrolled(x[None] - np.take_along_axis(centers, labels[:, :, None], axis=1)).sum(1)
-    return labels, inertia
-
-
-def _assign(x: np.ndarray, centers: np.ndarray) -> np.ndarray:
-    """Nearest centre (first on ties) per sample, from ``|c|^2 - 2 x.c`` as scikit-learn's
-    Lloyd step computes it; centers [R, k, d] -> [R, n]."""
-    dist = -2 * (x[None] @ centers.transpose(0, 2, 1))
-    dist += np.einsum("rkd,rkd->rk", centers, centers)[:, None, :]
-    return np.argmin(dist, axis=2)
-
-
-def _cluster_sums(x: np.ndarray, labels: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Per run and cluster, the sum of its samples added one by one in sample order (as
-    scikit-learn's Lloyd step adds them), and the counts: [R, k, d], [R, k]."""
-    runs, n = labels.shape
-    keys = (labels + k * np.arange(runs)[:, None]).ravel()
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-    sizes = np.diff(np.r_[starts, len(keys)])
-    rows = order % n
-    sums = np.zeros((runs * k, x.shape[1]))
-    if len(starts) <= 8 * int(sizes.max()):  # few large clusters: one reduction per cluster
-        sums[sorted_keys[starts]] = np.add.reduceat(x[rows], starts, axis=0)
-    else:  # many small clusters: add the r-th member of every cluster at once, r = 0, 1, ...
-        rank = np.arange(len(keys)) - np.repeat(starts, sizes)
-        first = rank == 0
-        sums[sorted_keys[first]] = x[rows[first]]
-        for r in range(1, int(sizes.max())):
-            sel = rank == r
-            sums[sorted_keys[sel]] += x[rows[sel]]
-    weight = np.bincount(keys, minlength=runs * k).astype(np.float64)
-    return sums.reshape(runs, k, -1), weight.reshape(runs, k)
-
-
-def _relocate_empty(x, c_old, c_new, weight, labels) -> None:
-    """scikit-learn's ``_relocate_empty_clusters_dense``: each empty cluster takes one of the
-    samples farthest from their centres (in place)."""
-    empty = np.flatnonzero(weight == 0)
-    dist = ((x - c_old[labels]) ** 2).sum(axis=1)
-    if np.max(dist) == 0:
-        return
-    far = np.argpartition(dist, -len(empty))[: -len(empty) - 1: -1]
-    for e, f in zip(empty, far):
-        old = labels[f]
-        c_new[old] -= x[f]
-        c_new[e] = x[f]
-        weight[e] = 1.0
-        weight[old] -= 1.0
-
-
-def _average(sums: np.ndarray, weight: np.ndarray) -> None:
-    """Sums -> means (times the reciprocal, as scikit-learn does) in place; sums [R, k, d],
-    weight [R, k]. An empty cluster (left only when every sample sits on its centre) takes
-    the heaviest cluster's centre as scikit-learn's loop leaves it: already averaged if the
-    heaviest comes first, still a sum if it comes later."""
-    empty_runs = np.flatnonzero((weight == 0).any(1))
-    heaviest = {r: (int(np.argmax(weight[r])), sums[r, np.argmax(weight[r])].copy()) for r in empty_runs}
-    reciprocal = np.divide(1.0, weight, out=np.zeros_like(weight), where=weight > 0)
-    sums *= reciprocal[:, :, None]
-    for r, (h, unscaled) in heaviest.items():
-        for j in np.flatnonzero(weight[r] == 0):
-            sums[r, j] = sums[r, h] if h < j else unscaled
-
-
-def _sq_norm_unrolled(diff: np.ndarray) -> np.ndarray:
-    """Squared norm over the last axis summed as scikit-learn's ``_euclidean_dense_dense``
-    sums it (blocks of four, then the rest)."""
-    sq = diff * diff
-    d = sq.shape[-1]
-    blocks = d // 4
-    out = np.zeros(sq.shape[:-1])
-    if blocks:
-        q = sq[..., : 4 * blocks].reshape(sq.shape[:-1] + (blocks, 4))
-        four = ((q[..., 0] + q[..., 1]) + q[..., 2]) + q[..., 3]
-        for j in range(blocks):
-            out += four[..., j]
-    for j in range(4 * blocks, d):
-        out += sq[..., j]
-    return out
-
-
-def _same_partition(a: np.ndarray, b: np.ndarray, k: int) -> bool:
-    """Whether two labellings are the same partition (scikit-learn's _is_same_clustering)."""
-    mapping = np.full(k, -1)
-    for u, v in zip(a.tolist(), b.tolist()):
-        if mapping[u] == -1:
-            mapping[u] = v
-        elif mapping[u] != v:
-            return False
-    return True
 
 
 def kmeans_clusters(features: np.ndarray, k: int, seed: int = 0) -> np.ndarray:

@@ -30,7 +30,7 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .analysis import TradeoffCurve, spectral_clusters
+from .analysis import TradeoffCurve
 from ..modeling.exits.hs3_clusters import ExitClusters, HS3Clusters, assignment_from_groups
 
 __all__ = [
@@ -106,11 +106,6 @@ def constant_ratio_ks(exit_names: Sequence[str], num_classes: int, ratio: float 
 def manual_assignment(groups: Sequence[Sequence[str]], class_names: Sequence[str], where: str = "manual clusters") -> np.ndarray:
     """Assignment from a person's grouping (lists of class names, every class once)."""
     return assignment_from_groups(groups, class_names, where)
-
-
-def spectral_for_ks(conf: np.ndarray, ks: Mapping[str, int], seed: int = 0, normalize: str = "row") -> Dict[str, np.ndarray]:
-    """Groupings "by the clustering" for given K_i (manual K, no trade-off analysis)."""
-    return {name: spectral_clusters(conf, k, seed=seed, normalize=normalize) for name, k in ks.items()}
 
 
 def clusters_from_assignments(
