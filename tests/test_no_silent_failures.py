@@ -1,4 +1,4 @@
-"""Issue 17: failures that used to be silent or late. Each test reproduces one failure and
+"""Failures that used to be silent or late. Each test reproduces one failure and
 checks the new behaviour, mostly in-process through train_net.py's own functions (fast).
 
 1. corrupt images (load-time decode check, stop / skip, errors naming file and dataset)

@@ -112,3 +112,30 @@ def test_bad_command_lines_fail_clearly(tmp_path, override, message):
                             "OUTPUT_DIR", tmp_path / "run"))
     assert message in str(e.value)
     assert not (tmp_path / "run").exists()  # failed before the build: nothing written
+
+
+def test_the_trainer_constructor_leaves_what_detectron2s_leaves(tmp_path):
+    """Trainer.__init__ builds DefaultTrainer's pieces itself (DefaultTrainer.__init__ cannot wrap
+    a CPU model for several processes, nor find unused parameters). In one process, where
+    detectron2's constructor works, both leave the same attributes, of the same kinds, so a
+    detectron2 release that changes its constructor fails here rather than in a training."""
+    from detectron2.config import get_cfg
+    from detectron2.engine import DefaultTrainer
+    from segdistill.config import add_segdistill_config
+    from segdistill.engine import Trainer
+
+    def cfg_in(out):
+        cfg = get_cfg()
+        add_segdistill_config(cfg)
+        cfg.merge_from_file(os.path.join(REPO, "configs/demo/deeplabv3_r18.yaml"))
+        cfg.merge_from_list(TINY + ["OUTPUT_DIR", str(out)])
+        return cfg
+
+    class WithDetectron2Constructor(Trainer):
+        def __init__(self, cfg):
+            DefaultTrainer.__init__(self, cfg)
+
+    ours, theirs = vars(Trainer(cfg_in(tmp_path / "ours"))), vars(WithDetectron2Constructor(cfg_in(tmp_path / "d2")))
+    assert set(ours) - {"output"} == set(theirs)
+    for name, value in theirs.items():
+        assert isinstance(ours[name], type(value)), (name, type(ours[name]), type(value))

@@ -7,12 +7,13 @@ only for CUDA models, and ``find_unused_parameters`` comes from the caller (the 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from detectron2.utils import comm
 
-__all__ = ["create_ddp_model", "broadcast_batchnorm_buffers"]
+__all__ = ["create_ddp_model", "broadcast_batchnorm_buffers", "unwrap_model"]
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -34,6 +35,11 @@ def create_ddp_model(model: nn.Module, *, fp16_compression: bool = False, **kwar
     return ddp
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
 @torch.no_grad()
 def broadcast_batchnorm_buffers(model: nn.Module, src: int = 0) -> int:
     """Copy the BatchNorm running statistics of process ``src`` to every process.
@@ -46,9 +52,7 @@ def broadcast_batchnorm_buffers(model: nn.Module, src: int = 0) -> int:
     one process)."""
     if comm.get_world_size() == 1:
         return 0
-    import torch.distributed as dist
-
-    model = model.module if isinstance(model, DistributedDataParallel) else model
+    model = unwrap_model(model)
     n = 0
     for m in model.modules():
         if isinstance(m, _BATCH_NORMS) and m.track_running_stats:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from typing import Optional, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -12,29 +13,34 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 
 from ..data.build import SemSegTrainLoader, step_seed
+from .ddp import unwrap_model
 
-__all__ = ["ExactResumeHook", "TrainingCurvesHook", "TrainingProgressHook", "unwrap_model"]
+__all__ = ["ExactResumeHook", "TrainingCurvesHook", "TrainingProgressHook", "FollowsTrainingProgress",
+           "exact_resume_hook", "unwrap_model"]
 
 
-def unwrap_model(model):
-    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
-    return getattr(model, "module", model)
+@runtime_checkable
+class FollowsTrainingProgress(Protocol):
+    """The contract of a model whose losses follow a schedule (a temperature, a ramped weight,
+    a warm-up): :class:`TrainingProgressHook` calls ``set_training_progress`` before every step
+    with the iteration about to run and the run's last iteration. The project's
+    ``MultiExitSegmentor`` and ``Distiller`` implement it (and pass it on to their exit
+    objective and losses)."""
+
+    def set_training_progress(self, iteration: int, max_iter: int) -> None: ...
 
 
 class TrainingProgressHook(HookBase):
     """Tell the model where training stands, before every step.
 
-    Models whose losses follow a schedule (a temperature, a ramped weight, a warm-up) define
-    ``set_training_progress(iteration, max_iter)``; this hook calls it with the iteration
-    about to run, so the schedules are a pure function of the iteration and a resumed run
-    continues them exactly. Models without the method are left alone.
+    The schedules of a :class:`FollowsTrainingProgress` model are then a pure function of the
+    iteration, so a resumed run continues them exactly. Other models are left alone.
     """
 
     def before_step(self):
         model = unwrap_model(self.trainer.model)
-        fn = getattr(model, "set_training_progress", None)
-        if fn is not None:
-            fn(self.trainer.iter, self.trainer.max_iter)
+        if isinstance(model, FollowsTrainingProgress):
+            model.set_training_progress(self.trainer.iter, self.trainer.max_iter)
 
 
 class TrainingCurvesHook(HookBase):
@@ -112,3 +118,16 @@ class ExactResumeHook(HookBase):
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
+
+
+def exact_resume_hook(loader, source: str) -> Optional[ExactResumeHook]:
+    """The :class:`ExactResumeHook` of a training loader made by
+    :func:`segdistill.data.build_sem_seg_train_loader`; for any other loader None, with a
+    warning that ``--resume`` restarts its data order (``source`` names where the loader
+    came from, e.g. ``build_train_loader``)."""
+    if isinstance(loader, SemSegTrainLoader):
+        return ExactResumeHook(loader)
+    logging.getLogger(__name__).warning(
+        "%s returned a %s, not segdistill.data.build_sem_seg_train_loader's loader: --resume restarts its data "
+        "order.", source, type(loader).__name__)
+    return None

@@ -23,11 +23,11 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 from ..convert import SegDistillCheckpointer
-from ..data import SemSegTrainLoader, check_eval_datasets
+from ..data import check_eval_datasets
 from ..hs3.splits import maybe_register_hs3_split
 from ..config import check_dataset_names, check_device
 from .ddp import broadcast_batchnorm_buffers, create_ddp_model
-from .hooks import ExactResumeHook, TrainingCurvesHook, TrainingProgressHook
+from .hooks import TrainingCurvesHook, TrainingProgressHook, exact_resume_hook
 from .run import RunOutput
 from .trainer import anytime_evaluators
 from .weights import DEFAULT_MIN_MATCHED, check_weights_file, load_weights_for_evaluation
@@ -105,15 +105,9 @@ def lazy_train(cfg, resume: bool = False, output: RunOutput = None):
     checkpointer = SegDistillCheckpointer(model, cfg.train.output_dir, trainer=trainer)  # converts foreign files
     output.open()  # the first write into train.output_dir: model and data are built
     main = comm.is_main_process()
-    if isinstance(train_loader, SemSegTrainLoader):
-        exact = ExactResumeHook(train_loader)
-    else:
-        exact = None
-        logger.warning("dataloader.train is a %s, not segdistill.data.build_sem_seg_train_loader's loader: "
-                       "--resume restarts its data order.", type(train_loader).__name__)
     trainer.register_hooks([
         hooks.IterationTimer(),
-        exact,
+        exact_resume_hook(train_loader, "dataloader.train"),
         TrainingProgressHook(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main else None,

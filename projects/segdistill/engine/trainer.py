@@ -1,10 +1,11 @@
 """The project's Trainer: detectron2's DefaultTrainer with semantic-segmentation defaults.
 
-Differences from ``DefaultTrainer``:
+Differences from ``DefaultTrainer``, in its overridable ``build_*`` methods and ``test``, and
+in the constructor (the reason is written there):
 
-* DDP is built by :func:`segdistill.engine.ddp.create_ddp_model`, which works for CPU
-  models (gloo) and takes ``MODEL.FIND_UNUSED_PARAMETERS`` from the config (detectron2
-  hard-codes it off; multi-exit models need it);
+* DDP is built by :meth:`Trainer.build_ddp_model` (:func:`segdistill.engine.ddp.create_ddp_model`),
+  which works for CPU models (gloo) and takes ``MODEL.FIND_UNUSED_PARAMETERS`` from the config
+  (detectron2 hard-codes it off; multi-exit models need it);
 * data: :class:`SemSegDatasetMapper` for training and testing; the training loader is
   :func:`segdistill.data.build_sem_seg_train_loader` (resumable data order, per-sample
   augmentation seeds, ``DATALOADER.ON_UNREADABLE``), and :class:`ExactResumeHook` makes
@@ -30,14 +31,15 @@ import weakref
 from detectron2.data import MetadataCatalog, build_detection_test_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.projects.deeplab import build_lr_scheduler as build_deeplab_lr_scheduler
+from detectron2.projects.deeplab.lr_scheduler import WarmupPolyLR
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..convert import SegDistillCheckpointer
-from ..data import SemSegDatasetMapper, SemSegTrainLoader, build_sem_seg_train_loader, check_eval_datasets
+from ..data import SemSegDatasetMapper, build_sem_seg_train_loader, check_eval_datasets
 from ..evaluation import SemSegEvaluator, build_label_spaces
 from .ddp import broadcast_batchnorm_buffers, create_ddp_model
-from .hooks import ExactResumeHook, TrainingCurvesHook, TrainingProgressHook, unwrap_model
+from .hooks import TrainingCurvesHook, TrainingProgressHook, exact_resume_hook, unwrap_model
 from .run import RunOutput
 from .weights import check_weights_file, load_weights
 
@@ -70,21 +72,29 @@ class Trainer(DefaultTrainer):
     """
 
     def __init__(self, cfg, *, output: RunOutput = None):
+        # The one method of DefaultTrainer replaced rather than extended. DefaultTrainer.__init__
+        # wraps the model, in several processes, with detectron2's create_ddp_model(model,
+        # broadcast_buffers=False): DistributedDataParallel with device_ids=[local rank], which DDP
+        # refuses for a CPU model (gloo runs), and find_unused_parameters off, so a model that leaves
+        # parameters out of a step (exits, loss parts) fails its next step. That call reads neither
+        # the config nor an overridable method: no subclass can change it. This constructor builds
+        # what DefaultTrainer's other methods (run_step, state_dict, train, build_hooks, test) use, with
+        # the same build_* methods in the same order: model, optimizer and data loader held by its
+        # SimpleTrainer / AMPTrainer (``_trainer``, the name those methods read), scheduler,
+        # checkpointer, start_iter, max_iter, cfg. tests/test_train_net.py checks in one process, where
+        # DefaultTrainer.__init__ works, that both constructors leave the same attributes, so a
+        # detectron2 release that changes them fails there rather than at training time.
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
-        output = output if output is not None else RunOutput(cfg, mode=None)
-        output.check()
-        self.output = output
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        self.output = output if output is not None else RunOutput(cfg, mode=None)
+        self.output.check()
+        cfg = self.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         check_eval_datasets(cfg.DATASETS.TEST)
-        self.train_loader = data_loader
-        model = create_ddp_model(
-            model, broadcast_buffers=False, find_unused_parameters=cfg.MODEL.FIND_UNUSED_PARAMETERS
-        )
+        model = self.build_ddp_model(cfg, model)
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = SegDistillCheckpointer(  # converts foreign MODEL.WEIGHTS (segdistill.convert)
@@ -92,8 +102,15 @@ class Trainer(DefaultTrainer):
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
-        output.open()  # the first write into OUTPUT_DIR: model and data are built
+        self.output.open()  # the first write into OUTPUT_DIR: model and data are built
         self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_ddp_model(cls, cfg, model):
+        """``model`` for several processes (itself in one): :func:`segdistill.engine.ddp.create_ddp_model`,
+        i.e. DistributedDataParallel without ``device_ids`` for a CPU model, and with
+        ``MODEL.FIND_UNUSED_PARAMETERS``."""
+        return create_ddp_model(model, broadcast_buffers=False, find_unused_parameters=cfg.MODEL.FIND_UNUSED_PARAMETERS)
 
     def resume_or_load(self, resume: bool = True):
         self.output.write_config("resume" if resume else "train")
@@ -110,25 +127,19 @@ class Trainer(DefaultTrainer):
                         report.summary(), self.cfg.TEST.MIN_MATCHED_WEIGHTS)
             else:
                 logging.getLogger(__name__).info("MODEL.WEIGHTS is empty: training from the model's initialisation.")
-        # A checkpoint restores the scheduler's own schedule length; a resumed run whose
-        # config asks for a different SOLVER.MAX_ITER follows the config (detectron2's
-        # poly schedule would otherwise fail once past its old end).
-        old = getattr(self.scheduler, "max_iters", None)
-        if old is not None and old != self.max_iter:
+        # A checkpoint restores the poly schedule's own length; a resumed run whose config asks
+        # for a different SOLVER.MAX_ITER follows the config (the schedule would otherwise fail
+        # once past its old end).
+        if isinstance(self.scheduler, WarmupPolyLR) and self.scheduler.max_iters != self.max_iter:
             logging.getLogger(__name__).warning(
-                "Resumed schedule had max_iter=%d; continuing with SOLVER.MAX_ITER=%d.", old, self.max_iter
-            )
+                "Resumed schedule had max_iter=%d; continuing with SOLVER.MAX_ITER=%d.", self.scheduler.max_iters,
+                self.max_iter)
             self.scheduler.max_iters = self.max_iter
 
     def build_hooks(self):
         hooks = super().build_hooks()
-        hooks.insert(1, TrainingProgressHook())  # after the IterationTimer, before the LR scheduler
-        if isinstance(self.train_loader, SemSegTrainLoader):
-            hooks.insert(1, ExactResumeHook(self.train_loader))
-        else:
-            logging.getLogger(__name__).warning(
-                "build_train_loader returned a %s, not a SemSegTrainLoader: --resume restarts its data order.",
-                type(self.train_loader).__name__)
+        # after the IterationTimer, before the LR scheduler: the step's seeds, then the model's schedules
+        hooks[1:1] = [exact_resume_hook(self.data_loader, "build_train_loader"), TrainingProgressHook()]
         hooks.append(TrainingCurvesHook(self.cfg.OUTPUT_DIR, period=self.cfg.TEST.EVAL_PERIOD))
         return hooks
 
