@@ -6,10 +6,9 @@
    final output, ``confusion_sem_seg_<exit>.npy`` per exit): :func:`load_confusions`.
 3. For every stage and every K, the classes are clustered (spectral clustering of the
    symmetric confusion ``A = (C + C^T) / 2``, whose k-means is :mod:`.kmeans`, or k-means
-   of per-class features) and the
-   clustered mIoU is computed from the same confusion matrix by merging its rows and
-   columns (:func:`merge_confusion`): no second inference pass. This gives the
-   performance-complexity curve of each stage (:func:`tradeoff_curve`).
+   of per-class features) and the clustered mIoU is computed from the same confusion matrix
+   by merging its rows and columns (:func:`merge_confusion`): no second inference pass.
+   This gives the performance-complexity curve of each stage (:func:`tradeoff_curve`).
 
 Normalisation of the affinity. The paper writes ``A_i = (C_i + C_i^T)/2`` without saying
 whether ``C_i`` holds pixel counts or rates. Counts make frequent classes (road, sky)
