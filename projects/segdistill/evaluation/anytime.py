@@ -495,7 +495,8 @@ def calibrate_from_config(cfg, output: str, *, dataset: str = "", max_drop: Opti
                              f"split {name!r}: remove the file or name another one.")
         logger.info("Reusing the records in %s (%d images).", records_path, records.num_images)
     else:
-        from ..engine import Trainer, check_weights_file
+        from ..convert import check_weights_file
+        from ..engine import Trainer
 
         check_weights_file(cfg.MODEL.WEIGHTS)
         model = build_anytime_model(cfg)
