@@ -10,15 +10,15 @@ from ..modeling.exits.hs3_clusters import (
     save_clusters,
 )
 from .analysis import (
-    TradeoffCurve, load_confusions, merge_confusion, clustered_miou, register_hs3_split, maybe_register_hs3_split,
+    ANALYSIS_SUFFIX, REDUCED_SUFFIX, TradeoffCurve, load_confusions, merge_confusion, clustered_miou, register_hs3_split, maybe_register_hs3_split,
     spectral_clusters, kmeans_clusters, split_records, tradeoff_curve,
 )
 from .choose import choose_k, choose_ks, constant_ratio_ks, reference_theta
-from .splits import register_config_splits
+from .splits import read_analysis_files, register_config_splits
 
 __all__ = [
     "ClustersFileError", "ExitClusters", "HS3Clusters", "load_clusters", "save_clusters", "clusters_from_dict",
-    "ground_truth_lut", "map_labels", "split_records", "register_hs3_split", "maybe_register_hs3_split",
+    "ground_truth_lut", "map_labels", "split_records", "ANALYSIS_SUFFIX", "REDUCED_SUFFIX", "read_analysis_files", "register_hs3_split", "maybe_register_hs3_split",
     "register_config_splits", "load_confusions", "merge_confusion", "clustered_miou", "spectral_clusters",
     "kmeans_clusters", "tradeoff_curve", "TradeoffCurve", "choose_k", "choose_ks", "constant_ratio_ks",
     "reference_theta",
