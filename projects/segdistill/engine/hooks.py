@@ -12,6 +12,7 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 
 from ..data.build import SemSegTrainLoader, step_seed
+from ..utils.plots import plot_training_curves
 
 __all__ = ["ExactResumeHook", "TrainingCurvesHook", "TrainingProgressHook", "unwrap_model"]
 
@@ -49,8 +50,6 @@ class TrainingCurvesHook(HookBase):
     def _plot(self):
         if not comm.is_main_process():
             return
-        from ..utils.plots import plot_training_curves
-
         metrics = os.path.join(self._output_dir, "metrics.json")
         try:
             plot_training_curves(metrics, os.path.join(self._output_dir, "training_curves.png"))
