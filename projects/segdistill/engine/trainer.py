@@ -42,7 +42,7 @@ from .ddp import broadcast_batchnorm_buffers, create_ddp_model
 from .hooks import ExactResumeHook, TrainingCurvesHook, TrainingProgressHook, unwrap_model
 from .run import RunOutput
 
-__all__ = ["Trainer", "check_weights_file"]
+__all__ = ["Trainer", "anytime_evaluators"]
 
 SEM_SEG_EVALUATOR_TYPES = ("sem_seg", "cityscapes_sem_seg")
 
