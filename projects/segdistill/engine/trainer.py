@@ -33,7 +33,7 @@ from detectron2.projects.deeplab import build_lr_scheduler as build_deeplab_lr_s
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..convert import SegDistillCheckpointer, check_weights_file, load_weights
+from ..convert import SegDistillCheckpointer, load_weights
 from ..data import SemSegDatasetMapper, SemSegTrainLoader, build_sem_seg_train_loader, check_eval_datasets
 from ..evaluation import CocoStuffEvaluator, SemSegEvaluator, build_label_spaces
 from ..evaluation.anytime import AnytimeEvaluator
