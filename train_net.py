@@ -20,11 +20,9 @@ from detectron2.engine import default_argument_parser, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from segdistill.config import add_segdistill_config, apply_lazy_overrides, check_dataset_names, check_device
+from segdistill.convert import check_weights_file, load_weights_for_evaluation
 from segdistill.data import check_eval_datasets
-from segdistill.engine import (
-    RunOutput, Trainer, check_lazy_config, check_weights_file, lazy_evaluate, lazy_train, load_weights_for_evaluation,
-    setup_run,
-)
+from segdistill.engine import RunOutput, Trainer, check_lazy_config, lazy_evaluate, lazy_train, setup_run
 from segdistill.hs3.splits import register_config_splits
 
 

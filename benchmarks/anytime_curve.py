@@ -54,10 +54,11 @@ import torch  # noqa: E402
 import segdistill  # noqa: E402,F401
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from segdistill.engine import Trainer  # noqa: E402
-from segdistill.evaluation.anytime import (  # noqa: E402
-    ExitRecords, anytime_cfg, build_anytime_model, calibrate, check_held_out, collect_records,
-    default_calibration_split, evaluate_policy, fixed_exit_outcome, policy_outcome, register_split,
+from segdistill.engine.anytime import (  # noqa: E402
+    anytime_cfg, build_anytime_model, default_calibration_split, evaluate_policy, register_split,
 )
+from segdistill.evaluation.anytime import ExitRecords, collect_records, fixed_exit_outcome, policy_outcome  # noqa: E402
+from segdistill.evaluation.anytime_calibration import calibrate, check_held_out  # noqa: E402
 from segdistill.evaluation.anytime_risk import calibrate_risk, gap_losses  # noqa: E402
 from segdistill.modeling.meta_arch.anytime import FINAL  # noqa: E402
 

@@ -29,7 +29,7 @@ from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.analysis import FlopCountAnalysis  # noqa: E402
 from segdistill import add_segdistill_config  # noqa: E402
-from segdistill.engine.deploy import deployed_state_dict  # noqa: E402
+from segdistill.convert import deployed_state_dict  # noqa: E402
 from segdistill.modeling.exits.hs3_clusters import save_clusters, synthetic_clusters  # noqa: E402
 
 

@@ -41,7 +41,7 @@ mode, which computes batch statistics, higher than in eval(), so a baseline's tr
 are slightly above its inference FLOPs); at inference, the deployed model.
 
 **Inference block.** Every method's deployed model is built the way the project ships it
-(``segdistill.engine.deploy``, ``tools/deploy_model.py``): the trained model's
+(``segdistill.convert.deploy``, ``tools/deploy_model.py``): the trained model's
 ``deploy_state_dict()`` loaded strictly (no missing or unexpected keys) into its deployed
 config: the plain ``deeplabv3_r18.yaml`` ``SemanticSegmentor`` for ds / MEA / SR / HS3, the
 same hs3-fuse config for HS3-Fuse (its fuse blocks and the exits they read stay at inference),
@@ -91,7 +91,7 @@ sys.path.insert(0, os.path.join(ROOT, "projects"))
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from segdistill import add_segdistill_config  # noqa: E402
-from segdistill.engine.deploy import deployed_state_dict  # noqa: E402
+from segdistill.convert import deployed_state_dict  # noqa: E402
 from segdistill.modeling.exits.hs3_clusters import save_clusters, synthetic_clusters  # noqa: E402
 from segdistill.modeling.meta_arch.distill import Distiller  # noqa: E402
 from segdistill.modeling.heads import head_outputs  # noqa: E402

@@ -17,12 +17,12 @@ from conftest import trained_model as train_steps
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from segdistill.evaluation import SemSegEvaluator, metrics_from_confusion
-from segdistill.engine import load_checked_weights
-from segdistill.engine.deploy import save_deployed_checkpoint
+from segdistill.convert import load_checked_weights, save_deployed_checkpoint
+from segdistill.engine.anytime import anytime_cfg, calibrate_from_config
 from segdistill.evaluation.anytime import (
-    AnytimeEvaluator, ExitRecords, anytime_cfg, calibrate, calibrate_from_config, check_held_out, collect_records,
-    fixed_exit_outcome, miou_of_confusions, policy_outcome,
+    AnytimeEvaluator, ExitRecords, collect_records, fixed_exit_outcome, miou_of_confusions, policy_outcome,
 )
+from segdistill.evaluation.anytime_calibration import calibrate, check_held_out
 from segdistill.evaluation.anytime_risk import calibrate_risk
 from segdistill.modeling.stagewise import StagewiseBackbone
 from segdistill.modeling.meta_arch.anytime import (

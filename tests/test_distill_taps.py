@@ -13,8 +13,8 @@ from conftest import REPO, random_batch, set_keys, tiny_cfg
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from segdistill import add_segdistill_config
+from segdistill.convert import deployed_state_dict
 from segdistill.engine import Trainer
-from segdistill.engine.deploy import deployed_state_dict
 from segdistill.modeling.distill import DISTILL_LOSSES, SemanticSegmentorTaps, distill_losses_from_names, segmentor_taps
 from segdistill.modeling.meta_arch.distill import Distiller, build_teacher
 

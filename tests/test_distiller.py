@@ -11,8 +11,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from segdistill import add_segdistill_config
-from segdistill.engine import Trainer, load_checked_weights
-from segdistill.engine.deploy import save_deployed_checkpoint
+from segdistill.convert import load_checked_weights, save_deployed_checkpoint
+from segdistill.engine import Trainer
 from segdistill.modeling.distill.base import resize_labels
 from segdistill.modeling.distill.cwd import cwd_loss
 from segdistill.modeling.distill.fakd import cosine_ramp

@@ -133,7 +133,7 @@ def test_local_backbone_checkpoint_loads_and_missing_file_is_clear(tmp_path):
 
 
 def test_model_weights_missing_file_is_clear(tmp_path):
-    from segdistill.engine import check_weights_file
+    from segdistill.convert import check_weights_file
 
     with pytest.raises(FileNotFoundError, match=r"missing\.pth.*MODEL.WEIGHTS"):
         check_weights_file(str(tmp_path / "missing.pth"))

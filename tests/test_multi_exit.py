@@ -14,7 +14,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from segdistill import add_segdistill_config
-from segdistill.engine.deploy import save_deployed_checkpoint
+from segdistill.convert import save_deployed_checkpoint
 
 K = 5
 

@@ -23,7 +23,8 @@ from detectron2.engine import HookBase
 from segdistill.data import SemSegDatasetMapper, UnreadableFileError, build_sem_seg_train_loader
 from segdistill.data.datasets import folder
 from segdistill.config import LazyOverrideError, apply_lazy_overrides
-from segdistill.engine import OutputDirConflictError, WeightsMismatchError
+from segdistill.convert import WeightsMismatchError
+from segdistill.engine import OutputDirConflictError
 
 
 def _load_train_net():

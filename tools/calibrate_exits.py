@@ -25,7 +25,7 @@ split (``DATASETS.TEST``), or one sharing an image with it, is refused. Use the 
 
     MODEL.EXITS.ANYTIME.POLICY confidence MODEL.EXITS.ANYTIME.THRESHOLDS_FILE <output>
 
-The work is ``segdistill.evaluation.anytime.calibrate_from_config``; this is its command line.
+The work is ``segdistill.engine.anytime.calibrate_from_config``; this is its command line.
 """
 import argparse
 import json
@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 import segdistill  # noqa: E402,F401
 from detectron2.utils.logger import setup_logger  # noqa: E402
-from segdistill.evaluation.anytime import anytime_cfg, calibrate_from_config  # noqa: E402
+from segdistill.engine.anytime import anytime_cfg, calibrate_from_config  # noqa: E402
 
 
 def main(argv=None):

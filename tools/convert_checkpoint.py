@@ -35,8 +35,8 @@ import torch  # noqa: E402
 
 import segdistill  # noqa: E402,F401  (registers the heads and backbones)
 from segdistill.convert import (  # noqa: E402
-    BACKBONE_FORMATS, MODEL_FORMATS, CheckpointMismatchError, CheckpointReadError, convert_backbone_state,
-    convert_model_state, load_checkpoint_file, segmentor_of, unwrap_state_dict,
+    BACKBONE_FORMATS, MODEL_FORMATS, CheckpointMismatchError, CheckpointReadError, ConvertibleBackbone,
+    convert_backbone_state, convert_model_state, load_checkpoint_file, segmentor_of, unwrap_state_dict,
 )
 
 
@@ -90,8 +90,10 @@ def main(argv=None) -> int:
         state, where = unwrap_state_dict(obj)
         if args.backbone:
             segmentor, _ = segmentor_of(model)
-            body = segmentor.backbone.body
-            conv = convert_backbone_state(state, body, args.format, source=args.input)
+            if not isinstance(segmentor.backbone, ConvertibleBackbone):
+                raise TypeError(f"ImageNet weights load into the project's timm backbones, not "
+                                f"{type(segmentor.backbone).__name__}.")
+            conv = convert_backbone_state(state, segmentor.backbone.body, args.format, source=args.input)
             out = conv.state
         else:
             conv = convert_model_state(state, model, args.format, source=args.input)

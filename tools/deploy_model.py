@@ -26,8 +26,8 @@ from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from segdistill import add_segdistill_config  # noqa: E402
-from segdistill.engine import load_checked_weights  # noqa: E402
-from segdistill.engine.deploy import save_deployed_checkpoint  # noqa: E402
+from segdistill.convert import load_checked_weights, save_deployed_checkpoint  # noqa: E402
+from segdistill.modeling.meta_arch.anytime import anytime_from_trained  # noqa: E402
 
 
 def main(argv=None):
@@ -49,9 +49,7 @@ def main(argv=None):
     model = build_model(cfg)
     load_checked_weights(model, cfg.MODEL.WEIGHTS, min_matched=cfg.TEST.MIN_MATCHED_WEIGHTS,
                          what="the model of the training config")
-    if args.target == "anytime":  # issue 15: the exits kept for anytime inference
-        from segdistill.modeling.meta_arch.anytime import anytime_from_trained
-
+    if args.target == "anytime":  # the exits kept for anytime inference
         model = anytime_from_trained(cfg, model)
     path = save_deployed_checkpoint(model, args.output)
     logging.getLogger("segdistill").info("Deployed checkpoint written to %s", path)

@@ -16,7 +16,7 @@ from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from segdistill import add_segdistill_config  # noqa: E402
 from segdistill.data import SemSegDatasetMapper  # noqa: E402
-from segdistill.engine import load_checked_weights  # noqa: E402
+from segdistill.convert import load_checked_weights  # noqa: E402
 from segdistill.utils.predictions import write_prediction_pictures  # noqa: E402
 
 

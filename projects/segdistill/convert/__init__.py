@@ -1,30 +1,47 @@
-"""Foreign checkpoints: one key map per source format, checked against the target model.
+"""Checkpoint files in and out: reading, foreign key maps, checked loading, deployed checkpoints.
 
 * :mod:`.timm`, :mod:`.torchvision`, :mod:`.openmmlab` (mmsegmentation model zoo and
   OpenMMLab ImageNet weights), :mod:`.cirkd` (CIRKD / HWD): the key maps;
 * :mod:`.core`: the rule engine and the fit check (:class:`CheckpointMismatchError`);
 * :mod:`.io`: safe reading (``weights_only``, an allow-list of numpy types);
+* :mod:`.contracts`: what the converters need of a model (a wrapped segmentor, a timm
+  backbone's body and family, a head's registered name, a deployed state dict), written as
+  the base classes the models implement: this package imports no model;
 * :mod:`.load`: converting into a backbone body (``MODEL.TIMM.CHECKPOINT``) or a whole
   segmentor (``MODEL.WEIGHTS``, ``MODEL.DISTILL.TEACHER.WEIGHTS``);
 * :mod:`.checkpointer`: ``SegDistillCheckpointer``, detectron2's checkpointer with the
-  conversion of ``MODEL.WEIGHTS``.
+  conversion of ``MODEL.WEIGHTS``;
+* :mod:`.weights`: checked loading (:class:`LoadReport`; too little matched, tensors of another
+  shape or no weights at all are errors that say why);
+* :mod:`.deploy`: the deployed checkpoint of a trained model (training-only parts dropped).
 
 ``tools/convert_checkpoint.py`` writes a converted file once; docs/reproduce.md lists the
 files and configs of the papers' tables.
 """
 from .checkpointer import SegDistillCheckpointer
+from .contracts import (
+    ConvertibleBackbone, ConvertibleHead, DeployableModel, SegmentorWrapper, backbone_family, head_key_map,
+)
 from .core import CheckpointMismatchError, Conversion
+from .deploy import deployed_state_dict, save_deployed_checkpoint
 from .io import CheckpointReadError, load_checkpoint_file, unwrap_state_dict
 from .load import (
-    BACKBONE_FORMATS, MODEL_FORMATS, convert_backbone_state, convert_model_state, describe_target,
+    BACKBONE_FORMATS, MODEL_FORMATS, convert_backbone_state, convert_model_state, convertible_parts, describe_target,
     detect_backbone_format, detect_model_format, load_backbone_weights, load_foreign_weights, load_model_weights,
     segmentor_of,
+)
+from .weights import (
+    DEFAULT_MIN_MATCHED, LoadReport, WeightsMismatchError, check_weights_file, load_checked_weights, load_weights,
+    load_weights_for_evaluation,
 )
 
 __all__ = [
     "CheckpointMismatchError", "CheckpointReadError", "Conversion", "BACKBONE_FORMATS", "MODEL_FORMATS",
-    "convert_backbone_state", "convert_model_state", "describe_target", "detect_backbone_format",
+    "convert_backbone_state", "convert_model_state", "convertible_parts", "describe_target", "detect_backbone_format",
     "detect_model_format", "load_backbone_weights", "load_checkpoint_file", "load_foreign_weights",
     "load_model_weights", "segmentor_of", "unwrap_state_dict", "SegDistillCheckpointer",
+    "SegmentorWrapper", "ConvertibleBackbone", "ConvertibleHead", "DeployableModel", "backbone_family", "head_key_map",
+    "deployed_state_dict", "save_deployed_checkpoint",
+    "DEFAULT_MIN_MATCHED", "LoadReport", "WeightsMismatchError", "check_weights_file", "load_checked_weights",
+    "load_weights", "load_weights_for_evaluation",
 ]
-

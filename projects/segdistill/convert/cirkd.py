@@ -20,11 +20,13 @@ definitions (``convert/manifests/cirkd.json``; no CIRKD code runs in the tests).
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Callable, Dict, List
 
+from .contracts import head_key_map
 from .core import Rule, conv_bn, drop, plain, prefixed, rule
 
-__all__ = ["backbone_rules", "detect_backbone", "detect_model", "model_rules", "describe_model", "suggest_config"]
+__all__ = ["backbone_rules", "detect_backbone", "detect_model", "model_rules", "HEAD_MAPS", "describe_model",
+           "suggest_config"]
 
 _BN = r"(?P<p>weight|bias|running_mean|running_var|num_batches_tracked)"
 
@@ -51,33 +53,34 @@ def backbone_rules(family: str, body=None, deep_stem: bool = True) -> List[Rule]
     return rules
 
 
-def _head_rules(head) -> List[Rule]:
-    from ..modeling.heads import PSPHead, SegDeepLabV3Head
+def _deeplabv3(h: str) -> List[Rule]:
+    rules = conv_bn(r"head\.aspp\.b0\.0", r"head\.aspp\.b0\.1", f"{h}.aspp.branches.0")
+    rules += conv_bn(r"head\.aspp\.b(?P<i>[123])\.block\.0", r"head\.aspp\.b(?P<i>[123])\.block\.1",
+                     rf"{h}.aspp.branches.\g<i>")
+    rules += conv_bn(r"head\.aspp\.b4\.gap\.1", r"head\.aspp\.b4\.gap\.2", f"{h}.aspp.pool")
+    rules += conv_bn(r"head\.aspp\.project\.0", r"head\.aspp\.project\.1", f"{h}.aspp.project")
+    rules += conv_bn(r"head\.block\.0", r"head\.block\.1", f"{h}.bottleneck.0")
+    rules += plain(r"head\.block\.4", f"{h}.predictor")
+    return rules
 
-    h = "sem_seg_head"
-    if isinstance(head, SegDeepLabV3Head):
-        rules = conv_bn(r"head\.aspp\.b0\.0", r"head\.aspp\.b0\.1", f"{h}.aspp.branches.0")
-        rules += conv_bn(r"head\.aspp\.b(?P<i>[123])\.block\.0", r"head\.aspp\.b(?P<i>[123])\.block\.1",
-                         rf"{h}.aspp.branches.\g<i>")
-        rules += conv_bn(r"head\.aspp\.b4\.gap\.1", r"head\.aspp\.b4\.gap\.2", f"{h}.aspp.pool")
-        rules += conv_bn(r"head\.aspp\.project\.0", r"head\.aspp\.project\.1", f"{h}.aspp.project")
-        rules += conv_bn(r"head\.block\.0", r"head\.block\.1", f"{h}.bottleneck.0")
-        rules += plain(r"head\.block\.4", f"{h}.predictor")
-        return rules
-    if isinstance(head, PSPHead):
-        rules = [rule(rf"head\.psp\.conv(?P<i>[1-4])\.0\.weight", lambda m: f"{h}.ppm.stages.{int(m['i']) - 1}.weight"),
-                 rule(rf"head\.psp\.conv(?P<i>[1-4])\.1\.{_BN}",
-                      lambda m: f"{h}.ppm.stages.{int(m['i']) - 1}.norm.{m['p']}")]
-        rules += conv_bn(r"head\.block\.0", r"head\.block\.1", f"{h}.bottleneck")
-        rules += plain(r"head\.classifier", f"{h}.predictor")
-        return rules
-    raise ValueError(f"No CIRKD key map for the head {type(head).__name__} (SegDeepLabV3Head and PSPHead have one).")
+
+def _psp(h: str) -> List[Rule]:
+    rules = [rule(r"head\.psp\.conv(?P<i>[1-4])\.0\.weight", lambda m: f"{h}.ppm.stages.{int(m['i']) - 1}.weight"),
+             rule(rf"head\.psp\.conv(?P<i>[1-4])\.1\.{_BN}",
+                  lambda m: f"{h}.ppm.stages.{int(m['i']) - 1}.norm.{m['p']}")]
+    rules += conv_bn(r"head\.block\.0", r"head\.block\.1", f"{h}.bottleneck")
+    rules += plain(r"head\.classifier", f"{h}.predictor")
+    return rules
+
+
+#: registered head class name -> the map of CIRKD's ``head.*`` to the head's prefix ``h``
+HEAD_MAPS: Dict[str, Callable[[str], List[Rule]]] = {"SegDeepLabV3Head": _deeplabv3, "PSPHead": _psp}
 
 
 def model_rules(body, family: str, head, keys) -> List[Rule]:
     deep = "pretrained.conv2.weight" in set(keys)
     rules = prefixed(backbone_rules(family, body, deep_stem=deep), "pretrained.", "backbone.body.")
-    rules += _head_rules(head)
+    rules += head_key_map(head, HEAD_MAPS, "CIRKD")("sem_seg_head")
     if head.aux_head is not None:
         rules += conv_bn(r"auxlayer\.block\.0", r"auxlayer\.block\.1", "sem_seg_head.aux_head.conv")
         rules += plain(r"auxlayer\.block\.4", "sem_seg_head.aux_head.predictor")

@@ -21,14 +21,17 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from detectron2.modeling import SemanticSegmentor
+
 from . import cirkd, openmmlab, timm as timm_format, torchvision as tv_format
+from .contracts import ConvertibleBackbone, ConvertibleHead, SegmentorWrapper, backbone_family
 from .core import CheckpointMismatchError, Conversion, apply_rules, check_fit
 from .io import load_checkpoint_file, unwrap_state_dict
 
 __all__ = [
     "BACKBONE_FORMATS", "MODEL_FORMATS", "detect_backbone_format", "detect_model_format", "convert_backbone_state",
     "load_backbone_weights", "convert_model_state", "load_model_weights", "load_foreign_weights", "segmentor_of",
-    "describe_target",
+    "convertible_parts", "describe_target",
 ]
 
 logger = logging.getLogger(__name__)
@@ -79,8 +82,6 @@ def _backbone_rules(fmt: str, body: nn.Module, family: str, keys):
 
 
 def _describe_body(body: nn.Module) -> str:
-    from ..modeling.backbones.timm_backbone import backbone_family
-
     family = backbone_family(body)
     stem = ""
     if family == "resnet":  # timm ResNets: conv1 is the 7x7 conv or the deep stem's Sequential
@@ -110,8 +111,6 @@ def _describe_backbone_keys(keys) -> str:
 def convert_backbone_state(state: Dict[str, torch.Tensor], body: nn.Module, fmt: str = "auto", *,
                            source: str = "<state dict>", key: str = "MODEL.TIMM.CHECKPOINT") -> Conversion:
     """Rename ``state`` to ``body``'s names and check that it fits (else CheckpointMismatchError)."""
-    from ..modeling.backbones.timm_backbone import backbone_family
-
     _check_format(fmt, BACKBONE_FORMATS, f"{key}_FORMAT" if key.endswith("CHECKPOINT") else "format")
     state = _strip_backbone_prefix(state)
     if fmt == "auto":
@@ -142,23 +141,31 @@ def load_backbone_weights(body: nn.Module, path: str, fmt: str = "auto", *, key:
 # ---------------------------------------------------------------------------------------------
 def segmentor_of(model: nn.Module) -> Tuple[nn.Module, str]:
     """(the segmentor a whole-model checkpoint is for, its prefix in ``model``'s state dict):
-    the model itself, or a Distiller's student."""
-    from detectron2.modeling import SemanticSegmentor
-
-    from ..modeling.meta_arch.distill import Distiller
-
-    if isinstance(model, Distiller):
-        return model.student, "student."
+    the model itself, or the segmentor a :class:`~.contracts.SegmentorWrapper` (a Distiller) wraps."""
+    if isinstance(model, SegmentorWrapper):
+        return model.wrapped_segmentor()
     if not isinstance(model, SemanticSegmentor):
         raise TypeError(f"Foreign checkpoints load into SemanticSegmentor-based models, not {type(model).__name__}.")
     return model, ""
 
 
+def convertible_parts(segmentor: nn.Module, fmt: str = "foreign", key: str = "MODEL.WEIGHTS"):
+    """(backbone, head) of ``segmentor``, checked against the contracts the key maps read
+    (:class:`~.contracts.ConvertibleBackbone`, :class:`~.contracts.ConvertibleHead`)."""
+    backbone, head = segmentor.backbone, segmentor.sem_seg_head
+    if not isinstance(backbone, ConvertibleBackbone) or not isinstance(head, ConvertibleHead):
+        raise TypeError(
+            f"{fmt} checkpoints load into the project's timm backbones and heads, not "
+            f"{type(backbone).__name__} + {type(head).__name__} ({key})."
+        )
+    return backbone, head
+
+
 def describe_target(segmentor: nn.Module) -> str:
-    head = segmentor.sem_seg_head  # a SegHeadMixin: layout and aux_head are part of its contract
+    backbone, head = convertible_parts(segmentor)
     layout = f", layout {head.layout}" if head.layout else ""
     aux = f", auxiliary FCN head on {head.aux_head.in_feature}" if head.aux_head is not None else ""
-    return f"{type(head).__name__}{layout}{aux} on {_describe_body(segmentor.backbone.body)}"
+    return f"{type(head).__name__}{layout}{aux} on {_describe_body(backbone.body)}"
 
 
 def detect_model_format(keys) -> str:
@@ -174,21 +181,13 @@ def convert_model_state(state: Dict[str, torch.Tensor], model: nn.Module, fmt: s
                         source: str = "<state dict>", key: str = "MODEL.WEIGHTS") -> Optional[Conversion]:
     """Rename a whole-model ``state`` (mmseg / CIRKD) to ``model``'s names, checked; None for
     the project's own (detectron2) format, which needs no conversion."""
-    from ..modeling.backbones import HRNetBackbone, TimmBackbone
-    from ..modeling.heads import SegHeadMixin
-
     _check_format(fmt, MODEL_FORMATS, "MODEL.WEIGHTS_FORMAT")
     if fmt == "auto":
         fmt = detect_model_format(state)
     if fmt == "detectron2":
         return None
     segmentor, _ = segmentor_of(model)
-    backbone, head = segmentor.backbone, segmentor.sem_seg_head
-    if not isinstance(backbone, (TimmBackbone, HRNetBackbone)) or not isinstance(head, SegHeadMixin):
-        raise TypeError(
-            f"{fmt} checkpoints load into the project's timm backbones and heads, not "
-            f"{type(backbone).__name__} + {type(head).__name__} ({key})."
-        )
+    backbone, head = convertible_parts(segmentor, fmt, key)
     family = backbone.family
     if fmt == "mmseg":
         rules = openmmlab.model_rules(backbone.body, family, head)

@@ -19,12 +19,13 @@ its ``norm``; ``conv_seg`` becomes ``predictor``.
 from __future__ import annotations
 
 import re
-from typing import Iterable, List
+from typing import Callable, Dict, Iterable, List
 
-from .core import Rule, convmodule, drop, plain, rule
+from .contracts import head_key_map
+from .core import Rule, convmodule, drop, plain, prefixed, rule
 
-__all__ = ["backbone_rules", "detect_backbone", "detect_model", "model_rules", "head_rules", "describe_model",
-           "suggest_config"]
+__all__ = ["backbone_rules", "detect_backbone", "detect_model", "model_rules", "head_rules", "HEAD_MAPS",
+           "describe_model", "suggest_config"]
 
 _HEAD = "part of the ImageNet classifier, not of the segmentation backbone"
 _BN = r"(?P<p>weight|bias|running_mean|running_var|num_batches_tracked)"
@@ -41,7 +42,7 @@ def detect_backbone(keys) -> bool:
 def _resnet() -> List[Rule]:
     stem = {"0": "conv1.0", "1": "conv1.1", "3": "conv1.3", "4": "conv1.4", "6": "conv1.6", "7": "bn1"}
     return [
-        rule(rf"stem\.(?P<i>[013467])\.(?P<p>.*)", lambda m: f"{stem[m['i']]}.{m['p']}"),
+        rule(r"stem\.(?P<i>[013467])\.(?P<p>.*)", lambda m: f"{stem[m['i']]}.{m['p']}"),
         rule(r"(?P<k>(conv1|bn1|layer\d)\..*)", r"\g<k>"),
     ]
 
@@ -103,52 +104,72 @@ def _aspp(d: str, h: str, separable: bool) -> List[Rule]:
     return rules
 
 
-def head_rules(head, d: str = r"decode_head", h: str = "sem_seg_head") -> List[Rule]:
-    """mmsegmentation's decode head(s) -> the project's head ``head`` (an instance)."""
-    from ..modeling.heads import (
-        FCNHead, HRNetV2Head, ISAHead, OCRHead, PSPHead, SegDeepLabV3Head, SegDeepLabV3PlusHead,
+def _seg(d: str, h: str) -> List[Rule]:
+    return plain(rf"{d}\.conv_seg", f"{h}.predictor")
+
+
+def _deeplabv3plus(d: str, h: str) -> List[Rule]:  # DepthwiseSeparableASPPHead
+    return _aspp(d, h, True) + convmodule(rf"{d}\.c1_bottleneck", f"{h}.c1_bottleneck") + _sep(
+        rf"{d}\.sep_bottleneck\.(?P<i>\d+)", rf"{h}.sep_bottleneck.\g<i>") + _seg(d, h)
+
+
+def _deeplabv3(d: str, h: str) -> List[Rule]:  # ASPPHead
+    return _aspp(d, h, False) + _seg(d, h)
+
+
+def _psp(d: str, h: str) -> List[Rule]:
+    return convmodule(rf"{d}\.psp_modules\.(?P<i>\d+)\.1", rf"{h}.ppm.stages.\g<i>") + convmodule(
+        rf"{d}\.bottleneck", f"{h}.bottleneck") + _seg(d, h)
+
+
+def _hrnetv2(d: str, h: str) -> List[Rule]:  # FCNHead with resize_concat, one 1x1 conv
+    return convmodule(rf"{d}\.convs\.0", f"{h}.fuse") + _seg(d, h)
+
+
+def _fcn(d: str, h: str) -> List[Rule]:
+    return convmodule(rf"{d}\.convs\.(?P<i>\d+)", rf"{h}.convs.\g<i>") + convmodule(
+        rf"{d}\.conv_cat", f"{h}.fuse") + _seg(d, h)
+
+
+def _isa(d: str, h: str) -> List[Rule]:
+    rel = rf"{d}\.(?P<r>global|local)_relation"
+    hr = rf"{h}.\g<r>_relation"
+    return (
+        convmodule(rf"{d}\.in_conv", f"{h}.in_conv") + convmodule(rf"{d}\.out_conv", f"{h}.out_conv")
+        + convmodule(rf"{rel}\.(?P<q>key|query)_project\.(?P<i>\d+)", rf"{hr}.\g<q>_project.\g<i>")
+        + plain(rf"{rel}\.value_project", f"{hr}.value_project")
+        + convmodule(rf"{rel}\.output_project", f"{hr}.output_project") + _seg(d, h)
     )
 
-    seg = plain(rf"{d}\.conv_seg", f"{h}.predictor")
-    if isinstance(head, SegDeepLabV3PlusHead):  # DepthwiseSeparableASPPHead
-        return _aspp(d, h, True) + convmodule(rf"{d}\.c1_bottleneck", f"{h}.c1_bottleneck") + _sep(
-            rf"{d}\.sep_bottleneck\.(?P<i>\d+)", rf"{h}.sep_bottleneck.\g<i>") + seg
-    if isinstance(head, SegDeepLabV3Head):  # ASPPHead
-        return _aspp(d, h, False) + seg
-    if isinstance(head, PSPHead):
-        return convmodule(rf"{d}\.psp_modules\.(?P<i>\d+)\.1", rf"{h}.ppm.stages.\g<i>") + convmodule(
-            rf"{d}\.bottleneck", f"{h}.bottleneck") + seg
-    if isinstance(head, HRNetV2Head):  # FCNHead with resize_concat, one 1x1 conv
-        return convmodule(rf"{d}\.convs\.0", f"{h}.fuse") + seg
-    if isinstance(head, FCNHead):
-        return convmodule(rf"{d}\.convs\.(?P<i>\d+)", rf"{h}.convs.\g<i>") + convmodule(
-            rf"{d}\.conv_cat", f"{h}.fuse") + seg
-    if isinstance(head, ISAHead):
-        rel = rf"{d}\.(?P<r>global|local)_relation"
-        hr = rf"{h}.\g<r>_relation"
-        return (
-            convmodule(rf"{d}\.in_conv", f"{h}.in_conv") + convmodule(rf"{d}\.out_conv", f"{h}.out_conv")
-            + convmodule(rf"{rel}\.(?P<q>key|query)_project\.(?P<i>\d+)", rf"{hr}.\g<q>_project.\g<i>")
-            + plain(rf"{rel}\.value_project", f"{hr}.value_project")
-            + convmodule(rf"{rel}\.output_project", f"{hr}.output_project") + seg
-        )
-    if isinstance(head, OCRHead):  # CascadeEncoderDecoder: [FCNHead (soft regions), OCRHead]
-        ocb = rf"{d}\.1\.object_context_block"
-        return (
-            convmodule(rf"{d}\.0\.convs\.0", f"{h}.region_head.0") + plain(rf"{d}\.0\.conv_seg", f"{h}.region_head.1")
-            + convmodule(rf"{d}\.1\.bottleneck", f"{h}.pixel_conv")
-            + convmodule(rf"{ocb}\.(?P<q>query|key)_project\.(?P<i>\d+)", rf"{h}.context.\g<q>.\g<i>")
-            + convmodule(rf"{ocb}\.value_project", f"{h}.context.value.0")
-            + convmodule(rf"{ocb}\.out_project", f"{h}.context.up.0")
-            + convmodule(rf"{ocb}\.bottleneck", f"{h}.context.fuse")
-            + plain(rf"{d}\.1\.conv_seg", f"{h}.predictor")
-        )
-    raise ValueError(f"No mmsegmentation key map for the head {type(head).__name__}.")
+
+def _ocr(d: str, h: str) -> List[Rule]:  # CascadeEncoderDecoder: [FCNHead (soft regions), OCRHead]
+    ocb = rf"{d}\.1\.object_context_block"
+    return (
+        convmodule(rf"{d}\.0\.convs\.0", f"{h}.region_head.0") + plain(rf"{d}\.0\.conv_seg", f"{h}.region_head.1")
+        + convmodule(rf"{d}\.1\.bottleneck", f"{h}.pixel_conv")
+        + convmodule(rf"{ocb}\.(?P<q>query|key)_project\.(?P<i>\d+)", rf"{h}.context.\g<q>.\g<i>")
+        + convmodule(rf"{ocb}\.value_project", f"{h}.context.value.0")
+        + convmodule(rf"{ocb}\.out_project", f"{h}.context.up.0")
+        + convmodule(rf"{ocb}\.bottleneck", f"{h}.context.fuse")
+        + plain(rf"{d}\.1\.conv_seg", f"{h}.predictor")
+    )
+
+
+#: registered head class name -> the map of its mmsegmentation decode head(s): ``(d, h)`` -> rules
+#: from the file's prefix ``d`` to the head's ``h``
+HEAD_MAPS: Dict[str, Callable[[str, str], List[Rule]]] = {
+    "SegDeepLabV3PlusHead": _deeplabv3plus, "SegDeepLabV3Head": _deeplabv3, "PSPHead": _psp,
+    "HRNetV2Head": _hrnetv2, "FCNHead": _fcn, "ISAHead": _isa, "OCRHead": _ocr,
+}
+
+
+def head_rules(head, d: str = r"decode_head", h: str = "sem_seg_head") -> List[Rule]:
+    """mmsegmentation's decode head(s) -> the project's head ``head`` (an instance; its map
+    chosen by its registered class name, :func:`~.contracts.head_key_map`)."""
+    return head_key_map(head, HEAD_MAPS, "mmsegmentation")(d, h)
 
 
 def model_rules(body, family: str, head) -> List[Rule]:
-    from .core import prefixed
-
     rules = prefixed(backbone_rules(family, body), "backbone.", "backbone.body.")
     rules += head_rules(head)
     if head.aux_head is not None:

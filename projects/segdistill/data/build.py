@@ -43,6 +43,7 @@ from detectron2.data.common import DatasetFromList
 from detectron2.utils import comm
 
 from .datasets.folder import UnreadableFileError, unreadable_records
+from .mapper import SemSegDatasetMapper
 from .samplers import ResumableTrainingSampler
 
 __all__ = ["SemSegTrainLoader", "SeededMapDataset", "build_sem_seg_train_loader", "check_eval_datasets",
@@ -234,8 +235,6 @@ class SemSegTrainLoader:
 
 
 def _train_loader_from_config(cfg, mapper=None, *, dataset=None):
-    from .mapper import SemSegDatasetMapper
-
     if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
         raise ValueError(f"DATALOADER.SAMPLER_TRAIN is {cfg.DATALOADER.SAMPLER_TRAIN!r}; segdistill's training "
                          "loader (resumable, seeded per sample) implements 'TrainingSampler' only.")

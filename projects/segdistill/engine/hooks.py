@@ -13,6 +13,7 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 
 from ..data.build import SemSegTrainLoader, step_seed
+from ..utils.plots import plot_training_curves
 from .ddp import unwrap_model
 
 __all__ = ["ExactResumeHook", "TrainingCurvesHook", "TrainingProgressHook", "FollowsTrainingProgress",
@@ -55,8 +56,6 @@ class TrainingCurvesHook(HookBase):
     def _plot(self):
         if not comm.is_main_process():
             return
-        from ..utils.plots import plot_training_curves
-
         metrics = os.path.join(self._output_dir, "metrics.json")
         try:
             plot_training_curves(metrics, os.path.join(self._output_dir, "training_curves.png"))

@@ -22,15 +22,16 @@ from detectron2.engine.defaults import default_writers
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
-from ..convert import SegDistillCheckpointer
+from ..convert import (
+    DEFAULT_MIN_MATCHED, SegDistillCheckpointer, check_weights_file, load_weights_for_evaluation,
+)
 from ..data import check_eval_datasets
-from ..hs3.splits import maybe_register_hs3_split
+from ..hs3 import maybe_register_hs3_split
 from ..config import check_dataset_names, check_device
 from .ddp import broadcast_batchnorm_buffers, create_ddp_model
 from .hooks import TrainingCurvesHook, TrainingProgressHook, exact_resume_hook
 from .run import RunOutput
 from .trainer import anytime_evaluators
-from .weights import DEFAULT_MIN_MATCHED, check_weights_file, load_weights_for_evaluation
 
 __all__ = ["lazy_test", "lazy_train", "lazy_evaluate", "check_lazy_config"]
 

@@ -35,15 +35,16 @@ from detectron2.projects.deeplab.lr_scheduler import WarmupPolyLR
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..convert import SegDistillCheckpointer
+from ..convert import SegDistillCheckpointer, load_weights
 from ..data import SemSegDatasetMapper, build_sem_seg_train_loader, check_eval_datasets
-from ..evaluation import SemSegEvaluator, build_label_spaces
+from ..evaluation import CocoStuffEvaluator, SemSegEvaluator, build_label_spaces
+from ..evaluation.anytime import AnytimeEvaluator
+from ..modeling.meta_arch.anytime import AnytimeSegmentor
 from .ddp import broadcast_batchnorm_buffers, create_ddp_model
 from .hooks import TrainingCurvesHook, TrainingProgressHook, exact_resume_hook, unwrap_model
 from .run import RunOutput
-from .weights import check_weights_file, load_weights
 
-__all__ = ["Trainer", "check_weights_file"]
+__all__ = ["Trainer", "anytime_evaluators"]
 
 SEM_SEG_EVALUATOR_TYPES = ("sem_seg", "cityscapes_sem_seg")
 
@@ -52,9 +53,6 @@ def anytime_evaluators(model, dataset_names, output_dir: str):
     """One :class:`~segdistill.evaluation.anytime.AnytimeEvaluator` per dataset when ``model``
     is an ``AnytimeSegmentor`` (its outputs carry the answering exit and the path's cost),
     else None (the usual evaluators)."""
-    from ..evaluation.anytime import AnytimeEvaluator
-    from ..modeling.meta_arch.anytime import AnytimeSegmentor
-
     model = unwrap_model(model)
     if not isinstance(model, AnytimeSegmentor):
         return None
@@ -163,8 +161,6 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        from ..evaluation import CocoStuffEvaluator
-
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
         # sem_seg / cityscapes_sem_seg: SemSegEvaluator; coco_stuff_sem_seg: + things/stuff and hierarchy breakdown
         evaluators = {t: SemSegEvaluator for t in SEM_SEG_EVALUATOR_TYPES}

@@ -1,4 +1,4 @@
-"""Anytime inference: the evaluator of an exit policy and the calibration of its thresholds.
+"""Anytime inference: the evaluator of an exit policy and the per-image records of every exit.
 
 * :class:`AnytimeEvaluator` scores an ``AnytimeSegmentor``'s outputs: mIoU, average MACs
   (fvcore, per image from the path it took: exits run + answer), average wall time per image
@@ -8,19 +8,18 @@
   image, each exit's confidence, each output's confusion matrix and the MACs of the parts of
   every path (:class:`ExitRecords`). Any threshold setting's mIoU, average MACs and exit
   histogram on that split then follow exactly without running the model again
-  (:func:`policy_outcome`): the confidence policy's answer for an image *is* one of those
-  outputs.
-* :func:`calibrate` chooses the thresholds on a held-out split: the lowest average MACs whose
-  mIoU is at most ``max_drop`` below the final output's, or the best mIoU within a MACs
-  ``budget``; ``anytime_risk.calibrate_risk`` is the risk-controlled variant (one shared
-  threshold with a guarantee on new images). :func:`check_held_out` refuses an evaluation split.
+  (:func:`policy_outcome`, :func:`evaluate_thresholds`): the confidence policy's answer for
+  an image *is* one of those outputs.
+
+Choosing the thresholds on such records is :mod:`.anytime_calibration` (an mIoU margin or a
+MACs budget) and :mod:`.anytime_risk` (risk control); the command-line driver that builds
+the model and registers the split is :mod:`segdistill.engine.anytime`.
 """
 from __future__ import annotations
 
 import itertools
 import logging
 import math
-import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -33,18 +32,16 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
 from ..data.labels import check_label_values, read_dataset_label
-from ..modeling.meta_arch.anytime import FINAL, NEVER, AnytimeCosts
+from ..modeling.meta_arch.anytime import FINAL, AnytimeCosts
 from .metrics import confusion_matrix
 from .sem_seg import SemSegEvaluator
 
 __all__ = [
     "AnytimeEvaluator", "ExitRecords", "collect_records", "PolicyOutcome", "policy_outcome", "fixed_exit_outcome",
-    "Calibration", "calibrate", "check_held_out", "evaluate_thresholds", "miou_of_confusions", "calibrate_from_config",
-    "anytime_cfg", "build_anytime_model", "evaluate_policy",
+    "evaluate_thresholds", "miou_of_confusions",
 ]
 
 logger = logging.getLogger(__name__)
-EPS = 1e-9
 
 
 def miou_of_confusions(conf: np.ndarray) -> np.ndarray:
@@ -283,247 +280,3 @@ def fixed_exit_outcome(records: ExitRecords, answer: str) -> PolicyOutcome:
     else:
         cost = records.prefix[:, i] + records.exit_macs[:, i] + records.answer[:, i]
     return PolicyOutcome(float(miou_of_confusions(conf)), float(cost.mean()), np.full(records.num_images, i), names)
-
-
-# ----------------------------------------------------------------------------- calibration
-@dataclass
-class Calibration:
-    """The chosen thresholds and what they give on the calibration split."""
-
-    thresholds: Dict[str, float]
-    outcome: PolicyOutcome
-    final: PolicyOutcome
-    objective: str
-    feasible: bool
-    candidates: int
-    details: dict = field(default_factory=dict)  # the risk-controlled variant's (anytime_risk.calibrate_risk)
-
-    def summary(self) -> dict:
-        return {
-            **({"risk_control": self.details} if self.details else {}),
-            "objective": self.objective, "feasible": self.feasible, "candidates_per_exit": self.candidates,
-            "mIoU_policy": self.outcome.miou, "mIoU_final": self.final.miou,
-            "GMACs_policy": self.outcome.avg_macs / 1e9, "GMACs_final": self.final.avg_macs / 1e9,
-            "MACs_saved_pct": 100.0 * (1.0 - self.outcome.avg_macs / self.final.avg_macs),
-            "answered": self.outcome.histogram(),
-        }
-
-
-def _candidates(values: np.ndarray, limit: int) -> np.ndarray:
-    """Threshold candidates of one exit: its recorded confidences (at most ``limit`` of them,
-    spread by quantile), each one a value some image reaches, plus ``inf`` (never)."""
-    u = np.unique(values)
-    if len(u) > limit:
-        u = np.unique(np.quantile(u, np.linspace(0.0, 1.0, limit), method="nearest"))
-    return np.concatenate([u, [np.inf]])
-
-
-def _best(miou, cost, t, final_miou, final_cost, max_drop, budget):
-    """Index of the best row: among the feasible ones, the lowest cost (max_drop) or the best
-    mIoU (budget); ties: higher mIoU / lower cost, then higher thresholds (fewer early answers).
-    When none is feasible (a budget below the cheapest path), the closest: the lowest cost."""
-    if max_drop is not None:
-        feasible = miou >= final_miou - max_drop - EPS
-        primary, secondary = cost, -miou
-    else:
-        feasible = cost <= budget * final_cost + EPS
-        primary, secondary = -miou, cost
-    if not feasible.any():
-        primary, secondary = cost, -miou
-    tsum = np.where(np.isfinite(t), t, 2.0).sum(1)
-    order = np.lexsort((-tsum, secondary, primary, ~feasible))
-    return int(order[0]), bool(feasible[order[0]])
-
-
-def calibrate(records: ExitRecords, *, max_drop: Optional[float] = None, budget: Optional[float] = None,
-              candidates: int = 16, max_combinations: int = 200_000) -> Calibration:
-    """Thresholds on a held-out split.
-
-    ``max_drop`` (mIoU points): the lowest average MACs whose mIoU is at least the final
-    output's minus ``max_drop``. ``budget`` (a fraction of the final path's average MACs,
-    e.g. 0.7): the best mIoU whose average MACs stay within it. At most one of them (neither:
-    ``max_drop`` 1).
-    The search is exhaustive over ``candidates`` values per exit (+ never) when that makes at
-    most ``max_combinations`` settings, else coordinate descent from "never" everywhere.
-    When no setting is feasible (a budget below the cheapest path), the cheapest setting is
-    returned with ``feasible`` False (with ``max_drop``: the final head everywhere is always
-    feasible).
-    """
-    if max_drop is None and budget is None:
-        max_drop = 1.0
-    if max_drop is not None and budget is not None:
-        raise ValueError("calibrate: give exactly one of max_drop (mIoU points) and budget (fraction of final MACs).")
-    if max_drop is not None and max_drop < 0:
-        raise ValueError(f"max_drop must be >= 0 mIoU points, got {max_drop}.")
-    if budget is not None and budget <= 0:
-        raise ValueError(f"budget must be a positive fraction of the final path's MACs, got {budget}.")
-    names = list(records.exit_names)
-    if not names:
-        raise ValueError("calibrate: the model has no exits.")
-    final = fixed_exit_outcome(records, FINAL)
-    cands = [_candidates(records.confidences[:, i], candidates) for i in range(len(names))]
-    total = int(np.prod([len(c) for c in cands], dtype=np.float64))
-    args = (final.miou, final.avg_macs, max_drop, budget)
-    if total <= max_combinations:
-        t = np.array(list(itertools.product(*cands)), dtype=np.float64)
-        miou, cost, _ = evaluate_thresholds(records, t)
-        best, feasible = _best(miou, cost, t, *args)
-        chosen = t[best]
-    else:
-        chosen = np.full(len(names), np.inf)
-        for _ in range(20):
-            before = chosen.copy()
-            for i in range(len(names)):
-                t = np.repeat(chosen[None], len(cands[i]), axis=0)
-                t[:, i] = cands[i]
-                miou, cost, _ = evaluate_thresholds(records, t)
-                best, feasible = _best(miou, cost, t, *args)
-                chosen = t[best]
-            if np.array_equal(chosen, before):
-                break
-    thresholds = {n: (NEVER if not np.isfinite(v) else float(v)) for n, v in zip(names, chosen)}
-    objective = f"max_drop={max_drop}" if max_drop is not None else f"budget={budget}"
-    return Calibration(thresholds, policy_outcome(records, thresholds), final, objective, feasible,
-                       max(len(c) - 1 for c in cands))
-
-
-def check_held_out(calibration_dataset: str, evaluation_datasets: Sequence[str]) -> None:
-    """Raise ValueError when the calibration split is an evaluation split or shares an image
-    with one (thresholds chosen on the evaluated images would flatter the policy)."""
-    if calibration_dataset in evaluation_datasets:
-        raise ValueError(f"Refusing to calibrate on {calibration_dataset!r}: it is an evaluation split "
-                         f"(DATASETS.TEST {list(evaluation_datasets)}). Use a held-out part of the training set, "
-                         "e.g. <train>_hs3_analysis (HS3_ANALYSIS.FRACTION).")
-    files = {d["file_name"] for d in DatasetCatalog.get(calibration_dataset)}
-    for name in evaluation_datasets:
-        shared = files & {d["file_name"] for d in DatasetCatalog.get(name)}
-        if shared:
-            raise ValueError(f"Refusing to calibrate on {calibration_dataset!r}: {len(shared)} of its images are in "
-                             f"the evaluation split {name!r} (e.g. {sorted(shared)[0]!r}).")
-
-
-# ----------------------------------------------------------------------------- tools' helpers
-def anytime_cfg(config_file: str, opts: Sequence[str] = ()):
-    """A multi-exit training config (YAML) as its deployed anytime model's: the file, ``opts``,
-    then ``MODEL.META_ARCHITECTURE "AnytimeSegmentor"``; HS3-style derived splits registered."""
-    from detectron2.config import get_cfg
-
-    from ..config import add_segdistill_config
-    from ..hs3.splits import register_config_splits
-
-    cfg = get_cfg()
-    add_segdistill_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    cfg.MODEL.META_ARCHITECTURE = "AnytimeSegmentor"
-    register_config_splits(cfg)
-    return cfg
-
-
-def build_anytime_model(cfg):
-    """The AnytimeSegmentor of ``cfg`` with ``MODEL.WEIGHTS`` loaded (training or anytime checkpoint), in eval()."""
-    from detectron2.modeling import build_model
-
-    from ..modeling.meta_arch.anytime import load_anytime_weights
-
-    if not cfg.MODEL.WEIGHTS:
-        raise ValueError("Set MODEL.WEIGHTS to the trained multi-exit checkpoint (or its anytime deployment).")
-    model = build_model(cfg)
-    load_anytime_weights(model, cfg.MODEL.WEIGHTS, weights_format=cfg.MODEL.WEIGHTS_FORMAT)
-    return model.eval()
-
-
-def register_split(cfg, name: str) -> str:
-    """Make ``name`` usable: registered already, or a derived ``<X>_hs3_analysis`` /
-    ``<X>_hs3_reduced`` split of ``HS3_ANALYSIS`` (FRACTION, SPLIT_SEED, FILES)."""
-    from ..hs3.splits import maybe_register_hs3_split, read_analysis_files
-
-    h = cfg.HS3_ANALYSIS
-    if not maybe_register_hs3_split(name, h.FRACTION, h.SPLIT_SEED, read_analysis_files(h.FILES)):
-        raise KeyError(f"Dataset {name!r} is not registered (nor a <registered>_hs3_analysis / _hs3_reduced split); "
-                       f"registered: {sorted(DatasetCatalog.list())[:20]} ...")
-    return name
-
-
-def default_calibration_split(cfg) -> str:
-    """``<train>_hs3_analysis``: the held-out part of ``DATASETS.TRAIN[0]`` (``HS3_ANALYSIS``'s
-    split), registered on the way; warns when the model was trained on all of the training set."""
-    from ..hs3.splits import ANALYSIS_SUFFIX, REDUCED_SUFFIX
-
-    if not cfg.DATASETS.TRAIN:
-        raise ValueError("DATASETS.TRAIN is empty: name the calibration split with --dataset.")
-    train = cfg.DATASETS.TRAIN[0]
-    base = train[: -len(REDUCED_SUFFIX)] if train.endswith(REDUCED_SUFFIX) else train
-    name = register_split(cfg, base + ANALYSIS_SUFFIX)
-    if train == base:
-        logger.warning("The model was trained on all of %s, calibration split %s included: its exits are more "
-                       "confident there than on new images. Train on %s%s to hold the split out.",
-                       train, name, base, REDUCED_SUFFIX)
-    return name
-
-
-def calibrate_from_config(cfg, output: str, *, dataset: str = "", max_drop: Optional[float] = None,
-                          budget: Optional[float] = None, candidates: int = 16, records_path: str = "",
-                          risk_control: str = "", epsilon: Optional[float] = None, delta: float = 0.1,
-                          quality: str = "miou") -> dict:
-    """What ``tools/calibrate_exits.py`` does: choose the thresholds of ``cfg``'s anytime model
-    (:func:`anytime_cfg`, ``MODEL.WEIGHTS`` set) on a held-out split and write the thresholds
-    file ``output``. Returns the file's summary (thresholds, ``None`` = never, and what they give
-    on the split).
-
-    ``dataset``: the calibration split (default ``<DATASETS.TRAIN[0]>_hs3_analysis``); an
-    evaluation split, or one sharing an image with one, is refused before anything runs.
-    ``records_path``: save the split's records there, or reuse them when the file holds
-    records of this split. ``max_drop`` / ``budget``: :func:`calibrate`'s objectives;
-    ``risk_control`` (``crc`` / ``ucb``) with ``epsilon``, ``delta``, ``quality`` instead:
-    ``anytime_risk.calibrate_risk`` (one shared threshold with a guarantee)."""
-    if risk_control:  # checked before the model runs
-        from .anytime_risk import check_risk_args
-
-        if max_drop is not None or budget is not None:
-            raise ValueError("Give either risk_control (with epsilon) or max_drop / budget, not both.")
-        check_risk_args(risk_control, epsilon, delta, quality)
-    from ..modeling.meta_arch.anytime import save_thresholds
-
-    name = register_split(cfg, dataset) if dataset else default_calibration_split(cfg)
-    check_held_out(name, list(cfg.DATASETS.TEST))
-    if records_path and os.path.isfile(records_path):
-        records = ExitRecords.load(records_path)
-        if records.dataset != name:
-            raise ValueError(f"{records_path!r} holds records of {records.dataset!r}, not of the calibration "
-                             f"split {name!r}: remove the file or name another one.")
-        logger.info("Reusing the records in %s (%d images).", records_path, records.num_images)
-    else:
-        from ..engine import Trainer, check_weights_file
-
-        check_weights_file(cfg.MODEL.WEIGHTS)
-        model = build_anytime_model(cfg)
-        records = collect_records(model, Trainer.build_test_loader(cfg, name), name)
-        if records_path:
-            records.save(records_path)
-    if risk_control:
-        from .anytime_risk import calibrate_risk
-
-        result = calibrate_risk(records, epsilon=epsilon, method=risk_control, delta=delta, quality=quality)
-    else:
-        result = calibrate(records, max_drop=max_drop, budget=budget, candidates=candidates)
-    a = cfg.MODEL.EXITS.ANYTIME
-    summary = {**result.summary(), "dataset": name, "images": records.num_images, "weights": cfg.MODEL.WEIGHTS}
-    save_thresholds(output, result.thresholds, confidence=a.CONFIDENCE, pixel_threshold=a.PIXEL_THRESHOLD,
-                    calibration=summary)
-    if not result.feasible:
-        why = result.details.get("reason", "wrote the closest one")
-        logger.warning("No threshold setting meets %s on %s: %s.", result.objective, name, why)
-    return {"thresholds": {k: (None if not math.isfinite(v) else v) for k, v in result.thresholds.items()},
-            **summary, "output": output}
-
-
-def evaluate_policy(cfg, model, dataset_name: str, output_dir: Optional[str] = None) -> dict:
-    """Run ``model`` (its current policy) on ``dataset_name`` with :class:`AnytimeEvaluator`."""
-    from detectron2.evaluation import inference_on_dataset
-
-    from ..engine import Trainer
-
-    loader = Trainer.build_test_loader(cfg, dataset_name)
-    evaluator = AnytimeEvaluator.for_model(model, dataset_name, distributed=False, output_dir=output_dir)
-    return inference_on_dataset(model, loader, evaluator)

@@ -1,7 +1,7 @@
 """Risk-controlled exit thresholds for anytime inference (*Fast yet Safe*, Jazbec et al.,
 NeurIPS 2024, arXiv 2405.20915).
 
-:func:`~.anytime.calibrate` picks the thresholds whose mIoU on the calibration split is
+:func:`~.anytime_calibration.calibrate` picks the thresholds whose mIoU on the calibration split is
 within a margin of the final output's: an empirical choice, which a new sample of images may
 not honour. Risk control picks one threshold ``lam`` shared by every exit (an image answers at
 the first exit whose confidence reaches ``lam``; ``lam`` above 1 = the final head everywhere),
@@ -36,9 +36,8 @@ from typing import Optional
 import numpy as np
 
 from ..modeling.meta_arch.anytime import FINAL, NEVER
-from .anytime import (
-    Calibration, ExitRecords, evaluate_thresholds, fixed_exit_outcome, miou_of_confusions, policy_outcome,
-)
+from .anytime import ExitRecords, evaluate_thresholds, fixed_exit_outcome, miou_of_confusions, policy_outcome
+from .anytime_calibration import Calibration
 
 __all__ = ["QUALITIES", "RISK_METHODS", "check_risk_args", "per_image_quality", "gap_losses", "shared_candidates",
            "hoeffding_bentkus_pvalue", "calibrate_risk"]
@@ -130,7 +129,7 @@ def calibrate_risk(records: ExitRecords, *, epsilon: float, method: str = "ucb",
 
     ``epsilon``: the per-image gap allowed, in [0, 1] units of ``quality`` (0.01 = one point
     of per-image mIoU); ``delta`` (``ucb``): the probability the bound may fail. Returns a
-    :class:`~.anytime.Calibration` (thresholds: the same value for every exit, ``NEVER`` when
+    :class:`~.anytime_calibration.Calibration` (thresholds: the same value for every exit, ``NEVER`` when
     only the final head is safe) whose ``details`` hold the method, the empirical risk and the
     bound at the chosen threshold. ``feasible`` is False when even "never exit" cannot be
     certified (too few calibration images for ``epsilon``/``delta``): then no exit is used.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Dict
 
+from ..modeling.exits import EXIT_OBJECTIVES, exit_modes
 from .sem_seg import LabelSpace
 
 __all__ = ["build_label_spaces"]
@@ -22,8 +23,6 @@ def build_label_spaces(cfg, dataset_name: str) -> Dict[str, LabelSpace]:
     mode = exits.get("MODE", "none") if exits is not None else "none"
     if mode == "none":
         return {}
-    from ..modeling.exits import EXIT_OBJECTIVES, exit_modes
-
     if mode not in EXIT_OBJECTIVES:
         raise ValueError(f"Unknown MODEL.EXITS.MODE {mode!r}; choose from {list(exit_modes())}.")
     return dict(EXIT_OBJECTIVES[mode].eval_label_spaces(cfg, dataset_name))

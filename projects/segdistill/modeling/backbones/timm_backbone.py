@@ -50,7 +50,8 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
-from ..stagewise import StagewiseBackbone  # issue 15: the stage-by-stage contract
+from ...convert import ConvertibleBackbone, backbone_family, load_backbone_weights
+from ..stagewise import StagewiseBackbone
 from .norm import convert_norm, resolve_norm
 
 __all__ = [
@@ -65,21 +66,6 @@ DILATION_RULES = ("timm", "mmseg")
 HRNET_FUSE_UPSAMPLES = ("nearest", "bilinear")
 
 
-def backbone_family(body: nn.Module) -> str:
-    """"resnet", "mobilenetv2", "hrnet" or "other": the family of a timm body (for converters)."""
-    from timm.models.efficientnet import EfficientNetFeatures
-    from timm.models.hrnet import HighResolutionNet
-    from timm.models.resnet import BasicBlock, Bottleneck
-
-    if isinstance(body, HighResolutionNet):
-        return "hrnet"
-    if isinstance(body, EfficientNetFeatures):
-        return "mobilenetv2"
-    if any(isinstance(m, (BasicBlock, Bottleneck)) for m in body.modules()):
-        return "resnet"
-    return "other"
-
-
 def load_body_checkpoint(body: nn.Module, path: str, fmt: str = "auto", *, key: str = "MODEL.TIMM.CHECKPOINT") -> None:
     """Load local ImageNet weights of format ``fmt`` (or detected) into a timm body.
 
@@ -87,8 +73,6 @@ def load_body_checkpoint(body: nn.Module, path: str, fmt: str = "auto", *, key: 
     :class:`segdistill.convert.CheckpointMismatchError` (a ValueError) naming the file, the
     expected architecture and the first unmatched keys when it does not fit.
     """
-    from ...convert import load_backbone_weights
-
     load_backbone_weights(body, path, fmt, key=key)
 
 
@@ -217,7 +201,7 @@ def _common_from_config(cfg, input_shape: ShapeSpec) -> dict:
     )
 
 
-class TimmBackbone(StagewiseBackbone):
+class TimmBackbone(StagewiseBackbone, ConvertibleBackbone):
     """A timm ``features_only`` model (ResNet, MobileNetV2, ...) as a detectron2 Backbone.
 
     Every argument is keyword-only and required; the defaults live in ``config.py``
@@ -366,7 +350,7 @@ def _mobilenet_level_stages(info) -> List[int]:
     return out
 
 
-class HRNetBackbone(StagewiseBackbone):
+class HRNetBackbone(StagewiseBackbone, ConvertibleBackbone):
     """HRNetV2 from timm, exposing every stage's branches (see the module docstring)."""
 
     @configurable

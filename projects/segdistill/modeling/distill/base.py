@@ -29,6 +29,8 @@ from torch.nn import functional as F
 
 from detectron2.layers import ShapeSpec, get_norm
 
+from ...config import add_segdistill_config
+
 __all__ = [
     "DISTILL_LOSSES", "register_distill_loss", "build_distill_losses", "distill_losses_from_names",
     "DistillLoss", "DistillBatch", "TapPair", "CONNECTORS", "build_connector",
@@ -70,8 +72,6 @@ def distill_losses_from_names(names: Sequence[str], opts: Sequence = ()) -> List
     ``opts=["MODEL.DISTILL.SKD.POOL_SCALE", 0.25]``.
     """
     from detectron2.config import get_cfg
-
-    from ...config import add_segdistill_config
 
     cfg = get_cfg()
     add_segdistill_config(cfg)

@@ -29,6 +29,7 @@ import fvcore.nn.weight_init as weight_init
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.projects.deeplab.loss import DeepLabCE
 
+from ...convert import ConvertibleHead
 from ..backbones.norm import resolve_norm
 
 __all__ = ["SegHeadMixin", "AuxFCNHead", "build_aux_head", "head_outputs", "upsample_logits", "LOSS_TYPES",
@@ -126,7 +127,7 @@ def common_head_config(cfg, input_shape: Dict[str, ShapeSpec]) -> dict:
     )
 
 
-class SegHeadMixin:
+class SegHeadMixin(ConvertibleHead):
     """detectron2's head contract built on ``forward_features`` + ``predictor``.
 
     A head class sets ``in_features``, ``common_stride``, ``ignore_value``, ``loss_weight``,

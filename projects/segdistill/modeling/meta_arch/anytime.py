@@ -53,6 +53,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_se
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 
+from ...convert import load_checked_weights
 from ..backbones.norm import resolve_norm
 from ..exits import EXIT_OBJECTIVES, HEAD_FEATURE_PREFIX, ExitHead, build_exit_heads, exit_modes, exit_size
 from ..heads.base import SegHeadMixin
@@ -583,14 +584,12 @@ def load_anytime_weights(model: AnytimeSegmentor, path: str, *, key: str = "MODE
                          weights_format: str = "auto") -> List[str]:
     """Load a trained ``MultiExitSegmentor`` checkpoint (or its anytime deployment) into ``model``.
 
-    Through the shared checked loader (``segdistill.engine.weights.load_checked_weights``:
+    Through the shared checked loader (``segdistill.convert.load_checked_weights``:
     detectron2's checkpointer, foreign formats converted, untrusted files read safely) with
     ``min_matched=1.0``: every tensor of the anytime model must come from the file, with its
-    shape, else :class:`~segdistill.engine.weights.WeightsMismatchError` (a plain deployed
+    shape, else :class:`~segdistill.convert.WeightsMismatchError` (a plain deployed
     checkpoint has no exits, so it is refused). Returns the file's keys left out
     (classifiers, objective state)."""
-    from ...engine.weights import load_checked_weights
-
     report = load_checked_weights(model, path, key=key, min_matched=1.0, weights_format=weights_format,
                                   what="the anytime model (backbone, head and the exits' segmenters)")
     dropped = sorted(report.unexpected)

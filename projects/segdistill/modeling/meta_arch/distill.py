@@ -42,6 +42,10 @@ from torch.nn import functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 
+from ...config import add_segdistill_config, apply_lazy_overrides
+from ...convert import (
+    DeployableModel, SegmentorWrapper, check_weights_file, load_checked_weights, load_foreign_weights,
+)
 from ..distill.base import DistillBatch, DistillLoss, build_distill_losses
 from ..distill.taps import (
     LOGITS, backbone_stage_taps, segmentor_taps, with_backbone_stages,
@@ -72,8 +76,6 @@ def _resolve(path: str, key: str) -> str:
 def load_teacher_cfg(config_file: str, opts: Sequence[str] = ()):
     """The teacher's YAML config (segdistill keys, file, then ``opts``)."""
     from detectron2.config import get_cfg
-
-    from ...config import add_segdistill_config
 
     path = _resolve(config_file, "MODEL.DISTILL.TEACHER.CONFIG_FILE")
     cfg = get_cfg()
@@ -110,9 +112,6 @@ def build_teacher(
     and benchmarks only: a random teacher teaches nothing). ``stages``: backbone stages the
     losses tap, added to the backbone's outputs (no parameter changes).
     """
-    from ...convert import load_foreign_weights
-    from ...engine.weights import check_weights_file, load_checked_weights
-
     path = _resolve(config_file, "MODEL.DISTILL.TEACHER.CONFIG_FILE")
     if weights:
         check_weights_file(weights, "MODEL.DISTILL.TEACHER.WEIGHTS")
@@ -123,8 +122,6 @@ def build_teacher(
         )
     if path.endswith(".py"):
         from detectron2.config import LazyConfig, instantiate
-
-        from ...config import apply_lazy_overrides
 
         lazy = apply_lazy_overrides(LazyConfig.load(path), list(opts))  # unknown keys: an error
         teacher = instantiate(_lazy_with_stages(lazy.model, stages))
@@ -164,7 +161,7 @@ class _OutsideModuleTree:
 # The wrapper
 # ---------------------------------------------------------------------------------------------
 @META_ARCH_REGISTRY.register()
-class Distiller(nn.Module):
+class Distiller(nn.Module, SegmentorWrapper, DeployableModel):
     """Teacher-student distillation around any student segmentor (see the module docstring)."""
 
     @configurable
@@ -306,6 +303,10 @@ class Distiller(nn.Module):
     def deploy_state_dict(self) -> Dict[str, torch.Tensor]:
         """The student's own deployed weights (its config's keys): no teacher, no loss part or state."""
         return dict(self._taps.value[0].deploy_state_dict())
+
+    def wrapped_segmentor(self) -> Tuple[nn.Module, str]:
+        """Whole-model checkpoints (``MODEL.WEIGHTS``) are the student's: it is ``student.*`` here."""
+        return self.student, "student."
 
     # -- forward ----------------------------------------------------------------------------
     def _to_teacher_format(self, x: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, SemanticSegmentor, build_bac
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 
+from ...convert import DeployableModel
 from ..backbones.norm import resolve_norm
 from ..exits import (
     EXIT_OBJECTIVES, HEAD_FEATURE_PREFIX, ExitFusion, ExitObjective, ExitOutput, MultiExitOutputs,
@@ -89,7 +90,7 @@ def _build_backbone_with_exit_stages(cfg, exit_names):
 
 
 @META_ARCH_REGISTRY.register()
-class MultiExitSegmentor(SemanticSegmentor, SegmentorTaps):
+class MultiExitSegmentor(SemanticSegmentor, SegmentorTaps, DeployableModel):
     """SemanticSegmentor with exits on intermediate stages (deep supervision, Self-Regulation, HS3, ...)."""
 
     @configurable

@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from ..convert import SegDistillCheckpointer
 from ..config import ConfigError
+from .checkpointer import SegDistillCheckpointer
 
 __all__ = ["LoadReport", "WeightsMismatchError", "check_weights_file", "load_weights", "load_checked_weights",
            "load_weights_for_evaluation", "DEFAULT_MIN_MATCHED"]
@@ -93,7 +94,7 @@ class LoadReport:
 
 
 class _RecordingCheckpointer(SegDistillCheckpointer):
-    """detectron2's checkpointer (foreign formats converted by :mod:`segdistill.convert`),
+    """detectron2's checkpointer (foreign formats converted, :mod:`.checkpointer`),
     keeping the incompatible keys of its last model load (``_load_model`` is the
     checkpointer's documented override point)."""
 
@@ -105,8 +106,6 @@ class _RecordingCheckpointer(SegDistillCheckpointer):
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    from torch.nn.parallel import DistributedDataParallel
-
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 

@@ -2,9 +2,9 @@
 
 Training-only parts (a multi-exit segmentor's exits, a distiller's teacher and loss state)
 cost nothing at inference because they are dropped here. A model that has such parts
-defines ``deploy_state_dict() -> state dict`` returning the weights of its plain deployed
-model (the keys that model's own config builds, e.g. a ``SemanticSegmentor``); every other
-model deploys its whole ``state_dict()``.
+implements :class:`~.contracts.DeployableModel`: its ``deploy_state_dict()`` returns the
+weights of its plain deployed model (the keys that model's own config builds, e.g. a
+``SemanticSegmentor``); every other model deploys its whole ``state_dict()``.
 """
 from __future__ import annotations
 
@@ -12,14 +12,17 @@ import os
 from typing import Dict
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from .contracts import DeployableModel
 
 __all__ = ["deployed_state_dict", "save_deployed_checkpoint"]
 
 
 def deployed_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    model = getattr(model, "module", model)  # DistributedDataParallel
-    fn = getattr(model, "deploy_state_dict", None)
-    state = fn() if fn is not None else model.state_dict()
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
+    state = model.deploy_state_dict() if isinstance(model, DeployableModel) else model.state_dict()
     return {k: v.detach().cpu() for k, v in state.items()}
 
 
