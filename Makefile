@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine with Python 3.11 (see README.md):
 #   make demo   set up .venv, then the demo on CPU: a small model with and without distillation (tools/demo.py)
-#   make test   set up .venv, then run the test suite
+#   make test   set up .venv, then the lint step (ruff, pyflakes rules: pyproject.toml) and the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -16,4 +16,5 @@ demo: setup
 SEGDISTILL_CAMVID_ROOT ?= $(abspath $(wildcard ../shared/data/camvid))
 
 test: setup
+	$(PY) -m ruff check --quiet .
 	SEGDISTILL_CAMVID_ROOT="$(SEGDISTILL_CAMVID_ROOT)" $(PY) -m pytest -q tests
