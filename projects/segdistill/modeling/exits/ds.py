@@ -8,6 +8,7 @@ from typing import Dict
 
 import torch
 
+from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 
 from .heads import MultiExitOutputs
@@ -19,6 +20,12 @@ __all__ = ["DeepSupervisionObjective"]
 @register_exit_objective("ds")
 class DeepSupervisionObjective(ExitObjective):
     """Deep supervision: ``loss_ds = weight * sum_i CE(exit i, ground truth)``."""
+
+    @classmethod
+    def add_config(cls, cfg):
+        # Deep supervision: weight of every exit's full-class cross-entropy (loss_ds, summed over exits).
+        cfg.MODEL.EXITS.DS = CN()
+        cfg.MODEL.EXITS.DS.WEIGHT = 1.0
 
     @configurable
     def __init__(self, *, weight: float, ignore_value: int):

@@ -2,8 +2,14 @@
 
 An exit objective turns the :class:`~.heads.MultiExitOutputs` of a training step into named
 loss terms. It is also where a mode's specific parts come from, so that the segmentor has no
-branch for any mode: ``MultiExitSegmentor.from_config`` asks the registered class of
-``MODEL.EXITS.MODE`` for
+branch for any mode, and where its config keys come from: the registered class of
+``MODEL.EXITS.MODE`` gives
+
+* :meth:`ExitObjective.add_config`: its section ``MODEL.EXITS.<MODE>`` with the defaults of
+  its keys (``register_exit_objective`` registers it as a config hook, so
+  ``add_segdistill_config`` has the keys as soon as the file is imported);
+
+and ``MultiExitSegmentor.from_config`` asks it for
 
 * :meth:`ExitObjective.exit_num_classes`: the class count of every exit (DS / SR: the
   dataset's classes or ``MODEL.EXITS.NUM_CLASSES``; HS3: each exit's clusters);
@@ -24,12 +30,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from detectron2.layers import ShapeSpec
+from detectron2.utils.events import get_event_storage
 
+from ...config import register_config_hook, remove_config_hook
 from .heads import ExitFusion, MultiExitOutputs
 from .hs3_clusters import map_labels
 
-__all__ = ["ExitObjective", "EXIT_OBJECTIVES", "register_exit_objective", "exit_modes", "seg_cross_entropy",
-           "put_scalar"]
+__all__ = ["ExitObjective", "EXIT_OBJECTIVES", "register_exit_objective", "unregister_exit_objective", "exit_modes",
+           "seg_cross_entropy", "put_scalar"]
 
 
 class ExitObjective(nn.Module):
@@ -44,6 +52,7 @@ class ExitObjective(nn.Module):
     DDP), and override the classmethods below when their mode shapes the exits.
     """
 
+    name: str = ""  # the registered MODEL.EXITS.MODE, set by register_exit_objective
     needs_classifiers = False
 
     def __init__(self, *, ignore_value: int, label_luts: Optional[Dict[str, torch.Tensor]] = None):
@@ -52,6 +61,32 @@ class ExitObjective(nn.Module):
         self.label_luts: Dict[str, torch.Tensor] = dict(label_luts or {})
         self.iteration: Optional[int] = None
         self.max_iter: Optional[int] = None
+
+    # ---- config
+    @classmethod
+    def add_config(cls, cfg) -> None:
+        """Create ``cfg.MODEL.EXITS.<MODE>`` (the registered mode upper-cased) and fill it with every
+        key this mode reads, with its default and a comment saying what it is and where the
+        default comes from. The keys every mode shares (``MODEL.EXITS.IN_FEATURES``,
+        ``CHANNELS``, ``NUM_CLASSES`` ...) stay in ``config/defaults.py``. Called through
+        :meth:`config_hook`, once per config."""
+        raise NotImplementedError(
+            f"Exit objective {cls.__name__} ('{cls.name}') must define the classmethod add_config(cfg) that adds "
+            f"its section MODEL.EXITS.{cls.name.upper()} with the defaults of its keys."
+        )
+
+    @classmethod
+    def config_hook(cls, cfg) -> None:
+        """What ``register_exit_objective`` registers with the config layer: :meth:`add_config`
+        when the section is absent (so ``add_segdistill_config`` stays idempotent), then a
+        check that it made the section."""
+        key = cls.name.upper()
+        if key in cfg.MODEL.EXITS:
+            return
+        cls.add_config(cfg)
+        if key not in cfg.MODEL.EXITS:
+            raise TypeError(f"{cls.__name__}.add_config did not create MODEL.EXITS.{key}, the section of exit mode "
+                            f"'{cls.name}'.")
 
     # ---- the parts a mode builds (classmethods: asked before the objective exists)
     @classmethod
@@ -98,17 +133,28 @@ EXIT_OBJECTIVES: Dict[str, type] = {}
 
 
 def register_exit_objective(name: str):
-    """Class decorator: make ``name`` a valid ``MODEL.EXITS.MODE``."""
+    """Class decorator: make ``name`` a valid ``MODEL.EXITS.MODE`` and register the class's
+    config hook (:meth:`ExitObjective.config_hook`, which calls its ``add_config``)."""
 
     def deco(cls):
         if not (isinstance(cls, type) and issubclass(cls, ExitObjective)):
             raise TypeError(f"Exit objective {name!r} must subclass ExitObjective, got {cls!r}.")
+        if name == "none":
+            raise ValueError("MODEL.EXITS.MODE 'none' means no exits; register the objective under another name.")
         if name in EXIT_OBJECTIVES and EXIT_OBJECTIVES[name] is not cls:
             raise ValueError(f"Exit objective {name!r} is already registered ({EXIT_OBJECTIVES[name].__name__}).")
         EXIT_OBJECTIVES[name] = cls
+        cls.name = name
+        register_config_hook(cls.config_hook)
         return cls
 
     return deco
+
+
+def unregister_exit_objective(name: str) -> None:
+    """Remove ``name`` and its config hook (tests, reloading a module); configs already made keep its keys."""
+    cls = EXIT_OBJECTIVES.pop(name)
+    remove_config_hook(cls.config_hook)
 
 
 def exit_modes():
@@ -130,8 +176,6 @@ def seg_cross_entropy(seg_logits: torch.Tensor, targets: torch.Tensor, ignore_va
 
 def put_scalar(name: str, value: float) -> None:
     """Log to detectron2's event storage when one is open (inside a trainer)."""
-    from detectron2.utils.events import get_event_storage
-
     try:
         storage = get_event_storage()
     except AssertionError:  # no trainer: nothing to log to
