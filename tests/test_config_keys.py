@@ -15,7 +15,7 @@ from conftest import REPO
 from detectron2.config import LazyCall as L
 from detectron2.config import LazyConfig, get_cfg, instantiate
 from segdistill import add_segdistill_config
-from segdistill.config import RENAMED_KEYS, LazyOverrideError, apply_lazy_overrides, config_hooks
+from segdistill.config import RENAMED_KEYS, LazyOverrideError, SectionHook, apply_lazy_overrides, config_hooks
 from segdistill.modeling.distill import DISTILL_LOSSES, distill_losses_from_names
 from segdistill.modeling.distill.at import AttentionTransfer
 from segdistill.modeling.exits import EXIT_OBJECTIVES, HS3Objective
@@ -38,11 +38,11 @@ def flat(node, prefix=""):
 def test_every_registered_method_adds_its_own_section_and_the_config_stays_idempotent():
     cfg = fresh_cfg()
     for name, cls in DISTILL_LOSSES.items():
-        assert cls.config_hook in config_hooks(), name
-        assert name.upper() in cfg.MODEL.DISTILL, name
+        assert SectionHook("MODEL.DISTILL", name, cls.add_config) in config_hooks(), name
+        assert cfg.MODEL.DISTILL[name.upper()], name  # a section with keys
     for mode, cls in EXIT_OBJECTIVES.items():
-        assert cls.config_hook in config_hooks(), mode
-        assert mode.upper() in cfg.MODEL.EXITS, mode
+        assert SectionHook("MODEL.EXITS", mode, cls.add_config) in config_hooks(), mode
+        assert cfg.MODEL.EXITS[mode.upper()], mode
     # running it again changes nothing, also on a config changed in between
     cfg.MODEL.DISTILL.PD.WEIGHT = 7.0
     before = cfg.dump()

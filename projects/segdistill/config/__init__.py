@@ -7,10 +7,10 @@ The bottom layer of the package with ``data``: it imports nothing of segdistill'
 """
 from .checks import ConfigError, check_dataset_names, check_device
 from .defaults import add_segdistill_config
-from .hooks import config_hooks, register_config_hook, remove_config_hook
+from .hooks import SectionHook, SectionRegistry, config_hooks, register_config_hook, remove_config_hook
 from .lazy_overrides import LazyOverrideError, apply_lazy_overrides, check_lazy_override_key
 from .renamed_keys import RENAMED_KEYS
 
-__all__ = ["add_segdistill_config", "register_config_hook", "remove_config_hook", "config_hooks", "RENAMED_KEYS",
-           "ConfigError", "check_dataset_names", "check_device", "LazyOverrideError", "apply_lazy_overrides",
-           "check_lazy_override_key"]
+__all__ = ["add_segdistill_config", "register_config_hook", "remove_config_hook", "config_hooks", "SectionHook",
+           "SectionRegistry", "RENAMED_KEYS", "ConfigError", "check_dataset_names", "check_device", "LazyOverrideError",
+           "apply_lazy_overrides", "check_lazy_override_key"]

@@ -19,8 +19,9 @@ __all__ = ["add_segdistill_config"]
 
 def add_segdistill_config(cfg: CN) -> None:
     """Add segdistill's keys to ``cfg`` in place: the shared keys, then every registered
-    component's (its config hook), then the renamed keys' errors. Idempotent: running it
-    again adds only the keys of components registered since, and changes no value."""
+    component's (its config hook, :mod:`.hooks`), then the renamed keys' errors (:mod:`.renamed_keys`).
+    Idempotent: running it again adds only the keys of components registered since, and
+    changes no value."""
     if "TIMM" not in cfg.MODEL:
         _add_shared_keys(cfg)
     run_config_hooks(cfg)

@@ -20,7 +20,6 @@ from typing import Sequence
 import torch
 from torch.nn import functional as F
 
-from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 
 from .base import DistillLoss, register_distill_loss
@@ -46,21 +45,6 @@ def at_loss(student: torch.Tensor, teacher: torch.Tensor, *, p: float, variant: 
 class AttentionTransfer(DistillLoss):
     """AT; ``MODEL.DISTILL.AT``."""
 
-    @classmethod
-    def add_config(cls, cfg):
-        # AT (Zagoruyko & Komodakis, ICLR 2017): L2-normalised spatial attention maps mean_c |f_c|^P.
-        # Defaults: CIRKD's segmentation setting (scripts/train_kd/train_at.sh, losses/at.py).
-        cfg.MODEL.DISTILL.AT = CN()
-        cfg.MODEL.DISTILL.AT.WEIGHT = 10000.0
-        # The taps compared, as two lists paired by position (AT sums the terms of several pairs;
-        # the maps average the channels away, so the pairs need not have equal channel counts).
-        cfg.MODEL.DISTILL.AT.STUDENT_TAP = ["head_features"]
-        cfg.MODEL.DISTILL.AT.TEACHER_TAP = ["head_features"]
-        cfg.MODEL.DISTILL.AT.P = 2.0
-        # "code": mean squared difference of the normalised maps (the authors' and CIRKD's code);
-        # "paper": half the L2 norm of their difference per image (AT Eq. 2), averaged over images.
-        cfg.MODEL.DISTILL.AT.VARIANT = "code"
-
     @configurable
     def __init__(self, *, loss_weight: float, student_tap: Sequence[str], teacher_tap: Sequence[str], p: float,
                  variant: str):
@@ -74,6 +58,20 @@ class AttentionTransfer(DistillLoss):
             raise ValueError(f"MODEL.DISTILL.AT.VARIANT must be one of {AT_VARIANTS}, got {variant!r}.")
         super().__init__(loss_weight=loss_weight, taps=list(zip(student_tap, teacher_tap)))
         self.p, self.variant = float(p), variant
+
+    @classmethod
+    def add_config(cls, cfg):
+        # AT (Zagoruyko & Komodakis, ICLR 2017): L2-normalised spatial attention maps mean_c |f_c|^P.
+        # Defaults: CIRKD's segmentation setting (scripts/train_kd/train_at.sh, losses/at.py).
+        cfg.MODEL.DISTILL.AT.WEIGHT = 10000.0
+        # The taps compared, as two lists paired by position (AT sums the terms of several pairs;
+        # the maps average the channels away, so the pairs need not have equal channel counts).
+        cfg.MODEL.DISTILL.AT.STUDENT_TAP = ["head_features"]
+        cfg.MODEL.DISTILL.AT.TEACHER_TAP = ["head_features"]
+        cfg.MODEL.DISTILL.AT.P = 2.0
+        # "code": mean squared difference of the normalised maps (the authors' and CIRKD's code);
+        # "paper": half the L2 norm of their difference per image (AT Eq. 2), averaged over images.
+        cfg.MODEL.DISTILL.AT.VARIANT = "code"
 
     @classmethod
     def from_config(cls, cfg):

@@ -5,9 +5,10 @@ per method; the package imports every module it holds, so dropping a file in reg
 ``MODEL.DISTILL.LOSSES`` lists the names, each with its config section
 ``MODEL.DISTILL.<NAME>`` (the name upper-cased). A loss
 
-* adds that section, with every key its ``from_config`` reads and their defaults, in
-  :meth:`DistillLoss.add_config` (``register_distill_loss`` registers it as a config hook,
-  so ``add_segdistill_config`` has the keys as soon as the file is imported);
+* fills that section with every key its ``from_config`` reads and their defaults, in
+  :meth:`DistillLoss.add_config` (``register_distill_loss`` registers it as a config hook
+  that creates the section, so ``add_segdistill_config`` has the keys as soon as the file is
+  imported);
 * declares the taps it reads as :class:`TapPair` s (student tap, teacher tap or None) in its
   constructor (:attr:`DistillLoss.taps`);
 * builds its trainable parts (a connector, a generator, a projection head, a discriminator)
@@ -40,7 +41,7 @@ from torch.nn import functional as F
 from detectron2.config import configurable, get_cfg
 from detectron2.layers import ShapeSpec, get_norm
 
-from ...config import add_segdistill_config, register_config_hook, remove_config_hook
+from ...config import SectionRegistry, add_segdistill_config
 from .taps import LOGITS
 
 __all__ = [
@@ -49,30 +50,15 @@ __all__ = [
     "build_connector", "as_float", "label_mask", "masked_mean", "resize_labels",
 ]
 
-DISTILL_LOSSES: Dict[str, type] = {}
-
-
 def register_distill_loss(name: str):
     """Class decorator: make ``name`` a valid entry of ``MODEL.DISTILL.LOSSES`` and register the
-    class's config hook (:meth:`DistillLoss.config_hook`, which calls its ``add_config``)."""
-
-    def deco(cls):
-        if not (isinstance(cls, type) and issubclass(cls, DistillLoss)):
-            raise TypeError(f"Distillation loss {name!r} must subclass DistillLoss, got {cls!r}.")
-        if name in DISTILL_LOSSES and DISTILL_LOSSES[name] is not cls:
-            raise ValueError(f"Distillation loss {name!r} is already registered ({DISTILL_LOSSES[name].__name__}).")
-        DISTILL_LOSSES[name] = cls
-        cls.name = name
-        register_config_hook(cls.config_hook)
-        return cls
-
-    return deco
+    config hook that creates ``MODEL.DISTILL.<NAME>`` and fills it (the class's ``add_config``)."""
+    return DISTILL_LOSSES.register(name)
 
 
 def unregister_distill_loss(name: str) -> None:
     """Remove ``name`` and its config hook (tests, reloading a module); configs already made keep its keys."""
-    cls = DISTILL_LOSSES.pop(name)
-    remove_config_hook(cls.config_hook)
+    DISTILL_LOSSES.unregister(name)
 
 
 def build_distill_losses(cfg) -> Dict[str, "DistillLoss"]:
@@ -246,29 +232,17 @@ class DistillLoss(nn.Module):
     # -- config ----------------------------------------------------------------------------
     @classmethod
     def add_config(cls, cfg) -> None:
-        """Create ``cfg.MODEL.DISTILL.<NAME>`` (the registered name upper-cased) and fill it with
-        every key :meth:`from_config` reads, with its default and a comment saying what it is and
+        """Fill ``cfg.MODEL.DISTILL.<NAME>`` (the registered name upper-cased; the config hook
+        that ``register_distill_loss`` registers creates it empty, once per config) with every
+        key :meth:`from_config` reads, with its default and a comment saying what it is and
         where the default comes from (paper, authors' code). Keys other losses read too stay
         in ``config/defaults.py``; a section several losses of one file share is added here by
         each of them when it is absent (FAKD's ``MODEL.DISTILL.FAKD``, the holistic term's
-        ``MODEL.DISTILL.HOLISTIC``). Called through :meth:`config_hook`, once per config."""
+        ``MODEL.DISTILL.HOLISTIC``)."""
         raise NotImplementedError(
-            f"Distillation loss {cls.__name__} ('{cls.name}') must define the classmethod add_config(cfg) that adds "
+            f"Distillation loss {cls.__name__} ('{cls.name}') must define the classmethod add_config(cfg) that fills "
             f"its section MODEL.DISTILL.{cls.name.upper()} with the defaults of its keys."
         )
-
-    @classmethod
-    def config_hook(cls, cfg) -> None:
-        """What ``register_distill_loss`` registers with the config layer: :meth:`add_config`
-        when the section is absent (so ``add_segdistill_config`` stays idempotent), then a
-        check that it made the section."""
-        key = cls.name.upper()
-        if key in cfg.MODEL.DISTILL:
-            return
-        cls.add_config(cfg)
-        if key not in cfg.MODEL.DISTILL:
-            raise TypeError(f"{cls.__name__}.add_config did not create MODEL.DISTILL.{key}, the section of "
-                            f"distillation loss '{cls.name}'.")
 
     # -- build time ------------------------------------------------------------------------
     def bind(self, student: Dict[str, ShapeSpec], teacher: Dict[str, ShapeSpec], *, num_classes: int) -> None:
@@ -301,15 +275,20 @@ class DistillLoss(nn.Module):
         return f"loss_weight={self.loss_weight}, taps={[tuple(p) for p in self.taps]}"
 
 
+# MODEL.DISTILL.LOSSES name -> DistillLoss subclass, built as ``cls(cfg)`` (a @configurable class).
+DISTILL_LOSSES = SectionRegistry(parent="MODEL.DISTILL", base=DistillLoss, what="Distillation loss")
+
+
 # ------------------------------------------------------------------------------------------
 # A loss between the logits at a temperature (PD, CWD)
 # ------------------------------------------------------------------------------------------
 class TemperedLogitsLoss(DistillLoss):
     """The shape PD and CWD share: the logits of both models, a temperature, a weight, one term
     ``loss_<name>``. Subclasses set :attr:`loss_fn` ``(student, teacher, temperature, valid)``
-    and add their section (``TEMPERATURE``, ``WEIGHT``) in ``add_config``."""
+    and :attr:`defaults`, their section's ``WEIGHT`` and ``TEMPERATURE``."""
 
     loss_fn = None  # staticmethod(the functional form) in the subclass
+    defaults = {"WEIGHT": 1.0, "TEMPERATURE": 1.0}
 
     @configurable
     def __init__(self, *, temperature: float, loss_weight: float):
@@ -317,6 +296,10 @@ class TemperedLogitsLoss(DistillLoss):
         if temperature <= 0:
             raise ValueError(f"MODEL.DISTILL.{self.name.upper()}.TEMPERATURE must be > 0, got {temperature}.")
         self.temperature = float(temperature)
+
+    @classmethod
+    def add_config(cls, cfg):
+        cfg.MODEL.DISTILL[cls.name.upper()].update(cls.defaults)
 
     @classmethod
     def from_config(cls, cfg):

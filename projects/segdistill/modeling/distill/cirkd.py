@@ -49,7 +49,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 from detectron2.layers import get_norm
 
@@ -232,6 +231,27 @@ def memory_relation_loss(student: torch.Tensor, teacher: torch.Tensor, contrast:
 class CrossImageRelationalDistillation(DistillLoss):
     """CIRKD; ``MODEL.DISTILL.CIRKD``."""
 
+    @configurable
+    def __init__(self, *, student_tap: str, teacher_tap: str, batch_weight: float, pixel_memory_weight: float,
+                 region_memory_weight: float, temperature: float, kd_temperature: float, pixel_memory_size: int,
+                 region_memory_size: int, pixel_contrast_size: int, region_contrast_size: int,
+                 pixel_update_freq: int, gather: bool, variant: str, seed: int, norm: str):
+        super().__init__(loss_weight=batch_weight, taps=[(student_tap, teacher_tap)])
+        if temperature <= 0 or kd_temperature <= 0:
+            raise ValueError(f"MODEL.DISTILL.CIRKD.TEMPERATURE and KD_TEMPERATURE must be > 0, got "
+                             f"{temperature}, {kd_temperature}.")
+        if variant not in CIRKD_VARIANTS:
+            raise ValueError(f"MODEL.DISTILL.CIRKD.VARIANT must be one of {CIRKD_VARIANTS}, got {variant!r}.")
+        self.pixel_memory_weight, self.region_memory_weight = float(pixel_memory_weight), float(region_memory_weight)
+        self.temperature, self.kd_temperature = float(temperature), float(kd_temperature)
+        self.memory_settings = dict(pixel_size=int(pixel_memory_size), region_size=int(region_memory_size),
+                                    update_freq=int(pixel_update_freq), variant=variant, seed=int(seed))
+        self.pixel_contrast_size, self.region_contrast_size = int(pixel_contrast_size), int(region_contrast_size)
+        self.gather = bool(gather)
+        self.norm = norm
+        self.projection: Optional[nn.Module] = None  # built in bind()
+        self.memory: Optional[ClassMemory] = None
+
     @classmethod
     def add_config(cls, cfg):
         # CIRKD (Yang et al., CVPR 2022): pixel-to-pixel distillation across the images of the batch
@@ -239,7 +259,6 @@ class CrossImageRelationalDistillation(DistillLoss):
         # memories of teacher embeddings (loss_cirkd_pixel_memory, loss_cirkd_region_memory). The
         # student's embeddings go through a projection head (1x1 conv, norm, ReLU, 1x1 conv) to the
         # teacher's channels. Defaults: the authors' code (winycg/CIRKD train_cirkd.py).
-        cfg.MODEL.DISTILL.CIRKD = CN()
         cfg.MODEL.DISTILL.CIRKD.STUDENT_TAP = "head_features"
         cfg.MODEL.DISTILL.CIRKD.TEACHER_TAP = "head_features"
         cfg.MODEL.DISTILL.CIRKD.BATCH_WEIGHT = 1.0
@@ -264,27 +283,6 @@ class CrossImageRelationalDistillation(DistillLoss):
         cfg.MODEL.DISTILL.CIRKD.VARIANT = "paper"
         # Seed of the memories' random draws (identical on every process, so the memories stay equal).
         cfg.MODEL.DISTILL.CIRKD.SEED = 0
-
-    @configurable
-    def __init__(self, *, student_tap: str, teacher_tap: str, batch_weight: float, pixel_memory_weight: float,
-                 region_memory_weight: float, temperature: float, kd_temperature: float, pixel_memory_size: int,
-                 region_memory_size: int, pixel_contrast_size: int, region_contrast_size: int,
-                 pixel_update_freq: int, gather: bool, variant: str, seed: int, norm: str):
-        super().__init__(loss_weight=batch_weight, taps=[(student_tap, teacher_tap)])
-        if temperature <= 0 or kd_temperature <= 0:
-            raise ValueError(f"MODEL.DISTILL.CIRKD.TEMPERATURE and KD_TEMPERATURE must be > 0, got "
-                             f"{temperature}, {kd_temperature}.")
-        if variant not in CIRKD_VARIANTS:
-            raise ValueError(f"MODEL.DISTILL.CIRKD.VARIANT must be one of {CIRKD_VARIANTS}, got {variant!r}.")
-        self.pixel_memory_weight, self.region_memory_weight = float(pixel_memory_weight), float(region_memory_weight)
-        self.temperature, self.kd_temperature = float(temperature), float(kd_temperature)
-        self.memory_settings = dict(pixel_size=int(pixel_memory_size), region_size=int(region_memory_size),
-                                    update_freq=int(pixel_update_freq), variant=variant, seed=int(seed))
-        self.pixel_contrast_size, self.region_contrast_size = int(pixel_contrast_size), int(region_contrast_size)
-        self.gather = bool(gather)
-        self.norm = norm
-        self.projection: Optional[nn.Module] = None  # built in bind()
-        self.memory: Optional[ClassMemory] = None
 
     @classmethod
     def from_config(cls, cfg):

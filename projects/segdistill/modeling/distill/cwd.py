@@ -16,8 +16,6 @@ from typing import Optional
 import torch
 from torch.nn import functional as F
 
-from detectron2.config import CfgNode as CN
-
 from .base import TemperedLogitsLoss, as_float, register_distill_loss
 
 __all__ = ["channel_kl", "channel_distributions", "cwd_loss", "ChannelWiseDistillation", "flatten_masked"]
@@ -63,10 +61,5 @@ class ChannelWiseDistillation(TemperedLogitsLoss):
     """CWD on the logits; ``MODEL.DISTILL.CWD`` (temperature 4, weight 3, as in CWD/HWD/FAKD)."""
 
     loss_fn = staticmethod(cwd_loss)
-
-    @classmethod
-    def add_config(cls, cfg):
-        # CWD (FAKD Eq. 2, HWD Eq. 3): KL of each channel's spatial softmax at TEMPERATURE, on the logits.
-        cfg.MODEL.DISTILL.CWD = CN()
-        cfg.MODEL.DISTILL.CWD.WEIGHT = 3.0
-        cfg.MODEL.DISTILL.CWD.TEMPERATURE = 4.0
+    # MODEL.DISTILL.CWD (FAKD Eq. 2, HWD Eq. 3): KL of each channel's spatial softmax at TEMPERATURE.
+    defaults = {"WEIGHT": 3.0, "TEMPERATURE": 4.0}

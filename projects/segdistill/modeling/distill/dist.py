@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import torch
 
-from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 
 from .base import DistillLoss, register_distill_loss
@@ -56,20 +55,6 @@ def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, int
 class RelationDistillation(DistillLoss):
     """DIST on the logits; ``MODEL.DISTILL.DIST``."""
 
-    @classmethod
-    def add_config(cls, cfg):
-        # DIST (Huang et al., NeurIPS 2022): inter-class and intra-class Pearson correlation of the
-        # per-pixel class distributions. Defaults: the authors' segmentation code (hunto/DIST_KD
-        # segmentation/losses/dist_kd.py, train_kd.py).
-        cfg.MODEL.DISTILL.DIST = CN()
-        cfg.MODEL.DISTILL.DIST.WEIGHT = 1.0
-        cfg.MODEL.DISTILL.DIST.INTER_WEIGHT = 1.0  # the paper's beta
-        cfg.MODEL.DISTILL.DIST.INTRA_WEIGHT = 1.0  # the paper's gamma
-        cfg.MODEL.DISTILL.DIST.TEMPERATURE = 1.0
-        # Relations of the probabilities (softmax at TEMPERATURE; "paper", also the authors' code) or
-        # of the raw logits ("hwd": HWD's code).
-        cfg.MODEL.DISTILL.DIST.VARIANT = "paper"
-
     @configurable
     def __init__(self, *, loss_weight: float, inter_weight: float, intra_weight: float, temperature: float,
                  variant: str):
@@ -82,10 +67,23 @@ class RelationDistillation(DistillLoss):
         self.temperature, self.variant = float(temperature), variant
 
     @classmethod
+    def add_config(cls, cfg):
+        # DIST (Huang et al., NeurIPS 2022): inter-class and intra-class Pearson correlation of the
+        # per-pixel class distributions. Defaults: the authors' segmentation code (hunto/DIST_KD
+        # segmentation/losses/dist_kd.py, train_kd.py).
+        cfg.MODEL.DISTILL.DIST.WEIGHT = 1.0
+        cfg.MODEL.DISTILL.DIST.INTER_WEIGHT = 1.0  # the paper's beta
+        cfg.MODEL.DISTILL.DIST.INTRA_WEIGHT = 1.0  # the paper's gamma
+        cfg.MODEL.DISTILL.DIST.TEMPERATURE = 1.0
+        # Relations of the probabilities (softmax at TEMPERATURE; "paper", also the authors' code) or
+        # of the raw logits ("hwd": HWD's code).
+        cfg.MODEL.DISTILL.DIST.VARIANT = "paper"
+
+    @classmethod
     def from_config(cls, cfg):
         c = cfg.MODEL.DISTILL.DIST
-        return {"loss_weight": c.WEIGHT, "inter_weight": c.INTER_WEIGHT, "intra_weight": c.INTRA_WEIGHT,
-                "temperature": c.TEMPERATURE, "variant": c.VARIANT}
+        return {"loss_weight": c.WEIGHT, "inter_weight": c.INTER_WEIGHT,
+                "intra_weight": c.INTRA_WEIGHT, "temperature": c.TEMPERATURE, "variant": c.VARIANT}
 
     def bind(self, student, teacher, *, num_classes):
         self.check_same_channels(student, teacher)

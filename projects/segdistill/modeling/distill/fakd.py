@@ -162,22 +162,7 @@ class _FeatureAugmented(DistillLoss):
     """What FAKD's two bounds share: the covariance, the lambda schedule, the taps, the config
     section ``MODEL.DISTILL.FAKD``."""
 
-    @staticmethod
-    def add_shared_config(cfg):
-        """``MODEL.DISTILL.FAKD``, added by whichever of the two losses comes first."""
-        if "FAKD" not in cfg.MODEL.DISTILL:
-            # FAKD (Eq. 7, 8): feature augmentation of the student by its class covariance; shared by
-            # FAKD-CWD and FAKD-PD.
-            cfg.MODEL.DISTILL.FAKD = CN()
-            # lambda0, the end value of lambda; "cosine" ramps lambda 0 -> LAMBDA0 over SOLVER.MAX_ITER,
-            # "constant" keeps LAMBDA0.
-            cfg.MODEL.DISTILL.FAKD.LAMBDA0 = 1.0
-            cfg.MODEL.DISTILL.FAKD.LAMBDA_SCHEDULE = "cosine"
-            # Class-conditional covariance of the student's pre-classifier features: "diagonal" or "full"
-            # (C x A x A, heavier). Estimated online from the labels, saved in checkpoints.
-            cfg.MODEL.DISTILL.FAKD.COVARIANCE = "diagonal"
-            # Sum the covariance statistics over the training processes (same estimate everywhere).
-            cfg.MODEL.DISTILL.FAKD.ALL_REDUCE = True
+    defaults = {}  # the subclass's WEIGHT and TEMPERATURE
 
     @configurable
     def __init__(self, *, temperature: float, loss_weight: float, lambda0: float, lambda_schedule: str,
@@ -199,6 +184,23 @@ class _FeatureAugmented(DistillLoss):
         self.covariance: Optional[ClassCovariance] = None  # sized in bind()
         # (iteration, max_iter) of the lambda schedule; saved with the checkpoint.
         self.register_buffer("progress", torch.zeros(2, dtype=torch.float64))
+
+    @classmethod
+    def add_config(cls, cfg):
+        cfg.MODEL.DISTILL[cls.name.upper()].update(cls.defaults)
+        if "FAKD" not in cfg.MODEL.DISTILL:  # added by whichever of the two losses comes first
+            # FAKD (Eq. 7, 8): feature augmentation of the student by its class covariance; shared by
+            # FAKD-CWD and FAKD-PD.
+            cfg.MODEL.DISTILL.FAKD = CN()
+            # lambda0, the end value of lambda; "cosine" ramps lambda 0 -> LAMBDA0 over SOLVER.MAX_ITER,
+            # "constant" keeps LAMBDA0.
+            cfg.MODEL.DISTILL.FAKD.LAMBDA0 = 1.0
+            cfg.MODEL.DISTILL.FAKD.LAMBDA_SCHEDULE = "cosine"
+            # Class-conditional covariance of the student's pre-classifier features: "diagonal" or "full"
+            # (C x A x A, heavier). Estimated online from the labels, saved in checkpoints.
+            cfg.MODEL.DISTILL.FAKD.COVARIANCE = "diagonal"
+            # Sum the covariance statistics over the training processes (same estimate everywhere).
+            cfg.MODEL.DISTILL.FAKD.ALL_REDUCE = True
 
     @classmethod
     def from_config(cls, cfg):
@@ -242,13 +244,7 @@ class _FeatureAugmented(DistillLoss):
 class FeatureAugmentedCWD(_FeatureAugmented):
     """FAKD's CWD-aug (Eq. 7) on the logits; ``MODEL.DISTILL.FAKD_CWD`` and ``MODEL.DISTILL.FAKD``."""
 
-    @classmethod
-    def add_config(cls, cfg):
-        cls.add_shared_config(cfg)
-        # FAKD-CWD (CWD-aug, Eq. 7): weight and temperature as CWD.
-        cfg.MODEL.DISTILL.FAKD_CWD = CN()
-        cfg.MODEL.DISTILL.FAKD_CWD.WEIGHT = 3.0
-        cfg.MODEL.DISTILL.FAKD_CWD.TEMPERATURE = 4.0
+    defaults = {"WEIGHT": 3.0, "TEMPERATURE": 4.0}  # MODEL.DISTILL.FAKD_CWD: CWD's
 
     def forward(self, student_logits, teacher_logits, labels, valid=None, *, classifier, covariance, lam):
         if labels is None:
@@ -261,13 +257,7 @@ class FeatureAugmentedCWD(_FeatureAugmented):
 class FeatureAugmentedPD(_FeatureAugmented):
     """FAKD's PD-aug (Eq. 8) on the logits; ``MODEL.DISTILL.FAKD_PD`` and ``MODEL.DISTILL.FAKD``."""
 
-    @classmethod
-    def add_config(cls, cfg):
-        cls.add_shared_config(cfg)
-        # FAKD-PD (PD-aug, Eq. 8): weight and temperature as PD.
-        cfg.MODEL.DISTILL.FAKD_PD = CN()
-        cfg.MODEL.DISTILL.FAKD_PD.WEIGHT = 1.0
-        cfg.MODEL.DISTILL.FAKD_PD.TEMPERATURE = 1.0
+    defaults = {"WEIGHT": 1.0, "TEMPERATURE": 1.0}  # MODEL.DISTILL.FAKD_PD: PD's
 
     def forward(self, student_logits, teacher_logits, labels=None, valid=None, *, classifier, covariance, lam):
         return fakd_pd_loss(student_logits, teacher_logits, classifier, covariance.cov, lam, self.temperature, valid)

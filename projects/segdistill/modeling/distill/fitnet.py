@@ -16,7 +16,6 @@ from typing import Optional
 
 from torch import nn
 
-from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 
 from ..backbones.norm import resolve_norm
@@ -29,16 +28,6 @@ __all__ = ["HintDistillation"]
 class HintDistillation(DistillLoss):
     """FitNet; ``MODEL.DISTILL.FITNET``."""
 
-    @classmethod
-    def add_config(cls, cfg):
-        # FitNet (Romero et al., ICLR 2015): MSE between the connector's map of the student's hint
-        # and the teacher's. Defaults: CIRKD's segmentation setting (scripts/train_kd/train_fitnet.sh).
-        cfg.MODEL.DISTILL.FITNET = CN()
-        cfg.MODEL.DISTILL.FITNET.WEIGHT = 10.0
-        cfg.MODEL.DISTILL.FITNET.STUDENT_TAP = "head_features"
-        cfg.MODEL.DISTILL.FITNET.TEACHER_TAP = "head_features"
-        cfg.MODEL.DISTILL.FITNET.CONNECTOR = "conv1x1"
-
     @configurable
     def __init__(self, *, loss_weight: float, student_tap: str, teacher_tap: str, connector: str, norm: str):
         super().__init__(loss_weight=loss_weight, taps=[(student_tap, teacher_tap)])
@@ -46,6 +35,15 @@ class HintDistillation(DistillLoss):
             raise ValueError(f"MODEL.DISTILL.FITNET.CONNECTOR must be one of {CONNECTORS}, got {connector!r}.")
         self.connector_kind, self.norm = connector, norm
         self.connector: Optional[nn.Module] = None  # built in bind()
+
+    @classmethod
+    def add_config(cls, cfg):
+        # FitNet (Romero et al., ICLR 2015): MSE between the connector's map of the student's hint
+        # and the teacher's. Defaults: CIRKD's segmentation setting (scripts/train_kd/train_fitnet.sh).
+        cfg.MODEL.DISTILL.FITNET.WEIGHT = 10.0
+        cfg.MODEL.DISTILL.FITNET.STUDENT_TAP = "head_features"
+        cfg.MODEL.DISTILL.FITNET.TEACHER_TAP = "head_features"
+        cfg.MODEL.DISTILL.FITNET.CONNECTOR = "conv1x1"
 
     @classmethod
     def from_config(cls, cfg):

@@ -24,7 +24,6 @@ from typing import Optional
 
 import torch
 
-from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 
 from .base import DistillLoss, register_distill_loss
@@ -112,23 +111,6 @@ def hwd_loss(student_logits, teacher_logits, weights: torch.Tensor, temperature:
 class HolisticWeightedDistillation(DistillLoss):
     """HWD on the logits; ``MODEL.DISTILL.HWD``."""
 
-    @classmethod
-    def add_config(cls, cfg):
-        # HWD (HWD section III-C): CWD with per-image channel weights. Defaults: the authors' recommended
-        # run; the paper's variant is MU 0.0 + PIXEL_CORRECTION True.
-        cfg.MODEL.DISTILL.HWD = CN()
-        cfg.MODEL.DISTILL.HWD.WEIGHT = 3.0  # alpha
-        cfg.MODEL.DISTILL.HWD.TEMPERATURE = 4.0
-        cfg.MODEL.DISTILL.HWD.BETA = 0.1  # smoothing, in (0, 1)
-        cfg.MODEL.DISTILL.HWD.MU = 1.0  # mean of the normalised divergences
-        cfg.MODEL.DISTILL.HWD.SIGMA = 1.0  # their standard deviation
-        cfg.MODEL.DISTILL.HWD.EPS = 1e-8  # added to the std of the divergences / their mean (relative)
-        # Divide each channel's divergence by (its class's pixel count in the image + 1).
-        cfg.MODEL.DISTILL.HWD.PIXEL_CORRECTION = False
-        # "paper": the divergence of the activation maps (spatial softmax; paper and recommended run);
-        # "code": of the raw logits (the authors' code without --activation).
-        cfg.MODEL.DISTILL.HWD.VARIANT = "paper"
-
     @configurable
     def __init__(self, *, temperature: float, loss_weight: float, beta: float, mu: float, sigma: float,
                  eps: float, pixel_correction: bool, variant: str):
@@ -143,6 +125,22 @@ class HolisticWeightedDistillation(DistillLoss):
         self.beta, self.mu, self.sigma, self.eps = float(beta), float(mu), float(sigma), float(eps)
         self.pixel_correction = bool(pixel_correction)
         self.variant = variant
+
+    @classmethod
+    def add_config(cls, cfg):
+        # HWD (HWD section III-C): CWD with per-image channel weights. Defaults: the authors' recommended
+        # run; the paper's variant is MU 0.0 + PIXEL_CORRECTION True.
+        cfg.MODEL.DISTILL.HWD.WEIGHT = 3.0  # alpha
+        cfg.MODEL.DISTILL.HWD.TEMPERATURE = 4.0
+        cfg.MODEL.DISTILL.HWD.BETA = 0.1  # smoothing, in (0, 1)
+        cfg.MODEL.DISTILL.HWD.MU = 1.0  # mean of the normalised divergences
+        cfg.MODEL.DISTILL.HWD.SIGMA = 1.0  # their standard deviation
+        cfg.MODEL.DISTILL.HWD.EPS = 1e-8  # added to the std of the divergences / their mean (relative)
+        # Divide each channel's divergence by (its class's pixel count in the image + 1).
+        cfg.MODEL.DISTILL.HWD.PIXEL_CORRECTION = False
+        # "paper": the divergence of the activation maps (spatial softmax; paper and recommended run);
+        # "code": of the raw logits (the authors' code without --activation).
+        cfg.MODEL.DISTILL.HWD.VARIANT = "paper"
 
     @classmethod
     def from_config(cls, cfg):

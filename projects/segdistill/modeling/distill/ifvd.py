@@ -23,7 +23,6 @@ from typing import Optional
 import torch
 from torch.nn import functional as F
 
-from detectron2.config import CfgNode as CN
 
 from .base import masked_mean, register_distill_loss
 from .skd import WithHolisticTerm, holistic_settings
@@ -71,7 +70,6 @@ class IntraClassFeatureVariationDistillation(WithHolisticTerm):
         # IFVD (Wang et al., ECCV 2020): intra-class feature variation maps (cosine of each pixel's
         # feature to its class prototype in the image) matched by MSE (loss_ifvd), plus SKD's holistic
         # term with HOLISTIC_WEIGHT > 0. Defaults: the authors' code (YukangWang/IFVD options.py).
-        cfg.MODEL.DISTILL.IFVD = CN()
         cfg.MODEL.DISTILL.IFVD.WEIGHT = 200.0
         cfg.MODEL.DISTILL.IFVD.STUDENT_TAP = "head_features"
         cfg.MODEL.DISTILL.IFVD.TEACHER_TAP = "head_features"

@@ -22,7 +22,6 @@ from typing import Optional
 import torch
 from torch import nn
 
-from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 
 from .base import CONNECTORS, DistillLoss, build_connector, register_distill_loss
@@ -46,19 +45,6 @@ def mgd_loss(aligned: torch.Tensor, teacher: torch.Tensor, generator: nn.Module,
 class MaskedGenerativeDistillation(DistillLoss):
     """MGD; ``MODEL.DISTILL.MGD``."""
 
-    @classmethod
-    def add_config(cls, cfg):
-        # MGD (Yang et al., ECCV 2022): a random spatial mask (MASK_RATIO of the positions zeroed) on
-        # the aligned student feature, a generator (3x3 conv, ReLU, 3x3 conv) reconstructs the
-        # teacher's; summed squared error / N. Defaults: the authors' segmentation code (yzd-v/MGD
-        # seg/configs/distillers/mgd), which adds CWD on the logits ("cwd").
-        cfg.MODEL.DISTILL.MGD = CN()
-        cfg.MODEL.DISTILL.MGD.WEIGHT = 2e-5
-        cfg.MODEL.DISTILL.MGD.MASK_RATIO = 0.75
-        cfg.MODEL.DISTILL.MGD.STUDENT_TAP = "res5"
-        cfg.MODEL.DISTILL.MGD.TEACHER_TAP = "res5"
-        cfg.MODEL.DISTILL.MGD.CONNECTOR = "conv1x1_bias"
-
     @configurable
     def __init__(self, *, loss_weight: float, mask_ratio: float, student_tap: str, teacher_tap: str, connector: str):
         super().__init__(loss_weight=loss_weight, taps=[(student_tap, teacher_tap)])
@@ -70,6 +56,18 @@ class MaskedGenerativeDistillation(DistillLoss):
         self.connector_kind = connector
         self.align: Optional[nn.Module] = None  # built in bind()
         self.generation: Optional[nn.Module] = None
+
+    @classmethod
+    def add_config(cls, cfg):
+        # MGD (Yang et al., ECCV 2022): a random spatial mask (MASK_RATIO of the positions zeroed) on
+        # the aligned student feature, a generator (3x3 conv, ReLU, 3x3 conv) reconstructs the
+        # teacher's; summed squared error / N. Defaults: the authors' segmentation code (yzd-v/MGD
+        # seg/configs/distillers/mgd), which adds CWD on the logits ("cwd").
+        cfg.MODEL.DISTILL.MGD.WEIGHT = 2e-5
+        cfg.MODEL.DISTILL.MGD.MASK_RATIO = 0.75
+        cfg.MODEL.DISTILL.MGD.STUDENT_TAP = "res5"
+        cfg.MODEL.DISTILL.MGD.TEACHER_TAP = "res5"
+        cfg.MODEL.DISTILL.MGD.CONNECTOR = "conv1x1_bias"
 
     @classmethod
     def from_config(cls, cfg):

@@ -18,8 +18,6 @@ from typing import Optional
 import torch
 from torch.nn import functional as F
 
-from detectron2.config import CfgNode as CN
-
 from .base import TemperedLogitsLoss, as_float, masked_mean, register_distill_loss
 
 __all__ = ["pixel_kl", "PixelWiseDistillation"]
@@ -40,10 +38,5 @@ class PixelWiseDistillation(TemperedLogitsLoss):
     """PD (FAKD Eq. 1) on the logits; ``MODEL.DISTILL.PD``."""
 
     loss_fn = staticmethod(pixel_kl)
-
-    @classmethod
-    def add_config(cls, cfg):
-        # PD (FAKD Eq. 1): per-pixel KL of the class distributions at TEMPERATURE (x T^2), on the logits.
-        cfg.MODEL.DISTILL.PD = CN()
-        cfg.MODEL.DISTILL.PD.WEIGHT = 1.0
-        cfg.MODEL.DISTILL.PD.TEMPERATURE = 1.0
+    # MODEL.DISTILL.PD (FAKD Eq. 1): per-pixel KL of the class distributions at TEMPERATURE (x T^2).
+    defaults = {"WEIGHT": 1.0, "TEMPERATURE": 1.0}

@@ -299,6 +299,18 @@ def holistic_settings(cfg) -> dict:
 class StructuredKnowledgeDistillation(WithHolisticTerm):
     """SKD's pair-wise term (+ the holistic term); ``MODEL.DISTILL.SKD`` and ``MODEL.DISTILL.HOLISTIC``."""
 
+    @configurable
+    def __init__(self, *, pairwise_weight: float, student_tap: str, teacher_tap: str, pool_scale: float,
+                 pool_kernel: int, detach_norm: bool, holistic_weight: float, holistic: dict):
+        super().__init__(loss_weight=pairwise_weight, student_tap=student_tap, teacher_tap=teacher_tap,
+                         holistic_weight=holistic_weight, holistic=holistic)
+        if pairwise_weight <= 0 and holistic_weight <= 0:
+            raise ValueError("SKD with MODEL.DISTILL.SKD.PAIRWISE_WEIGHT and HOLISTIC_WEIGHT both 0 does nothing.")
+        if not 0 < pool_scale <= 1 or pool_kernel < 0:
+            raise ValueError(f"MODEL.DISTILL.SKD.POOL_SCALE must be in (0, 1] and POOL_KERNEL >= 0, got "
+                             f"{pool_scale}, {pool_kernel}.")
+        self.pool_scale, self.pool_kernel, self.detach_norm = float(pool_scale), int(pool_kernel), bool(detach_norm)
+
     @classmethod
     def add_config(cls, cfg):
         # SKD (Liu et al., CVPR 2019): pair-wise similarity distillation on max-pooled features
@@ -306,7 +318,6 @@ class StructuredKnowledgeDistillation(WithHolisticTerm):
         # (loss_skd_holistic for the student, loss_skd_discriminator for the discriminator, see
         # MODEL.DISTILL.HOLISTIC). The paper's pixel-wise term is "pd". Defaults: the authors' code
         # (irfanICMLL/structure_knowledge_distillation run_train_val.sh, utils/train_options.py).
-        cfg.MODEL.DISTILL.SKD = CN()
         cfg.MODEL.DISTILL.SKD.PAIRWISE_WEIGHT = 0.5
         cfg.MODEL.DISTILL.SKD.STUDENT_TAP = "head_features"
         cfg.MODEL.DISTILL.SKD.TEACHER_TAP = "head_features"
@@ -320,18 +331,6 @@ class StructuredKnowledgeDistillation(WithHolisticTerm):
         # Weight of the holistic (adversarial) term for the student; 0 = no discriminator.
         cfg.MODEL.DISTILL.SKD.HOLISTIC_WEIGHT = 0.1
         cls.add_holistic_config(cfg)
-
-    @configurable
-    def __init__(self, *, pairwise_weight: float, student_tap: str, teacher_tap: str, pool_scale: float,
-                 pool_kernel: int, detach_norm: bool, holistic_weight: float, holistic: dict):
-        super().__init__(loss_weight=pairwise_weight, student_tap=student_tap, teacher_tap=teacher_tap,
-                         holistic_weight=holistic_weight, holistic=holistic)
-        if pairwise_weight <= 0 and holistic_weight <= 0:
-            raise ValueError("SKD with MODEL.DISTILL.SKD.PAIRWISE_WEIGHT and HOLISTIC_WEIGHT both 0 does nothing.")
-        if not 0 < pool_scale <= 1 or pool_kernel < 0:
-            raise ValueError(f"MODEL.DISTILL.SKD.POOL_SCALE must be in (0, 1] and POOL_KERNEL >= 0, got "
-                             f"{pool_scale}, {pool_kernel}.")
-        self.pool_scale, self.pool_kernel, self.detach_norm = float(pool_scale), int(pool_kernel), bool(detach_norm)
 
     @classmethod
     def from_config(cls, cfg):

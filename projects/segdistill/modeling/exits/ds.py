@@ -8,7 +8,6 @@ from typing import Dict
 
 import torch
 
-from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 
 from .heads import MultiExitOutputs
@@ -21,16 +20,15 @@ __all__ = ["DeepSupervisionObjective"]
 class DeepSupervisionObjective(ExitObjective):
     """Deep supervision: ``loss_ds = weight * sum_i CE(exit i, ground truth)``."""
 
-    @classmethod
-    def add_config(cls, cfg):
-        # Deep supervision: weight of every exit's full-class cross-entropy (loss_ds, summed over exits).
-        cfg.MODEL.EXITS.DS = CN()
-        cfg.MODEL.EXITS.DS.WEIGHT = 1.0
-
     @configurable
     def __init__(self, *, weight: float, ignore_value: int):
         super().__init__(ignore_value=ignore_value)
         self.weight = weight
+
+    @classmethod
+    def add_config(cls, cfg):
+        # Deep supervision: weight of every exit's full-class cross-entropy (loss_ds, summed over exits).
+        cfg.MODEL.EXITS.DS.WEIGHT = 1.0
 
     @classmethod
     def from_config(cls, cfg):

@@ -209,26 +209,6 @@ class HS3Fuse(ExitFusion):
 class HS3Objective(ExitObjective):
     """Eq. 1's exit term: ``loss_hs3 = sum_i gamma_i * CE_i`` on each exit's clustered labels."""
 
-    @classmethod
-    def add_config(cls, cfg):
-        # HS3 (MODE "hs3"; docs/hs3.md): every exit predicts its own clustered class set.
-        cfg.MODEL.EXITS.HS3 = CN()
-        # The clusters file of Phase 1 (tools/hs3_analyze.py or tools/hs3_pipeline.py); required
-        # with MODE "hs3". Each exit's class count and label table come from it.
-        cfg.MODEL.EXITS.HS3.CLUSTERS_FILE = ""
-        # gamma_i of Eq. 1 (weight of exit i's clustered cross-entropy), one per exit or one for all.
-        cfg.MODEL.EXITS.HS3.WEIGHT = [1.0]
-        # HS3-Fuse (paper 3.2): an OCR block on each exit's features (soft regions from the exit's
-        # cluster logits), concatenated into the final head's finest input feature. Costs inference.
-        cfg.MODEL.EXITS.HS3.FUSE = CN()
-        cfg.MODEL.EXITS.HS3.FUSE.ENABLED = False
-        # Mid / key channels of the deepest exit's OCR block; each shallower exit's block has half
-        # of the next deeper one's.
-        cfg.MODEL.EXITS.HS3.FUSE.OCR_MID_CHANNELS = 256
-        cfg.MODEL.EXITS.HS3.FUSE.OCR_KEY_CHANNELS = 128
-        # Multiplies every OCR block's channels (< 1: the paper's "lighter" HS3-Fuse).
-        cfg.MODEL.EXITS.HS3.FUSE.CHANNEL_SCALE = 1.0
-
     @configurable
     def __init__(self, *, weight: Union[float, Dict[str, float]], ignore_value: int,
                  label_luts: Dict[str, torch.Tensor], clusters_file: str):
@@ -249,6 +229,25 @@ class HS3Objective(ExitObjective):
                else "00" * 32)
         self.register_buffer("clusters_sha256", torch.tensor(list(bytes.fromhex(sha)), dtype=torch.uint8))
         self.register_load_state_dict_pre_hook(_check_checkpoint_clusters)
+
+    @classmethod
+    def add_config(cls, cfg):
+        # HS3 (MODE "hs3"; docs/hs3.md): every exit predicts its own clustered class set.
+        # The clusters file of Phase 1 (tools/hs3_analyze.py or tools/hs3_pipeline.py); required
+        # with MODE "hs3". Each exit's class count and label table come from it.
+        cfg.MODEL.EXITS.HS3.CLUSTERS_FILE = ""
+        # gamma_i of Eq. 1 (weight of exit i's clustered cross-entropy), one per exit or one for all.
+        cfg.MODEL.EXITS.HS3.WEIGHT = [1.0]
+        # HS3-Fuse (paper 3.2): an OCR block on each exit's features (soft regions from the exit's
+        # cluster logits), concatenated into the final head's finest input feature. Costs inference.
+        cfg.MODEL.EXITS.HS3.FUSE = CN()
+        cfg.MODEL.EXITS.HS3.FUSE.ENABLED = False
+        # Mid / key channels of the deepest exit's OCR block; each shallower exit's block has half
+        # of the next deeper one's.
+        cfg.MODEL.EXITS.HS3.FUSE.OCR_MID_CHANNELS = 256
+        cfg.MODEL.EXITS.HS3.FUSE.OCR_KEY_CHANNELS = 128
+        # Multiplies every OCR block's channels (< 1: the paper's "lighter" HS3-Fuse).
+        cfg.MODEL.EXITS.HS3.FUSE.CHANNEL_SCALE = 1.0
 
     @classmethod
     def from_config(cls, cfg):

@@ -5,9 +5,10 @@ loss terms. It is also where a mode's specific parts come from, so that the segm
 branch for any mode, and where its config keys come from: the registered class of
 ``MODEL.EXITS.MODE`` gives
 
-* :meth:`ExitObjective.add_config`: its section ``MODEL.EXITS.<MODE>`` with the defaults of
-  its keys (``register_exit_objective`` registers it as a config hook, so
-  ``add_segdistill_config`` has the keys as soon as the file is imported);
+* :meth:`ExitObjective.add_config`: the defaults of its keys, in its section
+  ``MODEL.EXITS.<MODE>`` (``register_exit_objective`` registers a config hook that creates the
+  section and calls it, so ``add_segdistill_config`` has the keys as soon as the file is
+  imported);
 
 and ``MultiExitSegmentor.from_config`` asks it for
 
@@ -32,7 +33,7 @@ from torch.nn import functional as F
 from detectron2.layers import ShapeSpec
 from detectron2.utils.events import get_event_storage
 
-from ...config import register_config_hook, remove_config_hook
+from ...config import SectionRegistry
 from .heads import ExitFusion, MultiExitOutputs
 from .hs3_clusters import map_labels
 
@@ -65,28 +66,15 @@ class ExitObjective(nn.Module):
     # ---- config
     @classmethod
     def add_config(cls, cfg) -> None:
-        """Create ``cfg.MODEL.EXITS.<MODE>`` (the registered mode upper-cased) and fill it with every
-        key this mode reads, with its default and a comment saying what it is and where the
-        default comes from. The keys every mode shares (``MODEL.EXITS.IN_FEATURES``,
-        ``CHANNELS``, ``NUM_CLASSES`` ...) stay in ``config/defaults.py``. Called through
-        :meth:`config_hook`, once per config."""
+        """Fill ``cfg.MODEL.EXITS.<MODE>`` (the registered mode upper-cased; the config hook that
+        ``register_exit_objective`` registers creates it empty, once per config) with every key
+        this mode reads, with its default and a comment saying what it is and where the default
+        comes from. The keys every mode shares (``MODEL.EXITS.IN_FEATURES``, ``CHANNELS``,
+        ``NUM_CLASSES`` ...) stay in ``config/defaults.py``."""
         raise NotImplementedError(
-            f"Exit objective {cls.__name__} ('{cls.name}') must define the classmethod add_config(cfg) that adds "
+            f"Exit objective {cls.__name__} ('{cls.name}') must define the classmethod add_config(cfg) that fills "
             f"its section MODEL.EXITS.{cls.name.upper()} with the defaults of its keys."
         )
-
-    @classmethod
-    def config_hook(cls, cfg) -> None:
-        """What ``register_exit_objective`` registers with the config layer: :meth:`add_config`
-        when the section is absent (so ``add_segdistill_config`` stays idempotent), then a
-        check that it made the section."""
-        key = cls.name.upper()
-        if key in cfg.MODEL.EXITS:
-            return
-        cls.add_config(cfg)
-        if key not in cfg.MODEL.EXITS:
-            raise TypeError(f"{cls.__name__}.add_config did not create MODEL.EXITS.{key}, the section of exit mode "
-                            f"'{cls.name}'.")
 
     # ---- the parts a mode builds (classmethods: asked before the objective exists)
     @classmethod
@@ -129,32 +117,19 @@ class ExitObjective(nn.Module):
 
 
 # MODEL.EXITS.MODE -> ExitObjective subclass, built as ``cls(cfg)`` (a @configurable class).
-EXIT_OBJECTIVES: Dict[str, type] = {}
+EXIT_OBJECTIVES = SectionRegistry(parent="MODEL.EXITS", base=ExitObjective, what="Exit objective",
+                                  reserved={"none": "MODEL.EXITS.MODE 'none' means no exits"})
 
 
 def register_exit_objective(name: str):
-    """Class decorator: make ``name`` a valid ``MODEL.EXITS.MODE`` and register the class's
-    config hook (:meth:`ExitObjective.config_hook`, which calls its ``add_config``)."""
-
-    def deco(cls):
-        if not (isinstance(cls, type) and issubclass(cls, ExitObjective)):
-            raise TypeError(f"Exit objective {name!r} must subclass ExitObjective, got {cls!r}.")
-        if name == "none":
-            raise ValueError("MODEL.EXITS.MODE 'none' means no exits; register the objective under another name.")
-        if name in EXIT_OBJECTIVES and EXIT_OBJECTIVES[name] is not cls:
-            raise ValueError(f"Exit objective {name!r} is already registered ({EXIT_OBJECTIVES[name].__name__}).")
-        EXIT_OBJECTIVES[name] = cls
-        cls.name = name
-        register_config_hook(cls.config_hook)
-        return cls
-
-    return deco
+    """Class decorator: make ``name`` a valid ``MODEL.EXITS.MODE`` and register the config hook
+    that creates ``MODEL.EXITS.<MODE>`` and fills it (the class's ``add_config``)."""
+    return EXIT_OBJECTIVES.register(name)
 
 
 def unregister_exit_objective(name: str) -> None:
     """Remove ``name`` and its config hook (tests, reloading a module); configs already made keep its keys."""
-    cls = EXIT_OBJECTIVES.pop(name)
-    remove_config_hook(cls.config_hook)
+    EXIT_OBJECTIVES.unregister(name)
 
 
 def exit_modes():
