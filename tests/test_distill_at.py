@@ -23,19 +23,20 @@ def test_at_matches_brute_force(p):
     s, t = case()
     np.testing.assert_allclose(attention_map(s, p).numpy(), ref_q(s, p), rtol=1e-12)
     d = ref_q(s, p) - ref_q(t, p)
-    assert at_loss(s, t, p=p, form="code").item() == pytest.approx((d ** 2).mean(), rel=1e-12)
-    assert at_loss(s, t, p=p, form="paper").item() == pytest.approx(
+    assert at_loss(s, t, p=p, variant="code").item() == pytest.approx((d ** 2).mean(), rel=1e-12)
+    assert at_loss(s, t, p=p, variant="paper").item() == pytest.approx(
         np.mean([0.5 * np.linalg.norm(d[n]) for n in range(2)]), rel=1e-12)
     # scale of a feature map does not matter (normalised maps)
-    assert at_loss(3 * s, t, p=p, form="code").item() == pytest.approx((d ** 2).mean(), rel=1e-10)
+    assert at_loss(3 * s, t, p=p, variant="code").item() == pytest.approx((d ** 2).mean(), rel=1e-10)
 
 
 def test_at_sums_its_taps_and_its_gradient_matches():
     s, t = case(1)
-    loss = AttentionTransfer(loss_weight=1.0, taps=["res4", "res5"], p=2.0, form="code")
+    loss = AttentionTransfer(loss_weight=1.0, student_tap=["res4", "res5"], teacher_tap=["res4", "res5"], p=2.0,
+                             variant="code")
     assert [tuple(pair) for pair in loss.taps] == [("res4", "res4"), ("res5", "res5")]
     s.requires_grad_(True)
-    at_loss(s, t, p=2.0, form="code").backward()
+    at_loss(s, t, p=2.0, variant="code").backward()
     s2 = case(1)[0].requires_grad_(True)
     a_s = (s2 ** 2).mean(1).flatten(1)
     a_t = (t ** 2).mean(1).flatten(1)

@@ -76,7 +76,7 @@ def ref_update(pixel, pixel_ptr, region, region_ptr, keys, labels, gen, freq, mo
             region_ptr[k] = (region_ptr[k] + 1) % region.shape[1]
             perm = torch.randperm(len(idxs), generator=gen).tolist()
             count = min(len(idxs), freq)
-            chosen = [idxs[p] for p in perm[:count]] if mode == "class" else perm[:count]
+            chosen = [idxs[p] for p in perm[:count]] if mode == "paper" else perm[:count]
             values = np.stack([feat[:, i].numpy() / np.linalg.norm(feat[:, i].numpy()) for i in chosen])
             if pixel_ptr[k] + count >= pixel.shape[1]:
                 pixel[k, pixel.shape[1] - count:] = values
@@ -86,9 +86,9 @@ def ref_update(pixel, pixel_ptr, region, region_ptr, keys, labels, gen, freq, mo
                 pixel_ptr[k] += count
 
 
-@pytest.mark.parametrize("mode", ["class", "code"])
+@pytest.mark.parametrize("mode", ["paper", "code"])
 def test_memory_update_matches_a_direct_computation(mode):
-    memory = ClassMemory(K, D, pixel_size=7, region_size=3, update_freq=2, enqueue=mode, seed=5).double()
+    memory = ClassMemory(K, D, pixel_size=7, region_size=3, update_freq=2, variant=mode, seed=5).double()
     pixel, region = memory.pixel_queue.clone().numpy(), memory.region_queue.clone().numpy()
     pixel_ptr, region_ptr = [0] * K, [0] * K
     gen = torch.Generator().manual_seed(5 * 1_000_003)
@@ -115,7 +115,7 @@ def bound_loss(**kw):
     settings = dict(student_tap="head_features", teacher_tap="head_features", batch_weight=1.0,
                     pixel_memory_weight=0.1, region_memory_weight=0.1, temperature=0.1, kd_temperature=1.0,
                     pixel_memory_size=20, region_memory_size=6, pixel_contrast_size=1000, region_contrast_size=1000,
-                    pixel_update_freq=4, gather=True, enqueue="class", seed=0, norm="BN")
+                    pixel_update_freq=4, gather=True, variant="paper", seed=0, norm="BN")
     loss = CrossImageRelationalDistillation(**{**settings, **kw})
     loss.bind({"head_features": ShapeSpec(channels=3, stride=8)}, {"head_features": ShapeSpec(channels=D, stride=8)},
               num_classes=K)

@@ -28,18 +28,18 @@ def ref_dist(s, t, beta, gamma, temperature, probabilities=True):
     return temperature ** 2 * (beta * inter + gamma * intra)
 
 
-@pytest.mark.parametrize("beta,gamma,temperature,input", [(1.0, 1.0, 1.0, "probabilities"),
-                                                         (0.5, 2.0, 4.0, "probabilities"),
-                                                         (1.0, 1.0, 1.0, "logits")])
-def test_dist_matches_brute_force(beta, gamma, temperature, input):
+@pytest.mark.parametrize("beta,gamma,temperature,variant", [(1.0, 1.0, 1.0, "paper"),
+                                                           (0.5, 2.0, 4.0, "paper"),
+                                                           (1.0, 1.0, 1.0, "hwd")])
+def test_dist_matches_brute_force(beta, gamma, temperature, variant):
     s, t = case()
-    got = dist_loss(s, t, beta=beta, gamma=gamma, temperature=temperature, input=input)
-    assert got.item() == pytest.approx(ref_dist(s, t, beta, gamma, temperature, input == "probabilities"), rel=1e-6)
-    assert dist_loss(t, t, beta=1.0, gamma=1.0, temperature=1.0).item() == pytest.approx(0.0, abs=1e-7)
+    got = dist_loss(s, t, inter_weight=beta, intra_weight=gamma, temperature=temperature, variant=variant)
+    assert got.item() == pytest.approx(ref_dist(s, t, beta, gamma, temperature, variant == "paper"), rel=1e-6)
+    assert dist_loss(t, t, inter_weight=1.0, intra_weight=1.0, temperature=1.0).item() == pytest.approx(0.0, abs=1e-7)
     # Pearson is shift and scale invariant per pixel: raw logits shifted per pixel give the same inter term
     shifted = s + torch.randn(2, 1, 3, 4, dtype=torch.float64)
-    if input == "probabilities":  # softmax is shift invariant per pixel
-        again = dist_loss(shifted, t, beta=beta, gamma=gamma, temperature=temperature)
+    if variant == "paper":  # softmax is shift invariant per pixel
+        again = dist_loss(shifted, t, inter_weight=beta, intra_weight=gamma, temperature=temperature)
         assert again.item() == pytest.approx(got.item())
 
 
@@ -60,7 +60,7 @@ def naive(s, t):
 def test_dist_gradient_matches_a_naive_implementation():
     _, t = case(1)
     grads = []
-    for fn in (lambda s: dist_loss(s, t, beta=1.0, gamma=1.0, temperature=1.0), lambda s: naive(s, t)):
+    for fn in (lambda s: dist_loss(s, t, inter_weight=1.0, intra_weight=1.0, temperature=1.0), lambda s: naive(s, t)):
         s = case(1)[0].requires_grad_(True)
         fn(s).backward()
         grads.append(s.grad)

@@ -19,7 +19,7 @@ from segdistill.modeling.distill.pd import PixelWiseDistillation, pixel_kl
 N, C, H, W, A = 2, 4, 3, 5, 6
 
 IGNORE = 255
-HWD = dict(beta=0.1, mu=1.0, sigma=1.0, eps=1e-8, pixel_correction=False, divergence_input="activation")
+HWD = dict(beta=0.1, mu=1.0, sigma=1.0, eps=1e-8, pixel_correction=False, variant="paper")
 
 
 def pd(temperature):
@@ -103,13 +103,13 @@ def ref_cwd(s, t, tau, valid=None):
     return tau * tau * ref_channel_kl(s.double().numpy(), t.double().numpy(), tau, valid).sum() / (N * C)
 
 
-def ref_hwd_weights(s, t, tau, beta, mu, sigma, correction, labels, divergence_input="activation", eps=1e-8):
+def ref_hwd_weights(s, t, tau, beta, mu, sigma, correction, labels, variant="paper", eps=1e-8):
     s, t = s.double().numpy(), t.double().numpy()
     w = np.zeros((N, C))
     for n in range(N):
         cd = np.zeros(C)
         for c in range(C):
-            if divergence_input == "activation":
+            if variant == "paper":  # the activation maps
                 a, b = softmax(s[n, c].ravel() / tau), softmax(t[n, c].ravel() / tau)
             else:
                 a, b = s[n, c].ravel(), t[n, c].ravel()
@@ -196,17 +196,17 @@ def test_class_pixel_counts_is_a_per_image_histogram():
     np.testing.assert_array_equal(class_pixel_counts(labels, C).numpy(), expected)
 
 
-@pytest.mark.parametrize("mu,correction,divergence", [(1.0, False, "activation"), (0.0, True, "activation"),
-                                                      (1.0, False, "logits")])
-def test_hwd_weights_and_loss_match_brute_force(mu, correction, divergence):
+@pytest.mark.parametrize("mu,correction,variant", [(1.0, False, "paper"), (0.0, True, "paper"),
+                                                      (1.0, False, "code")])
+def test_hwd_weights_and_loss_match_brute_force(mu, correction, variant):
     s, t, labels = case(3)
     kw = dict(tau=4.0, beta=0.1, mu=mu, sigma=1.0)
     w = hwd_weights(s, t, **{**HWD, "temperature": 4.0, "mu": mu, "pixel_correction": correction,
-                             "divergence_input": divergence}, labels=labels)
-    ref_w = ref_hwd_weights(s, t, correction=correction, labels=labels, divergence_input=divergence, **kw)
+                             "variant": variant}, labels=labels)
+    ref_w = ref_hwd_weights(s, t, correction=correction, labels=labels, variant=variant, **kw)
     np.testing.assert_allclose(w.numpy(), ref_w, rtol=1e-5)
     np.testing.assert_allclose(w.sum(1).numpy(), [C] * N, rtol=1e-6)  # the weights sum to C per image
-    loss = hwd(4.0, mu=mu, pixel_correction=correction, divergence_input=divergence)
+    loss = hwd(4.0, mu=mu, pixel_correction=correction, variant=variant)
     got = loss(s, t, labels)
     ref = 16.0 * (ref_w * ref_channel_kl(s.double().numpy(), t.double().numpy(), 4.0)).sum() / (N * C)
     assert got.item() == pytest.approx(ref, rel=1e-5)
@@ -214,7 +214,7 @@ def test_hwd_weights_and_loss_match_brute_force(mu, correction, divergence):
 
 def test_hwd_weights_do_not_depend_on_the_scale_of_the_divergences():
     s, t, _ = case(11)
-    kw = {**HWD, "temperature": 4.0, "divergence_input": "logits"}
+    kw = {**HWD, "temperature": 4.0, "variant": "code"}
     big = hwd_weights(s, t, **kw)
     small = hwd_weights(s * 1e-4, t * 1e-4, **kw)  # divergences 1e-8 smaller
     torch.testing.assert_close(big, small, rtol=1e-5, atol=1e-6)

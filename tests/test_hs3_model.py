@@ -59,7 +59,7 @@ def trained(cfg, steps=1):
 
 
 def test_loss_is_eq1_against_brute_force_ce(tmp_path):
-    cfg = hs3_cfg(write_clusters(tmp_path / "c.json"), **{"MODEL.EXITS.HS3.GAMMAS": [0.5, 2.0]})
+    cfg = hs3_cfg(write_clusters(tmp_path / "c.json"), **{"MODEL.EXITS.HS3.WEIGHT": [0.5, 2.0]})
     torch.manual_seed(0)
     model = build_model(cfg).train()
     assert {n: e.segmenter.out_channels for n, e in model.exits.items()} == {"res3": 3, "res4": 4}
@@ -184,8 +184,8 @@ def test_bad_clusters_file_is_a_clear_error_at_model_build(tmp_path, mutate, mes
 
 def test_config_errors(tmp_path, write_label_dataset):
     path = write_clusters(tmp_path / "c.json")
-    with pytest.raises(ValueError, match=r"GAMMAS has 3 values for 2 exits \['res3', 'res4'\]"):
-        build_model(hs3_cfg(path, **{"MODEL.EXITS.HS3.GAMMAS": [1.0, 1.0, 1.0]}))
+    with pytest.raises(ValueError, match=r"WEIGHT has 3 values for 2 exits \['res3', 'res4'\]"):
+        build_model(hs3_cfg(path, **{"MODEL.EXITS.HS3.WEIGHT": [1.0, 1.0, 1.0]}))
     with pytest.raises(ClustersFileError, match=r"CLUSTERS_FILE is empty"):
         build_model(hs3_cfg(""))
     with pytest.raises(ValueError, match=r"NUM_CLASSES \[3, 3\] contradicts the clusters file"):

@@ -17,7 +17,7 @@ IGN = 255
 
 
 def sr_objective(**overrides):
-    """SelfRegulationObjective with config.py's defaults (the one source of them) and ``overrides``."""
+    """SelfRegulationObjective with its defaults (its add_config, the one source of them) and ``overrides``."""
     cfg = get_cfg()
     add_segdistill_config(cfg)
     return SelfRegulationObjective(**{**SelfRegulationObjective.from_config(cfg), **overrides})

@@ -2,7 +2,7 @@
 # baseline student of configs/<dataset>/baseline/ taught by the DeepLabV3-ResNet101 teacher of the
 # same folder (its YAML config and trained weights), in the distillation setting of HWD and FAKD:
 # 512x512 crops, batch 8, 40k iterations, SGD lr 0.01, poly. The method is
-# `model.losses.names` (as MODEL.DISTILL.LOSSES; settings from config.py, changed with
+# `model.losses.names` (as MODEL.DISTILL.LOSSES; settings: each loss's defaults, changed with
 # `model.losses.opts`), e.g. on the command line:
 #   python train_net.py --config-file configs/cityscapes/distill/deeplabv3_r18.py \
 #       'model.losses.names=[pd,skd]'

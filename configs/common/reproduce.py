@@ -125,7 +125,7 @@ def _setting(output_dir, *, batch, lr, weight_decay):
 def distiller(student, teacher_config, teacher_weights, loss, opts=()):
     """The student taught by the teacher of `teacher_config` (YAML) with `teacher_weights`
     (a foreign file is converted when it loads), with the registered distillation loss(es)
-    `loss` (a name or a list, as MODEL.DISTILL.LOSSES; settings from config.py, then `opts`)."""
+    `loss` (a name or a list, as MODEL.DISTILL.LOSSES; settings: each loss's defaults, then `opts`)."""
     return L(Distiller)(
         student=student,
         teacher=L(build_teacher)(config_file=teacher_config, weights=teacher_weights, allow_random=False),

@@ -1,6 +1,6 @@
 # Lazy-config twin of Base-Distill.yaml: the demo student (DeepLabV3, dilated MobileNetV2,
 # ASPP 64) taught by the demo teacher (teacher.yaml, trained first), demo dataset, CPU.
-# Each <loss>.py sets `model.losses.names` (the registered losses, with config.py's defaults;
+# Each <loss>.py sets `model.losses.names` (the registered losses, with their defaults;
 # `model.losses.opts` changes settings as KEY VALUE pairs); train with
 #   python train_net.py --config-file configs/demo/distill/cwd.py
 from detectron2.config import LazyCall as L

@@ -34,7 +34,7 @@ model = L(MultiExitSegmentor)(
     ),
     final_classifier=None,
     objective=L(HS3Objective)(
-        gammas=1.0, ignore_value=IGNORE,
+        weight=1.0, ignore_value=IGNORE,
         label_luts=L(clusters_label_luts)(path=CLUSTERS_FILE, exit_names=EXITS, class_names=NUM_CLASSES,
                                           ignore_value=IGNORE),
         clusters_file=CLUSTERS_FILE,

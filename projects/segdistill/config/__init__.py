@@ -1,11 +1,16 @@
-"""Configuration: every key the project adds (``add_segdistill_config``), config errors and the
-checks that run before anything is built, and checked overrides of lazy (``.py``) configs.
+"""Configuration: every key the project adds (``add_segdistill_config``: the shared keys, then
+each registered component's own keys through its config hook), the renamed keys' errors,
+config errors and the checks that run before anything is built, and checked overrides of
+lazy (``.py``) configs.
 
 The bottom layer of the package with ``data``: it imports nothing of segdistill's.
 """
 from .checks import ConfigError, check_dataset_names, check_device
 from .defaults import add_segdistill_config
+from .hooks import SectionHook, SectionRegistry, config_hooks, register_config_hook, remove_config_hook
 from .lazy_overrides import LazyOverrideError, apply_lazy_overrides, check_lazy_override_key
+from .renamed_keys import RENAMED_KEYS
 
-__all__ = ["add_segdistill_config", "ConfigError", "check_dataset_names", "check_device", "LazyOverrideError",
+__all__ = ["add_segdistill_config", "register_config_hook", "remove_config_hook", "config_hooks", "SectionHook",
+           "SectionRegistry", "RENAMED_KEYS", "ConfigError", "check_dataset_names", "check_device", "LazyOverrideError",
            "apply_lazy_overrides", "check_lazy_override_key"]

@@ -1,9 +1,14 @@
 """The distillation-loss contract, its registry, the batch a loss reads and the connectors.
 
 A distillation loss is one registered class (``@register_distill_loss("name")``, one file
-per method): ``MODEL.DISTILL.LOSSES`` lists the names, each with its config section
-``MODEL.DISTILL.<NAME>``. A loss
+per method; the package imports every module it holds, so dropping a file in registers it):
+``MODEL.DISTILL.LOSSES`` lists the names, each with its config section
+``MODEL.DISTILL.<NAME>`` (the name upper-cased). A loss
 
+* fills that section with every key its ``from_config`` reads and their defaults, in
+  :meth:`DistillLoss.add_config` (``register_distill_loss`` registers it as a config hook
+  that creates the section, so ``add_segdistill_config`` has the keys as soon as the file is
+  imported);
 * declares the taps it reads as :class:`TapPair` s (student tap, teacher tap or None) in its
   constructor (:attr:`DistillLoss.taps`);
 * builds its trainable parts (a connector, a generator, a projection head, a discriminator)
@@ -18,6 +23,12 @@ per method): ``MODEL.DISTILL.LOSSES`` lists the names, each with its config sect
 Conventions of :class:`DistillBatch`: teacher taps are resized (bilinear) to the spatial size
 of the student tap they are paired with; labels are resized (nearest) to the size asked for,
 with every ignore pixel set to -1 (outside ``[0, K)``).
+
+Names of keys (docs/config_keys.md): a loss's weight is ``WEIGHT`` (``<TERM>_WEIGHT`` for a
+loss with several terms), its taps ``STUDENT_TAP`` / ``TEACHER_TAP`` (``logits``,
+``head_features`` or a backbone stage: ``res2``..``res5``, HRNet's ``stage2_b0`` ...), its
+temperature ``TEMPERATURE``, its connector ``CONNECTOR`` (:data:`CONNECTORS`), and the switch
+between the paper's form and the authors' code ``VARIANT`` (``"paper"`` / ``"code"``).
 """
 from __future__ import annotations
 
@@ -27,30 +38,27 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from detectron2.config import configurable, get_cfg
 from detectron2.layers import ShapeSpec, get_norm
 
-from ...config import add_segdistill_config
+from ...config import SectionRegistry, add_segdistill_config
+from .taps import LOGITS
 
 __all__ = [
-    "DISTILL_LOSSES", "register_distill_loss", "build_distill_losses", "distill_losses_from_names",
-    "DistillLoss", "DistillBatch", "TapPair", "CONNECTORS", "build_connector",
-    "as_float", "label_mask", "masked_mean", "resize_labels",
+    "DISTILL_LOSSES", "register_distill_loss", "unregister_distill_loss", "build_distill_losses",
+    "distill_losses_from_names", "DistillLoss", "TemperedLogitsLoss", "DistillBatch", "TapPair", "CONNECTORS",
+    "build_connector", "as_float", "label_mask", "masked_mean", "resize_labels",
 ]
 
-DISTILL_LOSSES: Dict[str, type] = {}
-
-
 def register_distill_loss(name: str):
-    """Class decorator: make ``name`` a valid entry of ``MODEL.DISTILL.LOSSES``."""
+    """Class decorator: make ``name`` a valid entry of ``MODEL.DISTILL.LOSSES`` and register the
+    config hook that creates ``MODEL.DISTILL.<NAME>`` and fills it (the class's ``add_config``)."""
+    return DISTILL_LOSSES.register(name)
 
-    def deco(cls):
-        if name in DISTILL_LOSSES and DISTILL_LOSSES[name] is not cls:
-            raise ValueError(f"Distillation loss {name!r} is already registered ({DISTILL_LOSSES[name].__name__}).")
-        DISTILL_LOSSES[name] = cls
-        cls.name = name
-        return cls
 
-    return deco
+def unregister_distill_loss(name: str) -> None:
+    """Remove ``name`` and its config hook (tests, reloading a module); configs already made keep its keys."""
+    DISTILL_LOSSES.unregister(name)
 
 
 def build_distill_losses(cfg) -> Dict[str, "DistillLoss"]:
@@ -65,14 +73,13 @@ def build_distill_losses(cfg) -> Dict[str, "DistillLoss"]:
 
 
 def distill_losses_from_names(names: Sequence[str], opts: Sequence = ()) -> List["DistillLoss"]:
-    """Losses for lazy configs: ``names`` with config.py's defaults, then ``opts`` (KEY VALUE list).
+    """Losses for lazy configs: ``names`` with their defaults (each loss's ``add_config``), then
+    ``opts`` (KEY VALUE list).
 
     ``model.losses = L(distill_losses_from_names)(names=["pd", "skd"])`` builds exactly what
     ``MODEL.DISTILL.LOSSES: ["pd", "skd"]`` builds in a YAML config; change a setting with e.g.
-    ``opts=["MODEL.DISTILL.SKD.POOL_SCALE", 0.25]``.
+    ``opts=["MODEL.DISTILL.SKD.POOL_SCALE", 0.25]`` (a renamed key fails as in a YAML config).
     """
-    from detectron2.config import get_cfg
-
     cfg = get_cfg()
     add_segdistill_config(cfg)
     cfg.MODEL.NORM = "BN"  # the connectors' norm unless opts say otherwise (detectron2's default head norm is GN)
@@ -209,17 +216,33 @@ class DistillBatch:
 class DistillLoss(nn.Module):
     """Base of the registered distillation losses (see the module docstring).
 
-    Subclasses are ``@configurable`` (``from_config(cls, cfg)`` reads their
-    ``MODEL.DISTILL.<NAME>`` section, every constructor argument is keyword-only and required),
-    call ``super().__init__(loss_weight=..., taps=...)``, and implement :meth:`distill`.
+    Subclasses define :meth:`add_config` (their config section and its defaults), are
+    ``@configurable`` (``from_config(cls, cfg)`` reads their ``MODEL.DISTILL.<NAME>`` section,
+    every constructor argument is keyword-only and required), call
+    ``super().__init__(loss_weight=..., taps=...)``, and implement :meth:`distill`.
     """
 
-    name: str = ""
+    name: str = ""  # the registered name, set by register_distill_loss
 
     def __init__(self, *, loss_weight: float, taps: Sequence[Tuple[str, Optional[str]]]):
         super().__init__()
         self.loss_weight = float(loss_weight)
         self.taps: Tuple[TapPair, ...] = tuple(TapPair(*p) for p in taps)
+
+    # -- config ----------------------------------------------------------------------------
+    @classmethod
+    def add_config(cls, cfg) -> None:
+        """Fill ``cfg.MODEL.DISTILL.<NAME>`` (the registered name upper-cased; the config hook
+        that ``register_distill_loss`` registers creates it empty, once per config) with every
+        key :meth:`from_config` reads, with its default and a comment saying what it is and
+        where the default comes from (paper, authors' code). Keys other losses read too stay
+        in ``config/defaults.py``; a section several losses of one file share is added here by
+        each of them when it is absent (FAKD's ``MODEL.DISTILL.FAKD``, the holistic term's
+        ``MODEL.DISTILL.HOLISTIC``)."""
+        raise NotImplementedError(
+            f"Distillation loss {cls.__name__} ('{cls.name}') must define the classmethod add_config(cfg) that fills "
+            f"its section MODEL.DISTILL.{cls.name.upper()} with the defaults of its keys."
+        )
 
     # -- build time ------------------------------------------------------------------------
     def bind(self, student: Dict[str, ShapeSpec], teacher: Dict[str, ShapeSpec], *, num_classes: int) -> None:
@@ -250,3 +273,49 @@ class DistillLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"loss_weight={self.loss_weight}, taps={[tuple(p) for p in self.taps]}"
+
+
+# MODEL.DISTILL.LOSSES name -> DistillLoss subclass, built as ``cls(cfg)`` (a @configurable class).
+DISTILL_LOSSES = SectionRegistry(parent="MODEL.DISTILL", base=DistillLoss, what="Distillation loss")
+
+
+# ------------------------------------------------------------------------------------------
+# A loss between the logits at a temperature (PD, CWD)
+# ------------------------------------------------------------------------------------------
+class TemperedLogitsLoss(DistillLoss):
+    """The shape PD and CWD share: the logits of both models, a temperature, a weight, one term
+    ``loss_<name>``. Subclasses set :attr:`loss_fn` ``(student, teacher, temperature, valid)``
+    and :attr:`defaults`, their section's ``WEIGHT`` and ``TEMPERATURE``."""
+
+    loss_fn = None  # staticmethod(the functional form) in the subclass
+    defaults = {"WEIGHT": 1.0, "TEMPERATURE": 1.0}
+
+    @configurable
+    def __init__(self, *, temperature: float, loss_weight: float):
+        super().__init__(loss_weight=loss_weight, taps=[(LOGITS, LOGITS)])
+        if temperature <= 0:
+            raise ValueError(f"MODEL.DISTILL.{self.name.upper()}.TEMPERATURE must be > 0, got {temperature}.")
+        self.temperature = float(temperature)
+
+    @classmethod
+    def add_config(cls, cfg):
+        cfg.MODEL.DISTILL[cls.name.upper()].update(cls.defaults)
+
+    @classmethod
+    def from_config(cls, cfg):
+        c = cfg.MODEL.DISTILL[cls.name.upper()]
+        return {"temperature": c.TEMPERATURE, "loss_weight": c.WEIGHT}
+
+    def bind(self, student, teacher, *, num_classes):
+        self.check_same_channels(student, teacher)
+
+    def forward(self, student_logits, teacher_logits, labels=None, valid=None):
+        """``labels`` is unused (the logits losses share one signature)."""
+        return self.loss_fn(student_logits, teacher_logits, self.temperature, valid)
+
+    def distill(self, batch):
+        s, t = batch.pair(self.taps[0])
+        return {f"loss_{self.name}": self.loss_weight * self(s, t, None, batch.valid(s.shape[-2:]))}
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, " + super().extra_repr()

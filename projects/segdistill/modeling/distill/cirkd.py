@@ -24,7 +24,7 @@ global batch (gathered from every process) *before* each step's loss, as the aut
 * region memory (K x R x D): for each image and each class k in it, the normalised mean of the
   class's teacher embeddings enters class k's queue at its pointer (modulo R);
 * pixel memory (K x P x D): ``min(n_k, update_freq)`` of the class's n_k pixels, drawn at
-  random (``enqueue="class"``; ``"code"`` draws among the first n_k pixels of the image in
+  random (``variant="paper"``; ``"code"`` draws among the first n_k pixels of the image in
   raster order, as the authors' code indexes them), enter class k's queue at its pointer; when
   they would reach the end, the last ``min(n_k, update_freq)`` entries are overwritten and the
   pointer returns to 0 (the authors' rule).
@@ -56,9 +56,10 @@ from ..backbones.norm import resolve_norm
 from .base import DistillLoss, register_distill_loss
 
 __all__ = ["batch_relation_loss", "memory_relation_loss", "ClassMemory", "CrossImageRelationalDistillation",
-           "ENQUEUE_MODES", "all_gather_with_grad", "all_gather_no_grad"]
+           "CIRKD_VARIANTS", "all_gather_with_grad", "all_gather_no_grad"]
 
-ENQUEUE_MODES = ("class", "code")
+# Which pixels of a class enter the pixel memory: "paper" (the class's own) or "code" (the authors' indexing).
+CIRKD_VARIANTS = ("paper", "code")
 _POOL_MIN_SIZE, _POOL_KERNEL = 256, 4  # the authors' code pools maps of 256 x 256 or more by 4 x 4
 
 
@@ -148,15 +149,15 @@ class ClassMemory(nn.Module):
     """CIRKD's class-wise pixel and region queues of teacher embeddings (see the module docstring)."""
 
     def __init__(self, num_classes: int, dim: int, *, pixel_size: int, region_size: int, update_freq: int,
-                 enqueue: str, seed: int):
+                 variant: str, seed: int):
         super().__init__()
-        if enqueue not in ENQUEUE_MODES:
-            raise ValueError(f"MODEL.DISTILL.CIRKD.ENQUEUE must be one of {ENQUEUE_MODES}, got {enqueue!r}.")
+        if variant not in CIRKD_VARIANTS:
+            raise ValueError(f"MODEL.DISTILL.CIRKD.VARIANT must be one of {CIRKD_VARIANTS}, got {variant!r}.")
         if min(pixel_size, region_size, update_freq) < 1 or update_freq > pixel_size:
             raise ValueError(f"CIRKD memories need 1 <= PIXEL_UPDATE_FREQ ({update_freq}) <= PIXEL_MEMORY_SIZE "
                              f"({pixel_size}) and REGION_MEMORY_SIZE >= 1 ({region_size}).")
         self.num_classes, self.dim = int(num_classes), int(dim)
-        self.update_freq, self.enqueue, self.seed = int(update_freq), enqueue, int(seed)
+        self.update_freq, self.variant, self.seed = int(update_freq), variant, int(seed)
         g = torch.Generator().manual_seed(self.seed)
         queue = lambda size: F.normalize(torch.randn(num_classes, size, dim, generator=g), dim=2)  # noqa: E731
         self.register_buffer("pixel_queue", queue(pixel_size))
@@ -167,7 +168,7 @@ class ClassMemory(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"classes={self.num_classes}, dim={self.dim}, pixel={self.pixel_queue.shape[1]}, "
-                f"region={self.region_queue.shape[1]}, update_freq={self.update_freq}, enqueue={self.enqueue!r}")
+                f"region={self.region_queue.shape[1]}, update_freq={self.update_freq}, variant={self.variant!r}")
 
     def generator(self) -> torch.Generator:
         """The generator of this step's draws: the same on every process, continued by ``--resume``."""
@@ -195,7 +196,7 @@ class ClassMemory(nn.Module):
                 # pixels: min(n_k, update_freq) of them
                 perm = torch.randperm(len(idxs), generator=g).to(idxs.device)
                 count = min(len(idxs), self.update_freq)
-                chosen = idxs[perm[:count]] if self.enqueue == "class" else perm[:count]
+                chosen = idxs[perm[:count]] if self.variant == "paper" else perm[:count]
                 values = F.normalize(feat[:, chosen].t(), dim=1)
                 ptr = int(self.pixel_ptr[k])
                 if ptr + count >= pixel_size:
@@ -234,22 +235,54 @@ class CrossImageRelationalDistillation(DistillLoss):
     def __init__(self, *, student_tap: str, teacher_tap: str, batch_weight: float, pixel_memory_weight: float,
                  region_memory_weight: float, temperature: float, kd_temperature: float, pixel_memory_size: int,
                  region_memory_size: int, pixel_contrast_size: int, region_contrast_size: int,
-                 pixel_update_freq: int, gather: bool, enqueue: str, seed: int, norm: str):
+                 pixel_update_freq: int, gather: bool, variant: str, seed: int, norm: str):
         super().__init__(loss_weight=batch_weight, taps=[(student_tap, teacher_tap)])
         if temperature <= 0 or kd_temperature <= 0:
             raise ValueError(f"MODEL.DISTILL.CIRKD.TEMPERATURE and KD_TEMPERATURE must be > 0, got "
                              f"{temperature}, {kd_temperature}.")
-        if enqueue not in ENQUEUE_MODES:
-            raise ValueError(f"MODEL.DISTILL.CIRKD.ENQUEUE must be one of {ENQUEUE_MODES}, got {enqueue!r}.")
+        if variant not in CIRKD_VARIANTS:
+            raise ValueError(f"MODEL.DISTILL.CIRKD.VARIANT must be one of {CIRKD_VARIANTS}, got {variant!r}.")
         self.pixel_memory_weight, self.region_memory_weight = float(pixel_memory_weight), float(region_memory_weight)
         self.temperature, self.kd_temperature = float(temperature), float(kd_temperature)
         self.memory_settings = dict(pixel_size=int(pixel_memory_size), region_size=int(region_memory_size),
-                                    update_freq=int(pixel_update_freq), enqueue=enqueue, seed=int(seed))
+                                    update_freq=int(pixel_update_freq), variant=variant, seed=int(seed))
         self.pixel_contrast_size, self.region_contrast_size = int(pixel_contrast_size), int(region_contrast_size)
         self.gather = bool(gather)
         self.norm = norm
         self.projection: Optional[nn.Module] = None  # built in bind()
         self.memory: Optional[ClassMemory] = None
+
+    @classmethod
+    def add_config(cls, cfg):
+        # CIRKD (Yang et al., CVPR 2022): pixel-to-pixel distillation across the images of the batch
+        # (loss_cirkd_batch), pixel-to-pixel and pixel-to-region distillation against class-wise
+        # memories of teacher embeddings (loss_cirkd_pixel_memory, loss_cirkd_region_memory). The
+        # student's embeddings go through a projection head (1x1 conv, norm, ReLU, 1x1 conv) to the
+        # teacher's channels. Defaults: the authors' code (winycg/CIRKD train_cirkd.py).
+        cfg.MODEL.DISTILL.CIRKD.STUDENT_TAP = "head_features"
+        cfg.MODEL.DISTILL.CIRKD.TEACHER_TAP = "head_features"
+        cfg.MODEL.DISTILL.CIRKD.BATCH_WEIGHT = 1.0
+        cfg.MODEL.DISTILL.CIRKD.PIXEL_MEMORY_WEIGHT = 0.1
+        cfg.MODEL.DISTILL.CIRKD.REGION_MEMORY_WEIGHT = 0.1
+        # Temperature of the similarity distributions, and of their KL (x T^2).
+        cfg.MODEL.DISTILL.CIRKD.TEMPERATURE = 0.1
+        cfg.MODEL.DISTILL.CIRKD.KD_TEMPERATURE = 1.0
+        # Memory per class (entries) and how many of them one step contrasts with (all classes
+        # together: TOTAL // NUM_CLASSES + 1 per class); pixels a class adds per image and step.
+        cfg.MODEL.DISTILL.CIRKD.PIXEL_MEMORY_SIZE = 20000
+        cfg.MODEL.DISTILL.CIRKD.REGION_MEMORY_SIZE = 2000
+        cfg.MODEL.DISTILL.CIRKD.PIXEL_CONTRAST_SIZE = 4096
+        cfg.MODEL.DISTILL.CIRKD.REGION_CONTRAST_SIZE = 1024
+        cfg.MODEL.DISTILL.CIRKD.PIXEL_UPDATE_FREQ = 16
+        # The batch term over the global batch, gathered across processes (paper); off: each
+        # process's own images (the authors' code). The memories always take the global batch.
+        cfg.MODEL.DISTILL.CIRKD.GATHER = True
+        # Pixels a class enqueues: drawn among that class's pixels ("paper") or, as the authors' code
+        # indexes them, among the first n pixels of the image in raster order, n = the class's pixel
+        # count ("code").
+        cfg.MODEL.DISTILL.CIRKD.VARIANT = "paper"
+        # Seed of the memories' random draws (identical on every process, so the memories stay equal).
+        cfg.MODEL.DISTILL.CIRKD.SEED = 0
 
     @classmethod
     def from_config(cls, cfg):
@@ -259,7 +292,7 @@ class CrossImageRelationalDistillation(DistillLoss):
                 "temperature": c.TEMPERATURE, "kd_temperature": c.KD_TEMPERATURE,
                 "pixel_memory_size": c.PIXEL_MEMORY_SIZE, "region_memory_size": c.REGION_MEMORY_SIZE,
                 "pixel_contrast_size": c.PIXEL_CONTRAST_SIZE, "region_contrast_size": c.REGION_CONTRAST_SIZE,
-                "pixel_update_freq": c.PIXEL_UPDATE_FREQ, "gather": c.GATHER, "enqueue": c.ENQUEUE, "seed": c.SEED,
+                "pixel_update_freq": c.PIXEL_UPDATE_FREQ, "gather": c.GATHER, "variant": c.VARIANT, "seed": c.SEED,
                 "norm": resolve_norm(cfg, "head")}
 
     def bind(self, student, teacher, *, num_classes):

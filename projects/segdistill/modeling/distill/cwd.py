@@ -16,10 +16,7 @@ from typing import Optional
 import torch
 from torch.nn import functional as F
 
-from detectron2.config import configurable
-
-from .base import DistillLoss, as_float, register_distill_loss
-from .taps import LOGITS
+from .base import TemperedLogitsLoss, as_float, register_distill_loss
 
 __all__ = ["channel_kl", "channel_distributions", "cwd_loss", "ChannelWiseDistillation", "flatten_masked"]
 
@@ -60,31 +57,9 @@ def cwd_loss(student_logits, teacher_logits, temperature: float, valid=None) -> 
 
 
 @register_distill_loss("cwd")
-class ChannelWiseDistillation(DistillLoss):
+class ChannelWiseDistillation(TemperedLogitsLoss):
     """CWD on the logits; ``MODEL.DISTILL.CWD`` (temperature 4, weight 3, as in CWD/HWD/FAKD)."""
 
-    @configurable
-    def __init__(self, *, temperature: float, loss_weight: float):
-        super().__init__(loss_weight=loss_weight, taps=[(LOGITS, LOGITS)])
-        if temperature <= 0:
-            raise ValueError(f"MODEL.DISTILL.CWD.TEMPERATURE must be > 0, got {temperature}.")
-        self.temperature = float(temperature)
-
-    @classmethod
-    def from_config(cls, cfg):
-        c = cfg.MODEL.DISTILL.CWD
-        return {"temperature": c.TEMPERATURE, "loss_weight": c.WEIGHT}
-
-    def bind(self, student, teacher, *, num_classes):
-        self.check_same_channels(student, teacher)
-
-    def forward(self, student_logits, teacher_logits, labels=None, valid=None):
-        """``labels`` is unused (the logits losses share one signature)."""
-        return cwd_loss(student_logits, teacher_logits, self.temperature, valid)
-
-    def distill(self, batch):
-        s, t = batch.pair(self.taps[0])
-        return {"loss_cwd": self.loss_weight * self(s, t, None, batch.valid(s.shape[-2:]))}
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, " + super().extra_repr()
+    loss_fn = staticmethod(cwd_loss)
+    # MODEL.DISTILL.CWD (FAKD Eq. 2, HWD Eq. 3): KL of each channel's spatial softmax at TEMPERATURE.
+    defaults = {"WEIGHT": 3.0, "TEMPERATURE": 4.0}

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 
 from .base import DistillLoss, as_float, masked_mean, register_distill_loss
@@ -105,22 +106,21 @@ def pairwise_projected_variance(weight: torch.Tensor, cov: torch.Tensor) -> torc
     return (quad - 2 * cross + own).clamp(min=0)
 
 
-def fakd_cwd_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    weight: torch.Tensor,
-    cov: torch.Tensor,
-    lam: float,
-    temperature: float,
-    valid: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+def _float_inputs(student_logits, teacher_logits, weight, cov):
+    """Both bounds' inputs in float32 under AMP: the logits, the C x A classifier weight, the covariance."""
+    student_logits, teacher_logits = as_float(student_logits), as_float(teacher_logits)
+    weight = _classifier_weight(weight).to(student_logits.dtype)
+    return student_logits, teacher_logits, weight, cov.to(weight.dtype)
+
+
+def fakd_cwd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                  weight: torch.Tensor, cov: torch.Tensor, lam: float, temperature: float,
+                  valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """CWD-aug (FAKD Eq. 7 as a KL) at temperature tau; ``lam = 0`` is CWD exactly."""
     tau = float(temperature)
     n, c = student_logits.shape[:2]
-    student_logits, teacher_logits = as_float(student_logits), as_float(teacher_logits)
-    weight = _classifier_weight(weight).to(student_logits.dtype)
-    g = class_projected_variance(weight, cov.to(weight.dtype)) / (2.0 * tau * tau)  # [C, K]
+    student_logits, teacher_logits, weight, cov = _float_inputs(student_logits, teacher_logits, weight, cov)
+    g = class_projected_variance(weight, cov) / (2.0 * tau * tau)  # [C, K]
     g = torch.cat([g, g.new_zeros(c, 1)], dim=1)  # column K: ignore pixels, no augmentation
     y = labels.reshape(n, -1).long()
     y = torch.where((y >= 0) & (y < g.shape[1] - 1), y, torch.full_like(y, g.shape[1] - 1))
@@ -134,24 +134,17 @@ def fakd_cwd_loss(
     return tau * tau * (kl + extra).sum() / (n * c)
 
 
-def fakd_pd_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    weight: torch.Tensor,
-    cov: torch.Tensor,
-    lam: float,
-    temperature: float,
-    valid: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+def fakd_pd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, weight: torch.Tensor,
+                 cov: torch.Tensor, lam: float, temperature: float,
+                 valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """PD-aug (FAKD Eq. 8 as a KL); ``lam = 0`` is PD exactly."""
     lam = float(lam)
     if lam == 0.0:
         return pixel_kl(student_logits, teacher_logits, temperature, valid)
     t = float(temperature)
     c = student_logits.shape[1]
-    student_logits, teacher_logits = as_float(student_logits), as_float(teacher_logits)
-    weight = _classifier_weight(weight).to(student_logits.dtype)
-    b = lam * pairwise_projected_variance(weight, cov.to(weight.dtype)) / (2.0 * t * t)  # [C, C]
+    student_logits, teacher_logits, weight, cov = _float_inputs(student_logits, teacher_logits, weight, cov)
+    b = lam * pairwise_projected_variance(weight, cov) / (2.0 * t * t)  # [C, C]
     b_max = b.max(dim=1, keepdim=True).values.detach()
     e = torch.exp(b - b_max)  # in (0, 1]
     x = (student_logits / t).permute(0, 2, 3, 1).reshape(-1, c)  # [P, C]
@@ -166,16 +159,17 @@ def fakd_pd_loss(
 
 
 class _FeatureAugmented(DistillLoss):
-    """What FAKD's two bounds share: the covariance, the lambda schedule, the taps."""
+    """What FAKD's two bounds share: the covariance, the lambda schedule, the taps, the config
+    section ``MODEL.DISTILL.FAKD``."""
 
-    key = ""  # the config section of the subclass
+    defaults = {}  # the subclass's WEIGHT and TEMPERATURE
 
     @configurable
     def __init__(self, *, temperature: float, loss_weight: float, lambda0: float, lambda_schedule: str,
                  covariance: str, all_reduce: bool):
         super().__init__(loss_weight=loss_weight, taps=[(LOGITS, LOGITS), (HEAD_FEATURES, None)])
         if temperature <= 0:
-            raise ValueError(f"MODEL.DISTILL.{self.key}.TEMPERATURE must be > 0, got {temperature}.")
+            raise ValueError(f"MODEL.DISTILL.{self.name.upper()}.TEMPERATURE must be > 0, got {temperature}.")
         if covariance not in COVARIANCE_TYPES:
             raise ValueError(f"MODEL.DISTILL.FAKD.COVARIANCE must be one of {COVARIANCE_TYPES}, got {covariance!r}.")
         if lambda_schedule not in LAMBDA_SCHEDULES:
@@ -192,8 +186,25 @@ class _FeatureAugmented(DistillLoss):
         self.register_buffer("progress", torch.zeros(2, dtype=torch.float64))
 
     @classmethod
+    def add_config(cls, cfg):
+        cfg.MODEL.DISTILL[cls.name.upper()].update(cls.defaults)
+        if "FAKD" not in cfg.MODEL.DISTILL:  # added by whichever of the two losses comes first
+            # FAKD (Eq. 7, 8): feature augmentation of the student by its class covariance; shared by
+            # FAKD-CWD and FAKD-PD.
+            cfg.MODEL.DISTILL.FAKD = CN()
+            # lambda0, the end value of lambda; "cosine" ramps lambda 0 -> LAMBDA0 over SOLVER.MAX_ITER,
+            # "constant" keeps LAMBDA0.
+            cfg.MODEL.DISTILL.FAKD.LAMBDA0 = 1.0
+            cfg.MODEL.DISTILL.FAKD.LAMBDA_SCHEDULE = "cosine"
+            # Class-conditional covariance of the student's pre-classifier features: "diagonal" or "full"
+            # (C x A x A, heavier). Estimated online from the labels, saved in checkpoints.
+            cfg.MODEL.DISTILL.FAKD.COVARIANCE = "diagonal"
+            # Sum the covariance statistics over the training processes (same estimate everywhere).
+            cfg.MODEL.DISTILL.FAKD.ALL_REDUCE = True
+
+    @classmethod
     def from_config(cls, cfg):
-        f, c = cfg.MODEL.DISTILL.FAKD, cfg.MODEL.DISTILL.get(cls.key)
+        f, c = cfg.MODEL.DISTILL.FAKD, cfg.MODEL.DISTILL[cls.name.upper()]
         return {"temperature": c.TEMPERATURE, "loss_weight": c.WEIGHT, "lambda0": f.LAMBDA0,
                 "lambda_schedule": f.LAMBDA_SCHEDULE, "covariance": f.COVARIANCE, "all_reduce": f.ALL_REDUCE}
 
@@ -233,7 +244,7 @@ class _FeatureAugmented(DistillLoss):
 class FeatureAugmentedCWD(_FeatureAugmented):
     """FAKD's CWD-aug (Eq. 7) on the logits; ``MODEL.DISTILL.FAKD_CWD`` and ``MODEL.DISTILL.FAKD``."""
 
-    key = "FAKD_CWD"
+    defaults = {"WEIGHT": 3.0, "TEMPERATURE": 4.0}  # MODEL.DISTILL.FAKD_CWD: CWD's
 
     def forward(self, student_logits, teacher_logits, labels, valid=None, *, classifier, covariance, lam):
         if labels is None:
@@ -246,7 +257,7 @@ class FeatureAugmentedCWD(_FeatureAugmented):
 class FeatureAugmentedPD(_FeatureAugmented):
     """FAKD's PD-aug (Eq. 8) on the logits; ``MODEL.DISTILL.FAKD_PD`` and ``MODEL.DISTILL.FAKD``."""
 
-    key = "FAKD_PD"
+    defaults = {"WEIGHT": 1.0, "TEMPERATURE": 1.0}  # MODEL.DISTILL.FAKD_PD: PD's
 
     def forward(self, student_logits, teacher_logits, labels=None, valid=None, *, classifier, covariance, lam):
         return fakd_pd_loss(student_logits, teacher_logits, classifier, covariance.cov, lam, self.temperature, valid)

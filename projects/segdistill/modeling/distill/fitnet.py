@@ -37,6 +37,15 @@ class HintDistillation(DistillLoss):
         self.connector: Optional[nn.Module] = None  # built in bind()
 
     @classmethod
+    def add_config(cls, cfg):
+        # FitNet (Romero et al., ICLR 2015): MSE between the connector's map of the student's hint
+        # and the teacher's. Defaults: CIRKD's segmentation setting (scripts/train_kd/train_fitnet.sh).
+        cfg.MODEL.DISTILL.FITNET.WEIGHT = 10.0
+        cfg.MODEL.DISTILL.FITNET.STUDENT_TAP = "head_features"
+        cfg.MODEL.DISTILL.FITNET.TEACHER_TAP = "head_features"
+        cfg.MODEL.DISTILL.FITNET.CONNECTOR = "conv1x1"
+
+    @classmethod
     def from_config(cls, cfg):
         c = cfg.MODEL.DISTILL.FITNET
         return {"loss_weight": c.WEIGHT, "student_tap": c.STUDENT_TAP, "teacher_tap": c.TEACHER_TAP,

@@ -4,7 +4,8 @@ HWD section III-C weights each (image, channel) KL of CWD (``cwd.py``) by ``w_{n
 computed without gradient from how far the student is from the teacher on that channel:
 
 1. channel divergence ``CD_c = mean_i (p^T_{c,i} - p^S_{c,i})^2`` on the activation maps
-   (``divergence_input="logits"`` uses the raw logits, the authors' code's other mode);
+   (``variant="paper"``, also the authors' recommended run; ``variant="code"`` uses the raw
+   logits, the authors' code without ``--activation``);
 2. optionally ``CD_c / (N_c + 1)`` with ``N_c`` the image's pixel count of class c
    (``pixel_correction``; labels at the logits' size, ignore pixels not counted);
 3. per image, ``w^n_c = mu + (CD_c - mean(CD)) / std(CD) * sigma`` (std over the C channels,
@@ -29,9 +30,10 @@ from .base import DistillLoss, register_distill_loss
 from .cwd import channel_distributions, channel_kl, flatten_masked
 from .taps import LOGITS
 
-__all__ = ["hwd_weights", "hwd_loss", "HolisticWeightedDistillation", "class_pixel_counts", "DIVERGENCE_INPUTS"]
+__all__ = ["hwd_weights", "hwd_loss", "HolisticWeightedDistillation", "class_pixel_counts", "HWD_VARIANTS"]
 
-DIVERGENCE_INPUTS = ("activation", "logits")
+# "paper": divergences of the activation maps (spatial softmax); "code": of the raw logits.
+HWD_VARIANTS = ("paper", "code")
 
 
 def class_pixel_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -54,7 +56,7 @@ def hwd_weights(
     sigma: float,
     eps: float,
     pixel_correction: bool,
-    divergence_input: str,
+    variant: str,
     labels: Optional[torch.Tensor] = None,
     valid: Optional[torch.Tensor] = None,
     maps: Optional[tuple] = None,
@@ -64,19 +66,19 @@ def hwd_weights(
     ``maps``: the (student, teacher) activation maps N x C x hw when the caller has them.
     """
     n, c = student_logits.shape[:2]
-    if divergence_input == "activation":
+    if variant == "paper":
         if maps is not None:
             s, t = maps
         else:
             s = channel_distributions(student_logits, temperature, valid).exp()
             t = channel_distributions(teacher_logits, temperature, valid).exp()
-    elif divergence_input == "logits":
+    elif variant == "code":
         s, t = flatten_masked(student_logits, None), flatten_masked(teacher_logits, None)
         if valid is not None:
             m = valid.flatten(1)[:, None, :].to(s.dtype)
             s, t = s * m, t * m
     else:
-        raise ValueError(f"HWD divergence_input must be one of {DIVERGENCE_INPUTS}, got {divergence_input!r}.")
+        raise ValueError(f"HWD variant must be one of {HWD_VARIANTS}, got {variant!r}.")
     sq = (t - s).pow(2)
     if valid is None:
         divergence = sq.mean(dim=-1).double()
@@ -111,33 +113,48 @@ class HolisticWeightedDistillation(DistillLoss):
 
     @configurable
     def __init__(self, *, temperature: float, loss_weight: float, beta: float, mu: float, sigma: float,
-                 eps: float, pixel_correction: bool, divergence_input: str):
+                 eps: float, pixel_correction: bool, variant: str):
         super().__init__(loss_weight=loss_weight, taps=[(LOGITS, LOGITS)])
         if temperature <= 0:
             raise ValueError(f"MODEL.DISTILL.HWD.TEMPERATURE must be > 0, got {temperature}.")
         if not 0.0 < beta < 1.0:
             raise ValueError(f"MODEL.DISTILL.HWD.BETA must be in (0, 1), got {beta}.")
-        if divergence_input not in DIVERGENCE_INPUTS:
-            raise ValueError(f"MODEL.DISTILL.HWD.DIVERGENCE_INPUT must be one of {DIVERGENCE_INPUTS}, "
-                             f"got {divergence_input!r}.")
+        if variant not in HWD_VARIANTS:
+            raise ValueError(f"MODEL.DISTILL.HWD.VARIANT must be one of {HWD_VARIANTS}, got {variant!r}.")
         self.temperature = float(temperature)
         self.beta, self.mu, self.sigma, self.eps = float(beta), float(mu), float(sigma), float(eps)
         self.pixel_correction = bool(pixel_correction)
-        self.divergence_input = divergence_input
+        self.variant = variant
+
+    @classmethod
+    def add_config(cls, cfg):
+        # HWD (HWD section III-C): CWD with per-image channel weights. Defaults: the authors' recommended
+        # run; the paper's variant is MU 0.0 + PIXEL_CORRECTION True.
+        cfg.MODEL.DISTILL.HWD.WEIGHT = 3.0  # alpha
+        cfg.MODEL.DISTILL.HWD.TEMPERATURE = 4.0
+        cfg.MODEL.DISTILL.HWD.BETA = 0.1  # smoothing, in (0, 1)
+        cfg.MODEL.DISTILL.HWD.MU = 1.0  # mean of the normalised divergences
+        cfg.MODEL.DISTILL.HWD.SIGMA = 1.0  # their standard deviation
+        cfg.MODEL.DISTILL.HWD.EPS = 1e-8  # added to the std of the divergences / their mean (relative)
+        # Divide each channel's divergence by (its class's pixel count in the image + 1).
+        cfg.MODEL.DISTILL.HWD.PIXEL_CORRECTION = False
+        # "paper": the divergence of the activation maps (spatial softmax; paper and recommended run);
+        # "code": of the raw logits (the authors' code without --activation).
+        cfg.MODEL.DISTILL.HWD.VARIANT = "paper"
 
     @classmethod
     def from_config(cls, cfg):
         c = cfg.MODEL.DISTILL.HWD
         return {"temperature": c.TEMPERATURE, "loss_weight": c.WEIGHT, "beta": c.BETA, "mu": c.MU,
                 "sigma": c.SIGMA, "eps": c.EPS, "pixel_correction": c.PIXEL_CORRECTION,
-                "divergence_input": c.DIVERGENCE_INPUT}
+                "variant": c.VARIANT}
 
     def bind(self, student, teacher, *, num_classes):
         self.check_same_channels(student, teacher)
 
     def _settings(self):
         return dict(temperature=self.temperature, beta=self.beta, mu=self.mu, sigma=self.sigma, eps=self.eps,
-                    pixel_correction=self.pixel_correction, divergence_input=self.divergence_input)
+                    pixel_correction=self.pixel_correction, variant=self.variant)
 
     def weights(self, student_logits, teacher_logits, labels=None, valid=None) -> torch.Tensor:
         return hwd_weights(student_logits, teacher_logits, labels=labels, valid=valid, **self._settings())
@@ -147,7 +164,7 @@ class HolisticWeightedDistillation(DistillLoss):
         log_ps = channel_distributions(student_logits, self.temperature, valid)
         log_pt = channel_distributions(teacher_logits, self.temperature, valid)
         pt = log_pt.exp()
-        maps = (log_ps.detach().exp(), pt) if self.divergence_input == "activation" else None
+        maps = (log_ps.detach().exp(), pt) if self.variant == "paper" else None
         w = hwd_weights(student_logits, teacher_logits, labels=labels, valid=valid, maps=maps, **self._settings())
         kl = (pt * (log_pt - log_ps)).sum(dim=-1)
         return self.temperature * self.temperature * (w * kl).sum() / (n * c)
@@ -160,5 +177,5 @@ class HolisticWeightedDistillation(DistillLoss):
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, beta={self.beta}, mu={self.mu}, sigma={self.sigma}, "
-                f"pixel_correction={self.pixel_correction}, divergence_input={self.divergence_input!r}, "
+                f"pixel_correction={self.pixel_correction}, variant={self.variant!r}, "
                 + super().extra_repr())

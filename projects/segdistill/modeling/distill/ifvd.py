@@ -23,11 +23,9 @@ from typing import Optional
 import torch
 from torch.nn import functional as F
 
-from detectron2.config import configurable
 
-from .base import DistillLoss, masked_mean, register_distill_loss
-from .skd import HolisticDistillation, WithHolisticTerm, holistic_settings
-from .taps import LOGITS
+from .base import masked_mean, register_distill_loss
+from .skd import WithHolisticTerm, holistic_settings
 
 __all__ = ["class_prototypes", "variation_map", "ifv_loss", "IntraClassFeatureVariationDistillation"]
 
@@ -64,26 +62,25 @@ def ifv_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
 
 
 @register_distill_loss("ifvd")
-class IntraClassFeatureVariationDistillation(WithHolisticTerm, DistillLoss):
+class IntraClassFeatureVariationDistillation(WithHolisticTerm):
     """IFVD (+ the holistic term); ``MODEL.DISTILL.IFVD`` and ``MODEL.DISTILL.HOLISTIC``."""
 
-    @configurable
-    def __init__(self, *, loss_weight: float, student_tap: str, teacher_tap: str, holistic_weight: float,
-                 holistic: dict):
-        taps = [(student_tap, teacher_tap)] + ([(LOGITS, LOGITS)] if holistic_weight > 0 else [])
-        super().__init__(loss_weight=loss_weight, taps=taps)
-        self.holistic_weight = float(holistic_weight)
-        self.holistic_settings = dict(holistic)
-        self.holistic: Optional[HolisticDistillation] = None
+    @classmethod
+    def add_config(cls, cfg):
+        # IFVD (Wang et al., ECCV 2020): intra-class feature variation maps (cosine of each pixel's
+        # feature to its class prototype in the image) matched by MSE (loss_ifvd), plus SKD's holistic
+        # term with HOLISTIC_WEIGHT > 0. Defaults: the authors' code (YukangWang/IFVD options.py).
+        cfg.MODEL.DISTILL.IFVD.WEIGHT = 200.0
+        cfg.MODEL.DISTILL.IFVD.STUDENT_TAP = "head_features"
+        cfg.MODEL.DISTILL.IFVD.TEACHER_TAP = "head_features"
+        cfg.MODEL.DISTILL.IFVD.HOLISTIC_WEIGHT = 0.001
+        cls.add_holistic_config(cfg)
 
     @classmethod
     def from_config(cls, cfg):
         c = cfg.MODEL.DISTILL.IFVD
         return {"loss_weight": c.WEIGHT, "student_tap": c.STUDENT_TAP, "teacher_tap": c.TEACHER_TAP,
                 "holistic_weight": c.HOLISTIC_WEIGHT, "holistic": holistic_settings(cfg)}
-
-    def bind(self, student, teacher, *, num_classes):
-        self.build_holistic(self.holistic_weight, self.holistic_settings, num_classes)
 
     def forward(self, student_features, teacher_features, labels, num_classes: int, valid=None):
         return ifv_loss(student_features, teacher_features, labels, num_classes, valid)
@@ -92,4 +89,4 @@ class IntraClassFeatureVariationDistillation(WithHolisticTerm, DistillLoss):
         s, t = batch.pair(self.taps[0])
         size = s.shape[-2:]
         out = {"loss_ifvd": self.loss_weight * self(s, t, batch.labels(size), batch.num_classes, batch.valid(size))}
-        return {**out, **self.holistic_terms(batch, self.taps[-1])}
+        return {**out, **self.holistic_terms(batch)}

@@ -58,6 +58,18 @@ class MaskedGenerativeDistillation(DistillLoss):
         self.generation: Optional[nn.Module] = None
 
     @classmethod
+    def add_config(cls, cfg):
+        # MGD (Yang et al., ECCV 2022): a random spatial mask (MASK_RATIO of the positions zeroed) on
+        # the aligned student feature, a generator (3x3 conv, ReLU, 3x3 conv) reconstructs the
+        # teacher's; summed squared error / N. Defaults: the authors' segmentation code (yzd-v/MGD
+        # seg/configs/distillers/mgd), which adds CWD on the logits ("cwd").
+        cfg.MODEL.DISTILL.MGD.WEIGHT = 2e-5
+        cfg.MODEL.DISTILL.MGD.MASK_RATIO = 0.75
+        cfg.MODEL.DISTILL.MGD.STUDENT_TAP = "res5"
+        cfg.MODEL.DISTILL.MGD.TEACHER_TAP = "res5"
+        cfg.MODEL.DISTILL.MGD.CONNECTOR = "conv1x1_bias"
+
+    @classmethod
     def from_config(cls, cfg):
         c = cfg.MODEL.DISTILL.MGD
         return {"loss_weight": c.WEIGHT, "mask_ratio": c.MASK_RATIO, "student_tap": c.STUDENT_TAP,

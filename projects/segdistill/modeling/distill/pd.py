@@ -18,10 +18,7 @@ from typing import Optional
 import torch
 from torch.nn import functional as F
 
-from detectron2.config import configurable
-
-from .base import DistillLoss, as_float, masked_mean, register_distill_loss
-from .taps import LOGITS
+from .base import TemperedLogitsLoss, as_float, masked_mean, register_distill_loss
 
 __all__ = ["pixel_kl", "PixelWiseDistillation"]
 
@@ -37,31 +34,9 @@ def pixel_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
 
 
 @register_distill_loss("pd")
-class PixelWiseDistillation(DistillLoss):
+class PixelWiseDistillation(TemperedLogitsLoss):
     """PD (FAKD Eq. 1) on the logits; ``MODEL.DISTILL.PD``."""
 
-    @configurable
-    def __init__(self, *, temperature: float, loss_weight: float):
-        super().__init__(loss_weight=loss_weight, taps=[(LOGITS, LOGITS)])
-        if temperature <= 0:
-            raise ValueError(f"MODEL.DISTILL.PD.TEMPERATURE must be > 0, got {temperature}.")
-        self.temperature = float(temperature)
-
-    @classmethod
-    def from_config(cls, cfg):
-        c = cfg.MODEL.DISTILL.PD
-        return {"temperature": c.TEMPERATURE, "loss_weight": c.WEIGHT}
-
-    def bind(self, student, teacher, *, num_classes):
-        self.check_same_channels(student, teacher)
-
-    def forward(self, student_logits, teacher_logits, labels=None, valid=None):
-        """``labels`` is unused (the logits losses share one signature)."""
-        return pixel_kl(student_logits, teacher_logits, self.temperature, valid)
-
-    def distill(self, batch):
-        s, t = batch.pair(self.taps[0])
-        return {"loss_pd": self.loss_weight * self(s, t, None, batch.valid(s.shape[-2:]))}
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, " + super().extra_repr()
+    loss_fn = staticmethod(pixel_kl)
+    # MODEL.DISTILL.PD (FAKD Eq. 1): per-pixel KL of the class distributions at TEMPERATURE (x T^2).
+    defaults = {"WEIGHT": 1.0, "TEMPERATURE": 1.0}

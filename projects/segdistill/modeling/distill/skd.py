@@ -51,6 +51,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 from detectron2.layers import get_norm
 
@@ -236,19 +237,50 @@ class HolisticDistillation(nn.Module):
         return {"student": self.g_weight * g, "discriminator": self.d_weight * d}
 
 
-class WithHolisticTerm:
-    """What SKD and IFVD share: the optional holistic term on the logits, built at bind time."""
+class WithHolisticTerm(DistillLoss):
+    """What SKD and IFVD share: a loss on one (student tap, teacher tap) pair plus, with
+    ``holistic_weight > 0``, the holistic term on the logits (its pair is the last of
+    :attr:`taps`), whose discriminator is built at bind time; and its config section
+    ``MODEL.DISTILL.HOLISTIC`` (:meth:`add_holistic_config`). Subclasses give ``from_config``."""
 
-    holistic: Optional[HolisticDistillation]
+    @configurable
+    def __init__(self, *, loss_weight: float, student_tap: str, teacher_tap: str, holistic_weight: float,
+                 holistic: dict):
+        taps = [(student_tap, teacher_tap)] + ([(LOGITS, LOGITS)] if holistic_weight > 0 else [])
+        super().__init__(loss_weight=loss_weight, taps=taps)
+        self.holistic_weight = float(holistic_weight)
+        self.holistic_settings = dict(holistic)
+        self.holistic: Optional[HolisticDistillation] = None  # built in bind()
 
-    def build_holistic(self, weight: float, settings: dict, num_classes: int) -> None:
-        self.holistic = HolisticDistillation(num_classes, g_weight=weight, **settings) if weight > 0 else None
+    @staticmethod
+    def add_holistic_config(cfg) -> None:
+        """``MODEL.DISTILL.HOLISTIC``, added by whichever of SKD and IFVD comes first."""
+        if "HOLISTIC" in cfg.MODEL.DISTILL:
+            return
+        # The holistic distillation's discriminator (SKD section 3.3), shared by SKD and IFVD: trained
+        # in the same step as the student, in the same optimizer (its gradient scaled by LR_FACTOR),
+        # from the student's detached logits (docs/distillation.md).
+        cfg.MODEL.DISTILL.HOLISTIC = CN()
+        # "wgan-gp" (paper and SKD/IFVD authors' code) or "hinge" (CIRKD/HWD code, no gradient penalty).
+        cfg.MODEL.DISTILL.HOLISTIC.LOSS_TYPE = "wgan-gp"
+        cfg.MODEL.DISTILL.HOLISTIC.GP_WEIGHT = 10.0  # lambda_gp
+        cfg.MODEL.DISTILL.HOLISTIC.D_WEIGHT = 0.1  # lambda_d: weight of the discriminator's loss
+        # Discriminator learning rate / SOLVER.BASE_LR (authors: 4e-4 for D, 1e-2 for the student).
+        cfg.MODEL.DISTILL.HOLISTIC.LR_FACTOR = 0.04
+        # Condition the discriminator on the image (paper); off: logits alone (the authors' code).
+        cfg.MODEL.DISTILL.HOLISTIC.CONDITIONAL = True
+        # Width of the first of the discriminator's four stride-2 convs (SAGAN-style, doubling).
+        cfg.MODEL.DISTILL.HOLISTIC.CONV_DIM = 64
 
-    def holistic_terms(self, batch, pair) -> Dict[str, torch.Tensor]:
+    def bind(self, student, teacher, *, num_classes):
+        w = self.holistic_weight
+        self.holistic = HolisticDistillation(num_classes, g_weight=w, **self.holistic_settings) if w > 0 else None
+
+    def holistic_terms(self, batch) -> Dict[str, torch.Tensor]:
         """{"loss_<name>_holistic", "loss_<name>_discriminator"} (nothing without the term)."""
         if self.holistic is None:
             return {}
-        terms = self.holistic(*batch.pair(pair), batch.images)
+        terms = self.holistic(*batch.pair(self.taps[-1]), batch.images)
         return {f"loss_{self.name}_holistic": terms["student"],
                 f"loss_{self.name}_discriminator": terms["discriminator"]}
 
@@ -264,23 +296,41 @@ def holistic_settings(cfg) -> dict:
 # The loss
 # ------------------------------------------------------------------------------------------
 @register_distill_loss("skd")
-class StructuredKnowledgeDistillation(WithHolisticTerm, DistillLoss):
+class StructuredKnowledgeDistillation(WithHolisticTerm):
     """SKD's pair-wise term (+ the holistic term); ``MODEL.DISTILL.SKD`` and ``MODEL.DISTILL.HOLISTIC``."""
 
     @configurable
     def __init__(self, *, pairwise_weight: float, student_tap: str, teacher_tap: str, pool_scale: float,
                  pool_kernel: int, detach_norm: bool, holistic_weight: float, holistic: dict):
-        taps = [(student_tap, teacher_tap)] + ([(LOGITS, LOGITS)] if holistic_weight > 0 else [])
-        super().__init__(loss_weight=pairwise_weight, taps=taps)
+        super().__init__(loss_weight=pairwise_weight, student_tap=student_tap, teacher_tap=teacher_tap,
+                         holistic_weight=holistic_weight, holistic=holistic)
         if pairwise_weight <= 0 and holistic_weight <= 0:
             raise ValueError("SKD with MODEL.DISTILL.SKD.PAIRWISE_WEIGHT and HOLISTIC_WEIGHT both 0 does nothing.")
         if not 0 < pool_scale <= 1 or pool_kernel < 0:
             raise ValueError(f"MODEL.DISTILL.SKD.POOL_SCALE must be in (0, 1] and POOL_KERNEL >= 0, got "
                              f"{pool_scale}, {pool_kernel}.")
         self.pool_scale, self.pool_kernel, self.detach_norm = float(pool_scale), int(pool_kernel), bool(detach_norm)
-        self.holistic_weight = float(holistic_weight)
-        self.holistic_settings = dict(holistic)
-        self.holistic: Optional[HolisticDistillation] = None
+
+    @classmethod
+    def add_config(cls, cfg):
+        # SKD (Liu et al., CVPR 2019): pair-wise similarity distillation on max-pooled features
+        # (loss_skd_pairwise) and, with HOLISTIC_WEIGHT > 0, the holistic adversarial term
+        # (loss_skd_holistic for the student, loss_skd_discriminator for the discriminator, see
+        # MODEL.DISTILL.HOLISTIC). The paper's pixel-wise term is "pd". Defaults: the authors' code
+        # (irfanICMLL/structure_knowledge_distillation run_train_val.sh, utils/train_options.py).
+        cfg.MODEL.DISTILL.SKD.PAIRWISE_WEIGHT = 0.5
+        cfg.MODEL.DISTILL.SKD.STUDENT_TAP = "head_features"
+        cfg.MODEL.DISTILL.SKD.TEACHER_TAP = "head_features"
+        # Nodes: max-pooling windows of POOL_SCALE x the map's size (0.5: 2x2 nodes, the authors' code)
+        # or, when POOL_KERNEL > 0, of POOL_KERNEL x POOL_KERNEL pixels (CIRKD/HWD code: 2).
+        cfg.MODEL.DISTILL.SKD.POOL_SCALE = 0.5
+        cfg.MODEL.DISTILL.SKD.POOL_KERNEL = 0
+        # Divide by the feature norms without gradient through them (the authors' code); off: the
+        # paper's cosine similarity, differentiated in full.
+        cfg.MODEL.DISTILL.SKD.DETACH_NORM = False
+        # Weight of the holistic (adversarial) term for the student; 0 = no discriminator.
+        cfg.MODEL.DISTILL.SKD.HOLISTIC_WEIGHT = 0.1
+        cls.add_holistic_config(cfg)
 
     @classmethod
     def from_config(cls, cfg):
@@ -289,9 +339,6 @@ class StructuredKnowledgeDistillation(WithHolisticTerm, DistillLoss):
                 "pool_scale": c.POOL_SCALE, "pool_kernel": c.POOL_KERNEL, "detach_norm": c.DETACH_NORM,
                 "holistic_weight": c.HOLISTIC_WEIGHT, "holistic": holistic_settings(cfg)}
 
-    def bind(self, student, teacher, *, num_classes):
-        self.build_holistic(self.holistic_weight, self.holistic_settings, num_classes)
-
     def forward(self, student_features, teacher_features):
         """The pair-wise term (unweighted)."""
         return pairwise_loss(student_features, teacher_features, pool_scale=self.pool_scale,
@@ -299,4 +346,4 @@ class StructuredKnowledgeDistillation(WithHolisticTerm, DistillLoss):
 
     def distill(self, batch):
         out = {"loss_skd_pairwise": self.loss_weight * self(*batch.pair(self.taps[0]))} if self.loss_weight > 0 else {}
-        return {**out, **self.holistic_terms(batch, self.taps[-1])}
+        return {**out, **self.holistic_terms(batch)}

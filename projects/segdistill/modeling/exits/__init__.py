@@ -1,19 +1,29 @@
 """Multi-exit training, one home per method: the exits and their outputs (``heads``), the
 objectives' contract and registry (``objective``), deep supervision (``ds``),
 Self-Regulation (``self_regulation``) and HS3 with HS3-Fuse (``hs3``; its clusters file:
-``hs3_clusters``). Importing the package registers every ``MODEL.EXITS.MODE``.
+``hs3_clusters``). Importing the package imports every module in it, so each
+``@register_exit_objective`` class registers its ``MODEL.EXITS.MODE`` (and its config keys,
+through its ``add_config``) with no list to keep: a new mode is one new file here
+(docs/multi_exit.md shows one).
 """
+import importlib as _importlib
+import pkgutil as _pkgutil
+
 from .heads import (
     HEAD_FEATURE_PREFIX, ExitFusion, ExitHead, ExitOutput, MultiExitOutputs, MultiLabelClassifier, build_exit_heads,
     check_exit_features, exit_size,
 )
-from .objective import EXIT_OBJECTIVES, ExitObjective, exit_modes, register_exit_objective
+from .objective import EXIT_OBJECTIVES, ExitObjective, exit_modes, register_exit_objective, unregister_exit_objective
 from .ds import DeepSupervisionObjective
 from .self_regulation import SelfRegulationObjective
 from .hs3 import HS3Fuse, HS3Objective
 
 __all__ = [
     "ExitHead", "MultiLabelClassifier", "ExitOutput", "MultiExitOutputs", "ExitFusion", "build_exit_heads",
-    "check_exit_features", "exit_size", "ExitObjective", "EXIT_OBJECTIVES", "register_exit_objective", "exit_modes",
-    "HEAD_FEATURE_PREFIX", "DeepSupervisionObjective", "SelfRegulationObjective", "HS3Objective", "HS3Fuse",
+    "check_exit_features", "exit_size", "ExitObjective", "EXIT_OBJECTIVES", "register_exit_objective",
+    "unregister_exit_objective", "exit_modes", "HEAD_FEATURE_PREFIX", "DeepSupervisionObjective",
+    "SelfRegulationObjective", "HS3Objective", "HS3Fuse",
 ]
+
+for _module in _pkgutil.iter_modules(__path__):
+    _importlib.import_module(f"{__name__}.{_module.name}")

@@ -26,6 +26,11 @@ class DeepSupervisionObjective(ExitObjective):
         self.weight = weight
 
     @classmethod
+    def add_config(cls, cfg):
+        # Deep supervision: weight of every exit's full-class cross-entropy (loss_ds, summed over exits).
+        cfg.MODEL.EXITS.DS.WEIGHT = 1.0
+
+    @classmethod
     def from_config(cls, cfg):
         return {"weight": cfg.MODEL.EXITS.DS.WEIGHT, "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE}
 

@@ -4,6 +4,7 @@ Objective, paper Eq. 1::
 
     L_total = sum_i gamma_i * CE(exit i, ground truth mapped class -> cluster of exit i) + L_final
 
+with gamma_i the weight of exit i (``MODEL.EXITS.HS3.WEIGHT``, one per exit or one for all).
 The first term is ``loss_hs3`` (one term, summed over exits; per-exit values are logged as
 ``hs3_ce_<exit>``); ``L_final`` is the head's own ``loss_sem_seg``. Everything the mode
 needs comes from ``MODEL.EXITS.HS3.CLUSTERS_FILE`` (Phase 1's output, :mod:`.hs3_clusters`),
@@ -38,6 +39,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 
@@ -50,7 +52,7 @@ from .objective import ExitObjective, put_scalar, register_exit_objective, seg_c
 
 __all__ = [
     "HS3Objective", "HS3Fuse", "HS3FuseBlock", "fuse_channels", "fuse_target", "model_class_names",
-    "load_model_clusters", "exit_gammas", "clusters_num_classes", "clusters_label_luts", "clusters_label_spaces",
+    "load_model_clusters", "exit_weights", "clusters_num_classes", "clusters_label_luts", "clusters_label_spaces",
 ]
 
 
@@ -79,18 +81,18 @@ def load_model_clusters(cfg, exit_names: Sequence[str]) -> HS3Clusters:
     return load_clusters(cfg.MODEL.EXITS.HS3.CLUSTERS_FILE, model_class_names(cfg), list(exit_names))
 
 
-def exit_gammas(gammas: Sequence[float], exit_names: Sequence[str]) -> Dict[str, float]:
-    """``MODEL.EXITS.HS3.GAMMAS``: one value for all exits or one per exit."""
-    gammas = [float(g) for g in gammas]
+def exit_weights(weights: Sequence[float], exit_names: Sequence[str]) -> Dict[str, float]:
+    """``MODEL.EXITS.HS3.WEIGHT`` (the paper's gamma_i): one value for all exits or one per exit."""
+    weights = [float(g) for g in weights]
     names = list(exit_names)
-    if len(gammas) == 1:
-        return {n: gammas[0] for n in names}
-    if len(gammas) != len(names):
+    if len(weights) == 1:
+        return {n: weights[0] for n in names}
+    if len(weights) != len(names):
         raise ValueError(
-            f"MODEL.EXITS.HS3.GAMMAS has {len(gammas)} values for {len(names)} exits {names}; "
+            f"MODEL.EXITS.HS3.WEIGHT has {len(weights)} values for {len(names)} exits {names}; "
             "give one for all or one per exit."
         )
-    return dict(zip(names, gammas))
+    return dict(zip(names, weights))
 
 
 def _label_luts(clusters: HS3Clusters, exit_names: Sequence[str], ignore_value: int) -> Dict[str, torch.Tensor]:
@@ -208,13 +210,13 @@ class HS3Objective(ExitObjective):
     """Eq. 1's exit term: ``loss_hs3 = sum_i gamma_i * CE_i`` on each exit's clustered labels."""
 
     @configurable
-    def __init__(self, *, gammas: Union[float, Dict[str, float]], ignore_value: int,
+    def __init__(self, *, weight: Union[float, Dict[str, float]], ignore_value: int,
                  label_luts: Dict[str, torch.Tensor], clusters_file: str):
-        """``gammas``: one float for all exits or {exit: gamma}; ``label_luts``: {exit: class -> cluster};
+        """``weight``: one float for all exits or {exit: gamma_i}; ``label_luts``: {exit: class -> cluster};
         ``clusters_file``: the file they come from (named in errors; its clusters' fingerprint,
         :func:`~.hs3_clusters.clusters_fingerprint`, is saved in checkpoints)."""
         super().__init__(ignore_value=ignore_value, label_luts=label_luts)
-        self.gammas = gammas
+        self.weight = weight
         self.clusters_file = clusters_file
         # What the exits are trained on, saved in every checkpoint: loading a checkpoint made
         # with other clusters is an error naming both (fvcore would only warn about the exits'
@@ -229,11 +231,30 @@ class HS3Objective(ExitObjective):
         self.register_load_state_dict_pre_hook(_check_checkpoint_clusters)
 
     @classmethod
+    def add_config(cls, cfg):
+        # HS3 (MODE "hs3"; docs/hs3.md): every exit predicts its own clustered class set.
+        # The clusters file of Phase 1 (tools/hs3_analyze.py or tools/hs3_pipeline.py); required
+        # with MODE "hs3". Each exit's class count and label table come from it.
+        cfg.MODEL.EXITS.HS3.CLUSTERS_FILE = ""
+        # gamma_i of Eq. 1 (weight of exit i's clustered cross-entropy), one per exit or one for all.
+        cfg.MODEL.EXITS.HS3.WEIGHT = [1.0]
+        # HS3-Fuse (paper 3.2): an OCR block on each exit's features (soft regions from the exit's
+        # cluster logits), concatenated into the final head's finest input feature. Costs inference.
+        cfg.MODEL.EXITS.HS3.FUSE = CN()
+        cfg.MODEL.EXITS.HS3.FUSE.ENABLED = False
+        # Mid / key channels of the deepest exit's OCR block; each shallower exit's block has half
+        # of the next deeper one's.
+        cfg.MODEL.EXITS.HS3.FUSE.OCR_MID_CHANNELS = 256
+        cfg.MODEL.EXITS.HS3.FUSE.OCR_KEY_CHANNELS = 128
+        # Multiplies every OCR block's channels (< 1: the paper's "lighter" HS3-Fuse).
+        cfg.MODEL.EXITS.HS3.FUSE.CHANNEL_SCALE = 1.0
+
+    @classmethod
     def from_config(cls, cfg):
         names = list(cfg.MODEL.EXITS.IN_FEATURES)
         ignore = int(cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE)
         path = cfg.MODEL.EXITS.HS3.CLUSTERS_FILE
-        return {"gammas": exit_gammas(cfg.MODEL.EXITS.HS3.GAMMAS, names), "ignore_value": ignore,
+        return {"weight": exit_weights(cfg.MODEL.EXITS.HS3.WEIGHT, names), "ignore_value": ignore,
                 "label_luts": _label_luts(load_model_clusters(cfg, names), names, ignore), "clusters_file": path}
 
     @classmethod
@@ -281,16 +302,18 @@ class HS3Objective(ExitObjective):
                                  exit_names=exits or None)
         return {f"sem_seg_{e}": (clusters.lut(e, ignore), clusters.cluster_names(e)) for e in clusters.exits}
 
-    def gamma(self, name: str) -> float:
-        return float(self.gammas[name]) if isinstance(self.gammas, dict) else float(self.gammas)
+    def exit_weight(self, name: str) -> float:
+        """gamma_i of exit ``name``."""
+        return float(self.weight[name]) if isinstance(self.weight, dict) else float(self.weight)
 
     def check_exits(self, exit_num_classes: Dict[str, int], head_num_classes: int) -> None:
         """Every exit needs a label table whose clusters match its class count."""
         missing = [n for n in exit_num_classes if n not in self.label_luts]
         if missing:
             raise ValueError(f"HS3 exits {missing} have no class -> cluster table (MODEL.EXITS.HS3.CLUSTERS_FILE).")
-        if isinstance(self.gammas, dict) and set(self.gammas) != set(exit_num_classes):
-            raise ValueError(f"HS3 gammas are given for {sorted(self.gammas)} but the exits are {list(exit_num_classes)}.")
+        if isinstance(self.weight, dict) and set(self.weight) != set(exit_num_classes):
+            raise ValueError(f"HS3 weights are given for {sorted(self.weight)} but the exits are "
+                             f"{list(exit_num_classes)}.")
         for n, k in exit_num_classes.items():
             lut = self.label_luts[n][: head_num_classes]
             if int(lut.max()) + 1 != k:
@@ -302,7 +325,7 @@ class HS3Objective(ExitObjective):
             ce = seg_cross_entropy(out.seg_logits, self.exit_targets(name, targets), self.ignore_value)
             if self.training:
                 put_scalar(f"hs3_ce_{name}", float(ce.detach()))
-            total = total + self.gamma(name) * ce
+            total = total + self.exit_weight(name) * ce
         return {"loss_hs3": total}
 
 

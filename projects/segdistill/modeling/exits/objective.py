@@ -2,8 +2,15 @@
 
 An exit objective turns the :class:`~.heads.MultiExitOutputs` of a training step into named
 loss terms. It is also where a mode's specific parts come from, so that the segmentor has no
-branch for any mode: ``MultiExitSegmentor.from_config`` asks the registered class of
-``MODEL.EXITS.MODE`` for
+branch for any mode, and where its config keys come from: the registered class of
+``MODEL.EXITS.MODE`` gives
+
+* :meth:`ExitObjective.add_config`: the defaults of its keys, in its section
+  ``MODEL.EXITS.<MODE>`` (``register_exit_objective`` registers a config hook that creates the
+  section and calls it, so ``add_segdistill_config`` has the keys as soon as the file is
+  imported);
+
+and ``MultiExitSegmentor.from_config`` asks it for
 
 * :meth:`ExitObjective.exit_num_classes`: the class count of every exit (DS / SR: the
   dataset's classes or ``MODEL.EXITS.NUM_CLASSES``; HS3: each exit's clusters);
@@ -24,12 +31,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from detectron2.layers import ShapeSpec
+from detectron2.utils.events import get_event_storage
 
+from ...config import SectionRegistry
 from .heads import ExitFusion, MultiExitOutputs
 from .hs3_clusters import map_labels
 
-__all__ = ["ExitObjective", "EXIT_OBJECTIVES", "register_exit_objective", "exit_modes", "seg_cross_entropy",
-           "put_scalar"]
+__all__ = ["ExitObjective", "EXIT_OBJECTIVES", "register_exit_objective", "unregister_exit_objective", "exit_modes",
+           "seg_cross_entropy", "put_scalar"]
 
 
 class ExitObjective(nn.Module):
@@ -44,6 +53,7 @@ class ExitObjective(nn.Module):
     DDP), and override the classmethods below when their mode shapes the exits.
     """
 
+    name: str = ""  # the registered MODEL.EXITS.MODE, set by register_exit_objective
     needs_classifiers = False
 
     def __init__(self, *, ignore_value: int, label_luts: Optional[Dict[str, torch.Tensor]] = None):
@@ -52,6 +62,19 @@ class ExitObjective(nn.Module):
         self.label_luts: Dict[str, torch.Tensor] = dict(label_luts or {})
         self.iteration: Optional[int] = None
         self.max_iter: Optional[int] = None
+
+    # ---- config
+    @classmethod
+    def add_config(cls, cfg) -> None:
+        """Fill ``cfg.MODEL.EXITS.<MODE>`` (the registered mode upper-cased; the config hook that
+        ``register_exit_objective`` registers creates it empty, once per config) with every key
+        this mode reads, with its default and a comment saying what it is and where the default
+        comes from. The keys every mode shares (``MODEL.EXITS.IN_FEATURES``, ``CHANNELS``,
+        ``NUM_CLASSES`` ...) stay in ``config/defaults.py``."""
+        raise NotImplementedError(
+            f"Exit objective {cls.__name__} ('{cls.name}') must define the classmethod add_config(cfg) that fills "
+            f"its section MODEL.EXITS.{cls.name.upper()} with the defaults of its keys."
+        )
 
     # ---- the parts a mode builds (classmethods: asked before the objective exists)
     @classmethod
@@ -94,21 +117,19 @@ class ExitObjective(nn.Module):
 
 
 # MODEL.EXITS.MODE -> ExitObjective subclass, built as ``cls(cfg)`` (a @configurable class).
-EXIT_OBJECTIVES: Dict[str, type] = {}
+EXIT_OBJECTIVES = SectionRegistry(parent="MODEL.EXITS", base=ExitObjective, what="Exit objective",
+                                  reserved={"none": "MODEL.EXITS.MODE 'none' means no exits"})
 
 
 def register_exit_objective(name: str):
-    """Class decorator: make ``name`` a valid ``MODEL.EXITS.MODE``."""
+    """Class decorator: make ``name`` a valid ``MODEL.EXITS.MODE`` and register the config hook
+    that creates ``MODEL.EXITS.<MODE>`` and fills it (the class's ``add_config``)."""
+    return EXIT_OBJECTIVES.register(name)
 
-    def deco(cls):
-        if not (isinstance(cls, type) and issubclass(cls, ExitObjective)):
-            raise TypeError(f"Exit objective {name!r} must subclass ExitObjective, got {cls!r}.")
-        if name in EXIT_OBJECTIVES and EXIT_OBJECTIVES[name] is not cls:
-            raise ValueError(f"Exit objective {name!r} is already registered ({EXIT_OBJECTIVES[name].__name__}).")
-        EXIT_OBJECTIVES[name] = cls
-        return cls
 
-    return deco
+def unregister_exit_objective(name: str) -> None:
+    """Remove ``name`` and its config hook (tests, reloading a module); configs already made keep its keys."""
+    EXIT_OBJECTIVES.unregister(name)
 
 
 def exit_modes():
@@ -130,8 +151,6 @@ def seg_cross_entropy(seg_logits: torch.Tensor, targets: torch.Tensor, ignore_va
 
 def put_scalar(name: str, value: float) -> None:
     """Log to detectron2's event storage when one is open (inside a trainer)."""
-    from detectron2.utils.events import get_event_storage
-
     try:
         storage = get_event_storage()
     except AssertionError:  # no trainer: nothing to log to

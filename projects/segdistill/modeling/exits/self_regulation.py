@@ -33,7 +33,7 @@ max-min spread of the tempered teacher feature map of any image in the minibatch
 from __future__ import annotations
 
 import logging
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
 from torch.nn import functional as F
@@ -177,6 +177,36 @@ class SelfRegulationObjective(ExitObjective):
         # A buffer: saved in checkpoints, restored by --resume; deploy drops it.
         self.register_buffer("temperature", torch.tensor(float(temperature)))
         self._warned_no_progress = False
+
+    @classmethod
+    def add_config(cls, cfg):
+        # Self-Regulation (paper Eq. 5; defaults from its section 5).
+        # lambda1: multi-label BCE of every classifier (exits + final head), loss_mea_cls.
+        cfg.MODEL.EXITS.SR.CLS_WEIGHT = 0.2
+        # lambda2: pixel cross-entropy of every exit's segmenter, loss_mea_seg.
+        cfg.MODEL.EXITS.SR.SEG_WEIGHT = 0.8
+        # False (default, the paper's Eq. 5 as read here): the final head's cross-entropy is its own
+        # loss_sem_seg at weight 1 and SEG_WEIGHT weights the exits only. True (the authors' code,
+        # dongzhang89/SR-SS trainval.py): the final output is inside SEG_WEIGHT too (loss_sem_seg x
+        # SEG_WEIGHT). docs/multi_exit.md compares them.
+        cfg.MODEL.EXITS.SR.SEG_WEIGHT_INCLUDES_FINAL = False
+        # lambda3: SR-F, shallowest exit's features teach the deeper exits' (loss_sr_f); 0 = off.
+        cfg.MODEL.EXITS.SR.F_WEIGHT = 1.0
+        # SR-L, the final head's class logits teach the shallower exits' (loss_sr_l); 0 = off.
+        cfg.MODEL.EXITS.SR.L_WEIGHT = 1.0
+        # "paper" (Eq. 1-4, tempered soft cross-entropy) or "code" (the authors' released code:
+        # SR-F = CE towards the shallowest exit's argmax, SR-L = BCE towards the final sigmoid).
+        cfg.MODEL.EXITS.SR.VARIANT = "paper"
+        # Stop gradients through the teachers of SR-F and SR-L.
+        cfg.MODEL.EXITS.SR.DETACH_TEACHER = True
+        # MEA only for the first WARMUP_ITERS iterations, then SR-F and SR-L on.
+        cfg.MODEL.EXITS.SR.WARMUP_ITERS = 0
+        # Adaptive temperature (section 5): starts at TEMPERATURE and is multiplied by ANNEAL_FACTOR
+        # whenever the max-min spread of a teacher feature map (tempered softmax) in the minibatch
+        # exceeds ANNEAL_THRESHOLD. ANNEAL_FACTOR 1.0 keeps it fixed. Saved in checkpoints.
+        cfg.MODEL.EXITS.SR.TEMPERATURE = 1.0
+        cfg.MODEL.EXITS.SR.ANNEAL_FACTOR = 1.05
+        cfg.MODEL.EXITS.SR.ANNEAL_THRESHOLD = 0.5
 
     @classmethod
     def from_config(cls, cfg):
