@@ -94,7 +94,6 @@ from segdistill import add_segdistill_config  # noqa: E402
 from segdistill.engine.deploy import deployed_state_dict  # noqa: E402
 from segdistill.modeling.exits.hs3_clusters import save_clusters, synthetic_clusters  # noqa: E402
 from segdistill.modeling.meta_arch.distill import Distiller  # noqa: E402
-from segdistill.modeling.heads import head_outputs  # noqa: E402
 
 PLAIN_CONFIG = "configs/demo/deeplabv3_r18.yaml"
 STUDENT_CONFIG = "configs/demo/distill/student.yaml"
@@ -343,7 +342,7 @@ class TrainingGraph(nn.Module):
                 tensors += [e.features, e.seg_logits] + ([e.cls_logits] if e.cls_logits is not None else [])
             logits = out.final.seg_logits
         else:
-            head = head_outputs(s.sem_seg_head, feats)
+            head = s.sem_seg_head.forward_outputs(feats)
             logits = head["logits"]
             tensors = [head["features"], logits] if head.get("features") is not None else [logits]
         if self.teacher is not None:

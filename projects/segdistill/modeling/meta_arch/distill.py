@@ -42,10 +42,9 @@ from torch.nn import functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 
+from ..backbones.stages import with_backbone_stages
 from ..distill.base import DistillBatch, DistillLoss, build_distill_losses
-from ..distill.taps import (
-    LOGITS, backbone_stage_taps, segmentor_taps, with_backbone_stages,
-)
+from ..distill.taps import LOGITS, backbone_stage_taps, segmentor_taps
 
 __all__ = ["Distiller", "build_teacher", "load_teacher_cfg"]
 
@@ -85,16 +84,6 @@ def load_teacher_cfg(config_file: str, opts: Sequence[str] = ()):
     return cfg
 
 
-def _lazy_with_stages(lazy_model, stages: Sequence[str]):
-    """A lazy teacher whose backbone also returns ``stages`` (when it lists its out_features)."""
-    backbone = lazy_model.get("backbone", None)
-    if not stages or backbone is None or "out_features" not in backbone:
-        return lazy_model
-    current = list(backbone.out_features)
-    backbone.out_features = current + [s for s in stages if s not in current]
-    return lazy_model
-
-
 def build_teacher(
     config_file: str,
     weights: str,
@@ -127,7 +116,7 @@ def build_teacher(
         from ...config import apply_lazy_overrides
 
         lazy = apply_lazy_overrides(LazyConfig.load(path), list(opts))  # unknown keys: an error
-        teacher = instantiate(_lazy_with_stages(lazy.model, stages))
+        teacher = instantiate(with_backbone_stages(lazy.model, stages))
     else:
         from detectron2.modeling import build_model
 
