@@ -70,15 +70,10 @@ def _resolve(path: str, key: str) -> str:
 
 def load_teacher_cfg(config_file: str, opts: Sequence[str] = ()):
     """The teacher's YAML config (segdistill keys, file, then ``opts``)."""
-    from detectron2.config import get_cfg
-
-    from ...config import add_segdistill_config
+    from ...config import load_yaml_config
 
     path = _resolve(config_file, "MODEL.DISTILL.TEACHER.CONFIG_FILE")
-    cfg = get_cfg()
-    add_segdistill_config(cfg)
-    cfg.merge_from_file(path)
-    cfg.merge_from_list(list(opts))
+    cfg = load_yaml_config(path, opts)
     if cfg.MODEL.META_ARCHITECTURE == "Distiller":
         raise ValueError(f"The teacher config {path!r} is itself a Distiller; point it at a plain segmentor config.")
     return cfg
