@@ -20,6 +20,7 @@ once, when they are built, with :func:`check_seg_head` (an ``isinstance`` test a
 """
 from __future__ import annotations
 
+import inspect
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -34,10 +35,12 @@ from detectron2.projects.deeplab.loss import DeepLabCE
 from ..backbones.norm import resolve_norm
 
 __all__ = ["SegHeadMixin", "AuxFCNHead", "build_aux_head", "check_seg_head", "seg_head_names", "upsample_logits",
-           "LOSS_TYPES", "check_loss_type", "safe_cross_entropy", "sem_seg_loss", "build_classifier", "common_head_config",
+           "LOSS_TYPES", "CONTRACT_ARGS", "check_loss_type", "safe_cross_entropy", "sem_seg_loss", "build_classifier", "common_head_config",
            "single_in_feature", "multi_in_features", "conv_norm", "conv_norm_relu", "dropout2d", "HRNET_BRANCHES"]
 
 LOSS_TYPES = ("cross_entropy", "hard_pixel_mining")
+# The keyword arguments of the head contract every head passes to SegHeadMixin._init_contract.
+CONTRACT_ARGS = ("ignore_value", "loss_weight", "loss_type", "align_corners", "aux_head")
 HRNET_BRANCHES = ["res2", "res3", "res4", "res5"]
 
 
@@ -188,16 +191,30 @@ class SegHeadMixin:
     (``MODEL.SEM_SEG_HEAD.LAYOUT``; "" for heads with one structure).
 
     A head's constructor takes its own arguments and passes the contract's keyword arguments
-    (``ignore_value``, ``loss_weight``, ``loss_type``, ``align_corners``, ``aux_head``; see
-    :meth:`_init_contract`) through ``**contract``, so that they are written once, here.
+    (:data:`CONTRACT_ARGS`; see :meth:`_init_contract`) through ``**contract``, so that they
+    are written once, here. The constructor's signature lists them all the same
+    (``__init_subclass__``), so that ``inspect.signature``, ``help()`` and the checks of lazy
+    config overrides see every argument a head takes.
     """
 
     # No class-level default for ``aux_head``: it would shadow the submodule that
     # nn.Module keeps in ``_modules``. Every head assigns it (None when unused).
     layout: str = ""
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+        sig = inspect.signature(init)
+        params = list(sig.parameters.values())
+        if not params or params[-1].kind is not inspect.Parameter.VAR_KEYWORD or params[-1].name != "contract":
+            return
+        contract = inspect.signature(SegHeadMixin._init_contract).parameters
+        init.__signature__ = sig.replace(parameters=params[:-1] + [contract[n] for n in CONTRACT_ARGS])
+
     def _init_contract(self, *, input_shape: Dict[str, ShapeSpec], in_features: Sequence[str], ignore_value: int,
-                       loss_weight: float, loss_type: str, align_corners: bool, aux_head: Optional["AuxFCNHead"],
+                       loss_weight: float, loss_type: str, align_corners: bool, aux_head: Optional[AuxFCNHead],
                        common_stride: Optional[int] = None) -> None:
         """Set the attributes the contract reads (call after ``nn.Module.__init__``).
 
