@@ -27,7 +27,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs", "camvid", "pretrain")
@@ -84,8 +84,7 @@ def worker_cmd(name: str, output: str, opts: Sequence[str] = ()) -> List[str]:
 
 def register_demo_pretrain() -> None:
     """``segdistill_demo_pretrain_{train,val}``: the demo generator at the size above."""
-    from segdistill.data.datasets.builtin import register_demo
-    from segdistill.data.datasets.demo import DEMO_SPECS, DemoSpec
+    from segdistill.data.datasets.demo import DEMO_SPECS, DemoSpec, register_demo
     from segdistill.data.datasets.paths import datasets_root
 
     if DEMO_PRETRAIN not in DEMO_SPECS:

@@ -9,7 +9,7 @@ import torch
 from conftest import REPO, random_batch, tiny_cfg, write_clusters
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
-from segdistill.modeling.heads import OCRHead, head_outputs, upsample_logits
+from segdistill.modeling.heads import OCRHead, upsample_logits
 from segdistill.utils import model_zoo as model_table
 
 # Meta-architectures this file builds. A new one must be added here, with what its configs
@@ -222,7 +222,7 @@ def test_exposed_features_and_classifier_reproduce_logits(head):
     with torch.no_grad():
         feats = model.backbone(x)
         logits, _ = model.sem_seg_head(feats)
-        out = head_outputs(model.sem_seg_head, feats)
+        out = model.sem_seg_head.forward_outputs(feats)
         manual = model.sem_seg_head.predictor(out["features"])
     assert isinstance(model.sem_seg_head.predictor, torch.nn.Conv2d)
     assert model.sem_seg_head.predictor.kernel_size == (1, 1)

@@ -58,6 +58,25 @@ def test_auxiliary_head_adds_a_training_loss_only():
         assert "aux_logits" not in head.forward_outputs(model.backbone(torch.randn(1, 3, 64, 64)))
 
 
+def test_every_head_lists_the_contract_arguments_in_its_signature():
+    """Heads pass the contract's arguments through ``**contract``; their signatures still name
+    them, so that a misspelled lazy override of a head is refused before the build."""
+    import inspect
+
+    from segdistill.config import LazyOverrideError, check_lazy_override_key
+    from segdistill.modeling.heads.base import CONTRACT_ARGS, seg_head_names
+    from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+
+    for name in seg_head_names():
+        params = inspect.signature(SEM_SEG_HEADS_REGISTRY.get(name)).parameters
+        assert set(CONTRACT_ARGS) <= set(params), name
+        assert all(p.kind is not inspect.Parameter.VAR_KEYWORD for p in params.values()), name
+    tree = {"head": {"_target_": SEM_SEG_HEADS_REGISTRY.get("FCNHead")}}
+    check_lazy_override_key(tree, "head.loss_type")  # an argument the config does not set yet
+    with pytest.raises(LazyOverrideError, match="takes no argument 'loss_typ'"):
+        check_lazy_override_key(tree, "head.loss_typ")
+
+
 def test_backbone_stage_names_and_strides():
     b = make_backbone("resnet50", output_stride=8, out_features=["res2", "res3", "res4", "res5"])
     assert {k: (v.channels, v.stride) for k, v in b.output_shape().items()} == {

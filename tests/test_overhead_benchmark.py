@@ -24,8 +24,8 @@ def _load():
 
 
 overhead = _load()
-METHODS = ["ds", "mea", "mea+sr-l", "mea+sr-f", "sr", "hs3", "hs3-fuse",
-           "pd", "cwd", "hwd", "fakd_cwd", "fakd_pd", "hwd+fakd_pd",
+METHODS = ["ds", "mea", "mea_srl", "mea_srf", "sr", "hs3", "hs3_fuse",
+           "pd", "cwd", "hwd", "fakd_cwd", "fakd_pd", "hwd_fakd_pd",
            "skd", "ifvd", "cirkd", "mgd", "dist", "fitnet", "at"]
 WITH_PARTS = {"skd", "ifvd", "cirkd", "mgd", "fitnet"}  # distillation rows with trainable loss parts
 
@@ -65,13 +65,13 @@ def test_deployed_models_cost_exactly_the_baseline(run):
     assert (train["baseline"]["params_inference"], train["baseline"]["flops_inference"]) == \
         (plain["params"], plain["flops"])
     for n in METHODS:
-        if n == "hs3-fuse":
+        if n == "hs3_fuse":
             continue
         base = student if n in METHODS[7:] else plain
         assert infer[n]["params"] == base["params"] and infer[n]["flops"] == base["flops"], n
         assert infer[n]["params_equal"] and infer[n]["flops_equal"] and infer[n]["expected_equal"]
         assert train[n]["params_inference"] == base["params"]
-    for n in ("ds", "sr", "hs3", "hs3-fuse"):  # exits cost parameters and FLOPs at training only
+    for n in ("ds", "sr", "hs3", "hs3_fuse"):  # exits cost parameters and FLOPs at training only
         assert train[n]["params"] > train["baseline"]["params"] and train[n]["flops"] > train["baseline"]["flops"]
     for n in METHODS[7:]:  # the frozen teacher is counted at training
         assert train[n]["params"] > 2 * train["student"]["params"]
@@ -79,7 +79,7 @@ def test_deployed_models_cost_exactly_the_baseline(run):
         parts = train[n]["loss_parts_params"]
         assert (parts > 0) == (n in WITH_PARTS), (n, parts)
         assert train[n]["trainable_params"] == train["student"]["trainable_params"] + parts
-    fuse = infer["hs3-fuse"]  # HS3-Fuse keeps its fuse blocks at inference
+    fuse = infer["hs3_fuse"]  # HS3-Fuse keeps its fuse blocks at inference
     assert fuse["params"] > plain["params"] and fuse["flops"] > plain["flops"]
     assert not fuse["params_equal"] and not fuse["expected_equal"]
 
@@ -138,7 +138,7 @@ def test_bad_method_names_are_clear_errors(capsys):
         overhead.main(["--methods", "sr", "srf", "--rounds", "1"])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "Unknown method(s) 'srf'" in err and "hwd+fakd_pd" in err and "hs3-fuse" in err
+    assert "Unknown method(s) 'srf'" in err and "hwd_fakd_pd" in err and "hs3_fuse" in err
     with pytest.raises(ValueError, match=r"Unknown method\(s\) 'baseline'.*choose from ds, mea"):
         overhead.resolve_methods(["baseline"])  # a baseline is not a method: it always runs
     assert overhead.resolve_methods(["CWD,sr", "ds"]) == ["ds", "sr", "cwd"]

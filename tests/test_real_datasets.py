@@ -108,12 +108,18 @@ def write_coco_fixture(root, rng=None):
     return labels
 
 
+def fixture_root(tmp_path, write, register):
+    """A fixture dataset written by ``write(root)`` under ``tmp_path``: yields (root, what write
+    returned), then registers the dataset back over the default root."""
+    root = tmp_path / "d2"
+    written = write(root)
+    yield root, written
+    register(datasets_root())
+
+
 @pytest.fixture
 def coco_root(tmp_path):
-    root = tmp_path / "d2"
-    labels = write_coco_fixture(root)
-    yield root, labels
-    register_coco_stuff(datasets_root())  # back to the default root
+    yield from fixture_root(tmp_path, write_coco_fixture, register_coco_stuff)
 
 
 def test_coco_stuff_conversion_registration_idempotence_and_resume(coco_root, caplog):
@@ -134,7 +140,8 @@ def test_coco_stuff_conversion_registration_idempotence_and_resume(coco_root, ca
     assert not report["size_mismatch"] and not report["missing_images"]
 
     # the converter checked the labels only: it leaves no marker, so the first load of each split
-    # decodes its images too and leaves one (issue 17: images are decoded in the load-time check)
+    # decodes its images too and leaves one (the load-time check decodes every image, so a corrupt
+    # file fails there, not in the middle of training)
     from segdistill.data.datasets.folder import dataset_check_cache_dir
 
     def markers():
@@ -265,10 +272,7 @@ def write_cityscapes_fixture(root):
 
 @pytest.fixture
 def cityscapes_root(tmp_path):
-    root = tmp_path / "d2"
-    stems = write_cityscapes_fixture(root)
-    yield root, stems
-    register_cityscapes(datasets_root())
+    yield from fixture_root(tmp_path, write_cityscapes_fixture, register_cityscapes)
 
 
 def test_cityscapes_prepare_register_and_evaluate(cityscapes_root, monkeypatch):

@@ -27,7 +27,6 @@ split (``DATASETS.TEST``), or one sharing an image with it, is refused. Use the 
 
 The work is ``segdistill.engine.anytime.calibrate_from_config``; this is its command line.
 """
-import argparse
 import json
 import os
 import sys
@@ -39,12 +38,13 @@ import torch  # noqa: E402
 
 import segdistill  # noqa: E402,F401
 from detectron2.utils.logger import setup_logger  # noqa: E402
+from segdistill.config import config_tool_parser  # noqa: E402
 from segdistill.engine.anytime import anytime_cfg, calibrate_from_config  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", required=True, help="the multi-exit training config (YAML)")
+    p = config_tool_parser(__doc__, "the multi-exit training config (YAML)",
+                           "KEY VALUE overrides (MODEL.WEIGHTS is required)")
     p.add_argument("--output", required=True, help="the thresholds file to write (.json)")
     p.add_argument("--dataset", default="", help="calibration split (default: <DATASETS.TRAIN[0]>_hs3_analysis)")
     goal = p.add_mutually_exclusive_group()
@@ -59,7 +59,6 @@ def main(argv=None):
     p.add_argument("--candidates", type=int, default=16, help="threshold candidates per exit")
     p.add_argument("--records", default="", help="save / reuse the split's records here (.npz)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides (MODEL.WEIGHTS is required)")
     args = p.parse_args(argv)
     setup_logger(name="segdistill")
     if args.threads:

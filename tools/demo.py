@@ -43,10 +43,9 @@ import numpy as np  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 import segdistill  # noqa: E402,F401
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
-from segdistill import add_segdistill_config  # noqa: E402
+from segdistill.config import load_yaml_config  # noqa: E402
 from segdistill.data import SemSegDatasetMapper  # noqa: E402
 from segdistill.convert import load_checked_weights  # noqa: E402
 from segdistill.evaluation import metrics_from_confusion  # noqa: E402
@@ -69,11 +68,7 @@ def say(msg):
 
 
 def load_cfg(config_file, opts=()):
-    cfg = get_cfg()
-    add_segdistill_config(cfg)
-    cfg.merge_from_file(os.path.join(ROOT, config_file))
-    cfg.merge_from_list(list(opts))
-    return cfg
+    return load_yaml_config(os.path.join(ROOT, config_file), opts)
 
 
 def common_opts(args):

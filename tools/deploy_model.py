@@ -13,7 +13,6 @@ the model, or tensors of another shape) is an error, not a half-random deployed 
 head and the exits' segmenters (classifiers and objective state dropped), which loads into
 the same training config with ``MODEL.META_ARCHITECTURE AnytimeSegmentor`` (docs/anytime.md).
 """
-import argparse
 import logging
 import os
 import sys
@@ -22,34 +21,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "projects"))
 
 import segdistill  # noqa: E402,F401
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
-from segdistill import add_segdistill_config  # noqa: E402
+from segdistill.config import config_tool_parser, load_yaml_config  # noqa: E402
 from segdistill.convert import load_checked_weights, save_deployed_checkpoint  # noqa: E402
 from segdistill.modeling.meta_arch.anytime import anytime_from_trained  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", required=True, help="the config the model was trained with")
+    p = config_tool_parser(__doc__, "the config the model was trained with",
+                           "KEY VALUE overrides (MODEL.WEIGHTS is required)")
     p.add_argument("--output", required=True, help="where to write the deployed checkpoint (.pth)")
     p.add_argument("--target", choices=("plain", "anytime"), default="plain",
                    help="plain: the deployed SemanticSegmentor (default); anytime: the AnytimeSegmentor")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides (MODEL.WEIGHTS is required)")
     args = p.parse_args(argv)
     setup_logger(name="segdistill")
-    cfg = get_cfg()
-    add_segdistill_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_yaml_config(args.config_file, args.opts)
     cfg.MODEL.DEVICE = "cpu"
     if not cfg.MODEL.WEIGHTS:
         p.error("set MODEL.WEIGHTS to the trained checkpoint")
     model = build_model(cfg)
     load_checked_weights(model, cfg.MODEL.WEIGHTS, min_matched=cfg.TEST.MIN_MATCHED_WEIGHTS,
                          what="the model of the training config")
-    if args.target == "anytime":  # the exits kept for anytime inference
+    if args.target == "anytime":  # keeps the exits, which anytime inference answers from
         model = anytime_from_trained(cfg, model)
     path = save_deployed_checkpoint(model, args.output)
     logging.getLogger("segdistill").info("Deployed checkpoint written to %s", path)

@@ -33,7 +33,6 @@ Phase 2. A step whose outputs exist without a record (made by an older pipeline,
 is refused, naming the folder: move it away, or pass ``--adopt-existing`` to record the
 current inputs for it.
 """
-import argparse
 import hashlib
 import json
 import os
@@ -49,7 +48,8 @@ from tabulate import tabulate  # noqa: E402
 import segdistill  # noqa: E402,F401
 from detectron2.config import get_cfg  # noqa: E402
 from segdistill import add_segdistill_config  # noqa: E402
-from segdistill.hs3.splits import hs3_split_names  # noqa: E402
+from segdistill.config import config_tool_parser, load_yaml_config  # noqa: E402
+from segdistill.hs3 import hs3_split_names  # noqa: E402
 from segdistill.hs3.report import k_equals_n_warning, run_hs3_analysis  # noqa: E402
 from segdistill.modeling.exits.hs3_clusters import clusters_fingerprint, file_sha256, load_clusters  # noqa: E402
 
@@ -97,11 +97,7 @@ class Pipeline:
 
     # ---------------------------------------------------------------- configs and records
     def load_cfg(self, extra):
-        cfg = get_cfg()
-        add_segdistill_config(cfg)
-        cfg.merge_from_file(self.args.config_file)
-        cfg.merge_from_list(list(self.args.opts) + list(extra))
-        return cfg
+        return load_yaml_config(self.args.config_file, list(self.args.opts) + list(extra))
 
     def training_config(self, extra) -> str:
         """The config a training step runs with, as text, without what does not change its
@@ -292,8 +288,7 @@ def get_cfg_default(key):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", required=True, help="the Phase-2 config (MODEL.EXITS.MODE hs3)")
+    p = config_tool_parser(__doc__, "the Phase-2 config (MODEL.EXITS.MODE hs3)", "KEY VALUE overrides for every phase")
     p.add_argument("--output", default="", help="pipeline folder (default: see above)")
     p.add_argument("--phase1-weights", default="", help="a trained DS checkpoint: skip Phase-1 training")
     p.add_argument("--num-gpus", type=int, default=1, help="processes per training (train_net.py --num-gpus)")
@@ -302,7 +297,6 @@ def main(argv=None):
                         "Phase 2 is retrained when the clusters file changes)")
     p.add_argument("--adopt-existing", action="store_true",
                    help="outputs without a record in pipeline_state.json are trusted as built from the current inputs")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every phase")
     args = p.parse_args(argv)
     Pipeline(args).run()
 

@@ -5,36 +5,29 @@ colours in each picture, for a trained model (YAML config).
     python tools/visualize_predictions.py --config-file CFG --weights MODEL.pth \
         [--dataset NAME] [--output DIR] [--max-images N] [--scale 2] [--overview 4] [KEY VALUE ...]
 """
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "projects"))
 
 import segdistill  # noqa: E402,F401
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
-from segdistill import add_segdistill_config  # noqa: E402
+from segdistill.config import config_tool_parser, load_yaml_config  # noqa: E402
 from segdistill.data import SemSegDatasetMapper  # noqa: E402
 from segdistill.convert import load_checked_weights  # noqa: E402
 from segdistill.utils.predictions import write_prediction_pictures  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", required=True)
+    p = config_tool_parser(__doc__, "the config of the model")
     p.add_argument("--weights", required=True)
     p.add_argument("--dataset", help="default: the config's first DATASETS.TEST")
     p.add_argument("--output", help="default: OUTPUT_DIR/predictions/<dataset>")
     p.add_argument("--max-images", type=int, default=None, help="default: SEGDISTILL.VIS_MAX_IMAGES")
     p.add_argument("--scale", type=int, default=1, help="enlarge every tile this many times (small images)")
     p.add_argument("--overview", type=int, default=0, help="also stack the first N pictures into overview.png")
-    p.add_argument("opts", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
-    cfg = get_cfg()
-    add_segdistill_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_yaml_config(args.config_file, args.opts)
     dataset = args.dataset or cfg.DATASETS.TEST[0]
     out = args.output or os.path.join(cfg.OUTPUT_DIR, "predictions", dataset)
     model = build_model(cfg)

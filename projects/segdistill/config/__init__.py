@@ -6,6 +6,7 @@ lazy (``.py``) configs.
 The bottom layer of the package with ``data``: it imports nothing of segdistill's.
 """
 from .checks import ConfigError, check_dataset_names, check_device
+from .command_line import config_tool_parser, load_yaml_config
 from .defaults import add_segdistill_config
 from .hooks import SectionHook, SectionRegistry, config_hooks, register_config_hook, remove_config_hook
 from .lazy_overrides import LazyOverrideError, apply_lazy_overrides, check_lazy_override_key
@@ -13,4 +14,4 @@ from .renamed_keys import RENAMED_KEYS
 
 __all__ = ["add_segdistill_config", "register_config_hook", "remove_config_hook", "config_hooks", "SectionHook",
            "SectionRegistry", "RENAMED_KEYS", "ConfigError", "check_dataset_names", "check_device", "LazyOverrideError",
-           "apply_lazy_overrides", "check_lazy_override_key"]
+           "apply_lazy_overrides", "check_lazy_override_key", "load_yaml_config", "config_tool_parser"]

@@ -33,15 +33,14 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
 from detectron2.data import MetadataCatalog
-from detectron2.utils import comm
 
 from .metrics import metrics_from_confusion, per_class_iou
-from .sem_seg import LabelSpace, SemSegEvaluator
+from .sem_seg import SemSegEvaluator
 
 __all__ = ["CocoStuffEvaluator", "merge_confusion", "coco_stuff_breakdown", "hierarchy_from_metadata",
            "breakdown_tables", "HEADLINE_KEYS"]
@@ -167,34 +166,13 @@ def hierarchy_from_metadata(dataset_name: str) -> Tuple[List[bool], "Dict[str, L
 class CocoStuffEvaluator(SemSegEvaluator):
     """SemSegEvaluator + the COCO-Stuff breakdown (module docstring) for ``coco_stuff_sem_seg`` datasets."""
 
-    def __init__(
-        self,
-        dataset_name: str,
-        *,
-        distributed: bool = True,
-        output_dir: Optional[str] = None,
-        label_spaces: Optional[Dict[str, LabelSpace]] = None,
-    ):
-        super().__init__(dataset_name, distributed=distributed, output_dir=output_dir, label_spaces=label_spaces)
+    def __init__(self, dataset_name: str, **kwargs):
+        """``kwargs``: :class:`SemSegEvaluator`'s (``distributed``, ``output_dir``, ``label_spaces``)."""
+        super().__init__(dataset_name, **kwargs)
         self._is_thing, self._levels = hierarchy_from_metadata(dataset_name)
 
-    def evaluate(self):
-        conf = self._conf
-        if self._distributed:  # gather here so the breakdown sees the merged matrices
-            comm.synchronize()
-            parts = comm.all_gather(conf)
-            if not comm.is_main_process():
-                return None
-            conf = {}
-            for part in parts:
-                for k, v in part.items():
-                    conf[k] = conf.get(k, 0) + v
-        saved = self._conf, self._distributed
-        self._conf, self._distributed = conf, False
-        try:
-            results = super().evaluate()
-        finally:
-            self._conf, self._distributed = saved
+    def _results(self, conf):
+        results = super()._results(conf)  # the matrices gathered over processes: the breakdown sees them merged
         for key in list(results):
             if key in self._label_spaces:
                 continue  # scored in another label space (e.g. an HS3 exit): no COCO hierarchy there

@@ -90,20 +90,33 @@ class SemSegEvaluator(DatasetEvaluator):
                 conf = confusion_matrix(g, pred, len(names), self._ignore)
                 self._conf[key] = self._conf.get(key, 0) + conf
 
+    def _gathered_confusions(self) -> Optional[Dict[str, np.ndarray]]:
+        """Every process's confusion matrices summed per prediction key; None on the processes
+        other than the main one."""
+        if not self._distributed:
+            return self._conf
+        comm.synchronize()
+        parts = comm.all_gather(self._conf)
+        if not comm.is_main_process():
+            return None
+        conf = {}
+        for part in parts:
+            for k, v in part.items():
+                conf[k] = conf.get(k, 0) + v
+        return conf
+
     def evaluate(self):
-        conf = self._conf
-        if self._distributed:
-            comm.synchronize()
-            parts = comm.all_gather(conf)
-            if not comm.is_main_process():
-                return None
-            conf = {}
-            for part in parts:
-                for k, v in part.items():
-                    conf[k] = conf.get(k, 0) + v
+        conf = self._gathered_confusions()
+        if conf is None:
+            return None
         if not conf:
             self._logger.warning("SemSegEvaluator on '%s' received no prediction.", self._dataset_name)
             return OrderedDict()
+        return self._results(conf)
+
+    def _results(self, conf: Dict[str, np.ndarray]) -> "OrderedDict[str, dict]":
+        """The metrics of every prediction key from the gathered confusion matrices (saved to
+        ``output_dir`` when given); ``sem_seg`` first."""
         results = OrderedDict()
         for key in sorted(conf, key=lambda k: (k != "sem_seg", k)):
             _, names = self._space(key)

@@ -1,4 +1,4 @@
 """Models: timm backbones, heads with exposed features, meta-architectures (registered on import)."""
 from . import meta_arch  # noqa: F401  (META_ARCH_REGISTRY)
 from .backbones import HRNetBackbone, TimmBackbone, build_timm_backbone
-from .heads import FCNHead, SegDeepLabV3Head, SegDeepLabV3PlusHead, SegHeadMixin, head_outputs
+from .heads import FCNHead, SegDeepLabV3Head, SegDeepLabV3PlusHead, SegHeadMixin, check_seg_head

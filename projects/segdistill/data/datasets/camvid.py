@@ -17,10 +17,9 @@ from __future__ import annotations
 import os
 from typing import List, Optional
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
-
 from .folder import load_sem_seg_folder, verify_sem_seg_dicts
 from .paths import datasets_root
+from .registration import keep_registered, register_sem_seg
 
 __all__ = ["CAMVID_CLASSES", "CAMVID_COLORS", "CAMVID_VALUE_MAP", "CAMVID_SPLITS", "camvid_root",
            "load_camvid", "register_camvid"]
@@ -80,18 +79,10 @@ def register_camvid(root: Optional[str] = None, replace: bool = False) -> None:
     """
     root = root or camvid_root()
     for split in CAMVID_SPLITS:
-        name = f"camvid_{split}"
-        if name in DatasetCatalog.list():
-            if not replace:
-                continue
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
-        DatasetCatalog.register(name, lambda r=root, s=split: load_camvid(r, s))
-        MetadataCatalog.get(name).set(
+        register_sem_seg(
+            f"camvid_{split}", lambda r=root, s=split: load_camvid(r, s), keep=None if replace else keep_registered,
             stuff_classes=list(CAMVID_CLASSES),
             stuff_colors=[list(c) for c in CAMVID_COLORS],
-            ignore_label=255,
-            evaluator_type="sem_seg",
             image_root=os.path.join(root, split),
             sem_seg_root=os.path.join(root, split + "annot"),
             sem_seg_value_map=dict(CAMVID_VALUE_MAP),

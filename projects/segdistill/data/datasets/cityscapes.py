@@ -19,10 +19,9 @@ from __future__ import annotations
 import os
 from typing import List, Optional
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
-
 from .folder import DatasetLayoutError, _list, _names, load_sem_seg_folder, verify_sem_seg_dicts
 from .paths import datasets_root
+from .registration import register_sem_seg
 
 __all__ = ["CITYSCAPES_CLASSES", "CITYSCAPES_COLORS", "CITYSCAPES_THING_CLASSES", "load_cityscapes_sem_seg",
            "register_cityscapes"]
@@ -88,18 +87,13 @@ def register_cityscapes(root: Optional[str] = None) -> None:
     """(Re-)register ``cityscapes_fine_sem_seg_{train,val,test}`` over ``root`` with our loader."""
     root = root or datasets_root()
     for split in SPLITS:
-        name = f"cityscapes_fine_sem_seg_{split}"
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-        DatasetCatalog.register(name, lambda r=root, s=split: load_cityscapes_sem_seg(r, s))
         image_dir = os.path.join(root, "cityscapes", "leftImg8bit", split)
         gt_dir = os.path.join(root, "cityscapes", "gtFine", split)
-        MetadataCatalog.get(name).set(
+        register_sem_seg(
+            f"cityscapes_fine_sem_seg_{split}", lambda r=root, s=split: load_cityscapes_sem_seg(r, s),
             thing_classes=list(CITYSCAPES_THING_CLASSES),
             stuff_classes=list(CITYSCAPES_CLASSES),
             stuff_colors=[list(c) for c in CITYSCAPES_COLORS],
-            ignore_label=255,
             evaluator_type="cityscapes_sem_seg",
             image_dir=image_dir,
             gt_dir=gt_dir,

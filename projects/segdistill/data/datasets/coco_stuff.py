@@ -21,14 +21,13 @@ import logging
 import os
 from typing import List, Optional
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
-
 from .coco_stuff_meta import (
     COCO_STUFF_CLASSES, COCO_STUFF_IDS, COCO_STUFF_IS_THING, COCO_STUFF_LEVELS, COCO_STUFF_SUPERCATEGORY,
     stuff_dataset_id_to_contiguous_id,
 )
 from .folder import DatasetLayoutError, load_sem_seg_folder, verify_sem_seg_dicts
 from .paths import datasets_root
+from .registration import register_sem_seg
 
 __all__ = ["COCO_STUFF_SPLITS", "COCO_STUFF_COLORS", "load_coco_stuff_sem_seg", "register_coco_stuff",
            "coco_stuff_colors"]
@@ -106,23 +105,24 @@ def register_coco_stuff(root: Optional[str] = None) -> None:
     """Register ``coco_2017_{train,val}_stuff_sem_seg`` over ``root`` (default $DETECTRON2_DATASETS),
     replacing a registration of the same names by another project."""
     root = root or datasets_root()
+
+    def ours(metadata) -> bool:
+        """Keep our own registration over the same root; replace another project's, saying so."""
+        if metadata.get("evaluator_type") == "coco_stuff_sem_seg" and metadata.get("image_root") == os.path.join(
+                root, "coco", COCO_STUFF_SPLITS[metadata.name]):
+            return True
+        logger.info("Replacing the registration of '%s' with segdistill's.", metadata.name)
+        return False
+
     for name, split in COCO_STUFF_SPLITS.items():
-        if name in DatasetCatalog.list():
-            if MetadataCatalog.get(name).get("evaluator_type") == "coco_stuff_sem_seg" and \
-                    MetadataCatalog.get(name).get("image_root") == os.path.join(root, "coco", split):
-                continue  # ours, already there
-            logger.info("Replacing the registration of '%s' with segdistill's.", name)
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
-        DatasetCatalog.register(name, lambda r=root, s=split: load_coco_stuff_sem_seg(r, s))
-        MetadataCatalog.get(name).set(
+        register_sem_seg(
+            name, lambda r=root, s=split: load_coco_stuff_sem_seg(r, s), keep=ours,
             stuff_classes=list(COCO_STUFF_CLASSES),
             stuff_colors=[list(c) for c in COCO_STUFF_COLORS],
             stuff_dataset_id_to_contiguous_id=stuff_dataset_id_to_contiguous_id(),
             stuff_is_thing=list(COCO_STUFF_IS_THING),
             stuff_supercategories=list(COCO_STUFF_SUPERCATEGORY),
             stuff_hierarchy={level: list(groups) for level, groups in COCO_STUFF_LEVELS.items()},
-            ignore_label=255,
             evaluator_type="coco_stuff_sem_seg",
             image_root=os.path.join(root, "coco", split),
             sem_seg_root=os.path.join(root, "coco", LABEL_DIR, split),

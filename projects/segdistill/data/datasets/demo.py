@@ -18,6 +18,8 @@ learning problem rather than a colour lookup:
 Images and labels are written as PNG under ``$DETECTRON2_DATASETS/<name>/`` (see
 :data:`DEMO_SPECS`) by :func:`ensure_demo_dataset`, deterministically from a seed; a
 manifest records the generator version so a changed generator regenerates.
+:func:`register_demo` registers every spec's ``<name>_{train,val}`` (loaded and checked like
+every dataset of the project, :mod:`.folder`).
 """
 from __future__ import annotations
 
@@ -33,11 +35,13 @@ from typing import Dict, List, Tuple
 import cv2
 import numpy as np
 
+from .folder import load_sem_seg_folder, verify_sem_seg_dicts
 from .paths import datasets_root
+from .registration import keep_registered, register_sem_seg
 
 __all__ = [
     "DEMO_CLASSES", "DEMO_COLORS", "DemoSpec", "DEMO_SPECS", "generate_scene",
-    "ensure_demo_dataset", "demo_split_dirs",
+    "ensure_demo_dataset", "demo_split_dirs", "load_demo", "register_demo",
 ]
 
 GENERATOR_VERSION = 2
@@ -397,10 +401,27 @@ def ensure_demo_dataset(name: str, root: str = None) -> str:
     return folder
 
 
-def demo_class_frequencies(dicts: List[dict]) -> np.ndarray:
-    """Pixel count per class over the label files of ``dicts`` (ignore excluded)."""
-    counts = np.zeros(len(DEMO_CLASSES), np.int64)
-    for d in dicts:
-        label = cv2.imread(d["sem_seg_file_name"], cv2.IMREAD_UNCHANGED)
-        counts += np.bincount(label[label != IGNORE].ravel(), minlength=len(DEMO_CLASSES))[: len(DEMO_CLASSES)]
-    return counts
+def load_demo(name: str, split: str) -> List[dict]:
+    """Dataset dicts of one split of the demo dataset ``name``, generated first when missing."""
+    folder = ensure_demo_dataset(name)
+    image_dir, label_dir = demo_split_dirs(folder, split)
+    help_ = (f"The demo dataset is generated under $DETECTRON2_DATASETS/{name}/ "
+             f"(now {os.path.abspath(folder)}); delete that folder to regenerate it.")
+    dicts = load_sem_seg_folder(image_dir, label_dir, dataset_name=f"{name}_{split}", layout_help=help_)
+    verify_sem_seg_dicts(dicts, dataset_name=f"{name}_{split}", num_classes=len(DEMO_CLASSES), fix_help=help_)
+    return dicts
+
+
+def register_demo(root: str) -> None:
+    """``segdistill_demo_{train,val}`` and ``segdistill_demo_mini_{train,val}`` over ``root``
+    (names registered already are kept)."""
+    for name in DEMO_SPECS:
+        for split in ("train", "val"):
+            image_dir, label_dir = demo_split_dirs(os.path.join(root, name), split)
+            register_sem_seg(
+                f"{name}_{split}", lambda n=name, s=split: load_demo(n, s), keep=keep_registered,
+                stuff_classes=list(DEMO_CLASSES),
+                stuff_colors=[list(c) for c in DEMO_COLORS],
+                image_root=image_dir,
+                sem_seg_root=label_dir,
+            )

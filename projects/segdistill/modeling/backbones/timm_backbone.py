@@ -51,7 +51,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
 from ...convert import ConvertibleBackbone, backbone_family, load_backbone_weights
-from ..stagewise import StagewiseBackbone
+from ..stagewise import StagewiseBackbone  # the stage-by-stage contract anytime inference runs on
 from .norm import convert_norm, resolve_norm
 
 __all__ = [
@@ -84,6 +84,14 @@ def _check_out_features(wanted: Sequence[str], valid: Sequence[str], model: str)
             "(MODEL.TIMM.OUT_FEATURES / the head's IN_FEATURES)."
         )
     return list(wanted)
+
+
+def _load_and_normalise(backbone: nn.Module, checkpoint: str, checkpoint_format: str, norm: str) -> None:
+    """The last steps of building a timm backbone: its body's ImageNet weights (when a file is
+    given), then its norms as ``norm`` asks (the weights load into timm's BatchNorms first)."""
+    if checkpoint:
+        load_body_checkpoint(backbone.body, checkpoint, checkpoint_format)
+    convert_norm(backbone, norm)
 
 
 def _check_choice(value, choices, key: str):
@@ -265,9 +273,7 @@ class TimmBackbone(StagewiseBackbone, ConvertibleBackbone):
         self._out_features = _check_out_features(out_features or [names[-1]], names, model_name)
         # Ask timm only for the levels we return.
         self._return_index = [names.index(n) for n in self._out_features]
-        if checkpoint:
-            load_body_checkpoint(self.body, checkpoint, checkpoint_format)
-        convert_norm(self, norm)
+        _load_and_normalise(self, checkpoint, checkpoint_format, norm)
 
     @classmethod
     def from_config(cls, cfg, input_shape: ShapeSpec):
@@ -285,7 +291,7 @@ class TimmBackbone(StagewiseBackbone, ConvertibleBackbone):
         feats = self.body(x)
         return {self._all_names[i]: feats[i] for i in self._return_index}
 
-    # ---- stage by stage (issue 15, anytime inference): the StagewiseBackbone contract ----
+    # ---- stage by stage: the StagewiseBackbone contract, so that anytime inference can stop early ----
     def forward_stages(self, x: torch.Tensor):
         """Lazily yield ``(name, features)`` for every level (``res1``..), shallowest first; a
         level is computed only when the next item is asked for. Same tensors as ``forward``.
@@ -391,9 +397,7 @@ class HRNetBackbone(StagewiseBackbone, ConvertibleBackbone):
         self._out_features = _check_out_features(
             out_features or ["res2", "res3", "res4", "res5"], list(shapes), model_name
         )
-        if checkpoint:
-            load_body_checkpoint(self.body, checkpoint, checkpoint_format)
-        convert_norm(self, norm)
+        _load_and_normalise(self, checkpoint, checkpoint_format, norm)
 
     @classmethod
     def from_config(cls, cfg, input_shape: ShapeSpec):
@@ -423,7 +427,7 @@ class HRNetBackbone(StagewiseBackbone, ConvertibleBackbone):
         out.update({f"res{i + 2}": y for i, y in enumerate(yl)})
         return {k: out[k] for k in self._out_features}
 
-    # ---- stage by stage (issue 15, anytime inference): the StagewiseBackbone contract ----
+    # ---- stage by stage: the StagewiseBackbone contract, so that anytime inference can stop early ----
     def forward_stages(self, x: torch.Tensor):
         """Lazily yield ``(name, features)``: ``layer1``, then each stage's branches
         (``stage2_b*``, ``stage3_b*``, ``res2..res5``) once that stage has run. Same tensors as

@@ -19,13 +19,16 @@ adapter is an error at build time naming the class.
 
 Both implementations need the head to follow segdistill's head contract
 (:class:`~segdistill.modeling.heads.SegHeadMixin`: ``forward_outputs`` and a 1x1
-``predictor``), which is what exposes ``head_features`` and the classifier.
+``predictor``), which is what exposes ``head_features`` and the classifier; they check it
+with :func:`~segdistill.modeling.heads.check_seg_head` when they are built, and then call
+``forward_outputs`` directly. The backbone stages a tap names are added to the backbone's
+outputs by :func:`~segdistill.modeling.backbones.stages.with_backbone_stages`.
 """
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Callable, Collection, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Callable, Collection, Dict, List, Optional, Tuple, Type
 
 import torch
 from torch import nn
@@ -34,12 +37,11 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import SemanticSegmentor
 from detectron2.structures import ImageList
 
-from ..heads.base import SegHeadMixin
+from ..heads.base import SegHeadMixin, check_seg_head
 
 __all__ = [
     "LOGITS", "HEAD_FEATURES", "HEAD_TAPS", "SegmentorTaps", "StudentTaps", "SemanticSegmentorTaps",
-    "segmentor_taps", "register_tap_adapter", "head_tap_shapes", "collect_taps", "check_tap_head",
-    "with_backbone_stages", "backbone_stage_taps",
+    "segmentor_taps", "register_tap_adapter", "head_tap_shapes", "collect_taps", "backbone_stage_taps",
 ]
 
 LOGITS = "logits"
@@ -98,19 +100,6 @@ class SegmentorTaps(abc.ABC):
 # ------------------------------------------------------------------------------------------
 # Helpers shared by the implementations
 # ------------------------------------------------------------------------------------------
-def check_tap_head(head: nn.Module, owner: str) -> None:
-    """Raise a clear TypeError when ``head`` cannot give ``logits`` / ``head_features``."""
-    if not isinstance(head, SegHeadMixin):
-        from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
-
-        ours = sorted(k for k, v in SEM_SEG_HEADS_REGISTRY if isinstance(v, type) and issubclass(v, SegHeadMixin))
-        raise TypeError(
-            f"{owner} cannot give distillation taps: its head {type(head).__name__} does not follow "
-            f"segdistill's head contract (SegHeadMixin: forward_outputs + a 1x1 predictor). Use one of {ours} "
-            "as MODEL.SEM_SEG_HEAD.NAME."
-        )
-
-
 def head_tap_shapes(head: SegHeadMixin) -> Dict[str, ShapeSpec]:
     """``logits`` and ``head_features`` of a head with segdistill's head contract."""
     predictor = head.predictor
@@ -137,38 +126,6 @@ def collect_taps(taps: Collection[str], backbone_features: Dict[str, torch.Tenso
 def backbone_stage_taps(taps: Collection[str]) -> List[str]:
     """The taps that are backbone stages (everything but the head's taps), in order."""
     return [t for t in dict.fromkeys(taps) if t not in HEAD_TAPS]
-
-
-# Where each backbone builder reads the stages it returns (a config key that lists them).
-_OUT_FEATURES_KEYS = {
-    "build_timm_backbone": ("TIMM", "OUT_FEATURES"),
-    "build_resnet_backbone": ("RESNETS", "OUT_FEATURES"),
-}
-
-
-def with_backbone_stages(cfg, stages: Sequence[str]):
-    """A copy of ``cfg`` whose backbone also returns ``stages`` (taps on backbone stages).
-
-    Extra stages change no parameter (timm and detectron2 ResNets compute every stage
-    anyway), so the deployed student still loads into its own config. Backbones whose builder
-    has no out-features key are left as they are: a missing stage is then an error naming the
-    stages the backbone gives.
-    """
-    key = _OUT_FEATURES_KEYS.get(cfg.MODEL.BACKBONE.NAME)
-    if not stages or key is None:
-        return cfg
-    node = getattr(cfg.MODEL, key[0])
-    current = list(getattr(node, key[1]))
-    if not current:  # the backbone's default (its last stage): the head's inputs
-        head = cfg.MODEL.SEM_SEG_HEAD
-        current = list(head.IN_FEATURES) + ([head.AUX_IN_FEATURE] if head.get("AUX_IN_FEATURE", "") else [])
-    missing = [s for s in stages if s not in current]
-    if not missing:
-        return cfg
-    cfg = cfg.clone()
-    cfg.defrost()
-    setattr(getattr(cfg.MODEL, key[0]), key[1], current + missing)
-    return cfg
 
 
 def _normalise(model: SemanticSegmentor, batched_inputs: List[dict]) -> ImageList:
@@ -209,7 +166,7 @@ class SemanticSegmentorTaps(SegmentorTaps):
                 "SemanticSegmentor's steps would drop its own losses: implement segdistill's tap contract "
                 "(segdistill.modeling.distill.SegmentorTaps) in the class, as MultiExitSegmentor does."
             )
-        check_tap_head(model.sem_seg_head, type(model).__name__)
+        check_seg_head(model.sem_seg_head, f"{type(model).__name__} cannot give distillation taps")
         self.model = model
 
     def tap_shapes(self) -> Dict[str, ShapeSpec]:

@@ -21,7 +21,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.layers import Conv2d, ShapeSpec
+
+from ..heads.base import conv_norm
 
 __all__ = [
     "ExitHead", "MultiLabelClassifier", "ExitOutput", "MultiExitOutputs", "ExitFusion", "build_exit_heads",
@@ -90,9 +92,8 @@ class ExitHead(nn.Module):
         self.common_stride = common_stride
         self.num_classes = num_classes
         self.channels = channels
-        self.reduce = Conv2d(in_channels, channels, 3, padding=1, bias=not norm,
-                             norm=get_norm(norm, channels), activation=F.relu)
-        self.feature = Conv2d(channels, channels, 3, padding=1, bias=not norm, norm=get_norm(norm, channels))
+        self.reduce = conv_norm(in_channels, channels, 3, norm, activation=F.relu)
+        self.feature = conv_norm(channels, channels, 3, norm)
         self.segmenter = Conv2d(channels, num_classes, 1)
         self.classifier = (MultiLabelClassifier(in_channels=channels, num_classes=num_classes)
                            if with_classifier else None)

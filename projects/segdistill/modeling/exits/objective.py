@@ -34,6 +34,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.utils.events import get_event_storage
 
 from ...config import SectionRegistry
+from ..heads.base import safe_cross_entropy
 from .heads import ExitFusion, MultiExitOutputs
 from .hs3_clusters import map_labels
 
@@ -145,8 +146,7 @@ def seg_cross_entropy(seg_logits: torch.Tensor, targets: torch.Tensor, ignore_va
     """
     if seg_logits.shape[-2:] != targets.shape[-2:]:
         seg_logits = F.interpolate(seg_logits.float(), size=targets.shape[-2:], mode="bilinear", align_corners=False)
-    total = F.cross_entropy(seg_logits.float(), targets, ignore_index=ignore_value, reduction="sum")
-    return total / (targets != ignore_value).sum().clamp(min=1)
+    return safe_cross_entropy(seg_logits.float(), targets, ignore_value)
 
 
 def put_scalar(name: str, value: float) -> None:

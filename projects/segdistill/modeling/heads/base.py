@@ -14,12 +14,14 @@ So every head here exposes:
   in training when an auxiliary FCN head is configured;
 * ``losses(outputs, targets) -> dict``: ``loss_sem_seg`` (and ``loss_aux``).
 
-``head_outputs(head, features)`` is how other components call it; it raises a clear error
-for heads that do not follow the contract.
+Other components call ``head.forward_outputs(features)`` directly, after checking the head
+once, when they are built, with :func:`check_seg_head` (an ``isinstance`` test against
+:class:`SegHeadMixin`, with an error naming the heads that follow the contract).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+import inspect
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -27,15 +29,20 @@ from torch.nn import functional as F
 
 import fvcore.nn.weight_init as weight_init
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from detectron2.projects.deeplab.loss import DeepLabCE
 
 from ...convert import ConvertibleHead
 from ..backbones.norm import resolve_norm
 
-__all__ = ["SegHeadMixin", "AuxFCNHead", "build_aux_head", "head_outputs", "upsample_logits", "LOSS_TYPES",
-           "build_classifier", "common_head_config", "conv_norm_relu"]
+__all__ = ["SegHeadMixin", "AuxFCNHead", "build_aux_head", "check_seg_head", "seg_head_names", "upsample_logits",
+           "LOSS_TYPES", "CONTRACT_ARGS", "check_loss_type", "safe_cross_entropy", "sem_seg_loss", "build_classifier", "common_head_config",
+           "single_in_feature", "multi_in_features", "conv_norm", "conv_norm_relu", "dropout2d", "HRNET_BRANCHES"]
 
 LOSS_TYPES = ("cross_entropy", "hard_pixel_mining")
+# The keyword arguments of the head contract every head passes to SegHeadMixin._init_contract.
+CONTRACT_ARGS = ("ignore_value", "loss_weight", "loss_type", "align_corners", "aux_head")
+HRNET_BRANCHES = ["res2", "res3", "res4", "res5"]
 
 
 def upsample_logits(logits: torch.Tensor, stride: int, align_corners: bool = False) -> torch.Tensor:
@@ -46,16 +53,29 @@ def upsample_logits(logits: torch.Tensor, stride: int, align_corners: bool = Fal
     return F.interpolate(logits.float(), scale_factor=stride, mode="bilinear", align_corners=align_corners)
 
 
+def safe_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_value: int) -> torch.Tensor:
+    """Pixel cross-entropy of logits at the targets' size, averaged over the labelled pixels.
+
+    A batch whose pixels are all ignored (COCO-Stuff keeps such images; a crop can miss every
+    labelled pixel) gives 0 with a graph, where ``reduction="mean"`` would give NaN and poison
+    the step. Every pixel loss of the project (heads, auxiliary heads, exits) uses this one.
+    """
+    total = F.cross_entropy(logits, targets, ignore_index=ignore_value, reduction="sum")
+    return total / (targets != ignore_value).sum().clamp(min=1)
+
+
 def sem_seg_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_value: int, loss_type: str):
     """Pixel CE (or DeepLab's hard pixel mining) of logits already at the targets' size."""
-    if loss_type == "cross_entropy":
-        # Mean over labelled pixels; a batch whose pixels are all ignored (COCO-Stuff keeps such
-        # images) gives 0 with a graph, where reduction="mean" would give NaN.
-        total = F.cross_entropy(logits, targets, ignore_index=ignore_value, reduction="sum")
-        return total / (targets != ignore_value).sum().clamp(min=1)
-    if loss_type == "hard_pixel_mining":
+    if check_loss_type(loss_type) == "hard_pixel_mining":
         return DeepLabCE(ignore_label=ignore_value, top_k_percent_pixels=0.2)(logits, targets)
-    raise ValueError(f"Unknown MODEL.SEM_SEG_HEAD.LOSS_TYPE {loss_type!r}; choose from {LOSS_TYPES}.")
+    return safe_cross_entropy(logits, targets, ignore_value)
+
+
+def check_loss_type(loss_type: str) -> str:
+    """``loss_type`` when it is one of :data:`LOSS_TYPES`, else a ValueError naming them."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"Unknown MODEL.SEM_SEG_HEAD.LOSS_TYPE {loss_type!r}; choose from {LOSS_TYPES}.")
+    return loss_type
 
 
 class AuxFCNHead(nn.Module):
@@ -69,9 +89,8 @@ class AuxFCNHead(nn.Module):
         self.in_feature = in_feature
         self.stride = stride
         self.loss_weight = loss_weight
-        self.conv = Conv2d(in_channels, channels, 3, padding=1, bias=not norm,
-                           norm=get_norm(norm, channels), activation=F.relu)
-        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.conv = conv_norm(in_channels, channels, 3, norm, activation=F.relu)
+        self.dropout = dropout2d(dropout)
         self.predictor = Conv2d(channels, num_classes, 1)
 
     def forward(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -96,12 +115,23 @@ def build_aux_head(cfg, input_shape: Dict[str, ShapeSpec]) -> Optional[AuxFCNHea
     )
 
 
+def conv_norm(cin: int, cout: int, kernel_size: int, norm: str, activation=None) -> Conv2d:
+    """``kernel_size`` conv ("same" padding, no bias under a norm) + norm (+ ``activation``),
+    with PyTorch's default initialisation."""
+    return Conv2d(cin, cout, kernel_size, padding=kernel_size // 2, bias=not norm,
+                  norm=get_norm(norm, cout), activation=activation)
+
+
 def conv_norm_relu(cin: int, cout: int, kernel_size: int, norm: str) -> Conv2d:
-    """``kernel_size`` conv (no bias under a norm) + norm + ReLU, MSRA-initialised."""
-    layer = Conv2d(cin, cout, kernel_size, padding=kernel_size // 2, bias=not norm,
-                   norm=get_norm(norm, cout), activation=F.relu)
+    """:func:`conv_norm` + ReLU, MSRA-initialised."""
+    layer = conv_norm(cin, cout, kernel_size, norm, activation=F.relu)
     weight_init.c2_msra_fill(layer)
     return layer
+
+
+def dropout2d(p: float) -> nn.Module:
+    """Channel dropout before a classifier; the identity when ``p`` is 0."""
+    return nn.Dropout2d(p) if p > 0 else nn.Identity()
 
 
 def build_classifier(channels: int, num_classes: int) -> Conv2d:
@@ -112,8 +142,33 @@ def build_classifier(channels: int, num_classes: int) -> Conv2d:
     return layer
 
 
+def single_in_feature(cfg, input_shape: Dict[str, ShapeSpec], head: str) -> str:
+    """The one backbone feature of ``MODEL.SEM_SEG_HEAD.IN_FEATURES``, checked against the backbone's outputs."""
+    in_features = list(cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES)
+    if len(in_features) != 1 or in_features[0] not in input_shape:
+        raise ValueError(
+            f"{head} takes exactly one backbone feature in MODEL.SEM_SEG_HEAD.IN_FEATURES, got "
+            f"{in_features}; the backbone gives {sorted(input_shape)}."
+        )
+    return in_features[0]
+
+
+def multi_in_features(cfg, input_shape: Dict[str, ShapeSpec], head: str) -> List[str]:
+    """``MODEL.SEM_SEG_HEAD.IN_FEATURES``, checked against the backbone's outputs, finest first."""
+    in_features = list(cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES)
+    missing = [f for f in in_features if f not in input_shape]
+    if not in_features or missing:
+        raise ValueError(
+            f"{head} concatenates the backbone features in MODEL.SEM_SEG_HEAD.IN_FEATURES, got "
+            f"{in_features}{f' ({missing} missing)' if missing else ''}; the backbone gives "
+            f"{sorted(input_shape)}. On HRNet use {HRNET_BRANCHES} (add them to MODEL.TIMM.OUT_FEATURES)."
+        )
+    return sorted(in_features, key=lambda f: input_shape[f].stride)
+
+
 def common_head_config(cfg, input_shape: Dict[str, ShapeSpec]) -> dict:
-    """``from_config`` arguments every head of the project shares (``MODEL.SEM_SEG_HEAD``)."""
+    """``from_config`` arguments every head of the project shares (``MODEL.SEM_SEG_HEAD``):
+    ``input_shape``, ``num_classes``, ``norm`` and the contract's (:meth:`SegHeadMixin._init_contract`)."""
     c = cfg.MODEL.SEM_SEG_HEAD
     return dict(
         input_shape=input_shape,
@@ -135,19 +190,48 @@ class SegHeadMixin(ConvertibleHead):
     ``_init_contract`` sets all but the predictor — and implements ``forward_features``.
     ``layout`` names the code base whose structure a head reproduces where layouts differ
     (``MODEL.SEM_SEG_HEAD.LAYOUT``; "" for heads with one structure).
+
+    A head's constructor takes its own arguments and passes the contract's keyword arguments
+    (:data:`CONTRACT_ARGS`; see :meth:`_init_contract`) through ``**contract``, so that they
+    are written once, here. The constructor's signature lists them all the same
+    (``__init_subclass__``), so that ``inspect.signature``, ``help()`` and the checks of lazy
+    config overrides see every argument a head takes.
     """
 
     # No class-level default for ``aux_head``: it would shadow the submodule that
     # nn.Module keeps in ``_modules``. Every head assigns it (None when unused).
     layout: str = ""
 
-    def _init_contract(self, *, in_features, common_stride: int, ignore_value: int, loss_weight: float,
-                       loss_type: str, align_corners: bool, aux_head: Optional["AuxFCNHead"]) -> None:
-        """Set the attributes the contract reads (call after ``nn.Module.__init__``)."""
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"Unknown MODEL.SEM_SEG_HEAD.LOSS_TYPE {loss_type!r}; choose from {LOSS_TYPES}.")
-        self.in_features = list(in_features)
-        self.common_stride = common_stride
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+        sig = inspect.signature(init)
+        params = list(sig.parameters.values())
+        if not params or params[-1].kind is not inspect.Parameter.VAR_KEYWORD or params[-1].name != "contract":
+            return
+        contract = inspect.signature(SegHeadMixin._init_contract).parameters
+        init.__signature__ = sig.replace(parameters=params[:-1] + [contract[n] for n in CONTRACT_ARGS])
+
+    def _init_contract(self, *, input_shape: Dict[str, ShapeSpec], in_features: Sequence[str], ignore_value: int,
+                       loss_weight: float, loss_type: str, align_corners: bool, aux_head: Optional[AuxFCNHead],
+                       common_stride: Optional[int] = None) -> None:
+        """Set the attributes the contract reads (call after ``nn.Module.__init__``).
+
+        ``in_features`` must be in ``input_shape``; they are kept finest first, and
+        ``common_stride`` (the stride of the head's output) defaults to the finest one's.
+        ``ignore_value``: the label of ignored pixels; ``loss_weight``: the weight of
+        ``loss_sem_seg``; ``loss_type``: one of :data:`LOSS_TYPES`; ``align_corners``: of
+        every bilinear resize of the head; ``aux_head``: an :class:`AuxFCNHead` or None.
+        """
+        check_loss_type(loss_type)
+        missing = [f for f in in_features if f not in input_shape]
+        if missing:
+            raise ValueError(f"{type(self).__name__}'s in_features {missing} are not in the backbone outputs "
+                             f"{sorted(input_shape)}")
+        self.in_features = sorted(in_features, key=lambda f: input_shape[f].stride)
+        self.common_stride = input_shape[self.in_features[0]].stride if common_stride is None else common_stride
         self.ignore_value = ignore_value
         self.loss_weight = loss_weight
         self.loss_type = loss_type
@@ -178,25 +262,23 @@ class SegHeadMixin(ConvertibleHead):
         }
         if "aux_logits" in outputs:
             aux = upsample_logits(outputs["aux_logits"], self.aux_head.stride, self.align_corners)
-            losses["loss_aux"] = self.aux_head.loss_weight * sem_seg_loss(
-                aux, targets, self.ignore_value, "cross_entropy"
-            )
+            losses["loss_aux"] = self.aux_head.loss_weight * safe_cross_entropy(aux, targets, self.ignore_value)
         return losses
 
 
-def head_outputs(head: nn.Module, features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """``head.forward_outputs(features)``, with a clear error for heads that lack it."""
-    if not hasattr(head, "forward_outputs") or not hasattr(head, "predictor"):
-        from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+def seg_head_names() -> List[str]:
+    """The ``MODEL.SEM_SEG_HEAD.NAME`` values whose heads follow the contract."""
+    return sorted(name for name, obj in SEM_SEG_HEADS_REGISTRY if isinstance(obj, type) and issubclass(obj, SegHeadMixin))
 
-        ours = sorted(k for k, v in SEM_SEG_HEADS_REGISTRY._obj_map.items() if issubclass_safe(v))
+
+def check_seg_head(head: nn.Module, refusal: str, alternative: str = "") -> SegHeadMixin:
+    """``head`` when it follows the contract (is a :class:`SegHeadMixin`), else a TypeError
+    that starts with ``refusal`` (what cannot be done without it), names the heads that
+    follow it, and ends with ``alternative`` (another way out, if any)."""
+    if not isinstance(head, SegHeadMixin):
         raise TypeError(
-            f"{type(head).__name__} does not expose its pre-classifier features and classifier "
-            f"(forward_outputs / predictor), which this model needs. Use one of {ours} as "
-            "MODEL.SEM_SEG_HEAD.NAME, or derive your head from segdistill's SegHeadMixin."
+            f"{refusal}: its head {type(head).__name__} does not follow segdistill's head contract (SegHeadMixin: "
+            f"forward_features, a 1x1 predictor, forward_outputs, losses). Use one of {seg_head_names()} as "
+            f"MODEL.SEM_SEG_HEAD.NAME{alternative}."
         )
-    return head.forward_outputs(features)
-
-
-def issubclass_safe(obj) -> bool:
-    return isinstance(obj, type) and issubclass(obj, SegHeadMixin)
+    return head

@@ -27,14 +27,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from detectron2.config import configurable
-import fvcore.nn.weight_init as weight_init
-from detectron2.layers import ASPP, Conv2d, ShapeSpec, get_norm
+from detectron2.layers import ASPP, Conv2d, ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from detectron2.projects.deeplab import DeepLabV3PlusHead
 
-from ..backbones.norm import resolve_norm
 from .aspp import ASPP_LAYOUTS, SegASPP, SeparableConvNormReLU
-from .base import LOSS_TYPES, AuxFCNHead, SegHeadMixin, build_aux_head, build_classifier, conv_norm_relu
+from .base import (
+    AuxFCNHead, SegHeadMixin, build_classifier, check_loss_type, common_head_config, conv_norm_relu, dropout2d,
+    single_in_feature,
+)
 
 __all__ = ["SegDeepLabV3Head", "SegDeepLabV3PlusHead"]
 
@@ -52,22 +53,6 @@ def _aspp_pool_kernel(cfg, stride: int):
     if h % stride or w % stride:
         raise ValueError(f"INPUT.CROP.SIZE {tuple(cfg.INPUT.CROP.SIZE)} must be divisible by the output stride {stride}.")
     return (h // stride, w // stride)
-
-
-def _check_loss_type(loss_type: str) -> str:
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"Unknown MODEL.SEM_SEG_HEAD.LOSS_TYPE {loss_type!r}; choose from {LOSS_TYPES}.")
-    return loss_type
-
-
-def _single_in_feature(cfg, input_shape: Dict[str, ShapeSpec], head: str) -> str:
-    in_features = list(cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES)
-    if len(in_features) != 1 or in_features[0] not in input_shape:
-        raise ValueError(
-            f"{head} takes exactly one backbone feature in MODEL.SEM_SEG_HEAD.IN_FEATURES, got "
-            f"{in_features}; the backbone gives {sorted(input_shape)}."
-        )
-    return in_features[0]
 
 
 def _check_layout(layout: str, head: str, allowed=ASPP_LAYOUTS) -> str:
@@ -96,21 +81,15 @@ class SegDeepLabV3Head(SegHeadMixin, nn.Module):
         use_depthwise_separable_conv: bool,
         bottleneck_convs: int,
         dropout: float,
-        ignore_value: int,
-        loss_weight: float,
-        loss_type: str,
-        align_corners: bool,
-        aux_head: Optional[AuxFCNHead],
+        **contract,
     ):
         """``bottleneck_convs`` 3x3 conv-norm-ReLU layers between the ASPP and the classifier
         (CIRKD/HWD's DeepLabV3 has one). ``dropout`` is applied before the classifier: after
         the bottleneck convs, and in the mmseg and cirkd layouts always (detectron2's layout
-        without bottleneck convs has only the ASPP's own dropout)."""
+        without bottleneck convs has only the ASPP's own dropout). ``contract``: the head
+        contract's arguments (:meth:`SegHeadMixin._init_contract`)."""
         super().__init__()
         self.layout = _check_layout(layout, type(self).__name__)
-        self._init_contract(in_features=[in_feature], common_stride=input_shape[in_feature].stride,
-                            ignore_value=ignore_value, loss_weight=loss_weight, loss_type=loss_type,
-                            align_corners=align_corners, aux_head=None)
         in_channels = input_shape[in_feature].channels
         if layout == "detectron2":
             self.aspp = ASPP(
@@ -129,45 +108,36 @@ class SegDeepLabV3Head(SegHeadMixin, nn.Module):
             self.aspp = SegASPP(
                 in_channels, aspp_channels, list(aspp_dilations), norm=norm, pool_first=layout == "mmseg",
                 project_kernel=3 if layout == "mmseg" else 1, dropout=aspp_dropout,
-                separable=use_depthwise_separable_conv, align_corners=align_corners,
+                separable=use_depthwise_separable_conv, align_corners=contract["align_corners"],
             )
         self.bottleneck = None
         if bottleneck_convs > 0 or layout != "detectron2":
-            layers = []
-            for _ in range(bottleneck_convs):
-                layers.append(Conv2d(aspp_channels, aspp_channels, 3, padding=1, bias=not norm,
-                                     norm=get_norm(norm, aspp_channels), activation=F.relu))
-                weight_init.c2_msra_fill(layers[-1])
+            layers = [conv_norm_relu(aspp_channels, aspp_channels, 3, norm) for _ in range(bottleneck_convs)]
             if dropout > 0:
                 layers.append(nn.Dropout2d(dropout))
             self.bottleneck = nn.Sequential(*layers) if layers else None
         self.predictor = Conv2d(aspp_channels, num_classes, kernel_size=1)
         nn.init.normal_(self.predictor.weight, 0, 0.001)
         nn.init.constant_(self.predictor.bias, 0)
-        self.aux_head = aux_head
+        # The contract last, so that the auxiliary head follows detectron2's DeepLabV3Head
+        # modules (aspp, predictor) in the state dict, as it always has.
+        self._init_contract(input_shape=input_shape, in_features=[in_feature], **contract)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
         c = cfg.MODEL.SEM_SEG_HEAD
-        in_feature = _single_in_feature(cfg, input_shape, cls.__name__)
+        in_feature = single_in_feature(cfg, input_shape, cls.__name__)
         return dict(
-            input_shape=input_shape,
+            common_head_config(cfg, input_shape),
             in_feature=in_feature,
-            num_classes=c.NUM_CLASSES,
             layout=c.LAYOUT,
             aspp_channels=c.ASPP_CHANNELS,
             aspp_dilations=c.ASPP_DILATIONS,
             aspp_dropout=c.ASPP_DROPOUT,
             pool_kernel_size=_aspp_pool_kernel(cfg, input_shape[in_feature].stride),
-            norm=resolve_norm(cfg, "head"),
             use_depthwise_separable_conv=c.USE_DEPTHWISE_SEPARABLE_CONV,
             bottleneck_convs=c.ASPP_BOTTLENECK_CONVS,
             dropout=c.DROPOUT,
-            ignore_value=c.IGNORE_VALUE,
-            loss_weight=c.LOSS_WEIGHT,
-            loss_type=c.LOSS_TYPE,
-            align_corners=c.ALIGN_CORNERS,
-            aux_head=build_aux_head(cfg, input_shape),
         )
 
     def forward_features(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -203,7 +173,7 @@ class SegDeepLabV3PlusHead(SegHeadMixin, DeepLabV3PlusHead):
         align_corners: bool,
         aux_head: Optional[AuxFCNHead],
     ):
-        _check_loss_type(loss_type)
+        check_loss_type(loss_type)
         if num_classes is None:
             raise ValueError("SegDeepLabV3PlusHead needs num_classes (MODEL.SEM_SEG_HEAD.NUM_CLASSES).")
         layout = _check_layout(layout, type(self).__name__, ("detectron2", "mmseg"))
@@ -221,9 +191,9 @@ class SegDeepLabV3PlusHead(SegHeadMixin, DeepLabV3PlusHead):
                               train_size, num_classes, dropout, align_corners)
         self.layout = layout
         in_features = [k for k, _ in sorted(shapes.items(), key=lambda kv: kv[1].stride)]
-        self._init_contract(in_features=in_features, common_stride=common_stride, ignore_value=ignore_value,
-                            loss_weight=loss_weight, loss_type=loss_type, align_corners=align_corners,
-                            aux_head=aux_head)
+        self._init_contract(input_shape=shapes, in_features=in_features, common_stride=common_stride,
+                            ignore_value=ignore_value, loss_weight=loss_weight, loss_type=loss_type,
+                            align_corners=align_corners, aux_head=aux_head)
 
     def _build_mmseg(self, shapes, project_channels, aspp_dilations, aspp_dropout, decoder_channels, norm,
                      train_size, num_classes, dropout, align_corners):
@@ -243,7 +213,7 @@ class SegDeepLabV3PlusHead(SegHeadMixin, DeepLabV3PlusHead):
             SeparableConvNormReLU(aspp_channels + project_channels[0], channels, 3, norm=norm),
             SeparableConvNormReLU(channels, channels, 3, norm=norm),
         )
-        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout2d(dropout)
         self.predictor = build_classifier(channels, num_classes)
 
     @classmethod
@@ -259,6 +229,7 @@ class SegDeepLabV3PlusHead(SegHeadMixin, DeepLabV3PlusHead):
         strides = sorted(v.stride for v in shapes.values())
         pool = _aspp_pool_kernel(cfg, strides[-1])
         return dict(
+            common_head_config(cfg, input_shape),  # the auxiliary head may read any backbone output
             input_shape=shapes,
             layout=c.LAYOUT,
             project_channels=c.PROJECT_CHANNELS,
@@ -267,16 +238,9 @@ class SegDeepLabV3PlusHead(SegHeadMixin, DeepLabV3PlusHead):
             decoder_channels=[c.CONVS_DIM] * (len(c.IN_FEATURES) - 1) + [c.ASPP_CHANNELS],
             # The decoder's output stride is the finest input's stride, not COMMON_STRIDE.
             common_stride=strides[0],
-            norm=resolve_norm(cfg, "head"),  # MODEL.NORM, else MODEL.SEM_SEG_HEAD.NORM
             train_size=None if pool is None else tuple(cfg.INPUT.CROP.SIZE),  # None: global image pooling
-            loss_weight=c.LOSS_WEIGHT,
-            loss_type=c.LOSS_TYPE,
-            ignore_value=c.IGNORE_VALUE,
-            num_classes=c.NUM_CLASSES,
             use_depthwise_separable_conv=c.USE_DEPTHWISE_SEPARABLE_CONV,
             dropout=c.DROPOUT,
-            align_corners=c.ALIGN_CORNERS,
-            aux_head=build_aux_head(cfg, input_shape),
         )
 
     def forward_features(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:

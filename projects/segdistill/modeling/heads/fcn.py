@@ -1,7 +1,7 @@
 """FCN head (Long et al.; the mmsegmentation FCNHead layout): 3x3 convs on one feature."""
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 from torch import nn
@@ -10,8 +10,7 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
-from .base import AuxFCNHead, SegHeadMixin, build_classifier, common_head_config, conv_norm_relu
-from .deeplab import _single_in_feature
+from .base import SegHeadMixin, build_classifier, common_head_config, conv_norm_relu, dropout2d, single_in_feature
 
 __all__ = ["FCNHead"]
 
@@ -19,7 +18,8 @@ __all__ = ["FCNHead"]
 @SEM_SEG_HEADS_REGISTRY.register()
 class FCNHead(SegHeadMixin, nn.Module):
     """``num_convs`` 3x3 conv-norm-ReLU layers (optionally concatenated with the input and
-    fused by one more 3x3 conv), dropout, then the 1x1 classifier."""
+    fused by one more 3x3 conv), dropout, then the 1x1 classifier. ``contract``: the head
+    contract's arguments (:meth:`SegHeadMixin._init_contract`)."""
 
     @configurable
     def __init__(
@@ -33,18 +33,12 @@ class FCNHead(SegHeadMixin, nn.Module):
         concat_input: bool,
         dropout: float,
         norm: str,
-        ignore_value: int,
-        loss_weight: float,
-        loss_type: str,
-        align_corners: bool,
-        aux_head: Optional[AuxFCNHead],
+        **contract,
     ):
         super().__init__()
         if num_convs < 1:
             raise ValueError(f"FCNHead needs at least one conv (MODEL.SEM_SEG_HEAD.NUM_CONVS), got {num_convs}")
-        self._init_contract(in_features=[in_feature], common_stride=input_shape[in_feature].stride,
-                            ignore_value=ignore_value, loss_weight=loss_weight, loss_type=loss_type,
-                            align_corners=align_corners, aux_head=aux_head)
+        self._init_contract(input_shape=input_shape, in_features=[in_feature], **contract)
         in_channels = input_shape[in_feature].channels
 
         def conv(cin):
@@ -52,7 +46,7 @@ class FCNHead(SegHeadMixin, nn.Module):
 
         self.convs = nn.Sequential(*[conv(in_channels if i == 0 else conv_dims) for i in range(num_convs)])
         self.fuse = conv(in_channels + conv_dims) if concat_input else None
-        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout2d(dropout)
         self.predictor = build_classifier(conv_dims, num_classes)
 
     @classmethod
@@ -60,7 +54,7 @@ class FCNHead(SegHeadMixin, nn.Module):
         c = cfg.MODEL.SEM_SEG_HEAD
         return dict(
             common_head_config(cfg, input_shape),
-            in_feature=_single_in_feature(cfg, input_shape, cls.__name__),
+            in_feature=single_in_feature(cfg, input_shape, cls.__name__),
             conv_dims=c.CONVS_DIM,
             num_convs=c.NUM_CONVS,
             concat_input=c.CONCAT_INPUT,

@@ -7,7 +7,7 @@ conv-norm-ReLU mixes them (the pre-classifier features) and a 1x1 conv classifie
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from torch import nn
@@ -17,24 +17,9 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
-from .base import AuxFCNHead, SegHeadMixin, build_classifier, common_head_config, conv_norm_relu
+from .base import SegHeadMixin, build_classifier, common_head_config, conv_norm_relu, multi_in_features
 
-__all__ = ["HRNetV2Head", "concat_branches", "multi_in_features"]
-
-HRNET_BRANCHES = ["res2", "res3", "res4", "res5"]
-
-
-def multi_in_features(cfg, input_shape: Dict[str, ShapeSpec], head: str) -> List[str]:
-    """``MODEL.SEM_SEG_HEAD.IN_FEATURES``, checked against the backbone's outputs, finest first."""
-    in_features = list(cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES)
-    missing = [f for f in in_features if f not in input_shape]
-    if not in_features or missing:
-        raise ValueError(
-            f"{head} concatenates the backbone features in MODEL.SEM_SEG_HEAD.IN_FEATURES, got "
-            f"{in_features}{f' ({missing} missing)' if missing else ''}; the backbone gives "
-            f"{sorted(input_shape)}. On HRNet use {HRNET_BRANCHES} (add them to MODEL.TIMM.OUT_FEATURES)."
-        )
-    return sorted(in_features, key=lambda f: input_shape[f].stride)
+__all__ = ["HRNetV2Head", "concat_branches"]
 
 
 def concat_branches(features: Dict[str, torch.Tensor], names: List[str], align_corners: bool = False) -> torch.Tensor:
@@ -61,20 +46,14 @@ class HRNetV2Head(SegHeadMixin, nn.Module):
         num_classes: int,
         channels: int,
         norm: str,
-        ignore_value: int,
-        loss_weight: float,
-        loss_type: str,
-        align_corners: bool,
-        aux_head: Optional[AuxFCNHead],
+        **contract,
     ):
         """``channels`` 0 keeps the concatenated width (HRNetV2's choice). This is
         mmsegmentation's ``FCNHead`` with ``input_transform="resize_concat"``, one 1x1 conv and
-        no dropout, layer for layer."""
+        no dropout, layer for layer. ``contract``: the head contract's arguments
+        (:meth:`SegHeadMixin._init_contract`)."""
         super().__init__()
-        in_features = sorted(in_features, key=lambda f: input_shape[f].stride)
-        self._init_contract(in_features=in_features, common_stride=input_shape[in_features[0]].stride,
-                            ignore_value=ignore_value, loss_weight=loss_weight, loss_type=loss_type,
-                            align_corners=align_corners, aux_head=aux_head)
+        self._init_contract(input_shape=input_shape, in_features=in_features, **contract)
         in_channels = sum(input_shape[f].channels for f in self.in_features)
         channels = channels or in_channels
         self.fuse = conv_norm_relu(in_channels, channels, 1, norm)

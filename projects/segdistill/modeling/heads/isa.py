@@ -16,7 +16,7 @@ On one backbone feature:
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
 from torch import nn
@@ -26,8 +26,7 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
-from .base import AuxFCNHead, SegHeadMixin, build_classifier, common_head_config, conv_norm_relu
-from .deeplab import _single_in_feature
+from .base import SegHeadMixin, build_classifier, common_head_config, conv_norm_relu, dropout2d, single_in_feature
 
 __all__ = ["ISAHead", "SelfAttention"]
 
@@ -60,7 +59,8 @@ class SelfAttention(nn.Module):
 
 @SEM_SEG_HEADS_REGISTRY.register()
 class ISAHead(SegHeadMixin, nn.Module):
-    """Interlaced sparse self-attention (see the module docstring) + dropout + classifier."""
+    """Interlaced sparse self-attention (see the module docstring) + dropout + classifier.
+    ``contract``: the head contract's arguments (:meth:`SegHeadMixin._init_contract`)."""
 
     @configurable
     def __init__(
@@ -74,26 +74,18 @@ class ISAHead(SegHeadMixin, nn.Module):
         down_factor: Sequence[int],
         dropout: float,
         norm: str,
-        ignore_value: int,
-        loss_weight: float,
-        loss_type: str,
-        align_corners: bool,
-        aux_head: Optional[AuxFCNHead],
+        **contract,
     ):
         super().__init__()
-        if in_feature not in input_shape:
-            raise ValueError(f"ISAHead's in_feature {in_feature!r} is not in the backbone outputs {sorted(input_shape)}")
         if len(down_factor) != 2 or min(down_factor) < 1:
             raise ValueError(f"MODEL.SEM_SEG_HEAD.ISA_DOWN_FACTOR must be two positive sizes (h, w), got {list(down_factor)}")
-        self._init_contract(in_features=[in_feature], common_stride=input_shape[in_feature].stride,
-                            ignore_value=ignore_value, loss_weight=loss_weight, loss_type=loss_type,
-                            align_corners=align_corners, aux_head=aux_head)
+        self._init_contract(input_shape=input_shape, in_features=[in_feature], **contract)
         self.down_factor = (int(down_factor[0]), int(down_factor[1]))
         self.in_conv = conv_norm_relu(input_shape[in_feature].channels, channels, 3, norm)
         self.global_relation = SelfAttention(channels, isa_channels, norm)
         self.local_relation = SelfAttention(channels, isa_channels, norm)
         self.out_conv = conv_norm_relu(2 * channels, channels, 1, norm)
-        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout2d(dropout)
         self.predictor = build_classifier(channels, num_classes)
 
     @classmethod
@@ -101,7 +93,7 @@ class ISAHead(SegHeadMixin, nn.Module):
         c = cfg.MODEL.SEM_SEG_HEAD
         return dict(
             common_head_config(cfg, input_shape),
-            in_feature=_single_in_feature(cfg, input_shape, cls.__name__),
+            in_feature=single_in_feature(cfg, input_shape, cls.__name__),
             channels=c.CONVS_DIM,
             isa_channels=c.ISA_CHANNELS,
             down_factor=list(c.ISA_DOWN_FACTOR),

@@ -18,7 +18,7 @@ On the concatenated ``IN_FEATURES`` (HRNet's four branches upsampled to stride 4
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -29,9 +29,10 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
 from .base import (
-    AuxFCNHead, SegHeadMixin, build_classifier, common_head_config, conv_norm_relu, sem_seg_loss, upsample_logits,
+    SegHeadMixin, build_classifier, common_head_config, conv_norm_relu, dropout2d, multi_in_features,
+    safe_cross_entropy, upsample_logits,
 )
-from .hrnetv2 import concat_branches, multi_in_features
+from .hrnetv2 import concat_branches
 
 __all__ = ["OCRHead", "ObjectContext"]
 
@@ -56,7 +57,7 @@ class ObjectContext(nn.Module):
         self.value = proj(channels, key_channels, 1)   # f_down
         self.up = proj(key_channels, channels, 1)      # f_up
         self.fuse = conv_norm_relu(2 * channels, channels, 1, norm)
-        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout2d(dropout)
 
     def regions(self, feats: torch.Tensor, region_logits: torch.Tensor) -> torch.Tensor:
         """Object-region representations N x C x K x 1: feats averaged by each region's softmax over pixels."""
@@ -98,20 +99,14 @@ class OCRHead(SegHeadMixin, nn.Module):
         dropout: float,
         ocr_aux_loss_weight: float,
         norm: str,
-        ignore_value: int,
-        loss_weight: float,
-        loss_type: str,
-        align_corners: bool,
-        aux_head: Optional[AuxFCNHead],
+        **contract,
     ):
         """``region_channels`` 0 keeps the input width in the soft-region head (HRNet-OCR).
         With ``dropout`` 0 this is mmsegmentation's OCRNet (``CascadeEncoderDecoder``: an
-        ``FCNHead`` for the soft regions, then ``OCRHead``) layer for layer."""
+        ``FCNHead`` for the soft regions, then ``OCRHead``) layer for layer. ``contract``: the
+        head contract's arguments (:meth:`SegHeadMixin._init_contract`)."""
         super().__init__()
-        in_features = sorted(in_features, key=lambda f: input_shape[f].stride)
-        self._init_contract(in_features=in_features, common_stride=input_shape[in_features[0]].stride,
-                            ignore_value=ignore_value, loss_weight=loss_weight, loss_type=loss_type,
-                            align_corners=align_corners, aux_head=aux_head)
+        self._init_contract(input_shape=input_shape, in_features=in_features, **contract)
         self.ocr_aux_loss_weight = ocr_aux_loss_weight
         in_channels = sum(input_shape[f].channels for f in self.in_features)
         region_channels = region_channels or in_channels
@@ -158,7 +153,5 @@ class OCRHead(SegHeadMixin, nn.Module):
         losses = super().losses(outputs, targets)
         if "ocr_aux_logits" in outputs and self.ocr_aux_loss_weight > 0:
             regions = upsample_logits(outputs["ocr_aux_logits"], self.common_stride, self.align_corners)
-            losses["loss_ocr_aux"] = self.ocr_aux_loss_weight * sem_seg_loss(
-                regions, targets, self.ignore_value, "cross_entropy"
-            )
+            losses["loss_ocr_aux"] = self.ocr_aux_loss_weight * safe_cross_entropy(regions, targets, self.ignore_value)
         return losses

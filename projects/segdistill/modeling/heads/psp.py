@@ -10,7 +10,7 @@ on ResNet-18). The structure is theirs layer for layer (``convert/`` maps their 
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
 from torch import nn
@@ -20,8 +20,7 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
-from .base import AuxFCNHead, SegHeadMixin, build_classifier, common_head_config, conv_norm_relu
-from .deeplab import _single_in_feature
+from .base import SegHeadMixin, build_classifier, common_head_config, conv_norm_relu, dropout2d, single_in_feature
 
 __all__ = ["PSPHead", "PyramidPooling"]
 
@@ -63,24 +62,17 @@ class PSPHead(SegHeadMixin, nn.Module):
         channels: int,
         dropout: float,
         norm: str,
-        ignore_value: int,
-        loss_weight: float,
-        loss_type: str,
-        align_corners: bool,
-        aux_head: Optional[AuxFCNHead],
+        **contract,
     ):
-        """``pool_channels`` 0 means ``in_channels // len(bins)`` (the PSPNet paper's choice)."""
+        """``pool_channels`` 0 means ``in_channels // len(bins)`` (the PSPNet paper's choice).
+        ``contract``: the head contract's arguments (:meth:`SegHeadMixin._init_contract`)."""
         super().__init__()
-        if in_feature not in input_shape:
-            raise ValueError(f"PSPHead's in_feature {in_feature!r} is not in the backbone outputs {sorted(input_shape)}")
-        self._init_contract(in_features=[in_feature], common_stride=input_shape[in_feature].stride,
-                            ignore_value=ignore_value, loss_weight=loss_weight, loss_type=loss_type,
-                            align_corners=align_corners, aux_head=aux_head)
+        self._init_contract(input_shape=input_shape, in_features=[in_feature], **contract)
         in_channels = input_shape[in_feature].channels
         pool_channels = pool_channels or max(1, in_channels // len(bins))
-        self.ppm = PyramidPooling(in_channels, bins, pool_channels, norm, align_corners)
+        self.ppm = PyramidPooling(in_channels, bins, pool_channels, norm, self.align_corners)
         self.bottleneck = conv_norm_relu(self.ppm.out_channels, channels, 3, norm)
-        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout2d(dropout)
         self.predictor = build_classifier(channels, num_classes)
 
     @classmethod
@@ -88,7 +80,7 @@ class PSPHead(SegHeadMixin, nn.Module):
         c = cfg.MODEL.SEM_SEG_HEAD
         return dict(
             common_head_config(cfg, input_shape),
-            in_feature=_single_in_feature(cfg, input_shape, cls.__name__),
+            in_feature=single_in_feature(cfg, input_shape, cls.__name__),
             bins=list(c.PSP_BINS),
             pool_channels=c.PSP_POOL_CHANNELS,
             channels=c.CONVS_DIM,

@@ -56,7 +56,7 @@ from detectron2.structures import ImageList
 from ...convert import load_checked_weights
 from ..backbones.norm import resolve_norm
 from ..exits import EXIT_OBJECTIVES, HEAD_FEATURE_PREFIX, ExitHead, build_exit_heads, exit_modes, exit_size
-from ..heads.base import SegHeadMixin
+from ..heads.base import check_seg_head
 from ..stagewise import StagewiseBackbone
 
 __all__ = [
@@ -295,9 +295,7 @@ class AnytimeSegmentor(nn.Module):
                 f"after the head has run); {bad} are not stages of {type(backbone).__name__}: {stages}."
                 if heads else f"Exits {bad} are not stages of {type(backbone).__name__}: {stages}.")
         if exits:
-            if not isinstance(sem_seg_head, SegHeadMixin):
-                raise TypeError(f"{type(sem_seg_head).__name__} is not one of segdistill's heads (SegHeadMixin), "
-                                "whose classes the exits must predict.")
+            check_seg_head(sem_seg_head, "AnytimeSegmentor cannot check the exits' classes against the head's")
             k = sem_seg_head.predictor.out_channels
             wrong = {n: e.num_classes for n, e in exits.items() if e.num_classes != k}
             if wrong:

@@ -42,14 +42,13 @@ from torch.nn import functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 
-from ...config import add_segdistill_config, apply_lazy_overrides
+from ...config import apply_lazy_overrides, load_yaml_config
 from ...convert import (
     DeployableModel, SegmentorWrapper, check_weights_file, load_checked_weights, load_foreign_weights,
 )
+from ..backbones.stages import with_backbone_stages
 from ..distill.base import DistillBatch, DistillLoss, build_distill_losses
-from ..distill.taps import (
-    LOGITS, backbone_stage_taps, segmentor_taps, with_backbone_stages,
-)
+from ..distill.taps import LOGITS, backbone_stage_taps, segmentor_taps
 
 __all__ = ["Distiller", "build_teacher", "load_teacher_cfg"]
 
@@ -75,26 +74,11 @@ def _resolve(path: str, key: str) -> str:
 
 def load_teacher_cfg(config_file: str, opts: Sequence[str] = ()):
     """The teacher's YAML config (segdistill keys, file, then ``opts``)."""
-    from detectron2.config import get_cfg
-
     path = _resolve(config_file, "MODEL.DISTILL.TEACHER.CONFIG_FILE")
-    cfg = get_cfg()
-    add_segdistill_config(cfg)
-    cfg.merge_from_file(path)
-    cfg.merge_from_list(list(opts))
+    cfg = load_yaml_config(path, opts)
     if cfg.MODEL.META_ARCHITECTURE == "Distiller":
         raise ValueError(f"The teacher config {path!r} is itself a Distiller; point it at a plain segmentor config.")
     return cfg
-
-
-def _lazy_with_stages(lazy_model, stages: Sequence[str]):
-    """A lazy teacher whose backbone also returns ``stages`` (when it lists its out_features)."""
-    backbone = lazy_model.get("backbone", None)
-    if not stages or backbone is None or "out_features" not in backbone:
-        return lazy_model
-    current = list(backbone.out_features)
-    backbone.out_features = current + [s for s in stages if s not in current]
-    return lazy_model
 
 
 def build_teacher(
@@ -124,7 +108,7 @@ def build_teacher(
         from detectron2.config import LazyConfig, instantiate
 
         lazy = apply_lazy_overrides(LazyConfig.load(path), list(opts))  # unknown keys: an error
-        teacher = instantiate(_lazy_with_stages(lazy.model, stages))
+        teacher = instantiate(with_backbone_stages(lazy.model, stages))
     else:
         from detectron2.modeling import build_model
 

@@ -34,17 +34,17 @@ from detectron2.structures import ImageList
 
 from ...convert import DeployableModel
 from ..backbones.norm import resolve_norm
+from ..backbones.stages import backbone_stage_shapes, with_backbone_stages
 from ..exits import (
     EXIT_OBJECTIVES, HEAD_FEATURE_PREFIX, ExitFusion, ExitObjective, ExitOutput, MultiExitOutputs,
     MultiLabelClassifier, build_exit_heads, exit_modes, exit_size,
 )
 from ..distill.taps import (
-    HEAD_TAPS, SegmentorTaps, StudentTaps, check_tap_head, collect_taps, head_tap_shapes, normalise_inputs,
+    HEAD_TAPS, SegmentorTaps, StudentTaps, collect_taps, head_tap_shapes, normalise_inputs,
 )
-from ..heads.base import SegHeadMixin, head_outputs
-from ..stagewise import StagewiseBackbone
+from ..heads.base import SegHeadMixin, check_seg_head
 
-__all__ = ["MultiExitSegmentor", "exit_modes", "head_feature_shapes", "backbone_stage_shapes"]
+__all__ = ["MultiExitSegmentor", "exit_modes", "head_feature_shapes"]
 
 DEPLOYED_PREFIXES = ("backbone.", "sem_seg_head.")
 
@@ -57,30 +57,14 @@ def head_feature_shapes(head: nn.Module) -> Dict[str, ShapeSpec]:
     return {HEAD_FEATURE_PREFIX + "features": ShapeSpec(channels=head.predictor.in_channels, stride=head.common_stride)}
 
 
-def backbone_stage_shapes(backbone: nn.Module) -> Dict[str, ShapeSpec]:
-    """Every stage a backbone can return: a :class:`StagewiseBackbone`'s ``stage_shapes()``
-    (segdistill's timm backbones: all levels), any other backbone's ``output_shape()``."""
-    if isinstance(backbone, StagewiseBackbone):
-        return dict(backbone.stage_shapes())
-    return dict(backbone.output_shape())
-
-
 def _build_backbone_with_exit_stages(cfg, exit_names):
-    """Build the backbone, asking timm backbones for the exit stages too (they cost nothing)."""
+    """Build the backbone, asking it for the exit stages too (they cost nothing)."""
     stages = [n for n in exit_names if not n.startswith(HEAD_FEATURE_PREFIX)]
-    if cfg.MODEL.BACKBONE.NAME != "build_timm_backbone" or not stages:
+    with_stages = with_backbone_stages(cfg, stages)
+    if with_stages is cfg:
         return build_backbone(cfg)
-    wanted = list(cfg.MODEL.TIMM.OUT_FEATURES) or []
-    missing = [n for n in stages if n not in wanted]
-    if not missing:
-        return build_backbone(cfg)
-    cfg2 = cfg.clone()
-    cfg2.defrost()
-    if not wanted:  # empty = the last stage only; keep it for the head
-        wanted = [backbone_stage_shapes(build_backbone(cfg)).popitem()[0]]
-    cfg2.MODEL.TIMM.OUT_FEATURES = wanted + missing
     try:
-        return build_backbone(cfg2)
+        return build_backbone(with_stages)
     except ValueError:
         valid = list(backbone_stage_shapes(build_backbone(cfg)))
         raise ValueError(
@@ -138,12 +122,7 @@ class MultiExitSegmentor(SemanticSegmentor, SegmentorTaps, DeployableModel):
             return
         if objective is None:
             raise ValueError("A MultiExitSegmentor with exits needs an objective (MODEL.EXITS.MODE 'ds', 'sr', ...).")
-        if not isinstance(sem_seg_head, SegHeadMixin):
-            raise TypeError(
-                f"{type(sem_seg_head).__name__} does not expose its features, classifier and losses "
-                "(forward_outputs / predictor / losses), which exits need: use one of segdistill's heads "
-                "(SegHeadMixin) as MODEL.SEM_SEG_HEAD.NAME, or MODEL.EXITS.MODE 'none'."
-            )
+        check_seg_head(sem_seg_head, f"{type(self).__name__} cannot attach exits", ", or MODEL.EXITS.MODE 'none'")
         available = {**dict(backbone.output_shape()), **head_feature_shapes(sem_seg_head)}
         missing = [n for n in self.exits if n not in available]
         if missing:
@@ -250,9 +229,9 @@ class MultiExitSegmentor(SemanticSegmentor, SegmentorTaps, DeployableModel):
         fusion = self.fusion
         if fusion is not None:  # exits first, their fused features widen the head's input
             exits = {n: ex(features[n], size) for n, ex in self.exits.items()}
-            head_out = head_outputs(self.sem_seg_head, fusion(features, exits))
+            head_out = self.sem_seg_head.forward_outputs(fusion(features, exits))
         else:
-            head_out = head_outputs(self.sem_seg_head, features)
+            head_out = self.sem_seg_head.forward_outputs(features)
             sources = self._exit_sources(features, head_out)
             exits = {n: ex(sources[n], size) for n, ex in self.exits.items()}
         feats = head_out["features"]
@@ -278,7 +257,7 @@ class MultiExitSegmentor(SemanticSegmentor, SegmentorTaps, DeployableModel):
     # The tap contract (segdistill.modeling.distill.SegmentorTaps): a distilled multi-exit
     # student keeps its exit losses; as a teacher it runs the deployed path only.
     def tap_shapes(self):
-        check_tap_head(self.sem_seg_head, type(self).__name__)
+        check_seg_head(self.sem_seg_head, f"{type(self).__name__} cannot give distillation taps")
         return {**dict(self.backbone.output_shape()), **head_tap_shapes(self.sem_seg_head)}
 
     def tap_student(self, batched_inputs, taps) -> StudentTaps:
@@ -292,7 +271,7 @@ class MultiExitSegmentor(SemanticSegmentor, SegmentorTaps, DeployableModel):
             head = outputs.head
             losses = self._training_losses(outputs, targets)
         else:
-            head = head_outputs(self.sem_seg_head, self._head_input(features, image_hw)[0])
+            head = self.sem_seg_head.forward_outputs(self._head_input(features, image_hw)[0])
             losses = self.sem_seg_head.losses(head, targets) if self.training and targets is not None else {}
         return StudentTaps(losses, collect_taps(taps, features, head), images, targets)
 
@@ -300,7 +279,7 @@ class MultiExitSegmentor(SemanticSegmentor, SegmentorTaps, DeployableModel):
         features = self.backbone(images)
         head = None
         if set(taps) & set(HEAD_TAPS):
-            head = head_outputs(self.sem_seg_head, self._head_input(features, tuple(images.shape[-2:]))[0])
+            head = self.sem_seg_head.forward_outputs(self._head_input(features, tuple(images.shape[-2:]))[0])
         return collect_taps(taps, features, head)
 
     def tap_classifier(self):
@@ -339,7 +318,7 @@ class MultiExitSegmentor(SemanticSegmentor, SegmentorTaps, DeployableModel):
         if fused_exits is not None:  # fusion: the exits already ran
             raw = {n: o.seg_logits for n, o in fused_exits.items()} if self.eval_exits else {}
         else:
-            head_out = head_outputs(self.sem_seg_head, features) if self._uses_head_features else None
+            head_out = self.sem_seg_head.forward_outputs(features) if self._uses_head_features else None
             sources = self._exit_sources(features, head_out)
             size = exit_size(images.tensor.shape[-2:], self.common_stride)
             raw = {n: ex(sources[n], size, with_classifier=False).seg_logits for n, ex in self.exits.items()}

@@ -1,0 +1,96 @@
+"""The methods the benchmarks compare, one catalogue under one name each.
+
+A method is a *family* (the kind of model it trains, which names the config each benchmark
+builds it from: ``configs/camvid/table/<family>.yaml`` for the CamVid table, a demo config for
+the overhead benchmark) plus the overrides that make it that method, and what it needs before
+it can run. ``benchmarks/camvid_table.py`` (its rows, ``BLOCKS``) and ``benchmarks/overhead.py``
+(its rows) both read :data:`METHODS`; the names are those of the published table
+(docs/results/camvid/summary.json).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
+
+__all__ = ["Method", "METHODS", "BLOCKS", "FAMILIES", "SR_OFF", "CIRKD_SMALL"]
+
+# The kinds of model, each a config of every benchmark that builds it.
+FAMILIES = ("baseline", "ds", "sr", "hs3", "hs3_fuse", "teacher", "student", "distill")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method: ``family`` + ``opts`` (KEY VALUE strings); ``label``: its row in the table;
+    ``baseline``: the method it is compared with (None: it is a baseline itself); ``needs``:
+    "teacher" (a trained or random teacher), "hs3_clusters" / "hs3_manual" (an HS3 clusters
+    file: the trade-off rule's / a constant ratio's); ``seeds``: the table's seeds (None: every
+    seed of the invocation)."""
+
+    name: str
+    label: str
+    family: str
+    opts: Tuple[str, ...] = ()
+    baseline: Optional[str] = None
+    needs: Tuple[str, ...] = ()
+    seeds: Optional[Sequence[int]] = None
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"{self.name}: unknown family {self.family!r}; choose from {FAMILIES}")
+
+
+SR_OFF = ("MODEL.EXITS.SR.F_WEIGHT", "0.0", "MODEL.EXITS.SR.L_WEIGHT", "0.0")
+# CIRKD's memories at the benchmarks' scale (the authors' 20000 / 2000 entries per class are sized
+# for 40k Cityscapes iterations, and would make every checkpoint ~200 MB here)
+CIRKD_SMALL = ("MODEL.DISTILL.CIRKD.PIXEL_MEMORY_SIZE", "2000", "MODEL.DISTILL.CIRKD.REGION_MEMORY_SIZE", "200")
+
+
+def _distill(name: str, label: str, losses: Sequence[str], extra: Tuple[str, ...] = ()) -> Method:
+    """A distillation method: the student taught by the teacher through ``losses``."""
+    value = "[" + ", ".join(f'"{loss}"' for loss in losses) + "]"
+    return Method(name, label, "distill", ("MODEL.DISTILL.LOSSES", value) + extra, baseline="student",
+                  needs=("teacher",))
+
+
+METHODS: Dict[str, Method] = {m.name: m for m in [
+    Method("baseline", "baseline", "baseline"),
+    # multi-exit training (SR Table 1's ablation) against the same model without exits
+    Method("ds", "DS", "ds", baseline="baseline"),
+    Method("mea", "MEA", "sr", SR_OFF, baseline="baseline"),
+    Method("mea_srl", "MEA+SR-L", "sr", ("MODEL.EXITS.SR.F_WEIGHT", "0.0"), baseline="baseline"),
+    Method("mea_srf", "MEA+SR-F", "sr", ("MODEL.EXITS.SR.L_WEIGHT", "0.0"), baseline="baseline"),
+    Method("sr", "SR", "sr", baseline="baseline"),
+    # HS3 (its Tables 1, 2 and 6)
+    Method("hs3", "HS3", "hs3", baseline="baseline", needs=("hs3_clusters",)),
+    Method("hs3_manual", "HS3 (manual ratio)", "hs3", baseline="baseline", needs=("hs3_manual",)),
+    Method("hs3_fuse", "HS3-Fuse", "hs3_fuse", baseline="baseline", needs=("hs3_clusters",)),
+    # distillation (FAKD Tables 3-4, HWD Tables II-III)
+    Method("teacher", "teacher (R18, ASPP 256)", "teacher", seeds=(0,)),
+    Method("student", "student (MBV2) alone", "student"),
+    _distill("pd", "PD", ["pd"]),
+    _distill("cwd", "CWD", ["cwd"]),
+    _distill("fakd_cwd", "FAKD-CWD", ["fakd_cwd"]),
+    _distill("fakd_pd", "FAKD-PD", ["fakd_pd"]),
+    _distill("hwd", "HWD", ["hwd"]),
+    _distill("hwd_fakd_pd", "HWD + FAKD-PD", ["hwd", "fakd_pd"]),
+    # the comparison rows of FAKD Tables 1-3 / HWD Tables II-III, each with its paper's full objective
+    _distill("skd", "SKD", ["pd", "skd"]),
+    _distill("ifvd", "IFVD", ["pd", "ifvd"]),
+    _distill("cirkd", "CIRKD", ["pd", "cirkd"], CIRKD_SMALL),
+    _distill("mgd", "MGD", ["mgd", "cwd"]),
+    _distill("dist", "DIST", ["dist"]),
+    _distill("fitnet", "FitNet", ["pd", "fitnet"]),
+    _distill("at", "AT", ["pd", "at"]),
+    # AT's code-form loss scales as 1 / (H W) of the tapped map and CIRKD's weight 1e4 is tuned for
+    # 64x128 maps (512x1024 crops at stride 8); here head_features are 6x8: 1e4 * 48 / 8192
+    _distill("at_scaled", "AT (weight x HW/8192)", ["pd", "at"], ("MODEL.DISTILL.AT.WEIGHT", "58.6")),
+]}
+
+# The CamVid table's blocks: block -> (title with the papers, methods; the first is the baseline of the others)
+BLOCKS = {
+    "sr": ("Self-Regulation (SR Table 1 ablation)", ["baseline", "ds", "mea", "mea_srl", "mea_srf", "sr"]),
+    "hs3": ("HS3 (HS3 Tables 1, 2 and 6)", ["baseline", "ds", "hs3", "hs3_manual", "hs3_fuse"]),
+    "distill": ("Distillation (FAKD Tables 3-4, HWD Tables II-III)",
+                ["student", "teacher", "pd", "cwd", "fakd_cwd", "fakd_pd", "hwd", "hwd_fakd_pd",
+                 "skd", "ifvd", "cirkd", "mgd", "dist", "fitnet", "at", "at_scaled"]),
+}
