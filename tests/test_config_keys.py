@@ -1,10 +1,10 @@
 """One name per idea (docs/config_keys.md): where the keys come from and the renamed keys.
 
-Every registered distillation loss and exit mode adds its own section; add_segdistill_config
-stays idempotent. A renamed key fails with an error naming the new key wherever a config is
-read: a YAML file, a KEY VALUE list (command line, MODEL.DISTILL.TEACHER.OPTS), the opts of a
-lazy config's distill_losses_from_names; an old constructor argument of a lazy config is
-refused by the override check and by instantiate.
+Every registered distillation loss and exit mode adds its own section, every head file its own
+MODEL.SEM_SEG_HEAD keys; add_segdistill_config stays idempotent. A renamed key fails with an
+error naming the new key wherever a config is read: a YAML file, a KEY VALUE list (command
+line, MODEL.DISTILL.TEACHER.OPTS), the opts of a lazy config's distill_losses_from_names; an
+old constructor argument of a lazy config is refused by the override check and by instantiate.
 """
 import os
 import re
@@ -19,6 +19,12 @@ from segdistill.config import RENAMED_KEYS, LazyOverrideError, SectionHook, appl
 from segdistill.modeling.distill import DISTILL_LOSSES, distill_losses_from_names
 from segdistill.modeling.distill.at import AttentionTransfer
 from segdistill.modeling.exits import EXIT_OBJECTIVES, HS3Objective
+from segdistill.modeling.heads.deeplab import add_deeplab_head_config
+from segdistill.modeling.heads.fcn import add_fcn_head_config
+from segdistill.modeling.heads.hrnetv2 import add_hrnetv2_head_config
+from segdistill.modeling.heads.isa import add_isa_head_config
+from segdistill.modeling.heads.ocr import add_ocr_head_config
+from segdistill.modeling.heads.psp import add_psp_head_config
 
 
 def fresh_cfg():
@@ -48,6 +54,32 @@ def test_every_registered_method_adds_its_own_section_and_the_config_stays_idemp
     before = cfg.dump()
     add_segdistill_config(cfg)
     assert cfg.dump() == before and cfg.MODEL.DISTILL.PD.WEIGHT == 7.0
+
+
+# Each head file's config hook and the MODEL.SEM_SEG_HEAD keys only that file reads.
+HEAD_HOOKS = {
+    add_psp_head_config: ["PSP_BINS", "PSP_POOL_CHANNELS"],
+    add_hrnetv2_head_config: ["HRNETV2_CHANNELS"],
+    add_ocr_head_config: ["OCR_MID_CHANNELS", "OCR_KEY_CHANNELS", "OCR_DROPOUT", "OCR_REGION_CHANNELS",
+                          "OCR_AUX_LOSS_WEIGHT"],
+    add_isa_head_config: ["ISA_CHANNELS", "ISA_DOWN_FACTOR"],
+    add_fcn_head_config: ["NUM_CONVS", "CONCAT_INPUT"],
+    add_deeplab_head_config: ["ASPP_POOLING", "ASPP_BOTTLENECK_CONVS"],
+}
+
+
+@pytest.mark.parametrize("hook", list(HEAD_HOOKS), ids=lambda h: h.__name__)
+def test_a_heads_own_keys_are_added_by_its_files_hook(hook):
+    assert hook in config_hooks()
+    cfg = fresh_cfg()
+    before = cfg.dump()
+    for key in HEAD_HOOKS[hook]:
+        del cfg.MODEL.SEM_SEG_HEAD[key]
+    hook(cfg)  # adds them back, with the same defaults
+    assert cfg.dump() == before
+    cfg.MODEL.SEM_SEG_HEAD[HEAD_HOOKS[hook][-1]] = 3
+    hook(cfg)  # present: changes nothing
+    assert cfg.MODEL.SEM_SEG_HEAD[HEAD_HOOKS[hook][-1]] == 3
 
 
 def test_no_old_name_is_left_in_the_config():

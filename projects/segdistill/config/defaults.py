@@ -5,8 +5,9 @@ detectron2's DeepLab keys (``add_deeplab_config``: poly LR, ASPP settings), whic
 project's heads and schedules use.
 
 Where a key's default lives: the keys of one registered component (a distillation loss's
-``MODEL.DISTILL.<NAME>``, an exit mode's ``MODEL.EXITS.<MODE>``) are added by a config hook
-in that component's own file (:mod:`.hooks`); keys several components read stay here.
+``MODEL.DISTILL.<NAME>``, an exit mode's ``MODEL.EXITS.<MODE>``, a head's own
+``MODEL.SEM_SEG_HEAD`` keys such as ``PSP_BINS``) are added by a config hook in that
+component's own file (:mod:`.hooks`); keys several components read stay here.
 """
 from detectron2.config import CfgNode as CN
 from detectron2.projects.deeplab import add_deeplab_config
@@ -49,12 +50,10 @@ def _add_shared_keys(cfg: CN) -> None:
     # checkpoint of the whole model, MODEL.WEIGHTS_FORMAT) loads after it.
     cfg.MODEL.TIMM.CHECKPOINT = ""
 
-    # ---- Heads (SegDeepLabV3Head, SegDeepLabV3PlusHead, FCNHead; see modeling/heads).
-    # ASPP image pooling: "global" (any input size) or "crop" (detectron2's window of the crop).
-    cfg.MODEL.SEM_SEG_HEAD.ASPP_POOLING = "global"
-    # FCNHead: number of 3x3 convs, concatenation of the input before the classifier, dropout.
-    cfg.MODEL.SEM_SEG_HEAD.NUM_CONVS = 2
-    cfg.MODEL.SEM_SEG_HEAD.CONCAT_INPUT = True
+    # ---- Heads (modeling/heads): the keys several heads read. A head's own keys (PSP_*,
+    # OCR_*, ISA_*, HRNETV2_CHANNELS, NUM_CONVS, ASPP_POOLING, ...) are added by its file's
+    # config hook.
+    # Dropout before the classifier (FCNHead, PSPHead, ISAHead, the DeepLab heads).
     cfg.MODEL.SEM_SEG_HEAD.DROPOUT = 0.1
     # Auxiliary FCN head on an intermediate stage, training only ("" = none; e.g. "res4").
     cfg.MODEL.SEM_SEG_HEAD.AUX_IN_FEATURE = ""
@@ -83,7 +82,7 @@ def _add_shared_keys(cfg: CN) -> None:
     cfg.SEGDISTILL = CN()
     cfg.SEGDISTILL.VIS_MAX_IMAGES = 50
 
-    _add_model_zoo_keys(cfg)
+    _add_norm_keys(cfg)
     _add_foreign_layout_keys(cfg)
     _add_exit_keys(cfg)
     _add_anytime_keys(cfg)
@@ -92,8 +91,8 @@ def _add_shared_keys(cfg: CN) -> None:
     _add_training_safety_keys(cfg)
 
 
-def _add_model_zoo_keys(cfg: CN) -> None:
-    """Keys of the model-zoo heads (PSPNet, OCR, HRNetV2) and the model-wide norm switch."""
+def _add_norm_keys(cfg: CN) -> None:
+    """The model-wide norm switch."""
     # One switch for every BatchNorm of the model (backbone, head, auxiliary heads, exits):
     # "BN" (CPU, one GPU), "SyncBN" (several GPUs), "FrozenBN" (fine-tuning a trained
     # model from MODEL.WEIGHTS), "auto" (SyncBN when training on several CUDA processes,
@@ -101,26 +100,6 @@ def _add_model_zoo_keys(cfg: CN) -> None:
     # MODEL.SEM_SEG_HEAD.NORM, e.g. a frozen backbone under a BN head. Read it through
     # segdistill.modeling.backbones.norm.resolve_norm(cfg, "backbone" | "head").
     cfg.MODEL.NORM = ""
-    # PSPHead: pyramid pooling bins; channels of each pooling branch (0 = in_channels /
-    # len(bins)); the bottleneck 3x3 conv's width is MODEL.SEM_SEG_HEAD.CONVS_DIM and its
-    # dropout MODEL.SEM_SEG_HEAD.DROPOUT.
-    cfg.MODEL.SEM_SEG_HEAD.PSP_BINS = [1, 2, 3, 6]
-    cfg.MODEL.SEM_SEG_HEAD.PSP_POOL_CHANNELS = 0
-    # HRNetV2Head: width of the 1x1 conv after the concatenated branches (0 = the
-    # concatenated width, 270 for W18 and 720 for W48, as in HRNetV2).
-    cfg.MODEL.SEM_SEG_HEAD.HRNETV2_CHANNELS = 0
-    # OCRHead (object-contextual representations, on the concatenated IN_FEATURES):
-    # 3x3 conv to MID channels, pixel-region attention with KEY channels, dropout after
-    # the fusion conv, the soft-object-region head's width (0 = input width, as in
-    # HRNet-OCR) and the weight of its loss ("loss_ocr_aux").
-    cfg.MODEL.SEM_SEG_HEAD.OCR_MID_CHANNELS = 512
-    cfg.MODEL.SEM_SEG_HEAD.OCR_KEY_CHANNELS = 256
-    cfg.MODEL.SEM_SEG_HEAD.OCR_DROPOUT = 0.05
-    cfg.MODEL.SEM_SEG_HEAD.OCR_REGION_CHANNELS = 0
-    cfg.MODEL.SEM_SEG_HEAD.OCR_AUX_LOSS_WEIGHT = 0.4
-    # SegDeepLabV3Head: 3x3 conv-norm-ReLU layers between the ASPP and the classifier
-    # (CIRKD/HWD's DeepLabV3 has one; detectron2's and the default have none).
-    cfg.MODEL.SEM_SEG_HEAD.ASPP_BOTTLENECK_CONVS = 0
 
 
 def _add_foreign_layout_keys(cfg: CN) -> None:
@@ -158,10 +137,6 @@ def _add_foreign_layout_keys(cfg: CN) -> None:
     cfg.MODEL.SEM_SEG_HEAD.ALIGN_CORNERS = False
     # Dropout of the auxiliary FCN head before its classifier.
     cfg.MODEL.SEM_SEG_HEAD.AUX_DROPOUT = 0.1
-    # ISAHead (ISANet): channels of the attention's queries and keys, and the local group
-    # size (h, w); its width is MODEL.SEM_SEG_HEAD.CONVS_DIM and its dropout DROPOUT.
-    cfg.MODEL.SEM_SEG_HEAD.ISA_CHANNELS = 256
-    cfg.MODEL.SEM_SEG_HEAD.ISA_DOWN_FACTOR = [8, 8]
 
 
 def _add_exit_keys(cfg: CN) -> None:

@@ -212,7 +212,7 @@ def _common_from_config(cfg, input_shape: ShapeSpec) -> dict:
 class TimmBackbone(StagewiseBackbone, ConvertibleBackbone):
     """A timm ``features_only`` model (ResNet, MobileNetV2, ...) as a detectron2 Backbone.
 
-    Every argument is keyword-only and required; the defaults live in ``config.py``
+    Every argument is keyword-only and required; the defaults live in ``config/defaults.py``
     (``MODEL.TIMM.*``). ``model_kwargs`` are passed to ``timm.create_model`` as they are
     (e.g. narrow ``channels`` in tests).
     """
