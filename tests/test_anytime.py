@@ -1,4 +1,4 @@
-"""Anytime inference (issue 15): stage-by-stage backbones, the AnytimeSegmentor's policies
+"""Anytime inference: stage-by-stage backbones, the AnytimeSegmentor's policies
 (final = the plain deployed model bit for bit and in MACs; later stages not run after a
 confident exit), costs, the evaluator, calibration with a known answer, the held-out check."""
 import importlib.util

@@ -13,7 +13,7 @@ from detectron2.modeling import build_model
 from segdistill import add_segdistill_config
 from segdistill.convert import load_checked_weights, save_deployed_checkpoint
 from segdistill.engine import Trainer
-from segdistill.modeling.distill.base import resize_labels
+from segdistill.modeling.distill.base import DISTILL_LOSSES, resize_labels
 from segdistill.modeling.distill.cwd import cwd_loss
 from segdistill.modeling.distill.fakd import cosine_ramp
 from segdistill.modeling.distill.hwd import HolisticWeightedDistillation
@@ -276,7 +276,6 @@ PAPER = [(ds, s) for ds in ("cityscapes", "coco_stuff") for s in ("deeplabv3_r18
 # Every registered loss at once on each of the papers' pairs (the rows switch MODEL.DISTILL.LOSSES),
 # with small trainable parts: MGD on the head features (on res5 its generator is 2 x 2048^2 x 9
 # weights at the ResNet-101 teacher's width), a narrow discriminator, small memories.
-ALL_LOSSES = ["pd", "cwd", "hwd", "fakd_cwd", "fakd_pd", "skd", "ifvd", "cirkd", "mgd", "dist", "fitnet", "at"]
 SMALL_PARTS = ["MODEL.DISTILL.MGD.STUDENT_TAP", "head_features", "MODEL.DISTILL.MGD.TEACHER_TAP", "head_features",
                "MODEL.DISTILL.HOLISTIC.CONV_DIM", 4, "MODEL.DISTILL.CIRKD.PIXEL_MEMORY_SIZE", 32,
                "MODEL.DISTILL.CIRKD.REGION_MEMORY_SIZE", 8]
@@ -298,7 +297,7 @@ def test_paper_pair_configs(dataset, student):
     tiny = ["MODEL.SEM_SEG_HEAD.ASPP_CHANNELS", "32", "MODEL.SEM_SEG_HEAD.AUX_CHANNELS", "32", "MODEL.DEVICE", "cpu",
             "MODEL.SEM_SEG_HEAD.CONVS_DIM", "32", "MODEL.SEM_SEG_HEAD.PSP_POOL_CHANNELS", "8"]
     cfg.merge_from_list(tiny + ["MODEL.DISTILL.TEACHER.WEIGHTS", "", "MODEL.DISTILL.TEACHER.ALLOW_RANDOM", True,
-                                "MODEL.DISTILL.TEACHER.OPTS", tiny, "MODEL.DISTILL.LOSSES", ALL_LOSSES] + SMALL_PARTS)
+                                "MODEL.DISTILL.TEACHER.OPTS", tiny, "MODEL.DISTILL.LOSSES", sorted(DISTILL_LOSSES)] + SMALL_PARTS)
     torch.manual_seed(0)
     model = build_model(cfg).train()
     losses = model(random_batch(2, 64, 64, classes))  # PSP's 1x1 pooling bin needs two images under BN
