@@ -36,8 +36,10 @@ import torch  # noqa: E402
 import segdistill  # noqa: E402,F401  (registers the heads and backbones)
 from segdistill.convert import (  # noqa: E402
     BACKBONE_FORMATS, MODEL_FORMATS, CheckpointMismatchError, CheckpointReadError, ConvertibleBackbone,
-    convert_backbone_state, convert_model_state, load_checkpoint_file, segmentor_of, unwrap_state_dict,
+    convert_backbone_state, convert_model_state, load_checked_weights, load_checkpoint_file, segmentor_of,
+    unwrap_state_dict,
 )
+from segdistill.engine import skip_backbone_init  # noqa: E402
 
 
 def build_model(config_file: str, opts):
@@ -48,6 +50,7 @@ def build_model(config_file: str, opts):
         cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), list(opts))
         if "train" in cfg:
             cfg.train.device = "cpu"
+        skip_backbone_init(cfg.model)  # the file is checked against the model, not added to ImageNet weights
         model = instantiate(cfg.model)
         return model
     from detectron2.config import get_cfg
@@ -97,8 +100,14 @@ def main(argv=None) -> int:
             out = conv.state
         else:
             conv = convert_model_state(state, model, args.format, source=args.input)
-            if conv is None:
-                print(f"{args.input} is already a checkpoint of this project (detectron2 format): nothing to convert.")
+            if conv is None:  # no foreign format recognised: it must be a checkpoint of this config's model
+                segmentor, _ = segmentor_of(model)
+                report = load_checked_weights(segmentor, args.input, key="input", min_matched=1.0,
+                                              weights_format="detectron2", what="the model of this config")
+                unused = f"; {len(report.unexpected)} tensors of the file are not used" if report.unexpected else ""
+                print(f"{args.input} is already a checkpoint of this project (detectron2 format) and fits the model of "
+                      f"{args.config_file}: {report.summary()}{unused}. Nothing to convert: set MODEL.WEIGHTS "
+                      f"{args.input}")
                 return 0
             out = {"model": conv.state, "__author__": f"segdistill tools/convert_checkpoint.py from {args.input}",
                    "matching_heuristics": False}

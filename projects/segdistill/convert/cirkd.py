@@ -89,19 +89,26 @@ def model_rules(body, family: str, head, keys) -> List[Rule]:
 
 def describe_model(keys) -> str:
     ks = set(keys)
+    if not detect_model(ks):
+        return "a file without CIRKD's pretrained.* and head.* tensors"
     stem = "deep stem 64-64-128" if "pretrained.conv2.weight" in ks else "7x7 stem"
     layers = [len({k.split(".")[2] for k in ks if k.startswith(f"pretrained.layer{i}.")}) for i in range(1, 5)]
     depth = {(2, 2, 2, 2): "18", (3, 4, 6, 3): "50", (3, 4, 23, 3): "101"}.get(tuple(layers), f"?{layers}")
     head = "DeepLabV3" if any(k.startswith("head.aspp.") for k in ks) else (
-        "PSPNet" if any(k.startswith("head.psp.") for k in ks) else "an unknown head")
+        "PSPNet" if any(k.startswith("head.psp.") for k in ks) else "")
     aux = " with its auxiliary FCN head" if any(k.startswith("auxlayer.") for k in ks) else ""
-    return f"CIRKD {head}-ResNet{depth} ({stem}){aux}"
+    if not head:
+        return f"a CIRKD model with a head this project does not recognise, on ResNet{depth} ({stem}){aux}"
+    return f"a CIRKD {head}-ResNet{depth} ({stem}){aux}"
 
 
 def suggest_config(keys) -> str:
     desc = describe_model(keys)
+    if not detect_model(keys):
+        return (f"the file is {desc}, so MODEL.WEIGHTS_FORMAT cirkd does not fit it: set MODEL.WEIGHTS_FORMAT auto "
+                "to detect its format")
     head = "SegDeepLabV3Head, MODEL.SEM_SEG_HEAD.LAYOUT cirkd, ASPP_BOTTLENECK_CONVS 1" if "DeepLabV3" in desc \
         else "PSPHead"
-    return (f"the file is a {desc}; such a model needs MODEL.SEM_SEG_HEAD.NAME {head}, MODEL.TIMM.STEM_TYPE deep, "
+    return (f"the file is {desc}; such a model needs MODEL.SEM_SEG_HEAD.NAME {head}, MODEL.TIMM.STEM_TYPE deep, "
             "MODEL.TIMM.STEM_WIDTH 64, MODEL.SEM_SEG_HEAD.ALIGN_CORNERS True and CIRKD's widths "
             "(configs/reproduce/hwd/ has them)")

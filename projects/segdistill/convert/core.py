@@ -171,6 +171,10 @@ def check_fit(conv: Conversion, target: Dict[str, torch.Tensor], *, expected: st
     if shapes:
         lines.append(f"  {len(shapes)} tensors have another shape (file vs model): "
                      f"{_first(f'{k}: {a} vs {b}' for k, a, b in shapes)}")
+    own = sorted(set(conv.unmatched) & wanted)
+    if own:  # listed above both as the file's and as the model's: say why
+        lines.append(f"  {len(own)} tensors of the file already have the model's names ({_first(own, 3)}): the file is "
+                     f"in this project's own format, not {conv.source_format}'s")
     if conv.duplicates:
         lines.append(f"  {len(conv.duplicates)} tensors of the file map to the same name: {_first(conv.duplicates)}")
     if hint:

@@ -18,8 +18,9 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import zipfile
-from typing import Dict, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -51,6 +52,41 @@ def _allowed_globals():
 ALLOWED_GLOBALS = _allowed_globals()
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else ""
+
+
+def _not_a_checkpoint(path: str, where: str, e: BaseException) -> CheckpointReadError:
+    return CheckpointReadError(
+        f"Cannot read {path!r}{where}: it is not a PyTorch or safetensors checkpoint, or it is truncated (an "
+        f"interrupted download?) ({type(e).__name__}: {_first_line(e)[:200]})."
+    )
+
+
+#: what torch's weights-only unpickler says when a valid pickle names a class it does not allow
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+#: a pickle stream of protocol 2 to 5 (PyTorch's legacy, non-zip files start with one)
+_PICKLE_HEADER = re.compile(rb"\x80[\x02-\x05]")
+
+
+def _refused_globals(path: str, error: Exception) -> Optional[List[str]]:
+    """The classes and functions a PyTorch file names that ``weights_only`` refuses, or None
+    when the file is not a checkpoint that stopped at such an object (random bytes, another
+    file type, a corrupted pickle: their unpickling errors look alike)."""
+    named = _REFUSED_GLOBAL.search(str(error))
+    if named is None:
+        return None
+    if zipfile.is_zipfile(path):
+        try:
+            wanted = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # noqa: BLE001  (a damaged archive: not a readable checkpoint)
+            return None
+        return wanted or None
+    with open(path, "rb") as f:
+        header = f.read(2)
+    return [named.group(1)] if _PICKLE_HEADER.fullmatch(header) else None
+
+
 def load_checkpoint_file(path: str, *, key: str = "", unsafe_unpickle: bool = False) -> dict:
     """The object stored in ``path`` (a dict), read without arbitrary unpickling.
 
@@ -73,27 +109,28 @@ def load_checkpoint_file(path: str, *, key: str = "", unsafe_unpickle: bool = Fa
         with torch.serialization.safe_globals(ALLOWED_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        try:
-            wanted = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:  # noqa: BLE001  (an old non-zip file: the message of torch.load says it)
-            wanted = []
+        wanted = _refused_globals(path, e)
+        if wanted is None:  # not a pickle that stopped at a Python object: not a checkpoint at all
+            raise _not_a_checkpoint(path, where, e) from e
         if not unsafe_unpickle:
             raise CheckpointReadError(
-                f"{path!r}{where} holds Python objects other than tensors, containers and numpy scalars"
-                f"{f': {wanted}' if wanted else ''}; it is not unpickled (files from outside are untrusted). "
-                "If you trust the file, write a clean copy once with\n  python tools/convert_checkpoint.py "
-                f"--unsafe-unpickle --config-file <config> {path} <output.pth>\n(torch said: {str(e).splitlines()[0]})"
+                f"{path!r}{where} holds Python objects other than tensors, containers and numpy scalars: {wanted}; "
+                "it is not unpickled (files from outside are untrusted). If you trust the file, write a clean copy "
+                f"once with\n  python tools/convert_checkpoint.py --unsafe-unpickle --config-file <config> {path} "
+                "<output.pth>"
             ) from e
-        logger.warning(
-            "UNSAFE: %s is unpickled with weights_only=False (it holds %s). Do this only for files you trust.",
-            path, wanted or "objects that weights_only refuses",
-        )
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointReadError(
-            f"Cannot read {path!r}{where}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
-            "The file is truncated (an interrupted download?) or not a PyTorch / safetensors checkpoint."
-        ) from e
+        logger.warning("UNSAFE: %s is unpickled with weights_only=False (it holds %s). Do this only for files you "
+                       "trust.", path, wanted)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e2:  # noqa: BLE001  (full unpickling can fail anywhere: the file is named)
+            raise CheckpointReadError(
+                f"Cannot read {path!r}{where} even with full unpickling (--unsafe-unpickle): {type(e2).__name__}: "
+                f"{_first_line(e2)}. The classes it holds ({wanted}) may need their package installed "
+                "(e.g. mmengine for an OpenMMLab training checkpoint)."
+            ) from e2
+    except Exception as e:  # noqa: BLE001  (random bytes make torch.load fail in many ways)
+        raise _not_a_checkpoint(path, where, e) from e
     if not isinstance(obj, dict):
         raise CheckpointReadError(f"{path!r}{where} holds a {type(obj).__name__}, not a dict of tensors.")
     return obj

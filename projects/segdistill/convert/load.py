@@ -16,6 +16,7 @@ the file, the expected architecture, the first unmatched keys and a hint.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -25,7 +26,7 @@ from detectron2.modeling import SemanticSegmentor
 
 from . import cirkd, openmmlab, timm as timm_format, torchvision as tv_format
 from .contracts import ConvertibleBackbone, ConvertibleHead, SegmentorWrapper, backbone_family
-from .core import CheckpointMismatchError, Conversion, apply_rules, check_fit
+from .core import IGNORED_SUFFIXES, CheckpointMismatchError, Conversion, apply_rules, check_fit
 from .io import load_checkpoint_file, unwrap_state_dict
 
 __all__ = [
@@ -128,6 +129,13 @@ def convert_backbone_state(state: Dict[str, torch.Tensor], body: nn.Module, fmt:
 def load_backbone_weights(body: nn.Module, path: str, fmt: str = "auto", *, key: str = "MODEL.TIMM.CHECKPOINT",
                           unsafe_unpickle: bool = False) -> Conversion:
     """Convert the ImageNet weights in ``path`` and load them into ``body`` (all or nothing)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"ImageNet weights not found: {path!r} ({key}). Nothing is downloaded by this project: put the file at "
+            f"that path (docs/reproduce.md lists the official files), or set {key} \"\" to start the backbone from "
+            "random weights. (An evaluation with MODEL.WEIGHTS / train.init_checkpoint skips this file; training "
+            "loads it, then MODEL.WEIGHTS over it.)"
+        )
     obj = load_checkpoint_file(path, key=key, unsafe_unpickle=unsafe_unpickle)
     state, where = unwrap_state_dict(obj)
     conv = convert_backbone_state(state, body, fmt, source=path, key=key)
@@ -177,13 +185,30 @@ def detect_model_format(keys) -> str:
     return "detectron2"
 
 
+def _has_own_names(state: Dict[str, torch.Tensor], model: nn.Module) -> bool:
+    """Whether most tensors of ``state`` (BatchNorm counters aside) already have the names of
+    ``model`` or of the segmentor it wraps: a file in this project's own format."""
+    names = set(model.state_dict())
+    if isinstance(model, SegmentorWrapper):  # a Distiller: a file of its student
+        names |= set(model.wrapped_segmentor()[0].state_dict())
+    keys = [k for k in state if not k.endswith(IGNORED_SUFFIXES)]
+    return bool(keys) and sum(k in names for k in keys) >= 0.5 * len(keys)
+
+
 def convert_model_state(state: Dict[str, torch.Tensor], model: nn.Module, fmt: str = "auto", *,
                         source: str = "<state dict>", key: str = "MODEL.WEIGHTS") -> Optional[Conversion]:
     """Rename a whole-model ``state`` (mmseg / CIRKD) to ``model``'s names, checked; None for
     the project's own (detectron2) format, which needs no conversion."""
     _check_format(fmt, MODEL_FORMATS, "MODEL.WEIGHTS_FORMAT")
+    detected = detect_model_format(state)
     if fmt == "auto":
-        fmt = detect_model_format(state)
+        fmt = detected
+    elif fmt != "detectron2" and detected == "detectron2" and _has_own_names(state, model):
+        # a file converted once (tools/convert_checkpoint.py) for a config that names the
+        # source's format: the config must keep loading it, and the checked loader checks it
+        logger.info("%s is already in this project's format (e.g. written by tools/convert_checkpoint.py): it loads "
+                    "as it is; MODEL.WEIGHTS_FORMAT %r applies to the original %s file only.", source, fmt, fmt)
+        return None
     if fmt == "detectron2":
         return None
     segmentor, _ = segmentor_of(model)

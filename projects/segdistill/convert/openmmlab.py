@@ -190,8 +190,12 @@ def _resnet_depth(keys: Iterable[str], prefix: str) -> str:
 
 
 def describe_model(keys) -> str:
+    """What an mmsegmentation file holds, as a noun phrase ("an mmsegmentation PSPHead on
+    ResNetV1c-101 (deep stem)"), for the error messages."""
     keys = list(keys)
     ks = set(keys)
+    if not detect_model(ks):
+        return "a file without mmsegmentation's decode_head.* tensors"
     if any(k.startswith("backbone.stem.0.") for k in ks):
         bb = f"ResNetV1c-{_resnet_depth(ks, 'backbone.')} (deep stem)"
     elif "backbone.conv1.weight" in ks and any(k.startswith("backbone.layer1.0.conv1") for k in ks):
@@ -201,7 +205,7 @@ def describe_model(keys) -> str:
     elif "backbone.transition1.0.0.weight" in ks:
         bb = "HRNet"
     else:
-        bb = "an unknown backbone"
+        bb = "a backbone this project does not recognise"
 
     def has(s):
         return any(s in k for k in ks)
@@ -219,13 +223,16 @@ def describe_model(keys) -> str:
     elif has("decode_head.convs"):
         head = "FCNHead"
     else:
-        head = "an unknown head"
+        head = "model whose decode head this project does not recognise"
     aux = ", auxiliary FCNHead" if has("auxiliary_head.") else ""
-    return f"mmsegmentation {head} on {bb}{aux}"
+    return f"an mmsegmentation {head} on {bb}{aux}"
 
 
 def suggest_config(keys) -> str:
     desc = describe_model(keys)
+    if not detect_model(keys):
+        return (f"the file is {desc}, so MODEL.WEIGHTS_FORMAT mmseg does not fit it: set MODEL.WEIGHTS_FORMAT auto "
+                "to detect its format")
     parts = ["MODEL.SEM_SEG_HEAD.LAYOUT mmseg"]
     if "ResNetV1c" in desc:
         depth = re.search(r"ResNetV1c-(\d+)", desc)
@@ -243,5 +250,5 @@ def suggest_config(keys) -> str:
             break
     if "auxiliary" in desc:
         parts.append("MODEL.SEM_SEG_HEAD.AUX_IN_FEATURE res4 (with its AUX_CHANNELS)")
-    return (f"the file is an {desc}; such a model needs {', '.join(parts)} and the widths of its config "
+    return (f"the file is {desc}; such a model needs {', '.join(parts)} and the widths of its config "
             "(configs/reproduce/ has the papers' teachers)")

@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..config import ConfigError
 from .checkpointer import SegDistillCheckpointer
+from .core import IGNORED_SUFFIXES
 
 __all__ = ["LoadReport", "WeightsMismatchError", "check_weights_file", "load_weights", "load_checked_weights",
            "load_weights_for_evaluation", "DEFAULT_MIN_MATCHED"]
@@ -76,21 +77,30 @@ class LoadReport:
     incorrect_shapes: List[Tuple[str, tuple, tuple]] = field(default_factory=list)
 
     @property
+    def counted_keys(self) -> Dict[str, int]:
+        """The model's tensors that carry weights: BatchNorm's step counters are left out of every
+        count (a checkpoint need not give them, and loading leaves them out of ``missing``)."""
+        return {k: n for k, n in self.model_keys.items() if not k.endswith(IGNORED_SUFFIXES)}
+
+    @property
     def loaded_keys(self) -> List[str]:
         missing = set(self.missing) | {k for k, _, _ in self.incorrect_shapes}
-        return [k for k in self.model_keys if k not in missing]
+        return [k for k in self.counted_keys if k not in missing]
 
     @property
     def matched(self) -> float:
-        """Share of the model's tensor elements that came from the checkpoint (0..1)."""
-        total = sum(self.model_keys.values())
-        return sum(self.model_keys[k] for k in self.loaded_keys) / total if total else 1.0
+        """Share of the model's tensor elements (step counters excepted) that came from the checkpoint (0..1)."""
+        counted = self.counted_keys
+        total = sum(counted.values())
+        return sum(counted[k] for k in self.loaded_keys) / total if total else 1.0
 
     def summary(self) -> str:
-        n, total = len(self.loaded_keys), len(self.model_keys)
-        return (f"{self.matched:.1%} of the model's parameters and buffers ({n} of {total} tensors) came from "
-                f"{self.path!r}; {len(self.missing)} missing, {len(self.unexpected)} unexpected, "
-                f"{len(self.incorrect_shapes)} of another shape")
+        n, total = len(self.loaded_keys), len(self.counted_keys)
+        missing = [k for k in self.missing if not k.endswith(IGNORED_SUFFIXES)]
+        unexpected = [k for k in self.unexpected if not k.endswith(IGNORED_SUFFIXES)]
+        return (f"{self.matched:.1%} of the model's parameters and buffers by elements ({n} of {total} tensors; "
+                f"BatchNorm step counters not counted) came from {self.path!r}; {len(missing)} missing, "
+                f"{len(unexpected)} unexpected, {len(self.incorrect_shapes)} of another shape")
 
 
 class _RecordingCheckpointer(SegDistillCheckpointer):

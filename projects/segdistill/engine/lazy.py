@@ -15,27 +15,29 @@ a warning); every evaluation first copies rank 0's BatchNorm statistics to every
 from __future__ import annotations
 
 import logging
+from typing import List
 
 from detectron2.config import instantiate
 from detectron2.engine import AMPTrainer, SimpleTrainer, hooks
 from detectron2.engine.defaults import default_writers
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+from omegaconf import DictConfig, ListConfig
 
-from ..convert import (
-    DEFAULT_MIN_MATCHED, SegDistillCheckpointer, check_weights_file, load_weights_for_evaluation,
-)
+from ..convert import DEFAULT_MIN_MATCHED, SegDistillCheckpointer, check_weights_file
 from ..data import check_eval_datasets
 from ..hs3 import maybe_register_hs3_split
+from ..modeling.backbones import HRNetBackbone, TimmBackbone
 from ..config import check_dataset_names, check_device
 from .ddp import broadcast_batchnorm_buffers, create_ddp_model
 from .hooks import TrainingCurvesHook, TrainingProgressHook, exact_resume_hook
 from .run import RunOutput
-from .trainer import anytime_evaluators
+from .trainer import anytime_evaluators, load_evaluation_weights
 
-__all__ = ["lazy_test", "lazy_train", "lazy_evaluate", "check_lazy_config"]
+__all__ = ["lazy_test", "lazy_train", "lazy_evaluate", "check_lazy_config", "skip_backbone_init"]
 
 logger = logging.getLogger(__name__)
+_TIMM_BACKBONES = (TimmBackbone, HRNetBackbone)
 
 
 def _dataset_names(cfg, part: str):
@@ -79,11 +81,40 @@ def build_lazy_model(cfg):
     return model
 
 
+def skip_backbone_init(node) -> List[str]:
+    """Set ``checkpoint=""`` on every timm backbone (``TimmBackbone``, ``HRNetBackbone``) of a
+    lazy config tree, in place; returns the ImageNet files skipped. The lazy counterpart of
+    ``MODEL.TIMM.CHECKPOINT ""``: a model whose whole weights load afterwards needs no
+    backbone initialisation (another config file, e.g. a Distiller's teacher, is not entered)."""
+    skipped = []
+    if isinstance(node, DictConfig):
+        target = node.get("_target_", None)
+        if target in _TIMM_BACKBONES or target in {f"{c.__module__}.{c.__qualname__}" for c in _TIMM_BACKBONES}:
+            if node.get("checkpoint", ""):
+                skipped.append(node.checkpoint)
+                node.checkpoint = ""
+        children = [node[k] for k in node.keys() if k != "_target_"]
+    elif isinstance(node, ListConfig):
+        children = list(node)
+    else:
+        return skipped
+    for child in children:
+        skipped += skip_backbone_init(child)
+    return skipped
+
+
 def lazy_evaluate(cfg, output: RunOutput = None):
     """``--eval-only``: the model with ``train.init_checkpoint`` (refused when empty or not
-    fitting, unless ``train.allow_random_weights``), evaluated on ``dataloader.test``."""
+    fitting, unless ``train.allow_random_weights``), evaluated on ``dataloader.test``. With
+    ``train.init_checkpoint`` set, the backbones' ImageNet initialisation (their ``checkpoint``)
+    is skipped: the checkpoint gives the model's weights (detectron2's rule: the weights file wins)."""
+    if cfg.train.init_checkpoint:
+        skipped = skip_backbone_init(cfg.model)
+        if skipped:
+            logger.info("Evaluating %s: the backbone's ImageNet initialisation (%s) is skipped.",
+                        cfg.train.init_checkpoint, ", ".join(skipped))
     model = build_lazy_model(cfg)
-    load_weights_for_evaluation(
+    load_evaluation_weights(
         model, cfg.train.init_checkpoint, key="train.init_checkpoint",
         allow_random=bool(cfg.train.get("allow_random_weights", False)), allow_key="train.allow_random_weights",
         min_matched=float(cfg.train.get("min_matched_weights", DEFAULT_MIN_MATCHED)),

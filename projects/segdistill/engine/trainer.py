@@ -35,16 +35,16 @@ from detectron2.projects.deeplab.lr_scheduler import WarmupPolyLR
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..convert import SegDistillCheckpointer, load_weights
+from ..convert import DEFAULT_MIN_MATCHED, SegDistillCheckpointer, load_weights, load_weights_for_evaluation
 from ..data import SemSegDatasetMapper, build_sem_seg_train_loader, check_eval_datasets
 from ..evaluation import CocoStuffEvaluator, SemSegEvaluator, build_label_spaces
 from ..evaluation.anytime import AnytimeEvaluator
-from ..modeling.meta_arch.anytime import AnytimeSegmentor
+from ..modeling.meta_arch.anytime import AnytimeSegmentor, load_anytime_weights
 from .ddp import broadcast_batchnorm_buffers, create_ddp_model
 from .hooks import TrainingCurvesHook, TrainingProgressHook, exact_resume_hook, unwrap_model
 from .run import RunOutput
 
-__all__ = ["Trainer", "anytime_evaluators"]
+__all__ = ["Trainer", "anytime_evaluators", "load_evaluation_weights"]
 
 SEM_SEG_EVALUATOR_TYPES = ("sem_seg", "cityscapes_sem_seg")
 
@@ -58,6 +58,21 @@ def anytime_evaluators(model, dataset_names, output_dir: str):
         return None
     return [AnytimeEvaluator.for_model(model, name, output_dir=os.path.join(output_dir, "inference", name))
             for name in dataset_names]
+
+
+def load_evaluation_weights(model, path: str, *, key: str = "MODEL.WEIGHTS", allow_random: bool = False,
+                            allow_key: str = "TEST.ALLOW_RANDOM_WEIGHTS", min_matched: float = DEFAULT_MIN_MATCHED,
+                            weights_format: str = "auto") -> None:
+    """The weights of a model about to be evaluated (``--eval-only``, YAML and lazy configs):
+    :func:`segdistill.convert.load_weights_for_evaluation` (no weights, or too little of the
+    model matched, is an error). An ``AnytimeSegmentor`` needs every tensor from the file
+    (:func:`load_anytime_weights`, ``min_matched`` ignored): its exits are a small share of the
+    model, so a plain deployed checkpoint without them would pass the share and run them at random."""
+    if path and isinstance(unwrap_model(model), AnytimeSegmentor):
+        load_anytime_weights(unwrap_model(model), path, key=key, weights_format=weights_format)
+        return
+    load_weights_for_evaluation(model, path, key=key, allow_random=allow_random, allow_key=allow_key,
+                                min_matched=min_matched, weights_format=weights_format)
 
 
 class Trainer(DefaultTrainer):
