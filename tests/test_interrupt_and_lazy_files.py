@@ -1,6 +1,7 @@
 """Lazy config files whose keys nothing reads are refused when they load; Ctrl-C during training
 prints one line (last checkpoint, resume command) and exits with 130, and the run resumes."""
 import glob
+import json
 import importlib.util
 import os
 import re
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from detectron2.config import LazyConfig
 from detectron2.utils import comm
@@ -178,3 +180,68 @@ def test_sigint_during_a_yaml_run_then_resume_finishes(tmp_path):
     assert f"Starting training from iteration {saved + 1}" in done.stdout + done.stderr
     assert (out / "model_final.pth").is_file()
 
+
+# ----------------------------------------------------------------------------- dataset converters
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "datasets", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # worker processes unpickle its functions by module name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _png(path, value, shape=(6, 8)):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full(shape, value, np.uint8)).save(path)
+
+
+def _read(path):
+    from PIL import Image
+
+    return np.asarray(Image.open(path))
+
+
+def _set_mtime_ns(path, ns):
+    os.utime(path, ns=(ns, ns))
+
+
+def test_coco_stuff_converter_converts_a_map_edited_after_conversion_again(tmp_path):
+    prep = _script("prepare_coco_stuff_164k")
+    lut = prep.load_meta().raw_to_contiguous_lut()
+    raw = tmp_path / "coco" / "stuffthingmaps" / "val2017"
+    out = tmp_path / "coco" / "stuffthingmaps_detectron2" / "val2017"
+    report = tmp_path / "coco" / "stuffthingmaps_detectron2" / "val2017_report.json"
+    _png(raw / "000000000001.png", 0)
+    _png(raw / "000000000002.png", 1)
+    run = ["--root", str(tmp_path), "--workers", "1", "--splits", "val2017"]
+    assert prep.main(run) == 0 and json.load(open(report))["converted_this_run"] == 2
+    assert (_read(out / "000000000001.png") == lut[0]).all()
+    kept = os.stat(out / "000000000002.png").st_mtime_ns
+    assert prep.main(run) == 0 and json.load(open(report))["converted_this_run"] == 0  # unchanged: skipped
+
+    # edited after conversion (same size, its modification time even set back before the output's)
+    before = os.stat(out / "000000000001.png").st_mtime_ns - 10**9
+    _png(raw / "000000000001.png", 5)
+    _set_mtime_ns(raw / "000000000001.png", before)
+    assert prep.main(run) == 0 and json.load(open(report))["converted_this_run"] == 1
+    assert (_read(out / "000000000001.png") == lut[5]).all() and lut[5] != lut[0]
+    assert os.stat(out / "000000000002.png").st_mtime_ns == kept  # the unchanged one was not touched
+    assert prep.main(run) == 0 and json.load(open(report))["converted_this_run"] == 0
+
+
+def test_label_jobs_convert_a_source_edited_after_conversion_again(tmp_path):
+    prep = _script("prepare_ade20k_sem_seg")
+    base = tmp_path / "ADEChallengeData2016"
+    for split in ("training", "validation"):
+        _png(base / "annotations" / split / "a.png", 3)
+        _png(base / "annotations" / split / "b.png", 4)
+    run = ["--root", str(tmp_path), "--workers", "1"]
+    assert prep.main(run) == 0
+    out = base / "annotations_detectron2" / "validation"
+    kept = os.stat(out / "b.png").st_mtime_ns
+    _png(base / "annotations" / "validation" / "a.png", 7)
+    _set_mtime_ns(base / "annotations" / "validation" / "a.png", os.stat(out / "a.png").st_mtime_ns + 10**9)
+    assert prep.main(run) == 0
+    assert (_read(out / "a.png") == 6).all() and os.stat(out / "b.png").st_mtime_ns == kept
