@@ -9,21 +9,25 @@
     python train_net.py --config-file ... --overwrite-output  (train from scratch in a folder
                                                                holding another config's checkpoints)
 
-Nothing is written into OUTPUT_DIR before the model and the data are built; lazy-config
-overrides must name keys of the config (``+key=value`` adds one on purpose).
+Nothing is written into OUTPUT_DIR before the model and the data are built; lazy configs:
+the keys a lazy file sets and its overrides must be keys of the config (``+key=value`` adds one
+on purpose). Ctrl-C during training keeps the checkpoints written so far and prints one line:
+the last checkpoint and the command that resumes from it (exit status 130).
 """
 import logging
+import sys
 
 import segdistill  # noqa: F401  (registers models and datasets, also in launched workers)
-from detectron2.config import LazyConfig, get_cfg
+from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
-from segdistill.config import add_segdistill_config, apply_lazy_overrides, check_dataset_names, check_device
+from segdistill.config import add_segdistill_config, check_dataset_names, check_device, load_lazy_config
 from segdistill.convert import check_weights_file
 from segdistill.data import check_eval_datasets
 from segdistill.engine import (
-    RunOutput, Trainer, check_lazy_config, lazy_evaluate, lazy_train, load_evaluation_weights, setup_run,
+    INTERRUPTED_EXIT_CODE, RunOutput, Trainer, check_lazy_config, exit_on_interrupt, lazy_evaluate, lazy_train,
+    load_evaluation_weights, setup_run,
 )
 from segdistill.hs3.splits import register_config_splits
 
@@ -45,8 +49,7 @@ def setup(args):
 
 
 def setup_lazy(args):
-    cfg = LazyConfig.load(args.config_file)
-    cfg = apply_lazy_overrides(cfg, args.opts)
+    cfg = load_lazy_config(args.config_file, args.opts)  # the file's keys and the overrides, checked
     check_lazy_config(cfg)
     if not args.resume:
         check_weights_file(cfg.train.init_checkpoint, "train.init_checkpoint")
@@ -89,14 +92,16 @@ def main(args):
         cfg, output = setup_lazy(args)
         if args.eval_only:
             return lazy_evaluate(cfg, output)
-        return lazy_train(cfg, resume=args.resume, output=output)
+        with exit_on_interrupt(output):  # Ctrl-C: one line (last checkpoint, resume command), exit 130
+            return lazy_train(cfg, resume=args.resume, output=output)
 
     cfg, output = setup(args)
     if args.eval_only:
         return evaluate(cfg, args, output)
-    trainer = Trainer(cfg, output=output)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    with exit_on_interrupt(output):
+        trainer = Trainer(cfg, output=output)
+        trainer.resume_or_load(resume=args.resume)
+        return trainer.train()
 
 
 def argument_parser():
@@ -111,11 +116,14 @@ def argument_parser():
 if __name__ == "__main__":
     args = argument_parser().parse_args()
     logging.getLogger(__name__).info("Command line arguments: %s", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    try:
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except KeyboardInterrupt:  # before training, or the launcher of several processes (their rank 0 reports)
+        sys.exit(INTERRUPTED_EXIT_CODE)

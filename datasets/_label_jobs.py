@@ -3,7 +3,7 @@ many label files in parallel, with a progress bar, resumably.
 
 Each job writes one output PNG through a temporary file and a rename, so an output that
 exists is complete: a second run (or a run after an interruption) converts only what is
-missing (``force`` redoes everything). A job's problems (unreadable input, unexpected
+missing or older than its source (a source edited since; ``force`` redoes everything). A job's problems (unreadable input, unexpected
 values) are collected and reported together, naming the files; nothing is written for them.
 """
 from __future__ import annotations
@@ -56,14 +56,21 @@ def _call(args):
         return job, f"{type(e).__name__}: {e}"
 
 
+def _stale(src: str, dst: str) -> bool:
+    """``dst`` is missing, or older than ``src`` (edited after it was converted)."""
+    if not os.path.exists(dst):
+        return True
+    return os.path.exists(src) and os.stat(src).st_mtime_ns > os.stat(dst).st_mtime_ns
+
+
 def run_jobs(jobs: Sequence[Job], convert: Callable[[str, str], Optional[str]], *, workers: int, force: bool,
              desc: str) -> Tuple[int, int]:
     """Run ``convert(src, dst)`` (returns None, or a problem) for every job whose ``dst`` is
-    missing (all with ``force``); returns (converted, skipped). Problems stop the script with
-    a message naming the files (after every other job ran)."""
+    missing or older than ``src`` (all with ``force``); returns (converted, skipped). Problems
+    stop the script with a message naming the files (after every other job ran)."""
     from tqdm import tqdm
 
-    todo = [j for j in jobs if force or not os.path.exists(j[1])]
+    todo = [j for j in jobs if force or _stale(*j)]
     problems: List[Tuple[str, str]] = []
     if todo:
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()

@@ -8,7 +8,7 @@ Input: ``ADEChallengeData2016/annotations/{training,validation}/*.png`` (ADEChal
 values 0 = "other objects", 1..150 the classes. Output:
 ``ADEChallengeData2016/annotations_detectron2/{training,validation}/*.png``, values 0..149,
 255 = ignore: the conversion of detectron2's and Mask2Former's ``prepare_ade20k_sem_seg.py``.
-Resumable (existing outputs are kept; ``--force`` redoes them); values above 150 are an error
+Resumable (an output is kept unless its source is newer; ``--force`` redoes them); values above 150 are an error
 naming the files.
 """
 from __future__ import annotations

@@ -12,8 +12,9 @@ used ids in increasing order), 255 = ignore (unlabeled and the 11 unused ids).
 
 * parallel (a pool of ``--workers`` processes) with a progress bar;
 * idempotent and resumable: each output is written to a temporary file and renamed, and a
-  journal (``.<split>.journal.jsonl`` next to the outputs) records every finished file, so
-  a second run skips what is done and an interrupted run continues where it stopped;
+  journal (``.<split>.journal.jsonl`` next to the outputs) records every finished file with
+  its source's size and modification time (ns), so a second run skips what is done, an
+  interrupted run continues where it stopped, and a source edited since is converted again;
 * images whose labels are all ignore are kept (a label of 255 everywhere), counted and
   listed in ``<split>_report.json``, not dropped;
 * raw values that are not official (182..254) are an error naming the files; unused ids
@@ -60,11 +61,27 @@ def _init_worker(lut: np.ndarray) -> None:
     _LUT = lut
 
 
+def source_stamp(path: str) -> List[int]:
+    """[size, modification time in ns] of a source file: what the journal compares."""
+    st = os.stat(path)
+    return [int(st.st_size), int(st.st_mtime_ns)]
+
+
+def _unchanged(rec: dict, src: str, dst: str) -> bool:
+    """Whether the journal's record ``rec`` of ``src`` (converted into ``dst``) still holds."""
+    if "error" in rec or "invalid_values" in rec or not os.path.exists(dst):
+        return False
+    if "source" in rec:
+        return rec["source"] == source_stamp(src)
+    # a journal written before sources were stamped: an output older than its source is stale
+    return os.stat(dst).st_mtime_ns >= os.stat(src).st_mtime_ns
+
+
 def convert_one(job) -> dict:
     """Convert one label file; returns its statistics (no output written for invalid values)."""
     src, dst, image = job
     name = os.path.basename(src)
-    rec = {"name": name}
+    rec = {"name": name, "source": source_stamp(src)}  # stamped before reading: an edit during the run is seen
     try:
         with Image.open(src) as im:
             if im.mode not in ("L", "P"):
@@ -127,12 +144,11 @@ def convert_split(coco: str, raw_root: str, split: str, workers: int, force: boo
     todo = []
     for n in names:
         dst = os.path.join(out_dir, n)
-        if not force and n in done and "error" not in done[n] and "invalid_values" not in done[n] \
-                and os.path.exists(dst):
+        if not force and n in done and _unchanged(done[n], os.path.join(src_dir, n), dst):
             continue
         image = os.path.join(img_dir, n[:-4] + ".jpg") if has_images else None
         todo.append((os.path.join(src_dir, n), dst, image))
-    logger.info("%s: %d labels, %d already converted, %d to convert (%d workers)",
+    logger.info("%s: %d labels, %d already converted (sources unchanged), %d to convert (%d workers)",
                 split, len(names), len(names) - len(todo), len(todo), workers)
     start = time.perf_counter()
     if todo:

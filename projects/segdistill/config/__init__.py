@@ -1,7 +1,7 @@
 """Configuration: every key the project adds (``add_segdistill_config``: the shared keys, then
 each registered component's own keys through its config hook), the renamed keys' errors,
-config errors and the checks that run before anything is built, and checked overrides of
-lazy (``.py``) configs.
+config errors and the checks that run before anything is built, and the checked keys and
+overrides of lazy (``.py``) configs.
 
 The bottom layer of the package with ``data``: it imports nothing of segdistill's.
 """
@@ -10,8 +10,13 @@ from .command_line import config_tool_parser, load_yaml_config
 from .defaults import add_segdistill_config
 from .hooks import SectionHook, SectionRegistry, config_hooks, register_config_hook, remove_config_hook
 from .lazy_overrides import LazyOverrideError, apply_lazy_overrides, check_lazy_override_key
+from .lazy_check import (
+    LAZY_DATALOADER_PARTS, LazyConfigKeyError, check_lazy_config_keys, lazy_train_defaults, load_lazy_config,
+)
 from .renamed_keys import RENAMED_KEYS
 
 __all__ = ["add_segdistill_config", "register_config_hook", "remove_config_hook", "config_hooks", "SectionHook",
            "SectionRegistry", "RENAMED_KEYS", "ConfigError", "check_dataset_names", "check_device", "LazyOverrideError",
-           "apply_lazy_overrides", "check_lazy_override_key", "load_yaml_config", "config_tool_parser"]
+           "apply_lazy_overrides", "check_lazy_override_key", "load_yaml_config", "config_tool_parser",
+           "LazyConfigKeyError", "check_lazy_config_keys", "lazy_train_defaults", "load_lazy_config",
+           "LAZY_DATALOADER_PARTS"]

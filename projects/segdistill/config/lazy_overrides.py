@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from .checks import ConfigError
 
-__all__ = ["LazyOverrideError", "apply_lazy_overrides", "check_lazy_override_key"]
+__all__ = ["LazyOverrideError", "apply_lazy_overrides", "check_lazy_override_key", "target_accepts"]
 
 _ABSENT = object()
 
@@ -61,23 +61,26 @@ def _flat_keys(node: Any, prefix: str = "") -> Iterable[str]:
             yield from _flat_keys(v, key + ".")
 
 
-def _target_accepts(target: Any, name: str) -> Tuple[bool, str]:
-    """(accepted, target's name) for an argument ``name`` of a LazyCall target."""
+def target_accepts(target: Any, name: str) -> Tuple[bool, str, List[str]]:
+    """(accepted, the target's name, its parameters) for an argument ``name`` of a LazyCall
+    ``target`` (a callable or its dotted name); a target that cannot be located or has no
+    signature accepts anything (``instantiate`` reports it)."""
     if isinstance(target, str):
         from detectron2.utils.registry import locate
 
         try:
             target = locate(target)
         except Exception:  # noqa: BLE001  (instantiate reports an unknown target itself)
-            return True, str(target)
+            return True, str(target), []
     label = getattr(target, "__qualname__", None) or repr(target)
     try:
         params = inspect.signature(target).parameters
     except (TypeError, ValueError):  # builtins without a signature: cannot tell
-        return True, label
+        return True, label, []
+    names = [p for p in params if p != "self"]
     if name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return True, label
-    return False, f"{label}({', '.join(p for p in params if p != 'self')})"
+        return True, label, names
+    return False, f"{label}({', '.join(names)})", names
 
 
 def _child(node: Any, part: str) -> Any:
@@ -111,7 +114,7 @@ def check_lazy_override_key(tree: Any, key: str) -> None:
             )
         reason: Optional[str] = None
         if last and isinstance(node, dict) and "_target_" in node:
-            ok, label = _target_accepts(node["_target_"], part)
+            ok, label, _ = target_accepts(node["_target_"], part)
             if ok:
                 return
             reason = f"{parent_key or 'the config'} calls {label}, which takes no argument {part!r}"

@@ -1,7 +1,8 @@
 """Training and evaluation of lazy (``.py``) configs, as detectron2's lazy training loop does.
 
 A lazy config provides ``model``, ``dataloader.{train,test,evaluator}``, ``optimizer``,
-``lr_multiplier`` and ``train`` (``output_dir``, ``init_checkpoint``, ``max_iter``,
+``lr_multiplier`` and ``train`` (:func:`segdistill.config.lazy_train_defaults`, the keys a
+file may set: ``output_dir``, ``init_checkpoint``, ``max_iter``,
 ``device``, ``amp.enabled``, ``ddp``, ``checkpointer``, ``eval_period``, ``log_period``,
 ``seed``, ``allow_random_weights``, ``min_matched_weights``).
 

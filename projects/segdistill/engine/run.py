@@ -21,15 +21,22 @@ The config file rule. A folder "holds checkpoints" when it has ``last_checkpoint
 * ``--resume`` replaces ``config.yaml`` (the config of the checkpoints written from now
   on) and logs the differing keys;
 * ``--eval-only`` keeps ``config.yaml`` and writes its own config to ``config_eval.yaml``.
+
+Ctrl-C during training (:func:`exit_on_interrupt`): the checkpoints written so far stay as
+they are; the main process prints one line naming the last checkpoint and the command that
+resumes from it, and the process exits with 130 (the shell's code for SIGINT), with no traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import logging.handlers
 import os
+import shlex
+import sys
 import tempfile
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional, Sequence
 
 from detectron2.config import CfgNode, LazyConfig
 from detectron2.utils import comm
@@ -40,7 +47,8 @@ from detectron2.utils.logger import setup_logger
 
 from ..config import ConfigError
 
-__all__ = ["RunOutput", "OutputDirConflictError", "setup_run", "output_dir_of", "LOGGER_NAMES"]
+__all__ = ["RunOutput", "OutputDirConflictError", "setup_run", "output_dir_of", "LOGGER_NAMES", "exit_on_interrupt",
+           "INTERRUPTED_EXIT_CODE"]
 
 #: Loggers whose lines go to the console and to ``log.txt``.
 LOGGER_NAMES = ("detectron2", "fvcore", "segdistill")
@@ -129,6 +137,16 @@ def _differences(old_text: str, new_text: str, limit: int = 10) -> str:
     return shown + (f"; ... ({len(keys)} keys)" if len(keys) > limit else "")
 
 
+def _last_checkpoint(folder: str) -> Optional[str]:
+    """The file ``folder/last_checkpoint`` names (detectron2's checkpointer writes it), or None."""
+    path = os.path.join(folder, "last_checkpoint")
+    if not folder or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        name = f.read().strip()
+    return os.path.join(folder, name) if name else None
+
+
 def _has_checkpoints(folder: str) -> List[str]:
     if not os.path.isdir(folder):
         return []
@@ -160,6 +178,9 @@ class RunOutput:
         self.opened = False
         self.config_written = False
         self._buffer = log_buffer  # the log lines of setup_run, written to log.txt by open()
+        # A run from scratch (not --resume) writes over a folder's older checkpoints: until it
+        # saves its own, the one there is not this run's.
+        self._checkpoint_at_start = _last_checkpoint(self.output_dir)
 
     @classmethod
     def from_args(cls, cfg, args, log_buffer: Optional[_Buffer] = None) -> "RunOutput":
@@ -174,6 +195,19 @@ class RunOutput:
             LazyConfig.save(self._cfg, path)
             with open(path) as f:
                 return f.read()
+
+    def interrupted_message(self, argv: Sequence[str]) -> str:
+        """One line after Ctrl-C: this run's last checkpoint and the command (``argv``: the
+        interrupted one, with ``--resume``) that continues from it."""
+        last = _last_checkpoint(self.output_dir)
+        if last is not None and self.mode == "train" and last == self._checkpoint_at_start:
+            last = None  # the folder's older run, which this run started over
+        args = [a for a in argv[1:] if a not in ("--resume", "--overwrite-output")]
+        command = shlex.join([sys.executable, argv[0], "--resume", *args])
+        if last is None:
+            return (f"Training interrupted before its first checkpoint (nothing to keep in {self.output_dir}); "
+                    f"to start again: {command}")
+        return f"Training interrupted; last checkpoint: {last}; to resume from it: {command}"
 
     # -- the rule ----------------------------------------------------------------------------
     def _decide(self):
@@ -284,3 +318,21 @@ def setup_run(cfg, args) -> RunOutput:
         torch.backends.cudnn.benchmark = bool(
             cfg.CUDNN_BENCHMARK if isinstance(cfg, CfgNode) else cfg.train.get("cudnn_benchmark", False))
     return output
+
+
+#: The exit status of a run stopped by Ctrl-C (128 + SIGINT, as a shell reports it).
+INTERRUPTED_EXIT_CODE = 130
+
+
+@contextlib.contextmanager
+def exit_on_interrupt(output: RunOutput, argv: Optional[Sequence[str]] = None) -> Iterator[None]:
+    """Turn Ctrl-C (KeyboardInterrupt) inside the block into one line on stderr from the main
+    process (:meth:`RunOutput.interrupted_message`, ``argv`` defaults to ``sys.argv``) and
+    ``SystemExit(130)``; checkpoints already written are kept, nothing new is saved (the
+    interrupted iteration may be half done)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if comm.is_main_process():
+            print(output.interrupted_message(list(sys.argv if argv is None else argv)), file=sys.stderr, flush=True)
+        raise SystemExit(INTERRUPTED_EXIT_CODE) from None

@@ -42,7 +42,7 @@ from torch.nn import functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 
-from ...config import apply_lazy_overrides, load_yaml_config
+from ...config import load_lazy_config, load_yaml_config
 from ...convert import (
     DeployableModel, SegmentorWrapper, check_weights_file, load_checked_weights, load_foreign_weights,
 )
@@ -105,9 +105,9 @@ def build_teacher(
             "(Tests and benchmarks may set MODEL.DISTILL.TEACHER.ALLOW_RANDOM True for a random teacher.)"
         )
     if path.endswith(".py"):
-        from detectron2.config import LazyConfig, instantiate
+        from detectron2.config import instantiate
 
-        lazy = apply_lazy_overrides(LazyConfig.load(path), list(opts))  # unknown keys: an error
+        lazy = load_lazy_config(path, list(opts))  # unknown keys (file and overrides): an error
         teacher = instantiate(with_backbone_stages(lazy.model, stages))
     else:
         from detectron2.modeling import build_model
