@@ -256,6 +256,7 @@ class TimmBackbone(StagewiseBackbone, ConvertibleBackbone):
         )
         self.model_name = model_name
         self.family = backbone_family(self.body)
+        self.fuse_upsample = ""  # no branch fusion (ConvertibleBackbone)
         info = self.body.feature_info
         # res{k}: 2**k is the level's reduction without dilation (res1 = 1/2 ... res5 = 1/32).
         nominal = _nominal_reductions(info)
@@ -381,6 +382,7 @@ class HRNetBackbone(StagewiseBackbone, ConvertibleBackbone):
         )
         self.model_name = model_name
         self.family = "hrnet"
+        self.fuse_upsample = fuse_upsample
         body = self.body
         if fuse_upsample == "bilinear":  # mmsegmentation's HRNet
             for m in body.modules():
