@@ -114,3 +114,61 @@ def test_cirkd_file_needs_align_corners():
         model = build_model(cfg)
     with pytest.raises(SourceOptionsError, match=r"MODEL\.SEM_SEG_HEAD\.ALIGN_CORNERS True"):
         convert_model_state(state, model, "cirkd", source="deeplabv3_resnet18_citys.pth")
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepLabV3 in the mmseg layout
+# ---------------------------------------------------------------------------------------------
+def test_mmseg_deeplabv3_hint_names_bottleneck_convs(tmp_path):
+    from segdistill.convert import CheckpointMismatchError
+
+    mm_cfg, keys, kwargs, _ = CASES["deeplabv3_r18_d8"]
+    path = _save(tmp_path, "deeplabv3_r18-d8.pth", build_mmseg(mm_cfg))
+    ours = our_model(dict(keys, **{"MODEL.SEM_SEG_HEAD.ASPP_BOTTLENECK_CONVS": 1}), kwargs)
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)hint: .*MODEL\.SEM_SEG_HEAD\.ASPP_BOTTLENECK_CONVS 0"):
+        load_model_weights(ours, path)
+
+
+@pytest.mark.parametrize("case", ["deeplabv3_r18_d8", "deeplabv3plus_mv2_d8"])
+def test_aspp_dropout_is_refused_under_mmseg_layout(case):
+    from segdistill.config import ConfigError
+
+    _, keys, kwargs, _ = CASES[case]
+    with pytest.raises(ConfigError, match=r"ASPP_DROPOUT 0\.1 under MODEL\.SEM_SEG_HEAD\.LAYOUT mmseg.*"
+                                          r"Set MODEL\.SEM_SEG_HEAD\.ASPP_DROPOUT 0\.0"):
+        our_model(dict(keys, **{"MODEL.SEM_SEG_HEAD.ASPP_DROPOUT": 0.1}), kwargs)
+    # detectron2's layout has its dropout inside the ASPP
+    our_model(dict(keys, **{"MODEL.SEM_SEG_HEAD.LAYOUT": "detectron2", "MODEL.SEM_SEG_HEAD.ASPP_DROPOUT": 0.1,
+                            "MODEL.SEM_SEG_HEAD.PROJECT_FEATURES": ["res2"]}), kwargs)
+
+
+def test_mmseg_deeplabv3_config_loads_an_mmseg_file_as_it_is(tmp_path):
+    """configs/reproduce/mmseg/deeplabv3_r101_teacher.yaml with only its widths narrowed (the
+    oracle's ResNetV1c at 1/8 of the width): the file loads with no layout key added, and gives
+    mmsegmentation's logits. (tests/test_reproduce.py checks the full widths by names and shapes.)"""
+    from detectron2.config import get_cfg
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling import SemanticSegmentor, build_sem_seg_head
+
+    from conftest import set_keys
+    from segdistill import add_segdistill_config
+    from segdistill.modeling.backbones import TimmBackbone
+    from test_convert_mmseg import NUM_CLASSES, TIMM_R_TINY, aux, head, resnet_v1c
+
+    mm = build_mmseg(dict(type="EncoderDecoder", backbone=resnet_v1c(101),
+                          decode_head=head("ASPPHead", in_channels=256, in_index=3, channels=16,
+                                           dilations=(1, 12, 24, 36)),
+                          auxiliary_head=aux(128)))
+    path = _save(tmp_path, "deeplabv3_r101-d8_512x1024_80k_cityscapes.pth", mm)
+    cfg = get_cfg()
+    add_segdistill_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO, "configs", "reproduce", "mmseg", "deeplabv3_r101_teacher.yaml"))
+    set_keys(cfg, **{"MODEL.NORM": "BN", "MODEL.TIMM.CHECKPOINT": "", "MODEL.TIMM.STEM_WIDTH": 8,
+                     "MODEL.SEM_SEG_HEAD.NUM_CLASSES": NUM_CLASSES, "MODEL.SEM_SEG_HEAD.ASPP_CHANNELS": 16,
+                     "MODEL.SEM_SEG_HEAD.AUX_CHANNELS": 8})
+    backbone = TimmBackbone(**dict(TimmBackbone.from_config(cfg, ShapeSpec(channels=3)), model_kwargs=TIMM_R_TINY))
+    ours = SemanticSegmentor(backbone=backbone, sem_seg_head=build_sem_seg_head(cfg, backbone.output_shape()),
+                             pixel_mean=[0.0] * 3, pixel_std=[1.0] * 3).eval()
+    load_model_weights(ours, path)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    assert _rel_err(_logits(ours, x), mmseg_logits(mm, x)) < REL_TOL
