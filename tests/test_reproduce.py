@@ -120,6 +120,7 @@ MMSEG_SOURCES = {
     "fakd/fcn_hr18s_student.yaml": "hrnet/fcn_hr18s_4xb2-40k_cityscapes-512x1024.py",
     "fakd/deeplabv3plus_mv2_student.yaml": "mobilenet_v2/mobilenet-v2-d8_deeplabv3plus_4xb2-80k_cityscapes-512x1024.py",
     "fakd/isanet_r18_student.yaml": None,  # built by _isanet_r18
+    "mmseg/deeplabv3_r101_teacher.yaml": "deeplabv3/deeplabv3_r101-d8_4xb2-80k_cityscapes-512x1024.py",
 }
 
 

@@ -118,7 +118,7 @@ def _add_foreign_layout_keys(cfg: CN) -> None:
     # last ResNet stage, e.g. [1, 2, 4] for its "-mg124" models; [] = off.
     cfg.MODEL.TIMM.MULTI_GRID = []
     # HRNet: how branches are upsampled when fused: "nearest" (timm, the HRNet classification
-    # release) or "bilinear" (mmsegmentation).
+    # release) or "bilinear" (mmsegmentation; an mmsegmentation file under "nearest" is refused).
     cfg.MODEL.TIMM.HRNET_FUSE_UPSAMPLE = "nearest"
     # Format of MODEL.TIMM.CHECKPOINT: "auto" (from its keys), "timm", "torchvision",
     # "openmmlab" (open-mmlab://, mmcls, mmpretrain), "hrnet" (the official HRNet release),

@@ -7,6 +7,8 @@
 * :mod:`.contracts`: what the converters need of a model (a wrapped segmentor, a timm
   backbone's body and family, a head's registered name, a deployed state dict), written as
   the base classes the models implement: this package imports no model;
+* :mod:`.source_options`: the shape-free options a whole-model file's source pins (HRNet
+  fusion, ``align_corners``), checked against the model's (:class:`SourceOptionsError`);
 * :mod:`.load`: converting into a backbone body (``MODEL.TIMM.CHECKPOINT``) or a whole
   segmentor (``MODEL.WEIGHTS``, ``MODEL.DISTILL.TEACHER.WEIGHTS``);
 * :mod:`.checkpointer`: ``SegDistillCheckpointer``, detectron2's checkpointer with the
@@ -30,6 +32,7 @@ from .load import (
     detect_backbone_format, detect_model_format, load_backbone_weights, load_foreign_weights, load_model_weights,
     segmentor_of,
 )
+from .source_options import SourceOptionsError
 from .weights import (
     DEFAULT_MIN_MATCHED, LoadReport, WeightsMismatchError, check_weights_file, load_checked_weights, load_weights,
     load_weights_for_evaluation,
@@ -41,7 +44,7 @@ __all__ = [
     "detect_model_format", "load_backbone_weights", "load_checkpoint_file", "load_foreign_weights",
     "load_model_weights", "segmentor_of", "unwrap_state_dict", "SegDistillCheckpointer",
     "SegmentorWrapper", "ConvertibleBackbone", "ConvertibleHead", "DeployableModel", "backbone_family", "head_key_map",
-    "deployed_state_dict", "save_deployed_checkpoint",
+    "deployed_state_dict", "save_deployed_checkpoint", "SourceOptionsError",
     "DEFAULT_MIN_MATCHED", "LoadReport", "WeightsMismatchError", "check_weights_file", "load_checked_weights",
     "load_weights", "load_weights_for_evaluation",
 ]

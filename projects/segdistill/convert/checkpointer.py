@@ -14,6 +14,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 
 from .io import load_checkpoint_file, unwrap_state_dict
 from .load import MODEL_FORMATS, convert_model_state, segmentor_of
+from .source_options import file_meta
 
 __all__ = ["SegDistillCheckpointer"]
 
@@ -38,7 +39,8 @@ class SegDistillCheckpointer(DetectionCheckpointer):
             return super()._torch_load(f)
         obj = load_checkpoint_file(f, key=self.key)
         state, _ = unwrap_state_dict(obj)
-        conv = convert_model_state(state, self.model, self.weights_format, source=f, key=self.key)
+        conv = convert_model_state(state, self.model, self.weights_format, source=f, key=self.key,
+                                   meta=file_meta(obj))
         if conv is None:  # the project's own format (also --resume)
             return obj
         logger.info(conv.summary())

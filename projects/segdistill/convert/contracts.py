@@ -8,7 +8,7 @@ converters ask ``isinstance`` of the contract:
   it wraps, under a prefix (the ``Distiller``: its student, ``student.``);
 * :class:`ConvertibleBackbone`: a backbone whose weights are those of one timm network
   (``body``, whose ImageNet checkpoints the key maps convert) of a known ``family``
-  (:func:`backbone_family`); ``TimmBackbone`` and ``HRNetBackbone``;
+  (:func:`backbone_family`), and its HRNet fusion mode; ``TimmBackbone`` and ``HRNetBackbone``;
 * :class:`ConvertibleHead`: a head the whole-model key maps know; the map is chosen by the
   name of the class it is registered under in detectron2's ``SEM_SEG_HEADS_REGISTRY``
   (:func:`head_key_map`); ``SegHeadMixin``, so every segdistill head;
@@ -45,7 +45,10 @@ class ConvertibleBackbone:
 
     * ``body``: the timm network (its ``state_dict`` is what ImageNet checkpoints hold, with
       their own names, which the key maps rename);
-    * ``family``: ``backbone_family(body)`` (which key map applies).
+    * ``family``: ``backbone_family(body)`` (which key map applies);
+    * ``fuse_upsample``: how an HRNet upsamples branches when it fuses them ("nearest" or
+      "bilinear", ``MODEL.TIMM.HRNET_FUSE_UPSAMPLE``); "" for a backbone without fusion.
+      Shape-free: the file's source pins it (:mod:`.source_options`).
 
     (Declared as annotations only: a class attribute would shadow the submodule ``body``
     that ``nn.Module`` keeps in ``_modules``.)
@@ -53,6 +56,7 @@ class ConvertibleBackbone:
 
     body: nn.Module
     family: str
+    fuse_upsample: str
 
 
 class ConvertibleHead:
@@ -65,11 +69,15 @@ class ConvertibleHead:
     * ``layout``: the code base whose structure the head reproduces where layouts differ
       (``MODEL.SEM_SEG_HEAD.LAYOUT``; "" for heads with one structure);
     * ``aux_head``: ``None`` or the auxiliary FCN head (training only), whose ``in_feature``
-      names the stage it reads; its ``conv`` and ``predictor`` take the file's auxiliary head.
+      names the stage it reads; its ``conv`` and ``predictor`` take the file's auxiliary head;
+    * ``align_corners``: of every bilinear resize of the head and of its output
+      (``MODEL.SEM_SEG_HEAD.ALIGN_CORNERS``). Shape-free: the file's source pins it
+      (:mod:`.source_options`).
     """
 
     layout: str
     aux_head: Optional[nn.Module]
+    align_corners: bool
 
 
 class DeployableModel(abc.ABC):

@@ -28,6 +28,7 @@ from . import cirkd, openmmlab, timm as timm_format, torchvision as tv_format
 from .contracts import ConvertibleBackbone, ConvertibleHead, SegmentorWrapper, backbone_family
 from .core import IGNORED_SUFFIXES, CheckpointMismatchError, Conversion, apply_rules, check_fit
 from .io import load_checkpoint_file, unwrap_state_dict
+from .source_options import check_source_options, file_meta
 
 __all__ = [
     "BACKBONE_FORMATS", "MODEL_FORMATS", "detect_backbone_format", "detect_model_format", "convert_backbone_state",
@@ -196,9 +197,13 @@ def _has_own_names(state: Dict[str, torch.Tensor], model: nn.Module) -> bool:
 
 
 def convert_model_state(state: Dict[str, torch.Tensor], model: nn.Module, fmt: str = "auto", *,
-                        source: str = "<state dict>", key: str = "MODEL.WEIGHTS") -> Optional[Conversion]:
+                        source: str = "<state dict>", key: str = "MODEL.WEIGHTS",
+                        meta: Optional[dict] = None) -> Optional[Conversion]:
     """Rename a whole-model ``state`` (mmseg / CIRKD) to ``model``'s names, checked; None for
-    the project's own (detectron2) format, which needs no conversion."""
+    the project's own (detectron2) format, which needs no conversion. The shapes must fit,
+    and the model's shape-free options must be those the file's source computed with
+    (:func:`.source_options.check_source_options`; ``meta``: the file's ``meta`` dict, which
+    may hold its config text)."""
     _check_format(fmt, MODEL_FORMATS, "MODEL.WEIGHTS_FORMAT")
     detected = detect_model_format(state)
     if fmt == "auto":
@@ -223,6 +228,7 @@ def convert_model_state(state: Dict[str, torch.Tensor], model: nn.Module, fmt: s
     conv = apply_rules(state, rules, source=source, source_format=fmt)
     target = {k: v for k, v in segmentor.state_dict().items()}
     check_fit(conv, target, expected=f"{describe_target(segmentor)} ({key})", looks_like=looks_like, hint=hint)
+    check_source_options(fmt, backbone, head, source=source, meta=meta, key=key)
     return conv
 
 
@@ -242,7 +248,7 @@ def load_model_weights(model: nn.Module, path: str, fmt: str = "auto", *, key: s
     own format (the caller loads those with detectron2's checkpointer)."""
     obj = load_checkpoint_file(path, key=key, unsafe_unpickle=unsafe_unpickle)
     state, where = unwrap_state_dict(obj)
-    conv = convert_model_state(state, model, fmt, source=path, key=key)
+    conv = convert_model_state(state, model, fmt, source=path, key=key, meta=file_meta(obj))
     if conv is None:
         return None
     segmentor, _ = segmentor_of(model)

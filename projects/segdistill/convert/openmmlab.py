@@ -248,6 +248,10 @@ def suggest_config(keys) -> str:
         if k in desc:
             parts.insert(0, f"MODEL.SEM_SEG_HEAD.NAME {v}")
             break
+    if "ASPPHead (DeepLabV3)" in desc:  # no 3x3 convs after the ASPP's bottleneck
+        parts.append("MODEL.SEM_SEG_HEAD.ASPP_BOTTLENECK_CONVS 0")
+    if "(DeepLabV3" in desc:  # one dropout, before the classifier
+        parts.append("MODEL.SEM_SEG_HEAD.ASPP_DROPOUT 0.0")
     if "auxiliary" in desc:
         parts.append("MODEL.SEM_SEG_HEAD.AUX_IN_FEATURE res4 (with its AUX_CHANNELS)")
     return (f"the file is {desc}; such a model needs {', '.join(parts)} and the widths of its config "

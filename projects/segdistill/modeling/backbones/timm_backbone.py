@@ -29,8 +29,9 @@ load, see :mod:`segdistill.convert`):
   dilations of the last stage's blocks) and its MobileNetV2 (only the first block of a
   stage is dilated).
 * ``hrnet_fuse_upsample="bilinear"`` (HRNet): mmsegmentation's HRNet upsamples the
-  branches bilinearly when it fuses them; timm and the HRNet classification release use
-  nearest neighbours.
+  branches bilinearly when it fuses them, then resizes them to the size of the branch they
+  join, so any input size fuses (no padding at inference: ``size_divisibility`` 0); timm and
+  the HRNet classification release use nearest neighbours by exact factors (inputs padded to 32).
 
 Nothing is ever downloaded: ``pretrained`` is always off, and ``checkpoint`` loads a local
 ImageNet state dict for the body (timm, torchvision, OpenMMLab, the HRNet release or
@@ -45,6 +46,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import timm
 import torch
 from torch import nn
+from torch.nn import functional as F
+
+from timm.models.hrnet import HighResolutionModule
 
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
@@ -256,6 +260,7 @@ class TimmBackbone(StagewiseBackbone, ConvertibleBackbone):
         )
         self.model_name = model_name
         self.family = backbone_family(self.body)
+        self.fuse_upsample = ""  # no branch fusion (ConvertibleBackbone)
         info = self.body.feature_info
         # res{k}: 2**k is the level's reduction without dilation (res1 = 1/2 ... res5 = 1/32).
         nominal = _nominal_reductions(info)
@@ -381,11 +386,15 @@ class HRNetBackbone(StagewiseBackbone, ConvertibleBackbone):
         )
         self.model_name = model_name
         self.family = "hrnet"
+        self.fuse_upsample = fuse_upsample
         body = self.body
         if fuse_upsample == "bilinear":  # mmsegmentation's HRNet
             for m in body.modules():
                 if isinstance(m, nn.Upsample):
                     m.mode, m.align_corners = "bilinear", False
+                elif type(m) is HighResolutionModule:
+                    # the same module (parameters, names, hooks) with mmsegmentation's fusion
+                    m.__class__ = SizeFusingHRModule
         ch2, ch3, ch4 = (list(s[-1].num_in_chs) for s in (body.stage2, body.stage3, body.stage4))
         expansion = 4 if body.stage1_cfg["block_type"] == "BOTTLENECK" else 1
         layer1_ch = body.stage1_cfg["num_channels"][0] * expansion
@@ -456,8 +465,34 @@ class HRNetBackbone(StagewiseBackbone, ConvertibleBackbone):
 
     @property
     def size_divisibility(self) -> int:
-        # Branch fusion upsamples the 1/32 branch by exact factors: inputs are padded to 32.
-        return 32
+        # Nearest fusion upsamples the 1/32 branch by exact factors: inputs are padded to 32.
+        # Bilinear fusion resizes to the joined branch's size, as mmsegmentation does: its
+        # inference pads nothing (padding would change the logits near the border), its
+        # training pads crops (labels with the ignore value), so that every exit and head at
+        # stride up to 32 gives logits of the crop's size for the loss.
+        return 32 if self.fuse_upsample == "nearest" or self.training else 0
+
+
+class SizeFusingHRModule(HighResolutionModule):
+    """timm's ``HighResolutionModule`` with mmsegmentation's fusion: a branch upsampled by its
+    fuse layer (``scale_factor``) is then resized to the size of the branch it joins, so that
+    inputs of any size fuse (the two differ where a stride-2 conv rounded up). Its modules and
+    parameters are timm's: ``HRNetBackbone`` sets it as the class of timm's modules."""
+
+    def forward(self, x: List[torch.Tensor]) -> List[torch.Tensor]:
+        if self.num_branches == 1:
+            return [self.branches[0](x[0])]
+        x = [branch(t) for branch, t in zip(self.branches, x)]
+        fused = []
+        for i, fuse_outer in enumerate(self.fuse_layers):
+            y = None
+            for j, f in enumerate(fuse_outer):
+                t = f(x[j])
+                if j > i and t.shape[-2:] != x[i].shape[-2:]:
+                    t = F.interpolate(t, size=x[i].shape[-2:], mode="bilinear", align_corners=False)
+                y = t if y is None else y + t
+            fused.append(self.fuse_act(y))
+        return fused
 
 
 def _transition(transitions: nn.ModuleList, yl: List[torch.Tensor]) -> List[torch.Tensor]:

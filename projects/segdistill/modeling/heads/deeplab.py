@@ -7,7 +7,7 @@
   is ``@configurable`` and follows :class:`SegHeadMixin`; ``SegDeepLabV3PlusHead`` *is*
   detectron2's ``DeepLabV3PlusHead`` with the mixin on top.
 * ``"mmseg"``: mmsegmentation's ``ASPPHead`` (image pooling first, 3x3 bottleneck, dropout,
-  classifier) and ``DepthwiseSeparableASPPHead`` (separable dilated branches; the ASPP output
+  classifier; ``ASPP_DROPOUT`` must be 0, the one dropout is ``DROPOUT``) and ``DepthwiseSeparableASPPHead`` (separable dilated branches; the ASPP output
   upsampled to the low-level feature, concatenated after its 1x1 projection
   (``c1_bottleneck``), two separable 3x3 convs (``sep_bottleneck``), dropout, classifier).
 * ``"cirkd"`` (DeepLabV3 only): CIRKD's ``_DeepLabHead`` (pooling last, 1x1 projection with
@@ -31,7 +31,7 @@ from detectron2.layers import ASPP, Conv2d, ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from detectron2.projects.deeplab import DeepLabV3PlusHead
 
-from ...config import register_config_hook
+from ...config import ConfigError, register_config_hook
 from .aspp import ASPP_LAYOUTS, SegASPP, SeparableConvNormReLU
 from .base import (
     AuxFCNHead, SegHeadMixin, build_classifier, check_loss_type, common_head_config, conv_norm_relu, dropout2d,
@@ -72,9 +72,18 @@ def _aspp_pool_kernel(cfg, stride: int):
     return (h // stride, w // stride)
 
 
-def _check_layout(layout: str, head: str, allowed=ASPP_LAYOUTS) -> str:
+def _check_layout(layout: str, head: str, allowed=ASPP_LAYOUTS, aspp_dropout: float = 0.0) -> str:
     if layout not in allowed:
         raise ValueError(f"MODEL.SEM_SEG_HEAD.LAYOUT {layout!r} is not a layout of {head}; choose from {list(allowed)}.")
+    if layout == "mmseg" and aspp_dropout > 0:
+        # mmsegmentation's ASPP heads drop out once, before the classifier (DROPOUT); a second
+        # dropout inside the ASPP would change the training silently.
+        raise ConfigError(
+            f"MODEL.SEM_SEG_HEAD.ASPP_DROPOUT {aspp_dropout} under MODEL.SEM_SEG_HEAD.LAYOUT mmseg adds a dropout "
+            f"that mmsegmentation's ASPP heads (ASPPHead, DepthwiseSeparableASPPHead, which {head} "
+            "reproduces) do not have: their only dropout is before the classifier (MODEL.SEM_SEG_HEAD.DROPOUT, 0.1 in "
+            "their configs). Set MODEL.SEM_SEG_HEAD.ASPP_DROPOUT 0.0."
+        )
     return layout
 
 
@@ -106,7 +115,7 @@ class SegDeepLabV3Head(SegHeadMixin, nn.Module):
         without bottleneck convs has only the ASPP's own dropout). ``contract``: the head
         contract's arguments (:meth:`SegHeadMixin._init_contract`)."""
         super().__init__()
-        self.layout = _check_layout(layout, type(self).__name__)
+        self.layout = _check_layout(layout, type(self).__name__, aspp_dropout=aspp_dropout)
         in_channels = input_shape[in_feature].channels
         if layout == "detectron2":
             self.aspp = ASPP(
@@ -193,7 +202,7 @@ class SegDeepLabV3PlusHead(SegHeadMixin, DeepLabV3PlusHead):
         check_loss_type(loss_type)
         if num_classes is None:
             raise ValueError("SegDeepLabV3PlusHead needs num_classes (MODEL.SEM_SEG_HEAD.NUM_CLASSES).")
-        layout = _check_layout(layout, type(self).__name__, ("detectron2", "mmseg"))
+        layout = _check_layout(layout, type(self).__name__, ("detectron2", "mmseg"), aspp_dropout)
         shapes = dict(input_shape)  # a lazy config's DictConfig would pass for a config in the parent's @configurable
         if layout == "detectron2":
             super().__init__(
