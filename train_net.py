@@ -27,7 +27,7 @@ from segdistill.convert import check_weights_file
 from segdistill.data import check_eval_datasets
 from segdistill.engine import (
     INTERRUPTED_EXIT_CODE, RunOutput, Trainer, check_lazy_config, exit_on_interrupt, lazy_evaluate, lazy_train,
-    load_evaluation_weights, setup_run,
+    setup_run,
 )
 from segdistill.hs3.splits import register_config_splits
 
@@ -59,26 +59,14 @@ def setup_lazy(args):
 def evaluate(cfg, args, output: RunOutput):
     """--eval-only: MODEL.WEIGHTS (or OUTPUT_DIR's last checkpoint with --resume), refused when
     empty or not fitting the model unless TEST.ALLOW_RANDOM_WEIGHTS (an AnytimeSegmentor: every
-    tensor, its exits' included). With weights, the backbone's ImageNet initialisation
-    (MODEL.TIMM.CHECKPOINT) is skipped: the weights file gives the model (detectron2's rule)."""
+    tensor, its exits' included; Trainer.build_evaluation_model)."""
     from detectron2.checkpoint import DetectionCheckpointer
 
     weights = cfg.MODEL.WEIGHTS
     last = DetectionCheckpointer(None, save_dir=cfg.OUTPUT_DIR)
     if args.resume and last.has_checkpoint():
         weights = last.get_checkpoint_file()
-    build_cfg = cfg
-    if weights and cfg.MODEL.TIMM.CHECKPOINT:
-        logging.getLogger(__name__).info(
-            "Evaluating %s: the backbone's ImageNet initialisation (MODEL.TIMM.CHECKPOINT %s) is skipped.",
-            weights, cfg.MODEL.TIMM.CHECKPOINT)
-        build_cfg = cfg.clone()
-        build_cfg.defrost()
-        build_cfg.MODEL.TIMM.CHECKPOINT = ""
-        build_cfg.freeze()
-    model = Trainer.build_model(build_cfg)
-    load_evaluation_weights(model, weights, allow_random=cfg.TEST.ALLOW_RANDOM_WEIGHTS,
-                            min_matched=cfg.TEST.MIN_MATCHED_WEIGHTS, weights_format=cfg.MODEL.WEIGHTS_FORMAT)
+    model = Trainer.build_evaluation_model(cfg, weights)
     check_eval_datasets(cfg.DATASETS.TEST)
     output.open()  # the first write into OUTPUT_DIR: model and data are ready
     res = Trainer.test(cfg, model)

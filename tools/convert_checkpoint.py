@@ -36,8 +36,8 @@ import torch  # noqa: E402
 import segdistill  # noqa: E402,F401  (registers the heads and backbones)
 from segdistill.convert import (  # noqa: E402
     BACKBONE_FORMATS, MODEL_FORMATS, CheckpointMismatchError, CheckpointReadError, ConvertibleBackbone,
-    convert_backbone_state, convert_model_state, load_checked_weights, load_checkpoint_file, segmentor_of,
-    unwrap_state_dict,
+    convert_backbone_state, convert_model_state, file_meta, load_checked_weights, load_checkpoint_file,
+    segmentor_of, unwrap_state_dict,
 )
 from segdistill.engine import skip_backbone_init  # noqa: E402
 
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
             conv = convert_backbone_state(state, segmentor.backbone.body, args.format, source=args.input)
             out = conv.state
         else:
-            conv = convert_model_state(state, model, args.format, source=args.input)
+            conv = convert_model_state(state, model, args.format, source=args.input, meta=file_meta(obj))
             if conv is None:  # no foreign format recognised: it must be a checkpoint of this config's model
                 segmentor, _ = segmentor_of(model)
                 report = load_checked_weights(segmentor, args.input, key="input", min_matched=1.0,

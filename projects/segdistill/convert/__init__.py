@@ -32,7 +32,7 @@ from .load import (
     detect_backbone_format, detect_model_format, load_backbone_weights, load_foreign_weights, load_model_weights,
     segmentor_of,
 )
-from .source_options import SourceOptionsError
+from .source_options import SourceOptionsError, file_meta
 from .weights import (
     DEFAULT_MIN_MATCHED, LoadReport, WeightsMismatchError, check_weights_file, load_checked_weights, load_weights,
     load_weights_for_evaluation,
@@ -42,7 +42,7 @@ __all__ = [
     "CheckpointMismatchError", "CheckpointReadError", "Conversion", "BACKBONE_FORMATS", "MODEL_FORMATS",
     "convert_backbone_state", "convert_model_state", "convertible_parts", "describe_target", "detect_backbone_format",
     "detect_model_format", "load_backbone_weights", "load_checkpoint_file", "load_foreign_weights",
-    "load_model_weights", "segmentor_of", "unwrap_state_dict", "SegDistillCheckpointer",
+    "load_model_weights", "segmentor_of", "file_meta", "unwrap_state_dict", "SegDistillCheckpointer",
     "SegmentorWrapper", "ConvertibleBackbone", "ConvertibleHead", "DeployableModel", "backbone_family", "head_key_map",
     "deployed_state_dict", "save_deployed_checkpoint", "SourceOptionsError",
     "DEFAULT_MIN_MATCHED", "LoadReport", "WeightsMismatchError", "check_weights_file", "load_checked_weights",

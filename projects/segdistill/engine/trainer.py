@@ -119,6 +119,25 @@ class Trainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     @classmethod
+    def build_evaluation_model(cls, cfg, weights: str):
+        """The model ``--eval-only`` evaluates: built from ``cfg`` and loaded from ``weights``
+        (:func:`load_evaluation_weights`: refused when empty or not fitting, unless
+        ``TEST.ALLOW_RANDOM_WEIGHTS``). With weights, the backbone's ImageNet initialisation
+        (``MODEL.TIMM.CHECKPOINT``) is skipped: the weights file gives the model, as in detectron2."""
+        if weights and cfg.MODEL.TIMM.CHECKPOINT:
+            logging.getLogger(__name__).info(
+                "Evaluating %s: the backbone's ImageNet initialisation (MODEL.TIMM.CHECKPOINT %s) is skipped.",
+                weights, cfg.MODEL.TIMM.CHECKPOINT)
+            cfg = cfg.clone()
+            cfg.defrost()
+            cfg.MODEL.TIMM.CHECKPOINT = ""
+            cfg.freeze()
+        model = cls.build_model(cfg)
+        load_evaluation_weights(model, weights, allow_random=cfg.TEST.ALLOW_RANDOM_WEIGHTS,
+                                min_matched=cfg.TEST.MIN_MATCHED_WEIGHTS, weights_format=cfg.MODEL.WEIGHTS_FORMAT)
+        return model
+
+    @classmethod
     def build_ddp_model(cls, cfg, model):
         """``model`` for several processes (itself in one): :func:`segdistill.engine.ddp.create_ddp_model`,
         i.e. DistributedDataParallel without ``device_ids`` for a CPU model, and with
