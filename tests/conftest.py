@@ -23,6 +23,36 @@ from detectron2.config import get_cfg  # noqa: E402
 from segdistill import add_segdistill_config  # noqa: E402
 
 
+def load_script(name, path, *, register=False):
+    """A repository script (``train_net.py``, ``tools/*.py``, ``datasets/*.py``, ``benchmarks/*.py``)
+    imported as a module from its path. ``register``: also put it in ``sys.modules`` under
+    ``name`` (worker processes unpickle its functions by module name)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, path))
+    mod = importlib.util.module_from_spec(spec)
+    if register:
+        sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# Tiny runs of the demo configs on the mini demo set (train_net.py overrides): YAML (without its
+# schedule: TINY adds 3 iterations) and lazy.
+YAML_TINY = [
+    "DATASETS.TRAIN", '("segdistill_demo_mini_train",)', "DATASETS.TEST", '("segdistill_demo_mini_val",)',
+    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1", "INPUT.CROP.SIZE", "(64,64)",
+    "MODEL.SEM_SEG_HEAD.ASPP_CHANNELS", "32", "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0",
+]
+TINY = YAML_TINY + ["SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "100"]
+LAZY_TINY = [
+    "dataloader.train.dataset.names=segdistill_demo_mini_train", "dataloader.test.dataset.names=segdistill_demo_mini_val",
+    "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
+    "model.sem_seg_head.aspp_channels=32", "dataloader.train.mapper.augmentations.1.crop_size=[64,64]",
+    "train.eval_period=0",
+]
+
+
 def tiny_cfg(backbone="resnet18", head="SegDeepLabV3Head", output_stride=8, num_classes=5, **overrides):
     """A CPU config for a backbone x head pair at tiny sizes."""
     cfg = get_cfg()

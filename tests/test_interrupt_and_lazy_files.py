@@ -2,7 +2,6 @@
 prints one line (last checkpoint, resume command) and exits with 130, and the run resumes."""
 import glob
 import json
-import importlib.util
 import os
 import re
 import shlex
@@ -17,31 +16,13 @@ import pytest
 from detectron2.config import LazyConfig
 from detectron2.utils import comm
 
-from conftest import REPO
+from conftest import LAZY_TINY, REPO, YAML_TINY, load_script
 from segdistill.config import LazyConfigKeyError, check_lazy_config_keys, load_lazy_config
 from segdistill.engine import RunOutput, exit_on_interrupt
 
 
-def _load_train_net():
-    spec = importlib.util.spec_from_file_location("train_net", os.path.join(REPO, "train_net.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-train_net = _load_train_net()
+train_net = load_script("train_net", "train_net.py")
 LAZY = os.path.join(REPO, "configs/demo/deeplabv3_r18.py")
-LAZY_TINY = [
-    "dataloader.train.dataset.names=segdistill_demo_mini_train", "dataloader.test.dataset.names=segdistill_demo_mini_val",
-    "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
-    "model.sem_seg_head.aspp_channels=32", "dataloader.train.mapper.augmentations.1.crop_size=[64,64]",
-    "train.eval_period=0",
-]
-YAML_TINY = [
-    "DATASETS.TRAIN", '("segdistill_demo_mini_train",)', "DATASETS.TEST", '("segdistill_demo_mini_val",)',
-    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1", "INPUT.CROP.SIZE", "(64,64)",
-    "MODEL.SEM_SEG_HEAD.ASPP_CHANNELS", "32", "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0",
-]
 
 
 def args(*argv):
@@ -183,11 +164,7 @@ def test_sigint_during_a_yaml_run_then_resume_finishes(tmp_path):
 
 # ----------------------------------------------------------------------------- dataset converters
 def _script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "datasets", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # worker processes unpickle its functions by module name
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(name, f"datasets/{name}.py", register=True)
 
 
 def _png(path, value, shape=(6, 8)):

@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
@@ -18,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO
+from conftest import LAZY_TINY, REPO, TINY, load_script
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from segdistill import add_segdistill_config
@@ -29,29 +28,11 @@ from segdistill.convert import (
 from segdistill.convert.openmmlab import describe_model, suggest_config
 
 
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, path))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-train_net = _load("train_net", "train_net.py")
-convert_tool = _load("convert_checkpoint_tool", "tools/convert_checkpoint.py")
+train_net = load_script("train_net", "train_net.py")
+convert_tool = load_script("convert_checkpoint_tool", "tools/convert_checkpoint.py")
 YAML = os.path.join(REPO, "configs/demo/deeplabv3_r18.yaml")
 LAZY = os.path.join(REPO, "configs/demo/deeplabv3_r18.py")
 DS = os.path.join(REPO, "configs/demo/exits/ds.yaml")
-TINY = [
-    "DATASETS.TRAIN", '("segdistill_demo_mini_train",)', "DATASETS.TEST", '("segdistill_demo_mini_val",)',
-    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1",
-    "SOLVER.CHECKPOINT_PERIOD", "100", "INPUT.CROP.SIZE", "(64,64)", "MODEL.SEM_SEG_HEAD.ASPP_CHANNELS", "32",
-    "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0",
-]
-LAZY_TINY = [
-    "dataloader.train.dataset.names=segdistill_demo_mini_train", "dataloader.test.dataset.names=segdistill_demo_mini_val",
-    "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
-    "model.sem_seg_head.aspp_channels=32", "train.eval_period=0",
-]
 
 
 def args(*argv):

@@ -8,7 +8,6 @@ checks the new behaviour, mostly in-process through train_net.py's own functions
 7. an interrupted and resumed run equals the uninterrupted run (YAML and lazy paths)
 (6, the 2-process evaluation, is in test_train_net.py with the other 2-process run.)
 """
-import importlib.util
 import json
 import os
 
@@ -17,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO
+from conftest import LAZY_TINY, REPO, TINY, load_script
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import HookBase
 from segdistill.data import SemSegDatasetMapper, UnreadableFileError, build_sem_seg_train_loader
@@ -27,28 +26,9 @@ from segdistill.convert import WeightsMismatchError
 from segdistill.engine import OutputDirConflictError
 
 
-def _load_train_net():
-    spec = importlib.util.spec_from_file_location("train_net", os.path.join(REPO, "train_net.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-train_net = _load_train_net()
+train_net = load_script("train_net", "train_net.py")
 YAML = os.path.join(REPO, "configs/demo/deeplabv3_r18.yaml")
 LAZY = os.path.join(REPO, "configs/demo/deeplabv3_r18.py")
-TINY = [
-    "DATASETS.TRAIN", '("segdistill_demo_mini_train",)', "DATASETS.TEST", '("segdistill_demo_mini_val",)',
-    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1",
-    "SOLVER.CHECKPOINT_PERIOD", "100", "INPUT.CROP.SIZE", "(64,64)", "MODEL.SEM_SEG_HEAD.ASPP_CHANNELS", "32",
-    "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0",
-]
-LAZY_TINY = [
-    "dataloader.train.dataset.names=segdistill_demo_mini_train", "dataloader.test.dataset.names=segdistill_demo_mini_val",
-    "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
-    "model.sem_seg_head.aspp_channels=32", "dataloader.train.mapper.augmentations.1.crop_size=[64,64]",
-    "train.eval_period=0",
-]
 
 
 def args(*argv):

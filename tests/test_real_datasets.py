@@ -1,14 +1,12 @@
 """COCO-Stuff-164k, Cityscapes and CamVid loaders on small files written in the official layouts."""
-import importlib.util
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import load_script
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from segdistill.data import read_dataset_label
 from segdistill.data.datasets import DatasetContentError, DatasetLayoutError
@@ -20,11 +18,7 @@ from segdistill.data.datasets.paths import datasets_root
 
 
 def _script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "datasets", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # worker processes unpickle its functions by module name
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(name, f"datasets/{name}.py", register=True)
 
 
 @pytest.fixture(autouse=True)
