@@ -281,6 +281,12 @@ def test_binary_masks_train_evaluate_and_draw_from_the_command_line(tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert len(list((tmp_path / "pictures").glob("*.png"))) == 2
+    proc = subprocess.run(
+        [sys.executable, "tools/deploy_model.py", "--config-file", "configs/demo/deeplabv3_r18.yaml",
+         "--output", str(tmp_path / "deployed.pth")] + TINY + keys + ["MODEL.WEIGHTS", str(out_dir / "model_final.pth")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "deployed.pth").is_file()
 
 
 @pytest.mark.slow
@@ -328,3 +334,35 @@ def test_every_head_weighs_its_loss(head):
                                  head_module.align_corners)
     expected = head_module.loss_weight * _brute_force(logits, seen["targets"], [0.5, 2.0, 7.0])
     assert float(losses["loss_sem_seg"].detach()) == pytest.approx(expected, rel=1e-4)
+
+
+LAZY = '''from detectron2.config import LazyConfig
+from segdistill.data import register_folder_dataset
+
+# loaded in every process that launch() starts, so the names are registered in each
+register_folder_dataset("lazybin", train_images="{root}/train/images", train_labels="{root}/train/masks",
+                        val_images="{root}/val/images", val_labels="{root}/val/masks",
+                        classes=["background", "object"], value_map=[[255, 1]])
+_base = LazyConfig.load("{repo}/configs/demo/deeplabv3_r18.py")
+model, dataloader, train = _base.model, _base.dataloader, _base.train
+optimizer, lr_multiplier = _base.optimizer, _base.lr_multiplier
+model.sem_seg_head.num_classes = 2
+model.sem_seg_head.class_weights = [1.0, 3.0]
+dataloader.train.mapper.num_classes = dataloader.test.mapper.num_classes = 2
+dataloader.train.dataset.names = "lazybin_train"
+dataloader.test.dataset.names = "lazybin_val"
+dataloader.train.mapper.augmentations[1].crop_size = (32, 32)
+'''
+
+
+@pytest.mark.slow
+def test_lazy_config_registers_folders_and_trains(tmp_path):
+    root = make_binary(tmp_path / "data")
+    cfg_file = tmp_path / "lazy_folders.py"
+    cfg_file.write_text(LAZY.format(root=root, repo=REPO))
+    out_dir = tmp_path / "lazy"
+    run_train_net(["--config-file", str(cfg_file), "dataloader.train.total_batch_size=2",
+                   "dataloader.train.num_workers=0", "dataloader.test.num_workers=0", "train.max_iter=2",
+                   "train.eval_period=0", f"train.output_dir={out_dir}"], env=_env(tmp_path))
+    conf = json.load(open(out_dir / "inference/confusion_sem_seg.json"))
+    assert "IoU-object" in conf["metrics"]
