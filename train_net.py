@@ -24,7 +24,7 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from segdistill.config import add_segdistill_config, check_dataset_names, check_device, load_lazy_config
 from segdistill.convert import check_weights_file
-from segdistill.data import check_eval_datasets
+from segdistill.data import check_eval_datasets, register_config_datasets
 from segdistill.engine import (
     INTERRUPTED_EXIT_CODE, RunOutput, Trainer, check_lazy_config, exit_on_interrupt, lazy_evaluate, lazy_train,
     setup_run,
@@ -39,6 +39,7 @@ def setup(args):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
+    register_config_datasets(cfg)  # DATASETS.FOLDER: <name>_train / _val, in every launched process
     register_config_splits(cfg)  # HS3: <name>_hs3_reduced / _hs3_analysis, in every launched process
     check_device("MODEL.DEVICE", cfg.MODEL.DEVICE)
     check_dataset_names("DATASETS.TRAIN", cfg.DATASETS.TRAIN)

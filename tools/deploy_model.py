@@ -25,6 +25,7 @@ from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from segdistill.config import config_tool_parser, load_yaml_config  # noqa: E402
 from segdistill.convert import load_checked_weights, save_deployed_checkpoint  # noqa: E402
+from segdistill.data import register_config_datasets  # noqa: E402
 from segdistill.modeling.meta_arch.anytime import anytime_from_trained  # noqa: E402
 
 
@@ -37,6 +38,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     setup_logger(name="segdistill")
     cfg = load_yaml_config(args.config_file, args.opts)
+    register_config_datasets(cfg)  # DATASETS.FOLDER (an HS3 model reads its class names)
     cfg.MODEL.DEVICE = "cpu"
     if not cfg.MODEL.WEIGHTS:
         p.error("set MODEL.WEIGHTS to the trained checkpoint")

@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import segdistill  # noqa: E402,F401
 from detectron2.modeling import build_model  # noqa: E402
 from segdistill.config import config_tool_parser, load_yaml_config  # noqa: E402
-from segdistill.data import SemSegDatasetMapper  # noqa: E402
+from segdistill.data import SemSegDatasetMapper, register_config_datasets  # noqa: E402
 from segdistill.convert import load_checked_weights  # noqa: E402
 from segdistill.utils.predictions import write_prediction_pictures  # noqa: E402
 
@@ -28,6 +28,7 @@ def main(argv=None):
     p.add_argument("--overview", type=int, default=0, help="also stack the first N pictures into overview.png")
     args = p.parse_args(argv)
     cfg = load_yaml_config(args.config_file, args.opts)
+    register_config_datasets(cfg)  # DATASETS.FOLDER
     dataset = args.dataset or cfg.DATASETS.TEST[0]
     out = args.output or os.path.join(cfg.OUTPUT_DIR, "predictions", dataset)
     model = build_model(cfg)

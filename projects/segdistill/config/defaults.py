@@ -62,6 +62,12 @@ def _add_shared_keys(cfg: CN) -> None:
     # The project's heads use plain cross-entropy unless a config asks for DeepLab's
     # "hard_pixel_mining" (add_deeplab_config's default).
     cfg.MODEL.SEM_SEG_HEAD.LOSS_TYPE = "cross_entropy"
+    # Class weights of the pixel cross-entropy of the head, its auxiliary head and the exits that
+    # predict the dataset's classes (data/class_weights.py): one weight per class, or [] for none ...
+    cfg.MODEL.SEM_SEG_HEAD.CLASS_WEIGHTS = []
+    # ... or computed from DATASETS.TRAIN's labels: "median_frequency" (median(f) / f_c) or "enet"
+    # (1 / ln(1.02 + p_c)), cached in the dataset cache; "none": unweighted.
+    cfg.MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING = "none"
 
     # ---- Distributed training. detectron2's DefaultTrainer hard-codes this off; multi-exit
     # models whose exits are not all in the loss need it on.

@@ -23,6 +23,7 @@ from detectron2.modeling import build_model
 
 from ..config import add_segdistill_config
 from ..convert import check_weights_file
+from ..data import register_config_datasets
 from ..evaluation.anytime import AnytimeEvaluator, ExitRecords, collect_records
 from ..evaluation.anytime_calibration import calibrate, check_held_out
 from ..evaluation.anytime_risk import calibrate_risk, check_risk_args
@@ -46,6 +47,7 @@ def anytime_cfg(config_file: str, opts: Sequence[str] = ()):
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
     cfg.MODEL.META_ARCHITECTURE = "AnytimeSegmentor"
+    register_config_datasets(cfg)
     register_config_splits(cfg)
     return cfg
 

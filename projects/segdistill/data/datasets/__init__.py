@@ -11,6 +11,7 @@ from .pascal_context import PC59_CLASSES, load_pascal_context_59, register_pasca
 from .pascal_voc import VOC_CLASSES, load_voc_sem_seg, register_pascal_voc
 from .paths import datasets_root
 from .registration import register_sem_seg
+from .user_folders import register_config_datasets, register_folder_dataset
 
 __all__ = [
     "ADE20K_SPLITS", "load_ade20k_sem_seg", "register_ade20k", "register_all",
@@ -21,6 +22,7 @@ __all__ = [
     "DatasetContentError", "DatasetLayoutError", "load_sem_seg_folder", "verify_sem_seg_dicts",
     "PC59_CLASSES", "load_pascal_context_59", "register_pascal_context",
     "VOC_CLASSES", "load_voc_sem_seg", "register_pascal_voc", "datasets_root", "register_sem_seg",
+    "register_config_datasets", "register_folder_dataset",
 ]
 
 register_all()

@@ -11,7 +11,7 @@ import torch
 from detectron2.config import configurable
 
 from .heads import MultiExitOutputs
-from .objective import ExitObjective, register_exit_objective, seg_cross_entropy
+from .objective import ExitObjective, register_exit_objective
 
 __all__ = ["DeepSupervisionObjective"]
 
@@ -36,7 +36,7 @@ class DeepSupervisionObjective(ExitObjective):
 
     def forward(self, outputs: MultiExitOutputs, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
         total = sum(
-            seg_cross_entropy(out.seg_logits, self.exit_targets(name, targets), self.ignore_value)
+            self.exit_cross_entropy(name, out.seg_logits, targets)
             for name, out in outputs.exits.items()
         )
         return {"loss_ds": self.weight * total}

@@ -48,7 +48,7 @@ from ..heads.ocr import ObjectContext
 from ..heads.psp import conv_norm_relu
 from .heads import HEAD_FEATURE_PREFIX, ExitFusion, ExitOutput, MultiExitOutputs
 from .hs3_clusters import HS3Clusters, clusters_fingerprint, load_clusters
-from .objective import ExitObjective, put_scalar, register_exit_objective, seg_cross_entropy
+from .objective import ExitObjective, put_scalar, register_exit_objective
 
 __all__ = [
     "HS3Objective", "HS3Fuse", "HS3FuseBlock", "fuse_channels", "fuse_target", "model_class_names",
@@ -322,7 +322,7 @@ class HS3Objective(ExitObjective):
     def forward(self, outputs: MultiExitOutputs, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
         total = 0.0
         for name, out in outputs.exits.items():
-            ce = seg_cross_entropy(out.seg_logits, self.exit_targets(name, targets), self.ignore_value)
+            ce = self.exit_cross_entropy(name, out.seg_logits, targets)
             if self.training:
                 put_scalar(f"hs3_ce_{name}", float(ce.detach()))
             total = total + self.exit_weight(name) * ce

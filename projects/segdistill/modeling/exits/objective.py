@@ -61,6 +61,7 @@ class ExitObjective(nn.Module):
         super().__init__()
         self.ignore_value = ignore_value
         self.label_luts: Dict[str, torch.Tensor] = dict(label_luts or {})
+        self.register_buffer("class_weights", None, persistent=False)
         self.iteration: Optional[int] = None
         self.max_iter: Optional[int] = None
 
@@ -107,6 +108,17 @@ class ExitObjective(nn.Module):
             return targets
         return map_labels(targets, lut, self.ignore_value)
 
+    def set_class_weights(self, class_weights: Optional[torch.Tensor]) -> None:
+        """The head's class weights (``MODEL.SEM_SEG_HEAD.CLASS_WEIGHTS``), for the exits that predict
+        the dataset's classes (set by the segmentor; a loss setting, not saved in checkpoints)."""
+        self.class_weights = None if class_weights is None else class_weights.detach().clone()
+
+    def exit_cross_entropy(self, exit_name: str, seg_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """:func:`seg_cross_entropy` of one exit against its own targets (:meth:`exit_targets`),
+        class-weighted when the exit predicts the dataset's classes (no label table)."""
+        weight = self.class_weights if exit_name not in self.label_luts else None
+        return seg_cross_entropy(seg_logits, self.exit_targets(exit_name, targets), self.ignore_value, weight)
+
     def check_exits(self, exit_num_classes: Dict[str, int], head_num_classes: int) -> None:
         """Raise a clear ValueError when the exits do not suit this objective (called by the model)."""
 
@@ -139,14 +151,16 @@ def exit_modes():
 
 
 # ---- helpers the objectives share
-def seg_cross_entropy(seg_logits: torch.Tensor, targets: torch.Tensor, ignore_value: int = 255) -> torch.Tensor:
-    """Pixel CE of logits (upsampled bilinearly to the targets' size), mean over non-ignore pixels.
+def seg_cross_entropy(seg_logits: torch.Tensor, targets: torch.Tensor, ignore_value: int = 255,
+                      weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Pixel CE of logits (upsampled bilinearly to the targets' size), mean over non-ignore pixels
+    (class-weighted mean with ``weight``: :func:`~..heads.base.safe_cross_entropy`).
 
     An all-ignore batch gives 0 (with a graph), not NaN.
     """
     if seg_logits.shape[-2:] != targets.shape[-2:]:
         seg_logits = F.interpolate(seg_logits.float(), size=targets.shape[-2:], mode="bilinear", align_corners=False)
-    return safe_cross_entropy(seg_logits.float(), targets, ignore_value)
+    return safe_cross_entropy(seg_logits.float(), targets, ignore_value, weight)
 
 
 def put_scalar(name: str, value: float) -> None:

@@ -291,7 +291,7 @@ class SelfRegulationObjective(ExitObjective):
             losses["loss_mea_cls"] = self.cls_weight * total
         if self.seg_weight > 0:
             losses["loss_mea_seg"] = self.seg_weight * sum(
-                seg_cross_entropy(out.seg_logits, self.exit_targets(n, targets), self.ignore_value)
+                self.exit_cross_entropy(n, out.seg_logits, targets)
                 for n, out in exits.items()
             )
 

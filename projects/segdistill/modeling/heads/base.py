@@ -33,6 +33,7 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from detectron2.projects.deeplab.loss import DeepLabCE
 
 from ...convert import ConvertibleHead
+from ...data import config_class_weights
 from ..backbones.norm import resolve_norm
 
 __all__ = ["SegHeadMixin", "AuxFCNHead", "build_aux_head", "check_seg_head", "seg_head_names", "upsample_logits",
@@ -41,7 +42,7 @@ __all__ = ["SegHeadMixin", "AuxFCNHead", "build_aux_head", "check_seg_head", "se
 
 LOSS_TYPES = ("cross_entropy", "hard_pixel_mining")
 # The keyword arguments of the head contract every head passes to SegHeadMixin._init_contract.
-CONTRACT_ARGS = ("ignore_value", "loss_weight", "loss_type", "align_corners", "aux_head")
+CONTRACT_ARGS = ("ignore_value", "loss_weight", "loss_type", "align_corners", "aux_head", "class_weights")
 HRNET_BRANCHES = ["res2", "res3", "res4", "res5"]
 
 
@@ -53,22 +54,31 @@ def upsample_logits(logits: torch.Tensor, stride: int, align_corners: bool = Fal
     return F.interpolate(logits.float(), scale_factor=stride, mode="bilinear", align_corners=align_corners)
 
 
-def safe_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_value: int) -> torch.Tensor:
+def safe_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_value: int,
+                       weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Pixel cross-entropy of logits at the targets' size, averaged over the labelled pixels.
 
     A batch whose pixels are all ignored (COCO-Stuff keeps such images; a crop can miss every
     labelled pixel) gives 0 with a graph, where ``reduction="mean"`` would give NaN and poison
     the step. Every pixel loss of the project (heads, auxiliary heads, exits) uses this one.
+    With class weights ``weight`` (``MODEL.SEM_SEG_HEAD.CLASS_WEIGHTS``) it is
+    ``sum_i w[y_i] * CE_i / sum_i w[y_i]`` over the labelled pixels, as PyTorch's weighted mean.
     """
-    total = F.cross_entropy(logits, targets, ignore_index=ignore_value, reduction="sum")
-    return total / (targets != ignore_value).sum().clamp(min=1)
+    total = F.cross_entropy(logits, targets, weight=weight, ignore_index=ignore_value, reduction="sum")
+    labelled = targets != ignore_value
+    if weight is None:
+        return total / labelled.sum().clamp(min=1)
+    norm = weight.to(logits.dtype)[targets[labelled]].sum()
+    return total / norm.clamp(min=torch.finfo(norm.dtype).tiny)
 
 
-def sem_seg_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_value: int, loss_type: str):
-    """Pixel CE (or DeepLab's hard pixel mining) of logits already at the targets' size."""
+def sem_seg_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_value: int, loss_type: str,
+                 weight: Optional[torch.Tensor] = None):
+    """Pixel CE (or DeepLab's hard pixel mining, on the class-weighted pixel losses) of logits
+    already at the targets' size."""
     if check_loss_type(loss_type) == "hard_pixel_mining":
-        return DeepLabCE(ignore_label=ignore_value, top_k_percent_pixels=0.2)(logits, targets)
-    return safe_cross_entropy(logits, targets, ignore_value)
+        return DeepLabCE(ignore_label=ignore_value, top_k_percent_pixels=0.2, weight=weight)(logits, targets)
+    return safe_cross_entropy(logits, targets, ignore_value, weight)
 
 
 def check_loss_type(loss_type: str) -> str:
@@ -179,6 +189,7 @@ def common_head_config(cfg, input_shape: Dict[str, ShapeSpec]) -> dict:
         loss_type=c.LOSS_TYPE,
         align_corners=c.ALIGN_CORNERS,
         aux_head=build_aux_head(cfg, input_shape),
+        class_weights=config_class_weights(cfg),
     )
 
 
@@ -216,14 +227,16 @@ class SegHeadMixin(ConvertibleHead):
 
     def _init_contract(self, *, input_shape: Dict[str, ShapeSpec], in_features: Sequence[str], ignore_value: int,
                        loss_weight: float, loss_type: str, align_corners: bool, aux_head: Optional[AuxFCNHead],
-                       common_stride: Optional[int] = None) -> None:
+                       class_weights: Optional[Sequence[float]] = None, common_stride: Optional[int] = None) -> None:
         """Set the attributes the contract reads (call after ``nn.Module.__init__``).
 
         ``in_features`` must be in ``input_shape``; they are kept finest first, and
         ``common_stride`` (the stride of the head's output) defaults to the finest one's.
         ``ignore_value``: the label of ignored pixels; ``loss_weight``: the weight of
         ``loss_sem_seg``; ``loss_type``: one of :data:`LOSS_TYPES`; ``align_corners``: of
-        every bilinear resize of the head; ``aux_head``: an :class:`AuxFCNHead` or None.
+        every bilinear resize of the head; ``aux_head``: an :class:`AuxFCNHead` or None;
+        ``class_weights``: one weight per class of the pixel cross-entropies (head and auxiliary
+        head), or None (``MODEL.SEM_SEG_HEAD.CLASS_WEIGHTS`` / ``CLASS_WEIGHTING``).
         """
         check_loss_type(loss_type)
         missing = [f for f in in_features if f not in input_shape]
@@ -237,6 +250,9 @@ class SegHeadMixin(ConvertibleHead):
         self.loss_type = loss_type
         self.align_corners = bool(align_corners)
         self.aux_head = aux_head
+        # not persistent: a loss setting, so checkpoints stay the same with or without it
+        self.register_buffer("class_weights", None if class_weights is None else
+                             torch.tensor([float(w) for w in class_weights]), persistent=False)
 
     def forward_features(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
@@ -258,11 +274,12 @@ class SegHeadMixin(ConvertibleHead):
         logits = upsample_logits(outputs["logits"], self.common_stride, self.align_corners)
         losses = {
             "loss_sem_seg": self.loss_weight
-            * sem_seg_loss(logits, targets, self.ignore_value, self.loss_type)
+            * sem_seg_loss(logits, targets, self.ignore_value, self.loss_type, self.class_weights)
         }
         if "aux_logits" in outputs:
             aux = upsample_logits(outputs["aux_logits"], self.aux_head.stride, self.align_corners)
-            losses["loss_aux"] = self.aux_head.loss_weight * safe_cross_entropy(aux, targets, self.ignore_value)
+            losses["loss_aux"] = self.aux_head.loss_weight * safe_cross_entropy(aux, targets, self.ignore_value,
+                                                                                self.class_weights)
         return losses
 
 

@@ -198,6 +198,7 @@ class SegDeepLabV3PlusHead(SegHeadMixin, DeepLabV3PlusHead):
         dropout: float,
         align_corners: bool,
         aux_head: Optional[AuxFCNHead],
+        class_weights: Optional[List[float]] = None,
     ):
         check_loss_type(loss_type)
         if num_classes is None:
@@ -219,7 +220,7 @@ class SegDeepLabV3PlusHead(SegHeadMixin, DeepLabV3PlusHead):
         in_features = [k for k, _ in sorted(shapes.items(), key=lambda kv: kv[1].stride)]
         self._init_contract(input_shape=shapes, in_features=in_features, common_stride=common_stride,
                             ignore_value=ignore_value, loss_weight=loss_weight, loss_type=loss_type,
-                            align_corners=align_corners, aux_head=aux_head)
+                            align_corners=align_corners, aux_head=aux_head, class_weights=class_weights)
 
     def _build_mmseg(self, shapes, project_channels, aspp_dilations, aspp_dropout, decoder_channels, norm,
                      train_size, num_classes, dropout, align_corners):

@@ -171,5 +171,6 @@ class OCRHead(SegHeadMixin, nn.Module):
         losses = super().losses(outputs, targets)
         if "ocr_aux_logits" in outputs and self.ocr_aux_loss_weight > 0:
             regions = upsample_logits(outputs["ocr_aux_logits"], self.common_stride, self.align_corners)
-            losses["loss_ocr_aux"] = self.ocr_aux_loss_weight * safe_cross_entropy(regions, targets, self.ignore_value)
+            losses["loss_ocr_aux"] = self.ocr_aux_loss_weight * safe_cross_entropy(regions, targets, self.ignore_value,
+                                                                                    self.class_weights)
         return losses

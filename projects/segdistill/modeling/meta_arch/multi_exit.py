@@ -142,6 +142,7 @@ class MultiExitSegmentor(SemanticSegmentor, SegmentorTaps, DeployableModel):
                     f"{'and the final head ' if final_classifier is None else ''}have no classifier."
                 )
         objective.check_exits({n: ex.num_classes for n, ex in self.exits.items()}, sem_seg_head.predictor.out_channels)
+        objective.set_class_weights(sem_seg_head.class_weights)  # one setting for the head and the exits
         self._uses_head_features = any(n.startswith(HEAD_FEATURE_PREFIX) for n in self.exits)
 
     @property
