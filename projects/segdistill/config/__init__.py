@@ -8,14 +8,17 @@ The bottom layer of the package with ``data``: it imports nothing of segdistill'
 from .checks import ConfigError, check_dataset_names, check_device
 from .command_line import config_tool_parser, load_yaml_config
 from .defaults import add_segdistill_config
-from .hooks import SectionHook, SectionRegistry, config_hooks, register_config_hook, remove_config_hook
+from .hooks import (
+    KeysHook, SectionHook, SectionRegistry, config_hooks, register_config_hook, register_keys, remove_config_hook,
+)
 from .lazy_overrides import LazyOverrideError, apply_lazy_overrides, check_lazy_override_key
 from .lazy_check import (
     LAZY_DATALOADER_PARTS, LazyConfigKeyError, check_lazy_config_keys, lazy_train_defaults, load_lazy_config,
 )
 from .renamed_keys import RENAMED_KEYS
 
-__all__ = ["add_segdistill_config", "register_config_hook", "remove_config_hook", "config_hooks", "SectionHook",
+__all__ = ["add_segdistill_config", "register_config_hook", "remove_config_hook", "config_hooks", "register_keys",
+           "KeysHook", "SectionHook",
            "SectionRegistry", "RENAMED_KEYS", "ConfigError", "check_dataset_names", "check_device", "LazyOverrideError",
            "apply_lazy_overrides", "check_lazy_override_key", "load_yaml_config", "config_tool_parser",
            "LazyConfigKeyError", "check_lazy_config_keys", "lazy_train_defaults", "load_lazy_config",

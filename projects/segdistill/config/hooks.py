@@ -19,13 +19,14 @@ This module imports nothing of segdistill: the config layer is the bottom of the
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from detectron2.config import CfgNode as CN
 
 __all__ = ["register_config_hook", "remove_config_hook", "config_hooks", "run_config_hooks", "SectionHook",
-           "SectionRegistry"]
+           "SectionRegistry", "KeysHook", "register_keys"]
 
 ConfigHook = Callable[[object], None]
 
@@ -71,14 +72,45 @@ class SectionHook:
     fill: Callable[[CN], None]
 
     def __call__(self, cfg: CN) -> None:
-        node = cfg
-        for part in self.parent.split("."):
-            node = node[part]
+        node = _node(cfg, self.parent)
         key = self.name.upper()
         if key in node:
             return
         node[key] = CN()
         self.fill(cfg)
+
+
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: one hook per file
+class KeysHook:
+    """The config hook of a component whose own keys sit in a node other components share
+    (a head's ``MODEL.SEM_SEG_HEAD.PSP_*``): every key of ``defaults`` that ``parent`` lacks is
+    set to (a copy of) its default. ``name``: the hook's name in logs and tests."""
+
+    name: str
+    parent: str  # dotted path of the shared node, e.g. "MODEL.SEM_SEG_HEAD"
+    defaults: Tuple[Tuple[str, Any], ...]
+
+    @property
+    def __name__(self) -> str:
+        return self.name
+
+    def __call__(self, cfg: CN) -> None:
+        node = _node(cfg, self.parent)
+        for key, value in self.defaults:
+            if key not in node:
+                node[key] = copy.deepcopy(value)
+
+
+def register_keys(name: str, parent: str, **defaults) -> KeysHook:
+    """Register (and return) the :class:`KeysHook` adding ``defaults`` under ``parent``."""
+    return register_config_hook(KeysHook(name, parent, tuple(defaults.items())))
+
+
+def _node(cfg: CN, path: str) -> CN:
+    node = cfg
+    for part in path.split("."):
+        node = node[part]
+    return node
 
 
 class SectionRegistry(dict):

@@ -31,7 +31,7 @@ from detectron2.layers import ASPP, Conv2d, ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from detectron2.projects.deeplab import DeepLabV3PlusHead
 
-from ...config import ConfigError, register_config_hook
+from ...config import ConfigError, register_keys
 from .aspp import ASPP_LAYOUTS, SegASPP, SeparableConvNormReLU
 from .base import (
     AuxFCNHead, SegHeadMixin, build_classifier, check_loss_type, common_head_config, conv_norm_relu, dropout2d,
@@ -41,19 +41,12 @@ from .base import (
 __all__ = ["SegDeepLabV3Head", "SegDeepLabV3PlusHead", "add_deeplab_head_config"]
 
 
-@register_config_hook
-def add_deeplab_head_config(cfg):
-    """The DeepLab heads' own keys: ``MODEL.SEM_SEG_HEAD.ASPP_POOLING`` (both heads),
-    ``ASPP_BOTTLENECK_CONVS`` (SegDeepLabV3Head), added when absent. detectron2's ASPP keys
-    (``ASPP_CHANNELS``, ``ASPP_DILATIONS``, ...) come from ``add_deeplab_config``."""
-    head = cfg.MODEL.SEM_SEG_HEAD
-    if "ASPP_POOLING" in head:
-        return
-    # ASPP image pooling: "global" (any input size) or "crop" (detectron2's window of the crop).
-    head.ASPP_POOLING = "global"
-    # SegDeepLabV3Head: 3x3 conv-norm-ReLU layers between the ASPP and the classifier
-    # (CIRKD/HWD's DeepLabV3 has one; detectron2's and the default have none).
-    head.ASPP_BOTTLENECK_CONVS = 0
+# The DeepLab heads' own keys (detectron2's ASPP keys, ASPP_CHANNELS, ASPP_DILATIONS, ...,
+# come from add_deeplab_config). ASPP image pooling (both heads): "global" (any input size) or
+# "crop" (detectron2's window of the crop). SegDeepLabV3Head: 3x3 conv-norm-ReLU layers between
+# the ASPP and the classifier (CIRKD/HWD's DeepLabV3 has one; detectron2's and the default none).
+add_deeplab_head_config = register_keys("add_deeplab_head_config", "MODEL.SEM_SEG_HEAD", ASPP_POOLING="global",
+                                        ASPP_BOTTLENECK_CONVS=0)
 
 
 ASPP_POOLINGS = ("global", "crop")

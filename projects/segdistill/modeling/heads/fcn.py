@@ -10,22 +10,15 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
-from ...config import register_config_hook
+from ...config import register_keys
 from .base import SegHeadMixin, build_classifier, common_head_config, conv_norm_relu, dropout2d, single_in_feature
 
 __all__ = ["FCNHead", "add_fcn_head_config"]
 
 
-@register_config_hook
-def add_fcn_head_config(cfg):
-    """FCNHead's keys: ``MODEL.SEM_SEG_HEAD.NUM_CONVS``, ``CONCAT_INPUT`` (added when absent)."""
-    head = cfg.MODEL.SEM_SEG_HEAD
-    if "NUM_CONVS" in head:
-        return
-    # FCNHead: number of 3x3 convs, concatenation of the input before the classifier (its
-    # dropout is the heads' MODEL.SEM_SEG_HEAD.DROPOUT).
-    head.NUM_CONVS = 2
-    head.CONCAT_INPUT = True
+# FCNHead: number of 3x3 convs, concatenation of the input before the classifier (its
+# dropout is the heads' MODEL.SEM_SEG_HEAD.DROPOUT).
+add_fcn_head_config = register_keys("add_fcn_head_config", "MODEL.SEM_SEG_HEAD", NUM_CONVS=2, CONCAT_INPUT=True)
 
 
 @SEM_SEG_HEADS_REGISTRY.register()

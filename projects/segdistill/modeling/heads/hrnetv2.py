@@ -17,21 +17,15 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
-from ...config import register_config_hook
+from ...config import register_keys
 from .base import SegHeadMixin, build_classifier, common_head_config, conv_norm_relu, multi_in_features
 
 __all__ = ["HRNetV2Head", "concat_branches", "add_hrnetv2_head_config"]
 
 
-@register_config_hook
-def add_hrnetv2_head_config(cfg):
-    """HRNetV2Head's key: ``MODEL.SEM_SEG_HEAD.HRNETV2_CHANNELS`` (added when absent)."""
-    head = cfg.MODEL.SEM_SEG_HEAD
-    if "HRNETV2_CHANNELS" in head:
-        return
-    # HRNetV2Head: width of the 1x1 conv after the concatenated branches (0 = the
-    # concatenated width, 270 for W18 and 720 for W48, as in HRNetV2).
-    head.HRNETV2_CHANNELS = 0
+# HRNetV2Head: width of the 1x1 conv after the concatenated branches (0 = the
+# concatenated width, 270 for W18 and 720 for W48, as in HRNetV2).
+add_hrnetv2_head_config = register_keys("add_hrnetv2_head_config", "MODEL.SEM_SEG_HEAD", HRNETV2_CHANNELS=0)
 
 
 def concat_branches(features: Dict[str, torch.Tensor], names: List[str], align_corners: bool = False) -> torch.Tensor:

@@ -26,22 +26,16 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
-from ...config import register_config_hook
+from ...config import register_keys
 from .base import SegHeadMixin, build_classifier, common_head_config, conv_norm_relu, dropout2d, single_in_feature
 
 __all__ = ["ISAHead", "SelfAttention", "add_isa_head_config"]
 
 
-@register_config_hook
-def add_isa_head_config(cfg):
-    """ISAHead's keys: ``MODEL.SEM_SEG_HEAD.ISA_*`` (added when absent)."""
-    head = cfg.MODEL.SEM_SEG_HEAD
-    if "ISA_CHANNELS" in head:
-        return
-    # ISAHead (ISANet): channels of the attention's queries and keys, and the local group
-    # size (h, w); its width is MODEL.SEM_SEG_HEAD.CONVS_DIM and its dropout DROPOUT.
-    head.ISA_CHANNELS = 256
-    head.ISA_DOWN_FACTOR = [8, 8]
+# ISAHead (ISANet): channels of the attention's queries and keys, and the local group
+# size (h, w); its width is MODEL.SEM_SEG_HEAD.CONVS_DIM and its dropout DROPOUT.
+add_isa_head_config = register_keys("add_isa_head_config", "MODEL.SEM_SEG_HEAD", ISA_CHANNELS=256,
+                                    ISA_DOWN_FACTOR=[8, 8])
 
 
 class SelfAttention(nn.Module):

@@ -28,7 +28,7 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
-from ...config import register_config_hook
+from ...config import register_keys
 from .base import (
     SegHeadMixin, build_classifier, common_head_config, conv_norm_relu, dropout2d, multi_in_features,
     safe_cross_entropy, upsample_logits,
@@ -38,21 +38,13 @@ from .hrnetv2 import concat_branches
 __all__ = ["OCRHead", "ObjectContext", "add_ocr_head_config"]
 
 
-@register_config_hook
-def add_ocr_head_config(cfg):
-    """OCRHead's keys: ``MODEL.SEM_SEG_HEAD.OCR_*`` (added when absent)."""
-    head = cfg.MODEL.SEM_SEG_HEAD
-    if "OCR_MID_CHANNELS" in head:
-        return
-    # OCRHead (object-contextual representations, on the concatenated IN_FEATURES):
-    # 3x3 conv to MID channels, pixel-region attention with KEY channels, dropout after
-    # the fusion conv, the soft-object-region head's width (0 = input width, as in
-    # HRNet-OCR) and the weight of its loss ("loss_ocr_aux").
-    head.OCR_MID_CHANNELS = 512
-    head.OCR_KEY_CHANNELS = 256
-    head.OCR_DROPOUT = 0.05
-    head.OCR_REGION_CHANNELS = 0
-    head.OCR_AUX_LOSS_WEIGHT = 0.4
+# OCRHead (object-contextual representations, on the concatenated IN_FEATURES):
+# 3x3 conv to MID channels, pixel-region attention with KEY channels, dropout after
+# the fusion conv, the soft-object-region head's width (0 = input width, as in
+# HRNet-OCR) and the weight of its loss ("loss_ocr_aux").
+add_ocr_head_config = register_keys(
+    "add_ocr_head_config", "MODEL.SEM_SEG_HEAD", OCR_MID_CHANNELS=512, OCR_KEY_CHANNELS=256, OCR_DROPOUT=0.05,
+    OCR_REGION_CHANNELS=0, OCR_AUX_LOSS_WEIGHT=0.4)
 
 
 class ObjectContext(nn.Module):

@@ -20,23 +20,17 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
-from ...config import register_config_hook
+from ...config import register_keys
 from .base import SegHeadMixin, build_classifier, common_head_config, conv_norm_relu, dropout2d, single_in_feature
 
 __all__ = ["PSPHead", "PyramidPooling", "add_psp_head_config"]
 
 
-@register_config_hook
-def add_psp_head_config(cfg):
-    """PSPHead's keys: ``MODEL.SEM_SEG_HEAD.PSP_*`` (added when absent)."""
-    head = cfg.MODEL.SEM_SEG_HEAD
-    if "PSP_BINS" in head:
-        return
-    # PSPHead: pyramid pooling bins; channels of each pooling branch (0 = in_channels /
-    # len(bins)); the bottleneck 3x3 conv's width is MODEL.SEM_SEG_HEAD.CONVS_DIM and its
-    # dropout MODEL.SEM_SEG_HEAD.DROPOUT.
-    head.PSP_BINS = [1, 2, 3, 6]
-    head.PSP_POOL_CHANNELS = 0
+# PSPHead: pyramid pooling bins; channels of each pooling branch (0 = in_channels /
+# len(bins)); the bottleneck 3x3 conv's width is MODEL.SEM_SEG_HEAD.CONVS_DIM and its
+# dropout MODEL.SEM_SEG_HEAD.DROPOUT.
+add_psp_head_config = register_keys("add_psp_head_config", "MODEL.SEM_SEG_HEAD", PSP_BINS=[1, 2, 3, 6],
+                                    PSP_POOL_CHANNELS=0)
 
 
 class PyramidPooling(nn.Module):
