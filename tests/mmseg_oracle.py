@@ -82,3 +82,33 @@ def mmseg_logits(model, x: torch.Tensor) -> torch.Tensor:
     """mmseg's whole-image logits at the input size (``encode_decode``)."""
     with torch.no_grad():
         return model.encode_decode(x, [dict(img_shape=tuple(x.shape[-2:]))] * x.shape[0])
+
+
+# A tiny DeepLabV3 on ResNetV1c-18 (ASPP width 16, 5 classes) in mmsegmentation's terms, and the
+# project's YAML config that loads its file (format it with repo=, weights_format= "auto" or "mmseg").
+TINY_DEEPLABV3 = dict(
+    type="EncoderDecoder",
+    backbone=dict(type="ResNetV1c", depth=18, num_stages=4, out_indices=(0, 1, 2, 3), dilations=(1, 1, 2, 4),
+                  strides=(1, 2, 1, 1), norm_cfg=NORM, norm_eval=False, style="pytorch", contract_dilation=True),
+    decode_head=dict(type="ASPPHead", in_channels=512, in_index=3, channels=16, dilations=(1, 12, 24, 36),
+                     dropout_ratio=0.1, num_classes=5, norm_cfg=NORM, align_corners=False, loss_decode=CE),
+)
+TINY_DEEPLABV3_YAML = """\
+_BASE_: "{repo}/configs/demo/Base-Demo.yaml"
+MODEL:
+  WEIGHTS_FORMAT: "{weights_format}"
+  PIXEL_MEAN: [0.0, 0.0, 0.0]
+  PIXEL_STD: [1.0, 1.0, 1.0]
+  TIMM:
+    NAME: "resnet18"
+    STEM_TYPE: "deep"
+    STEM_WIDTH: 32
+    DILATION_RULE: "mmseg"
+  SEM_SEG_HEAD:
+    NAME: "SegDeepLabV3Head"
+    LAYOUT: "mmseg"
+    NUM_CLASSES: 5
+    ASPP_CHANNELS: 16
+    ASPP_DILATIONS: [12, 24, 36]
+    ASPP_DROPOUT: 0.0
+"""

@@ -13,35 +13,11 @@ import torch
 from conftest import REPO
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
-from mmseg_oracle import CE, NORM, build_mmseg, mmseg_logits
+from mmseg_oracle import TINY_DEEPLABV3, TINY_DEEPLABV3_YAML, build_mmseg, mmseg_logits
 from segdistill import add_segdistill_config
 from segdistill.convert import SegDistillCheckpointer
 
-MM_CFG = dict(
-    type="EncoderDecoder",
-    backbone=dict(type="ResNetV1c", depth=18, num_stages=4, out_indices=(0, 1, 2, 3), dilations=(1, 1, 2, 4),
-                  strides=(1, 2, 1, 1), norm_cfg=NORM, norm_eval=False, style="pytorch", contract_dilation=True),
-    decode_head=dict(type="ASPPHead", in_channels=512, in_index=3, channels=16, dilations=(1, 12, 24, 36),
-                     dropout_ratio=0.1, num_classes=5, norm_cfg=NORM, align_corners=False, loss_decode=CE),
-)
-TEACHER_YAML = """\
-_BASE_: "{repo}/configs/demo/Base-Demo.yaml"
-MODEL:
-  PIXEL_MEAN: [0.0, 0.0, 0.0]
-  PIXEL_STD: [1.0, 1.0, 1.0]
-  TIMM:
-    NAME: "resnet18"
-    STEM_TYPE: "deep"
-    STEM_WIDTH: 32
-    DILATION_RULE: "mmseg"
-  SEM_SEG_HEAD:
-    NAME: "SegDeepLabV3Head"
-    LAYOUT: "mmseg"
-    NUM_CLASSES: 5
-    ASPP_CHANNELS: 16
-    ASPP_DILATIONS: [12, 24, 36]
-    ASPP_DROPOUT: 0.0
-"""
+MM_CFG = TINY_DEEPLABV3
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +27,7 @@ def files(tmp_path_factory):
     ckpt = d / "deeplabv3_r18-d8_512x1024_80k_cityscapes_20201225_021506-23dffbe2.pth"
     torch.save({"meta": {"CLASSES": ("a", "b", "c", "d", "e")}, "state_dict": mm.state_dict()}, ckpt)
     config = d / "teacher.yaml"
-    config.write_text(TEACHER_YAML.format(repo=REPO))
+    config.write_text(TINY_DEEPLABV3_YAML.format(repo=REPO, weights_format="auto"))
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     return {"mm": mm, "ckpt": str(ckpt), "config": str(config), "x": x, "expected": mmseg_logits(mm, x)}
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from conftest import LAZY_TINY, REPO, TINY, load_script
+from mmseg_oracle import TINY_DEEPLABV3, TINY_DEEPLABV3_YAML
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from segdistill import add_segdistill_config
@@ -92,34 +93,7 @@ def test_convert_tool_checks_a_file_it_does_not_convert(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- converted files in their recipe
-NORM = dict(type="BN", requires_grad=True)
-MM_CFG = dict(  # tests/test_convert_paths.py's DeepLabV3 on ResNetV1c-18
-    type="EncoderDecoder",
-    backbone=dict(type="ResNetV1c", depth=18, num_stages=4, out_indices=(0, 1, 2, 3), dilations=(1, 1, 2, 4),
-                  strides=(1, 2, 1, 1), norm_cfg=NORM, norm_eval=False, style="pytorch", contract_dilation=True),
-    decode_head=dict(type="ASPPHead", in_channels=512, in_index=3, channels=16, dilations=(1, 12, 24, 36),
-                     dropout_ratio=0.1, num_classes=5, norm_cfg=NORM, align_corners=False,
-                     loss_decode=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0)),
-)
-TEACHER_YAML = """\
-_BASE_: "{repo}/configs/demo/Base-Demo.yaml"
-MODEL:
-  WEIGHTS_FORMAT: "mmseg"
-  PIXEL_MEAN: [0.0, 0.0, 0.0]
-  PIXEL_STD: [1.0, 1.0, 1.0]
-  TIMM:
-    NAME: "resnet18"
-    STEM_TYPE: "deep"
-    STEM_WIDTH: 32
-    DILATION_RULE: "mmseg"
-  SEM_SEG_HEAD:
-    NAME: "SegDeepLabV3Head"
-    LAYOUT: "mmseg"
-    NUM_CLASSES: 5
-    ASPP_CHANNELS: 16
-    ASPP_DILATIONS: [12, 24, 36]
-    ASPP_DROPOUT: 0.0
-"""
+MM_CFG = TINY_DEEPLABV3  # tests/mmseg_oracle.py
 
 
 def _logits(model, x):
@@ -136,7 +110,7 @@ def test_a_converted_file_loads_in_the_recipe_that_names_the_source_format(tmp_p
     src = tmp_path / "deeplabv3_r18-d8_tiny.pth"
     torch.save({"state_dict": mm.state_dict()}, src)
     config = tmp_path / "teacher.yaml"
-    config.write_text(TEACHER_YAML.format(repo=REPO))
+    config.write_text(TINY_DEEPLABV3_YAML.format(repo=REPO, weights_format="mmseg"))
     cfg = yaml_cfg(str(config))
     out = tmp_path / "converted.pth"
     assert convert_tool.main(["--config-file", str(config), str(src), str(out)]) == 0, capsys.readouterr().err
