@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import logging
 import os
 import subprocess
 import sys
@@ -281,3 +282,57 @@ def test_file_scheme_and_missing_local_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"missing\.pth.*MODEL\.WEIGHTS.*https://"):
         resolve_weights(str(tmp_path / "missing.pth"), "MODEL.WEIGHTS")
 
+
+
+# ---------------------------------------------------------------------------------------------
+# A model for real data trained from a random backbone says so at the start
+# ---------------------------------------------------------------------------------------------
+def _warnings(caplog):
+    records = {id(r): r for r in caplog.records}.values()  # a record reaches the handler once or twice
+    return [r.getMessage() for r in records if r.levelno == logging.WARNING and "RANDOMLY" in r.getMessage()]
+
+
+@pytest.fixture
+def trainer_log(caplog):
+    """The engine's log, also where detectron2's setup stops propagation to the root logger."""
+    logger = logging.getLogger("segdistill.engine")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def test_random_backbone_warning_for_real_data_only(tmp_path, trainer_log, write_label_dataset):
+    import numpy as np
+
+    import train_net
+    from test_loading_checks import TINY, YAML, args
+
+    labels = [np.random.default_rng(i).integers(0, 3, (64, 64)) for i in range(4)]
+    own = write_label_dataset("own_folder_data_train", labels, 3)
+    base = ["SOLVER.MAX_ITER", "1", "TEST.EVAL_PERIOD", "0"]
+    # the demo trains from scratch on purpose: quiet
+    train_net.main(args("--config-file", YAML, *TINY, *base, "OUTPUT_DIR", tmp_path / "demo"))
+    assert _warnings(trainer_log) == []
+    # a dataset of one's own from a random backbone: one WARNING naming it and the keys to set
+    train_net.main(args("--config-file", YAML, *TINY, *base, "DATASETS.TRAIN", f"('{own}',)",
+                        "OUTPUT_DIR", tmp_path / "own"))
+    (message,) = _warnings(trainer_log)
+    assert own in message and "MODEL.TIMM.PRETRAINED" in message and "MODEL.TIMM.CHECKPOINT" in message
+
+
+def test_random_backbone_warning_names_the_datasets(trainer_log):
+    from detectron2.config import LazyConfig
+    from segdistill.engine.lazy import random_backbones
+    from segdistill.engine.trainer import warn_random_backbone
+
+    assert not warn_random_backbone(["segdistill_demo_mini_train", "segdistill_demo_train_hs3_reduced"], "x")
+    assert _warnings(trainer_log) == []
+    assert warn_random_backbone(["segdistill_demo_train", "cityscapes_fine_sem_seg_train"], "MODEL.WEIGHTS empty")
+    (message,) = _warnings(trainer_log)
+    assert "cityscapes_fine_sem_seg_train" in message and "segdistill_demo_train," not in message
+    # lazy configs: a backbone without checkpoint and pretrained counts
+    cfg = LazyConfig.load(os.path.join(REPO, "configs/cityscapes/baseline/deeplabv3_r18.py"))
+    assert random_backbones(cfg.model) == 1
+    cfg.model.backbone.pretrained = "default"
+    assert random_backbones(cfg.model) == 0
