@@ -156,8 +156,6 @@ def test_model_weights_missing_file_is_clear(tmp_path):
 
     with pytest.raises(FileNotFoundError, match=r"missing\.pth.*MODEL.WEIGHTS"):
         check_weights_file(str(tmp_path / "missing.pth"))
-    with pytest.raises(FileNotFoundError, match="never downloads"):
-        check_weights_file("detectron2://ImageNetPretrained/MSRA/R-50.pkl")
     ok = tmp_path / "ok.pth"
     ok.write_bytes(b"x")
-    check_weights_file(str(ok))
+    assert check_weights_file(str(ok)) == str(ok)  # URLs: tests/test_fetch_weights.py

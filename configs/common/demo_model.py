@@ -25,7 +25,7 @@ def shapes(stages):
 def demo_backbone(model_name="resnet18", out_features=("res5",)):
     return L(TimmBackbone)(
         model_name=model_name, output_stride=8, out_features=list(out_features), norm="BN", checkpoint="",
-        checkpoint_format=_TIMM.CHECKPOINT_FORMAT, in_chans=3, stem_type=_TIMM.STEM_TYPE, stem_width=_TIMM.STEM_WIDTH,
+        checkpoint_format=_TIMM.CHECKPOINT_FORMAT, pretrained="", in_chans=3, stem_type=_TIMM.STEM_TYPE, stem_width=_TIMM.STEM_WIDTH,
         dilation_rule=_TIMM.DILATION_RULE, multi_grid=list(_TIMM.MULTI_GRID),
     )
 

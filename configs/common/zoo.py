@@ -57,9 +57,9 @@ def stage_shapes(name, output_stride, features):
 
 def backbone(name, output_stride, features, **layout):
     """The timm backbone `name`; `layout`: TimmBackbone's / HRNetBackbone's other arguments
-    (stem_type, stem_width, dilation_rule, multi_grid / fuse_upsample, checkpoint, ...)."""
+    (stem_type, stem_width, dilation_rule, multi_grid / fuse_upsample, checkpoint, pretrained, ...)."""
     common = dict(model_name=name, out_features=list(features), norm=NORM, checkpoint=_TIMM.CHECKPOINT,
-                  checkpoint_format=_TIMM.CHECKPOINT_FORMAT, in_chans=3)
+                  checkpoint_format=_TIMM.CHECKPOINT_FORMAT, pretrained=_TIMM.PRETRAINED, in_chans=3)
     if name.startswith("hrnet"):
         return L(HRNetBackbone)(**{**common, "fuse_upsample": _TIMM.HRNET_FUSE_UPSAMPLE, **layout})
     return L(TimmBackbone)(**{

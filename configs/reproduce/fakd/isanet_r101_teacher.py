@@ -4,4 +4,4 @@ from ...common.reproduce import fakd_setting, mmseg_isanet
 
 model = mmseg_isanet(101, channels=512, isa_channels=256, aux_channels=256, align_corners=True)
 dataloader, optimizer, lr_multiplier, train = fakd_setting("output/reproduce/fakd/isanet_r101_teacher_lazy")
-train.init_checkpoint = "checkpoints/mmseg/isanet_r101-d8_769x769_80k_cityscapes_20210903_111319-24f71dfa.pth"
+train.init_checkpoint = "https://download.openmmlab.com/mmsegmentation/v0.5/isanet/isanet_r101-d8_769x769_80k_cityscapes/isanet_r101-d8_769x769_80k_cityscapes_20210903_111319-24f71dfa.pth"

@@ -3,5 +3,5 @@
 from ...common.reproduce import fakd_setting, mmseg_isanet
 
 model = mmseg_isanet(18, channels=128, isa_channels=64, aux_channels=64, align_corners=False,
-                     checkpoint="checkpoints/imagenet/resnet18_v1c-b5776b93.pth")
+                     checkpoint="https://download.openmmlab.com/pretrain/third_party/resnet18_v1c-b5776b93.pth")
 dataloader, optimizer, lr_multiplier, train = fakd_setting("output/reproduce/fakd/isanet_r18_student_lazy")

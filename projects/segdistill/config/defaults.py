@@ -45,10 +45,16 @@ def _add_shared_keys(cfg: CN) -> None:
     cfg.MODEL.TIMM.OUT_FEATURES = ["res5"]
     # BN (CPU / one process), SyncBN (several GPUs), FrozenBN (fine-tuning).
     cfg.MODEL.TIMM.NORM = "BN"
-    # Local ImageNet weights for the backbone body (timm, torchvision, OpenMMLab, HRNet or
-    # CIRKD format: MODEL.TIMM.CHECKPOINT_FORMAT); nothing is downloaded. MODEL.WEIGHTS (a
-    # checkpoint of the whole model, MODEL.WEIGHTS_FORMAT) loads after it.
+    # ImageNet weights for the backbone body (timm, torchvision, OpenMMLab, HRNet or CIRKD
+    # format: MODEL.TIMM.CHECKPOINT_FORMAT): a file, or a URL (https://, detectron2://)
+    # downloaded once into $SEGDISTILL_CACHE (default: torch.hub's checkpoints folder).
+    # MODEL.WEIGHTS (a checkpoint of the whole model, MODEL.WEIGHTS_FORMAT) loads after it.
     cfg.MODEL.TIMM.CHECKPOINT = ""
+    # timm's own ImageNet weights for MODEL.TIMM.NAME, fetched by huggingface_hub into its
+    # cache ($HF_HOME/hub): "" = none (off), "default" = timm's default tag of the model, or a
+    # "model.tag" of MODEL.TIMM.NAME (e.g. "resnet18.tv_in1k"). Loaded through the same
+    # checked conversion as MODEL.TIMM.CHECKPOINT (format "timm"); set one of the two.
+    cfg.MODEL.TIMM.PRETRAINED = ""
 
     # ---- Heads (modeling/heads): the keys several heads read. A head's own keys (PSP_*,
     # OCR_*, ISA_*, HRNETV2_CHANNELS, NUM_CONVS, ASPP_POOLING, ...) are added by its file's

@@ -11,6 +11,8 @@
   fusion, ``align_corners``), checked against the model's (:class:`SourceOptionsError`);
 * :mod:`.load`: converting into a backbone body (``MODEL.TIMM.CHECKPOINT``) or a whole
   segmentor (``MODEL.WEIGHTS``, ``MODEL.DISTILL.TEACHER.WEIGHTS``);
+* :mod:`.fetch`: weights named by URL (``https://``, ``detectron2://``) fetched once into a
+  cache (hash-checked, renamed when complete), timm's named weights through huggingface_hub;
 * :mod:`.checkpointer`: ``SegDistillCheckpointer``, detectron2's checkpointer with the
   conversion of ``MODEL.WEIGHTS``;
 * :mod:`.weights`: checked loading (:class:`LoadReport`; too little matched, tensors of another
@@ -26,6 +28,9 @@ from .contracts import (
 )
 from .core import CheckpointMismatchError, Conversion
 from .deploy import deployed_state_dict, save_deployed_checkpoint
+from .fetch import (
+    WeightsDownloadError, fetch_timm_weights, hash_prefix, is_remote, resolve_weights, weights_cache_dir,
+)
 from .io import CheckpointReadError, load_checkpoint_file, unwrap_state_dict
 from .load import (
     BACKBONE_FORMATS, MODEL_FORMATS, convert_backbone_state, convert_model_state, convertible_parts, describe_target,
@@ -47,4 +52,5 @@ __all__ = [
     "deployed_state_dict", "save_deployed_checkpoint", "SourceOptionsError",
     "DEFAULT_MIN_MATCHED", "LoadReport", "WeightsMismatchError", "check_weights_file", "load_checked_weights",
     "load_weights", "load_weights_for_evaluation",
+    "WeightsDownloadError", "fetch_timm_weights", "hash_prefix", "is_remote", "resolve_weights", "weights_cache_dir",
 ]

@@ -95,8 +95,8 @@ def load_checkpoint_file(path: str, *, key: str = "", unsafe_unpickle: bool = Fa
     where = f" ({key})" if key else ""
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"Checkpoint not found: {path!r}{where}. Nothing is downloaded by this project: put the file "
-            "at that path (see docs/reproduce.md for the official file names)."
+            f"Checkpoint not found: {path!r}{where}: put the file at that path, or name it by its URL "
+            "(downloaded once into a cache; docs/reproduce.md lists the official files and URLs)."
         )
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file

@@ -16,7 +16,6 @@ the file, the expected architecture, the first unmatched keys and a hint.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -27,6 +26,7 @@ from detectron2.modeling import SemanticSegmentor
 from . import cirkd, openmmlab, timm as timm_format, torchvision as tv_format
 from .contracts import ConvertibleBackbone, ConvertibleHead, SegmentorWrapper, backbone_family
 from .core import IGNORED_SUFFIXES, CheckpointMismatchError, Conversion, apply_rules, check_fit
+from .fetch import resolve_weights
 from .io import load_checkpoint_file, unwrap_state_dict
 from .source_options import check_source_options, file_meta
 
@@ -129,14 +129,11 @@ def convert_backbone_state(state: Dict[str, torch.Tensor], body: nn.Module, fmt:
 
 def load_backbone_weights(body: nn.Module, path: str, fmt: str = "auto", *, key: str = "MODEL.TIMM.CHECKPOINT",
                           unsafe_unpickle: bool = False) -> Conversion:
-    """Convert the ImageNet weights in ``path`` and load them into ``body`` (all or nothing)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"ImageNet weights not found: {path!r} ({key}). Nothing is downloaded by this project: put the file at "
-            f"that path (docs/reproduce.md lists the official files), or set {key} \"\" to start the backbone from "
-            "random weights. (An evaluation with MODEL.WEIGHTS / train.init_checkpoint skips this file; training "
-            "loads it, then MODEL.WEIGHTS over it.)"
-        )
+    """Convert the ImageNet weights in ``path`` (a file, or a URL fetched into the cache) and load
+    them into ``body`` (all or nothing)."""
+    path = resolve_weights(path, key, missing_hint=(
+        "docs/reproduce.md lists the official files and their URLs. (An evaluation with MODEL.WEIGHTS / "
+        "train.init_checkpoint skips this file; training loads it, then MODEL.WEIGHTS over it.)"))
     obj = load_checkpoint_file(path, key=key, unsafe_unpickle=unsafe_unpickle)
     state, where = unwrap_state_dict(obj)
     conv = convert_backbone_state(state, body, fmt, source=path, key=key)
@@ -245,7 +242,9 @@ def load_model_weights(model: nn.Module, path: str, fmt: str = "auto", *, key: s
                        unsafe_unpickle: bool = False) -> Optional[Conversion]:
     """Convert a foreign whole-model file and load it into ``model`` (its segmentor: a
     Distiller's student), all or nothing. Returns None, loading nothing, for the project's
-    own format (the caller loads those with detectron2's checkpointer)."""
+    own format (the caller loads those with detectron2's checkpointer). ``path``: a file, or a
+    URL fetched into the cache."""
+    path = resolve_weights(path, key)
     obj = load_checkpoint_file(path, key=key, unsafe_unpickle=unsafe_unpickle)
     state, where = unwrap_state_dict(obj)
     conv = convert_model_state(state, model, fmt, source=path, key=key, meta=file_meta(obj))

@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..config import ConfigError
 from .checkpointer import SegDistillCheckpointer
 from .core import IGNORED_SUFFIXES
+from .fetch import resolve_weights
 
 __all__ = ["LoadReport", "WeightsMismatchError", "check_weights_file", "load_weights", "load_checked_weights",
            "load_weights_for_evaluation", "DEFAULT_MIN_MATCHED"]
@@ -45,25 +46,11 @@ class WeightsMismatchError(ConfigError):
     """A checkpoint that does not fit the model it is loaded into (or no checkpoint at all)."""
 
 
-def check_weights_file(path: str, key: str = "MODEL.WEIGHTS") -> None:
-    """Raise FileNotFoundError for a local weights path that does not exist.
-
-    Remote URLs (``detectron2://``, ``https://``) are refused too: nothing can be
-    downloaded, so the error says where to put a local copy.
-    """
-    if not path:
-        return
-    if "://" in path and not path.startswith("file://"):
-        raise FileNotFoundError(
-            f"{key} is a remote location ({path!r}); this project never downloads weights. "
-            f"Download the file elsewhere, copy it to this machine and set {key} to its local path."
-        )
-    local = path[len("file://"):] if path.startswith("file://") else path
-    if not os.path.isfile(local):
-        raise FileNotFoundError(
-            f"Weights file not found: {local!r} ({key}). Point {key} at a local detectron2 "
-            "checkpoint (.pth/.pkl) or set it to '' to start from random weights."
-        )
+def check_weights_file(path: str, key: str = "MODEL.WEIGHTS") -> str:
+    """The local file of the weights ``path`` names (:func:`.fetch.resolve_weights`: a URL is
+    downloaded into the cache unless it is there; ``""`` stays ``""``); FileNotFoundError for a
+    local path that does not exist."""
+    return resolve_weights(path, key)
 
 
 @dataclass
@@ -122,15 +109,15 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def load_weights(model: nn.Module, path: str, *, key: str = "MODEL.WEIGHTS", weights_format: str = "auto") -> LoadReport:
     """Load ``path`` into ``model`` (detectron2's checkpointer, its usual log; a foreign file of
     ``weights_format``, ``MODEL.WEIGHTS_FORMAT``, converted first) and report what matched."""
-    check_weights_file(path, key)
+    local = check_weights_file(path, key)
     model = _unwrap(model)
     keys = {k: v.numel() for k, v in model.state_dict().items()}
     ckpt = _RecordingCheckpointer(model, weights_format=weights_format, key=key)
-    ckpt.load(path, checkpointables=[])
+    ckpt.load(local, checkpointables=[])
     inc = ckpt.incompatible
     if inc is None:  # nothing was loaded (a checkpoint without "model")
-        return LoadReport(path, keys, missing=list(keys))
-    return LoadReport(path, keys, missing=list(inc.missing_keys), unexpected=list(inc.unexpected_keys),
+        return LoadReport(local, keys, missing=list(keys))
+    return LoadReport(local, keys, missing=list(inc.missing_keys), unexpected=list(inc.unexpected_keys),
                       incorrect_shapes=[tuple(s) for s in inc.incorrect_shapes])
 
 

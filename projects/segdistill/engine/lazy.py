@@ -33,9 +33,9 @@ from ..config import check_dataset_names, check_device
 from .ddp import broadcast_batchnorm_buffers, create_ddp_model
 from .hooks import TrainingCurvesHook, TrainingProgressHook, exact_resume_hook
 from .run import RunOutput
-from .trainer import anytime_evaluators, load_evaluation_weights
+from .trainer import anytime_evaluators, load_evaluation_weights, warn_random_backbone
 
-__all__ = ["lazy_test", "lazy_train", "lazy_evaluate", "check_lazy_config", "skip_backbone_init"]
+__all__ = ["lazy_test", "lazy_train", "lazy_evaluate", "check_lazy_config", "skip_backbone_init", "random_backbones"]
 
 logger = logging.getLogger(__name__)
 _TIMM_BACKBONES = (TimmBackbone, HRNetBackbone)
@@ -104,6 +104,22 @@ def skip_backbone_init(node) -> List[str]:
     return skipped
 
 
+def random_backbones(node) -> int:
+    """How many timm backbones of a lazy config tree have neither ``checkpoint`` nor ``pretrained``
+    (another config file, e.g. a Distiller's teacher, is not entered)."""
+    count = 0
+    if isinstance(node, DictConfig):
+        target = node.get("_target_", None)
+        if target in _TIMM_BACKBONES or target in {f"{c.__module__}.{c.__qualname__}" for c in _TIMM_BACKBONES}:
+            count += not (node.get("checkpoint", "") or node.get("pretrained", ""))
+        children = [node[k] for k in node.keys() if k != "_target_"]
+    elif isinstance(node, ListConfig):
+        children = list(node)
+    else:
+        return count
+    return count + sum(random_backbones(child) for child in children)
+
+
 def lazy_evaluate(cfg, output: RunOutput = None):
     """``--eval-only``: the model with ``train.init_checkpoint`` (refused when empty or not
     fitting, unless ``train.allow_random_weights``), evaluated on ``dataloader.test``. With
@@ -151,6 +167,9 @@ def lazy_train(cfg, resume: bool = False, output: RunOutput = None):
     ])
     if not (resume and checkpointer.has_checkpoint()):
         check_weights_file(cfg.train.init_checkpoint, "train.init_checkpoint")
+        if not cfg.train.init_checkpoint and random_backbones(cfg.model):
+            warn_random_backbone(_dataset_names(cfg, "train"),
+                                 "train.init_checkpoint and the backbone's checkpoint and pretrained are empty")
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
     start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
     trainer.train(start_iter, cfg.train.max_iter)

@@ -37,6 +37,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..convert import DEFAULT_MIN_MATCHED, SegDistillCheckpointer, load_weights, load_weights_for_evaluation
 from ..data import SemSegDatasetMapper, build_sem_seg_train_loader, check_eval_datasets
+from ..data.datasets.demo import is_demo_dataset
 from ..evaluation import CocoStuffEvaluator, SemSegEvaluator, build_label_spaces
 from ..evaluation.anytime import AnytimeEvaluator
 from ..modeling.meta_arch.anytime import AnytimeSegmentor, load_anytime_weights
@@ -58,6 +59,21 @@ def anytime_evaluators(model, dataset_names, output_dir: str):
         return None
     return [AnytimeEvaluator.for_model(model, name, output_dir=os.path.join(output_dir, "inference", name))
             for name in dataset_names]
+
+
+def warn_random_backbone(datasets, why: str) -> bool:
+    """A WARNING (True) when a model for real data starts training from a randomly initialised
+    backbone: the papers all start from ImageNet, and a silent random start costs many points.
+    The demo's datasets are exempt (its trainings start from scratch on purpose)."""
+    real = [d for d in datasets if not is_demo_dataset(d)]
+    if not real:
+        return False
+    logging.getLogger(__name__).warning(
+        "Training on %s with a RANDOMLY initialised backbone (%s). The papers start from ImageNet weights: set "
+        "MODEL.TIMM.PRETRAINED default (timm's weights, or a model.tag) or MODEL.TIMM.CHECKPOINT to a file or URL "
+        "(docs/reproduce.md lists the publishers' files); in a lazy config, the backbone's pretrained / checkpoint.",
+        ", ".join(real), why)
+    return True
 
 
 def load_evaluation_weights(model, path: str, *, key: str = "MODEL.WEIGHTS", allow_random: bool = False,
@@ -159,6 +175,10 @@ class Trainer(DefaultTrainer):
                         report.summary(), self.cfg.TEST.MIN_MATCHED_WEIGHTS)
             else:
                 logging.getLogger(__name__).info("MODEL.WEIGHTS is empty: training from the model's initialisation.")
+                t = self.cfg.MODEL.TIMM
+                if self.cfg.MODEL.BACKBONE.NAME == "build_timm_backbone" and not (t.CHECKPOINT or t.PRETRAINED):
+                    warn_random_backbone(self.cfg.DATASETS.TRAIN,
+                                         "MODEL.WEIGHTS, MODEL.TIMM.CHECKPOINT and MODEL.TIMM.PRETRAINED are empty")
         # A checkpoint restores the poly schedule's own length; a resumed run whose config asks
         # for a different SOLVER.MAX_ITER follows the config (the schedule would otherwise fail
         # once past its old end).

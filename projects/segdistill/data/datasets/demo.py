@@ -41,7 +41,7 @@ from .registration import keep_registered, register_sem_seg
 
 __all__ = [
     "DEMO_CLASSES", "DEMO_COLORS", "DemoSpec", "DEMO_SPECS", "generate_scene",
-    "ensure_demo_dataset", "demo_split_dirs", "load_demo", "register_demo",
+    "ensure_demo_dataset", "demo_split_dirs", "load_demo", "register_demo", "is_demo_dataset",
 ]
 
 GENERATOR_VERSION = 2
@@ -410,6 +410,11 @@ def load_demo(name: str, split: str) -> List[dict]:
     dicts = load_sem_seg_folder(image_dir, label_dir, dataset_name=f"{name}_{split}", layout_help=help_)
     verify_sem_seg_dicts(dicts, dataset_name=f"{name}_{split}", num_classes=len(DEMO_CLASSES), fix_help=help_)
     return dicts
+
+
+def is_demo_dataset(name: str) -> bool:
+    """Whether ``name`` is one of the demo's splits (or a split derived from one, e.g. HS3's)."""
+    return any(name == base or name.startswith(base + "_") for base in DEMO_SPECS)
 
 
 def register_demo(root: str) -> None:

@@ -33,10 +33,13 @@ load, see :mod:`segdistill.convert`):
   join, so any input size fuses (no padding at inference: ``size_divisibility`` 0); timm and
   the HRNet classification release use nearest neighbours by exact factors (inputs padded to 32).
 
-Nothing is ever downloaded: ``pretrained`` is always off, and ``checkpoint`` loads a local
-ImageNet state dict for the body (timm, torchvision, OpenMMLab, the HRNet release or
-CIRKD's; the format is detected from the keys or named by ``checkpoint_format``, and the
-file is converted by :mod:`segdistill.convert`).
+ImageNet weights for the body: ``checkpoint`` (``MODEL.TIMM.CHECKPOINT``), a file or a URL
+(fetched once into the cache, :mod:`segdistill.convert.fetch`) of timm, torchvision,
+OpenMMLab, the HRNet release or CIRKD (the format is detected from the keys or named by
+``checkpoint_format``, and the file is converted by :mod:`segdistill.convert`); or
+``pretrained`` (``MODEL.TIMM.PRETRAINED``), timm's own weights of a ``model.tag`` (or
+``"default"``), fetched through huggingface_hub and loaded through the same checked
+conversion. timm's ``create_model`` never downloads (its ``pretrained`` stays off).
 """
 from __future__ import annotations
 
@@ -54,7 +57,7 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
-from ...convert import ConvertibleBackbone, backbone_family, load_backbone_weights
+from ...convert import ConvertibleBackbone, backbone_family, fetch_timm_weights, load_backbone_weights
 from ..stagewise import StagewiseBackbone  # the stage-by-stage contract anytime inference runs on
 from .norm import convert_norm, resolve_norm
 
@@ -90,11 +93,21 @@ def _check_out_features(wanted: Sequence[str], valid: Sequence[str], model: str)
     return list(wanted)
 
 
-def _load_and_normalise(backbone: nn.Module, checkpoint: str, checkpoint_format: str, norm: str) -> None:
-    """The last steps of building a timm backbone: its body's ImageNet weights (when a file is
-    given), then its norms as ``norm`` asks (the weights load into timm's BatchNorms first)."""
+def _load_and_normalise(backbone: nn.Module, model_name: str, checkpoint: str, checkpoint_format: str,
+                        pretrained: str, norm: str) -> None:
+    """The last steps of building a timm backbone: its body's ImageNet weights (a file or URL,
+    or timm's named weights), then its norms as ``norm`` asks (the weights load into timm's
+    BatchNorms first)."""
+    if checkpoint and pretrained:
+        raise ValueError(
+            f"MODEL.TIMM.CHECKPOINT {checkpoint!r} and MODEL.TIMM.PRETRAINED {pretrained!r} both name the backbone's "
+            "ImageNet weights: set one of them to ''."
+        )
     if checkpoint:
         load_body_checkpoint(backbone.body, checkpoint, checkpoint_format)
+    elif pretrained:
+        path = fetch_timm_weights(model_name, pretrained, key="MODEL.TIMM.PRETRAINED")
+        load_body_checkpoint(backbone.body, path, "timm", key="MODEL.TIMM.PRETRAINED")
     convert_norm(backbone, norm)
 
 
@@ -209,6 +222,7 @@ def _common_from_config(cfg, input_shape: ShapeSpec) -> dict:
         norm=resolve_norm(cfg, "backbone"),
         checkpoint=c.CHECKPOINT,
         checkpoint_format=c.CHECKPOINT_FORMAT,
+        pretrained=c.PRETRAINED,
         in_chans=input_shape.channels,
     )
 
@@ -231,6 +245,7 @@ class TimmBackbone(StagewiseBackbone, ConvertibleBackbone):
         norm: str,
         checkpoint: str,
         checkpoint_format: str,
+        pretrained: str,
         in_chans: int,
         stem_type: str,
         stem_width: int,
@@ -278,7 +293,7 @@ class TimmBackbone(StagewiseBackbone, ConvertibleBackbone):
         self._out_features = _check_out_features(out_features or [names[-1]], names, model_name)
         # Ask timm only for the levels we return.
         self._return_index = [names.index(n) for n in self._out_features]
-        _load_and_normalise(self, checkpoint, checkpoint_format, norm)
+        _load_and_normalise(self, model_name, checkpoint, checkpoint_format, pretrained, norm)
 
     @classmethod
     def from_config(cls, cfg, input_shape: ShapeSpec):
@@ -373,6 +388,7 @@ class HRNetBackbone(StagewiseBackbone, ConvertibleBackbone):
         norm: str,
         checkpoint: str,
         checkpoint_format: str,
+        pretrained: str,
         in_chans: int,
         fuse_upsample: str,
         model_kwargs: Optional[dict] = None,
@@ -406,7 +422,7 @@ class HRNetBackbone(StagewiseBackbone, ConvertibleBackbone):
         self._out_features = _check_out_features(
             out_features or ["res2", "res3", "res4", "res5"], list(shapes), model_name
         )
-        _load_and_normalise(self, checkpoint, checkpoint_format, norm)
+        _load_and_normalise(self, model_name, checkpoint, checkpoint_format, pretrained, norm)
 
     @classmethod
     def from_config(cls, cfg, input_shape: ShapeSpec):

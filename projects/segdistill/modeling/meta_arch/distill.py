@@ -90,15 +90,16 @@ def build_teacher(
     allow_random: bool = False,
     stages: Sequence[str] = (),
 ) -> nn.Module:
-    """Build the frozen teacher from its config (YAML or lazy ``.py``) and local weights.
+    """Build the frozen teacher from its config (YAML or lazy ``.py``) and its weights.
 
-    ``weights`` must be a local checkpoint; ``""`` is refused unless ``allow_random`` (tests
+    ``weights``: a checkpoint file, or its URL (fetched once into the cache,
+    ``segdistill.convert.fetch``); ``""`` is refused unless ``allow_random`` (tests
     and benchmarks only: a random teacher teaches nothing). ``stages``: backbone stages the
     losses tap, added to the backbone's outputs (no parameter changes).
     """
     path = _resolve(config_file, "MODEL.DISTILL.TEACHER.CONFIG_FILE")
     if weights:
-        check_weights_file(weights, "MODEL.DISTILL.TEACHER.WEIGHTS")
+        weights = check_weights_file(weights, "MODEL.DISTILL.TEACHER.WEIGHTS")  # a URL: the cached file
     elif not allow_random:
         raise ValueError(
             "MODEL.DISTILL.TEACHER.WEIGHTS is empty: set it to the trained teacher's checkpoint. "
