@@ -216,3 +216,39 @@ def test_load_report_counts_what_its_percentage_counts(tmp_path):
     torch.save({"model": model.state_dict()}, tmp_path / "same.pth")
     assert "100.0% of the model's parameters and buffers by elements (5 of 5 tensors" in \
         load_weights(model, str(tmp_path / "same.pth")).summary()
+
+
+class _Bomb:
+    """Unpickling calls os.getpid through __reduce__ (a stand-in for any code a pickle can run)."""
+
+    def __reduce__(self):
+        return (os.getpid, ())
+
+
+def test_a_pkl_file_is_unpickled_only_when_it_holds_arrays(tmp_path):
+    """detectron2 unpickles .pkl files in full; the checkpointer lets only containers and numpy
+    arrays through, and refuses a pickle naming any other global before detectron2 reads it."""
+    import pickle
+
+    import numpy as np
+    from torch import nn
+
+    from segdistill.convert import CheckpointReadError, SegDistillCheckpointer
+
+    model = nn.Linear(3, 2)
+    good = tmp_path / "zoo.pkl"
+    weights = {"weight": np.full((2, 3), 0.5, dtype=np.float32), "bias": np.array([1.0, -1.0], dtype=np.float32)}
+    with open(good, "wb") as f:
+        pickle.dump({"model": weights, "__author__": "test"}, f)
+    SegDistillCheckpointer(model).load(str(good))
+    assert torch.equal(model.weight, torch.full((2, 3), 0.5)) and torch.equal(model.bias, torch.tensor([1.0, -1.0]))
+
+    bad = tmp_path / "bad.pkl"
+    with open(bad, "wb") as f:
+        pickle.dump({"model": weights, "__author__": _Bomb()}, f)
+    with pytest.raises(CheckpointReadError, match="posix.getpid|os.getpid"):
+        SegDistillCheckpointer(nn.Linear(3, 2)).load(str(bad))
+    junk = tmp_path / "junk.pkl"
+    junk.write_bytes(os.urandom(256))
+    with pytest.raises(CheckpointReadError, match="not a PyTorch or safetensors checkpoint"):
+        SegDistillCheckpointer(nn.Linear(3, 2)).load(str(junk))

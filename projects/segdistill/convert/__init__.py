@@ -31,7 +31,7 @@ from .deploy import deployed_state_dict, save_deployed_checkpoint
 from .fetch import (
     WeightsDownloadError, fetch_timm_weights, hash_prefix, is_remote, resolve_weights, weights_cache_dir,
 )
-from .io import CheckpointReadError, load_checkpoint_file, unwrap_state_dict
+from .io import CheckpointReadError, check_pickle_file, load_checkpoint_file, unwrap_state_dict
 from .load import (
     BACKBONE_FORMATS, MODEL_FORMATS, convert_backbone_state, convert_model_state, convertible_parts, describe_target,
     detect_backbone_format, detect_model_format, load_backbone_weights, load_foreign_weights, load_model_weights,
@@ -46,7 +46,7 @@ from .weights import (
 __all__ = [
     "CheckpointMismatchError", "CheckpointReadError", "Conversion", "BACKBONE_FORMATS", "MODEL_FORMATS",
     "convert_backbone_state", "convert_model_state", "convertible_parts", "describe_target", "detect_backbone_format",
-    "detect_model_format", "load_backbone_weights", "load_checkpoint_file", "load_foreign_weights",
+    "detect_model_format", "load_backbone_weights", "load_checkpoint_file", "check_pickle_file", "load_foreign_weights",
     "load_model_weights", "segmentor_of", "file_meta", "unwrap_state_dict", "SegDistillCheckpointer",
     "SegmentorWrapper", "ConvertibleBackbone", "ConvertibleHead", "DeployableModel", "backbone_family", "head_key_map",
     "deployed_state_dict", "save_deployed_checkpoint", "SourceOptionsError",

@@ -4,7 +4,9 @@ detectron2 loads ``MODEL.WEIGHTS`` with ``DetectionCheckpointer``; this subclass
 file safely first (:func:`segdistill.convert.io.load_checkpoint_file`) and, when it is an
 mmsegmentation or CIRKD checkpoint (``MODEL.WEIGHTS_FORMAT`` or detected from its keys),
 hands detectron2 the converted, checked state dict. The project's own checkpoints (and
-``--resume``) go through detectron2's loader unchanged. A path that is a URL
+``--resume``) go through detectron2's loader unchanged; a ``.pkl`` file (detectron2's and
+Caffe2's model zoos), which detectron2 unpickles in full, must first pass an unpickler that
+allows containers and numpy arrays only. A path that is a URL
 (``https://``, ``detectron2://``) is fetched into the cache first (:mod:`.fetch`), so the
 downloaded file takes exactly the path of a local one.
 """
@@ -15,7 +17,7 @@ import logging
 from detectron2.checkpoint import DetectionCheckpointer
 
 from .fetch import resolve_weights
-from .io import load_checkpoint_file, unwrap_state_dict
+from .io import check_pickle_file, load_checkpoint_file, unwrap_state_dict
 from .load import MODEL_FORMATS, convert_model_state, segmentor_of
 from .source_options import file_meta
 
@@ -38,6 +40,13 @@ class SegDistillCheckpointer(DetectionCheckpointer):
     def load(self, path, *args, **kwargs):
         """detectron2's load of the local file ``path`` names (a URL fetched into the cache first)."""
         return super().load(resolve_weights(path, self.key) if path else path, *args, **kwargs)
+
+    def _load_file(self, filename: str):
+        """detectron2 unpickles ``.pkl`` files in full: such a file is first read with an
+        unpickler that allows containers and numpy arrays only (:func:`check_pickle_file`)."""
+        if filename.endswith(".pkl"):
+            check_pickle_file(filename, key=self.key)
+        return super()._load_file(filename)
 
     def _torch_load(self, f: str):
         """detectron2 calls this for every non-``.pkl`` file: read it once, safely, and hand

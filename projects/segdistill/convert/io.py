@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["CheckpointReadError", "load_checkpoint_file", "unwrap_state_dict", "ALLOWED_GLOBALS"]
+__all__ = ["CheckpointReadError", "load_checkpoint_file", "check_pickle_file", "unwrap_state_dict", "ALLOWED_GLOBALS"]
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +134,52 @@ def load_checkpoint_file(path: str, *, key: str = "", unsafe_unpickle: bool = Fa
     if not isinstance(obj, dict):
         raise CheckpointReadError(f"{path!r}{where} holds a {type(obj).__name__}, not a dict of tensors.")
     return obj
+
+
+def _pickle_allowed() -> Dict[Tuple[str, str], object]:
+    """(module, name) -> object for :data:`ALLOWED_GLOBALS` and ``collections.OrderedDict``."""
+    import collections
+
+    table = {("collections", "OrderedDict"): collections.OrderedDict}
+    for entry in ALLOWED_GLOBALS:
+        obj, dotted = entry if isinstance(entry, tuple) else (entry, f"{entry.__module__}.{entry.__qualname__}")
+        module, name = dotted.rsplit(".", 1)
+        table[(module, name)] = obj
+    return table
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles containers, numbers, strings and numpy arrays; any other global is refused."""
+
+    _allowed = None
+
+    def find_class(self, module, name):
+        if _ArraysOnlyUnpickler._allowed is None:
+            _ArraysOnlyUnpickler._allowed = _pickle_allowed()
+        obj = self._allowed.get((module, name))
+        if obj is None:
+            raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
+        return obj
+
+
+def check_pickle_file(path: str, *, key: str = "") -> None:
+    """Refuse a plain pickle (``.pkl``: detectron2's and Caffe2's model-zoo files, dicts of numpy
+    arrays) that holds anything but containers, numbers, strings and numpy arrays: detectron2
+    unpickles such files in full, so this runs first (:class:`SegDistillCheckpointer`)."""
+    where = f" ({key})" if key else ""
+    try:
+        with open(path, "rb") as f:
+            _ArraysOnlyUnpickler(f, encoding="latin1").load()
+    except pickle.UnpicklingError as e:
+        named = _REFUSED_GLOBAL.search(str(e))
+        if named is None:
+            raise _not_a_checkpoint(path, where, e) from e
+        raise CheckpointReadError(
+            f"{path!r}{where} is a pickle that holds Python objects other than containers and numpy arrays "
+            f"({named.group(1)}); it is not unpickled (files from outside are untrusted)."
+        ) from e
+    except Exception as e:  # noqa: BLE001  (random bytes make pickle fail in many ways)
+        raise _not_a_checkpoint(path, where, e) from e
 
 
 def unwrap_state_dict(obj: dict) -> Tuple[Dict[str, torch.Tensor], str]:
