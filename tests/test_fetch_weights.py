@@ -131,15 +131,14 @@ def test_backbone_checkpoint_url(server):
 def test_teacher_weights_mmseg_url(server):
     """An mmsegmentation model-zoo file by URL as MODEL.DISTILL.TEACHER.WEIGHTS: converted and
     checked as a local one; the teacher gives mmsegmentation's logits."""
-    from mmseg_oracle import build_mmseg, mmseg_logits
+    from mmseg_oracle import TINY_DEEPLABV3, TINY_DEEPLABV3_YAML, build_mmseg, mmseg_logits
     from segdistill.modeling.meta_arch.distill import build_teacher
-    from test_convert_paths import MM_CFG, TEACHER_YAML
 
-    mm = build_mmseg(MM_CFG)
+    mm = build_mmseg(TINY_DEEPLABV3)
     url = _serve(server, "deeplabv3_r18-d8_512x1024_80k_cityscapes_20201225_021506",
                  {"meta": {"CLASSES": ("a", "b", "c", "d", "e")}, "state_dict": mm.state_dict()})
     config = server.cache.parent / "teacher.yaml"
-    config.write_text(TEACHER_YAML.format(repo=REPO))
+    config.write_text(TINY_DEEPLABV3_YAML.format(repo=REPO, weights_format="auto"))
     teacher = build_teacher(str(config), url)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     teacher.eval()
