@@ -82,42 +82,39 @@ def build_lazy_model(cfg):
     return model
 
 
-def skip_backbone_init(node) -> List[str]:
-    """Set ``checkpoint=""`` on every timm backbone (``TimmBackbone``, ``HRNetBackbone``) of a
-    lazy config tree, in place; returns the ImageNet files skipped. The lazy counterpart of
-    ``MODEL.TIMM.CHECKPOINT ""``: a model whose whole weights load afterwards needs no
-    backbone initialisation (another config file, e.g. a Distiller's teacher, is not entered)."""
-    skipped = []
+_TIMM_BACKBONE_TARGETS = _TIMM_BACKBONES + tuple(f"{c.__module__}.{c.__qualname__}" for c in _TIMM_BACKBONES)
+
+
+def _timm_backbone_nodes(node):
+    """The LazyCall nodes of timm backbones (``TimmBackbone``, ``HRNetBackbone``) in a lazy config
+    tree (another config file, e.g. a Distiller's teacher, is not entered)."""
     if isinstance(node, DictConfig):
-        target = node.get("_target_", None)
-        if target in _TIMM_BACKBONES or target in {f"{c.__module__}.{c.__qualname__}" for c in _TIMM_BACKBONES}:
-            if node.get("checkpoint", ""):
-                skipped.append(node.checkpoint)
-                node.checkpoint = ""
+        if node.get("_target_", None) in _TIMM_BACKBONE_TARGETS:
+            yield node
         children = [node[k] for k in node.keys() if k != "_target_"]
     elif isinstance(node, ListConfig):
         children = list(node)
     else:
-        return skipped
+        return
     for child in children:
-        skipped += skip_backbone_init(child)
+        yield from _timm_backbone_nodes(child)
+
+
+def skip_backbone_init(node) -> List[str]:
+    """Set ``checkpoint=""`` on every timm backbone of a lazy config tree, in place; returns the
+    ImageNet files skipped. The lazy counterpart of ``MODEL.TIMM.CHECKPOINT ""``: a model whose
+    whole weights load afterwards needs no backbone initialisation."""
+    skipped = []
+    for backbone in _timm_backbone_nodes(node):
+        if backbone.get("checkpoint", ""):
+            skipped.append(backbone.checkpoint)
+            backbone.checkpoint = ""
     return skipped
 
 
 def random_backbones(node) -> int:
-    """How many timm backbones of a lazy config tree have neither ``checkpoint`` nor ``pretrained``
-    (another config file, e.g. a Distiller's teacher, is not entered)."""
-    count = 0
-    if isinstance(node, DictConfig):
-        target = node.get("_target_", None)
-        if target in _TIMM_BACKBONES or target in {f"{c.__module__}.{c.__qualname__}" for c in _TIMM_BACKBONES}:
-            count += not (node.get("checkpoint", "") or node.get("pretrained", ""))
-        children = [node[k] for k in node.keys() if k != "_target_"]
-    elif isinstance(node, ListConfig):
-        children = list(node)
-    else:
-        return count
-    return count + sum(random_backbones(child) for child in children)
+    """How many timm backbones of a lazy config tree have neither ``checkpoint`` nor ``pretrained``."""
+    return sum(not (b.get("checkpoint", "") or b.get("pretrained", "")) for b in _timm_backbone_nodes(node))
 
 
 def lazy_evaluate(cfg, output: RunOutput = None):
