@@ -4,6 +4,7 @@ too) for a plain model, a distilled student and a multi-exit model with a fixed 
 cannot be one graph is refused with what to export instead; a trace specialised to one size is
 caught; ONNX without its packages names the extra."""
 import importlib.util
+import json
 import math
 import sys
 
@@ -146,3 +147,17 @@ def test_onnx_without_its_packages_names_the_extra(plain, monkeypatch):
     with pytest.raises(SystemExit):  # the command line says it before building anything
         export_tool.main(["--config-file", f"{REPO}/configs/demo/deeplabv3_r18.yaml", "--format", "onnx",
                           "--output", "/nonexistent/m.onnx"])
+
+
+def test_export_latency_benchmark_end_to_end(tmp_path):
+    bench = load_script("export_latency", "benchmarks/export_latency.py")
+    formats = ["torchscript", "onnx"] if HAS_ONNX else ["torchscript"]
+    out = tmp_path / "latency.json"
+    result = bench.main(["--config-file", "configs/demo/deeplabv3_r18.yaml", "--size", "64", "96", "--formats", *formats,
+                         "--warmup", "0", "--repeats", "3", "--output", str(out),
+                         "MODEL.SEM_SEG_HEAD.ASPP_CHANNELS", "16", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", str(K)])
+    assert json.loads(out.read_text()) == result
+    assert list(result["rows"]) == ["eager", *formats] and result["size"] == [64, 96] and result["threads"] == 1
+    for row in result["rows"].values():
+        assert len(row["times_ms"]) == 3 and row["min_ms"] <= row["median_ms"] <= row["max_ms"]
+        assert row["vs_eager"] == pytest.approx(row["median_ms"] / result["rows"]["eager"]["median_ms"])
