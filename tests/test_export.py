@@ -161,3 +161,19 @@ def test_export_latency_benchmark_end_to_end(tmp_path):
     for row in result["rows"].values():
         assert len(row["times_ms"]) == 3 and row["min_ms"] <= row["median_ms"] <= row["max_ms"]
         assert row["vs_eager"] == pytest.approx(row["median_ms"] / result["rows"]["eager"]["median_ms"])
+
+
+def test_command_line_keeps_no_file_that_tracing_specialised(tmp_path, capsys):
+    """An anytime exit on a stage finer than the exits' common stride resizes to a size computed in
+    Python: the dynamic export is refused and not kept; --fixed-size exports it for one size."""
+    cfg = set_keys(exit_cfg("exit:res2"), **{"MODEL.EXITS.IN_FEATURES": ["res2", "res3"],
+                                             "TEST.ALLOW_RANDOM_WEIGHTS": True})
+    (tmp_path / "c.yaml").write_text(cfg.dump())
+    out = tmp_path / "m.pt"
+    args = ["--config-file", str(tmp_path / "c.yaml"), "--format", "torchscript", "--output", str(out),
+            "--input-size", "64", "64"]
+    with pytest.raises(SystemExit):
+        export_tool.main(args)
+    assert "--fixed-size" in capsys.readouterr().err and not out.exists()
+    export_tool.main(args + ["--fixed-size"])
+    assert out.exists()

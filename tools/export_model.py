@@ -210,7 +210,7 @@ def verify(model: nn.Module, fmt: str, path: str, sizes: Sequence[Tuple[int, int
             f"The exported {fmt} model differs from the eager model at {sorted(bad)} (relative max difference "
             f"{max(bad.values()):.3g} > {tolerance}): tracing recorded a size computed in Python as a constant, so "
             "the graph is only right at the traced size. Export with --fixed-size --input-size H W for the size "
-            f"you will run (the file at {path} is not valid at other sizes).")
+            "you will run.")
     return found
 
 
@@ -250,7 +250,11 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                             min_matched=cfg.TEST.MIN_MATCHED_WEIGHTS)
     model.eval()
     path = export_model(model, args.format, args.output, input_size=args.input_size, fixed_size=args.fixed_size)
-    found = verify(model, args.format, path, check_sizes(args.input_size, args.fixed_size))
+    try:
+        found = verify(model, args.format, path, check_sizes(args.input_size, args.fixed_size))
+    except ExportError as e:
+        os.remove(path)  # a file with wrong logits at some sizes is not left behind
+        p.error(f"{e} Nothing was written to {path}.")
     logger.info("Wrote %s (%s, %s); exported vs eager logits, relative max difference: %s", path, args.format,
                 f"fixed {args.input_size[0]}x{args.input_size[1]}" if args.fixed_size else "dynamic height and width",
                 ", ".join(f"{h}x{w}: {d:.2g}" for (h, w), d in found.items()))
