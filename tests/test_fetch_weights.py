@@ -63,6 +63,7 @@ def server(tmp_path, monkeypatch):
     thread.start()
     cache = tmp_path / "cache"
     monkeypatch.setenv("SEGDISTILL_CACHE", str(cache))
+    monkeypatch.delenv("SEGDISTILL_OFFLINE", raising=False)  # conftest's guard: this server is loopback
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
         monkeypatch.delenv(var, raising=False)
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -164,7 +165,7 @@ def test_wrong_hash_is_refused_and_deleted(server):
 def test_404_and_dropped_connection_are_clear_and_leave_nothing(server):
     model = build_model(_tiny_cfg())
     missing = f"{server.url}/no_such_model.pth"
-    with pytest.raises(WeightsDownloadError, match=rf"(?s)MODEL\.WEIGHTS = '{missing}'.*HTTP 404.*local path"):
+    with pytest.raises(WeightsDownloadError, match=rf"(?s)MODEL\.WEIGHTS = '{missing}'.*HTTP 404.*local copy: MODEL\.WEIGHTS /path/to/no_such_model\.pth"):
         load_checked_weights(model, missing)
     assert _cache_files(server) == []
     url = _serve(server, "big", {"model": {"w": torch.arange(100000.0)}})
@@ -332,6 +333,7 @@ def test_random_backbone_warning_names_the_datasets(trainer_log):
     assert "cityscapes_fine_sem_seg_train" in message and "segdistill_demo_train," not in message
     # lazy configs: a backbone without checkpoint and pretrained counts
     cfg = LazyConfig.load(os.path.join(REPO, "configs/cityscapes/baseline/deeplabv3_r18.py"))
+    cfg.model.backbone.pretrained = ""
     assert random_backbones(cfg.model) == 1
     cfg.model.backbone.pretrained = "default"
     assert random_backbones(cfg.model) == 0

@@ -101,14 +101,16 @@ def _timm_backbone_nodes(node):
 
 
 def skip_backbone_init(node) -> List[str]:
-    """Set ``checkpoint=""`` on every timm backbone of a lazy config tree, in place; returns the
-    ImageNet files skipped. The lazy counterpart of ``MODEL.TIMM.CHECKPOINT ""``: a model whose
-    whole weights load afterwards needs no backbone initialisation."""
+    """Set ``checkpoint=""`` and ``pretrained=""`` on every timm backbone of a lazy config tree, in
+    place; returns the ImageNet files and timm tags skipped. The lazy counterpart of
+    ``MODEL.TIMM.CHECKPOINT "" MODEL.TIMM.PRETRAINED ""``: a model whose whole weights load
+    afterwards needs no backbone initialisation (and nothing is downloaded for it)."""
     skipped = []
     for backbone in _timm_backbone_nodes(node):
-        if backbone.get("checkpoint", ""):
-            skipped.append(backbone.checkpoint)
-            backbone.checkpoint = ""
+        for key in ("checkpoint", "pretrained"):
+            if backbone.get(key, ""):
+                skipped.append(backbone[key])
+                backbone[key] = ""
     return skipped
 
 
