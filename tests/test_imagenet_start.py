@@ -28,9 +28,11 @@ REAL = ("cityscapes", "coco_stuff", "ade20k", "voc", "context", "reproduce")
 YAMLS = sorted(p for d in REAL for p in glob.glob(os.path.join(REPO, "configs", d, "**", "*.yaml"), recursive=True)
                if not os.path.basename(p).startswith("Base-"))
 LAZY = sorted(p for d in REAL for p in glob.glob(os.path.join(REPO, "configs", d, "**", "*.py"), recursive=True))
-# Publishers' download hosts a config may name (docs/reproduce.md)
-PUBLISHERS = ("https://download.openmmlab.com/",)
-# Files that have no direct URL (CIRKD publishes them on Google Drive / Baidu Pan): files to place
+# Publishers' download locations a config may name (docs/reproduce.md); OpenMMLab's file names
+# carry a hash prefix, which the download is checked against
+PUBLISHERS = ("https://download.openmmlab.com/", "https://github.com/winycg/CIRKD/releases/download/")
+HASHED = ("https://download.openmmlab.com/",)
+# Files with no direct URL (HWD's CIRKD teacher, a Google Drive file): files to place
 PLACED = "checkpoints/cirkd/"
 
 
@@ -50,7 +52,7 @@ def _check_start(value: str, where: str, model_name: str = "", pretrained: bool 
         timm_weights_name(model_name, value)  # a tag timm knows for this backbone (raises otherwise)
     elif value.startswith(("https://", "http://")):
         assert value.startswith(PUBLISHERS), f"{where}: {value} is not a publisher's URL"
-        assert hash_prefix(value), f"{where}: {value} carries no hash prefix to check the download against"
+        assert hash_prefix(value) or not value.startswith(HASHED), f"{where}: {value} carries no hash prefix to check the download against"
     else:
         assert value.startswith(PLACED), f"{where}: {value!r} is neither a URL nor a timm tag nor a documented file"
 
