@@ -14,6 +14,11 @@ import torch
 # slower). Subprocesses inherit the variable.
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The suite never downloads: a weights URL or timm tag not in a cache fails at once (before
+# huggingface_hub is imported, which reads HF_HUB_OFFLINE then); subprocesses inherit both.
+# Tests that serve files on a loopback server unset SEGDISTILL_OFFLINE themselves.
+os.environ["SEGDISTILL_OFFLINE"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "projects"))  # also works without `pip install -e .`
@@ -75,6 +80,26 @@ def tiny_cfg(backbone="resnet18", head="SegDeepLabV3Head", output_stride=8, num_
     cfg.MODEL.TIMM.OUT_FEATURES = feats
     cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = feats
     return set_keys(cfg, **overrides)
+
+
+def no_imagenet_start(cfg):
+    """A real-data config (YAML CfgNode or lazy config) with its ImageNet start switched off, in
+    place, the documented offline override: ``MODEL.TIMM.PRETRAINED "" MODEL.TIMM.CHECKPOINT ""``
+    (a Distiller's teacher too), lazy ``model.backbone.pretrained="" model.backbone.checkpoint=""``."""
+    from segdistill.engine import skip_backbone_init
+
+    if "MODEL" in cfg:
+        frozen = cfg.is_frozen()
+        cfg.defrost()
+        cfg.MODEL.TIMM.PRETRAINED = ""
+        cfg.MODEL.TIMM.CHECKPOINT = ""
+        cfg.MODEL.DISTILL.TEACHER.OPTS = list(cfg.MODEL.DISTILL.TEACHER.OPTS) + [
+            "MODEL.TIMM.PRETRAINED", "", "MODEL.TIMM.CHECKPOINT", ""]
+        if frozen:
+            cfg.freeze()
+    else:
+        skip_backbone_init(cfg.model)  # a Distiller's teacher config: see its opts
+    return cfg
 
 
 def make_backbone(model_name="resnet18", **overrides):

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from conftest import REPO, random_batch, set_keys, tiny_cfg
+from conftest import REPO, no_imagenet_start, random_batch, set_keys, tiny_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
@@ -298,6 +298,7 @@ def test_paper_pair_configs(dataset, student):
             "MODEL.SEM_SEG_HEAD.CONVS_DIM", "32", "MODEL.SEM_SEG_HEAD.PSP_POOL_CHANNELS", "8"]
     cfg.merge_from_list(tiny + ["MODEL.DISTILL.TEACHER.WEIGHTS", "", "MODEL.DISTILL.TEACHER.ALLOW_RANDOM", True,
                                 "MODEL.DISTILL.TEACHER.OPTS", tiny, "MODEL.DISTILL.LOSSES", sorted(DISTILL_LOSSES)] + SMALL_PARTS)
+    no_imagenet_start(cfg)
     torch.manual_seed(0)
     model = build_model(cfg).train()
     losses = model(random_batch(2, 64, 64, classes))  # PSP's 1x1 pooling bin needs two images under BN

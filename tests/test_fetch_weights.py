@@ -63,6 +63,7 @@ def server(tmp_path, monkeypatch):
     thread.start()
     cache = tmp_path / "cache"
     monkeypatch.setenv("SEGDISTILL_CACHE", str(cache))
+    monkeypatch.delenv("SEGDISTILL_OFFLINE", raising=False)  # conftest's guard: this server is loopback
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
         monkeypatch.delenv(var, raising=False)
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -164,7 +165,7 @@ def test_wrong_hash_is_refused_and_deleted(server):
 def test_404_and_dropped_connection_are_clear_and_leave_nothing(server):
     model = build_model(_tiny_cfg())
     missing = f"{server.url}/no_such_model.pth"
-    with pytest.raises(WeightsDownloadError, match=rf"(?s)MODEL\.WEIGHTS = '{missing}'.*HTTP 404.*local path"):
+    with pytest.raises(WeightsDownloadError, match=rf"(?s)MODEL\.WEIGHTS = '{missing}'.*HTTP 404.*local copy: MODEL\.WEIGHTS /path/to/no_such_model\.pth"):
         load_checked_weights(model, missing)
     assert _cache_files(server) == []
     url = _serve(server, "big", {"model": {"w": torch.arange(100000.0)}})
@@ -332,6 +333,53 @@ def test_random_backbone_warning_names_the_datasets(trainer_log):
     assert "cityscapes_fine_sem_seg_train" in message and "segdistill_demo_train," not in message
     # lazy configs: a backbone without checkpoint and pretrained counts
     cfg = LazyConfig.load(os.path.join(REPO, "configs/cityscapes/baseline/deeplabv3_r18.py"))
+    cfg.model.backbone.pretrained = ""
     assert random_backbones(cfg.model) == 1
     cfg.model.backbone.pretrained = "default"
     assert random_backbones(cfg.model) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# tools/convert_checkpoint.py takes a URL: the same cache and checks
+# ---------------------------------------------------------------------------------------------
+def test_convert_checkpoint_tool_takes_a_url(server, tmp_path, capsys):
+    from conftest import load_script
+    from mmseg_oracle import TINY_DEEPLABV3, TINY_DEEPLABV3_YAML, build_mmseg, mmseg_logits
+
+    tool = load_script("convert_checkpoint_tool", "tools/convert_checkpoint.py")
+    mm = build_mmseg(TINY_DEEPLABV3)
+    url = _serve(server, "deeplabv3_r18-d8_tiny", {"meta": {"CLASSES": tuple("abcde")}, "state_dict": mm.state_dict()})
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_DEEPLABV3_YAML.format(repo=REPO, weights_format="auto"))
+    out = tmp_path / "converted.pth"
+    assert tool.main(["--config-file", str(config), url, str(out)]) == 0
+    name = url.rsplit("/", 1)[1]
+    assert f"cached at {server.cache / name}" in capsys.readouterr().out
+    assert _cache_files(server) == [name] and len(server.requests) == 1
+    model = build_model(_cfg_with_weights(config, str(out)))
+    SegDistillCheckpointer(model).load(str(out))
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    model.eval()
+    with torch.no_grad():
+        logits = model.sem_seg_head(model.backbone(x))[0]
+    assert (logits - mmseg_logits(mm, x)).abs().max() < 1e-4
+    # again: from the cache, no request
+    assert tool.main(["--config-file", str(config), url, str(tmp_path / "again.pth")]) == 0
+    assert len(server.requests) == 1
+    # a file whose name's hash does not match: refused, nothing written or cached
+    server.files["bad-deadbeef.pth"] = server.files[name]
+    assert tool.main(["--config-file", str(config), f"{server.url}/bad-deadbeef.pth", str(tmp_path / "bad.pth")]) == 1
+    err = capsys.readouterr().err
+    assert "deadbeef" in err and "deleted" in err
+    assert not (tmp_path / "bad.pth").exists() and _cache_files(server) == [name]
+
+
+def _cfg_with_weights(config, weights):
+    from detectron2.config import get_cfg
+    from segdistill import add_segdistill_config
+
+    cfg = get_cfg()
+    add_segdistill_config(cfg)
+    cfg.merge_from_file(str(config))
+    cfg.MODEL.WEIGHTS = weights
+    return cfg

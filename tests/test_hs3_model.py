@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import REPO, random_batch, set_keys, tiny_cfg, trained_model
+from conftest import REPO, no_imagenet_start, random_batch, set_keys, tiny_cfg, trained_model
 from conftest import write_clusters as _write_clusters
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
@@ -211,6 +211,7 @@ def _yaml(path, **opts):
     add_segdistill_config(cfg)
     cfg.merge_from_file(os.path.join(REPO, path))
     cfg.MODEL.DEVICE = "cpu"
+    no_imagenet_start(cfg)
     for k, v in opts.items():
         cfg.merge_from_list([k, v])
     return cfg

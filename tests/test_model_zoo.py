@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from conftest import REPO, random_batch, tiny_cfg, write_clusters
+from conftest import REPO, no_imagenet_start, random_batch, tiny_cfg, write_clusters
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
 from segdistill.modeling.heads import OCRHead, upsample_logits
@@ -58,7 +58,8 @@ def _expected_losses(head):
 
 def _prepare_cfg(cfg, tmp_dir):
     """What a config needs to build from nothing: HS3 a clusters file (every exit: classes
-    k mod 2), a Distiller its teacher with random weights (no checkpoint exists here)."""
+    k mod 2), a Distiller its teacher with random weights (no checkpoint exists here); no ImageNet start."""
+    no_imagenet_start(cfg)
     if cfg.MODEL.META_ARCHITECTURE == "MultiExitSegmentor" or cfg.MODEL.DISTILL.STUDENT_META_ARCHITECTURE == "MultiExitSegmentor":
         if cfg.MODEL.EXITS.MODE == "hs3":
             from detectron2.data import MetadataCatalog
@@ -154,6 +155,7 @@ def _lazy_model_cfg(path, tmp_dir):
         pytest.skip(f"{_rel(path)} defines no model")
     cfg.train.device = "cpu"
     cfg.train.init_checkpoint = ""
+    no_imagenet_start(cfg)
     if "teacher" in cfg.model and "allow_random" in cfg.model.teacher:  # Distiller: no trained teacher here
         cfg.model.teacher.weights = ""
         cfg.model.teacher.allow_random = True

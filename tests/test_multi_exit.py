@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import REPO, random_batch, run_train_net, set_keys, tiny_cfg
+from conftest import REPO, no_imagenet_start, random_batch, run_train_net, set_keys, tiny_cfg
 from conftest import trained_model as train_steps
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
@@ -253,6 +253,7 @@ def test_cityscapes_sr_configs_build_and_run_a_step(name):
     cfg.merge_from_file(path)
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.NORM = "BN"
+    no_imagenet_start(cfg)
     assert cfg.MODEL.EXITS.MODE == "sr" and cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 19
     assert cfg.SOLVER.IMS_PER_BATCH == 8 and cfg.SOLVER.BASE_LR == 0.01 and tuple(cfg.INPUT.CROP.SIZE) == (969, 969)
     torch.manual_seed(0)

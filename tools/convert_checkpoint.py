@@ -10,6 +10,12 @@
     python tools/convert_checkpoint.py --backbone --config-file configs/reproduce/fakd/student_pspnet_r18.yaml \\
         resnet18_v1c-b5776b93.pth output/imagenet/resnet18_v1c_timm.pth
 
+    # the input by URL (https://, http://, detectron2://): downloaded once into the weights cache
+    # ($SEGDISTILL_CACHE, else torch.hub's checkpoints folder) and checked against the hash in its
+    # name, as MODEL.WEIGHTS URLs are (segdistill/convert/fetch.py)
+    python tools/convert_checkpoint.py --backbone --config-file configs/reproduce/fakd/pspnet_r18_student.yaml \\
+        https://download.openmmlab.com/pretrain/third_party/resnet18_v1c-b5776b93.pth output/imagenet/r18_v1c_timm.pth
+
 The model is built from the config (YAML or lazy ``.py``, with ``KEY VALUE`` / ``key=value``
 overrides after the paths), with random weights; the file's format is detected from its
 keys unless ``--format`` names it. It prints what was mapped (``--verbose``: every tensor)
@@ -37,7 +43,7 @@ import segdistill  # noqa: E402,F401  (registers the heads and backbones)
 from segdistill.convert import (  # noqa: E402
     BACKBONE_FORMATS, MODEL_FORMATS, CheckpointMismatchError, CheckpointReadError, ConvertibleBackbone,
     convert_backbone_state, convert_model_state, file_meta, load_checked_weights, load_checkpoint_file,
-    segmentor_of, unwrap_state_dict,
+    resolve_weights, segmentor_of, unwrap_state_dict,
 )
 from segdistill.engine import skip_backbone_init  # noqa: E402
 
@@ -64,7 +70,8 @@ def build_model(config_file: str, opts):
     cfg.merge_from_list(list(opts))
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.TIMM.CHECKPOINT = ""
+    cfg.MODEL.TIMM.CHECKPOINT = ""  # the file is checked against the model: no ImageNet start, no download
+    cfg.MODEL.TIMM.PRETRAINED = ""
     if cfg.MODEL.META_ARCHITECTURE == "Distiller":  # the student is converted; the teacher is not needed
         cfg.MODEL.DISTILL.TEACHER.WEIGHTS = ""
         cfg.MODEL.DISTILL.TEACHER.ALLOW_RANDOM = True
@@ -74,7 +81,7 @@ def build_model(config_file: str, opts):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, help="the config whose model the file must fit")
-    parser.add_argument("input", help="the foreign checkpoint (.pth, .pt, .bin, .safetensors)")
+    parser.add_argument("input", help="the foreign checkpoint (.pth, .pt, .bin, .safetensors), a path or a URL")
     parser.add_argument("output", help="where to write the converted checkpoint")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides (KEY VALUE ... or key=value ...)")
     parser.add_argument("--backbone", action="store_true",
@@ -89,7 +96,10 @@ def main(argv=None) -> int:
 
     model = build_model(args.config_file, args.opts)
     try:
-        obj = load_checkpoint_file(args.input, unsafe_unpickle=args.unsafe_unpickle)
+        path = resolve_weights(args.input, "input")  # a URL: the cached download
+        if path != args.input:
+            print(f"{args.input}: cached at {path}")
+        obj = load_checkpoint_file(path, unsafe_unpickle=args.unsafe_unpickle)
         state, where = unwrap_state_dict(obj)
         if args.backbone:
             segmentor, _ = segmentor_of(model)
@@ -102,7 +112,7 @@ def main(argv=None) -> int:
             conv = convert_model_state(state, model, args.format, source=args.input, meta=file_meta(obj))
             if conv is None:  # no foreign format recognised: it must be a checkpoint of this config's model
                 segmentor, _ = segmentor_of(model)
-                report = load_checked_weights(segmentor, args.input, key="input", min_matched=1.0,
+                report = load_checked_weights(segmentor, path, key="input", min_matched=1.0,
                                               weights_format="detectron2", what="the model of this config")
                 unused = f"; {len(report.unexpected)} tensors of the file are not used" if report.unexpected else ""
                 print(f"{args.input} is already a checkpoint of this project (detectron2 format) and fits the model of "

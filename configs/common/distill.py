@@ -20,6 +20,8 @@ def paper_distiller(student, dataset, losses=("cwd",)):
         teacher=L(build_teacher)(
             config_file=teacher,
             weights=f"output/{dataset}/baseline/deeplabv3_r101/model_final.pth",
+            # the trained teacher replaces every tensor: no ImageNet download for its backbone
+            opts=["MODEL.TIMM.PRETRAINED", ""],
             allow_random=False,  # True: tests/benchmarks only
         ),
         teacher_name=teacher,

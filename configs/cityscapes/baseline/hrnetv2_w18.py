@@ -4,5 +4,6 @@ from ...common.cityscapes_data import NUM_CLASSES, dataloader
 from ...common.baseline_schedule import lr_multiplier, optimizer, train, use_schedule  # noqa: F401
 
 model = hrnetv2(18, NUM_CLASSES)
+model.backbone.pretrained = "hrnet_w18.ms_aug_in1k"  # ImageNet start (offline: model.backbone.pretrained="")
 
 use_schedule(dataloader, "cityscapes_hrnet", "output/cityscapes/baseline/hrnetv2_w18_lazy")

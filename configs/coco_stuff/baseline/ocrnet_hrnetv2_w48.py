@@ -4,5 +4,6 @@ from ...common.coco_stuff_data import NUM_CLASSES, dataloader
 from ...common.baseline_schedule import lr_multiplier, optimizer, train, use_schedule  # noqa: F401
 
 model = ocrnet(48, NUM_CLASSES)
+model.backbone.pretrained = "hrnet_w48.ms_in1k"  # ImageNet start (offline: model.backbone.pretrained="")
 
 use_schedule(dataloader, "coco_stuff_80k", "output/coco_stuff/baseline/ocrnet_hrnetv2_w48_lazy")

@@ -17,6 +17,12 @@ read that file exactly as a file placed by hand (format detection, conversion,
   checked, so an interrupted download never leaves a file that a later run trusts. A file whose
   name carries a hash (``name-<8 or more hex digits>.<ext>``, torch.hub's and OpenMMLab's
   convention, e.g. ``resnet18_v1c-b5776b93.pth``) must have a SHA-256 that starts with it.
+* ``$SEGDISTILL_OFFLINE`` set to ``1`` never downloads: a remote file not in the cache is an
+  error at once (what ``HF_HUB_OFFLINE=1`` is to the Hub's files; the test suite sets both).
+  Without it, a machine without network fails within seconds too: name resolution fails at
+  once, and a connection gets :data:`CONNECT_TIMEOUT_S` (a server that then stops sending,
+  :data:`DOWNLOAD_TIMEOUT_S` without a byte). Every such error names the two ways out: the
+  key set to a local copy of the file, or the key set to ``""`` (no weights: random start).
 * ``MODEL.TIMM.PRETRAINED`` (:func:`fetch_timm_weights`): timm's weights of a ``model.tag``
   from the Hugging Face Hub through ``huggingface_hub`` into its usual cache (``$HF_HOME/hub``,
   by default ``~/.cache/huggingface/hub``; ``HF_HUB_OFFLINE=1`` never connects).
@@ -47,6 +53,7 @@ from ..config import ConfigError
 __all__ = [
     "WeightsDownloadError", "REMOTE_PREFIXES", "CACHE_ENV", "is_remote", "weights_cache_dir", "cached_file_of",
     "hash_prefix", "resolve_weights", "fetch_timm_weights", "timm_weights_name", "DOWNLOAD_TIMEOUT_S",
+    "CONNECT_TIMEOUT_S", "OFFLINE_ENV", "offline", "ways_out",
 ]
 
 logger = logging.getLogger(__name__)
@@ -54,6 +61,11 @@ logger = logging.getLogger(__name__)
 REMOTE_PREFIXES = ("https://", "http://", Detectron2Handler.PREFIX)
 #: The environment variable naming the cache folder of downloaded weights.
 CACHE_ENV = "SEGDISTILL_CACHE"
+#: The environment variable that forbids downloads (``1``: a remote file must be in the cache).
+OFFLINE_ENV = "SEGDISTILL_OFFLINE"
+#: Seconds to reach the server (connection and TLS handshake): a machine whose network drops
+#: packets fails after this, not after the operating system's minutes.
+CONNECT_TIMEOUT_S = 10.0
 #: Seconds without a byte from the server before a download is given up (no endless hang).
 DOWNLOAD_TIMEOUT_S = 60.0
 #: Seconds the Hub has to answer whether it holds a file (asked once, without retries).
@@ -69,6 +81,17 @@ class WeightsDownloadError(ConfigError):
 
 def is_remote(path: str) -> bool:
     return bool(path) and path.startswith(REMOTE_PREFIXES)
+
+
+def offline() -> bool:
+    """``$SEGDISTILL_OFFLINE`` is set (``1``, ``true``, ``yes``, ``on``): nothing is downloaded."""
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def ways_out(key: str, filename: str) -> str:
+    """The two ways past weights that cannot be fetched, as the KEY VALUE to write."""
+    return (f"Either download the file on a machine with internet and point at the local copy: {key} "
+            f"/path/to/{filename} ; or start without these weights (a random start): {key} \"\"")
 
 
 def weights_cache_dir() -> str:
@@ -97,10 +120,37 @@ def hash_prefix(filename: str) -> Optional[str]:
 
 
 def _fail(url: str, key: str, why: str) -> WeightsDownloadError:
+    name = os.path.basename(urllib.parse.urlparse(url).path) or "weights.pth"
     return WeightsDownloadError(
         f"Cannot download {key} = {url!r}: {why}. Nothing was cached. Check the URL and the network (a proxy: "
-        f"https_proxy), or download the file elsewhere and set {key} to its local path."
+        f"https_proxy). {ways_out(key, name)}"
     )
+
+
+class _ReadTimeout:
+    """After the connection (``CONNECT_TIMEOUT_S``), reads wait ``DOWNLOAD_TIMEOUT_S`` for a byte."""
+
+    def connect(self):
+        super().connect()
+        self.sock.settimeout(DOWNLOAD_TIMEOUT_S)
+
+
+class _HTTPConnection(_ReadTimeout, http.client.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_ReadTimeout, http.client.HTTPSConnection):
+    pass
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(_HTTPConnection, req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        return self.do_open(_HTTPSConnection, req)
 
 
 def _download(url: str, dst: str, key: str) -> None:
@@ -113,7 +163,8 @@ def _download(url: str, dst: str, key: str) -> None:
     try:
         with os.fdopen(fd, "wb") as out:
             request = urllib.request.Request(url, headers={"User-Agent": "segdistill"})
-            with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            opener = urllib.request.build_opener(_HTTPHandler, _HTTPSHandler)
+            with opener.open(request, timeout=CONNECT_TIMEOUT_S) as response:
                 length = response.headers.get("Content-Length")
                 total = int(length) if length and length.isdigit() else None
                 while True:
@@ -142,7 +193,8 @@ def _download(url: str, dst: str, key: str) -> None:
         raise _fail(url, key, f"HTTP {e.code} {e.reason}") from e
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         reason = e.reason if isinstance(e, urllib.error.URLError) else e
-        raise _fail(url, key, f"{type(e).__name__}: {reason} (after {got} bytes)") from e
+        raise _fail(url, key, f"{type(reason).__name__}: {reason} (after {got} bytes, "
+                              f"{time.monotonic() - start:.1f} s)") from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -163,6 +215,11 @@ def resolve_weights(path: str, key: str, *, missing_hint: str = "") -> str:
         if os.path.isfile(dst):
             logger.info("%s = %s: using the cached %s", key, path, dst)
             return dst
+        if offline():
+            raise WeightsDownloadError(
+                f"{key} = {path!r} is not in the cache {dst} and ${OFFLINE_ENV} is set: nothing is downloaded. "
+                f"Unset ${OFFLINE_ENV} on a machine with internet to download it once, or put the file at {dst}. "
+                f"{ways_out(key, os.path.basename(dst))}")
         _download(_url_of(path), dst, key)
         return dst
     if not os.path.isfile(path):
@@ -245,8 +302,9 @@ def fetch_timm_weights(model_name: str, pretrained: str, *, key: str = "MODEL.TI
     why = why or "; ".join(reasons)
     raise WeightsDownloadError(
         f"{key} {pretrained!r}: timm's weights {name} (Hugging Face repository {repo}) are not in the cache "
-        f"{hf_constants.HF_HUB_CACHE} and could not be downloaded ({why}). Offline: fetch them once on a machine "
-        f"with internet (the same config, or `python -c \"import timm; timm.create_model('{name}', "
-        f"pretrained=True)\"`) and copy that cache folder ($HF_HOME/hub), or save the file and set "
-        f"MODEL.TIMM.CHECKPOINT to its path with {key} ''; or set {key} '' to train the backbone from random weights."
+        f"{hf_constants.HF_HUB_CACHE} and could not be downloaded ({why}). Offline, either fetch them once on a "
+        f"machine with internet (the same config, or `python -c \"import timm; timm.create_model('{name}', "
+        f"pretrained=True)\"`) and copy that cache folder ($HF_HOME/hub); or save the file and point at it: "
+        f"MODEL.TIMM.CHECKPOINT /path/to/{name}.safetensors {key} \"\" ; or train the backbone from random "
+        f"weights: {key} \"\""
     )

@@ -12,6 +12,14 @@ As in the YAML :class:`segdistill.engine.Trainer`: nothing is written into
 exactly (:class:`ExactResumeHook`; any other loader restarts its order on ``--resume``, with
 a warning); every evaluation first copies rank 0's BatchNorm statistics to every process;
 ``--eval-only`` refuses random or mismatched weights (:func:`load_weights_for_evaluation`).
+
+Class weights computed from the training labels (the YAML configs'
+``MODEL.SEM_SEG_HEAD.CLASS_WEIGHTING``): a head's ``class_weights`` may name a weighting,
+``model.sem_seg_head.class_weights=median_frequency`` (or ``enet``, ``none``); before the model
+is built, :func:`resolve_class_weighting` replaces the name by the weights of
+``dataloader.train.dataset.names`` (:func:`segdistill.data.dataset_class_weights`: the same
+formula and cache as the YAML path). ``--eval-only`` needs no weights (they only weigh the
+training loss): the name becomes ``None`` there.
 """
 from __future__ import annotations
 
@@ -26,16 +34,18 @@ from detectron2.utils import comm
 from omegaconf import DictConfig, ListConfig
 
 from ..convert import DEFAULT_MIN_MATCHED, SegDistillCheckpointer, check_weights_file
-from ..data import check_eval_datasets
+from ..data import check_eval_datasets, dataset_class_weights
+from ..data.class_weights import CLASS_WEIGHTINGS
 from ..hs3 import maybe_register_hs3_split
 from ..modeling.backbones import HRNetBackbone, TimmBackbone
-from ..config import check_dataset_names, check_device
+from ..config import ConfigError, check_dataset_names, check_device
 from .ddp import broadcast_batchnorm_buffers, create_ddp_model
 from .hooks import TrainingCurvesHook, TrainingProgressHook, exact_resume_hook
 from .run import RunOutput
 from .trainer import anytime_evaluators, load_evaluation_weights, warn_random_backbone
 
-__all__ = ["lazy_test", "lazy_train", "lazy_evaluate", "check_lazy_config", "skip_backbone_init", "random_backbones"]
+__all__ = ["lazy_test", "lazy_train", "lazy_evaluate", "check_lazy_config", "skip_backbone_init", "random_backbones",
+           "resolve_class_weighting"]
 
 logger = logging.getLogger(__name__)
 _TIMM_BACKBONES = (TimmBackbone, HRNetBackbone)
@@ -101,20 +111,59 @@ def _timm_backbone_nodes(node):
 
 
 def skip_backbone_init(node) -> List[str]:
-    """Set ``checkpoint=""`` on every timm backbone of a lazy config tree, in place; returns the
-    ImageNet files skipped. The lazy counterpart of ``MODEL.TIMM.CHECKPOINT ""``: a model whose
-    whole weights load afterwards needs no backbone initialisation."""
+    """Set ``checkpoint=""`` and ``pretrained=""`` on every timm backbone of a lazy config tree, in
+    place; returns the ImageNet files and timm tags skipped. The lazy counterpart of
+    ``MODEL.TIMM.CHECKPOINT "" MODEL.TIMM.PRETRAINED ""``: a model whose whole weights load
+    afterwards needs no backbone initialisation (and nothing is downloaded for it)."""
     skipped = []
     for backbone in _timm_backbone_nodes(node):
-        if backbone.get("checkpoint", ""):
-            skipped.append(backbone.checkpoint)
-            backbone.checkpoint = ""
+        for key in ("checkpoint", "pretrained"):
+            if backbone.get(key, ""):
+                skipped.append(backbone[key])
+                backbone[key] = ""
     return skipped
 
 
 def random_backbones(node) -> int:
     """How many timm backbones of a lazy config tree have neither ``checkpoint`` nor ``pretrained``."""
     return sum(not (b.get("checkpoint", "") or b.get("pretrained", "")) for b in _timm_backbone_nodes(node))
+
+
+def _named_weighting_nodes(node, path="model"):
+    """(path, node) of the LazyCall nodes whose ``class_weights`` is a weighting's name."""
+    if isinstance(node, DictConfig):
+        if "_target_" in node and isinstance(node.get("class_weights", None), str):
+            yield path, node
+        for k in node.keys():
+            if k != "_target_":
+                yield from _named_weighting_nodes(node[k], f"{path}.{k}")
+    elif isinstance(node, ListConfig):
+        for i, child in enumerate(node):
+            yield from _named_weighting_nodes(child, f"{path}.{i}")
+
+
+def resolve_class_weighting(cfg, *, training: bool = True) -> List[str]:
+    """Replace every head's ``class_weights`` that names a weighting (``median_frequency``,
+    ``enet``, ``none``) by the weights of ``dataloader.train``'s datasets, in place (``None`` for
+    ``none``, and everywhere when not ``training``); returns the keys set."""
+    names = _dataset_names(cfg, "train")
+    done = []
+    for path, node in _named_weighting_nodes(cfg.model):
+        method, key = node.class_weights, f"{path}.class_weights"
+        if method not in CLASS_WEIGHTINGS:
+            raise ConfigError(f"{key}={method!r}: give one weight per class, or a weighting: {list(CLASS_WEIGHTINGS)}.")
+        if method == "none" or not training:
+            node.class_weights = None
+            continue
+        if not names:
+            raise ConfigError(f"{key}={method!r} counts the labels of dataloader.train.dataset.names, which names no "
+                              "dataset; give the weights (a list, one per class) or a training set.")
+        for arg in ("num_classes", "ignore_value"):
+            if arg not in node:
+                raise ConfigError(f"{key}={method!r} needs {path}.{arg} set in the config (the label space it counts).")
+        node.class_weights = dataset_class_weights(names, method, int(node.num_classes), int(node.ignore_value))
+        done.append(key)
+    return done
 
 
 def lazy_evaluate(cfg, output: RunOutput = None):
@@ -127,6 +176,7 @@ def lazy_evaluate(cfg, output: RunOutput = None):
         if skipped:
             logger.info("Evaluating %s: the backbone's ImageNet initialisation (%s) is skipped.",
                         cfg.train.init_checkpoint, ", ".join(skipped))
+    resolve_class_weighting(cfg, training=False)
     model = build_lazy_model(cfg)
     load_evaluation_weights(
         model, cfg.train.init_checkpoint, key="train.init_checkpoint",
@@ -141,6 +191,7 @@ def lazy_evaluate(cfg, output: RunOutput = None):
 def lazy_train(cfg, resume: bool = False, output: RunOutput = None):
     output = output if output is not None else RunOutput(cfg, mode="resume" if resume else "train")
     output.check()
+    resolve_class_weighting(cfg)
     model = build_lazy_model(cfg)
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)

@@ -139,14 +139,16 @@ class Trainer(DefaultTrainer):
         """The model ``--eval-only`` evaluates: built from ``cfg`` and loaded from ``weights``
         (:func:`load_evaluation_weights`: refused when empty or not fitting, unless
         ``TEST.ALLOW_RANDOM_WEIGHTS``). With weights, the backbone's ImageNet initialisation
-        (``MODEL.TIMM.CHECKPOINT``) is skipped: the weights file gives the model, as in detectron2."""
-        if weights and cfg.MODEL.TIMM.CHECKPOINT:
+        (``MODEL.TIMM.CHECKPOINT``, ``MODEL.TIMM.PRETRAINED``) is skipped: the weights file gives the
+        model, as in detectron2, and nothing is downloaded for it."""
+        start = [v for v in (cfg.MODEL.TIMM.CHECKPOINT, cfg.MODEL.TIMM.PRETRAINED) if v]
+        if weights and start:
             logging.getLogger(__name__).info(
-                "Evaluating %s: the backbone's ImageNet initialisation (MODEL.TIMM.CHECKPOINT %s) is skipped.",
-                weights, cfg.MODEL.TIMM.CHECKPOINT)
+                "Evaluating %s: the backbone's ImageNet initialisation (%s) is skipped.", weights, ", ".join(start))
             cfg = cfg.clone()
             cfg.defrost()
             cfg.MODEL.TIMM.CHECKPOINT = ""
+            cfg.MODEL.TIMM.PRETRAINED = ""
             cfg.freeze()
         model = cls.build_model(cfg)
         load_evaluation_weights(model, weights, allow_random=cfg.TEST.ALLOW_RANDOM_WEIGHTS,

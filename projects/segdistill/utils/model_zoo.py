@@ -86,7 +86,8 @@ def load_cfg(path: str, num_classes: Optional[int] = None, opts: Optional[List[s
     cfg.merge_from_file(path if os.path.isabs(path) else os.path.join(ROOT, path))
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.TIMM.CHECKPOINT = ""
+    cfg.MODEL.TIMM.CHECKPOINT = ""  # sizes need no ImageNet start (and download nothing)
+    cfg.MODEL.TIMM.PRETRAINED = ""
     if num_classes is not None:
         cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = num_classes
     if opts:
