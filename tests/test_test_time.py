@@ -208,3 +208,37 @@ def test_anytime_refuses_other_modes_before_building(monkeypatch):
     with pytest.raises(ConfigError, match="runs whole images only"):
         TestTimeSegmentor(model=anytime.AnytimeSegmentor.__new__(anytime.AnytimeSegmentor), mode="slide",
                           crop_size=(8, 8), stride=(8, 8))
+
+
+def test_each_mmseg_recipe_tests_with_its_source_configs_protocol():
+    """configs/reproduce: a recipe built from an mmsegmentation config evaluates with that config's
+    test_cfg (whole, or slide with its crop and stride); the lazy twins say the same."""
+    import os
+
+    import mmseg
+    from detectron2.config import LazyConfig
+    from mmengine.config import Config
+    from mmseg_oracle import import_mmseg
+    from test_reproduce import MMSEG_SOURCES, RECIPES, _cfg
+
+    import_mmseg()
+    for recipe, source in MMSEG_SOURCES.items():
+        cfg = _cfg(os.path.join(RECIPES, recipe))
+        if source is None:  # no mmseg config (ISANet-R18): FAKD's single-scale whole-image test
+            assert cfg.TEST.MODE == "whole", recipe
+            continue
+        test_cfg = Config.fromfile(os.path.join(os.path.dirname(mmseg.__file__), ".mim", "configs", source)).model.test_cfg
+        assert cfg.TEST.MODE == test_cfg.mode and not cfg.TEST.AUG.ENABLED, recipe
+        if test_cfg.mode == "slide":
+            assert tuple(cfg.TEST.SLIDE.CROP_SIZE) == tuple(test_cfg.crop_size), recipe
+            assert tuple(cfg.TEST.SLIDE.STRIDE) == tuple(test_cfg.stride), recipe
+        lazy = recipe[:-5] + ".py"
+        if os.path.isfile(os.path.join(RECIPES, lazy)):
+            lazy_cfg = LazyConfig.load(os.path.join(RECIPES, lazy))
+            if test_cfg.mode == "whole":
+                assert "test_time" not in lazy_cfg, lazy
+            else:
+                t = lazy_cfg.test_time
+                assert (t.mode, tuple(t.crop_size), tuple(t.stride)) == ("slide", tuple(test_cfg.crop_size),
+                                                                       tuple(test_cfg.stride)), lazy
+                assert t.align_corners == cfg.MODEL.SEM_SEG_HEAD.ALIGN_CORNERS, lazy
