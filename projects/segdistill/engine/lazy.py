@@ -27,25 +27,27 @@ import logging
 from typing import List
 
 from detectron2.config import instantiate
+from detectron2.utils.registry import locate
 from detectron2.engine import AMPTrainer, SimpleTrainer, hooks
 from detectron2.engine.defaults import default_writers
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..convert import DEFAULT_MIN_MATCHED, SegDistillCheckpointer, check_weights_file
 from ..data import check_eval_datasets, dataset_class_weights
 from ..data.class_weights import CLASS_WEIGHTINGS
 from ..hs3 import maybe_register_hs3_split
 from ..modeling.backbones import HRNetBackbone, TimmBackbone
+from ..modeling.test_time import TestTimeSegmentor, WholeImageOnly
 from ..config import ConfigError, check_dataset_names, check_device
 from .ddp import broadcast_batchnorm_buffers, create_ddp_model
 from .hooks import TrainingCurvesHook, TrainingProgressHook, exact_resume_hook
 from .run import RunOutput
 from .trainer import anytime_evaluators, load_evaluation_weights, warn_random_backbone
 
-__all__ = ["lazy_test", "lazy_train", "lazy_evaluate", "check_lazy_config", "skip_backbone_init", "random_backbones",
-           "resolve_class_weighting"]
+__all__ = ["lazy_test", "lazy_test_time_model", "lazy_train", "lazy_evaluate", "check_lazy_config", "skip_backbone_init",
+           "random_backbones", "resolve_class_weighting"]
 
 logger = logging.getLogger(__name__)
 _TIMM_BACKBONES = (TimmBackbone, HRNetBackbone)
@@ -60,6 +62,14 @@ def _dataset_names(cfg, part: str):
 
 def check_lazy_config(cfg) -> None:
     check_device("train.device", cfg.train.device)
+    if "test_time" in cfg:  # before anything is built: a whole-image-only model refuses windows and views
+        args = _test_time_arguments(cfg)
+        target = cfg.model.get("_target_", None)
+        target = locate(target) if isinstance(target, str) else target
+        if isinstance(target, type) and issubclass(target, WholeImageOnly) and (
+                args.get("mode", "whole") != "whole" or len(args.get("scales", (1.0,))) > 1 or args.get("flip")):
+            raise ConfigError(f"{target.__name__} runs whole images only (it chooses its answer per image); this "
+                              f"config's test_time asks for {args}. Remove test_time from the config.")
     for part in ("train", "test"):
         names = _dataset_names(cfg, part)
         for name in names:  # HS3's derived <name>_hs3_{reduced,analysis} splits, as train_net's setup() does
@@ -79,10 +89,24 @@ def lazy_test(cfg, model):
     if anytime:  # an AnytimeSegmentor: its policy's mIoU, MACs, time and exits (as the YAML Trainer)
         logger.info("Evaluating the AnytimeSegmentor with AnytimeEvaluator instead of %s.", type(evaluator).__name__)
         evaluator = anytime[0]
-    results = inference_on_dataset(model, instantiate(cfg.dataloader.test), evaluator)
+    results = inference_on_dataset(lazy_test_time_model(cfg, model), instantiate(cfg.dataloader.test), evaluator)
     if comm.is_main_process():
         print_csv_format(results)
     return results
+
+
+def _test_time_arguments(cfg) -> dict:
+    node = OmegaConf.to_container(cfg.test_time, resolve=True)
+    node.pop("_target_", None)
+    return node
+
+
+def lazy_test_time_model(cfg, model):
+    """``model`` run as a lazy config's top-level ``test_time`` (a ``TestTimeSegmentor`` call
+    without ``model``: slide windows, multi-scale + flip) asks; ``model`` itself without one."""
+    if "test_time" not in cfg:
+        return model
+    return TestTimeSegmentor(model=model, **_test_time_arguments(cfg))
 
 
 def build_lazy_model(cfg):

@@ -41,6 +41,7 @@ from ..data.datasets.demo import is_demo_dataset
 from ..evaluation import CocoStuffEvaluator, SemSegEvaluator, build_label_spaces
 from ..evaluation.anytime import AnytimeEvaluator
 from ..modeling.meta_arch.anytime import AnytimeSegmentor, load_anytime_weights
+from ..modeling.test_time import build_test_time_model
 from .ddp import broadcast_batchnorm_buffers, create_ddp_model
 from .hooks import TrainingCurvesHook, TrainingProgressHook, exact_resume_hook, unwrap_model
 from .run import RunOutput
@@ -205,11 +206,13 @@ class Trainer(DefaultTrainer):
     def test(cls, cfg, model, evaluators=None):
         """detectron2's ``test``, after copying rank 0's BatchNorm statistics to every process
         (several processes with plain BN: the evaluated model is then the saved model). An
-        ``AnytimeSegmentor`` is scored by :class:`AnytimeEvaluator` (mIoU, MACs, time, exits)."""
+        ``AnytimeSegmentor`` is scored by :class:`AnytimeEvaluator` (mIoU, MACs, time, exits).
+        ``TEST.MODE slide`` and ``TEST.AUG.ENABLED`` run the model through
+        :class:`~segdistill.modeling.test_time.TestTimeSegmentor` (periodic and ``--eval-only``)."""
         broadcast_batchnorm_buffers(model)
         if evaluators is None:
             evaluators = anytime_evaluators(model, cfg.DATASETS.TEST, cfg.OUTPUT_DIR)
-        return super().test(cfg, model, evaluators)
+        return super().test(cfg, build_test_time_model(cfg, model), evaluators)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

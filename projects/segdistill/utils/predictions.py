@@ -8,6 +8,7 @@ from typing import Mapping, Optional, Union
 
 import numpy as np
 import torch
+from cityscapesscripts.helpers.labels import trainId2label
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
@@ -15,7 +16,7 @@ from detectron2.data import detection_utils as utils
 from ..data.labels import read_dataset_label
 from .visualize import prediction_grid, save_picture
 
-__all__ = ["write_prediction_pictures", "dataset_colors"]
+__all__ = ["write_prediction_pictures", "dataset_colors", "submission_ids"]
 
 OVERVIEW = "overview.png"
 
@@ -75,3 +76,24 @@ def write_prediction_pictures(models: Union[torch.nn.Module, Mapping[str, torch.
                                                                       scale=scale))
     logging.getLogger(__name__).info("Wrote %d prediction pictures to %s", len(records), out_dir)
     return len(records)
+
+
+def submission_ids(meta) -> Optional[np.ndarray]:
+    """A lookup table from the model's contiguous class index to the dataset's own label id,
+    as its evaluation server wants label files (None: the indices are the ids).
+
+    COCO-Stuff (and any dataset whose metadata has ``stuff_dataset_id_to_contiguous_id``): the
+    inverse of that map (171 classes -> ids 0..181 with gaps); Cityscapes
+    (``evaluator_type`` ``cityscapes_sem_seg``): the train id's label id in cityscapesscripts'
+    table (0 road -> 7, ..., 18 bicycle -> 33)."""
+    to_contiguous = meta.get("stuff_dataset_id_to_contiguous_id", None)
+    if to_contiguous:
+        pairs = {int(c): int(raw) for raw, c in to_contiguous.items()}
+    elif meta.get("evaluator_type", None) == "cityscapes_sem_seg":
+        pairs = {t: label.id for t, label in trainId2label.items() if 0 <= t < 255}
+    else:
+        return None
+    lut = np.arange(max(256, max(pairs) + 1), dtype=np.int64)
+    for c, raw in pairs.items():
+        lut[c] = raw
+    return lut

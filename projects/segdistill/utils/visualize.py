@@ -14,7 +14,7 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["colorize", "legend_strip", "prediction_panel", "prediction_grid", "save_prediction_panel",
+__all__ = ["colorize", "legend_strip", "overlay_picture", "prediction_panel", "prediction_grid", "save_prediction_panel",
            "save_picture", "IGNORE_COLOR"]
 
 IGNORE_COLOR = (0, 0, 0)
@@ -132,3 +132,27 @@ def save_picture(path: str, picture: np.ndarray) -> str:
 def save_prediction_panel(path: str, *args, **kwargs) -> str:
     """:func:`prediction_panel` written to ``path`` (PNG)."""
     return save_picture(path, prediction_panel(*args, **kwargs))
+
+
+def overlay_picture(image_rgb: np.ndarray, pred: np.ndarray, colors, *, class_names: Sequence[str],
+                    ignore_value: int = 255, alpha: float = 0.5, caption: str = "",
+                    legend_classes: Optional[Sequence[int]] = None, min_legend_height: int = 0) -> np.ndarray:
+    """The image blended with its prediction's colours (``alpha`` of the colour), a ``caption``
+    drawn on a white band at its top left (e.g. which exit answered), and below it the legend
+    of the classes present (or ``legend_classes``), padded to ``min_legend_height`` so that
+    the frames of a video keep one size."""
+    pred = np.asarray(pred)
+    blended = image_rgb.astype(np.float32) * (1 - alpha) + colorize(pred, colors, ignore_value) * alpha
+    blended = np.where((pred == ignore_value)[..., None], image_rgb, blended).round().astype(np.uint8)
+    if caption:
+        canvas = Image.fromarray(blended)
+        draw = ImageDraw.Draw(canvas)
+        draw.rectangle([0, 0, int(draw.textlength(caption)) + 6, _CAPTION], fill=(255, 255, 255))
+        draw.text((3, 1), caption, fill=(0, 0, 0))
+        blended = np.asarray(canvas)
+    if legend_classes is None:
+        legend_classes, _ = _classes_in([pred], len(colors), ignore_value)
+    legend = legend_strip(legend_classes, class_names, colors, blended.shape[1])
+    if legend.shape[0] < min_legend_height:
+        legend = np.pad(legend, ((0, min_legend_height - legend.shape[0]), (0, 0), (0, 0)), constant_values=255)
+    return np.concatenate([blended, legend], axis=0)

@@ -58,6 +58,7 @@ from ..backbones.norm import resolve_norm
 from ..exits import EXIT_OBJECTIVES, HEAD_FEATURE_PREFIX, ExitHead, build_exit_heads, exit_modes, exit_size
 from ..heads.base import check_seg_head
 from ..stagewise import StagewiseBackbone
+from ..test_time import WholeImageOnly, check_whole_image_only
 
 __all__ = [
     "AnytimeSegmentor", "AnytimeCosts", "ANYTIME_CONFIDENCES",
@@ -244,7 +245,7 @@ def _fvcore_macs(module: nn.Module, inputs: tuple) -> float:
 
 # ----------------------------------------------------------------------------- the model
 @META_ARCH_REGISTRY.register()
-class AnytimeSegmentor(nn.Module):
+class AnytimeSegmentor(nn.Module, WholeImageOnly):
     """The deployed multi-exit segmentor: stage-by-stage inference with an exit policy."""
 
     @configurable
@@ -316,6 +317,7 @@ class AnytimeSegmentor(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         c, a = cfg.MODEL.EXITS, cfg.MODEL.EXITS.ANYTIME
+        check_whole_image_only(cfg, "MODEL.META_ARCHITECTURE AnytimeSegmentor")
         if c.MODE not in exit_modes():
             raise ValueError(f"Unknown MODEL.EXITS.MODE {c.MODE!r}; choose from {list(exit_modes())}.")
         backbone = build_backbone(cfg)
