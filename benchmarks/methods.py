@@ -84,6 +84,10 @@ METHODS: Dict[str, Method] = {m.name: m for m in [
     # AT's code-form loss scales as 1 / (H W) of the tapped map and CIRKD's weight 1e4 is tuned for
     # 64x128 maps (512x1024 crops at stride 8); here head_features are 6x8: 1e4 * 48 / 8192
     _distill("at_scaled", "AT (weight x HW/8192)", ["pd", "at"], ("MODEL.DISTILL.AT.WEIGHT", "58.6")),
+    # the comparison rows of the 2023 papers, each with its paper's full objective
+    # Af-DCD's CamVid code contrasts the unpooled map (it crops it instead, losses/ocmgd.py lines
+    # 79-82); pooled 4x4, the table's 6x8 res5 maps would keep 1x2 positions
+    _distill("afdcd", "Af-DCD", ["pd", "afdcd"], ("MODEL.DISTILL.AFDCD.POOL", "0")),
 ]}
 
 # The CamVid table's blocks: block -> (title with the papers, methods; the first is the baseline of the others)
@@ -92,5 +96,5 @@ BLOCKS = {
     "hs3": ("HS3 (HS3 Tables 1, 2 and 6)", ["baseline", "ds", "hs3", "hs3_manual", "hs3_fuse"]),
     "distill": ("Distillation (FAKD Tables 3-4, HWD Tables II-III)",
                 ["student", "teacher", "pd", "cwd", "fakd_cwd", "fakd_pd", "hwd", "hwd_fakd_pd",
-                 "skd", "ifvd", "cirkd", "mgd", "dist", "fitnet", "at", "at_scaled"]),
+                 "skd", "ifvd", "cirkd", "mgd", "dist", "fitnet", "at", "at_scaled", "afdcd"]),
 }

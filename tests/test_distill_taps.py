@@ -129,6 +129,7 @@ TERMS = {
     "ifvd": {"loss_ifvd", "loss_ifvd_holistic", "loss_ifvd_discriminator"},
     "cirkd": {"loss_cirkd_batch", "loss_cirkd_pixel_memory", "loss_cirkd_region_memory"},
     "mgd": {"loss_mgd"}, "dist": {"loss_dist"}, "fitnet": {"loss_fitnet"}, "at": {"loss_at"},
+    "afdcd": {"loss_afdcd_fd", "loss_afdcd_ctr"},
 }
 
 
