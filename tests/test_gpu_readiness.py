@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import free_port, set_keys
+from conftest import free_port
 from detectron2.layers import ShapeSpec
 from detectron2.layers.batch_norm import NaiveSyncBatchNorm
 from segdistill.modeling.distill import DISTILL_LOSSES
@@ -71,6 +71,7 @@ def _holistic_worker(out_dir):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_holistic_term_trains_in_two_processes(tmp_path):
     """The WGAN-GP double backward through DDP in two gloo processes: the discriminator moves,
     identically on both processes (its BN statistics stay per process)."""
@@ -86,3 +87,71 @@ def test_holistic_term_trains_in_two_processes(tmp_path):
                            r0["final"]["holistic.discriminator.last.weight"])
     assert not torch.equal(r0["final"]["holistic.discriminator.preprocess.running_mean"],
                            r1["final"]["holistic.discriminator.preprocess.running_mean"])
+
+
+# ------------------------------------------------------------------------------------------
+# CIRKD: the batch term within memory
+# ------------------------------------------------------------------------------------------
+def _cirkd_memory():
+    from conftest import load_script
+
+    return load_script("cirkd_memory", "benchmarks/cirkd_memory.py")
+
+
+def _normed(seed, n, c, h=3, w=4):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(n, c, h, w, generator=g, dtype=torch.float64), dim=1)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 10 ** 9])
+def test_cirkd_chunked_batch_term_equals_the_per_pair_form(chunk):
+    from segdistill.modeling.distill.cirkd import batch_relation_loss
+
+    per_pair = _cirkd_memory().per_pair_loss
+    t = _normed(1, 3, 5)
+    values, grads = [], []
+    for fn in (lambda s: batch_relation_loss(s, t, s, t, 0.1, chunk_elements=chunk), lambda s: per_pair(s, t, 0.1)):
+        s = _normed(0, 3, 4).requires_grad_(True)
+        value = fn(s)
+        value.backward()
+        values.append(value.item())
+        grads.append(s.grad)
+    assert values[0] == pytest.approx(values[1], rel=1e-12)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-14)
+    assert grads[0].abs().sum() > 0
+
+
+def test_cirkd_batch_term_products_in_the_autocast_dtype_softmax_in_float32():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from segdistill.modeling.distill.cirkd import batch_relation_loss
+
+    seen = []
+
+    class Dtypes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten._log_softmax):
+                seen.append((func.overloadpacket.__name__, args[0].dtype))
+            return func(*args, **(kwargs or {}))
+
+    s, t = _normed(0, 2, 4).float().requires_grad_(True), _normed(1, 2, 4).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16), Dtypes():
+        batch_relation_loss(s, t, s, t, 0.1).backward()
+    assert ("mm", torch.bfloat16) in seen and ("_log_softmax", torch.float32) in seen
+    assert ("_log_softmax", torch.bfloat16) not in seen
+
+
+def test_cirkd_memory_accounting_and_the_papers_batch_within_budget():
+    bench = _cirkd_memory()
+    with bench.LiveBytes() as mode:  # the accounting: two live float32 vectors of 1000, then one
+        x = torch.ones(1000, device="meta")
+        y = x * 2
+        del x
+        z = y + 1
+    assert (mode.peak, mode.live) == (8000, 8000) and z.shape == y.shape
+    # toy size: the chunked term keeps less than every pair's maps; the script's verdict
+    assert bench.peak_bytes(bench.chunked, 4, 8, 8, 4) < bench.peak_bytes(bench.unchunked, 4, 8, 8, 4)
+    assert bench.main(["--batch", "2", "--height", "8", "--width", "8", "--channels", "4"]) == 0
+    assert bench.main(["--batch", "2", "--height", "8", "--width", "8", "--channels", "4", "--budget-gib", "1e-9"]) == 1
+    # batch 8 at a 512 x 1024 crop's stride-8 tap (64 x 128), 256 channels: within 4 GiB
+    assert bench.peak_bytes(bench.chunked, 8, 64, 128, 256) <= 4 * bench.GIB

@@ -10,12 +10,14 @@ of images (a, b) of the batch, pixel i of a gets a distribution over the pixels 
 
     l_batch = 1 / B^2 * sum_{a,b} 1 / (h w) * sum_i KL(p^T_{ab,i} || p^S_{ab,i})
 
-The batch is the global one (``gather``, the paper's definition): each process takes its own
-images as ``a`` and every process's as ``b`` (gathered with their gradient, which flows back
-to the process that owns them), and divides by ``B_local * B_global``, so the gradients DDP
-averages are those of ``l_batch`` over the global batch. Without ``gather`` (the authors'
-code, where the gather is commented out) each process uses its own images. Maps of 256 x 256
-or more are average-pooled 4 x 4 first, as in the authors' code.
+Each process uses its own images (the authors' code, where the gather is commented out; the
+default). With ``gather`` the batch is the global one (the paper's definition): each process
+takes its own images as ``a`` and every process's as ``b`` (gathered with their gradient,
+which flows back to the process that owns them), and divides by ``B_local * B_global``, so
+the gradients DDP averages are those of ``l_batch`` over the global batch. Maps of 256 x 256
+or more are average-pooled 4 x 4 first, as in the authors' code. The term is computed by
+chunks of rows, each checkpointed, so its memory does not grow with the batch
+(:func:`batch_relation_loss`).
 
 **Pixel-to-pixel and pixel-to-region against memories** (loss_cirkd_pixel_memory,
 loss_cirkd_region_memory). Two class-wise queues of teacher embeddings, filled from the
@@ -48,12 +50,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from detectron2.config import configurable
 from detectron2.layers import get_norm
 
 from ..backbones.norm import resolve_norm
-from .base import DistillLoss, register_distill_loss
+from .base import DistillLoss, as_float, register_distill_loss
 
 __all__ = ["batch_relation_loss", "memory_relation_loss", "ClassMemory", "CrossImageRelationalDistillation",
            "CIRKD_VARIANTS", "all_gather_with_grad", "all_gather_no_grad"]
@@ -126,20 +129,49 @@ def _pool(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+# Similarity-map elements one chunk of the batch term holds (64 MiB in float32): a chunk is
+# ``r`` rows of image a against every pixel of every image b, ``r x B_b x hw``.
+BATCH_CHUNK_ELEMENTS = 1 << 24
+
+
+def _rows_kl(s_rows: torch.Tensor, t_rows: torch.Tensor, s_all: torch.Tensor, t_all: torch.Tensor,
+             temperature: float) -> torch.Tensor:
+    """``sum_i sum_b KL(p^T_{b,i} || p^S_{b,i})`` for the rows i (r x C) against the images b
+    (C x B_b x hw). The products may run in the autocast dtype; the softmax and KL in float32."""
+    r, (c, nb, hw) = s_rows.shape[0], s_all.shape
+    log_ps = F.log_softmax(as_float(s_rows @ s_all.reshape(c, nb * hw)).view(r, nb, hw) / temperature, dim=2)
+    log_pt = F.log_softmax(as_float(t_rows @ t_all.reshape(t_all.shape[0], nb * hw)).view(r, nb, hw) / temperature,
+                           dim=2)
+    return (log_pt.exp() * (log_pt - log_ps)).sum()
+
+
 def batch_relation_loss(student: torch.Tensor, teacher: torch.Tensor, student_all: torch.Tensor,
-                        teacher_all: torch.Tensor, temperature: float) -> torch.Tensor:
+                        teacher_all: torch.Tensor, temperature: float, *,
+                        chunk_elements: int = BATCH_CHUNK_ELEMENTS) -> torch.Tensor:
     """``1 / (B_a B_b) * sum_{a,b} mean_i KL(p^T_{ab,i} || p^S_{ab,i})`` for the images a of
     ``student``/``teacher`` against the images b of ``student_all``/``teacher_all`` (all
-    already normalised, N x C x h x w)."""
+    already normalised, N x C x h x w).
+
+    The B_a x B_b maps of hw x hw similarities are never held at once: the rows of each image a
+    go by chunks of about ``chunk_elements`` map entries, each chunk checkpointed (its maps
+    recomputed in the backward), so the memory is a few chunks' maps whatever the batch, at the
+    price of one more forward of the term. The value and the gradients are those of the
+    unchunked sum."""
     s, t = student.flatten(2).transpose(1, 2), teacher.detach().flatten(2).transpose(1, 2)  # Ba x hw x C
-    s_all, t_all = student_all.flatten(2), teacher_all.detach().flatten(2)  # Bb x C x hw
-    total = s.new_zeros(())
+    s_all = student_all.flatten(2).transpose(0, 1)  # C x Bb x hw
+    t_all = teacher_all.detach().flatten(2).transpose(0, 1)
+    n_b, hw = s_all.shape[1], s.shape[1]
+    rows = max(1, chunk_elements // (n_b * s_all.shape[2]))
+    recompute = torch.is_grad_enabled() and (student.requires_grad or student_all.requires_grad)
+    total = s.new_zeros((), dtype=as_float(s).dtype)
     for a in range(s.shape[0]):
-        for b in range(s_all.shape[0]):
-            log_ps = F.log_softmax(s[a] @ s_all[b] / temperature, dim=1)
-            log_pt = F.log_softmax(t[a] @ t_all[b] / temperature, dim=1)
-            total = total + (log_pt.exp() * (log_pt - log_ps)).sum(dim=1).mean()
-    return total / (s.shape[0] * s_all.shape[0])
+        for i in range(0, hw, rows):
+            args = (s[a, i:i + rows], t[a, i:i + rows], s_all, t_all, temperature)
+            if recompute:
+                total = total + checkpoint(_rows_kl, *args, use_reentrant=False, preserve_rng_state=False)
+            else:
+                total = total + _rows_kl(*args)
+    return total / (hw * s.shape[0] * n_b)
 
 
 # ------------------------------------------------------------------------------------------
@@ -274,9 +306,12 @@ class CrossImageRelationalDistillation(DistillLoss):
         cfg.MODEL.DISTILL.CIRKD.PIXEL_CONTRAST_SIZE = 4096
         cfg.MODEL.DISTILL.CIRKD.REGION_CONTRAST_SIZE = 1024
         cfg.MODEL.DISTILL.CIRKD.PIXEL_UPDATE_FREQ = 16
-        # The batch term over the global batch, gathered across processes (paper); off: each
-        # process's own images (the authors' code). The memories always take the global batch.
-        cfg.MODEL.DISTILL.CIRKD.GATHER = True
+        # The batch term over each process's own images (the authors' code, whose gather is
+        # commented out, so their reported numbers come without it; B_local^2 image pairs per
+        # process); True: over the global batch, gathered across processes (the paper's
+        # definition; B_local x B_global pairs, world-size times the compute). The memories always
+        # take the global batch.
+        cfg.MODEL.DISTILL.CIRKD.GATHER = False
         # Pixels a class enqueues: drawn among that class's pixels ("paper") or, as the authors' code
         # indexes them, among the first n pixels of the image in raster order, n = the class's pixel
         # count ("code").
