@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import free_port
+from conftest import free_port, set_keys
 from detectron2.layers import ShapeSpec
 from detectron2.layers.batch_norm import NaiveSyncBatchNorm
 from segdistill.modeling.distill import DISTILL_LOSSES
@@ -155,3 +155,144 @@ def test_cirkd_memory_accounting_and_the_papers_batch_within_budget():
     assert bench.main(["--batch", "2", "--height", "8", "--width", "8", "--channels", "4", "--budget-gib", "1e-9"]) == 1
     # batch 8 at a 512 x 1024 crop's stride-8 tap (64 x 128), 256 channels: within 4 GiB
     assert bench.peak_bytes(bench.chunked, 8, 64, 128, 256) <= 4 * bench.GIB
+
+
+# ------------------------------------------------------------------------------------------
+# Host-device synchronisations per training step
+# ------------------------------------------------------------------------------------------
+_aten = torch.ops.aten
+# Ops that read a device tensor's value or data-dependent size on the host: on CUDA each waits
+# for the device (CUDA's bincount reads its input's maximum, whatever minlength says).
+_SYNC_OPS = {_aten._local_scalar_dense, _aten.nonzero, _aten._unique, _aten._unique2, _aten.unique_dim,
+             _aten.unique_consecutive, _aten.masked_select, _aten.bincount, _aten.equal, _aten.is_nonzero}
+_INDEX_OPS = {_aten.index, _aten.index_put, _aten.index_put_, _aten._index_put_impl_}
+
+
+class SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts, by name, the ops of one step that synchronise host and device on CUDA: the
+    :data:`_SYNC_OPS`, indexing with a boolean mask (a hidden ``nonzero``), ``repeat_interleave``
+    without ``output_size``; and (patched in, as on a CPU tensor they reach no op)
+    ``tolist``, ``numpy`` and ``cpu``."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def note(self, name):
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        packet = func.overloadpacket
+        if packet in _SYNC_OPS:
+            self.note(packet.__name__)
+        elif packet in _INDEX_OPS and any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+                                          for i in (args[1] or ()) if i is not None):
+            self.note("bool-mask index")
+        elif packet is _aten.repeat_interleave and kwargs.get("output_size") is None and isinstance(args[0], torch.Tensor):
+            self.note("repeat_interleave")
+        return func(*args, **kwargs)
+
+    def patched(self, monkeypatch):
+        for name in ("tolist", "numpy", "cpu"):
+            original = getattr(torch.Tensor, name)
+
+            def wrapper(t, *a, _original=original, _name=name, **k):
+                self.note(_name)
+                return _original(t, *a, **k)
+
+            monkeypatch.setattr(torch.Tensor, name, wrapper)
+        return self
+
+
+def _yaml_cfg(path, tmp_path, **opts):
+    from detectron2.config import get_cfg
+    from segdistill import add_segdistill_config
+
+    from conftest import REPO
+
+    cfg = get_cfg()
+    add_segdistill_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO, path))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.DATASETS.TRAIN = ()
+    cfg.SEED = 0
+    return set_keys(cfg, **opts)
+
+
+def _method_cfg(method, tmp_path):
+    from conftest import write_clusters
+    from test_distill_taps import SMALL
+
+    if method in ("student",) or method.startswith("distill/"):
+        name = "student" if method == "student" else method.split("/")[1]
+        opts = {} if name == "student" else {
+            "MODEL.DISTILL.TEACHER.WEIGHTS": "", "MODEL.DISTILL.TEACHER.ALLOW_RANDOM": True,
+            "MODEL.DISTILL.EVAL_TEACHER": False, **SMALL}
+        cfg = _yaml_cfg(f"configs/demo/distill/{name}.yaml", tmp_path, **opts)
+        if name != "student":
+            cfg.MODEL.DISTILL.TEACHER.OPTS = ["MODEL.SEM_SEG_HEAD.ASPP_CHANNELS", 32]
+        return cfg
+    if method.startswith("hs3/"):
+        clusters = write_clusters(tmp_path / "c.json", {"res3": [0, 0, 1, 1, 0, 2, 2, 1, 1, 0],
+                                                        "res4": list(range(5)) * 2}, num_classes=10)
+        return _yaml_cfg(f"configs/demo/{method}.yaml", tmp_path, **{"MODEL.EXITS.HS3.CLUSTERS_FILE": clusters,
+                                                                   "MODEL.EXITS.CHANNELS": 16})
+    return _yaml_cfg(f"configs/demo/{method}.yaml", tmp_path, **{"MODEL.EXITS.CHANNELS": 16})
+
+
+def count_step_syncs(cfg, monkeypatch):
+    """{op: count} over one training step (after a warm-up step): the schedule update, the
+    forward, the backward and the optimizer step; the trainer's logging of the losses is not
+    counted (one read per loss term, the same for every method)."""
+    from detectron2.modeling import build_model
+
+    from conftest import random_batch
+    from segdistill.engine.hooks import FollowsTrainingProgress
+
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    def step(i, batch):
+        if isinstance(model, FollowsTrainingProgress):
+            model.set_training_progress(i, 10)
+        losses = model(batch)
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        opt.step()
+
+    step(0, random_batch(2, 64, 64, 10, seed=0))
+    batch = random_batch(2, 64, 64, 10, seed=1)
+    with monkeypatch.context() as m, SyncCounter() as counter:
+        counter.patched(m)
+        step(1, batch)
+    return counter.counts
+
+
+_DISTILL = ["pd", "cwd", "hwd", "fakd_cwd", "fakd_pd", "skd", "ifvd", "cirkd", "mgd", "dist", "fitnet", "at"]
+METHODS = {**{f"distill/{m}": "student" for m in _DISTILL},
+           "exits/ds": "exits/none", "exits/sr": "exits/none", "exits/sr_code": "exits/none",
+           "hs3/hs3_r18": "exits/none", "hs3/hs3_fuse_r18": "exits/none"}
+MAX_EXTRA_SYNCS = 3
+
+
+@pytest.fixture(scope="module")
+def baseline_syncs():
+    cache = {}
+
+    def get(name, tmp_path, monkeypatch):
+        if name not in cache:
+            cache[name] = count_step_syncs(_method_cfg(name, tmp_path), monkeypatch)
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_syncs_per_training_step(method, tmp_path, monkeypatch, baseline_syncs):
+    base = baseline_syncs(METHODS[method], tmp_path, monkeypatch)
+    got = count_step_syncs(_method_cfg(method, tmp_path), monkeypatch)
+    extra = sum(got.values()) - sum(base.values())
+    print(f"{method}: {extra} syncs beyond {METHODS[method]} ({got} against {base})")
+    assert extra <= MAX_EXTRA_SYNCS, f"{method}: {got} against {METHODS[method]}'s {base}"
