@@ -296,3 +296,15 @@ def test_syncs_per_training_step(method, tmp_path, monkeypatch, baseline_syncs):
     extra = sum(got.values()) - sum(base.values())
     print(f"{method}: {extra} syncs beyond {METHODS[method]} ({got} against {base})")
     assert extra <= MAX_EXTRA_SYNCS, f"{method}: {got} against {METHODS[method]}'s {base}"
+
+
+def test_trainer_turns_cudnn_benchmark_on_for_fixed_size_crops(tmp_path, monkeypatch):
+    from segdistill.engine import Trainer
+    from test_distill_taps import demo_cfg
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    cfg = demo_cfg(str(tmp_path / "run"), 1)
+    cfg.MODEL.DISTILL.LOSSES = ["pd"]
+    assert cfg.INPUT.CROP.ENABLED
+    Trainer(cfg)
+    assert torch.backends.cudnn.benchmark
