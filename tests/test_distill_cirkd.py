@@ -62,8 +62,13 @@ def test_memory_term_matches_brute_force():
 
 
 def ref_update(pixel, pixel_ptr, region, region_ptr, keys, labels, gen, freq, mode):
-    """The authors' rule, written out with explicit loops over images and classes."""
+    """The authors' rule, written out with explicit loops over images and classes. The draw: one
+    random rank per pixel of the batch (``randperm`` of the step's generator); a class enqueues
+    its ``min(n_k, freq)`` pixels of lowest rank ("paper"), or, as the authors' code indexes them,
+    the image's pixels at those pixels' positions within the class ("code")."""
     n, d = keys.shape[:2]
+    hw = labels[0].numel()
+    rank = torch.randperm(n * hw, generator=gen).tolist()
     for b in range(n):
         feat = keys[b].reshape(d, -1)
         label = labels[b].reshape(-1)
@@ -74,9 +79,9 @@ def ref_update(pixel, pixel_ptr, region, region_ptr, keys, labels, gen, freq, mo
             mean = feat[:, idxs].mean(dim=1)
             region[k, region_ptr[k]] = mean / mean.norm()
             region_ptr[k] = (region_ptr[k] + 1) % region.shape[1]
-            perm = torch.randperm(len(idxs), generator=gen).tolist()
             count = min(len(idxs), freq)
-            chosen = [idxs[p] for p in perm[:count]] if mode == "paper" else perm[:count]
+            drawn = sorted(range(len(idxs)), key=lambda j: rank[b * hw + idxs[j]])[:count]
+            chosen = [idxs[j] for j in drawn] if mode == "paper" else drawn
             values = np.stack([feat[:, i].numpy() / np.linalg.norm(feat[:, i].numpy()) for i in chosen])
             if pixel_ptr[k] + count >= pixel.shape[1]:
                 pixel[k, pixel.shape[1] - count:] = values
@@ -91,7 +96,6 @@ def test_memory_update_matches_a_direct_computation(mode):
     memory = ClassMemory(K, D, pixel_size=7, region_size=3, update_freq=2, variant=mode, seed=5).double()
     pixel, region = memory.pixel_queue.clone().numpy(), memory.region_queue.clone().numpy()
     pixel_ptr, region_ptr = [0] * K, [0] * K
-    gen = torch.Generator().manual_seed(5 * 1_000_003)
     for step in range(5):  # enough steps for both pointers to wrap around
         keys = normed(10 + step, n=2)
         g = torch.Generator().manual_seed(20 + step)
@@ -143,3 +147,35 @@ def test_memory_terms_use_the_whole_queue_and_train_the_projection_only():
     (pixel + region).backward()
     assert s.grad.abs().sum() > 0 and all(p.grad is not None for p in loss.projection.parameters())
     assert t.grad is None or t.grad.abs().sum() == 0  # the teacher's side is a target
+
+
+@pytest.mark.parametrize("mode", ["paper", "code"])
+def test_memory_update_writes_a_slot_several_times_in_one_step_as_sequential_writes(mode):
+    # three images per step into a 1-entry region queue and a 3-entry pixel queue: every slot is
+    # written by several (image, class) groups in one step; the last write must win
+    memory = ClassMemory(K, D, pixel_size=3, region_size=1, update_freq=2, variant=mode, seed=1).double()
+    pixel, region = memory.pixel_queue.clone().numpy(), memory.region_queue.clone().numpy()
+    pixel_ptr, region_ptr = [0] * K, [0] * K
+    for step in range(3):
+        keys = normed(40 + step, n=3, h=4, w=3)
+        labels = torch.randint(0, K, (3, 4, 3), generator=torch.Generator().manual_seed(50 + step))
+        memory.update(keys, labels)
+        ref_update(pixel, pixel_ptr, region, region_ptr, keys, labels,
+                   torch.Generator().manual_seed(1 * 1_000_003 + step), 2, mode)
+        np.testing.assert_allclose(memory.pixel_queue.numpy(), pixel, rtol=1e-12)
+        np.testing.assert_allclose(memory.region_queue.numpy(), region, rtol=1e-12)
+        assert memory.pixel_ptr.tolist() == pixel_ptr and memory.region_ptr.tolist() == region_ptr
+
+
+def test_memory_pointers_follow_a_loaded_state():
+    a = ClassMemory(K, D, pixel_size=7, region_size=3, update_freq=2, variant="paper", seed=5).double()
+    b = ClassMemory(K, D, pixel_size=7, region_size=3, update_freq=2, variant="paper", seed=5).double()
+    labels = torch.randint(0, K, (2, 3, 2), generator=torch.Generator().manual_seed(3))
+    a.update(normed(1, n=2), labels)
+    b.update(normed(2, n=2), labels)  # b's host pointers and draw counter are now in use...
+    b.update(normed(3, n=2), labels)
+    b.load_state_dict(a.state_dict())  # ...and must be those of the loaded state after this
+    a.update(normed(4, n=2), labels)
+    b.update(normed(4, n=2), labels)
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[k], v, rtol=0, atol=0)

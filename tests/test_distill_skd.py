@@ -87,7 +87,7 @@ def test_pairwise_gradient_matches_a_naive_implementation(detach_norm):
 def holistic(loss_type="wgan-gp", conditional=True, lr_factor=0.04):
     torch.manual_seed(0)
     return HolisticDistillation(3, g_weight=0.1, d_weight=0.2, loss_type=loss_type, gp_weight=10.0,
-                                lr_factor=lr_factor, conditional=conditional, conv_dim=4, norm="BN").double()
+                                lr_factor=lr_factor, conditional=conditional, conv_dim=4).double()
 
 
 def maps(seed):

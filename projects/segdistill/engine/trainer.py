@@ -28,6 +28,8 @@ import logging
 import os
 import weakref
 
+import torch
+
 from detectron2.data import MetadataCatalog, build_detection_test_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.projects.deeplab import build_lr_scheduler as build_deeplab_lr_scheduler
@@ -120,6 +122,10 @@ class Trainer(DefaultTrainer):
         self.output = output if output is not None else RunOutput(cfg, mode=None)
         self.output.check()
         cfg = self.auto_scale_workers(cfg, comm.get_world_size())
+        if cfg.INPUT.CROP.ENABLED:
+            # every training batch has the crop's size, so cuDNN's per-shape algorithm search pays
+            # once (a no-op on CPU)
+            torch.backends.cudnn.benchmark = True
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)

@@ -10,12 +10,14 @@ of images (a, b) of the batch, pixel i of a gets a distribution over the pixels 
 
     l_batch = 1 / B^2 * sum_{a,b} 1 / (h w) * sum_i KL(p^T_{ab,i} || p^S_{ab,i})
 
-The batch is the global one (``gather``, the paper's definition): each process takes its own
-images as ``a`` and every process's as ``b`` (gathered with their gradient, which flows back
-to the process that owns them), and divides by ``B_local * B_global``, so the gradients DDP
-averages are those of ``l_batch`` over the global batch. Without ``gather`` (the authors'
-code, where the gather is commented out) each process uses its own images. Maps of 256 x 256
-or more are average-pooled 4 x 4 first, as in the authors' code.
+Each process uses its own images (the authors' code, where the gather is commented out; the
+default). With ``gather`` the batch is the global one (the paper's definition): each process
+takes its own images as ``a`` and every process's as ``b`` (gathered with their gradient,
+which flows back to the process that owns them), and divides by ``B_local * B_global``, so
+the gradients DDP averages are those of ``l_batch`` over the global batch. Maps of 256 x 256
+or more are average-pooled 4 x 4 first, as in the authors' code. The term is computed by
+chunks of rows, each checkpointed, so its memory does not grow with the batch
+(:func:`batch_relation_loss`).
 
 **Pixel-to-pixel and pixel-to-region against memories** (loss_cirkd_pixel_memory,
 loss_cirkd_region_memory). Two class-wise queues of teacher embeddings, filled from the
@@ -48,12 +50,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from detectron2.config import configurable
 from detectron2.layers import get_norm
 
 from ..backbones.norm import resolve_norm
-from .base import DistillLoss, register_distill_loss
+from .base import DistillLoss, as_float, masked_mean, register_distill_loss
 
 __all__ = ["batch_relation_loss", "memory_relation_loss", "ClassMemory", "CrossImageRelationalDistillation",
            "CIRKD_VARIANTS", "all_gather_with_grad", "all_gather_no_grad"]
@@ -126,20 +129,49 @@ def _pool(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+# Similarity-map elements one chunk of the batch term holds (64 MiB in float32): a chunk is
+# ``r`` rows of image a against every pixel of every image b, ``r x B_b x hw``.
+BATCH_CHUNK_ELEMENTS = 1 << 24
+
+
+def _rows_kl(s_rows: torch.Tensor, t_rows: torch.Tensor, s_all: torch.Tensor, t_all: torch.Tensor,
+             temperature: float) -> torch.Tensor:
+    """``sum_i sum_b KL(p^T_{b,i} || p^S_{b,i})`` for the rows i (r x C) against the images b
+    (C x B_b x hw). The products may run in the autocast dtype; the softmax and KL in float32."""
+    r, (c, nb, hw) = s_rows.shape[0], s_all.shape
+    log_ps = F.log_softmax(as_float(s_rows @ s_all.reshape(c, nb * hw)).view(r, nb, hw) / temperature, dim=2)
+    log_pt = F.log_softmax(as_float(t_rows @ t_all.reshape(t_all.shape[0], nb * hw)).view(r, nb, hw) / temperature,
+                           dim=2)
+    return (log_pt.exp() * (log_pt - log_ps)).sum()
+
+
 def batch_relation_loss(student: torch.Tensor, teacher: torch.Tensor, student_all: torch.Tensor,
-                        teacher_all: torch.Tensor, temperature: float) -> torch.Tensor:
+                        teacher_all: torch.Tensor, temperature: float, *,
+                        chunk_elements: int = BATCH_CHUNK_ELEMENTS) -> torch.Tensor:
     """``1 / (B_a B_b) * sum_{a,b} mean_i KL(p^T_{ab,i} || p^S_{ab,i})`` for the images a of
     ``student``/``teacher`` against the images b of ``student_all``/``teacher_all`` (all
-    already normalised, N x C x h x w)."""
+    already normalised, N x C x h x w).
+
+    The B_a x B_b maps of hw x hw similarities are never held at once: the rows of each image a
+    go by chunks of about ``chunk_elements`` map entries, each chunk checkpointed (its maps
+    recomputed in the backward), so the memory is a few chunks' maps whatever the batch, at the
+    price of one more forward of the term. The value and the gradients are those of the
+    unchunked sum."""
     s, t = student.flatten(2).transpose(1, 2), teacher.detach().flatten(2).transpose(1, 2)  # Ba x hw x C
-    s_all, t_all = student_all.flatten(2), teacher_all.detach().flatten(2)  # Bb x C x hw
-    total = s.new_zeros(())
+    s_all = student_all.flatten(2).transpose(0, 1)  # C x Bb x hw
+    t_all = teacher_all.detach().flatten(2).transpose(0, 1)
+    n_b, hw = s_all.shape[1], s.shape[1]
+    rows = max(1, chunk_elements // (n_b * s_all.shape[2]))
+    recompute = torch.is_grad_enabled() and (student.requires_grad or student_all.requires_grad)
+    total = s.new_zeros((), dtype=as_float(s).dtype)
     for a in range(s.shape[0]):
-        for b in range(s_all.shape[0]):
-            log_ps = F.log_softmax(s[a] @ s_all[b] / temperature, dim=1)
-            log_pt = F.log_softmax(t[a] @ t_all[b] / temperature, dim=1)
-            total = total + (log_pt.exp() * (log_pt - log_ps)).sum(dim=1).mean()
-    return total / (s.shape[0] * s_all.shape[0])
+        for i in range(0, hw, rows):
+            args = (s[a, i:i + rows], t[a, i:i + rows], s_all, t_all, temperature)
+            if recompute:
+                total = total + checkpoint(_rows_kl, *args, use_reentrant=False, preserve_rng_state=False)
+            else:
+                total = total + _rows_kl(*args)
+    return total / (hw * s.shape[0] * n_b)
 
 
 # ------------------------------------------------------------------------------------------
@@ -165,46 +197,86 @@ class ClassMemory(nn.Module):
         self.register_buffer("region_queue", queue(region_size))
         self.register_buffer("region_ptr", torch.zeros(num_classes, dtype=torch.long))
         self.register_buffer("draws", torch.zeros((), dtype=torch.long))  # enqueue calls so far (seeds the draws)
+        self._host: Optional[dict] = None  # the buffers above as Python ints (_host_state)
+        self.register_load_state_dict_post_hook(ClassMemory._forget_host)
 
     def extra_repr(self) -> str:
         return (f"classes={self.num_classes}, dim={self.dim}, pixel={self.pixel_queue.shape[1]}, "
                 f"region={self.region_queue.shape[1]}, update_freq={self.update_freq}, variant={self.variant!r}")
 
-    def generator(self) -> torch.Generator:
-        """The generator of this step's draws: the same on every process, continued by ``--resume``."""
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.draws))
+    @staticmethod
+    def _forget_host(module, incompatible_keys) -> None:
+        module._host = None
+
+    def _host_state(self) -> dict:
+        """The pointers and the draw counter as Python ints (read from the buffers once, after
+        building or loading): the update plans its writes on the host without reading the device."""
+        if self._host is None:
+            self._host = {"pixel": self.pixel_ptr.tolist(), "region": self.region_ptr.tolist(),
+                          "draws": int(self.draws)}
+        return self._host
+
+    def generator(self, device) -> torch.Generator:
+        """The generator of this step's draws, on ``device``: the same on every process, continued
+        by ``--resume`` (its stream depends on the device type)."""
+        return torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + self._host_state()["draws"])
 
     @torch.no_grad()
     def update(self, keys: torch.Tensor, labels: torch.Tensor) -> None:
         """Enqueue the normalised teacher embeddings ``keys`` (N x D x h x w) with their ``labels``
-        (N x h x w, ignore outside [0, K)); ``keys``/``labels`` are already the global batch."""
-        g = self.generator()
-        self.draws += 1
+        (N x h x w, ignore outside [0, K)); ``keys``/``labels`` are already the global batch.
+
+        The groups (image, class) are visited in order, image by image and class by class: one
+        sort on the device puts the pixels in group order, each group in a random order (so its
+        first ``min(n_k, update_freq)`` are a uniform draw); the group sizes are the one value
+        read on the host, which plans every queue slot (a later write to a slot replaces an
+        earlier one, as sequential writes would); one index copy to the device, then the writes."""
+        g = self.generator(keys.device)
+        host = self._host_state()
+        host["draws"] += 1
         n, d = keys.shape[:2]
-        pixel_size = self.pixel_queue.shape[1]
-        for b in range(n):
-            feat = keys[b].reshape(d, -1)
-            label = labels[b].reshape(-1)
-            for k in torch.unique(label).tolist():
-                if not 0 <= k < self.num_classes:
-                    continue
-                idxs = (label == k).nonzero()[:, 0]
-                # region: the class's mean embedding
-                ptr = int(self.region_ptr[k])
-                self.region_queue[k, ptr] = F.normalize(feat[:, idxs].mean(dim=1), dim=0)
-                self.region_ptr[k] = (ptr + 1) % self.region_queue.shape[1]
-                # pixels: min(n_k, update_freq) of them
-                perm = torch.randperm(len(idxs), generator=g).to(idxs.device)
-                count = min(len(idxs), self.update_freq)
-                chosen = idxs[perm[:count]] if self.variant == "paper" else perm[:count]
-                values = F.normalize(feat[:, chosen].t(), dim=1)
-                ptr = int(self.pixel_ptr[k])
-                if ptr + count >= pixel_size:
-                    self.pixel_queue[k, pixel_size - count:] = values
-                    self.pixel_ptr[k] = 0
+        hw, k_cls, device = keys[0, 0].numel(), self.num_classes, keys.device
+        pixel_size, region_size = self.pixel_queue.shape[1], self.region_queue.shape[1]
+        feat = keys.reshape(n, d, hw).transpose(1, 2).reshape(n * hw, d)
+        label = labels.reshape(n, hw).long()
+        valid = (label >= 0) & (label < k_cls)
+        group = torch.where(valid, label + k_cls * torch.arange(n, device=device)[:, None], n * k_cls).flatten()
+        rank = torch.randperm(n * hw, generator=g, device=device)
+        order = torch.sort(group * (n * hw) + rank).indices  # by group, randomly inside each
+        sizes = torch.zeros(n * k_cls + 1, dtype=torch.long, device=device).index_add_(0, group, torch.ones_like(group))
+        sums = torch.zeros(n * k_cls + 1, d, dtype=feat.dtype, device=device).index_add_(0, group, feat)
+        means = F.normalize(sums[:-1] / sizes[:-1].clamp(min=1).to(feat.dtype)[:, None], dim=1)
+        counts = sizes[:-1].tolist()  # the one read of the device
+        pixel, region, start = {}, {}, 0  # queue row -> source (sorted position / group)
+        for gi, n_k in enumerate(counts):
+            if n_k:
+                k = gi % k_cls
+                slot = host["region"][k]
+                region[k * region_size + slot] = gi
+                host["region"][k] = (slot + 1) % region_size
+                count, ptr = min(n_k, self.update_freq), host["pixel"][k]
+                if ptr + count >= pixel_size:  # the authors' rule: the last entries, pointer back to 0
+                    first, host["pixel"][k] = pixel_size - count, 0
                 else:
-                    self.pixel_queue[k, ptr:ptr + count] = values
-                    self.pixel_ptr[k] = ptr + count
+                    first, host["pixel"][k] = ptr, ptr + count
+                for j in range(count):
+                    pixel[k * pixel_size + first + j] = start + j
+            start += n_k
+        plan = torch.tensor([*pixel, *pixel.values(), *region, *region.values(), *host["pixel"], *host["region"],
+                             host["draws"]], dtype=torch.long).to(device, non_blocking=True)
+        pixel_dst, pixel_src, region_dst, region_src, pointers = plan.split(
+            [len(pixel), len(pixel), len(region), len(region), 2 * k_cls + 1])
+        chosen = order[pixel_src]
+        if self.variant == "code":  # the class's j-th drawn pixel -> pixel (its rank in the class) of the image
+            onehot = F.one_hot(label.clamp(0, k_cls - 1), k_cls) * valid[..., None]
+            raster_rank = (onehot.cumsum(dim=1) - 1).gather(2, label.clamp(0, k_cls - 1)[..., None]).flatten()
+            chosen = torch.div(chosen, hw, rounding_mode="floor") * hw + raster_rank[chosen]
+        dtype = self.pixel_queue.dtype
+        self.pixel_queue.view(-1, d).index_copy_(0, pixel_dst, F.normalize(feat[chosen], dim=1).to(dtype))
+        self.region_queue.view(-1, d).index_copy_(0, region_dst, means[region_src].to(dtype))
+        self.pixel_ptr.copy_(pointers[:k_cls])
+        self.region_ptr.copy_(pointers[k_cls:2 * k_cls])
+        self.draws.copy_(pointers[-1])
 
 
 def sample_memory(queue: torch.Tensor, per_class: int) -> torch.Tensor:
@@ -214,14 +286,16 @@ def sample_memory(queue: torch.Tensor, per_class: int) -> torch.Tensor:
 
 
 def memory_relation_loss(student: torch.Tensor, teacher: torch.Tensor, contrast: torch.Tensor, *,
-                         temperature: float, kd_temperature: float) -> torch.Tensor:
+                         temperature: float, kd_temperature: float,
+                         valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``kd_T^2 * mean_i KL(softmax(t_i . X / tau / kd_T) || softmax(s_i . X / tau / kd_T))``
-    over the anchors (rows of ``student``/``teacher``, normalised) and the contrast set ``X``."""
+    over the anchors (rows of ``student``/``teacher``, normalised; those where ``valid``, 0 when
+    none is) and the contrast set ``X``."""
     s_logits = student @ contrast.t() / temperature
     t_logits = teacher.detach() @ contrast.t() / temperature  # the teacher's side is a target
     log_ps = F.log_softmax(s_logits / kd_temperature, dim=1)
     log_pt = F.log_softmax(t_logits / kd_temperature, dim=1)
-    return (log_pt.exp() * (log_pt - log_ps)).sum(dim=1).mean() * kd_temperature ** 2
+    return masked_mean((log_pt.exp() * (log_pt - log_ps)).sum(dim=1), valid) * kd_temperature ** 2
 
 
 # ------------------------------------------------------------------------------------------
@@ -274,9 +348,12 @@ class CrossImageRelationalDistillation(DistillLoss):
         cfg.MODEL.DISTILL.CIRKD.PIXEL_CONTRAST_SIZE = 4096
         cfg.MODEL.DISTILL.CIRKD.REGION_CONTRAST_SIZE = 1024
         cfg.MODEL.DISTILL.CIRKD.PIXEL_UPDATE_FREQ = 16
-        # The batch term over the global batch, gathered across processes (paper); off: each
-        # process's own images (the authors' code). The memories always take the global batch.
-        cfg.MODEL.DISTILL.CIRKD.GATHER = True
+        # The batch term over each process's own images (the authors' code, whose gather is
+        # commented out, so their reported numbers come without it; B_local^2 image pairs per
+        # process); True: over the global batch, gathered across processes (the paper's
+        # definition; B_local x B_global pairs, world-size times the compute). The memories always
+        # take the global batch.
+        cfg.MODEL.DISTILL.CIRKD.GATHER = False
         # Pixels a class enqueues: drawn among that class's pixels ("paper") or, as the authors' code
         # indexes them, among the first n pixels of the image in raster order, n = the class's pixel
         # count ("code").
@@ -308,18 +385,18 @@ class CrossImageRelationalDistillation(DistillLoss):
         """(pixel-memory, region-memory) terms over the labelled pixels, after the enqueue."""
         self.memory.update(all_gather_no_grad(t_norm.detach()), all_gather_no_grad(labels))
         k = self.memory.num_classes
+        # every pixel is an anchor, the labelled ones weighted 1 and the others 0 (a boolean
+        # selection would read its size on the host; no labelled pixel gives zero terms that
+        # keep the projection in the graph)
         valid = ((labels >= 0) & (labels < k)).flatten()
-        s = s_proj.permute(0, 2, 3, 1).reshape(-1, s_proj.shape[1])[valid]
-        t = t_norm.permute(0, 2, 3, 1).reshape(-1, t_norm.shape[1])[valid]
-        if s.shape[0] == 0:  # no labelled pixel: zero terms that keep the projection in the graph
-            zero = 0.0 * s_proj.pow(2).mean()
-            return [zero, zero]
+        s = s_proj.permute(0, 2, 3, 1).reshape(-1, s_proj.shape[1])
+        t = t_norm.permute(0, 2, 3, 1).reshape(-1, t_norm.shape[1])
         out = []
         for queue, total in ((self.memory.pixel_queue, self.pixel_contrast_size),
                              (self.memory.region_queue, self.region_contrast_size)):
             contrast = sample_memory(queue, total // k + 1)
             out.append(memory_relation_loss(s, t, contrast, temperature=self.temperature,
-                                            kd_temperature=self.kd_temperature))
+                                            kd_temperature=self.kd_temperature, valid=valid))
         return out
 
     def distill(self, batch):

@@ -67,20 +67,25 @@ class ClassCovariance(nn.Module):
         c = self.num_classes
         x = features.detach().float().permute(0, 2, 3, 1).reshape(-1, a)
         y = labels.reshape(-1).long()
-        keep = (y >= 0) & (y < c)
-        x, y = x[keep], y[keep]
-
-        counts = self._sum(torch.bincount(y, minlength=c).to(self.count.dtype))
-        sums = self._sum(torch.zeros(c, a, device=x.device, dtype=x.dtype).index_add_(0, y, x))
+        # Ignore pixels go to an extra class c, dropped after: no boolean selection and no
+        # bincount, which read sizes on the host.
+        y = torch.where((y >= 0) & (y < c), y, c)
+        counts_all = torch.zeros(c + 1, device=x.device, dtype=self.count.dtype).index_add_(
+            0, y, torch.ones_like(y, dtype=self.count.dtype))
+        counts = self._sum(counts_all[:c].clone())
+        sums = self._sum(torch.zeros(c + 1, a, device=x.device, dtype=x.dtype).index_add_(0, y, x)[:c].clone())
         mean_b = sums / counts.clamp(min=1).to(x.dtype)[:, None]
-        d = x - mean_b[y]
+        d = x - torch.cat([mean_b, mean_b.new_zeros(1, a)])[y]
         if self.full:
+            # pixels sorted by class, one A x A product per present class; the class sizes are
+            # the one read of the device
+            order = torch.argsort(y, stable=True)
             m2 = torch.zeros(c, a, a, device=x.device, dtype=x.dtype)
-            for k in torch.unique(y).tolist():  # per present class: one A x A matmul each
-                dk = d[y == k]
-                m2[k] = dk.T @ dk
+            for k, dk in enumerate(torch.split(d[order], counts_all.long().tolist())[:c]):
+                if dk.shape[0]:
+                    m2[k] = dk.T @ dk
         else:
-            m2 = torch.zeros(c, a, device=x.device, dtype=x.dtype).index_add_(0, y, d * d)
+            m2 = torch.zeros(c + 1, a, device=x.device, dtype=x.dtype).index_add_(0, y, d * d)[:c].clone()
         m2 = self._sum(m2)
         extra = (None,) * (m2.dim() - 1)
         cov_b = m2 / counts.clamp(min=1).to(x.dtype)[(slice(None),) + extra]

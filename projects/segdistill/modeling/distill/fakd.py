@@ -41,7 +41,7 @@ position of its lambda schedule (``progress`` = iteration, max_iter) as buffers,
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -184,6 +184,8 @@ class _FeatureAugmented(DistillLoss):
         self.covariance: Optional[ClassCovariance] = None  # sized in bind()
         # (iteration, max_iter) of the lambda schedule; saved with the checkpoint.
         self.register_buffer("progress", torch.zeros(2, dtype=torch.float64))
+        self._progress: Optional[Tuple[float, float]] = None  # the buffer on the host (lam)
+        self.register_load_state_dict_post_hook(type(self)._forget_progress)
 
     @classmethod
     def add_config(cls, cfg):
@@ -214,12 +216,22 @@ class _FeatureAugmented(DistillLoss):
                                           full=self.full_covariance, all_reduce=self.all_reduce)
 
     def set_training_progress(self, iteration: int, max_iter: int) -> None:
-        self.progress.copy_(torch.tensor([float(iteration), float(max_iter)], dtype=torch.float64))
+        # kept on the host for lam (read every step), written into the buffer without a host
+        # tensor (fill_ takes the scalar as a kernel argument: no copy, no wait)
+        self._progress = (float(iteration), float(max_iter))
+        self.progress[0].fill_(self._progress[0])
+        self.progress[1].fill_(self._progress[1])
+
+    @staticmethod
+    def _forget_progress(module, incompatible_keys) -> None:
+        module._progress = None
 
     @property
     def lam(self) -> float:
         """lambda at the current iteration (``lambda0`` before any progress is known)."""
-        it, max_iter = self.progress.tolist()
+        if self._progress is None:  # after building or loading: the buffer, read once
+            self._progress = tuple(self.progress.tolist())
+        it, max_iter = self._progress
         return cosine_ramp(it, max_iter, self.lambda0, self.lambda_schedule)
 
     def distill(self, batch):

@@ -35,8 +35,9 @@ def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     n, c = features.shape[:2]
     flat = features.flatten(2)  # N x C x hw
     y = labels.flatten(1)
-    onehot = F.one_hot(y.clamp(min=0, max=num_classes - 1), num_classes).to(flat.dtype)
-    onehot = onehot * ((y >= 0) & (y < num_classes)).unsqueeze(-1).to(flat.dtype)  # N x hw x K
+    # a comparison, not F.one_hot (which checks its input's range on the host): ignore pixels
+    # (outside [0, K)) match no class
+    onehot = (y.unsqueeze(-1) == torch.arange(num_classes, device=y.device)).to(flat.dtype)  # N x hw x K
     sums = torch.bmm(flat, onehot)  # N x C x K
     counts = onehot.sum(dim=1)  # N x K
     return (sums / (counts[:, None, :] + 1e-6)).transpose(1, 2)

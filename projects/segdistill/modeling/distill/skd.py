@@ -14,7 +14,10 @@ Student and teacher may have different channel counts (only their M x M similari
 **Holistic distillation** (SKD section 3.3) is a conditional Wasserstein GAN on the logits: a
 discriminator ``D`` (an embedding network: SAGAN-style, four stride-2 4x4 convs with spectral
 norm and LeakyReLU 0.1, self-attention after the third and the fourth, a final 4x4 conv; its
-input batch-normalised, as the authors' ``preprocess_GAN_mode 1``) scores a segmentation map,
+input batch-normalised by a plain per-process ``BatchNorm2d``, as the authors' ``preprocess_GAN_mode 1``
+in ``networks/sagan_models.py``, whatever ``MODEL.NORM`` says: the gradient penalty differentiates
+``D`` twice, and SyncBN has no double backward, so a synchronised norm would crash the first
+multi-GPU step) scores a segmentation map,
 concatenated with the image (``conditional``, the paper; the authors' code scores the logits
 alone). With ``s``/``t`` the student/teacher logits and ``x^ = alpha t + (1 - alpha) s`` for
 ``alpha ~ U(0, 1)`` per image::
@@ -53,9 +56,7 @@ from torch.nn import functional as F
 
 from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
-from detectron2.layers import get_norm
 
-from ..backbones.norm import resolve_norm
 from .base import DistillLoss, register_distill_loss
 from .taps import LOGITS
 
@@ -145,11 +146,15 @@ class SelfAttention(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """SKD's embedding network: score maps (+ image) -> N x 1 x h' x w' scores."""
+    """SKD's embedding network: score maps (+ image) -> N x 1 x h' x w' scores.
 
-    def __init__(self, in_channels: int, *, conv_dim: int, norm: str):
+    Its only norm is the input's plain ``BatchNorm2d`` (per-process statistics, as under the
+    authors' DataParallel): never SyncBN, which has no double backward for the gradient
+    penalty, and never the model's norm (a GroupNorm would not even fit K + 3 channels)."""
+
+    def __init__(self, in_channels: int, *, conv_dim: int):
         super().__init__()
-        self.preprocess = get_norm(norm, in_channels) or nn.Identity()
+        self.preprocess = nn.BatchNorm2d(in_channels)
         layers, c = [], in_channels
         for i in range(4):
             layers.append(SpectralNormConv2d(c, conv_dim * 2 ** i, 4, 2, 1))
@@ -186,7 +191,7 @@ class HolisticDistillation(nn.Module):
     """The holistic term and its discriminator (see the module docstring)."""
 
     def __init__(self, num_classes: int, *, g_weight: float, d_weight: float, loss_type: str, gp_weight: float,
-                 lr_factor: float, conditional: bool, conv_dim: int, norm: str):
+                 lr_factor: float, conditional: bool, conv_dim: int):
         super().__init__()
         if loss_type not in HOLISTIC_LOSS_TYPES:
             raise ValueError(
@@ -198,7 +203,7 @@ class HolisticDistillation(nn.Module):
         self.loss_type = loss_type
         self.lr_factor = float(lr_factor)
         self.conditional = bool(conditional)
-        self.discriminator = Discriminator(num_classes + (3 if conditional else 0), conv_dim=conv_dim, norm=norm)
+        self.discriminator = Discriminator(num_classes + (3 if conditional else 0), conv_dim=conv_dim)
 
     def extra_repr(self) -> str:
         return (f"loss_type={self.loss_type!r}, g_weight={self.g_weight}, d_weight={self.d_weight}, "
@@ -289,7 +294,7 @@ def holistic_settings(cfg) -> dict:
     """The discriminator's settings of ``MODEL.DISTILL.HOLISTIC`` (shared by SKD and IFVD)."""
     h = cfg.MODEL.DISTILL.HOLISTIC
     return {"d_weight": h.D_WEIGHT, "loss_type": h.LOSS_TYPE, "gp_weight": h.GP_WEIGHT, "lr_factor": h.LR_FACTOR,
-            "conditional": h.CONDITIONAL, "conv_dim": h.CONV_DIM, "norm": resolve_norm(cfg, "head")}
+            "conditional": h.CONDITIONAL, "conv_dim": h.CONV_DIM}
 
 
 # ------------------------------------------------------------------------------------------

@@ -320,12 +320,13 @@ class HS3Objective(ExitObjective):
                 raise ValueError(f"HS3 exit {n!r} predicts {k} classes but its table has {int(lut.max()) + 1} clusters.")
 
     def forward(self, outputs: MultiExitOutputs, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
-        total = 0.0
+        total, ces = 0.0, {}
         for name, out in outputs.exits.items():
-            ce = self.exit_cross_entropy(name, out.seg_logits, targets)
-            if self.training:
-                put_scalar(f"hs3_ce_{name}", float(ce.detach()))
-            total = total + self.exit_weight(name) * ce
+            ces[name] = self.exit_cross_entropy(name, out.seg_logits, targets)
+            total = total + self.exit_weight(name) * ces[name]
+        if self.training and ces:  # logged with one read of the device for all exits
+            for name, value in zip(ces, torch.stack([ce.detach().float() for ce in ces.values()]).tolist()):
+                put_scalar(f"hs3_ce_{name}", value)
         return {"loss_hs3": total}
 
 

@@ -60,7 +60,8 @@ class ExitObjective(nn.Module):
     def __init__(self, *, ignore_value: int, label_luts: Optional[Dict[str, torch.Tensor]] = None):
         super().__init__()
         self.ignore_value = ignore_value
-        self.label_luts: Dict[str, torch.Tensor] = dict(label_luts or {})
+        self._lut_names: List[str] = []
+        self.label_luts = dict(label_luts or {})
         self.register_buffer("class_weights", None, persistent=False)
         self.iteration: Optional[int] = None
         self.max_iter: Optional[int] = None
@@ -101,6 +102,21 @@ class ExitObjective(nn.Module):
     def final_loss_weight(self) -> float:
         """Factor on the head's own ``loss_sem_seg`` (1: the head's loss as it is)."""
         return 1.0
+
+    @property
+    def label_luts(self) -> Dict[str, torch.Tensor]:
+        """{exit: class -> exit class table}. The tables are non-persistent buffers, so
+        ``.to(device)`` moves them with the model (a table left on the host would be copied to
+        the device for every exit at every step) and checkpoints do not change."""
+        return {name: getattr(self, f"_label_lut_{i}") for i, name in enumerate(self._lut_names)}
+
+    @label_luts.setter
+    def label_luts(self, luts: Dict[str, torch.Tensor]) -> None:
+        for i in range(len(self._lut_names)):
+            delattr(self, f"_label_lut_{i}")
+        self._lut_names = list(luts)
+        for i, lut in enumerate(luts.values()):
+            self.register_buffer(f"_label_lut_{i}", torch.as_tensor(lut, dtype=torch.long), persistent=False)
 
     def exit_targets(self, exit_name: str, targets: torch.Tensor) -> torch.Tensor:
         lut = self.label_luts.get(exit_name)

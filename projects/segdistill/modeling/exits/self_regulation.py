@@ -33,7 +33,9 @@ max-min spread of the tempered teacher feature map of any image in the minibatch
 from __future__ import annotations
 
 import logging
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
+
+import numpy as np
 
 import torch
 from torch.nn import functional as F
@@ -67,11 +69,11 @@ def class_presence(targets: torch.Tensor, num_classes: int, ignore_value: int = 
         raise ValueError(
             f"Label values {bad[:10]} are neither a class in [0, {num_classes}) nor the ignore value {ignore_value}."
         )
-    # ignore pixels go to one extra bin, dropped after counting (no boolean indexing)
-    idx = flat + torch.arange(n, device=flat.device).unsqueeze(1) * num_classes
-    idx = torch.where(valid, idx, torch.full_like(idx, n * num_classes))
-    counts = torch.bincount(idx.flatten(), minlength=n * num_classes + 1)[: n * num_classes]
-    return (counts.view(n, num_classes) > 0).float()
+    # ignore pixels go to one extra column, dropped after (no boolean indexing, no bincount:
+    # both read sizes on the host)
+    idx = torch.where(valid, flat, torch.full_like(flat, num_classes)).long()
+    presence = torch.zeros(n, num_classes + 1, device=flat.device).scatter_(1, idx, 1.0)
+    return presence[:, :num_classes].contiguous()
 
 
 def multilabel_bce(cls_logits: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
@@ -176,7 +178,21 @@ class SelfRegulationObjective(ExitObjective):
         self.anneal_factor, self.anneal_threshold = anneal_factor, anneal_threshold
         # A buffer: saved in checkpoints, restored by --resume; deploy drops it.
         self.register_buffer("temperature", torch.tensor(float(temperature)))
+        # The temperature as a Python float, so the losses need not read the device every step;
+        # read from the buffer again after a load_state_dict (--resume).
+        self._tau: Optional[float] = None
+        self.register_load_state_dict_post_hook(SelfRegulationObjective._forget_tau)
         self._warned_no_progress = False
+
+    @staticmethod
+    def _forget_tau(module, incompatible_keys) -> None:
+        module._tau = None
+
+    def current_temperature(self) -> float:
+        """tau now (the buffer, read once after building or loading)."""
+        if self._tau is None:
+            self._tau = float(self.temperature)
+        return self._tau
 
     @classmethod
     def add_config(cls, cfg):
@@ -266,12 +282,14 @@ class SelfRegulationObjective(ExitObjective):
             torch.distributed.all_reduce(exceeds, op=torch.distributed.ReduceOp.MAX)
         if exceeds.item() > 0:
             self.temperature.mul_(self.anneal_factor)
+            # the buffer's product, in its float32 arithmetic, without reading it back
+            self._tau = float(np.float32(self.current_temperature()) * np.float32(self.anneal_factor))
 
     def forward(self, outputs: MultiExitOutputs, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
         exits = outputs.exits
         names = list(exits)
         final = outputs.final
-        tau = float(self.temperature)
+        tau = self.current_temperature()
         losses: Dict[str, torch.Tensor] = {}
         zero = final.seg_logits.new_zeros(())
 
