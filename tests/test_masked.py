@@ -314,3 +314,31 @@ def test_emulate_is_differentiable():
     y, _ = masked_forward(unit, x, PixelMask(m), "emulate")
     y.sum().backward()
     assert unit[0].weight.grad is not None and x.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------- the benchmark
+def test_breakeven_benchmark_end_to_end_at_toy_size(tmp_path):
+    """The micro-benchmark runs (toy widths and sizes, one repeat: no timing is judged here),
+    writes its JSON, and reads the break-even off the time ratios by its rule."""
+    import json
+
+    from conftest import load_script
+
+    bench = load_script("masked_breakeven", "benchmarks/masked_breakeven.py")
+    # the rule, on hand-made ratios: crossing between 0.2 (1.2) and 0.4 (0.8) -> 0.3
+    assert bench.break_even([0.0, 0.2, 0.4, 0.6], [1.5, 1.2, 0.8, 0.5]) == pytest.approx(0.3)
+    assert bench.break_even([0.0, 0.2, 0.4], [1.5, 0.9, 1.1]) is None  # ends above 1: never pays
+    assert bench.break_even([0.0, 0.5], [0.9, 0.5]) == 0.0
+    assert bench.break_even([0.0, 0.2, 0.4, 0.6], [1.5, 0.9, 1.1, 0.7]) == pytest.approx(0.4 + 0.1 / 0.4 * 0.2)
+    for kind in bench.MASKS:
+        m = bench.make_mask(kind, (12, 16), 0.75, seed=0)
+        assert int(m.sum()) == 48  # 25 % of 192 active
+    out = tmp_path / "be.json"
+    result = bench.main(["--widths", "8", "--sizes", "6x7", "--frozen", "0", "0.5", "--warmup", "0", "--repeats", "1",
+                         "--mask", "boundary", "--output", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert [r["frozen"] for r in saved["rows"]] == [0.0, 0.5] and saved["threads"] == torch.get_num_threads()
+    assert saved["rows"][0]["macs_ratio"] == pytest.approx(1.0) and saved["rows"][1]["macs_ratio"] < 1.0
+    ratios = [r["time_ratio"] for r in saved["rows"]]
+    assert saved["break_even"][0]["break_even_frozen"] == bench.break_even([0.0, 0.5], ratios)
