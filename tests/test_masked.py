@@ -48,6 +48,16 @@ def resnet_stages(**options):
     return [(f"res{k + 1}", body[f"layer{k}"], feats[f"res{k}"], feats[f"res{k + 1}"]) for k in (2, 3, 4)]
 
 
+def resnet50_stages(**options):
+    """ResNet-50's res3 and res5 (Bottlenecks; the first with a projection shortcut), on a small input."""
+    bb = randomise_norms(make_backbone("resnet50", out_features=["res2", "res4"], **options))
+    x = torch.randn(1, 3, 48, 56, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        feats = dict(bb.forward_stages(x))
+    body = bb.body
+    return [(f"res{k + 1}", body[f"layer{k}"], feats[f"res{k}"], feats[f"res{k + 1}"]) for k in (2, 4)]
+
+
 def mobilenet_stages(**options):
     """MobileNetV2's stages after res1: blocks.1 (res2), blocks.2 (res3), blocks.3-4 (res4), blocks.5-6 (res5)."""
     bb = randomise_norms(make_backbone("mobilenetv2_100", out_features=["res2", "res3", "res4", "res5"], **options))
@@ -64,6 +74,7 @@ BACKBONES = {
     "resnet18_os32": lambda: resnet_stages(),
     "resnet18_os8": lambda: resnet_stages(output_stride=8),
     "resnet18_os8_mmseg": lambda: resnet_stages(output_stride=8, dilation_rule="mmseg", stem_type="deep"),
+    "resnet50_os8": lambda: resnet50_stages(output_stride=8),
     "mobilenetv2_os32": lambda: mobilenet_stages(),
     "mobilenetv2_os8": lambda: mobilenet_stages(output_stride=8),
 }
@@ -142,7 +153,7 @@ def test_every_pixel_active_sparse_equals_emulate_equals_the_stage(backbone, dev
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backbone", ["resnet18_os32", "resnet18_os8_mmseg", "mobilenetv2_os8"])
+@pytest.mark.parametrize("backbone", ["resnet18_os32", "resnet18_os8_mmseg", "resnet50_os8", "mobilenetv2_os8"])
 def test_sparse_equals_emulate_on_random_boundary_and_border_masks(backbone, device):
     for name, stage, x, _ in BACKBONES[backbone]():
         stage.to(device)
@@ -163,7 +174,7 @@ def test_sparse_equals_emulate_on_random_boundary_and_border_masks(backbone, dev
                 assert not torch.allclose(emu, stage(x), **TOL)
 
 
-@pytest.mark.parametrize("backbone", ["resnet18_os32", "mobilenetv2_os32"])
+@pytest.mark.parametrize("backbone", ["resnet18_os32", "resnet50_os8", "mobilenetv2_os32"])
 def test_frozen_pixels_keep_their_input_through_identity_shortcut_blocks(backbone):
     """Blocks with an identity shortcut (after the stage's first block): a frozen pixel's
     features are its input's, bit for bit, in both modes; active pixels change."""
@@ -236,7 +247,7 @@ def test_conv_units_sparse_equals_emulate_and_macs_linear_in_active_pixels(kind)
 
 
 # ---------------------------------------------------------------------------------- counted MACs
-@pytest.mark.parametrize("backbone", ["resnet18_os32", "resnet18_os8", "mobilenetv2_os32"])
+@pytest.mark.parametrize("backbone", ["resnet18_os32", "resnet18_os8", "resnet50_os8", "mobilenetv2_os32"])
 def test_macs_are_fvcores_at_100_percent_and_its_per_module_counts_scaled_by_the_active_share(backbone):
     for name, stage, x, _ in BACKBONES[backbone]():
         x1 = x[:1]
