@@ -515,6 +515,8 @@ def _compile_sequential(module: nn.Sequential, name: str, dense: bool = False) -
         else:
             nodes.append(_compile(child, full))
         i += 1
+    if not nodes:
+        return _Identity()
     return nodes[0] if len(nodes) == 1 else _Seq(nodes, name)
 
 
