@@ -20,6 +20,9 @@ in the constructor (the reason is written there):
 * :class:`TrainingProgressHook` tells the model the iteration (loss schedules);
 * LR: detectron2's DeepLab ``WarmupPolyLR`` when ``SOLVER.LR_SCHEDULER_NAME`` asks for it;
 * a missing ``MODEL.WEIGHTS`` file is a clear error before anything is loaded;
+* ``SOLVER.AMP.ENABLED``: the project's :class:`~segdistill.engine.mixed_precision.MixedPrecisionTrainer`
+  (CPU bf16, CUDA fp16 / bf16 by ``SOLVER.AMP.DTYPE``), resolved before anything is built;
+  ``MODEL.CHANNELS_LAST``: the model (training, evaluation) in channels_last;
 * ``training_curves.png`` in ``OUTPUT_DIR``.
 """
 from __future__ import annotations
@@ -29,12 +32,13 @@ import os
 import weakref
 
 from detectron2.data import MetadataCatalog, build_detection_test_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine import DefaultTrainer, TrainerBase
 from detectron2.projects.deeplab import build_lr_scheduler as build_deeplab_lr_scheduler
 from detectron2.projects.deeplab.lr_scheduler import WarmupPolyLR
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..config import amp_dtype
 from ..convert import DEFAULT_MIN_MATCHED, SegDistillCheckpointer, load_weights, load_weights_for_evaluation
 from ..data import SemSegDatasetMapper, build_sem_seg_train_loader, check_eval_datasets
 from ..data.datasets.demo import is_demo_dataset
@@ -42,6 +46,7 @@ from ..evaluation import CocoStuffEvaluator, SemSegEvaluator, build_label_spaces
 from ..evaluation.anytime import AnytimeEvaluator
 from ..modeling.meta_arch.anytime import AnytimeSegmentor, load_anytime_weights
 from .ddp import broadcast_batchnorm_buffers, create_ddp_model
+from .mixed_precision import build_train_step, use_channels_last
 from .hooks import TrainingCurvesHook, TrainingProgressHook, exact_resume_hook, unwrap_model
 from .run import RunOutput
 
@@ -109,7 +114,7 @@ class Trainer(DefaultTrainer):
         # the config nor an overridable method: no subclass can change it. This constructor builds
         # what DefaultTrainer's other methods (run_step, state_dict, train, build_hooks, test) use, with
         # the same build_* methods in the same order: model, optimizer and data loader held by its
-        # SimpleTrainer / AMPTrainer (``_trainer``, the name those methods read), scheduler,
+        # SimpleTrainer / MixedPrecisionTrainer (``_trainer``, the name those methods read), scheduler,
         # checkpointer, start_iter, max_iter, cfg. tests/test_train_net.py checks in one process, where
         # DefaultTrainer.__init__ works, that both constructors leave the same attributes, so a
         # detectron2 release that changes them fails there rather than at training time.
@@ -118,13 +123,15 @@ class Trainer(DefaultTrainer):
             setup_logger()
         self.output = output if output is not None else RunOutput(cfg, mode=None)
         self.output.check()
+        # an unsupported precision (fp16 on CPU, an unknown dtype) fails before anything is built or written
+        step_dtype = amp_dtype(cfg.SOLVER.AMP.ENABLED, cfg.SOLVER.AMP.DTYPE, cfg.MODEL.DEVICE)
         cfg = self.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         check_eval_datasets(cfg.DATASETS.TEST)
         model = self.build_ddp_model(cfg, model)
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self._trainer = build_train_step(model, data_loader, optimizer, dtype=step_dtype)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = SegDistillCheckpointer(  # converts foreign MODEL.WEIGHTS (segdistill.convert)
             model, cfg.OUTPUT_DIR, weights_format=cfg.MODEL.WEIGHTS_FORMAT, trainer=weakref.proxy(self))
@@ -152,6 +159,11 @@ class Trainer(DefaultTrainer):
         load_evaluation_weights(model, weights, allow_random=cfg.TEST.ALLOW_RANDOM_WEIGHTS,
                                 min_matched=cfg.TEST.MIN_MATCHED_WEIGHTS, weights_format=cfg.MODEL.WEIGHTS_FORMAT)
         return model
+
+    @classmethod
+    def build_model(cls, cfg):
+        """detectron2's model, in channels_last when ``MODEL.CHANNELS_LAST`` (training and evaluation)."""
+        return use_channels_last(super().build_model(cfg), cfg.MODEL.CHANNELS_LAST)
 
     @classmethod
     def build_ddp_model(cls, cfg, model):
