@@ -32,6 +32,7 @@ from ..hs3 import (
 )
 from ..modeling.meta_arch.anytime import load_anytime_weights, save_thresholds
 from .trainer import Trainer
+from .mixed_precision import use_channels_last
 
 __all__ = ["anytime_cfg", "build_anytime_model", "register_split", "default_calibration_split",
            "calibrate_from_config", "evaluate_policy"]
@@ -58,7 +59,7 @@ def build_anytime_model(cfg):
         raise ValueError("Set MODEL.WEIGHTS to the trained multi-exit checkpoint (or its anytime deployment).")
     model = build_model(cfg)
     load_anytime_weights(model, cfg.MODEL.WEIGHTS, weights_format=cfg.MODEL.WEIGHTS_FORMAT)
-    return model.eval()
+    return use_channels_last(model, cfg.MODEL.CHANNELS_LAST).eval()
 
 
 def register_split(cfg, name: str) -> str:
