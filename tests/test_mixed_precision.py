@@ -106,6 +106,7 @@ def test_bf16_checkpoints_stay_float32_and_resume_exactly(tmp_path):
     (["SOLVER.AMP.DTYPE", "fp8"], "SOLVER.AMP.DTYPE is 'fp8'"),
     (["MODEL.DISTILL.TEACHER.PRECISION", "fp16"], "MODEL.DISTILL.TEACHER.PRECISION bf16"),
     (["MODEL.DISTILL.TEACHER.PRECISION", "half"], "MODEL.DISTILL.TEACHER.PRECISION is 'half'"),
+    (["TEST.PRECISION", "fp16"], "TEST.PRECISION bf16"),
 ])
 def test_an_unsupported_precision_is_a_config_error_before_anything_is_written(tmp_path, opts, says):
     out = tmp_path / "run"
@@ -114,15 +115,29 @@ def test_an_unsupported_precision_is_a_config_error_before_anything_is_written(t
     assert not out.exists() or not os.listdir(out)
 
 
+def test_evaluation_runs_in_test_precision(tmp_path):
+    cfg = make_cfg(PLAIN, tmp_path, "DATASETS.TEST", ("segdistill_demo_mini_val",), "TEST.PRECISION", "bf16",
+                   "TEST.ALLOW_RANDOM_WEIGHTS", True)
+    model = Trainer.build_evaluation_model(cfg, "")
+    seen = set()
+    model.sem_seg_head.predictor.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+    results = Trainer.test(cfg, model)
+    assert seen == {torch.bfloat16} and 0 <= results["sem_seg"]["mIoU"] <= 100
+    with pytest.raises(ConfigError, match="TEST.PRECISION"):
+        Trainer.build_evaluation_model(make_cfg(PLAIN, tmp_path, "TEST.PRECISION", "fp16"), "")
+
+
 def test_lazy_configs_take_the_same_settings(tmp_path):
     from segdistill.config import load_lazy_config
 
     path = os.path.join(REPO, "configs/demo/deeplabv3_r18.py")
     check_lazy_config(load_lazy_config(path, ["train.device=cpu", "train.amp.enabled=True", "train.amp.dtype=bf16",
-                                              "train.channels_last=True"]))
+                                              "train.channels_last=True", "train.test_precision=bf16"]))
     with pytest.raises(ConfigError, match="train.amp.dtype"):
         check_lazy_config(load_lazy_config(path, ["train.device=cpu", "train.amp.enabled=True",
                                                   "train.amp.dtype=fp16"]))
+    with pytest.raises(ConfigError, match="train.test_precision"):
+        check_lazy_config(load_lazy_config(path, ["train.device=cpu", "train.test_precision=fp16"]))
 
 
 # ------------------------------------------------------------------------------------------

@@ -8,6 +8,9 @@
 * ``MODEL.DISTILL.TEACHER.PRECISION`` (defaults.py, with the Distiller's keys): the frozen
   teacher's forward on its own: ``"step"`` (whatever the step runs in), ``"fp32"``, ``"bf16"``,
   ``"fp16"`` (CUDA only). A bf16 teacher with an fp32 student is valid.
+* ``TEST.PRECISION`` (lazy: ``train.test_precision``): evaluation and inference (periodic and
+  ``--eval-only`` evaluation, the anytime tools, prediction pictures): ``"fp32"``, ``"bf16"``,
+  ``"fp16"`` (CUDA only), as ``torch.autocast``.
 * ``MODEL.CHANNELS_LAST`` (lazy: ``train.channels_last``): the model's 4-d weights and its
   input batch in ``torch.channels_last`` memory format, in training, evaluation and inference.
 
@@ -34,7 +37,7 @@ _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @register_config_hook
 def add_precision_config(cfg) -> None:
-    """``SOLVER.AMP.DTYPE`` (detectron2 defines ``SOLVER.AMP.ENABLED``) and ``MODEL.CHANNELS_LAST``."""
+    """``SOLVER.AMP.DTYPE`` (detectron2 defines ``SOLVER.AMP.ENABLED``), ``MODEL.CHANNELS_LAST``, ``TEST.PRECISION``."""
     # Autocast dtype of the training step when SOLVER.AMP.ENABLED: "auto" (fp16 on CUDA, as
     # detectron2's AMPTrainer; bf16 on CPU), "bf16", or "fp16" (CUDA only, with a GradScaler).
     # Checkpoints stay float32 whatever the dtype. Lazy configs: train.amp.dtype.
@@ -43,6 +46,10 @@ def add_precision_config(cfg) -> None:
     # evaluation, inference; faster convolutions on most CPUs and on tensor cores). Lazy configs:
     # train.channels_last.
     cfg.MODEL.CHANNELS_LAST = False
+    # Precision of evaluation and inference (periodic and --eval-only evaluation, anytime
+    # calibration, prediction pictures): "fp32", "bf16" or "fp16" (CUDA only), under autocast.
+    # Lazy configs: train.test_precision.
+    cfg.TEST.PRECISION = "fp32"
 
 
 def device_type(device) -> str:

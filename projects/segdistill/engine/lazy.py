@@ -3,7 +3,7 @@
 A lazy config provides ``model``, ``dataloader.{train,test,evaluator}``, ``optimizer``,
 ``lr_multiplier`` and ``train`` (:func:`segdistill.config.lazy_train_defaults`, the keys a
 file may set: ``output_dir``, ``init_checkpoint``, ``max_iter``,
-``device``, ``amp.enabled``, ``amp.dtype``, ``channels_last``, ``ddp``, ``checkpointer``, ``eval_period``, ``log_period``,
+``device``, ``amp.enabled``, ``amp.dtype``, ``channels_last``, ``test_precision``, ``ddp``, ``checkpointer``, ``eval_period``, ``log_period``,
 ``seed``, ``allow_random_weights``, ``min_matched_weights``).
 
 As in the YAML :class:`segdistill.engine.Trainer`: nothing is written into
@@ -31,7 +31,7 @@ from ..hs3 import maybe_register_hs3_split
 from ..modeling.backbones import HRNetBackbone, TimmBackbone
 from ..config import amp_dtype, check_dataset_names, check_device
 from .ddp import broadcast_batchnorm_buffers, create_ddp_model
-from .mixed_precision import build_train_step, use_channels_last
+from .mixed_precision import build_train_step, inference_precision, use_channels_last
 from .hooks import TrainingCurvesHook, TrainingProgressHook, exact_resume_hook
 from .run import RunOutput
 from .trainer import anytime_evaluators, load_evaluation_weights, warn_random_backbone
@@ -52,6 +52,7 @@ def _dataset_names(cfg, part: str):
 def check_lazy_config(cfg) -> None:
     check_device("train.device", cfg.train.device)
     _step_dtype(cfg)
+    _test_precision(cfg)
     for part in ("train", "test"):
         names = _dataset_names(cfg, part)
         for name in names:  # HS3's derived <name>_hs3_{reduced,analysis} splits, as train_net's setup() does
@@ -71,10 +72,15 @@ def lazy_test(cfg, model):
     if anytime:  # an AnytimeSegmentor: its policy's mIoU, MACs, time and exits (as the YAML Trainer)
         logger.info("Evaluating the AnytimeSegmentor with AnytimeEvaluator instead of %s.", type(evaluator).__name__)
         evaluator = anytime[0]
-    results = inference_on_dataset(model, instantiate(cfg.dataloader.test), evaluator)
+    with _test_precision(cfg):
+        results = inference_on_dataset(model, instantiate(cfg.dataloader.test), evaluator)
     if comm.is_main_process():
         print_csv_format(results)
     return results
+
+
+def _test_precision(cfg):
+    return inference_precision(cfg.train.get("test_precision", "fp32"), cfg.train.device, key="train.test_precision")
 
 
 def _step_dtype(cfg):

@@ -12,11 +12,13 @@ and therefore the checkpoints stay float32: autocast casts copies of the weights
 Parts that must stay float32 under autocast (softmax, KL, reductions of the distillation losses)
 are the models' business: the Distiller's float32 island (``meta_arch/distill.py``).
 
-:func:`use_channels_last` puts a model's 4-d weights and the input batch of each of its
+:func:`inference_precision` is the autocast of evaluation and inference (``TEST.PRECISION``;
+lazy: ``train.test_precision``). :func:`use_channels_last` puts a model's 4-d weights and the input batch of each of its
 backbones in ``torch.channels_last`` (``MODEL.CHANNELS_LAST``; lazy: ``train.channels_last``).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Optional
 
@@ -26,9 +28,9 @@ from torch import nn
 from detectron2.engine import SimpleTrainer
 from detectron2.modeling import Backbone
 
-from ..config import device_type
+from ..config import device_type, precision_dtype
 
-__all__ = ["MixedPrecisionTrainer", "build_train_step", "use_channels_last", "model_device"]
+__all__ = ["MixedPrecisionTrainer", "build_train_step", "use_channels_last", "model_device", "inference_precision"]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -92,6 +94,15 @@ def build_train_step(model, data_loader, optimizer, *, dtype: Optional[torch.dty
     if dtype is None:
         return SimpleTrainer(model, data_loader, optimizer)
     return MixedPrecisionTrainer(model, data_loader, optimizer, dtype=dtype, device=model_device(model))
+
+
+def inference_precision(precision: str, device, *, key: str = "TEST.PRECISION"):
+    """The context evaluation and inference run in: nothing for ``"fp32"``, else autocast of
+    ``device``'s type in the named dtype (a ConfigError for fp16 off CUDA or an unknown name)."""
+    dtype = precision_dtype(precision, device, key=key)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type(device), dtype=dtype)
 
 
 def _channels_last_input(module, args):

@@ -46,7 +46,7 @@ from ..evaluation import CocoStuffEvaluator, SemSegEvaluator, build_label_spaces
 from ..evaluation.anytime import AnytimeEvaluator
 from ..modeling.meta_arch.anytime import AnytimeSegmentor, load_anytime_weights
 from .ddp import broadcast_batchnorm_buffers, create_ddp_model
-from .mixed_precision import build_train_step, use_channels_last
+from .mixed_precision import build_train_step, inference_precision, use_channels_last
 from .hooks import TrainingCurvesHook, TrainingProgressHook, exact_resume_hook, unwrap_model
 from .run import RunOutput
 
@@ -125,6 +125,7 @@ class Trainer(DefaultTrainer):
         self.output.check()
         # an unsupported precision (fp16 on CPU, an unknown dtype) fails before anything is built or written
         step_dtype = amp_dtype(cfg.SOLVER.AMP.ENABLED, cfg.SOLVER.AMP.DTYPE, cfg.MODEL.DEVICE)
+        inference_precision(cfg.TEST.PRECISION, cfg.MODEL.DEVICE)
         cfg = self.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
@@ -145,8 +146,9 @@ class Trainer(DefaultTrainer):
     def build_evaluation_model(cls, cfg, weights: str):
         """The model ``--eval-only`` evaluates: built from ``cfg`` and loaded from ``weights``
         (:func:`load_evaluation_weights`: refused when empty or not fitting, unless
-        ``TEST.ALLOW_RANDOM_WEIGHTS``). With weights, the backbone's ImageNet initialisation
+        ``TEST.ALLOW_RANDOM_WEIGHTS``); ``TEST.PRECISION`` is checked first. With weights, the backbone's ImageNet initialisation
         (``MODEL.TIMM.CHECKPOINT``) is skipped: the weights file gives the model, as in detectron2."""
+        inference_precision(cfg.TEST.PRECISION, cfg.MODEL.DEVICE)  # fp16 on CPU: an error before the build
         if weights and cfg.MODEL.TIMM.CHECKPOINT:
             logging.getLogger(__name__).info(
                 "Evaluating %s: the backbone's ImageNet initialisation (MODEL.TIMM.CHECKPOINT %s) is skipped.",
@@ -215,11 +217,13 @@ class Trainer(DefaultTrainer):
     def test(cls, cfg, model, evaluators=None):
         """detectron2's ``test``, after copying rank 0's BatchNorm statistics to every process
         (several processes with plain BN: the evaluated model is then the saved model). An
-        ``AnytimeSegmentor`` is scored by :class:`AnytimeEvaluator` (mIoU, MACs, time, exits)."""
+        ``AnytimeSegmentor`` is scored by :class:`AnytimeEvaluator` (mIoU, MACs, time, exits).
+        The model runs in ``TEST.PRECISION``."""
         broadcast_batchnorm_buffers(model)
         if evaluators is None:
             evaluators = anytime_evaluators(model, cfg.DATASETS.TEST, cfg.OUTPUT_DIR)
-        return super().test(cfg, model, evaluators)
+        with inference_precision(cfg.TEST.PRECISION, cfg.MODEL.DEVICE):
+            return super().test(cfg, model, evaluators)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
