@@ -31,7 +31,7 @@ from ..hs3 import maybe_register_hs3_split
 from ..modeling.backbones import HRNetBackbone, TimmBackbone
 from ..config import amp_dtype, check_dataset_names, check_device
 from .ddp import broadcast_batchnorm_buffers, create_ddp_model
-from .mixed_precision import build_train_step, inference_precision, use_channels_last
+from .mixed_precision import build_train_step, inference_precision, model_device, use_channels_last
 from .hooks import TrainingCurvesHook, TrainingProgressHook, exact_resume_hook
 from .run import RunOutput
 from .trainer import anytime_evaluators, load_evaluation_weights, warn_random_backbone
@@ -52,7 +52,7 @@ def _dataset_names(cfg, part: str):
 def check_lazy_config(cfg) -> None:
     check_device("train.device", cfg.train.device)
     _step_dtype(cfg)
-    _test_precision(cfg)
+    _test_precision(cfg, cfg.train.device)
     for part in ("train", "test"):
         names = _dataset_names(cfg, part)
         for name in names:  # HS3's derived <name>_hs3_{reduced,analysis} splits, as train_net's setup() does
@@ -72,15 +72,15 @@ def lazy_test(cfg, model):
     if anytime:  # an AnytimeSegmentor: its policy's mIoU, MACs, time and exits (as the YAML Trainer)
         logger.info("Evaluating the AnytimeSegmentor with AnytimeEvaluator instead of %s.", type(evaluator).__name__)
         evaluator = anytime[0]
-    with _test_precision(cfg):
+    with _test_precision(cfg, model_device(model)):
         results = inference_on_dataset(model, instantiate(cfg.dataloader.test), evaluator)
     if comm.is_main_process():
         print_csv_format(results)
     return results
 
 
-def _test_precision(cfg):
-    return inference_precision(cfg.train.get("test_precision", "fp32"), cfg.train.device, key="train.test_precision")
+def _test_precision(cfg, device):
+    return inference_precision(cfg.train.get("test_precision", "fp32"), device, key="train.test_precision")
 
 
 def _step_dtype(cfg):
