@@ -6,6 +6,7 @@ Tolerance of a bf16 step against float32 on the same batch and weights: every lo
 per op); through a ResNet-18, its head and the losses the terms measured here differ by about
 0.1-2 % (the fp32 algorithm changes of a different machine already move losses by 0.6-1.5 %).
 """
+import json
 import os
 import shutil
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import REPO, set_keys
+from conftest import REPO, load_script, set_keys
 from detectron2.config import get_cfg
 from detectron2.utils.events import EventStorage
 from segdistill.config import ConfigError, add_segdistill_config
@@ -262,3 +263,45 @@ def test_channels_last_puts_weights_and_backbone_inputs_in_channels_last(tmp_pat
     model = Trainer.build_model(cfg)
     assert not all(m.weight.is_contiguous(memory_format=torch.channels_last)
                    for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1)
+
+
+# ------------------------------------------------------------------------------------------
+# On a GPU (benchmarks/gpu_check.sh runs these; skipped without CUDA)
+# ------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "auto"])
+def test_cuda_mixed_precision_step_matches_float32(tmp_path, dtype):
+    cuda = ["MODEL.DEVICE", "cuda", "MODEL.DISTILL.TEACHER.PRECISION", "bf16"]
+    _, fp32, _ = first_step_losses(make_cfg(CWD, tmp_path / "fp32", *cuda))
+    trainer, amp, _ = first_step_losses(make_cfg(CWD, tmp_path / dtype, *cuda, "SOLVER.AMP.ENABLED", True,
+                                                 "SOLVER.AMP.DTYPE", dtype))
+    expected = torch.bfloat16 if dtype == "bf16" else torch.float16  # auto: detectron2's fp16 on CUDA
+    assert trainer._trainer.dtype == expected
+    assert trainer._trainer.grad_scaler.is_enabled() == (expected == torch.float16)
+    for k in fp32:
+        assert amp[k] == pytest.approx(fp32[k], rel=RTOL, abs=ATOL), k
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+def test_gpu_check_toy_run_on_cpu(tmp_path):
+    """benchmarks/gpu_check.py (what gpu_check.sh runs on a GPU) end to end on CPU at toy size."""
+    gpu_check = load_script("gpu_check", "benchmarks/gpu_check.py")
+    out = str(tmp_path / "check")
+    result = gpu_check.main(["--device", "cpu", "--methods", "mgd", "--batch", "2", "--size", "32x32",
+                             "--rounds", "1", "--warmup", "0", "--skip-tests", "--output", out])
+    steps = result["steps"]
+    assert list(steps) == ["student", "mgd"]
+    for n, per in steps.items():
+        assert list(per) == ["fp32", "bf16"], n
+        for p, v in per.items():
+            assert v["ok"] and v["params_float32"] and v["step_s"] > 0, (n, p, v)
+        # the same weights and batch: bf16's loss within the stated tolerance of fp32's
+        assert per["bf16"]["total_loss"] == pytest.approx(per["fp32"]["total_loss"], rel=RTOL, abs=ATOL), n
+    assert result["overhead"]["settings"]["precisions"] == ["fp32", "bf16", "channels_last", "bf16_channels_last"]
+    data = json.load(open(out + ".json"))
+    assert set(data["steps"]) == set(steps)
+    text = open(out + ".md").read()
+    assert "| mgd |" in text and "Steps failed: none." in text and "Noise floor" in text
+    script = open(os.path.join(REPO, "benchmarks", "gpu_check.sh")).read()
+    assert "benchmarks/gpu_check.py --device cuda" in script and "timeout 470" in script
