@@ -25,9 +25,21 @@ names and overrides), each built from the demo-scale config of its family (``con
 **Training block.** One process builds every model with the same seed and times SGD steps
 (zero_grad, forward with losses, backward, update; FAKD's lambda and every other schedule at
 mid-training) on one random batch, all models interleaved round by round so that load on the
-machine affects them alike (the order rotated by one each round, so that position in the
-round biases no model). A step's time is the median over the rounds after the warm-up
-ones; ``x base`` is the ratio to the method's baseline. On CPU the process's CPU time per
+machine affects them alike (the order shuffled afresh each round, seeded by ``--seed``, so
+that neither position nor neighbour biases a model). A step's time is the median over the
+rounds after the warm-up ones; ``x base`` is the ratio to the method's baseline. The
+reference rows (the baselines and CWD) are timed ``--reference-repeats`` times per round
+(3): a reference is the median of its repeats, and the repeats' spread ((max - min) /
+median) is the run's **noise floor**, reported with every table next to the spread of the
+inference rows that do exactly the baseline's work; a ratio within the floor of 1.00 is no
+difference. ``--threads`` is 1 by default (the docs' tables assume it).
+
+**Precisions** (``--precisions fp32 bf16 channels_last bf16_channels_last``; ``fp16`` on
+CUDA): every model is also timed, in the same shuffled rounds, under autocast in bf16
+(fp16), with its weights and batch in channels_last (a second copy of the model, the same
+initial weights), or both; the "Precision" table gives each row's fp32 time and the speed-up
+of each precision over it (> 1: faster), at training (the forward under autocast, the
+backward outside it, as the trainer's step) and at inference. On CPU the process's CPU time per
 step is reported next to the wall time and is the figure the ratios use: on a shared machine
 it is far less sensitive to other processes. On CUDA the ratios use the (synchronised) wall
 time. Memory: on CUDA the peak allocated memory of a step (the model's own weights, buffers,
@@ -77,7 +89,9 @@ import argparse
 import json
 import logging
 import math
+import contextlib
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -95,6 +109,7 @@ from detectron2.modeling import build_model  # noqa: E402
 from methods import METHODS, Method  # noqa: E402  (benchmarks/methods.py: the one catalogue)
 from segdistill.config import load_yaml_config  # noqa: E402
 from segdistill.convert import deployed_state_dict  # noqa: E402
+from segdistill.engine import use_channels_last  # noqa: E402
 from segdistill.modeling.exits.hs3_clusters import save_clusters, synthetic_clusters  # noqa: E402
 from segdistill.modeling.meta_arch.distill import Distiller  # noqa: E402
 
@@ -164,6 +179,10 @@ INFERENCE_BASELINE = {"baseline": "plain", "student": "student"}  # training bas
 # (SR: 15 % over its baseline; HWD and FAKD: 5 % and 20 % over CWD, the term they extend).
 TARGETS = {"sr": ("baseline", 1.15), "hwd": ("cwd", 1.05), "fakd_cwd": ("cwd", 1.2), "fakd_pd": ("cwd", 1.2)}
 COVARIANCES = ("diagonal", "full")
+# The numeric precision / memory format a model is timed in, besides float32: autocast in bf16
+# (fp16: CUDA only), the model and its batches in channels_last, or both.
+PRECISIONS = ("fp32", "bf16", "fp16", "channels_last", "bf16_channels_last")
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "bf16_channels_last": torch.bfloat16}
 
 
 class Settings(NamedTuple):
@@ -274,8 +293,19 @@ def resident_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
     return n + sum(tensor_bytes(s.values()) for s in opt.state.values())
 
 
-def train_step(model, opt, batch, device: str) -> Tuple[float, float, int]:
-    """One SGD step: (wall s, CPU s, CUDA peak bytes above the memory allocated before it)."""
+def precision_context(precision: str, device: str):
+    """Autocast for a precision of :data:`PRECISIONS` (nothing for fp32 and channels_last alone)."""
+    dtype = _AUTOCAST.get(precision)
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def uses_channels_last(precision: str) -> bool:
+    return precision.endswith("channels_last")
+
+
+def train_step(model, opt, batch, device: str, precision: str = "fp32") -> Tuple[float, float, int]:
+    """One SGD step: (wall s, CPU s, CUDA peak bytes above the memory allocated before it); the
+    forward in ``precision`` (autocast), the backward outside it, as the trainer's step."""
     opt.zero_grad(set_to_none=True)
     cuda = device.startswith("cuda")
     sync(device)
@@ -283,7 +313,8 @@ def train_step(model, opt, batch, device: str) -> Tuple[float, float, int]:
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     w, c = time.perf_counter(), time.process_time()
-    losses = model(batch)
+    with precision_context(precision, device):
+        losses = model(batch)
     sum(losses.values()).backward()
     opt.step()
     sync(device)
@@ -292,10 +323,11 @@ def train_step(model, opt, batch, device: str) -> Tuple[float, float, int]:
 
 
 @torch.no_grad()
-def infer_step(model, batch, device: str) -> Tuple[float, float]:
+def infer_step(model, batch, device: str, precision: str = "fp32") -> Tuple[float, float]:
     sync(device)
     w, c = time.perf_counter(), time.process_time()
-    model(batch)
+    with precision_context(precision, device):
+        model(batch)
     sync(device)
     return time.perf_counter() - w, time.process_time() - c
 
@@ -405,11 +437,50 @@ def training_params(model: nn.Module) -> int:
     return n + (sum(p.numel() for p in teacher.parameters()) if isinstance(teacher, nn.Module) else 0)
 
 
-def rotated(names: List[str], r: int) -> List[str]:
-    """Round ``r``'s order: rotated by one each round, so that no model always runs first
-    (after a different model has filled the caches) or right after the same neighbour."""
-    k = r % len(names)
-    return names[k:] + names[:k]
+def shuffled(entries: List, r: int, seed: int) -> List:
+    """Round ``r``'s order: a fresh permutation per round (seeded by ``seed`` and ``r``), so that
+    no entry always runs first or after the same neighbour (a rotation keeps neighbours)."""
+    order = list(entries)
+    random.Random(seed * 1_000_003 + r).shuffle(order)
+    return order
+
+
+class Entry(NamedTuple):
+    """One timed entry of a round: a row, the precision it runs in, and which repeat it is
+    (reference rows are timed several times per round: a robust reference and the noise floor)."""
+
+    name: str
+    precision: str = "fp32"
+    repeat: int = 0
+
+
+def timed_rounds(entries: List[Entry], step, total: int, warmup: int, seed: int, what: str) -> Dict[Entry, List]:
+    """``step(entry)`` for every entry in every round, in a shuffled order; the results of the
+    rounds after the warm-up ones, per entry."""
+    rec = {e: [] for e in entries}
+    for r in range(total):
+        t0 = time.perf_counter()
+        for e in shuffled(entries, r, seed):
+            out = step(e)
+            if r >= warmup:
+                rec[e].append(out)
+        progress(f"{what} round {r + 1}/{total}{' (warm-up)' if r < warmup else ''}: {time.perf_counter() - t0:.1f} s")
+    return rec
+
+
+def robust(rec: Dict[Entry, List], name: str, precision: str, index: int) -> Tuple[float, Optional[float]]:
+    """(median over the repeats of each repeat's median of field ``index``, the repeats' spread
+    (max - min) / median, None for a row timed once)."""
+    per = [median([x[index] for x in v]) for e, v in rec.items() if e.name == name and e.precision == precision]
+    mid = median(per)
+    return mid, ((max(per) - min(per)) / mid if len(per) > 1 and mid else None)
+
+
+def precision_times(rec: Dict[Entry, List], name: str, precision: str, cuda: bool) -> dict:
+    """A row's step time in ``precision`` and its ratio to the row's fp32 time (> 1: faster)."""
+    i = 0 if cuda else 1
+    t, fp32 = robust(rec, name, precision, i)[0], robust(rec, name, "fp32", i)[0]
+    return {"time_s": t, "speedup": ratio(fp32, t)}
 
 
 def median(xs: List[float]) -> float:
@@ -426,8 +497,15 @@ def main(argv=None) -> dict:
     p.add_argument("--methods", nargs="+", default=["all"], metavar="METHOD",
                    help=f"'all' or any of: {', '.join(CHOICES)} (their baselines always run)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default; 1 is steadiest "
-                   "on a shared machine)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, which the docs' tables "
+                   "assume and is steadiest on a shared machine; 0 = torch's default)")
+    p.add_argument("--precisions", nargs="+", default=["fp32"], choices=PRECISIONS, metavar="P",
+                   help=f"also time every model in these ({', '.join(PRECISIONS)}; fp16: CUDA only): a column "
+                        "per precision, as a ratio to fp32")
+    p.add_argument("--reference-repeats", type=int, default=3, metavar="K",
+                   help="time the reference rows (baselines, CWD) K times per round: their median is the "
+                        "reference of the ratios, their spread the noise floor")
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-round order")
     p.add_argument("--rounds", type=int, default=10, help="timed rounds (each times every model once)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     p.add_argument("--batch", type=int, default=8)
@@ -446,6 +524,11 @@ def main(argv=None) -> dict:
         p.error(str(e))
     if args.rounds < 1 or args.warmup < 0 or args.batch < 1 or args.classes < 0 or args.classes == 1:
         p.error("--rounds and --batch must be >= 1, --warmup >= 0 and --classes 0 (the configs') or >= 2")
+    if args.reference_repeats < 1:
+        p.error("--reference-repeats must be >= 1")
+    if "fp16" in args.precisions and args.device != "cuda":
+        p.error("--precisions fp16 needs --device cuda (use bf16 on CPU)")
+    args.precisions = ["fp32"] + [x for x in dict.fromkeys(args.precisions) if x != "fp32"]
     if len(args.opts) % 2:
         p.error(f"overrides come as KEY VALUE pairs, got {args.opts}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -473,7 +556,8 @@ def _run(args, names, device, cuda, tmp) -> dict:
         settings = settings._replace(clusters=clusters)
 
     # ---- training block
-    models, opts = {}, {}
+    models, opts, variants = {}, {}, {}
+    precisions = list(args.precisions)
     for n in names:
         m = ROWS[n]
         progress(f"building {n} ({m.config}{' + overrides' if m.overrides else ''})")
@@ -484,21 +568,28 @@ def _run(args, names, device, cuda, tmp) -> dict:
         opts[n] = torch.optim.SGD(models[n].parameters(), lr=1e-3, momentum=0.9)
         if cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES != num_classes:
             raise ValueError(f"{n}: {cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES} classes, the plain baseline {num_classes}")
+        if any(uses_channels_last(x) for x in precisions):  # the same weights, in channels_last
+            cl = use_channels_last(build(m.config, m.overrides, settings).train())
+            if hasattr(cl, "set_training_progress"):
+                cl.set_training_progress(cfg.SOLVER.MAX_ITER // 2, cfg.SOLVER.MAX_ITER)
+            variants[n] = (cl, torch.optim.SGD(cl.parameters(), lr=1e-3, momentum=0.9))
     batch = make_batch(args.batch, args.size, num_classes)
-    rec = {n: [] for n in names}
-    total = args.warmup + args.rounds
-    for r in range(total):
-        t0 = time.perf_counter()
-        for n in rotated(names, r):
-            out = train_step(models[n], opts[n], batch, device)
-            if r >= args.warmup:
-                rec[n].append(out)
-        progress(f"training round {r + 1}/{total}{' (warm-up)' if r < args.warmup else ''}: "
-                 f"{time.perf_counter() - t0:.1f} s")
-    train = {}
+    # reference rows: the baselines and CWD (the "x CWD" reference), timed several times per round
+    refs = set(BASELINES) | {"cwd"}
+    entries = [Entry(n, x, k) for n in names for x in precisions
+               for k in range(args.reference_repeats if n in refs else 1)]
+
+    def one_train_step(e: Entry):
+        model, opt = variants[e.name] if uses_channels_last(e.precision) else (models[e.name], opts[e.name])
+        return train_step(model, opt, batch, device, e.precision)
+
+    rec = timed_rounds(entries, one_train_step, args.warmup + args.rounds, args.warmup, args.seed, "training")
+    train, noise = {}, {"training": {}, "inference": {}}
     for n in names:
         progress(f"memory, parameters and FLOPs of {n} (training)")
-        wall, cpu, peak = (median([x[i] for x in rec[n]]) for i in range(3))
+        (wall, wall_spread), (cpu, cpu_spread), (peak, _) = (robust(rec, n, "fp32", i) for i in range(3))
+        if n in refs and args.reference_repeats > 1:
+            noise["training"][n] = wall_spread if cuda else cpu_spread
         train[n] = {
             "baseline": ROWS[n].baseline or n, "wall_s": wall, "cpu_s": cpu if not cuda else None,
             "saved_bytes": saved_bytes(models[n], opts[n], batch),
@@ -510,6 +601,7 @@ def _run(args, names, device, cuda, tmp) -> dict:
             "loss_parts_params": loss_parts_params(models[n]),
             "flops": count_flops(models[n], args.size, device, training=True),
             "loss_alone_s": loss_alone(models[n], batch, device, args.rounds),
+            "precision": {x: precision_times(rec, n, x, cuda) for x in precisions},
         }
     key = "wall_s" if cuda else "cpu_s"
     mem = "cuda_peak_bytes" if cuda else "saved_bytes"
@@ -527,37 +619,47 @@ def _run(args, names, device, cuda, tmp) -> dict:
             targets[n] = {"reference": ref, "ratio": r, "limit": limit, "pass": bool(r <= limit)}
 
     # ---- inference block: deployed models
-    deployed, rows = {}, {}
+    deployed, rows, deployed_cl = {}, {}, {}
     for n in names:
         m = ROWS[n]
         row = INFERENCE_BASELINE.get(n, n)
         progress(f"deploying {n} -> {m.deploy_config}")
+        state = {k: v.to(device) for k, v in deployed_state_dict(models[n]).items()}
         model = build(m.deploy_config, m.deploy_overrides, settings)
-        model.load_state_dict({k: v.to(device) for k, v in deployed_state_dict(models[n]).items()}, strict=True)
+        model.load_state_dict(state, strict=True)
         deployed[row] = model.eval()
         rows[row] = n
-    del models, opts
+        if any(uses_channels_last(x) for x in precisions):
+            cl = build(m.deploy_config, m.deploy_overrides, settings)
+            cl.load_state_dict(state, strict=True)
+            deployed_cl[row] = use_channels_last(cl).eval()
+    for d in (models, opts, variants):  # free the training models before the inference block
+        d.clear()
     infer_batch = make_batch(args.batch, args.size, num_classes, labels=False)
-    irec = {r: [] for r in deployed}
-    for r in range(total):
-        t0 = time.perf_counter()
-        for row in rotated(list(deployed), r):
-            out = infer_step(deployed[row], infer_batch, device)
-            if r >= args.warmup:
-                irec[row].append(out)
-        progress(f"inference round {r + 1}/{total}{' (warm-up)' if r < args.warmup else ''}: "
-                 f"{time.perf_counter() - t0:.1f} s")
+    irefs = set(INFERENCE_BASELINE.values())
+    ientries = [Entry(row, x, k) for row in deployed for x in precisions
+                for k in range(args.reference_repeats if row in irefs else 1)]
+
+    def one_infer_step(e: Entry):
+        model = deployed_cl[e.name] if uses_channels_last(e.precision) else deployed[e.name]
+        return infer_step(model, infer_batch, device, e.precision)
+
+    irec = timed_rounds(ientries, one_infer_step, args.warmup + args.rounds, args.warmup, args.seed + 1, "inference")
     infer = {}
     for row, model in deployed.items():
         progress(f"parameters and FLOPs of {row} (deployed)")
         n = rows[row]
         base = INFERENCE_BASELINE[ROWS[n].baseline or n]
+        (wall, wall_spread), (cpu, cpu_spread) = (robust(irec, row, "fp32", i) for i in range(2))
+        if row in irefs and args.reference_repeats > 1:
+            noise["inference"][row] = wall_spread if cuda else cpu_spread
         infer[row] = {
             "method": n, "baseline": base, "deploy_config": ROWS[n].deploy_config,
-            "wall_s": median([x[0] for x in irec[row]]), "cpu_s": None if cuda else median([x[1] for x in irec[row]]),
+            "wall_s": wall, "cpu_s": None if cuda else cpu,
             "params": sum(p.numel() for p in model.parameters()),
             "flops": count_flops(model, args.size, device, training=False),
             "expected_equal": ROWS[n].same_at_inference,
+            "precision": {x: precision_times(irec, row, x, cuda) for x in precisions},
         }
     for row, v in infer.items():
         b = infer[v["baseline"]]
@@ -566,14 +668,18 @@ def _run(args, names, device, cuda, tmp) -> dict:
     for n in names:
         d = infer[INFERENCE_BASELINE.get(n, n)]
         train[n].update(params_inference=d["params"], flops_inference=d["flops"])
+    # rows doing the same work as their reference: deployed models equal to their baseline
+    same = [v["time_ratio"] for row, v in infer.items() if v["expected_equal"] and row != v["baseline"]]
+    noise["inference_equal_rows"] = [min(same), max(same)] if same else None
 
     where = (f"CUDA {torch.cuda.get_device_name()}" if cuda else f"CPU, {torch.get_num_threads()} thread(s)")
     result = {
         "settings": {"device": device, "where": where, "batch": args.batch, "size": list(args.size),
                      "classes": num_classes, "covariance": args.covariance or "config", "opts": list(args.opts),
                      "rounds": args.rounds, "warmup": args.warmup, "timing": "wall" if cuda else "cpu",
+                     "precisions": precisions, "reference_repeats": args.reference_repeats, "seed": args.seed,
                      "memory": "cuda_peak" if cuda else "saved_for_backward", "torch": torch.__version__},
-        "training": train, "inference": infer, "targets": targets,
+        "training": train, "inference": infer, "targets": targets, "noise": noise,
     }
     for d in (train, infer):  # every ratio must be a real number
         for n, v in d.items():
@@ -655,12 +761,42 @@ def report(result: dict, fmt: str) -> str:
     extra = [n for n, v in infer.items() if not v["expected_equal"]]
     if extra:
         lines.append(f"Kept at inference by design: {', '.join(extra)} (HS3-Fuse's fuse blocks and the exits they read).")
+    lines += ["", noise_line(result, t)]
+    if len(s["precisions"]) > 1:
+        lines += ["", f"{h}Precision (speed-up over fp32, {t} time; > 1: faster)", ""]
+        others = s["precisions"][1:]
+        head = ["row", "fp32 train (ms)"] + [f"{x} train" for x in others] + ["fp32 infer (ms)"] + [
+            f"{x} infer" for x in others]
+        rows = []
+        for n, v in train.items():
+            d = infer[INFERENCE_BASELINE.get(n, n)]
+            rows.append([n, f"{v['precision']['fp32']['time_s'] * 1e3:.1f}"]
+                        + [f"{v['precision'][x]['speedup']:.2f}x" for x in others]
+                        + [f"{d['precision']['fp32']['time_s'] * 1e3:.1f}"]
+                        + [f"{d['precision'][x]['speedup']:.2f}x" for x in others])
+        lines.append(tabulate(rows, head, tablefmt=fmt, disable_numparse=True, colalign=_align(head, 1)))
     if result["targets"]:
         lines += ["", f"{h}Targets (training step, {t} time)", ""]
         for n, v in result["targets"].items():
             lines.append(f"{'- ' if md else ''}{n}: {v['ratio']:.3f}x {v['reference']} per step "
                          f"(target <= {v['limit']}): {'PASS' if v['pass'] else 'FAIL'}")
     return "\n".join(lines) + "\n"
+
+
+def noise_line(result: dict, t: str) -> str:
+    """The run's noise floor: the spread of the repeated reference rows and of the deployed rows
+    doing exactly their baseline's work."""
+    noise = result["noise"]
+    parts = []
+    for block in ("training", "inference"):
+        if noise[block]:
+            spread = ", ".join(f"{n} {100 * v:.1f}%" for n, v in noise[block].items())
+            parts.append(f"{block}: repeated reference rows ({result['settings']['reference_repeats']} per round) "
+                         f"spread {spread}")
+    if noise["inference_equal_rows"]:
+        lo, hi = noise["inference_equal_rows"]
+        parts.append(f"deployed rows equal to their baseline: {lo:.3f} to {hi:.3f} of it")
+    return f"Noise floor ({t} time): " + ("; ".join(parts) if parts else "one repeat, not measured") + "."
 
 
 def _align(head, text_columns: int):

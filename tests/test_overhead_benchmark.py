@@ -3,7 +3,9 @@ warm-up and two timed rounds): every method and baseline reported, the deployed 
 the methods that drop their training-only parts equal to the baseline exactly (parameters
 and FLOPs), HS3-Fuse larger, finite positive ratios, the distillation rows against CWD and
 their loss-alone times, the targets, markdown and JSON written; ``--classes`` and KEY VALUE
-overrides reach every model; and clear errors for bad method names."""
+overrides reach every model; and clear errors for bad method names. The rounds' order is
+shuffled per round from a seed, references are medians of repeated rows (their spread: the
+noise floor), ``--precisions`` adds bf16 / channels_last columns, ``--threads`` is 1 by default."""
 import importlib.util
 import json
 import math
@@ -145,6 +147,53 @@ def test_bad_method_names_are_clear_errors(capsys):
     assert overhead.resolve_methods(["all"]) == METHODS
     with pytest.raises(SystemExit):
         overhead.main(["--size", "12xfoo"])
+
+
+def test_rounds_shuffle_the_order_afresh_each_round_from_a_seed():
+    entries = list(range(8))
+    orders = [overhead.shuffled(entries, r, 0) for r in range(6)]
+    assert all(sorted(o) == entries for o in orders) and len({tuple(o) for o in orders}) == 6
+    assert orders == [overhead.shuffled(entries, r, 0) for r in range(6)]  # seeded: the same run again
+    assert orders != [overhead.shuffled(entries, r, 1) for r in range(6)]
+    # a rotation keeps every neighbour; shuffled rounds do not
+    pairs = [{(o[i], o[i + 1]) for i in range(len(o) - 1)} for o in orders]
+    assert not set.intersection(*pairs)
+
+
+def test_a_repeated_reference_is_the_median_of_its_repeats_and_its_spread_the_noise_floor():
+    E = overhead.Entry
+    rec = {E("a", "fp32", 0): [(1.0, 1.0), (3.0, 3.0)], E("a", "fp32", 1): [(2.0, 2.0)], E("a", "fp32", 2): [(10.0, 10.0)],
+           E("a", "bf16", 0): [(1.0, 0.5)], E("b", "fp32", 0): [(4.0, 4.0)]}
+    assert overhead.robust(rec, "a", "fp32", 1) == (2.0, 4.0)
+    assert overhead.robust(rec, "b", "fp32", 1) == (4.0, None)
+    assert overhead.precision_times(rec, "a", "bf16", cuda=False) == {"time_s": 0.5, "speedup": 4.0}
+
+
+def test_precisions_noise_floor_and_one_thread_by_default(tmp_path):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        md = tmp_path / "p.md"
+        res = overhead.main(["--batch", "2", "--size", "32x32", "--warmup", "0", "--rounds", "1", "--methods", "cwd",
+                             "--precisions", "bf16", "channels_last", "--reference-repeats", "2", "--markdown",
+                             str(md)])
+    finally:
+        torch.set_num_threads(threads)
+    assert "1 thread(s)" in res["settings"]["where"]
+    assert res["settings"]["precisions"] == ["fp32", "bf16", "channels_last"]
+    for block in ("training", "inference"):
+        for n, v in res[block].items():
+            assert set(v["precision"]) == {"fp32", "bf16", "channels_last"} and v["precision"]["fp32"]["speedup"] == 1
+            assert all(x["time_s"] > 0 and math.isfinite(x["speedup"]) for x in v["precision"].values()), n
+    assert set(res["noise"]["training"]) == {"student", "cwd"} and set(res["noise"]["inference"]) == {"student"}
+    lo, hi = res["noise"]["inference_equal_rows"]
+    assert lo == res["inference"]["cwd"]["time_ratio"] == hi
+    text = md.read_text()
+    assert "Noise floor (CPU time)" in text and "bf16 train |" in text and "channels_last infer |" in text
+    with pytest.raises(SystemExit):
+        overhead.main(["--methods", "cwd", "--precisions", "fp16"])  # fp16: CUDA only
 
 
 def test_hs3_gmacs_toy_size():

@@ -15,6 +15,7 @@ from detectron2.modeling import build_model  # noqa: E402
 from segdistill.config import config_tool_parser, load_yaml_config  # noqa: E402
 from segdistill.data import SemSegDatasetMapper, register_config_datasets  # noqa: E402
 from segdistill.convert import load_checked_weights  # noqa: E402
+from segdistill.engine import inference_precision, use_channels_last  # noqa: E402
 from segdistill.utils.predictions import write_prediction_pictures  # noqa: E402
 
 
@@ -31,13 +32,15 @@ def main(argv=None):
     register_config_datasets(cfg)  # DATASETS.FOLDER
     dataset = args.dataset or cfg.DATASETS.TEST[0]
     out = args.output or os.path.join(cfg.OUTPUT_DIR, "predictions", dataset)
-    model = build_model(cfg)
+    precision = inference_precision(cfg.TEST.PRECISION, cfg.MODEL.DEVICE)  # fp16 on CPU: an error before the build
+    model = use_channels_last(build_model(cfg), cfg.MODEL.CHANNELS_LAST)
     # refuses a missing file, random weights and a checkpoint of another model (e.g. an
     # undeployed Distiller checkpoint: the error gives the tools/deploy_model.py command)
     load_checked_weights(model, args.weights, key="--weights", min_matched=cfg.TEST.MIN_MATCHED_WEIGHTS,
                          what="the model of --config-file", weights_format=cfg.MODEL.WEIGHTS_FORMAT)
-    n = write_prediction_pictures(model, dataset, out, max_images=args.max_images or cfg.SEGDISTILL.VIS_MAX_IMAGES,
-                                  mapper=SemSegDatasetMapper(cfg, False), scale=args.scale, overview=args.overview)
+    with precision:  # TEST.PRECISION, as the evaluation
+        n = write_prediction_pictures(model, dataset, out, max_images=args.max_images or cfg.SEGDISTILL.VIS_MAX_IMAGES,
+                                      mapper=SemSegDatasetMapper(cfg, False), scale=args.scale, overview=args.overview)
     print(f"wrote {n} pictures to {out}")
 
 

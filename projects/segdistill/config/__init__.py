@@ -15,6 +15,7 @@ from .lazy_overrides import LazyOverrideError, apply_lazy_overrides, check_lazy_
 from .lazy_check import (
     LAZY_DATALOADER_PARTS, LazyConfigKeyError, check_lazy_config_keys, lazy_train_defaults, load_lazy_config,
 )
+from .precision import AMP_DTYPES, TEACHER_PRECISIONS, amp_dtype, device_type, precision_dtype, teacher_dtype
 from .renamed_keys import RENAMED_KEYS
 
 __all__ = ["add_segdistill_config", "register_config_hook", "remove_config_hook", "config_hooks", "register_keys",
@@ -22,4 +23,5 @@ __all__ = ["add_segdistill_config", "register_config_hook", "remove_config_hook"
            "SectionRegistry", "RENAMED_KEYS", "ConfigError", "check_dataset_names", "check_device", "LazyOverrideError",
            "apply_lazy_overrides", "check_lazy_override_key", "load_yaml_config", "config_tool_parser",
            "LazyConfigKeyError", "check_lazy_config_keys", "lazy_train_defaults", "load_lazy_config",
-           "LAZY_DATALOADER_PARTS"]
+           "LAZY_DATALOADER_PARTS", "AMP_DTYPES", "TEACHER_PRECISIONS", "amp_dtype", "device_type", "precision_dtype",
+           "teacher_dtype"]

@@ -241,6 +241,10 @@ def _add_distill_keys(cfg: CN) -> None:
     cfg.MODEL.DISTILL.TEACHER.OPTS = []
     # Tests and benchmarks only: accept an empty WEIGHTS and distil from a random teacher (warns).
     cfg.MODEL.DISTILL.TEACHER.ALLOW_RANDOM = False
+    # The frozen teacher's forward precision, on its own: "step" (the training step's: float32, or
+    # SOLVER.AMP.DTYPE under SOLVER.AMP.ENABLED), "fp32", "bf16" or "fp16" (CUDA only). A bf16
+    # teacher with a float32 student is valid: the losses are computed in float32 either way.
+    cfg.MODEL.DISTILL.TEACHER.PRECISION = "step"
     # In eval(), also return the teacher's prediction as "sem_seg_teacher", so the evaluator
     # reports teacher and student side by side (costs one teacher inference per test image).
     cfg.MODEL.DISTILL.EVAL_TEACHER = False

@@ -46,7 +46,9 @@ def lazy_train_defaults() -> Dict[str, Any]:
         output_dir="./output",
         init_checkpoint="",  # a local detectron2 checkpoint of the whole model, or ""
         max_iter=800,
-        amp=dict(enabled=False),
+        amp=dict(enabled=False, dtype="auto"),  # dtype: "auto" (fp16 on CUDA, bf16 on CPU), "bf16", "fp16"
+        channels_last=False,  # the model's weights and input batches in channels_last memory format
+        test_precision="fp32",  # evaluation under autocast: "fp32", "bf16", "fp16" (CUDA only)
         ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),
         checkpointer=dict(period=400, max_to_keep=100),
         eval_period=400,

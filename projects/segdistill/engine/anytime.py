@@ -32,6 +32,7 @@ from ..hs3 import (
 )
 from ..modeling.meta_arch.anytime import load_anytime_weights, save_thresholds
 from .trainer import Trainer
+from .mixed_precision import inference_precision, use_channels_last
 
 __all__ = ["anytime_cfg", "build_anytime_model", "register_split", "default_calibration_split",
            "calibrate_from_config", "evaluate_policy"]
@@ -58,7 +59,7 @@ def build_anytime_model(cfg):
         raise ValueError("Set MODEL.WEIGHTS to the trained multi-exit checkpoint (or its anytime deployment).")
     model = build_model(cfg)
     load_anytime_weights(model, cfg.MODEL.WEIGHTS, weights_format=cfg.MODEL.WEIGHTS_FORMAT)
-    return model.eval()
+    return use_channels_last(model, cfg.MODEL.CHANNELS_LAST).eval()
 
 
 def register_split(cfg, name: str) -> str:
@@ -116,7 +117,8 @@ def calibrate_from_config(cfg, output: str, *, dataset: str = "", max_drop: Opti
     else:
         check_weights_file(cfg.MODEL.WEIGHTS)
         model = build_anytime_model(cfg)
-        records = collect_records(model, Trainer.build_test_loader(cfg, name), name)
+        with inference_precision(cfg.TEST.PRECISION, cfg.MODEL.DEVICE):
+            records = collect_records(model, Trainer.build_test_loader(cfg, name), name)
         if records_path:
             records.save(records_path)
     if risk_control:
@@ -138,4 +140,5 @@ def evaluate_policy(cfg, model, dataset_name: str, output_dir: Optional[str] = N
     """Run ``model`` (its current policy) on ``dataset_name`` with :class:`~segdistill.evaluation.anytime.AnytimeEvaluator`."""
     loader = Trainer.build_test_loader(cfg, dataset_name)
     evaluator = AnytimeEvaluator.for_model(model, dataset_name, distributed=False, output_dir=output_dir)
-    return inference_on_dataset(model, loader, evaluator)
+    with inference_precision(cfg.TEST.PRECISION, cfg.MODEL.DEVICE):
+        return inference_on_dataset(model, loader, evaluator)

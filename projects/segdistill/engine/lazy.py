@@ -3,7 +3,7 @@
 A lazy config provides ``model``, ``dataloader.{train,test,evaluator}``, ``optimizer``,
 ``lr_multiplier`` and ``train`` (:func:`segdistill.config.lazy_train_defaults`, the keys a
 file may set: ``output_dir``, ``init_checkpoint``, ``max_iter``,
-``device``, ``amp.enabled``, ``ddp``, ``checkpointer``, ``eval_period``, ``log_period``,
+``device``, ``amp.enabled``, ``amp.dtype``, ``channels_last``, ``test_precision``, ``ddp``, ``checkpointer``, ``eval_period``, ``log_period``,
 ``seed``, ``allow_random_weights``, ``min_matched_weights``).
 
 As in the YAML :class:`segdistill.engine.Trainer`: nothing is written into
@@ -28,7 +28,7 @@ from typing import List
 
 from detectron2.config import instantiate
 from detectron2.utils.registry import locate
-from detectron2.engine import AMPTrainer, SimpleTrainer, hooks
+from detectron2.engine import hooks
 from detectron2.engine.defaults import default_writers
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
@@ -40,8 +40,9 @@ from ..data.class_weights import CLASS_WEIGHTINGS
 from ..hs3 import maybe_register_hs3_split
 from ..modeling.backbones import HRNetBackbone, TimmBackbone
 from ..modeling.test_time import TestTimeSegmentor, WholeImageOnly
-from ..config import ConfigError, check_dataset_names, check_device
+from ..config import ConfigError, amp_dtype, check_dataset_names, check_device
 from .ddp import broadcast_batchnorm_buffers, create_ddp_model
+from .mixed_precision import build_train_step, inference_precision, model_device, use_channels_last
 from .hooks import TrainingCurvesHook, TrainingProgressHook, exact_resume_hook
 from .run import RunOutput
 from .trainer import anytime_evaluators, load_evaluation_weights, warn_random_backbone
@@ -62,6 +63,8 @@ def _dataset_names(cfg, part: str):
 
 def check_lazy_config(cfg) -> None:
     check_device("train.device", cfg.train.device)
+    _step_dtype(cfg)
+    _test_precision(cfg, cfg.train.device)
     if "test_time" in cfg:  # before anything is built: a whole-image-only model refuses windows and views
         args = _test_time_arguments(cfg)
         target = cfg.model.get("_target_", None)
@@ -89,7 +92,8 @@ def lazy_test(cfg, model):
     if anytime:  # an AnytimeSegmentor: its policy's mIoU, MACs, time and exits (as the YAML Trainer)
         logger.info("Evaluating the AnytimeSegmentor with AnytimeEvaluator instead of %s.", type(evaluator).__name__)
         evaluator = anytime[0]
-    results = inference_on_dataset(lazy_test_time_model(cfg, model), instantiate(cfg.dataloader.test), evaluator)
+    with _test_precision(cfg, model_device(model)):
+        results = inference_on_dataset(lazy_test_time_model(cfg, model), instantiate(cfg.dataloader.test), evaluator)
     if comm.is_main_process():
         print_csv_format(results)
     return results
@@ -109,9 +113,20 @@ def lazy_test_time_model(cfg, model):
     return TestTimeSegmentor(model=model, **_test_time_arguments(cfg))
 
 
+def _test_precision(cfg, device):
+    return inference_precision(cfg.train.get("test_precision", "fp32"), device, key="train.test_precision")
+
+
+def _step_dtype(cfg):
+    """The training step's autocast dtype (None: float32) from ``train.amp`` (a ConfigError when unsupported)."""
+    amp = cfg.train.amp
+    return amp_dtype(amp.enabled, amp.get("dtype", "auto"), cfg.train.device, key="train.amp.dtype")
+
+
 def build_lazy_model(cfg):
     model = instantiate(cfg.model)
     model.to(cfg.train.device)
+    use_channels_last(model, bool(cfg.train.get("channels_last", False)))
     logger.info("Model:\n%s", model)
     return model
 
@@ -215,6 +230,7 @@ def lazy_evaluate(cfg, output: RunOutput = None):
 def lazy_train(cfg, resume: bool = False, output: RunOutput = None):
     output = output if output is not None else RunOutput(cfg, mode="resume" if resume else "train")
     output.check()
+    step_dtype = _step_dtype(cfg)  # before anything is built or written
     resolve_class_weighting(cfg)
     model = build_lazy_model(cfg)
     cfg.optimizer.params.model = model
@@ -222,7 +238,7 @@ def lazy_train(cfg, resume: bool = False, output: RunOutput = None):
     train_loader = instantiate(cfg.dataloader.train)
     check_eval_datasets(_dataset_names(cfg, "test"), "dataloader.test.dataset.names")
     model = create_ddp_model(model, **cfg.train.ddp)
-    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
+    trainer = build_train_step(model, train_loader, optimizer, dtype=step_dtype)
     checkpointer = SegDistillCheckpointer(model, cfg.train.output_dir, trainer=trainer)  # converts foreign files
     output.open()  # the first write into train.output_dir: model and data are built
     main = comm.is_main_process()

@@ -20,6 +20,9 @@ in the constructor (the reason is written there):
 * :class:`TrainingProgressHook` tells the model the iteration (loss schedules);
 * LR: detectron2's DeepLab ``WarmupPolyLR`` when ``SOLVER.LR_SCHEDULER_NAME`` asks for it;
 * a missing ``MODEL.WEIGHTS`` file is a clear error before anything is loaded;
+* ``SOLVER.AMP.ENABLED``: the project's :class:`~segdistill.engine.mixed_precision.MixedPrecisionTrainer`
+  (CPU bf16, CUDA fp16 / bf16 by ``SOLVER.AMP.DTYPE``), resolved before anything is built;
+  ``MODEL.CHANNELS_LAST``: the model (training, evaluation) in channels_last;
 * ``training_curves.png`` in ``OUTPUT_DIR``.
 """
 from __future__ import annotations
@@ -31,12 +34,13 @@ import weakref
 import torch
 
 from detectron2.data import MetadataCatalog, build_detection_test_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine import DefaultTrainer, TrainerBase
 from detectron2.projects.deeplab import build_lr_scheduler as build_deeplab_lr_scheduler
 from detectron2.projects.deeplab.lr_scheduler import WarmupPolyLR
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..config import amp_dtype
 from ..convert import DEFAULT_MIN_MATCHED, SegDistillCheckpointer, load_weights, load_weights_for_evaluation
 from ..data import SemSegDatasetMapper, build_sem_seg_train_loader, check_eval_datasets
 from ..data.datasets.demo import is_demo_dataset
@@ -45,6 +49,7 @@ from ..evaluation.anytime import AnytimeEvaluator
 from ..modeling.meta_arch.anytime import AnytimeSegmentor, load_anytime_weights
 from ..modeling.test_time import build_test_time_model
 from .ddp import broadcast_batchnorm_buffers, create_ddp_model
+from .mixed_precision import build_train_step, inference_precision, use_channels_last
 from .hooks import TrainingCurvesHook, TrainingProgressHook, exact_resume_hook, unwrap_model
 from .run import RunOutput
 
@@ -112,7 +117,7 @@ class Trainer(DefaultTrainer):
         # the config nor an overridable method: no subclass can change it. This constructor builds
         # what DefaultTrainer's other methods (run_step, state_dict, train, build_hooks, test) use, with
         # the same build_* methods in the same order: model, optimizer and data loader held by its
-        # SimpleTrainer / AMPTrainer (``_trainer``, the name those methods read), scheduler,
+        # SimpleTrainer / MixedPrecisionTrainer (``_trainer``, the name those methods read), scheduler,
         # checkpointer, start_iter, max_iter, cfg. tests/test_train_net.py checks in one process, where
         # DefaultTrainer.__init__ works, that both constructors leave the same attributes, so a
         # detectron2 release that changes them fails there rather than at training time.
@@ -121,6 +126,9 @@ class Trainer(DefaultTrainer):
             setup_logger()
         self.output = output if output is not None else RunOutput(cfg, mode=None)
         self.output.check()
+        # an unsupported precision (fp16 on CPU, an unknown dtype) fails before anything is built or written
+        step_dtype = amp_dtype(cfg.SOLVER.AMP.ENABLED, cfg.SOLVER.AMP.DTYPE, cfg.MODEL.DEVICE)
+        inference_precision(cfg.TEST.PRECISION, cfg.MODEL.DEVICE)
         cfg = self.auto_scale_workers(cfg, comm.get_world_size())
         if cfg.INPUT.CROP.ENABLED:
             # every training batch has the crop's size, so cuDNN's per-shape algorithm search pays
@@ -131,7 +139,7 @@ class Trainer(DefaultTrainer):
         data_loader = self.build_train_loader(cfg)
         check_eval_datasets(cfg.DATASETS.TEST)
         model = self.build_ddp_model(cfg, model)
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self._trainer = build_train_step(model, data_loader, optimizer, dtype=step_dtype)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = SegDistillCheckpointer(  # converts foreign MODEL.WEIGHTS (segdistill.convert)
             model, cfg.OUTPUT_DIR, weights_format=cfg.MODEL.WEIGHTS_FORMAT, trainer=weakref.proxy(self))
@@ -145,9 +153,10 @@ class Trainer(DefaultTrainer):
     def build_evaluation_model(cls, cfg, weights: str):
         """The model ``--eval-only`` evaluates: built from ``cfg`` and loaded from ``weights``
         (:func:`load_evaluation_weights`: refused when empty or not fitting, unless
-        ``TEST.ALLOW_RANDOM_WEIGHTS``). With weights, the backbone's ImageNet initialisation
-        (``MODEL.TIMM.CHECKPOINT``, ``MODEL.TIMM.PRETRAINED``) is skipped: the weights file gives the
-        model, as in detectron2, and nothing is downloaded for it."""
+        ``TEST.ALLOW_RANDOM_WEIGHTS``); ``TEST.PRECISION`` is checked first. With weights, the backbone's
+        ImageNet initialisation (``MODEL.TIMM.CHECKPOINT``, ``MODEL.TIMM.PRETRAINED``) is skipped: the weights
+        file gives the model, as in detectron2, and nothing is downloaded for it."""
+        inference_precision(cfg.TEST.PRECISION, cfg.MODEL.DEVICE)  # fp16 on CPU: an error before the build
         start = [v for v in (cfg.MODEL.TIMM.CHECKPOINT, cfg.MODEL.TIMM.PRETRAINED) if v]
         if weights and start:
             logging.getLogger(__name__).info(
@@ -161,6 +170,11 @@ class Trainer(DefaultTrainer):
         load_evaluation_weights(model, weights, allow_random=cfg.TEST.ALLOW_RANDOM_WEIGHTS,
                                 min_matched=cfg.TEST.MIN_MATCHED_WEIGHTS, weights_format=cfg.MODEL.WEIGHTS_FORMAT)
         return model
+
+    @classmethod
+    def build_model(cls, cfg):
+        """detectron2's model, in channels_last when ``MODEL.CHANNELS_LAST`` (training and evaluation)."""
+        return use_channels_last(super().build_model(cfg), cfg.MODEL.CHANNELS_LAST)
 
     @classmethod
     def build_ddp_model(cls, cfg, model):
@@ -214,11 +228,13 @@ class Trainer(DefaultTrainer):
         (several processes with plain BN: the evaluated model is then the saved model). An
         ``AnytimeSegmentor`` is scored by :class:`AnytimeEvaluator` (mIoU, MACs, time, exits).
         ``TEST.MODE slide`` and ``TEST.AUG.ENABLED`` run the model through
-        :class:`~segdistill.modeling.test_time.TestTimeSegmentor` (periodic and ``--eval-only``)."""
+        :class:`~segdistill.modeling.test_time.TestTimeSegmentor` (periodic and ``--eval-only``).
+        The model runs in ``TEST.PRECISION``."""
         broadcast_batchnorm_buffers(model)
         if evaluators is None:
             evaluators = anytime_evaluators(model, cfg.DATASETS.TEST, cfg.OUTPUT_DIR)
-        return super().test(cfg, build_test_time_model(cfg, model), evaluators)
+        with inference_precision(cfg.TEST.PRECISION, cfg.MODEL.DEVICE):
+            return super().test(cfg, build_test_time_model(cfg, model), evaluators)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

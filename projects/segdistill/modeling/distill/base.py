@@ -20,6 +20,15 @@ per method; the package imports every module it holds, so dropping a file in reg
   save it and ``--resume`` restores it;
 * returns its weighted terms from :meth:`DistillLoss.distill` as ``{"loss_<name>...": tensor}``.
 
+Precision (mixed-precision training, ``SOLVER.AMP``): the distiller calls every ``distill`` inside
+its float32 island (:func:`float32_island`: autocast off, so softmax, log-softmax, KL,
+normalisations, covariances, reductions and the gradient penalty run in float32, and
+:meth:`DistillBatch.pair` gives float32 taps). A loss's trainable parts are not loss arithmetic:
+it lists them in :meth:`DistillLoss.trainable_parts` and calls each one through
+:func:`run_trainable`, which runs it in the step's autocast dtype (tensor cores, bf16 kernels)
+and hands its output back in float32. Outside a distiller's step (a loss called on its own, or
+a float32 step) :func:`run_trainable` is a plain call.
+
 Conventions of :class:`DistillBatch`: teacher taps are resized (bilinear) to the spatial size
 of the student tap they are paired with; labels are resized (nearest) to the size asked for,
 with every ignore pixel set to -1 (outside ``[0, K)``).
@@ -32,7 +41,9 @@ between the paper's form and the authors' code ``VARIANT`` (``"paper"`` / ``"cod
 """
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+import contextlib
+from contextvars import ContextVar
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -47,7 +58,7 @@ from .taps import LOGITS
 __all__ = [
     "DISTILL_LOSSES", "register_distill_loss", "unregister_distill_loss", "build_distill_losses",
     "distill_losses_from_names", "DistillLoss", "TemperedLogitsLoss", "DistillBatch", "TapPair", "CONNECTORS",
-    "build_connector", "as_float", "label_mask", "masked_mean", "resize_labels",
+    "build_connector", "as_float", "label_mask", "masked_mean", "resize_labels", "float32_island", "run_trainable",
 ]
 
 def register_distill_loss(name: str):
@@ -119,6 +130,41 @@ def masked_mean(values: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Te
 def resize_labels(targets: torch.Tensor, size) -> torch.Tensor:
     """N x H x W labels resized (nearest) to ``size``."""
     return F.interpolate(targets[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
+
+
+# ------------------------------------------------------------------------------------------
+# Precision: the float32 island of the losses and the trainable parts inside it
+# ------------------------------------------------------------------------------------------
+# The autocast state (device type, dtype) of the step whose losses are being computed, recorded
+# by float32_island for run_trainable; None outside an island or in a float32 step.
+_STEP_AUTOCAST: ContextVar[Optional[Tuple[str, torch.dtype]]] = ContextVar("segdistill_step_autocast", default=None)
+
+
+@contextlib.contextmanager
+def float32_island(device_type: str) -> Iterator[None]:
+    """Autocast off for the loss arithmetic of ``device_type``; the step's autocast state is
+    recorded so that :func:`run_trainable` runs the losses' trainable parts in it."""
+    state = None
+    if torch.is_autocast_enabled(device_type):
+        state = (device_type, torch.get_autocast_dtype(device_type))
+    token = _STEP_AUTOCAST.set(state)
+    try:
+        with torch.autocast(device_type, enabled=False):
+            yield
+    finally:
+        _STEP_AUTOCAST.reset(token)
+
+
+def run_trainable(part: Callable[..., torch.Tensor], *inputs) -> torch.Tensor:
+    """``part(*inputs)``: a loss's trainable part (connector, generator, projection,
+    discriminator) in the step's autocast dtype, its output back in float32 for the loss
+    arithmetic. A plain call outside :func:`float32_island` or in a float32 step."""
+    state = _STEP_AUTOCAST.get()
+    if state is None:
+        return part(*inputs)
+    with torch.autocast(state[0], dtype=state[1]):
+        out = part(*inputs)
+    return as_float(out)
 
 
 # ------------------------------------------------------------------------------------------
@@ -262,6 +308,12 @@ class DistillLoss(nn.Module):
                     f"({teacher[p.teacher].channels} channels) channel by channel, and it has no connector: "
                     "the channel counts must match (e.g. the same number of classes for logits)."
                 )
+
+    def trainable_parts(self) -> Dict[str, nn.Module]:
+        """{name: module} of the trainable parts :meth:`bind` built, each called through
+        :func:`run_trainable` (the step's precision); every parameter of the loss belongs to one.
+        The default: none (a loss without parameters)."""
+        return {}
 
     # -- training --------------------------------------------------------------------------
     def set_training_progress(self, iteration: int, max_iter: int) -> None:

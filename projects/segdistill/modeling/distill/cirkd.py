@@ -56,7 +56,7 @@ from detectron2.config import configurable
 from detectron2.layers import get_norm
 
 from ..backbones.norm import resolve_norm
-from .base import DistillLoss, as_float, masked_mean, register_distill_loss
+from .base import DistillLoss, as_float, masked_mean, register_distill_loss, run_trainable
 
 __all__ = ["batch_relation_loss", "memory_relation_loss", "ClassMemory", "CrossImageRelationalDistillation",
            "CIRKD_VARIANTS", "all_gather_with_grad", "all_gather_no_grad"]
@@ -381,6 +381,9 @@ class CrossImageRelationalDistillation(DistillLoss):
         )
         self.memory = ClassMemory(num_classes, ct, **self.memory_settings)
 
+    def trainable_parts(self):
+        return {"projection": self.projection}
+
     def memory_terms(self, s_proj: torch.Tensor, t_norm: torch.Tensor, labels: torch.Tensor) -> List[torch.Tensor]:
         """(pixel-memory, region-memory) terms over the labelled pixels, after the enqueue."""
         self.memory.update(all_gather_no_grad(t_norm.detach()), all_gather_no_grad(labels))
@@ -411,7 +414,7 @@ class CrossImageRelationalDistillation(DistillLoss):
             s_all, t_all = s_norm, t_norm
         out = {"loss_cirkd_batch": self.loss_weight * batch_relation_loss(s_norm, t_norm, s_all, t_all,
                                                                           self.temperature)}
-        s_proj = F.normalize(self.projection(s), dim=1)
+        s_proj = F.normalize(run_trainable(self.projection, s), dim=1)
         pixel, region = self.memory_terms(s_proj, F.normalize(t, dim=1), labels)
         out["loss_cirkd_pixel_memory"] = self.pixel_memory_weight * pixel
         out["loss_cirkd_region_memory"] = self.region_memory_weight * region

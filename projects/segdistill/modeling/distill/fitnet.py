@@ -19,7 +19,7 @@ from torch import nn
 from detectron2.config import configurable
 
 from ..backbones.norm import resolve_norm
-from .base import CONNECTORS, DistillLoss, build_connector, register_distill_loss
+from .base import CONNECTORS, DistillLoss, build_connector, register_distill_loss, run_trainable
 
 __all__ = ["HintDistillation"]
 
@@ -57,8 +57,11 @@ class HintDistillation(DistillLoss):
         self.connector = build_connector(self.connector_kind, student[p.student].channels,
                                          teacher[p.teacher].channels, norm=self.norm, owner=owner)
 
+    def trainable_parts(self):
+        return {"connector": self.connector}
+
     def forward(self, student_feature, teacher_feature):
-        return (self.connector(student_feature) - teacher_feature).pow(2).mean()
+        return (run_trainable(self.connector, student_feature) - teacher_feature).pow(2).mean()
 
     def distill(self, batch):
         return {"loss_fitnet": self.loss_weight * self(*batch.pair(self.taps[0]))}

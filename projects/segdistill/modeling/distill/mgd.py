@@ -24,7 +24,7 @@ from torch import nn
 
 from detectron2.config import configurable
 
-from .base import CONNECTORS, DistillLoss, build_connector, register_distill_loss
+from .base import CONNECTORS, DistillLoss, build_connector, register_distill_loss, run_trainable
 
 __all__ = ["mgd_mask", "mgd_loss", "MaskedGenerativeDistillation"]
 
@@ -38,7 +38,7 @@ def mgd_mask(n: int, h: int, w: int, mask_ratio: float, *, device=None, dtype=to
 
 def mgd_loss(aligned: torch.Tensor, teacher: torch.Tensor, generator: nn.Module, mask: torch.Tensor) -> torch.Tensor:
     """The sum of squared errors of ``generator(aligned * mask)`` against ``teacher``, over N."""
-    return (generator(aligned * mask) - teacher).pow(2).sum() / teacher.shape[0]
+    return (run_trainable(generator, aligned * mask) - teacher).pow(2).sum() / teacher.shape[0]
 
 
 @register_distill_loss("mgd")
@@ -84,8 +84,11 @@ class MaskedGenerativeDistillation(DistillLoss):
         self.generation = nn.Sequential(nn.Conv2d(ct, ct, 3, padding=1), nn.ReLU(inplace=True),
                                         nn.Conv2d(ct, ct, 3, padding=1))
 
+    def trainable_parts(self):
+        return {"align": self.align, "generation": self.generation}
+
     def forward(self, student_feature, teacher_feature, generator: Optional[torch.Generator] = None):
-        aligned = self.align(student_feature)
+        aligned = run_trainable(self.align, student_feature)
         n, _, h, w = teacher_feature.shape
         mask = mgd_mask(n, h, w, self.mask_ratio, device=aligned.device, dtype=aligned.dtype, generator=generator)
         return mgd_loss(aligned, teacher_feature, self.generation, mask)

@@ -57,7 +57,7 @@ from torch.nn import functional as F
 from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 
-from .base import DistillLoss, register_distill_loss
+from .base import DistillLoss, register_distill_loss, run_trainable
 from .taps import LOGITS
 
 __all__ = [
@@ -210,7 +210,7 @@ class HolisticDistillation(nn.Module):
                 f"gp_weight={self.gp_weight}, lr_factor={self.lr_factor}, conditional={self.conditional}")
 
     def _d(self, x: torch.Tensor, params: Dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.func.functional_call(self.discriminator, params, (x,))
+        return run_trainable(lambda inp: torch.func.functional_call(self.discriminator, params, (inp,)), x)
 
     def _input(self, logits: torch.Tensor, image: Optional[torch.Tensor]) -> torch.Tensor:
         return logits if image is None else torch.cat([logits, image], dim=1)
@@ -280,6 +280,9 @@ class WithHolisticTerm(DistillLoss):
     def bind(self, student, teacher, *, num_classes):
         w = self.holistic_weight
         self.holistic = HolisticDistillation(num_classes, g_weight=w, **self.holistic_settings) if w > 0 else None
+
+    def trainable_parts(self):
+        return {} if self.holistic is None else {"discriminator": self.holistic.discriminator}
 
     def holistic_terms(self, batch) -> Dict[str, torch.Tensor]:
         """{"loss_<name>_holistic", "loss_<name>_discriminator"} (nothing without the term)."""

@@ -18,6 +18,10 @@
 * ``parameters()``/``state_dict()`` = ``student.*`` + ``distill_losses.*``.
 * In ``eval()`` the wrapper is the student alone; with ``MODEL.DISTILL.EVAL_TEACHER`` the
   teacher's prediction is added as ``sem_seg_teacher``, which the evaluator scores too.
+* Precision (``SOLVER.AMP``): the losses' arithmetic runs in float32 (the island,
+  :func:`~segdistill.modeling.distill.base.float32_island`) while their trainable parts run in
+  the step's autocast dtype (:func:`~segdistill.modeling.distill.base.run_trainable`); the
+  teacher's forward runs in ``MODEL.DISTILL.TEACHER.PRECISION`` ("step": the step's own).
 * ``deploy_state_dict()`` is the student's own deployed state dict (``tools/deploy_model.py``):
   it loads into the student's own config.
 
@@ -42,12 +46,12 @@ from torch.nn import functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 
-from ...config import load_lazy_config, load_yaml_config
+from ...config import TEACHER_PRECISIONS, load_lazy_config, load_yaml_config, precision_dtype
 from ...convert import (
     DeployableModel, SegmentorWrapper, check_weights_file, load_checked_weights, load_foreign_weights,
 )
 from ..backbones.stages import with_backbone_stages
-from ..distill.base import DistillBatch, DistillLoss, build_distill_losses
+from ..distill.base import DistillBatch, DistillLoss, build_distill_losses, float32_island
 from ..distill.taps import LOGITS, backbone_stage_taps, segmentor_taps
 
 __all__ = ["Distiller", "build_teacher", "load_teacher_cfg"]
@@ -162,6 +166,7 @@ class Distiller(nn.Module, SegmentorWrapper, DeployableModel):
         input_format: str,
         teacher_input_format: Optional[str],
         teacher_name: str,
+        teacher_precision: str = "step",
     ):
         """
         Args:
@@ -175,8 +180,13 @@ class Distiller(nn.Module, SegmentorWrapper, DeployableModel):
             input_format, teacher_input_format: channel order of the inputs and of the
                 teacher's training data (None: the same).
             teacher_name: how errors name the teacher (its config file).
+            teacher_precision: the teacher's forward precision, one of ``TEACHER_PRECISIONS``:
+                "step" (the step's autocast state), "fp32", "bf16", "fp16" (CUDA).
         """
         super().__init__()
+        if teacher_precision not in TEACHER_PRECISIONS:
+            raise ValueError(f"MODEL.DISTILL.TEACHER.PRECISION is {teacher_precision!r}; write one of "
+                             f"{list(TEACHER_PRECISIONS)}.")
         if isinstance(student, Distiller) or isinstance(teacher, Distiller):
             raise TypeError("Neither the student nor the teacher of a Distiller can be a Distiller.")
         losses = dict(losses) if isinstance(losses, Mapping) else {l.name: l for l in losses}
@@ -207,6 +217,7 @@ class Distiller(nn.Module, SegmentorWrapper, DeployableModel):
         self.ignore_value = int(ignore_value)
         self.exclude_ignore = bool(exclude_ignore)
         self.eval_teacher = bool(eval_teacher)
+        self.teacher_precision = teacher_precision
         self.input_format = input_format
         self.teacher_input_format = teacher_input_format or input_format
         self.student_taps_needed = sorted({p.student for l in losses.values() for p in l.taps})
@@ -227,6 +238,8 @@ class Distiller(nn.Module, SegmentorWrapper, DeployableModel):
         losses = build_distill_losses(cfg)
         student_stages = backbone_stage_taps([p.student for l in losses.values() for p in l.taps])
         teacher_stages = backbone_stage_taps([p.teacher for l in losses.values() for p in l.taps if p.teacher])
+        if d.TEACHER.PRECISION != "step":  # fp16 off CUDA, an unknown name: before anything is built
+            precision_dtype(d.TEACHER.PRECISION, cfg.MODEL.DEVICE, key="MODEL.DISTILL.TEACHER.PRECISION")
         # The class counts are compared before anything is built.
         lazy_teacher = d.TEACHER.CONFIG_FILE.endswith(".py")
         t_cfg = None if lazy_teacher else load_teacher_cfg(d.TEACHER.CONFIG_FILE, d.TEACHER.OPTS)
@@ -255,6 +268,7 @@ class Distiller(nn.Module, SegmentorWrapper, DeployableModel):
             "input_format": cfg.INPUT.FORMAT,
             "teacher_input_format": None if t_cfg is None else t_cfg.INPUT.FORMAT,
             "teacher_name": d.TEACHER.CONFIG_FILE,
+            "teacher_precision": d.TEACHER.PRECISION,
         }
 
     # -- the teacher: outside the module tree, follows the wrapper's device/dtype, never its mode
@@ -299,6 +313,15 @@ class Distiller(nn.Module, SegmentorWrapper, DeployableModel):
             return x.flip(-3)
         return x
 
+    def _teacher_precision(self, device: torch.device):
+        """The autocast context of the teacher's forward (``teacher_precision``)."""
+        if self.teacher_precision == "step":
+            return contextlib.nullcontext()
+        dtype = precision_dtype(self.teacher_precision, device, key="MODEL.DISTILL.TEACHER.PRECISION")
+        if dtype is None:
+            return torch.autocast(device.type, enabled=False)
+        return torch.autocast(device.type, dtype=dtype)
+
     @torch.no_grad()
     def teacher_taps(self, images: torch.Tensor, taps: Sequence[str]) -> Dict[str, torch.Tensor]:
         """The teacher's ``taps`` on the student's padded, normalised batch, cropped to its extent."""
@@ -309,7 +332,8 @@ class Distiller(nn.Module, SegmentorWrapper, DeployableModel):
         h, w = x.shape[-2:]
         if div > 1 and (h % div or w % div):
             x = F.pad(x, (0, (-w) % div, 0, (-h) % div))
-        out = teacher_taps.tap_teacher(x, taps)
+        with self._teacher_precision(x.device):
+            out = teacher_taps.tap_teacher(x, taps)
         if x.shape[-2:] != (h, w):  # drop the teacher's extra padding
             for k, v in out.items():
                 lh, lw = v.shape[-2:]
@@ -333,7 +357,8 @@ class Distiller(nn.Module, SegmentorWrapper, DeployableModel):
         if not self.training:
             return self._inference(batched_inputs)
         losses, batch = self.distill_batch(batched_inputs)
-        with torch.autocast(batch.images.device.type, enabled=False):  # losses in float32 under AMP
+        # the loss arithmetic in float32 under AMP; the losses' trainable parts in the step's dtype
+        with float32_island(batch.images.device.type):
             for loss in self.distill_losses.values():
                 terms = loss.distill(batch)
                 clash = set(terms) & set(losses)
@@ -348,7 +373,7 @@ class Distiller(nn.Module, SegmentorWrapper, DeployableModel):
             inputs = batched_inputs
             if self.input_format != self.teacher_input_format:
                 inputs = [{**x, "image": self._to_teacher_format(x["image"])} for x in batched_inputs]
-            with torch.no_grad():
+            with torch.no_grad(), self._teacher_precision(self.device):
                 teacher_results = self.teacher(inputs)
             for r, t in zip(results, teacher_results):
                 r["sem_seg_teacher"] = t["sem_seg"]
