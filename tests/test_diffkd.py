@@ -176,23 +176,28 @@ def test_bad_settings_fail_naming_the_key():
         KnowledgeDiffusionDistillation(**SETTINGS).distill(None)
 
 
-def test_draws_are_seeded_and_continue_exactly_after_a_checkpoint_round_trip():
-    a, b = bound(), bound()
-    first = [a.draw(2, (8, 3, 4), device="cpu", dtype=torch.float64) for _ in range(2)]
-    for x, y in zip(first[0], b.draw(2, (8, 3, 4), device="cpu", dtype=torch.float64)):
-        assert torch.equal(x, y)
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_draws_are_seeded_and_continue_exactly_after_a_checkpoint_round_trip(device):
+    a, b = bound().to(device), bound().to(device)
+    first = [a.draw(2, (8, 3, 4), device=device, dtype=torch.float64) for _ in range(2)]
+    for x, y in zip(first[0], b.draw(2, (8, 3, 4), device=device, dtype=torch.float64)):
+        assert torch.equal(x, y) and x.device.type == device  # drawn where the features are
     assert not torch.equal(first[0][1], first[1][1]) and not torch.equal(first[0][1], first[0][2])
     assert int(a.draws) == 2 and all(0 <= int(t) < 1000 for t in first[0][0])
     state = a.state_dict()
     assert "draws" in state and "alphas_cumprod" not in state  # the schedule is the config's, not saved
-    resumed = bound()
+    resumed = bound().to(device)
     resumed.load_state_dict(state)
     assert int(resumed.draws) == 2
-    for x, y in zip(resumed.draw(2, (8, 3, 4), device="cpu", dtype=torch.float64),
-                    a.draw(2, (8, 3, 4), device="cpu", dtype=torch.float64)):
+    for x, y in zip(resumed.draw(2, (8, 3, 4), device=device, dtype=torch.float64),
+                    a.draw(2, (8, 3, 4), device=device, dtype=torch.float64)):
         assert torch.equal(x, y)
-    other = bound(seed=1)
-    assert not torch.equal(other.draw(2, (8, 3, 4), device="cpu", dtype=torch.float64)[1], first[0][1])
+    other = bound(seed=1).to(device)
+    assert not torch.equal(other.draw(2, (8, 3, 4), device=device, dtype=torch.float64)[1], first[0][1])
+    # the whole loss on that device
+    s, t = torch.randn(2, 6, 3, 4, dtype=torch.float64), torch.randn(2, 16, 3, 4, dtype=torch.float64)
+    kd, diff, ae = a(s.to(device), t.to(device), *a.draw(2, (8, 3, 4), device=device, dtype=torch.float64))
+    assert kd.device.type == diff.device.type == ae.device.type == device
 
 
 def test_the_deployed_student_has_exactly_the_plain_students_parameters(tmp_path):

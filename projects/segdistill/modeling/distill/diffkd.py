@@ -5,11 +5,11 @@ and then used to denoise the student's feature before the two are compared: the 
 has to match what survives the denoising, not the noise a smaller model cannot avoid.
 
 **Tap.** The student's and the teacher's last backbone stage (``res5`` / ``res5``). The
-authors' public code covers classification (the last stage, ``layer4``, plus the logits) and
-detection (the FPN levels), not segmentation; the paper's dense-prediction setting distills
-backbone features, and the last stage is the feature the other 2022-2023 segmentation rows
-built on CIRKD's code tap (MGD, Af-DCD), which makes the comparison on equal terms. It is also
-where the autoencoder pays: 2048 channels for ResNet-101. Any tap pair can be set.
+authors' public code is for classification (the last stage, ``layer4``, plus the logits), not
+segmentation. The last stage is the feature that code taps, a dense map in a segmentation
+backbone, and the tap of the other 2022-2023 rows built on CIRKD's code (MGD, Af-DCD), which
+puts the comparison on equal terms; it is also where the autoencoder pays (2048 channels for
+ResNet-101). Any tap pair can be set.
 
 **Parts** (all under ``distill_losses.diffkd``, never in the deployed student):
 
