@@ -88,6 +88,7 @@ METHODS: Dict[str, Method] = {m.name: m for m in [
     # Af-DCD's CamVid code contrasts the unpooled map (it crops it instead, losses/ocmgd.py lines
     # 79-82); pooled 4x4, the table's 6x8 res5 maps would keep 1x2 positions
     _distill("afdcd", "Af-DCD", ["pd", "afdcd"], ("MODEL.DISTILL.AFDCD.POOL", "0")),
+    _distill("diffkd", "DiffKD", ["pd", "diffkd"]),
 ]}
 
 # The CamVid table's blocks: block -> (title with the papers, methods; the first is the baseline of the others)
@@ -96,5 +97,6 @@ BLOCKS = {
     "hs3": ("HS3 (HS3 Tables 1, 2 and 6)", ["baseline", "ds", "hs3", "hs3_manual", "hs3_fuse"]),
     "distill": ("Distillation (FAKD Tables 3-4, HWD Tables II-III)",
                 ["student", "teacher", "pd", "cwd", "fakd_cwd", "fakd_pd", "hwd", "hwd_fakd_pd",
-                 "skd", "ifvd", "cirkd", "mgd", "dist", "fitnet", "at", "at_scaled", "afdcd"]),
+                 "skd", "ifvd", "cirkd", "mgd", "dist", "fitnet", "at", "at_scaled", "afdcd",
+                 "diffkd"]),
 }

@@ -130,6 +130,7 @@ TERMS = {
     "cirkd": {"loss_cirkd_batch", "loss_cirkd_pixel_memory", "loss_cirkd_region_memory"},
     "mgd": {"loss_mgd"}, "dist": {"loss_dist"}, "fitnet": {"loss_fitnet"}, "at": {"loss_at"},
     "afdcd": {"loss_afdcd_fd", "loss_afdcd_ctr"},
+    "diffkd": {"loss_diffkd_kd", "loss_diffkd_diff", "loss_diffkd_ae"},
 }
 
 

@@ -28,8 +28,10 @@ def _load():
 overhead = _load()
 METHODS = ["ds", "mea", "mea_srl", "mea_srf", "sr", "hs3", "hs3_fuse",
            "pd", "cwd", "hwd", "fakd_cwd", "fakd_pd", "hwd_fakd_pd",
-           "skd", "ifvd", "cirkd", "mgd", "dist", "fitnet", "at", "afdcd"]
-WITH_PARTS = {"skd", "ifvd", "cirkd", "mgd", "fitnet", "afdcd"}  # distillation rows with trainable loss parts
+           "skd", "ifvd", "cirkd", "mgd", "dist", "fitnet", "at", "afdcd",
+           "diffkd"]
+WITH_PARTS = {"skd", "ifvd", "cirkd", "mgd", "fitnet", "afdcd",
+              "diffkd"}  # distillation rows with trainable loss parts
 
 
 @pytest.fixture(scope="module")
