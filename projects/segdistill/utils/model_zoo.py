@@ -40,8 +40,8 @@ __all__ = [
 # The size each dataset's papers evaluate (and count FLOPs) at.
 EVAL_SIZES = {"cityscapes": (1024, 2048), "coco_stuff": (512, 512), "camvid": (360, 480), "demo": (160, 160)}
 # Meta-architectures whose deployed model this script counts. Others (multi-exit, distiller)
-# deploy a SemanticSegmentor from their baseline config; add them here with their rule.
-COUNTED_META_ARCHS = ("SemanticSegmentor",)
+# deploy a SemanticSegmentorAnySize from their baseline config; add them here with their rule.
+COUNTED_META_ARCHS = ("SemanticSegmentorAnySize", "SemanticSegmentor")
 # Ops whose fvcore count is a multiply-accumulate of weights (what CIRKD's cal_multi_adds counts).
 MAC_OPS = ("conv", "linear", "matmul", "bmm", "einsum", "addmm")
 
@@ -116,7 +116,7 @@ class Deployed(nn.Module):
         self.head = model.sem_seg_head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))[0]
+        return self.head(self.backbone(x), output_size=tuple(x.shape[-2:]))[0]
 
 
 def count_params(model: nn.Module) -> Dict[str, int]:
