@@ -128,3 +128,40 @@ def test_hrnet_pads_only_where_it_must():
     bilinear = our_model(CASES["fcn_hrnet"][1]).backbone
     assert nearest.eval().size_divisibility == nearest.train().size_divisibility == 32
     assert bilinear.eval().size_divisibility == 0 and bilinear.train().size_divisibility == 32
+
+
+@pytest.mark.parametrize("meta", ["MultiExitSegmentor", "AnytimeSegmentor", "Distiller"])
+def test_every_project_segmentor_resizes_to_the_input_at_odd_sizes(meta, tmp_path):
+    """The final output of a multi-exit model (exits evaluated too), an anytime model (final
+    policy) and a distiller's student at 67x93 (not a multiple of the stride 8) is the plain
+    model's with the same weights: the head's logits resized to the input size."""
+    from detectron2.modeling import build_model
+    from torch.nn import functional as F
+
+    from conftest import random_batch, set_keys, tiny_cfg
+
+    k = 5
+    torch.manual_seed(0)
+    plain = build_model(tiny_cfg(num_classes=k)).eval()
+    assert type(plain) is SemanticSegmentorAnySize
+    cfg = tiny_cfg(num_classes=k, **{"MODEL.META_ARCHITECTURE": meta, "MODEL.EXITS.MODE": "ds",
+                                     "MODEL.EXITS.CHANNELS": 8, "MODEL.EXITS.EVAL_EXITS": True})
+    if meta == "Distiller":
+        teacher = tmp_path / "teacher.yaml"
+        teacher.write_text(tiny_cfg(num_classes=k, output_stride=16).dump())
+        set_keys(cfg, **{"MODEL.EXITS.MODE": "none", "MODEL.DISTILL.TEACHER.CONFIG_FILE": str(teacher),
+                         "MODEL.DISTILL.TEACHER.ALLOW_RANDOM": True, "MODEL.DISTILL.LOSSES": ["cwd"]})
+    model = build_model(cfg).eval()
+    segmentor = model.student if meta == "Distiller" else model
+    report = segmentor.load_state_dict(plain.state_dict(), strict=False)  # the exits keep their init
+    assert not report.unexpected_keys and all(k.startswith("exits.") for k in report.missing_keys), report
+    batch = random_batch(2, 67, 93, k, seed=4, with_labels=False)
+    with torch.no_grad():
+        x = (torch.stack([b["image"] for b in batch]) - plain.pixel_mean) / plain.pixel_std
+        logits = plain.sem_seg_head.forward_outputs(plain.backbone(x))["logits"]
+        expected = F.interpolate(logits, size=(67, 93), mode="bilinear", align_corners=False)
+        got = model(batch)
+    for i, out in enumerate(got):
+        assert torch.equal(out["sem_seg"], expected[i])
+    if meta == "MultiExitSegmentor":  # exits answer at the input size too
+        assert all(out[f"sem_seg_{n}"].shape[-2:] == (67, 93) for out in got for n in model.exits)
