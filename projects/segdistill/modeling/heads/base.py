@@ -21,7 +21,10 @@ So every head here exposes:
   exactly the head's logits;
 * ``forward_outputs(features) -> dict``: ``{"features", "logits"}`` plus ``"aux_logits"``
   in training when an auxiliary FCN head is configured;
-* ``losses(outputs, targets) -> dict``: ``loss_sem_seg`` (and ``loss_aux``).
+* ``losses(outputs, targets) -> dict``: ``loss_sem_seg`` (and ``loss_aux``);
+* ``predict_logits(logits, output_size)``: the logits as inference returns them (resized to
+  ``output_size``; by the stride without it); ``forward(features, targets, output_size=...)``
+  is ``forward_outputs`` then ``losses`` (training) or ``predict_logits`` (inference).
 
 Other components call ``head.forward_outputs(features)`` directly, after checking the head
 once, when they are built, with :func:`check_seg_head` (an ``isinstance`` test against
