@@ -108,7 +108,8 @@ def meta_arch_of(path: str) -> str:
 
 
 class Deployed(nn.Module):
-    """Image tensor -> logits at input scale: the inference path without pre/post-processing."""
+    """Image tensor -> logits at the input size (the head resizes them, as SemanticSegmentorAnySize): the
+    inference path without pre/post-processing."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -170,7 +171,7 @@ def count_cirkd_macs(model: nn.Module, size: Tuple[int, int], device: str = "cpu
         model = model.to(device).eval()
         with torch.no_grad():
             feats = model.backbone(torch.randn(1, 3, *size, device=device))
-            model.sem_seg_head(feats)
+            model.sem_seg_head(feats, output_size=tuple(size))
             aux = getattr(model.sem_seg_head, "aux_head", None)
             if aux is not None:
                 aux(feats)
