@@ -272,7 +272,7 @@ class AnytimeSegmentor(nn.Module):
             backbone: a :class:`StagewiseBackbone` (segdistill's timm backbones).
             sem_seg_head: the final head, as the plain ``SemanticSegmentorAnySize`` has it (one of
                 segdistill's heads, :class:`~segdistill.modeling.heads.SegHeadMixin`: it takes the output size).
-            pixel_mean, pixel_std: as ``SemanticSegmentor``.
+            pixel_mean, pixel_std: as ``SemanticSegmentorAnySize``.
             exits: backbone stage name -> :class:`ExitHead` over the head's classes (built
                 without classifier); {} for a model without exits (policy ``final`` only).
             policy: ``final``, ``exit:<name>`` or ``confidence`` (settable later: ``model.policy = ...``).

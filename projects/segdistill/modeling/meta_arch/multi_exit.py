@@ -194,7 +194,7 @@ class MultiExitSegmentor(SemanticSegmentorAnySize, DeployableModel):
 
     # ------------------------------------------------------------------ deployment
     def deploy_state_dict(self) -> Dict[str, torch.Tensor]:
-        """The weights of the plain ``SemanticSegmentor``: exits, classifier and objective state removed.
+        """The weights of the plain ``SemanticSegmentorAnySize``: exits, classifier and objective state removed.
 
         With a fusion (HS3-Fuse): also the fusion's parameters, the exits' parts it reads
         (``ExitFusion.exit_parts``) and the objective's buffers (HS3: the clusters the exits were
