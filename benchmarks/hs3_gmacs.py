@@ -65,7 +65,7 @@ def main(argv=None):
         base.MODEL.SEM_SEG_HEAD.NUM_CLASSES, list(base.MODEL.EXITS.IN_FEATURES)))
     variants = {}
     c = base.clone()
-    c.MODEL.META_ARCHITECTURE = "SemanticSegmentor"
+    c.MODEL.META_ARCHITECTURE = "SemanticSegmentorAnySize"
     variants["baseline"] = c
     for name, fuse, scale in (("HS3", False, 1.0), ("HS3-Fuse", True, 1.0), ("HS3-Fuse (lighter)", True, args.lighter_scale)):
         c = base.clone()

@@ -57,7 +57,7 @@ are slightly above its inference FLOPs); at inference, the deployed model.
 **Inference block.** Every method's deployed model is built the way the project ships it
 (``segdistill.convert.deploy``, ``tools/deploy_model.py``): the trained model's
 ``deploy_state_dict()`` loaded strictly (no missing or unexpected keys) into its deployed
-config: the plain ``deeplabv3_r18.yaml`` ``SemanticSegmentor`` for ds / MEA / SR / HS3, the
+config: the plain ``deeplabv3_r18.yaml`` ``SemanticSegmentorAnySize`` for ds / MEA / SR / HS3, the
 same hs3_fuse_r18.yaml for HS3-Fuse (its fuse blocks and the exits they read stay at inference),
 the student's config for distillation. Each is timed in ``eval()`` under ``no_grad`` on the
 batch (no labels), interleaved with its plain baseline (``plain``: the baseline's weights in

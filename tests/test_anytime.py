@@ -124,7 +124,7 @@ def test_final_policy_is_the_plain_deployed_model_bit_for_bit_and_in_macs(mode, 
     else:
         assert any(".classifier." in k for k in dropped) and "exit_objective.temperature" in dropped
     base = cfg.clone()
-    base.MODEL.META_ARCHITECTURE = "SemanticSegmentor"
+    base.MODEL.META_ARCHITECTURE = "SemanticSegmentorAnySize"
     plain = build_model(base).eval()
     plain.load_state_dict(trained.deploy_state_dict(), strict=True)
     batch = random_batch(2, 70, 90, K, seed=3)
@@ -142,7 +142,7 @@ def test_final_policy_is_the_plain_deployed_model_bit_for_bit_and_in_macs(mode, 
             self.plain = plain
 
         def forward(self, x):
-            return self.plain.sem_seg_head(self.plain.backbone(x), None)[0]
+            return self.plain.sem_seg_head(self.plain.backbone(x), None, output_size=tuple(x.shape[-2:]))[0]
 
     counter = FlopCountAnalysis(PlainPath(plain), (torch.zeros(1, 3, 70, 90),))
     counter.unsupported_ops_warnings(False)
@@ -568,7 +568,7 @@ def test_hrnet_anytime_model_pads_and_answers_from_branch_exits():
     model, _ = anytime_twin(cfg, trained)
     assert model.exit_names == ["stage2_b0", "stage3_b1"]
     base = cfg.clone()
-    base.MODEL.META_ARCHITECTURE = "SemanticSegmentor"
+    base.MODEL.META_ARCHITECTURE = "SemanticSegmentorAnySize"
     plain = build_model(base).eval()
     plain.load_state_dict(trained.deploy_state_dict(), strict=True)
     batch = random_batch(1, 70, 90, K, seed=9)

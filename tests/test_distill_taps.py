@@ -43,7 +43,7 @@ def distill_cfg(tmp_path, losses, teacher_overrides=None, **overrides):
 # ------------------------------------------------------------------------------------------
 # The contract
 # ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", ["SemanticSegmentor", "MultiExitSegmentor"])
+@pytest.mark.parametrize("arch", ["SemanticSegmentor", "SemanticSegmentorAnySize", "MultiExitSegmentor"])
 def test_tap_shapes_are_those_of_the_served_taps(arch):
     cfg = tiny_cfg("resnet18", "SegDeepLabV3Head", num_classes=K, **{"MODEL.META_ARCHITECTURE": arch})
     cfg.MODEL.TIMM.OUT_FEATURES = ["res3", "res5"]
@@ -52,8 +52,8 @@ def test_tap_shapes_are_those_of_the_served_taps(arch):
     torch.manual_seed(0)
     model = build_model(cfg).train()
     taps = segmentor_taps(model)
-    assert (taps is model) == (arch == "MultiExitSegmentor")  # the adapter is chosen by type
-    assert isinstance(taps, SemanticSegmentorTaps) or arch == "MultiExitSegmentor"
+    assert (taps is model) == (arch != "SemanticSegmentor")  # the adapter is chosen by type
+    assert isinstance(taps, SemanticSegmentorTaps) == (arch == "SemanticSegmentor")
     shapes = taps.tap_shapes()
     assert {"logits", "head_features", "res3", "res5"} <= set(shapes)
     out = taps.tap_student(random_batch(2, 64, 64, K), list(shapes))
@@ -92,7 +92,7 @@ def test_a_class_neither_implementing_the_contract_nor_adapted_is_an_error():
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides,message", [
     ({"MODEL.DISTILL.FITNET.STUDENT_TAP": "res9"},
-     r"Building the student \(SemanticSegmentor\) with the backbone stages \['res9'\] that MODEL.DISTILL.LOSSES tap: "
+     r"Building the student \(SemanticSegmentorAnySize\) with the backbone stages \['res9'\] that MODEL.DISTILL.LOSSES tap: "
      r"Unknown backbone feature\(s\) \['res9'\] for resnet18; valid names: \['res1', 'res2', 'res3', 'res4', 'res5'\]"),
     ({"MODEL.DISTILL.FITNET.TEACHER_TAP": "stage2_b0"},
      r"Building the teacher \(.*teacher.yaml\) with the backbone stages \['stage2_b0'\].*valid names"),
@@ -112,7 +112,7 @@ def test_a_tap_missing_from_a_built_student_names_the_model_and_the_valid_taps(t
     teacher = build_teacher(teacher_yaml(tmp_path), "", allow_random=True)
     losses = distill_losses_from_names(["at"], opts=["MODEL.DISTILL.AT.STUDENT_TAP", ["res4"],
                                                      "MODEL.DISTILL.AT.TEACHER_TAP", ["res4"]])
-    with pytest.raises(ValueError, match=r"'at' reads the tap 'res4' of the student \(SemanticSegmentor\), which gives "
+    with pytest.raises(ValueError, match=r"'at' reads the tap 'res4' of the student \(SemanticSegmentorAnySize\), which gives "
                                          r"only \['head_features', 'logits', 'res5'\]"):
         Distiller(student=student, teacher=teacher, losses=losses, ignore_value=255, exclude_ignore=False,
                   eval_teacher=False, input_format="RGB", teacher_input_format=None, teacher_name="t.yaml")

@@ -164,7 +164,7 @@ def test_student_only_export_round_trip(built, tmp_path):
     out = save_deployed_checkpoint(trained, str(tmp_path / "student.pth"))
 
     student_cfg = cfg.clone()
-    student_cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentor"  # the student's own config
+    student_cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentorAnySize"  # the student's own config
     plain = build_model(student_cfg).eval()
     plain.load_state_dict(torch.load(out, weights_only=False)["model"], strict=True)
     batch = random_batch(1, 64, 64, K, with_labels=False)
@@ -175,7 +175,7 @@ def test_student_only_export_round_trip(built, tmp_path):
 def test_a_student_only_checkpoint_initialises_the_student(built, tmp_path):
     cfg, model = built
     student_cfg = cfg.clone()
-    student_cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentor"
+    student_cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentorAnySize"
     torch.manual_seed(1)
     baseline = build_model(student_cfg)
     DetectionCheckpointer(baseline, str(tmp_path)).save("baseline")
@@ -227,7 +227,8 @@ def test_a_student_head_without_features_is_an_error(tmp_path):
     # detectron2's own DeepLabV3Head has no forward_features / forward_outputs / predictor
     kw = {"MODEL.SEM_SEG_HEAD.NAME": "DeepLabV3Head", "INPUT.CROP.SIZE": (64, 64)}
     for losses in (["fakd_pd"], ["cwd"]):
-        with pytest.raises(TypeError, match="SemanticSegmentor cannot give distillation taps: its head DeepLabV3Head "
+        with pytest.raises(TypeError, match="SemanticSegmentorAnySize resizes the head.s logits to the input size: its "
+                                            "head DeepLabV3Head "
                                             "does not follow segdistill's head contract"):
             build_model(distill_cfg(tmp_path, losses, **kw))
 
@@ -324,7 +325,7 @@ def test_demo_configs(name):
     add_segdistill_config(cfg)
     cfg.merge_from_file(os.path.join(REPO, f"configs/demo/distill/{name}.yaml"))
     if name == "student":
-        assert cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor"
+        assert cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentorAnySize"
         return
     assert cfg.MODEL.DISTILL.TEACHER.CONFIG_FILE == "configs/demo/distill/teacher.yaml"
     assert cfg.MODEL.DISTILL.LOSSES == DEMO[name]

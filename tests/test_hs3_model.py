@@ -94,7 +94,7 @@ def test_inference_and_deploy_round_trip(tmp_path, fuse):
         assert any(k.startswith("exits.res4.segmenter.") for k in state)
     else:  # the plain SemanticSegmentor of the same config
         twin_cfg = cfg.clone()
-        twin_cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentor"
+        twin_cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentorAnySize"
         assert not [k for k in state if not k.startswith(("backbone.", "sem_seg_head."))]
     twin = build_model(twin_cfg).eval()
     incompatible = twin.load_state_dict(state, strict=False)

@@ -34,7 +34,7 @@ def trained_model(cfg, steps=1):
 def plain_twin(cfg, model):
     """The plain SemanticSegmentor of the same config, loaded strictly from the deployed weights."""
     base = cfg.clone()
-    base.MODEL.META_ARCHITECTURE = "SemanticSegmentor"
+    base.MODEL.META_ARCHITECTURE = "SemanticSegmentorAnySize"
     plain = build_model(base).eval()
     plain.load_state_dict(model.deploy_state_dict(), strict=True)
     return plain

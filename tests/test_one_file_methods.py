@@ -139,7 +139,7 @@ MODEL:
         deployed = model.deploy_state_dict()
         assert not [k for k in deployed if "distill_losses" in k or "connector" in k]
         student_cfg = cfg.clone()
-        student_cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentor"
+        student_cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentorAnySize"
         result = build_model(student_cfg).load_state_dict(deployed, strict=True)
         assert not result.missing_keys and not result.unexpected_keys
 
@@ -186,7 +186,7 @@ MODEL:
         deployed = model.deploy_state_dict()
         assert deployed and all(k.startswith(("backbone.", "sem_seg_head.")) for k in deployed)
         plain_cfg = cfg.clone()
-        plain_cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentor"
+        plain_cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentorAnySize"
         result = build_model(plain_cfg).load_state_dict(deployed, strict=True)
         assert not result.missing_keys and not result.unexpected_keys
 

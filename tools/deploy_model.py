@@ -34,7 +34,7 @@ def main(argv=None):
                            "KEY VALUE overrides (MODEL.WEIGHTS is required)")
     p.add_argument("--output", required=True, help="where to write the deployed checkpoint (.pth)")
     p.add_argument("--target", choices=("plain", "anytime"), default="plain",
-                   help="plain: the deployed SemanticSegmentor (default); anytime: the AnytimeSegmentor")
+                   help="plain: the deployed plain model, SemanticSegmentorAnySize (default); anytime: the AnytimeSegmentor")
     args = p.parse_args(argv)
     setup_logger(name="segdistill")
     cfg = load_yaml_config(args.config_file, args.opts)

@@ -1,6 +1,6 @@
 # Lazy building blocks of the model zoo: the papers' segmentors as LazyCall trees.
 #
-# Each function returns `L(SemanticSegmentor)(...)` with a timm backbone and one of the
+# Each function returns `L(SemanticSegmentorAnySize)(...)` with a timm backbone and one of the
 # project's heads, with the same layout as the YAML configs of configs/<dataset>/baseline/.
 # Every norm layer follows NORM: BN on CPU / one GPU, SyncBN when several CUDA processes
 # train (`auto_norm`, resolved when the model is built); set e.g.
@@ -8,7 +8,7 @@
 
 from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import SemanticSegmentor
+from segdistill.modeling.meta_arch import SemanticSegmentorAnySize
 from segdistill.modeling.backbones import HRNetBackbone, TimmBackbone
 from segdistill.modeling.backbones.norm import auto_norm
 from segdistill.modeling.heads import (
@@ -78,7 +78,7 @@ def aux_head(name, output_stride, num_classes, channels, feature="res4", weight=
 
 
 def segmentor(body, head):
-    return L(SemanticSegmentor)(backbone=body, sem_seg_head=head, pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD)
+    return L(SemanticSegmentorAnySize)(backbone=body, sem_seg_head=head, pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD)
 
 
 def deeplabv3(name, num_classes, aspp_channels, aux_channels=0, bottleneck_convs=1, output_stride=8):

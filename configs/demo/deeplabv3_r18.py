@@ -1,6 +1,6 @@
 # Lazy-config twin of deeplabv3_r18.yaml: DeepLabV3 on a dilated ResNet-18, demo dataset, CPU.
 from detectron2.config import LazyCall as L
-from detectron2.modeling import SemanticSegmentor
+from segdistill.modeling.meta_arch import SemanticSegmentorAnySize
 
 from ..common.demo_data import dataloader
 from ..common.demo_model import PIXEL_MEAN, PIXEL_STD, demo_backbone, demo_deeplabv3_head
@@ -8,7 +8,7 @@ from ..common.optim import SGD as optimizer
 from ..common.schedule import poly_lr_multiplier as lr_multiplier
 from ..common.train import train
 
-model = L(SemanticSegmentor)(
+model = L(SemanticSegmentorAnySize)(
     backbone=demo_backbone(),
     sem_seg_head=demo_deeplabv3_head(),
     pixel_mean=PIXEL_MEAN,

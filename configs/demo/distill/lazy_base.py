@@ -4,7 +4,7 @@
 # `model.losses.opts` changes settings as KEY VALUE pairs); train with
 #   python train_net.py --config-file configs/demo/distill/cwd.py
 from detectron2.config import LazyCall as L
-from detectron2.modeling import SemanticSegmentor
+from segdistill.modeling.meta_arch import SemanticSegmentorAnySize
 from segdistill.modeling.distill import distill_losses_from_names
 from segdistill.modeling.meta_arch.distill import Distiller, build_teacher
 
@@ -14,7 +14,7 @@ from ...common.optim import SGD as optimizer
 from ...common.schedule import poly_lr_multiplier as lr_multiplier
 from ...common.train import train
 
-student = L(SemanticSegmentor)(
+student = L(SemanticSegmentorAnySize)(
     backbone=demo_backbone("mobilenetv2_100"),
     sem_seg_head=demo_deeplabv3_head(in_channels=320, aspp_channels=64),
     pixel_mean=PIXEL_MEAN,

@@ -229,9 +229,10 @@ def _add_distill_keys(cfg: CN) -> None:
     """MODEL.DISTILL: teacher-student distillation (docs/distillation.md), the keys the Distiller reads."""
     # Used by META_ARCHITECTURE "Distiller" (modeling/meta_arch/distill.py; losses in modeling/distill).
     cfg.MODEL.DISTILL = CN()
-    # Meta-architecture of the student, built from this config's MODEL as usual: SemanticSegmentor,
-    # MultiExitSegmentor, or any segmentor implementing the tap contract (modeling/distill/taps.py).
-    cfg.MODEL.DISTILL.STUDENT_META_ARCHITECTURE = "SemanticSegmentor"
+    # Meta-architecture of the student, built from this config's MODEL as usual:
+    # SemanticSegmentorAnySize (the plain model, outputs at any input size), MultiExitSegmentor,
+    # or any segmentor implementing the tap contract (modeling/distill/taps.py).
+    cfg.MODEL.DISTILL.STUDENT_META_ARCHITECTURE = "SemanticSegmentorAnySize"
     cfg.MODEL.DISTILL.TEACHER = CN()
     # The teacher's own config (YAML or lazy .py; relative paths: working directory, then
     # the repository root) and its trained weights (a local detectron2 checkpoint).

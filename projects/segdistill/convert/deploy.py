@@ -3,8 +3,10 @@
 Training-only parts (a multi-exit segmentor's exits, a distiller's teacher and loss state)
 cost nothing at inference because they are dropped here. A model that has such parts
 implements :class:`~.contracts.DeployableModel`: its ``deploy_state_dict()`` returns the
-weights of its plain deployed model (the keys that model's own config builds, e.g. a
-``SemanticSegmentor``); every other model deploys its whole ``state_dict()``.
+weights of its plain deployed model (the keys that model's own config builds: the baseline
+configs say ``MODEL.META_ARCHITECTURE "SemanticSegmentorAnySize"``, whose keys are detectron2's
+``SemanticSegmentor``'s, so a deployed file loads into either); every other model deploys its
+whole ``state_dict()``.
 """
 from __future__ import annotations
 

@@ -40,8 +40,8 @@ __all__ = [
 # The size each dataset's papers evaluate (and count FLOPs) at.
 EVAL_SIZES = {"cityscapes": (1024, 2048), "coco_stuff": (512, 512), "camvid": (360, 480), "demo": (160, 160)}
 # Meta-architectures whose deployed model this script counts. Others (multi-exit, distiller)
-# deploy a SemanticSegmentor from their baseline config; add them here with their rule.
-COUNTED_META_ARCHS = ("SemanticSegmentor",)
+# deploy a SemanticSegmentorAnySize from their baseline config; add them here with their rule.
+COUNTED_META_ARCHS = ("SemanticSegmentorAnySize", "SemanticSegmentor")
 # Ops whose fvcore count is a multiply-accumulate of weights (what CIRKD's cal_multi_adds counts).
 MAC_OPS = ("conv", "linear", "matmul", "bmm", "einsum", "addmm")
 
@@ -109,7 +109,8 @@ def meta_arch_of(path: str) -> str:
 
 
 class Deployed(nn.Module):
-    """Image tensor -> logits at input scale: the inference path without pre/post-processing."""
+    """Image tensor -> logits at the input size (the head resizes them, as SemanticSegmentorAnySize): the
+    inference path without pre/post-processing."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -117,7 +118,7 @@ class Deployed(nn.Module):
         self.head = model.sem_seg_head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))[0]
+        return self.head(self.backbone(x), output_size=tuple(x.shape[-2:]))[0]
 
 
 def count_params(model: nn.Module) -> Dict[str, int]:
@@ -171,7 +172,7 @@ def count_cirkd_macs(model: nn.Module, size: Tuple[int, int], device: str = "cpu
         model = model.to(device).eval()
         with torch.no_grad():
             feats = model.backbone(torch.randn(1, 3, *size, device=device))
-            model.sem_seg_head(feats)
+            model.sem_seg_head(feats, output_size=tuple(size))
             aux = getattr(model.sem_seg_head, "aux_head", None)
             if aux is not None:
                 aux(feats)

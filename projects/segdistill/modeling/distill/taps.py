@@ -10,14 +10,15 @@ built:
 * any backbone stage the backbone returns (``output_shape()``): ``res2`` .. ``res5`` of
   ResNet / MobileNetV2, HRNet's ``stage2_b0`` ... (docs/architecture.md, "Stage names").
 
-The contract is :class:`SegmentorTaps`. :class:`~segdistill.modeling.meta_arch.MultiExitSegmentor`
-implements it itself; detectron2's plain ``SemanticSegmentor`` (what the baseline and teacher
-configs build) is served by the adapter :class:`SemanticSegmentorTaps`, chosen by type when
-the distiller is built (:func:`segmentor_taps`; other segmentor classes register theirs with
+The contract is :class:`SegmentorTaps`. The project's meta-architectures
+(``SemanticSegmentorAnySize``, what the baseline and teacher configs build, and
+``MultiExitSegmentor``) implement it themselves; detectron2's plain ``SemanticSegmentor`` is
+served by the adapter :class:`SemanticSegmentorTaps`, chosen by type when the distiller is
+built (:func:`segmentor_taps`; other segmentor classes register theirs with
 :func:`register_tap_adapter`). A segmentor that neither implements the contract nor has an
 adapter is an error at build time naming the class.
 
-Both implementations need the head to follow segdistill's head contract
+Every implementation needs the head to follow segdistill's head contract
 (:class:`~segdistill.modeling.heads.SegHeadMixin`: ``forward_outputs`` and a 1x1
 ``predictor``), which is what exposes ``head_features`` and the classifier; they check it
 with :func:`~segdistill.modeling.heads.check_seg_head` when they are built, and then call

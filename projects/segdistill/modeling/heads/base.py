@@ -1,8 +1,17 @@
 """The contract every segdistill head follows, on top of detectron2's head contract.
 
 detectron2's ``SemanticSegmentor`` calls ``head(features, targets)`` and gets
-``(None, losses)`` in training and ``(logits at input scale, {})`` in inference. The
-multi-exit segmentor and the distiller also need what the head computes *before* its
+``(None, losses)`` in training and ``(logits at input scale, {})`` in inference. Here the
+call takes the size of the logits at inference too: ``head(features, targets, output_size=(H, W))``
+returns the logits resized (bilinear, the head's ``align_corners``) to ``H x W``, the size of
+the (padded) tensor that entered the backbone, as mmsegmentation resizes them: the project's
+meta-architectures (``SemanticSegmentorAnySize``, ``MultiExitSegmentor``, ``AnytimeSegmentor``)
+pass it, so the output is the same at every input size, also where the size is not a multiple
+of the head's stride. Without it (detectron2's own ``SemanticSegmentor``) the logits are
+upsampled by ``common_stride``, detectron2's rule, which crops the excess afterwards; the two
+agree bit for bit when the input is a multiple of the stride, and a warning (once) names the
+meta-architecture that passes the size. Training losses resize by the stride, to the
+(padded) targets' size. The multi-exit segmentor and the distiller also need what the head computes *before* its
 classifier, and the classifier itself (FAKD's closed-form bound reads its weight and bias).
 So every head here exposes:
 
@@ -12,7 +21,10 @@ So every head here exposes:
   exactly the head's logits;
 * ``forward_outputs(features) -> dict``: ``{"features", "logits"}`` plus ``"aux_logits"``
   in training when an auxiliary FCN head is configured;
-* ``losses(outputs, targets) -> dict``: ``loss_sem_seg`` (and ``loss_aux``).
+* ``losses(outputs, targets) -> dict``: ``loss_sem_seg`` (and ``loss_aux``);
+* ``predict_logits(logits, output_size)``: the logits as inference returns them (resized to
+  ``output_size``; by the stride without it); ``forward(features, targets, output_size=...)``
+  is ``forward_outputs`` then ``losses`` (training) or ``predict_logits`` (inference).
 
 Other components call ``head.forward_outputs(features)`` directly, after checking the head
 once, when they are built, with :func:`check_seg_head` (an ``isinstance`` test against
@@ -21,6 +33,7 @@ once, when they are built, with :func:`check_seg_head` (an ``isinstance`` test a
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -37,8 +50,11 @@ from ...data import config_class_weights
 from ..backbones.norm import resolve_norm
 
 __all__ = ["SegHeadMixin", "AuxFCNHead", "build_aux_head", "check_seg_head", "seg_head_names", "upsample_logits",
+           "resize_logits",
            "LOSS_TYPES", "CONTRACT_ARGS", "check_loss_type", "safe_cross_entropy", "sem_seg_loss", "build_classifier", "common_head_config",
            "single_in_feature", "multi_in_features", "conv_norm", "conv_norm_relu", "dropout2d", "HRNET_BRANCHES"]
+
+logger = logging.getLogger(__name__)
 
 LOSS_TYPES = ("cross_entropy", "hard_pixel_mining")
 # The keyword arguments of the head contract every head passes to SegHeadMixin._init_contract.
@@ -52,6 +68,16 @@ def upsample_logits(logits: torch.Tensor, stride: int, align_corners: bool = Fal
     if stride == 1:
         return logits
     return F.interpolate(logits.float(), scale_factor=stride, mode="bilinear", align_corners=align_corners)
+
+
+def resize_logits(logits: torch.Tensor, size: Sequence[int], align_corners: bool = False) -> torch.Tensor:
+    """Bilinear resize of N x K x h x w logits to ``size`` (H, W), as mmsegmentation's heads
+    resize theirs to the input; the logits as they are when they already have that size.
+    When ``size`` is ``stride`` times the logits' size this is :func:`upsample_logits`, bit for bit."""
+    size = (int(size[0]), int(size[1]))
+    if tuple(logits.shape[-2:]) == size:
+        return logits
+    return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=align_corners)
 
 
 def safe_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_value: int,
@@ -250,6 +276,7 @@ class SegHeadMixin(ConvertibleHead):
         self.loss_type = loss_type
         self.align_corners = bool(align_corners)
         self.aux_head = aux_head
+        self._warned_stride_rule = False  # see predict_logits
         # not persistent: a loss setting, so checkpoints stay the same with or without it
         self.register_buffer("class_weights", None if class_weights is None else
                              torch.tensor([float(w) for w in class_weights]), persistent=False)
@@ -264,11 +291,33 @@ class SegHeadMixin(ConvertibleHead):
             out["aux_logits"] = self.aux_head(features)
         return out
 
-    def forward(self, features: Dict[str, torch.Tensor], targets: Optional[torch.Tensor] = None):
+    def forward(self, features: Dict[str, torch.Tensor], targets: Optional[torch.Tensor] = None, *,
+                output_size: Optional[Sequence[int]] = None):
+        """detectron2's head call: ``(None, losses)`` in training; ``(logits, {})`` in
+        inference, at ``output_size`` (H, W: the size of the padded tensor that entered the
+        backbone) when given, else upsampled by ``common_stride`` (see :meth:`predict_logits`)."""
         outputs = self.forward_outputs(features)
         if self.training:
             return None, self.losses(outputs, targets)
-        return upsample_logits(outputs["logits"], self.common_stride, self.align_corners), {}
+        return self.predict_logits(outputs["logits"], output_size), {}
+
+    def predict_logits(self, logits: torch.Tensor, output_size: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """The head's logits (``forward_outputs(...)["logits"]``) as inference returns them:
+        resized to ``output_size`` (bilinear, ``align_corners``), or, when it is None
+        (detectron2's ``SemanticSegmentor``, which does not pass it), upsampled by
+        ``common_stride`` with a warning (once per head) that the output then depends on whether the
+        input is a multiple of the stride."""
+        if output_size is not None:
+            return resize_logits(logits, output_size, self.align_corners)
+        if not self._warned_stride_rule:
+            self._warned_stride_rule = True
+            logger.warning(
+                "%s was called without output_size (detectron2's SemanticSegmentor): its logits are upsampled by "
+                "the head's stride (%d), then cropped, which differs from resizing them to the input size where "
+                "the input is not a multiple of the stride (mmsegmentation's output). Use MODEL.META_ARCHITECTURE "
+                "'SemanticSegmentorAnySize' (segdistill's, which passes the input size).",
+                type(self).__name__, self.common_stride)
+        return upsample_logits(logits, self.common_stride, self.align_corners)
 
     def losses(self, outputs: Dict[str, torch.Tensor], targets: torch.Tensor) -> Dict[str, torch.Tensor]:
         logits = upsample_logits(outputs["logits"], self.common_stride, self.align_corners)

@@ -16,7 +16,8 @@ meta-architecture is the *deployed* form of a trained ``MultiExitSegmentor`` (do
 * the exit policy (``MODEL.EXITS.ANYTIME.POLICY``, or the ``policy`` attribute):
 
   - ``final``: the final head answers; no exit runs. The output is bit for bit the plain
-    deployed ``SemanticSegmentor``'s and the cost the same MACs (tested).
+    deployed ``SemanticSegmentorAnySize``'s (the head's logits resized to the padded input
+    size, at any input size) and the cost the same MACs (tested).
   - ``exit:<name>``: that exit always answers (stages after it are not run).
   - ``confidence``: per image, the exits with a finite threshold run shallowest first; the
     first whose confidence (``MODEL.EXITS.ANYTIME.CONFIDENCE``, :data:`ANYTIME_CONFIDENCES`)
@@ -28,6 +29,8 @@ meta-architecture is the *deployed* form of a trained ``MultiExitSegmentor`` (do
   input size, "time_s": wall time of this image's forward}``; with ``EVAL_FINAL`` also
   ``sem_seg_final`` and ``anytime["final_time_s"]`` (the plain path, run after the answer
   and timed on its own), so an evaluator reports both side by side.
+* an exit's answer is its logits resized (bilinear, ``align_corners`` False, as its training
+  loss resizes them) to the padded input size, the size the final head's logits get.
 * :meth:`AnytimeSegmentor.costs` measures (fvcore) the MACs of the parts every path is made
   of at one input size: backbone prefixes, exits, the answer's upsampling and the plain
   final path; :meth:`AnytimeCosts.macs` adds them up for a path (tested against a trace of
@@ -50,7 +53,6 @@ from torch.nn import functional as F
 from detectron2.config import configurable
 from detectron2.utils.registry import Registry
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
-from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 
 from ...convert import load_checked_weights
@@ -59,6 +61,7 @@ from ..exits import EXIT_OBJECTIVES, HEAD_FEATURE_PREFIX, ExitHead, build_exit_h
 from ..heads.base import check_seg_head
 from ..stagewise import StagewiseBackbone
 from ..test_time import WholeImageOnly, check_whole_image_only
+from .segmentor import postprocess_sem_seg
 
 __all__ = [
     "AnytimeSegmentor", "AnytimeCosts", "ANYTIME_CONFIDENCES",
@@ -208,6 +211,8 @@ class _ExitOnly(nn.Module):
 
 
 class _Upsample(nn.Module):
+    """An exit's answer: its logits resized to the padded input size (as :meth:`AnytimeSegmentor.run_stages`)."""
+
     def __init__(self, size):
         super().__init__()
         self.size = size
@@ -266,8 +271,9 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
         """
         Args:
             backbone: a :class:`StagewiseBackbone` (segdistill's timm backbones).
-            sem_seg_head: the final head, as the plain ``SemanticSegmentor`` has it.
-            pixel_mean, pixel_std: as ``SemanticSegmentor``.
+            sem_seg_head: the final head, as the plain ``SemanticSegmentorAnySize`` has it (one of
+                segdistill's heads, :class:`~segdistill.modeling.heads.SegHeadMixin`: it takes the output size).
+            pixel_mean, pixel_std: as ``SemanticSegmentorAnySize``.
             exits: backbone stage name -> :class:`ExitHead` over the head's classes (built
                 without classifier); {} for a model without exits (policy ``final`` only).
             policy: ``final``, ``exit:<name>`` or ``confidence`` (settable later: ``model.policy = ...``).
@@ -295,8 +301,8 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
                 f"Anytime exits must sit on backbone stages (an exit on the head's features {heads} answers "
                 f"after the head has run); {bad} are not stages of {type(backbone).__name__}: {stages}."
                 if heads else f"Exits {bad} are not stages of {type(backbone).__name__}: {stages}.")
+        check_seg_head(sem_seg_head, "AnytimeSegmentor resizes the head's logits to the input size")
         if exits:
-            check_seg_head(sem_seg_head, "AnytimeSegmentor cannot check the exits' classes against the head's")
             k = sem_seg_head.predictor.out_channels
             wrong = {n: e.num_classes for n, e in exits.items() if e.num_classes != k}
             if wrong:
@@ -439,7 +445,8 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
                     break
         finally:
             stages.close()  # later stages are never computed
-        results, _ = self.sem_seg_head(features, None)  # the plain deployed path, as SemanticSegmentor
+        # the plain deployed path, as SemanticSegmentorAnySize
+        results, _ = self.sem_seg_head(features, None, output_size=tuple(x.shape[-2:]))
         return results, FINAL, tuple(evaluated)
 
     def _decide(self, image_sizes):
@@ -454,11 +461,7 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
         return by_confidence
 
     def _postprocess(self, logits, batched_inputs, images):
-        out = []
-        for i, (inp, image_size) in enumerate(zip(batched_inputs, images.image_sizes)):
-            out.append(sem_seg_postprocess(logits[i], image_size, inp.get("height", image_size[0]),
-                                           inp.get("width", image_size[1])))
-        return out
+        return postprocess_sem_seg(logits, batched_inputs, images)
 
     def _infer(self, batched_inputs) -> List[dict]:
         start = self._clock()

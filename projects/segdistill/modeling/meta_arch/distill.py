@@ -1,7 +1,7 @@
 """Distiller: a frozen teacher, any student segmentor, and registered distillation losses on taps.
 
 * The **student** is built from the config's ``MODEL`` with the meta-architecture named in
-  ``MODEL.DISTILL.STUDENT_META_ARCHITECTURE`` (``SemanticSegmentor``, ``MultiExitSegmentor``,
+  ``MODEL.DISTILL.STUDENT_META_ARCHITECTURE`` (``SemanticSegmentorAnySize``, ``MultiExitSegmentor``,
   or any segmentor with the tap contract, :class:`~segdistill.modeling.distill.SegmentorTaps`).
 * The **teacher** comes from its own config file and weights
   (``MODEL.DISTILL.TEACHER.{CONFIG_FILE,WEIGHTS,OPTS}``). It is held outside the module tree

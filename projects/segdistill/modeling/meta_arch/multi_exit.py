@@ -3,9 +3,11 @@
 The final path has exactly detectron2's ``SemanticSegmentor`` parameter names
 (``backbone.*``, ``sem_seg_head.*``), so :meth:`deploy_state_dict` (exits, final classifier
 and objective state removed) loads into the plain baseline config with no missing or
-unexpected keys. In ``eval()`` the exits do not run and the output is
-``SemanticSegmentor``'s, bit for bit, unless ``eval_exits`` is set (``MODEL.EXITS.EVAL_EXITS``
-or the attribute): then each exit's prediction comes back too as ``sem_seg_<exit>``.
+unexpected keys. In ``eval()`` the exits do not run and the output is the plain
+:class:`~segdistill.modeling.meta_arch.SemanticSegmentorAnySize`'s, bit for bit (the head's
+logits resized to the padded input size, at any size), unless ``eval_exits`` is set
+(``MODEL.EXITS.EVAL_EXITS`` or the attribute): then each exit's prediction comes back too as
+``sem_seg_<exit>``, its logits resized (bilinear) to the same padded input size.
 
 In training the backbone, head, exits and final classifier outputs are collected in one
 :class:`~segdistill.modeling.exits.MultiExitOutputs`; the objective of ``MODEL.EXITS.MODE``
@@ -28,7 +30,7 @@ from torch.nn import functional as F
 
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import META_ARCH_REGISTRY, SemanticSegmentor, build_backbone, build_sem_seg_head
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 
@@ -39,10 +41,9 @@ from ..exits import (
     EXIT_OBJECTIVES, HEAD_FEATURE_PREFIX, ExitFusion, ExitObjective, ExitOutput, MultiExitOutputs,
     MultiLabelClassifier, build_exit_heads, exit_modes, exit_size,
 )
-from ..distill.taps import (
-    HEAD_TAPS, SegmentorTaps, StudentTaps, collect_taps, head_tap_shapes, normalise_inputs,
-)
-from ..heads.base import SegHeadMixin, check_seg_head
+from ..distill.taps import HEAD_TAPS, StudentTaps, collect_taps, normalise_inputs
+from ..heads.base import SegHeadMixin
+from .segmentor import SemanticSegmentorAnySize
 
 __all__ = ["MultiExitSegmentor", "exit_modes", "head_feature_shapes"]
 
@@ -74,8 +75,8 @@ def _build_backbone_with_exit_stages(cfg, exit_names):
 
 
 @META_ARCH_REGISTRY.register()
-class MultiExitSegmentor(SemanticSegmentor, SegmentorTaps, DeployableModel):
-    """SemanticSegmentor with exits on intermediate stages (deep supervision, Self-Regulation, HS3, ...)."""
+class MultiExitSegmentor(SemanticSegmentorAnySize, DeployableModel):
+    """SemanticSegmentorAnySize with exits on intermediate stages (deep supervision, Self-Regulation, HS3, ...)."""
 
     @configurable
     def __init__(
@@ -93,8 +94,8 @@ class MultiExitSegmentor(SemanticSegmentor, SegmentorTaps, DeployableModel):
     ):
         """
         Args:
-            backbone, sem_seg_head, pixel_mean, pixel_std: as ``SemanticSegmentor``; the head
-                must be one of segdistill's heads (:class:`SegHeadMixin`) when there are exits.
+            backbone, sem_seg_head, pixel_mean, pixel_std: as ``SemanticSegmentorAnySize`` (the
+                head is one of segdistill's heads, :class:`SegHeadMixin`).
             exits: exit name (a backbone output, or ``head_features``) -> :class:`ExitHead`,
                 shallowest first (see :func:`build_exit_heads`); None/empty = plain training.
             final_classifier: multi-label classifier on the head's features (MEA / SR-L), or None.
@@ -122,7 +123,6 @@ class MultiExitSegmentor(SemanticSegmentor, SegmentorTaps, DeployableModel):
             return
         if objective is None:
             raise ValueError("A MultiExitSegmentor with exits needs an objective (MODEL.EXITS.MODE 'ds', 'sr', ...).")
-        check_seg_head(sem_seg_head, f"{type(self).__name__} cannot attach exits", ", or MODEL.EXITS.MODE 'none'")
         available = {**dict(backbone.output_shape()), **head_feature_shapes(sem_seg_head)}
         missing = [n for n in self.exits if n not in available]
         if missing:
@@ -194,7 +194,7 @@ class MultiExitSegmentor(SemanticSegmentor, SegmentorTaps, DeployableModel):
 
     # ------------------------------------------------------------------ deployment
     def deploy_state_dict(self) -> Dict[str, torch.Tensor]:
-        """The weights of the plain ``SemanticSegmentor``: exits, classifier and objective state removed.
+        """The weights of the plain ``SemanticSegmentorAnySize``: exits, classifier and objective state removed.
 
         With a fusion (HS3-Fuse): also the fusion's parameters, the exits' parts it reads
         (``ExitFusion.exit_parts``) and the objective's buffers (HS3: the clusters the exits were
@@ -255,12 +255,9 @@ class MultiExitSegmentor(SemanticSegmentor, SegmentorTaps, DeployableModel):
         return losses
 
     # ------------------------------------------------------------------ distillation taps
-    # The tap contract (segdistill.modeling.distill.SegmentorTaps): a distilled multi-exit
-    # student keeps its exit losses; as a teacher it runs the deployed path only.
-    def tap_shapes(self):
-        check_seg_head(self.sem_seg_head, f"{type(self).__name__} cannot give distillation taps")
-        return {**dict(self.backbone.output_shape()), **head_tap_shapes(self.sem_seg_head)}
-
+    # The tap contract (segdistill.modeling.distill.SegmentorTaps, the rest as
+    # SemanticSegmentorAnySize): a distilled multi-exit student keeps its exit losses; as a
+    # teacher it runs the deployed path only.
     def tap_student(self, batched_inputs, taps) -> StudentTaps:
         images, targets = normalise_inputs(self, batched_inputs)
         features = self.backbone(images.tensor)
@@ -282,12 +279,6 @@ class MultiExitSegmentor(SemanticSegmentor, SegmentorTaps, DeployableModel):
         if set(taps) & set(HEAD_TAPS):
             head = self.sem_seg_head.forward_outputs(self._head_input(features, tuple(images.shape[-2:]))[0])
         return collect_taps(taps, features, head)
-
-    def tap_classifier(self):
-        return self.sem_seg_head.predictor
-
-    def tap_normalization(self):
-        return self.pixel_mean, self.pixel_std, self.backbone.size_divisibility
 
     def _head_input(self, features, image_hw, with_classifier: bool = False):
         """(the head's input features, exit outputs or None): with a fusion the exits run and
@@ -313,18 +304,20 @@ class MultiExitSegmentor(SemanticSegmentor, SegmentorTaps, DeployableModel):
         return self._inference_with_exits(batched_inputs, images, features)
 
     def _inference_with_exits(self, batched_inputs, images: ImageList, features):
-        head_in, fused_exits = self._head_input(features, tuple(images.tensor.shape[-2:]))
-        results, _ = self.sem_seg_head(head_in, None)  # the deployed path, exactly as SemanticSegmentor
+        input_hw = tuple(images.tensor.shape[-2:])
+        head_in, fused_exits = self._head_input(features, input_hw)
+        # the deployed path, exactly as SemanticSegmentorAnySize
+        results, _ = self.sem_seg_head(head_in, None, output_size=input_hw)
         exit_logits = {}
         if fused_exits is not None:  # fusion: the exits already ran
             raw = {n: o.seg_logits for n, o in fused_exits.items()} if self.eval_exits else {}
         else:
             head_out = self.sem_seg_head.forward_outputs(features) if self._uses_head_features else None
             sources = self._exit_sources(features, head_out)
-            size = exit_size(images.tensor.shape[-2:], self.common_stride)
+            size = exit_size(input_hw, self.common_stride)
             raw = {n: ex(sources[n], size, with_classifier=False).seg_logits for n, ex in self.exits.items()}
-        for name, logits in raw.items():
-            exit_logits[name] = F.interpolate(logits, size=images.tensor.shape[-2:], mode="bilinear", align_corners=False)
+        for name, logits in raw.items():  # as the exits' losses resize them (align_corners False)
+            exit_logits[name] = F.interpolate(logits, size=input_hw, mode="bilinear", align_corners=False)
         processed = []
         for i, (inp, image_size) in enumerate(zip(batched_inputs, images.image_sizes)):
             height = inp.get("height", image_size[0])
