@@ -131,7 +131,7 @@ def learn_receptive_tokens(batches: Iterable[Tuple[torch.Tensor, torch.Tensor]],
         opt.zero_grad()
         loss.backward()
         opt.step()
-        last = {"ce": float(ce), "dice": float(dice), "lr": opt.param_groups[0]["lr"]}
+        last = {"ce": float(ce.detach()), "dice": float(dice.detach()), "lr": opt.param_groups[0]["lr"]}
         if log_period and ((step + 1) % log_period == 0 or step + 1 == iterations):
             logger.info("MasKD tokens: iteration %d/%d, CE %.4f, Dice %.4f, lr %.5f", step + 1, iterations,
                         last["ce"], last["dice"], last["lr"])
