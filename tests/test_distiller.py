@@ -312,7 +312,8 @@ def test_paper_pair_configs(dataset, student):
 DEMO = {"pd": ["pd"], "cwd": ["cwd"], "hwd": ["hwd"], "fakd_cwd": ["fakd_cwd"], "fakd_pd": ["fakd_pd"],
         "hwd_fakd_pd": ["hwd", "fakd_pd"], "skd": ["pd", "skd"], "ifvd": ["pd", "ifvd"], "cirkd": ["pd", "cirkd"],
         "mgd": ["mgd", "cwd"], "dist": ["dist"], "fitnet": ["pd", "fitnet"], "at": ["pd", "at"],
-        "afdcd": ["pd", "afdcd"]}
+        "afdcd": ["pd", "afdcd"],
+        "maskd": ["maskd"]}
 
 
 @pytest.mark.parametrize("name", ["student"] + list(DEMO))

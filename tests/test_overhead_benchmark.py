@@ -26,7 +26,8 @@ def _load():
 overhead = _load()
 METHODS = ["ds", "mea", "mea_srl", "mea_srf", "sr", "hs3", "hs3_fuse",
            "pd", "cwd", "hwd", "fakd_cwd", "fakd_pd", "hwd_fakd_pd",
-           "skd", "ifvd", "cirkd", "mgd", "dist", "fitnet", "at", "afdcd"]
+           "skd", "ifvd", "cirkd", "mgd", "dist", "fitnet", "at", "afdcd",
+           "maskd"]
 WITH_PARTS = {"skd", "ifvd", "cirkd", "mgd", "fitnet", "afdcd"}  # distillation rows with trainable loss parts
 
 
