@@ -89,6 +89,7 @@ METHODS: Dict[str, Method] = {m.name: m for m in [
     # 79-82); pooled 4x4, the table's 6x8 res5 maps would keep 1x2 positions
     _distill("afdcd", "Af-DCD", ["pd", "afdcd"], ("MODEL.DISTILL.AFDCD.POOL", "0")),
     _distill("diffkd", "DiffKD", ["pd", "diffkd"]),
+    _distill("maskd", "MasKD", ["maskd"]),  # its tokens file first (tools/maskd_tokens.py); a random teacher draws them
 ]}
 
 # The CamVid table's blocks: block -> (title with the papers, methods; the first is the baseline of the others)

@@ -18,7 +18,7 @@ names and overrides), each built from the demo-scale config of its family (``con
 * distillation (``distill/Base-Distill.yaml`` with the method's ``MODEL.DISTILL.LOSSES``, as
   ``distill/<method>.yaml``): ``pd``, ``cwd``, ``hwd``, ``fakd_cwd``, ``fakd_pd``,
   ``hwd_fakd_pd`` and the comparison rows ``skd``, ``ifvd``, ``cirkd``, ``mgd``, ``dist``,
-  ``fitnet``, ``at``, ``afdcd``, ``diffkd`` (each with its full objective, e.g. PD + SKD) against ``student``, the
+  ``fitnet``, ``at``, ``afdcd``, ``diffkd``, ``maskd`` (each with its full objective, e.g. PD + SKD) against ``student``, the
   demo student (DeepLabV3 on MobileNetV2) trained alone. The teacher (DeepLabV3-R18, 256-channel ASPP) has random weights
   (``MODEL.DISTILL.TEACHER.ALLOW_RANDOM``): its cost does not depend on them.
 
@@ -172,6 +172,7 @@ ROWS: Dict[str, Row] = {n: _row(METHODS[n]) for n in [
     "baseline", "student", "ds", "mea", "mea_srl", "mea_srf", "sr", "hs3", "hs3_fuse",
     "pd", "cwd", "hwd", "fakd_cwd", "fakd_pd", "hwd_fakd_pd", "skd", "ifvd", "cirkd", "mgd", "dist", "fitnet", "at", "afdcd",
     "diffkd",
+    "maskd",
 ]}
 BASELINES = [n for n, m in ROWS.items() if m.baseline is None]
 CHOICES = [n for n, m in ROWS.items() if m.baseline is not None]

@@ -314,7 +314,8 @@ DEMO = {"pd": ["pd"], "cwd": ["cwd"], "hwd": ["hwd"], "fakd_cwd": ["fakd_cwd"], 
         "hwd_fakd_pd": ["hwd", "fakd_pd"], "skd": ["pd", "skd"], "ifvd": ["pd", "ifvd"], "cirkd": ["pd", "cirkd"],
         "mgd": ["mgd", "cwd"], "dist": ["dist"], "fitnet": ["pd", "fitnet"], "at": ["pd", "at"],
         "afdcd": ["pd", "afdcd"],
-        "diffkd": ["pd", "diffkd"]}
+        "diffkd": ["pd", "diffkd"],
+        "maskd": ["maskd"]}
 
 
 @pytest.mark.parametrize("name", ["student"] + list(DEMO))

@@ -29,7 +29,7 @@ overhead = _load()
 METHODS = ["ds", "mea", "mea_srl", "mea_srf", "sr", "hs3", "hs3_fuse",
            "pd", "cwd", "hwd", "fakd_cwd", "fakd_pd", "hwd_fakd_pd",
            "skd", "ifvd", "cirkd", "mgd", "dist", "fitnet", "at", "afdcd",
-           "diffkd"]
+           "diffkd", "maskd"]
 WITH_PARTS = {"skd", "ifvd", "cirkd", "mgd", "fitnet", "afdcd",
               "diffkd"}  # distillation rows with trainable loss parts
 
