@@ -298,7 +298,9 @@ def _cache_listing(cache: str) -> Dict[str, int]:
     return {n: os.path.getsize(os.path.join(cache, n)) for n in sorted(os.listdir(cache))} if os.path.isdir(cache) else {}
 
 
-def _run(argv: Sequence[str], env: Dict[str, str], log: str) -> None:
+def run_train_net(argv: Sequence[str], env: Dict[str, str], log: str) -> None:
+    """``python train_net.py ARGV`` in a process of its own with the environment ``env``; its
+    output goes to ``log``."""
     with open(log, "w") as f:
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_net.py"), *argv], cwd=ROOT, env=env,
                               stdout=f, stderr=subprocess.STDOUT)
@@ -308,12 +310,21 @@ def _run(argv: Sequence[str], env: Dict[str, str], log: str) -> None:
         raise RuntimeError(f"train_net.py exited with {proc.returncode} (log: {log}):\n{tail}")
 
 
+def _fetch_lines(log: str) -> List[str]:
+    """The log lines of the weights' downloads and cache hits (segdistill.convert.fetch) in a
+    run's ``OUTPUT_DIR/log.txt``."""
+    with open(log) as f:
+        return [line.split("]: ", 1)[1].rstrip() for line in f if " segdistill.convert.fetch]: " in line]
+
+
 def _quote(argv: Sequence[str]) -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
 
-def end_to_end(work: str, *, iterations: int = 2, out: Callable[[str], None] = print) -> Dict[str, List[str]]:
+def end_to_end(work: str, *, iterations: int = 2, out: Callable[[str], None] = print,
+               runner: Callable[[Sequence[str], Dict[str, str], str], None] = run_train_net) -> Dict[str, List[str]]:
     """The documented run (see the module's docstring) in ``work``; returns each run's requests.
+    ``runner(argv, env, log)`` runs ``train_net.py`` (default: :func:`run_train_net`).
     Raises RuntimeError when a run fails or a check does not hold."""
     work = os.path.abspath(work)
     served, cache, runs = (os.path.join(work, d) for d in ("served", "cache", "runs"))
@@ -342,23 +353,25 @@ def end_to_end(work: str, *, iterations: int = 2, out: Callable[[str], None] = p
 
         def run(name: str, argv: List[str]) -> List[str]:
             before = len(server.requests)
+            argv = argv + ["OUTPUT_DIR", os.path.join(runs, name)]
             out(f"\n[{name}] python train_net.py {_quote(argv)}")
             start = time.monotonic()
-            _run(argv, env, os.path.join(runs, f"{name}.log"))
+            runner(argv, env, os.path.join(runs, f"{name}.log"))
             made = server.requests[before:]
             requests[name] = made
             out(f"[{name}] done in {time.monotonic() - start:.1f} s; requests: {made or 'none'}")
+            for line in _fetch_lines(os.path.join(runs, name, "log.txt")):
+                out(f"[{name}]   log: {line}")
             return made
 
         for rnd in (1, 2):
             train_dir = os.path.join(runs, f"train{rnd}")
-            run(f"train{rnd}", config + opts + ["OUTPUT_DIR", train_dir])
+            run(f"train{rnd}", config + opts)
             if rnd == 1:
                 # the trained model, published as a model zoo would publish it
                 trained = add_hashed(os.path.join(train_dir, "model_final.pth"), served, "pd_mobilenetv2_demo")
                 out(f"published {os.path.join(train_dir, 'model_final.pth')} as {trained}")
-            run(f"eval{rnd}", config + ["--eval-only"] + opts + [
-                "OUTPUT_DIR", os.path.join(runs, f"eval{rnd}"), "MODEL.WEIGHTS", server.url_of(trained)])
+            run(f"eval{rnd}", config + ["--eval-only"] + opts + ["MODEL.WEIGHTS", server.url_of(trained)])
 
     listing = _cache_listing(cache)
     out(f"\ncache {cache}:")
