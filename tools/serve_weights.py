@@ -139,7 +139,8 @@ class LoopbackServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self._thread: Optional[threading.Thread] = None
         self._timer: Optional[threading.Timer] = None
-        self._stopped = threading.Event()
+        self._stopped = threading.Event()  # set once the socket is closed
+        self._stop_lock = threading.Lock()
 
     @property
     def requests(self) -> List[str]:
@@ -159,16 +160,18 @@ class LoopbackServer:
         return self
 
     def stop(self) -> None:
-        """Stop serving and close the socket (idempotent; also called by the lifetime's timer)."""
-        if self._stopped.is_set():
-            return
-        self._stopped.set()
-        if self._timer is not None and self._timer is not threading.current_thread():
-            self._timer.cancel()
-        if self._thread is not None:
-            self._httpd.shutdown()
-            self._thread.join(timeout=10)
-        self._httpd.server_close()
+        """Stop serving and close the socket (idempotent; also called by the lifetime's timer).
+        Returns once the port no longer accepts connections."""
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            if self._timer is not None and self._timer is not threading.current_thread():
+                self._timer.cancel()
+            if self._thread is not None:
+                self._httpd.shutdown()
+                self._thread.join(timeout=10)
+            self._httpd.server_close()
+            self._stopped.set()
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Block until the server stops (its lifetime, or :meth:`stop`); True if it has."""
@@ -310,11 +313,14 @@ def run_train_net(argv: Sequence[str], env: Dict[str, str], log: str) -> None:
         raise RuntimeError(f"train_net.py exited with {proc.returncode} (log: {log}):\n{tail}")
 
 
+_FETCH = " segdistill.convert.fetch INFO: "  # how detectron2's log file names the lines of convert/fetch.py
+
+
 def _fetch_lines(log: str) -> List[str]:
     """The log lines of the weights' downloads and cache hits (segdistill.convert.fetch) in a
     run's ``OUTPUT_DIR/log.txt``."""
     with open(log) as f:
-        return [line.split("]: ", 1)[1].rstrip() for line in f if " segdistill.convert.fetch]: " in line]
+        return [line.split(_FETCH, 1)[1].rstrip() for line in f if _FETCH in line]
 
 
 def _quote(argv: Sequence[str]) -> str:
@@ -366,7 +372,7 @@ def end_to_end(work: str, *, iterations: int = 2, out: Callable[[str], None] = p
 
         for rnd in (1, 2):
             train_dir = os.path.join(runs, f"train{rnd}")
-            run(f"train{rnd}", config + opts)
+            run(f"train{rnd}", config + opts + ["DATASETS.TEST", "()"])  # evaluated by the next run
             if rnd == 1:
                 # the trained model, published as a model zoo would publish it
                 trained = add_hashed(os.path.join(train_dir, "model_final.pth"), served, "pd_mobilenetv2_demo")
