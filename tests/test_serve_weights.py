@@ -123,4 +123,6 @@ def test_end_to_end_toy(tmp_path, monkeypatch):
     assert "(MODEL.DISTILL.TEACHER.WEIGHTS) to " + str(cache) in text
     assert "(MODEL.TIMM.CHECKPOINT) to " + str(cache) in text
     assert "MODEL.TIMM.CHECKPOINT = http://127.0.0.1:" in text and ": using the cached " + str(cache) in text
+    assert "the backbone's ImageNet initialisation (http://127.0.0.1:" in text  # not read by --eval-only
+    assert text.count("Task: sem_seg_teacher") == 2  # both evaluations scored student and teacher
     assert "the second training and evaluation made no request" in text

@@ -37,6 +37,7 @@ import hashlib
 import http.server
 import io
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -287,14 +288,17 @@ def make_imagenet_file(folder: str, model_name: str = "mobilenetv2_100", seed: i
 STUDENT_CONFIG = "configs/demo/distill/pd.yaml"
 
 
-def toy_opts(iterations: int) -> List[str]:
-    """The demo's mini dataset at toy size: a few seconds a run on a CPU."""
+def train_opts(iterations: int) -> List[str]:
+    """A toy schedule on the demo's mini training set (no evaluation: the next run's job)."""
     return [
-        "DATASETS.TRAIN", '("segdistill_demo_mini_train",)', "DATASETS.TEST", '("segdistill_demo_mini_val",)',
-        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1", "SOLVER.MAX_ITER", str(iterations),
-        "SOLVER.CHECKPOINT_PERIOD", "1000", "TEST.EVAL_PERIOD", "0", "INPUT.CROP.SIZE", "(64,64)",
-        "MODEL.SEM_SEG_HEAD.ASPP_CHANNELS", "16", "DATALOADER.NUM_WORKERS", "0",
+        "DATASETS.TRAIN", '("segdistill_demo_mini_train",)', "DATASETS.TEST", "()", "SOLVER.IMS_PER_BATCH", "2",
+        "SOLVER.WARMUP_ITERS", "1", "SOLVER.MAX_ITER", str(iterations), "SOLVER.CHECKPOINT_PERIOD", "1000",
+        "INPUT.CROP.SIZE", "(64,64)", "DATALOADER.NUM_WORKERS", "0",
     ]
+
+
+#: The evaluation: the demo's mini validation set.
+EVAL_OPTS = ["DATASETS.TEST", '("segdistill_demo_mini_val",)', "DATALOADER.NUM_WORKERS", "0"]
 
 
 def _cache_listing(cache: str) -> Dict[str, int]:
@@ -313,14 +317,15 @@ def run_train_net(argv: Sequence[str], env: Dict[str, str], log: str) -> None:
         raise RuntimeError(f"train_net.py exited with {proc.returncode} (log: {log}):\n{tail}")
 
 
-_FETCH = " segdistill.convert.fetch INFO: "  # how detectron2's log file names the lines of convert/fetch.py
+# how detectron2's log file names the lines this run reports: the weights' downloads and cache
+# hits (convert/fetch.py), what the trainer does with them, the evaluation's results
+_REPORTED = re.compile(r"\] (segdistill\.convert\.fetch|segdistill\.engine\.trainer|d2\.evaluation\.testing) INFO: (.*)")
 
 
-def _fetch_lines(log: str) -> List[str]:
-    """The log lines of the weights' downloads and cache hits (segdistill.convert.fetch) in a
-    run's ``OUTPUT_DIR/log.txt``."""
+def _reported_lines(log: str) -> List[str]:
+    """The lines of a run's ``OUTPUT_DIR/log.txt`` about its weights, and its results."""
     with open(log) as f:
-        return [line.split(_FETCH, 1)[1].rstrip() for line in f if _FETCH in line]
+        return [m[2].rstrip().replace("copypaste: ", "") for m in map(_REPORTED.search, f) if m]
 
 
 def _quote(argv: Sequence[str]) -> str:
@@ -354,7 +359,8 @@ def end_to_end(work: str, *, iterations: int = 2, out: Callable[[str], None] = p
     with LoopbackServer(served) as server:
         out(f"serving on {server.url}; SEGDISTILL_CACHE={cache}")
         config = ["--config-file", STUDENT_CONFIG]
-        opts = [*toy_opts(iterations), "MODEL.DISTILL.TEACHER.CONFIG_FILE", teacher_yaml,
+        # the model: a narrower student head, the tiny teacher; every weight by URL
+        model = ["MODEL.SEM_SEG_HEAD.ASPP_CHANNELS", "16", "MODEL.DISTILL.TEACHER.CONFIG_FILE", teacher_yaml,
                 "MODEL.DISTILL.TEACHER.WEIGHTS", server.url_of(teacher), "MODEL.TIMM.CHECKPOINT", server.url_of(body)]
 
         def run(name: str, argv: List[str]) -> List[str]:
@@ -366,18 +372,18 @@ def end_to_end(work: str, *, iterations: int = 2, out: Callable[[str], None] = p
             made = server.requests[before:]
             requests[name] = made
             out(f"[{name}] done in {time.monotonic() - start:.1f} s; requests: {made or 'none'}")
-            for line in _fetch_lines(os.path.join(runs, name, "log.txt")):
+            for line in _reported_lines(os.path.join(runs, name, "log.txt")):
                 out(f"[{name}]   log: {line}")
             return made
 
         for rnd in (1, 2):
             train_dir = os.path.join(runs, f"train{rnd}")
-            run(f"train{rnd}", config + opts + ["DATASETS.TEST", "()"])  # evaluated by the next run
+            run(f"train{rnd}", config + model + train_opts(iterations))
             if rnd == 1:
                 # the trained model, published as a model zoo would publish it
                 trained = add_hashed(os.path.join(train_dir, "model_final.pth"), served, "pd_mobilenetv2_demo")
                 out(f"published {os.path.join(train_dir, 'model_final.pth')} as {trained}")
-            run(f"eval{rnd}", config + ["--eval-only"] + opts + ["MODEL.WEIGHTS", server.url_of(trained)])
+            run(f"eval{rnd}", config + ["--eval-only"] + model + ["MODEL.WEIGHTS", server.url_of(trained)] + EVAL_OPTS)
 
     listing = _cache_listing(cache)
     out(f"\ncache {cache}:")
