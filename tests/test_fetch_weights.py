@@ -1,5 +1,6 @@
-"""Weights named by URL or timm tag, all offline: a loopback HTTP server made by the test serves
-the files, a temporary folder is the cache, a temporary HF_HOME is timm's Hub cache.
+"""Weights named by URL or timm tag, all offline: tools/serve_weights.py's loopback server, started
+by each test over a temporary folder, serves the files; a temporary folder is the cache, a
+temporary HF_HOME is timm's Hub cache.
 
 A downloaded file takes the path of a local one (conversion, ``weights_only`` reading, the fit
 check); a second load makes no request; a file whose name's hash does not match, a 404 and a
@@ -7,82 +8,65 @@ connection dropped mid-file are clear errors that leave nothing in the cache."""
 from __future__ import annotations
 
 import hashlib
-import http.server
 import io
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
-import threading
 
 import pytest
 import torch
 
-from conftest import REPO, make_backbone, tiny_cfg
+from conftest import REPO, load_script, make_backbone, tiny_cfg
 from detectron2.modeling import build_model
 from segdistill.convert import SegDistillCheckpointer, WeightsDownloadError, load_checked_weights
 
 PROJECTS = os.path.join(REPO, "projects")
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    """GET /<name>: the bytes registered under name; /drop/<name>: half of them, then the
-    connection closes (the headers announce all of them); anything else: 404."""
+serve_weights = load_script("serve_weights", "tools/serve_weights.py")
 
-    def do_GET(self):  # noqa: N802  (http.server's name)
-        server = self.server
-        with server.lock:
-            server.requests.append(self.path)
-        drop = self.path.startswith("/drop/")
-        name = self.path[len("/drop/"):] if drop else self.path[1:]
-        body = server.files.get(name)
-        if body is None:
-            self.send_error(404, "Not Found")
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body[: len(body) // 2] if drop else body)
+
+class _DroppingHandler(serve_weights.FileHandler):
+    """The tool's file handler, plus ``/drop/<name>``: half of the file, then the connection
+    closes (the headers announce all of it)."""
+
+    def file_name(self) -> str:
+        name = super().file_name()
+        return name[len("drop/"):] if name.startswith("drop/") else name
+
+    def write_body(self, f, length: int) -> None:
+        if not self.path.startswith("/drop/"):
+            return super().write_body(f, length)
+        self.wfile.write(f.read(length // 2))
         self.wfile.flush()
-        if drop:
-            self.close_connection = True
-
-    def log_message(self, *args):  # keep the test output quiet
-        pass
+        self.close_connection = True
 
 
 @pytest.fixture
 def server(tmp_path, monkeypatch):
-    """A loopback server on a free port (bounded: stopped when the test ends), and an empty cache."""
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.files, httpd.requests, httpd.lock = {}, [], threading.Lock()
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
+    """tools/serve_weights.py's loopback server on a free port over a temporary folder (bounded:
+    stopped when the test ends), and an empty cache."""
     cache = tmp_path / "cache"
     monkeypatch.setenv("SEGDISTILL_CACHE", str(cache))
     monkeypatch.delenv("SEGDISTILL_OFFLINE", raising=False)  # conftest's guard: this server is loopback
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
         monkeypatch.delenv(var, raising=False)
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.cache = cache
-    try:
+    with serve_weights.LoopbackServer(str(tmp_path / "served"), lifetime_s=120, handler=_DroppingHandler) as httpd:
+        httpd.cache = cache
         yield httpd
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=10)
 
 
 def _serve(server, stem: str, obj, *, hashed: bool = True, suffix: str = ".pth") -> str:
-    """Register ``obj`` (torch.save) as ``stem-<sha256[:8]>.pth``; returns its URL."""
+    """Write ``obj`` (torch.save) into the served folder as ``stem-<sha256[:8]>.pth``; returns its URL."""
     buf = io.BytesIO()
     torch.save(obj, buf)
     data = buf.getvalue()
     name = f"{stem}-{hashlib.sha256(data).hexdigest()[:8]}{suffix}" if hashed else f"{stem}{suffix}"
-    server.files[name] = data
+    with open(os.path.join(server.root, name), "wb") as f:
+        f.write(data)
     return f"{server.url}/{name}"
 
 
@@ -151,7 +135,7 @@ def test_teacher_weights_mmseg_url(server):
 
 def test_wrong_hash_is_refused_and_deleted(server):
     url = _serve(server, "weights", {"model": {"w": torch.ones(3)}}, hashed=False)
-    server.files["weights-deadbeef.pth"] = server.files.pop("weights.pth")
+    os.rename(os.path.join(server.root, "weights.pth"), os.path.join(server.root, "weights-deadbeef.pth"))
     url = url.replace("weights.pth", "weights-deadbeef.pth")
     with pytest.raises(WeightsDownloadError, match=r"(?s)MODEL\.WEIGHTS.*SHA-256 is [0-9a-f]{8}.*deadbeef.*deleted"):
         load_checked_weights(build_model(_tiny_cfg()), url)
@@ -343,7 +327,6 @@ def test_random_backbone_warning_names_the_datasets(trainer_log):
 # tools/convert_checkpoint.py takes a URL: the same cache and checks
 # ---------------------------------------------------------------------------------------------
 def test_convert_checkpoint_tool_takes_a_url(server, tmp_path, capsys):
-    from conftest import load_script
     from mmseg_oracle import TINY_DEEPLABV3, TINY_DEEPLABV3_YAML, build_mmseg, mmseg_logits
 
     tool = load_script("convert_checkpoint_tool", "tools/convert_checkpoint.py")
@@ -367,7 +350,7 @@ def test_convert_checkpoint_tool_takes_a_url(server, tmp_path, capsys):
     assert tool.main(["--config-file", str(config), url, str(tmp_path / "again.pth")]) == 0
     assert len(server.requests) == 1
     # a file whose name's hash does not match: refused, nothing written or cached
-    server.files["bad-deadbeef.pth"] = server.files[name]
+    shutil.copyfile(os.path.join(server.root, name), os.path.join(server.root, "bad-deadbeef.pth"))
     assert tool.main(["--config-file", str(config), f"{server.url}/bad-deadbeef.pth", str(tmp_path / "bad.pth")]) == 1
     err = capsys.readouterr().err
     assert "deadbeef" in err and "deleted" in err
