@@ -21,6 +21,7 @@ from segdistill.config import ConfigError
 from segdistill.convert import load_model_weights
 from segdistill.modeling.test_time import TestTimeSegmentor, build_test_time_model, slide_windows
 from test_convert_mmseg import CASES, our_model
+from test_mmseg_input_sizes import _any_size
 
 REL_TOL = 1e-4
 
@@ -30,7 +31,7 @@ def _pair(case, tmp_path):
     mm = build_mmseg(mm_cfg)
     path = tmp_path / f"{case}.pth"
     torch.save({"state_dict": mm.state_dict()}, path)
-    ours = our_model(keys, kwargs)
+    ours = _any_size(our_model(keys, kwargs))  # logits resized to the input size, as mmsegmentation
     load_model_weights(ours, str(path))
     return mm, ours
 
@@ -92,6 +93,8 @@ def _mmseg_tta(mm, x, scales, flip):
     ("pspnet_r50_d8", (64, 80), (1.0, 1.5), True, "whole"),
     ("deeplabv3_r18_d8", (80, 104), (1.0,), True, "whole"),  # flip only
     ("deeplabv3_r18_d8", (72, 88), (1.0, 1.5), True, "slide"),  # each view in windows
+    ("deeplabv3_r18_d8", (67, 93), (0.75, 1.0, 1.25), True, "whole"),  # sizes not multiples of the stride
+    ("pspnet_r50_d8", (90, 122), (1.0, 1.5), True, "slide"),
 ])
 def test_aug_equals_mmseg_seg_tta(case, size, scales, flip, mode, tmp_path):
     mm, ours = _pair(case, tmp_path)
@@ -179,7 +182,7 @@ def test_lazy_loop_uses_test_time_and_refuses_it_for_anytime():
     from segdistill.engine.lazy import check_lazy_config, lazy_test_time_model
     from segdistill.modeling.meta_arch.anytime import AnytimeSegmentor
 
-    cfg = OmegaConf.create({"train": {"device": "cpu"}, "dataloader": {"train": {}, "test": {}},
+    cfg = OmegaConf.create({"train": {"device": "cpu", "amp": {"enabled": False}}, "dataloader": {"train": {}, "test": {}},
                             "model": {"_target_": "torch.nn.Identity"}})
     model = _Recorder()
     assert lazy_test_time_model(cfg, model) is model
