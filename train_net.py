@@ -44,17 +44,19 @@ def setup(args):
     check_device("MODEL.DEVICE", cfg.MODEL.DEVICE)
     check_dataset_names("DATASETS.TRAIN", cfg.DATASETS.TRAIN)
     check_dataset_names("DATASETS.TEST", cfg.DATASETS.TEST)
+    output = setup_run(cfg, args)  # the log first (it writes nothing), so that a download is logged
     if not args.resume:  # a missing file fails now, not after the build (--resume: the last checkpoint wins)
         check_weights_file(cfg.MODEL.WEIGHTS)
-    return cfg, setup_run(cfg, args)
+    return cfg, output
 
 
 def setup_lazy(args):
     cfg = load_lazy_config(args.config_file, args.opts)  # the file's keys and the overrides, checked
     check_lazy_config(cfg)
+    output = setup_run(cfg, args)
     if not args.resume:
         check_weights_file(cfg.train.init_checkpoint, "train.init_checkpoint")
-    return cfg, setup_run(cfg, args)
+    return cfg, output
 
 
 def evaluate(cfg, args, output: RunOutput):
