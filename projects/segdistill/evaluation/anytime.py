@@ -32,9 +32,9 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
 from ..data.labels import check_label_values, read_dataset_label
+from ..data.mapper import EVAL_LABEL
 from ..modeling.meta_arch.anytime import FINAL, AnytimeCosts
-from .metrics import confusion_matrix
-from .sem_seg import SemSegEvaluator
+from .sem_seg import SemSegEvaluator, device_confusion_matrix
 
 __all__ = [
     "AnytimeEvaluator", "ExitRecords", "collect_records", "PolicyOutcome", "policy_outcome", "fixed_exit_outcome",
@@ -188,11 +188,18 @@ def collect_records(model, data_loader, dataset_name: str, log_every: int = 50) 
     model.eval()
     for i, batch in enumerate(data_loader):
         for inp, out in zip(batch, model.forward_all_exits(batch)):
-            record = by_file.get(inp["file_name"], inp)
-            gt = read_dataset_label(record)
-            check_label_values(gt, len(names), ignore, record["sem_seg_file_name"])
+            if EVAL_LABEL in inp:  # decoded and checked by the test mapper in the loader's workers
+                gt = inp[EVAL_LABEL]
+            else:
+                record = by_file.get(inp["file_name"], inp)
+                gt = read_dataset_label(record)
+                check_label_values(gt, len(names), ignore, record["sem_seg_file_name"])
+                gt = torch.from_numpy(np.ascontiguousarray(gt))
             preds = [out["exits"][n] for n in exits] + [out["final"]]
-            confs.append(np.stack([confusion_matrix(gt, p.argmax(0).cpu().numpy(), len(names), ignore) for p in preds]))
+            gt = gt.to(preds[0].device, non_blocking=True)
+            # counted on the model's device: K x K per output comes back, not H x W predictions
+            confs.append(torch.stack([device_confusion_matrix(gt, p.argmax(0), len(names), ignore)
+                                      for p in preds]).cpu().numpy())
             conf.append([out["confidence"][n] for n in exits])
             c = model.costs(out["input_hw"])
             prefix.append([c.prefix[n] for n in exits])

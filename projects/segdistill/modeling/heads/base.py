@@ -267,7 +267,9 @@ class SegHeadMixin(ConvertibleHead):
     def forward(self, features: Dict[str, torch.Tensor], targets: Optional[torch.Tensor] = None):
         outputs = self.forward_outputs(features)
         if self.training:
-            return None, self.losses(outputs, targets)
+            # detectron2's SemanticSegmentor hands over the mapper's labels (uint8) as they were
+            # copied; the losses index with int64
+            return None, self.losses(outputs, targets.long())
         return upsample_logits(outputs["logits"], self.common_stride, self.align_corners), {}
 
     def losses(self, outputs: Dict[str, torch.Tensor], targets: torch.Tensor) -> Dict[str, torch.Tensor]:
