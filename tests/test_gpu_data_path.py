@@ -132,3 +132,34 @@ def test_evaluator_scores_the_label_decoded_by_the_test_mapper(write_label_datas
     want = metrics_from_confusion(expected, [f"c{k}" for k in range(K)])
     assert res.keys() == want.keys()
     np.testing.assert_equal(np.array(list(res.values())), np.array(list(want.values())))
+
+
+def test_frozen_teacher_is_scored_once_per_run(tmp_path, write_label_dataset):
+    from test_distiller import distill_cfg
+    from segdistill.engine import Trainer
+    from segdistill.evaluation.sem_seg import clear_teacher_scores
+
+    rng = np.random.default_rng(2)
+    labels = [rng.integers(0, K, (32, 32)) for _ in range(3)]
+    name = write_label_dataset("gpu_path_teacher", labels, K)
+    cfg = distill_cfg(tmp_path, losses=("pd",), **{"DATASETS.TEST": (name,), "OUTPUT_DIR": str(tmp_path / "out"),
+                                                  "DATALOADER.NUM_WORKERS": 0})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    calls = []
+    model.teacher.register_forward_hook(lambda *args: calls.append(1))
+    clear_teacher_scores()
+    first = Trainer.test(cfg, model)
+    assert len(calls) == len(labels) and "sem_seg_teacher" in first
+    with torch.no_grad():  # the student changes between evaluations, the teacher cannot
+        next(model.student.parameters()).add_(0.5)
+    second = Trainer.test(cfg, model)
+    assert len(calls) == len(labels), "the teacher ran again"
+    assert second["sem_seg_teacher"] == first["sem_seg_teacher"]
+    assert second["sem_seg"] != first["sem_seg"]
+    assert model.eval_teacher
+    saved = np.load(tmp_path / "out" / "inference" / name / "confusion_sem_seg_teacher.npy")
+    assert saved.sum() == sum(int((lab != 255).sum()) for lab in labels)
+    clear_teacher_scores()
+    Trainer.test(cfg, model)  # a new run scores it again
+    assert len(calls) == 2 * len(labels)

@@ -12,6 +12,13 @@ The matrices are counted where the predictions are (:func:`device_confusion_matr
 ``bincount`` on the model's device) and stay there until :meth:`SemSegEvaluator.evaluate`,
 which copies them to the host once: no per-image copy of a prediction (16 MiB of int64 for a
 1024x2048 image) and no numpy pass over it in the evaluating process.
+
+A distiller's frozen teacher (``MODEL.DISTILL.EVAL_TEACHER``, prediction ``sem_seg_teacher``)
+is scored once per run and dataset: given the model as ``teacher`` (:class:`TeacherScoring`),
+the evaluator keeps the teacher's matrix in a run-wide cache keyed by the dataset and
+``teacher.teacher_identity()``; a later evaluation of that dataset switches
+``teacher.eval_teacher`` off while the model runs (:meth:`reset` to :meth:`evaluate`) and
+reports the cached matrix's metrics.
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ import json
 import logging
 import os
 from collections import OrderedDict
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,7 +40,31 @@ from ..data.mapper import EVAL_LABEL
 from ..modeling.exits.hs3_clusters import map_labels
 from .metrics import metrics_from_confusion
 
-__all__ = ["SemSegEvaluator", "LabelSpace", "device_confusion_matrix"]
+__all__ = ["SemSegEvaluator", "LabelSpace", "device_confusion_matrix", "TeacherScoring", "TEACHER_PREDICTION",
+           "clear_teacher_scores"]
+
+#: The prediction key of a distiller's teacher.
+TEACHER_PREDICTION = "sem_seg_teacher"
+
+
+class TeacherScoring(Protocol):
+    """A model that adds its frozen teacher's prediction (``TEACHER_PREDICTION``) while
+    ``eval_teacher`` is on (:class:`~segdistill.modeling.meta_arch.distill.Distiller`)."""
+
+    eval_teacher: bool
+
+    def teacher_identity(self) -> str:
+        """What the teacher's predictions depend on (config, weights)."""
+
+
+# (dataset, teacher identity) -> the teacher's gathered matrix (main process) or _SCORED (others)
+_TEACHER_SCORES: Dict[Tuple[str, str], object] = {}
+_SCORED = "scored"
+
+
+def clear_teacher_scores() -> None:
+    """Forget the cached teacher scores (a new run in the same process)."""
+    _TEACHER_SCORES.clear()
 
 # A prediction key evaluated in another label space: (lut from dataset class -> class of
 # that space, with ignore kept, and the names of that space's classes). HS3 exits use this.
@@ -62,6 +93,7 @@ class SemSegEvaluator(DatasetEvaluator):
         distributed: bool = True,
         output_dir: Optional[str] = None,
         label_spaces: Optional[Dict[str, LabelSpace]] = None,
+        teacher: Optional[TeacherScoring] = None,
     ):
         self._dataset_name = dataset_name
         self._distributed = distributed
@@ -73,12 +105,21 @@ class SemSegEvaluator(DatasetEvaluator):
         self._records = {d["file_name"]: d for d in DatasetCatalog.get(dataset_name)}
         self._label_spaces = dict(label_spaces or {})
         self._luts: Dict[tuple, torch.Tensor] = {}  # label-space tables on the predictions' device
+        self._teacher = teacher
+        self._teacher_cached = False
         self._logger = logging.getLogger(__name__)
         self.reset()
 
     def reset(self):
         # per prediction key, on the predictions' device until evaluate()
         self._conf: Dict[str, torch.Tensor] = {}
+        if self._teacher is not None:
+            # the teacher is frozen: once scored on this dataset, the model runs without it
+            self._teacher_cached = self._teacher_key() in _TEACHER_SCORES
+            self._teacher.eval_teacher = not self._teacher_cached
+
+    def _teacher_key(self) -> Tuple[str, str]:
+        return self._dataset_name, self._teacher.teacher_identity()
 
     def _space(self, key: str) -> Tuple[Optional[np.ndarray], Sequence[str]]:
         if key in self._label_spaces:
@@ -164,7 +205,15 @@ class SemSegEvaluator(DatasetEvaluator):
         return conf
 
     def evaluate(self):
+        if self._teacher is not None:
+            self._teacher.eval_teacher = True
         conf = self._gathered_confusions()
+        if self._teacher is not None:
+            key = self._teacher_key()
+            if self._teacher_cached and conf is not None and isinstance(_TEACHER_SCORES[key], np.ndarray):
+                conf[TEACHER_PREDICTION] = _TEACHER_SCORES[key]
+            elif not self._teacher_cached:
+                _TEACHER_SCORES[key] = _SCORED if conf is None else conf.get(TEACHER_PREDICTION, _SCORED)
         if conf is None:
             return None
         if not conf:

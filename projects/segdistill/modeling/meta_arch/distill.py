@@ -17,7 +17,10 @@
   buffers, saved and restored with them.
 * ``parameters()``/``state_dict()`` = ``student.*`` + ``distill_losses.*``.
 * In ``eval()`` the wrapper is the student alone; with ``MODEL.DISTILL.EVAL_TEACHER`` the
-  teacher's prediction is added as ``sem_seg_teacher``, which the evaluator scores too.
+  teacher's prediction is added as ``sem_seg_teacher``, which the evaluator scores too. The
+  frozen teacher's score cannot change during a run: the trainer's evaluator keeps it per
+  dataset and :meth:`Distiller.teacher_identity`, and switches ``eval_teacher`` off for the
+  later evaluations of that dataset.
 * ``deploy_state_dict()`` is the student's own deployed state dict (``tools/deploy_model.py``):
   it loads into the student's own config.
 
@@ -162,6 +165,7 @@ class Distiller(nn.Module, SegmentorWrapper, DeployableModel):
         input_format: str,
         teacher_input_format: Optional[str],
         teacher_name: str,
+        teacher_weights: str = "",
     ):
         """
         Args:
@@ -175,6 +179,8 @@ class Distiller(nn.Module, SegmentorWrapper, DeployableModel):
             input_format, teacher_input_format: channel order of the inputs and of the
                 teacher's training data (None: the same).
             teacher_name: how errors name the teacher (its config file).
+            teacher_weights: the teacher's weights file ("" for a random teacher): with
+                ``teacher_name``, what :meth:`teacher_identity` names.
         """
         super().__init__()
         if isinstance(student, Distiller) or isinstance(teacher, Distiller):
@@ -207,6 +213,8 @@ class Distiller(nn.Module, SegmentorWrapper, DeployableModel):
         self.ignore_value = int(ignore_value)
         self.exclude_ignore = bool(exclude_ignore)
         self.eval_teacher = bool(eval_teacher)
+        self._teacher_identity = (f"{teacher_name}|{teacher_weights}" if teacher_weights
+                                  else f"{teacher_name}|random teacher {id(teacher)}")
         self.input_format = input_format
         self.teacher_input_format = teacher_input_format or input_format
         self.student_taps_needed = sorted({p.student for l in losses.values() for p in l.taps})
@@ -255,12 +263,18 @@ class Distiller(nn.Module, SegmentorWrapper, DeployableModel):
             "input_format": cfg.INPUT.FORMAT,
             "teacher_input_format": None if t_cfg is None else t_cfg.INPUT.FORMAT,
             "teacher_name": d.TEACHER.CONFIG_FILE,
+            "teacher_weights": d.TEACHER.WEIGHTS,
         }
 
     # -- the teacher: outside the module tree, follows the wrapper's device/dtype, never its mode
     @property
     def teacher(self) -> nn.Module:
         return self._teacher.value
+
+    def teacher_identity(self) -> str:
+        """What the frozen teacher's predictions depend on (its config file and weights file; a
+        random teacher: this instance): the key of its cached evaluation score."""
+        return self._teacher_identity
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
