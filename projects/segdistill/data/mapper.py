@@ -4,9 +4,10 @@ Training: random resize by a ratio (``INPUT.RESIZE_RATIO_RANGE``, of the image's
 or of ``INPUT.RESIZE_BASE_SIZE``), a fixed-size crop of ``INPUT.CROP.SIZE`` padded with the
 ignore value where the image is smaller, a random flip, optional brightness/contrast
 jitter. Test: the image as is (or resized by ``INPUT.MIN_SIZE_TEST``); the label, when the
-record has one, is decoded and checked here at the original resolution and handed to the
-evaluator as ``EVAL_LABEL`` (the loader's workers decode it, not the evaluating process),
-never as ``sem_seg`` (the model does not see it).
+record has one, is decoded here at the original resolution and handed to the evaluator as
+``EVAL_LABEL`` (the loader's workers decode it, not the evaluating process; the evaluator
+checks its values against the dataset's classes), never as ``sem_seg`` (the model does not
+see it).
 
 Training labels stay in the smallest dtype that holds the classes and the ignore value
 (:func:`label_dtype`: uint8 for every built-in dataset, 255 = ignore) until the model moves
@@ -153,10 +154,13 @@ class SemSegDatasetMapper:
             d[EVAL_LABEL] = torch.as_tensor(self._eval_label(d))
         return d
 
-    def _eval_label(self, d: dict) -> np.ndarray:
+    @staticmethod
+    def _eval_label(d: dict) -> np.ndarray:
+        # not checked against NUM_CLASSES here: the evaluator checks against the dataset's classes
         label = _decode(d, d["sem_seg_file_name"], lambda: read_dataset_label(d))
-        check_label_values(label, self.num_classes, self.ignore_value, d["sem_seg_file_name"])
-        return np.ascontiguousarray(label.astype(label_dtype(self.num_classes, self.ignore_value)))
+        if label.dtype != np.uint8 and label.size and 0 <= label.min() and label.max() <= 255:
+            label = label.astype(np.uint8)  # a dataset's value map gives int64
+        return np.ascontiguousarray(label)
 
 
 def _unreadable_message(record: dict, path: str, error: str, at_load: bool = False) -> str:

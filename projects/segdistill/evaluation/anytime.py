@@ -188,13 +188,12 @@ def collect_records(model, data_loader, dataset_name: str, log_every: int = 50) 
     model.eval()
     for i, batch in enumerate(data_loader):
         for inp, out in zip(batch, model.forward_all_exits(batch)):
-            if EVAL_LABEL in inp:  # decoded and checked by the test mapper in the loader's workers
+            record = by_file.get(inp["file_name"], inp)
+            if EVAL_LABEL in inp:  # decoded by the test mapper in the loader's workers
                 gt = inp[EVAL_LABEL]
             else:
-                record = by_file.get(inp["file_name"], inp)
-                gt = read_dataset_label(record)
-                check_label_values(gt, len(names), ignore, record["sem_seg_file_name"])
-                gt = torch.from_numpy(np.ascontiguousarray(gt))
+                gt = torch.from_numpy(np.ascontiguousarray(read_dataset_label(record)))
+            check_label_values(gt.numpy(), len(names), ignore, record["sem_seg_file_name"])
             preds = [out["exits"][n] for n in exits] + [out["final"]]
             gt = gt.to(preds[0].device, non_blocking=True)
             # counted on the model's device: K x K per output comes back, not H x W predictions

@@ -128,16 +128,17 @@ class SemSegEvaluator(DatasetEvaluator):
         return None, self._class_names
 
     def _ground_truth(self, inp: dict) -> Tuple[torch.Tensor, str]:
-        """(the label of a mapped input, its file): the test mapper's ``EVAL_LABEL``, decoded and
-        checked in the loader's workers, else the dataset's label file read and checked here."""
+        """(the checked label of a mapped input, its file): the test mapper's ``EVAL_LABEL``,
+        decoded in the loader's workers, else the dataset's label file read here."""
         record = self._records.get(inp["file_name"], inp)
         if "sem_seg_file_name" not in record:
             raise ValueError(f"{inp['file_name']!r} has no label in dataset '{self._dataset_name}'.")
         if EVAL_LABEL in inp:
-            return inp[EVAL_LABEL], record["sem_seg_file_name"]
-        gt = read_dataset_label(record)
-        check_label_values(gt, self._num_classes, self._ignore, record["sem_seg_file_name"])
-        return torch.from_numpy(np.ascontiguousarray(gt)), record["sem_seg_file_name"]
+            gt = inp[EVAL_LABEL]
+        else:
+            gt = torch.from_numpy(np.ascontiguousarray(read_dataset_label(record)))
+        check_label_values(gt.numpy(), self._num_classes, self._ignore, record["sem_seg_file_name"])
+        return gt, record["sem_seg_file_name"]
 
     def process(self, inputs, outputs):
         for inp, out in zip(inputs, outputs):
