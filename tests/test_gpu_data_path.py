@@ -163,3 +163,34 @@ def test_frozen_teacher_is_scored_once_per_run(tmp_path, write_label_dataset):
     clear_teacher_scores()
     Trainer.test(cfg, model)  # a new run scores it again
     assert len(calls) == 2 * len(labels)
+
+
+# ----------------------------------------------------------------------------- anytime timings
+def test_anytime_timings_skip_the_warm_up_and_take_the_median(write_label_dataset):
+    from segdistill.evaluation.anytime import WARMUP_IMAGES, AnytimeEvaluator
+    from segdistill.modeling.meta_arch.anytime import FINAL, AnytimeCosts
+
+    # a fake clock: the first images pay the start-up (CUDA context, cuDNN search), one later outlier
+    times = [3.0, 1.0, 0.5, 0.2, 0.1, 0.04, 0.01, 0.02, 0.9]
+    assert WARMUP_IMAGES == 5
+    rng = np.random.default_rng(3)
+    name = write_label_dataset("gpu_path_anytime", [rng.integers(0, K, (8, 8)) for _ in times], K)
+    from detectron2.data import DatasetCatalog
+
+    records = DatasetCatalog.get(name)
+    inputs = [{"file_name": r["file_name"], "height": 8, "width": 8} for r in records]
+    outputs = [{"sem_seg": torch.randn(K, 8, 8), "sem_seg_exit": FINAL,
+                "anytime": {"input_hw": (8, 8), "evaluated": [], "time_s": t, "final_time_s": 2 * t}} for t in times]
+    results = {}
+    for warmup in (WARMUP_IMAGES, 0, 20):
+        ev = AnytimeEvaluator(name, costs=lambda hw: AnytimeCosts(hw, final=1e9), distributed=False,
+                              warmup_images=warmup)
+        for inp, out in zip(inputs, outputs):
+            ev.process([inp], [out])
+        results[warmup] = ev.evaluate()["anytime"]
+    after = results[WARMUP_IMAGES]
+    assert after["time_ms"] == pytest.approx(1e3 * np.median(times[5:])) == pytest.approx(30.0)
+    assert after["time_ms_final"] == pytest.approx(60.0)
+    assert after["timed_images"] == 4 and after["images"] == len(times)
+    assert results[0]["time_ms"] == pytest.approx(1e3 * np.median(times)) and results[0]["timed_images"] == 9
+    assert results[20]["time_ms"] == pytest.approx(1e3 * np.median(times))  # too few images: all timed
