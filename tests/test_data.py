@@ -86,7 +86,7 @@ def test_mapper_resizes_crops_with_ignore_padding_and_flips():
     rec = DatasetCatalog.get("segdistill_demo_mini_train")[0]
     out = SemSegDatasetMapper(cfg, True)(rec)
     assert out["image"].shape == (3, 200, 150) and out["image"].dtype == torch.uint8
-    assert out["sem_seg"].shape == (200, 150) and out["sem_seg"].dtype == torch.long
+    assert out["sem_seg"].shape == (200, 150) and out["sem_seg"].dtype == torch.uint8  # int64 on the device
     assert (out["sem_seg"][96:] == 255).all() and (out["sem_seg"][:, 96:] == 255).all()
     assert (out["height"], out["width"]) == (96, 96)
     raw = np.asarray(Image.open(rec["sem_seg_file_name"]))

@@ -163,17 +163,21 @@ def test_export_latency_benchmark_end_to_end(tmp_path):
         assert row["vs_eager"] == pytest.approx(row["median_ms"] / result["rows"]["eager"]["median_ms"])
 
 
-def test_command_line_keeps_no_file_that_tracing_specialised(tmp_path, capsys):
-    """An anytime exit on a stage finer than the exits' common stride resizes to a size computed in
-    Python: the dynamic export is refused and not kept; --fixed-size exports it for one size."""
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_exit_finer_than_the_common_stride_exports_with_dynamic_sizes(fmt, tmp_path):
+    """An anytime exit on a stage finer than the exits' common stride (res2: stride 4 < 8) resizes
+    to a size computed from the input's, in integer arithmetic and always while tracing: the
+    dynamic export gives the eager logits at other sizes (the refusal of a trace specialised to
+    one size is tested with a toy model above), also through the command line."""
+    torch.manual_seed(0)
     cfg = set_keys(exit_cfg("exit:res2"), **{"MODEL.EXITS.IN_FEATURES": ["res2", "res3"],
                                              "TEST.ALLOW_RANDOM_WEIGHTS": True})
-    (tmp_path / "c.yaml").write_text(cfg.dump())
-    out = tmp_path / "m.pt"
-    args = ["--config-file", str(tmp_path / "c.yaml"), "--format", "torchscript", "--output", str(out),
-            "--input-size", "64", "64"]
-    with pytest.raises(SystemExit):
-        export_tool.main(args)
-    assert "--fixed-size" in capsys.readouterr().err and not out.exists()
-    export_tool.main(args + ["--fixed-size"])
-    assert out.exists()
+    model = build_model(cfg).eval()
+    path = export_tool.export_model(model, fmt, str(tmp_path / f"m.{fmt}"), input_size=(64, 64))
+    assert_same_logits(model, fmt, path)
+    if fmt == "torchscript":
+        (tmp_path / "c.yaml").write_text(cfg.dump())
+        out = tmp_path / "cli.pt"
+        export_tool.main(["--config-file", str(tmp_path / "c.yaml"), "--format", "torchscript", "--output", str(out),
+                          "--input-size", "64", "64"])
+        assert out.exists()

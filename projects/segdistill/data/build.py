@@ -21,6 +21,8 @@ detectron2's ``build_detection_train_loader``, with three guarantees:
   dropped when the loader is built, a file failing later is replaced by another sample
   drawn from the same seed; each skipped file is logged and listed in ``skipped_files``
   (``OUTPUT_DIR/skipped_files.txt``: path, dataset, error; tab-separated).
+* **Pinned memory** (``pin_memory``, on when ``MODEL.DEVICE`` is a CUDA device): batches
+  come in page-locked memory, so the model's ``non_blocking`` copies to the GPU overlap.
 * :func:`check_eval_datasets` refuses evaluation sets with such files when a run starts
   (evaluation never skips an image: the metrics would be of another set).
 """
@@ -157,7 +159,8 @@ class SemSegTrainLoader:
 
     def __init__(self, dataset: Sequence[dict], *, mapper, total_batch_size: int, num_workers: int = 0,
                  aspect_ratio_grouping: bool = False, shuffle: bool = True, seed: Optional[int] = None,
-                 on_unreadable: str = "stop", skipped_files: Optional[str] = None, collate_fn=None):
+                 on_unreadable: str = "stop", skipped_files: Optional[str] = None, collate_fn=None,
+                 pin_memory: bool = False):
         if on_unreadable not in ON_UNREADABLE_CHOICES:
             raise ValueError(f"on_unreadable (DATALOADER.ON_UNREADABLE) must be one of {ON_UNREADABLE_CHOICES}, "
                              f"got {on_unreadable!r}")
@@ -191,6 +194,7 @@ class SemSegTrainLoader:
         self.on_unreadable = on_unreadable
         self.skipped_files = skipped_files
         self._collate_fn = collate_fn
+        self.pin_memory = bool(pin_memory)
         self._seed = int(seed) if seed is not None and int(seed) >= 0 else int(comm.shared_random_seed())
         self._dataset = SeededMapDataset(dicts, mapper, seed=self._seed, on_unreadable=on_unreadable,
                                          skipped_files=skipped_files)
@@ -228,7 +232,7 @@ class SemSegTrainLoader:
         sampler = ResumableTrainingSampler(len(self._dataset), seed=self._seed, shuffle=self.shuffle, start=start)
         loader = build_batch_data_loader(
             self._dataset, sampler, self.total_batch_size, aspect_ratio_grouping=self.aspect_ratio_grouping,
-            num_workers=self.num_workers, collate_fn=self._collate_fn,
+            num_workers=self.num_workers, collate_fn=self._collate_fn, pin_memory=self.pin_memory,
             seed=self._seed,  # the DataLoader's own generator: making the iterator draws nothing from torch's
         )
         yield from loader
@@ -249,17 +253,21 @@ def _train_loader_from_config(cfg, mapper=None, *, dataset=None):
         "seed": cfg.SEED if cfg.SEED >= 0 else None,
         "on_unreadable": cfg.DATALOADER.ON_UNREADABLE,
         "skipped_files": os.path.join(cfg.OUTPUT_DIR, SKIPPED_FILES) if cfg.OUTPUT_DIR else None,
+        "pin_memory": torch.device(cfg.MODEL.DEVICE).type == "cuda",
     }
 
 
 @configurable(from_config=_train_loader_from_config)
 def build_sem_seg_train_loader(dataset, *, mapper, total_batch_size, num_workers=0, aspect_ratio_grouping=False,
-                               shuffle=True, seed=None, on_unreadable="stop", skipped_files=None, collate_fn=None):
+                               shuffle=True, seed=None, on_unreadable="stop", skipped_files=None, collate_fn=None,
+                               pin_memory=False):
     """A :class:`SemSegTrainLoader` (module docstring); ``build_sem_seg_train_loader(cfg, mapper=...)``
-    reads ``DATASETS.TRAIN``, ``SOLVER.IMS_PER_BATCH``, ``DATALOADER.*``, ``SEED`` and ``OUTPUT_DIR``."""
+    reads ``DATASETS.TRAIN``, ``SOLVER.IMS_PER_BATCH``, ``DATALOADER.*``, ``SEED``, ``OUTPUT_DIR`` and
+    ``MODEL.DEVICE`` (pinned memory for a CUDA device)."""
     return SemSegTrainLoader(dataset, mapper=mapper, total_batch_size=total_batch_size, num_workers=num_workers,
                              aspect_ratio_grouping=aspect_ratio_grouping, shuffle=shuffle, seed=seed,
-                             on_unreadable=on_unreadable, skipped_files=skipped_files, collate_fn=collate_fn)
+                             on_unreadable=on_unreadable, skipped_files=skipped_files, collate_fn=collate_fn,
+                             pin_memory=pin_memory)
 
 
 def check_eval_datasets(names: Sequence[str], key: str = "DATASETS.TEST") -> None:

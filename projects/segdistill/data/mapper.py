@@ -3,8 +3,16 @@
 Training: random resize by a ratio (``INPUT.RESIZE_RATIO_RANGE``, of the image's own size
 or of ``INPUT.RESIZE_BASE_SIZE``), a fixed-size crop of ``INPUT.CROP.SIZE`` padded with the
 ignore value where the image is smaller, a random flip, optional brightness/contrast
-jitter. Test: the image as is (or resized by ``INPUT.MIN_SIZE_TEST``); the label is not
-loaded, the evaluator reads it at the original resolution.
+jitter. Test: the image as is (or resized by ``INPUT.MIN_SIZE_TEST``); the label, when the
+record has one, is decoded here at the original resolution and handed to the evaluator as
+``EVAL_LABEL`` (the loader's workers decode it, not the evaluating process; the evaluator
+checks its values against the dataset's classes), never as ``sem_seg`` (the model does not
+see it).
+
+Training labels stay in the smallest dtype that holds the classes and the ignore value
+(:func:`label_dtype`: uint8 for every built-in dataset, 255 = ignore) until the model moves
+them to its device, where they become int64 (the cross-entropy's index type): the loader
+and the host-to-device copy move an eighth of the bytes of int64 labels.
 
 A file that cannot be decoded (flagged by the dataset's load-time check, or failing now)
 raises :class:`UnreadableFileError` naming the file and the record's dataset; the training
@@ -28,7 +36,12 @@ from detectron2.data import transforms as T
 from .datasets.folder import UnreadableFileError
 from .labels import LabelValueError, check_label_values, read_dataset_label
 
-__all__ = ["SemSegDatasetMapper", "RandomResizeRatio", "build_sem_seg_train_augmentations"]
+__all__ = ["SemSegDatasetMapper", "RandomResizeRatio", "build_sem_seg_train_augmentations", "label_dtype",
+           "EVAL_LABEL"]
+
+#: Key of the test-time ground truth (HxW at the original resolution, :func:`label_dtype`, checked)
+#: in a mapped dict: what :class:`~segdistill.evaluation.SemSegEvaluator` scores against.
+EVAL_LABEL = "sem_seg_eval_label"
 
 
 class RandomResizeRatio(T.Augmentation):
@@ -75,14 +88,25 @@ def build_sem_seg_train_augmentations(cfg) -> List[T.Augmentation]:
     return augs
 
 
+def label_dtype(num_classes: int, ignore_value: int) -> np.dtype:
+    """The smallest dtype of a training label holding the classes ``0..num_classes-1`` and
+    ``ignore_value``: uint8 when they fit (every built-in dataset: at most 171 classes and 255),
+    else int32 (what detectron2's resize transform interpolates besides uint8)."""
+    lo, hi = min(0, ignore_value), max(num_classes - 1, ignore_value)
+    return np.dtype(np.uint8) if lo >= 0 and hi <= 255 else np.dtype(np.int32)
+
+
 class SemSegDatasetMapper:
-    """Dataset dict -> model input: ``image`` (CxHxW uint8), ``sem_seg`` (HxW long, training),
-    ``height``/``width`` (the original size, for the output)."""
+    """Dataset dict -> model input: ``image`` (CxHxW uint8), ``sem_seg`` (HxW, training; in
+    :func:`label_dtype`, uint8 for the built-in datasets: the model makes it int64 on its device),
+    ``height``/``width`` (the original size, for the output); at test time, with
+    ``eval_labels`` (the default), ``EVAL_LABEL`` for records with a label."""
 
     @configurable
     def __init__(self, is_train: bool, *, augmentations: List[T.Augmentation], image_format: str,
-                 num_classes: int, ignore_value: int):
+                 num_classes: int, ignore_value: int, eval_labels: bool = True):
         self.is_train = is_train
+        self.eval_labels = eval_labels
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         self.num_classes = num_classes
@@ -120,13 +144,23 @@ class SemSegDatasetMapper:
                     f"{d['file_name']!r} is {image.shape[1]}x{image.shape[0]} (width x height)."
                 )
             check_label_values(sem_seg, self.num_classes, self.ignore_value, d["sem_seg_file_name"])
-            sem_seg = sem_seg.astype(np.uint8 if sem_seg.max() < 256 else np.int32)
+            sem_seg = sem_seg.astype(label_dtype(self.num_classes, self.ignore_value))
         aug = T.AugInput(image, sem_seg=sem_seg)
         self.augmentations(aug)
         d["image"] = torch.as_tensor(np.ascontiguousarray(aug.image.transpose(2, 0, 1)))
         if sem_seg is not None:
-            d["sem_seg"] = torch.as_tensor(aug.sem_seg.astype(np.int64))
+            d["sem_seg"] = torch.as_tensor(np.ascontiguousarray(aug.sem_seg))
+        elif self.eval_labels and "sem_seg_file_name" in d:
+            d[EVAL_LABEL] = torch.as_tensor(self._eval_label(d))
         return d
+
+    @staticmethod
+    def _eval_label(d: dict) -> np.ndarray:
+        # not checked against NUM_CLASSES here: the evaluator checks against the dataset's classes
+        label = _decode(d, d["sem_seg_file_name"], lambda: read_dataset_label(d))
+        if label.dtype != np.uint8 and label.size and 0 <= label.min() and label.max() <= 255:
+            label = label.astype(np.uint8)  # a dataset's value map gives int64
+        return np.ascontiguousarray(label)
 
 
 def _unreadable_message(record: dict, path: str, error: str, at_load: bool = False) -> str:

@@ -47,6 +47,7 @@ from ..data.datasets.demo import is_demo_dataset
 from ..evaluation import CocoStuffEvaluator, SemSegEvaluator, build_label_spaces
 from ..evaluation.anytime import AnytimeEvaluator
 from ..modeling.meta_arch.anytime import AnytimeSegmentor, load_anytime_weights
+from ..modeling.meta_arch.distill import Distiller
 from ..modeling.test_time import build_test_time_model
 from .ddp import broadcast_batchnorm_buffers, create_ddp_model
 from .mixed_precision import build_train_step, inference_precision, use_channels_last
@@ -229,10 +230,15 @@ class Trainer(DefaultTrainer):
         ``AnytimeSegmentor`` is scored by :class:`AnytimeEvaluator` (mIoU, MACs, time, exits).
         ``TEST.MODE slide`` and ``TEST.AUG.ENABLED`` run the model through
         :class:`~segdistill.modeling.test_time.TestTimeSegmentor` (periodic and ``--eval-only``).
-        The model runs in ``TEST.PRECISION``."""
+        A distiller's frozen teacher (``MODEL.DISTILL.EVAL_TEACHER``) is scored at the first
+        evaluation of each dataset only; later ones report that score (:class:`SemSegEvaluator`). The model runs in ``TEST.PRECISION``."""
         broadcast_batchnorm_buffers(model)
         if evaluators is None:
             evaluators = anytime_evaluators(model, cfg.DATASETS.TEST, cfg.OUTPUT_DIR)
+        distiller = unwrap_model(model)
+        if evaluators is None and isinstance(distiller, Distiller) and distiller.eval_teacher:
+            # the frozen teacher is scored once per run and dataset (SemSegEvaluator's cache)
+            evaluators = [cls.build_evaluator(cfg, name, teacher=distiller) for name in cfg.DATASETS.TEST]
         with inference_precision(cfg.TEST.PRECISION, cfg.MODEL.DEVICE):
             return super().test(cfg, build_test_time_model(cfg, model), evaluators)
 
@@ -241,7 +247,7 @@ class Trainer(DefaultTrainer):
         return build_detection_test_loader(cfg, dataset_name, mapper=SemSegDatasetMapper(cfg, False))
 
     @classmethod
-    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None, teacher=None):
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
         # sem_seg / cityscapes_sem_seg: SemSegEvaluator; coco_stuff_sem_seg: + things/stuff and hierarchy breakdown
         evaluators = {t: SemSegEvaluator for t in SEM_SEG_EVALUATOR_TYPES}
@@ -253,7 +259,8 @@ class Trainer(DefaultTrainer):
             )
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return evaluators[evaluator_type](
-            dataset_name, distributed=True, output_dir=output_folder, label_spaces=build_label_spaces(cfg, dataset_name)
+            dataset_name, distributed=True, output_dir=output_folder, label_spaces=build_label_spaces(cfg, dataset_name),
+            teacher=teacher,
         )
 
     @classmethod

@@ -1,7 +1,9 @@
 """Anytime inference: the evaluator of an exit policy and the per-image records of every exit.
 
 * :class:`AnytimeEvaluator` scores an ``AnytimeSegmentor``'s outputs: mIoU, average MACs
-  (fvcore, per image from the path it took: exits run + answer), average wall time per image
+  (fvcore, per image from the path it took: exits run + answer), the median wall time per
+  image after a warm-up (the first ``WARMUP_IMAGES`` images of each process are not timed:
+  CUDA's start-up, cuDNN's algorithm search and the allocator's first blocks land on them)
   and the exit histogram of the policy, next to the final output's (mIoU of ``sem_seg_final``
   when the model returns it, MACs of the plain path, its measured time).
 * :func:`collect_records` runs every exit and the final head on a split once and keeps, per
@@ -32,16 +34,19 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
 from ..data.labels import check_label_values, read_dataset_label
+from ..data.mapper import EVAL_LABEL
 from ..modeling.meta_arch.anytime import FINAL, AnytimeCosts
-from .metrics import confusion_matrix
-from .sem_seg import SemSegEvaluator
+from .sem_seg import SemSegEvaluator, device_confusion_matrix
 
 __all__ = [
-    "AnytimeEvaluator", "ExitRecords", "collect_records", "PolicyOutcome", "policy_outcome", "fixed_exit_outcome",
+    "WARMUP_IMAGES", "AnytimeEvaluator", "ExitRecords", "collect_records", "PolicyOutcome", "policy_outcome", "fixed_exit_outcome",
     "evaluate_thresholds", "miou_of_confusions",
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Images of each process left out of the timings (the first ones: start-up costs).
+WARMUP_IMAGES = 5
 
 
 def miou_of_confusions(conf: np.ndarray) -> np.ndarray:
@@ -68,13 +73,16 @@ class AnytimeEvaluator(DatasetEvaluator):
         policy: the policy's name, for the log.
     The results hold ``sem_seg`` (the policy's answers), ``sem_seg_final`` (when the model
     returns it) and ``anytime``: ``mIoU``, ``mIoU_final``, ``GMACs``, ``GMACs_final``,
-    ``MACs_saved_pct``, ``time_ms``, ``time_ms_final``, ``images`` and ``answered_<exit>_pct``.
+    ``MACs_saved_pct``, ``time_ms``, ``time_ms_final`` (medians over the images after the first
+    ``warmup_images`` of each process; over all of them when no process has more),
+    ``timed_images``, ``images`` and ``answered_<exit>_pct``.
     """
 
     def __init__(self, dataset_name: str, *, costs: Callable[[Tuple[int, int]], AnytimeCosts],
                  exit_names: Sequence[str] = (), policy: str = "", distributed: bool = True,
-                 output_dir: Optional[str] = None):
+                 output_dir: Optional[str] = None, warmup_images: int = WARMUP_IMAGES):
         self._scorer = SemSegEvaluator(dataset_name, distributed=distributed, output_dir=output_dir)
+        self._warmup = int(warmup_images)
         self._costs = costs
         self._exit_names = list(exit_names)
         self._policy = policy
@@ -98,7 +106,7 @@ class AnytimeEvaluator(DatasetEvaluator):
             a = out["anytime"]
             c = self._costs(tuple(a["input_hw"]))
             self._rows.append((out["sem_seg_exit"], c.macs(out["sem_seg_exit"], a["evaluated"]), c.macs(FINAL, ()),
-                               a["time_s"], a.get("final_time_s", math.nan)))
+                               a["time_s"], a.get("final_time_s", math.nan), len(self._rows) >= self._warmup))
 
     def evaluate(self):
         results = self._scorer.evaluate()
@@ -112,21 +120,29 @@ class AnytimeEvaluator(DatasetEvaluator):
             return results
         answers = [r[0] for r in rows]
         macs, final_macs, t, tf = (np.array([r[i] for r in rows], dtype=np.float64) for i in range(1, 5))
+        timed = np.array([r[5] for r in rows], dtype=bool)
+        if not timed.any():
+            logger.warning("AnytimeEvaluator: %d images, all within the %d warm-up images of their process: the "
+                           "timings include the start-up.", len(rows), self._warmup)
+            timed[:] = True
+        t, tf = t[timed], tf[timed]
         res = OrderedDict()
         res["mIoU"] = results["sem_seg"]["mIoU"]
         res["mIoU_final"] = results["sem_seg_final"]["mIoU"] if "sem_seg_final" in results else math.nan
         res["GMACs"] = macs.mean() / 1e9
         res["GMACs_final"] = final_macs.mean() / 1e9
         res["MACs_saved_pct"] = 100.0 * (1.0 - macs.mean() / final_macs.mean())
-        res["time_ms"] = 1e3 * t.mean()
-        res["time_ms_final"] = 1e3 * tf.mean() if np.isfinite(tf).all() else math.nan
+        res["time_ms"] = 1e3 * float(np.median(t))
+        res["time_ms_final"] = 1e3 * float(np.median(tf)) if np.isfinite(tf).all() else math.nan
+        res["timed_images"] = float(timed.sum())
         res["images"] = float(len(rows))
         for name in self._exit_names + [n for n in dict.fromkeys(answers) if n not in self._exit_names + [FINAL]] + [FINAL]:
             res[f"answered_{name}_pct"] = 100.0 * answers.count(name) / len(rows)
         results["anytime"] = res
         logger.info("Anytime policy %r: mIoU %.2f (final %.2f), %.3f GMACs (final %.3f, %.1f%% saved), "
-                    "%.1f ms/image (final %.1f); answered: %s", self._policy, res["mIoU"], res["mIoU_final"],
-                    res["GMACs"], res["GMACs_final"], res["MACs_saved_pct"], res["time_ms"], res["time_ms_final"],
+                    "median %.1f ms/image (final %.1f; %d images after the warm-up); answered: %s", self._policy,
+                    res["mIoU"], res["mIoU_final"], res["GMACs"], res["GMACs_final"], res["MACs_saved_pct"],
+                    res["time_ms"], res["time_ms_final"], int(res["timed_images"]),
                     {k[9:-4]: round(v, 1) for k, v in res.items() if k.startswith("answered_")})
         return results
 
@@ -189,10 +205,16 @@ def collect_records(model, data_loader, dataset_name: str, log_every: int = 50) 
     for i, batch in enumerate(data_loader):
         for inp, out in zip(batch, model.forward_all_exits(batch)):
             record = by_file.get(inp["file_name"], inp)
-            gt = read_dataset_label(record)
-            check_label_values(gt, len(names), ignore, record["sem_seg_file_name"])
+            if EVAL_LABEL in inp:  # decoded by the test mapper in the loader's workers
+                gt = inp[EVAL_LABEL]
+            else:
+                gt = torch.from_numpy(np.ascontiguousarray(read_dataset_label(record)))
+            check_label_values(gt.numpy(), len(names), ignore, record["sem_seg_file_name"])
             preds = [out["exits"][n] for n in exits] + [out["final"]]
-            confs.append(np.stack([confusion_matrix(gt, p.argmax(0).cpu().numpy(), len(names), ignore) for p in preds]))
+            gt = gt.to(preds[0].device, non_blocking=True)
+            # counted on the model's device: K x K per output comes back, not H x W predictions
+            confs.append(torch.stack([device_confusion_matrix(gt, p.argmax(0), len(names), ignore)
+                                      for p in preds]).cpu().numpy())
             conf.append([out["confidence"][n] for n in exits])
             c = model.costs(out["input_hw"])
             prefix.append([c.prefix[n] for n in exits])

@@ -130,7 +130,8 @@ def backbone_stage_taps(taps: Collection[str]) -> List[str]:
 
 
 def _normalise(model: SemanticSegmentor, batched_inputs: List[dict]) -> ImageList:
-    images = [(x["image"].to(model.device) - model.pixel_mean) / model.pixel_std for x in batched_inputs]
+    images = [(x["image"].to(model.device, non_blocking=True) - model.pixel_mean) / model.pixel_std
+              for x in batched_inputs]
     return ImageList.from_tensors(images, model.backbone.size_divisibility,
                                   padding_constraints=model.backbone.padding_constraints)
 
@@ -139,7 +140,8 @@ def padded_targets(model: SemanticSegmentor, batched_inputs: List[dict]) -> Opti
     """N x H x W labels padded like the images (ignore value outside), or None without labels."""
     if "sem_seg" not in batched_inputs[0]:
         return None
-    targets = [x["sem_seg"].to(model.device) for x in batched_inputs]
+    # the mapper keeps labels small (uint8) for the copy; the losses index with int64
+    targets = [x["sem_seg"].to(model.device, non_blocking=True).long() for x in batched_inputs]
     return ImageList.from_tensors(targets, model.backbone.size_divisibility, model.sem_seg_head.ignore_value,
                                   model.backbone.padding_constraints).tensor
 

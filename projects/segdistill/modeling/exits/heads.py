@@ -13,7 +13,6 @@ unless an :class:`ExitFusion` feeds them into the head (HS3-Fuse); the deployed 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -36,8 +35,10 @@ HEAD_FEATURE_PREFIX = "head_"
 
 
 def exit_size(image_hw: Sequence[int], common_stride: int) -> Tuple[int, int]:
-    """Spatial size of every exit's maps for a (padded) input of ``image_hw``."""
-    return (math.ceil(image_hw[0] / common_stride), math.ceil(image_hw[1] / common_stride))
+    """Spatial size of every exit's maps for a (padded) input of ``image_hw``: the ceiling of
+    ``image_hw / common_stride``, in integer arithmetic, so that a trace (``torch.jit.trace``,
+    where the sizes are tensors) records it as operations, not as the traced size's constant."""
+    return ((image_hw[0] + common_stride - 1) // common_stride, (image_hw[1] + common_stride - 1) // common_stride)
 
 
 class MultiLabelClassifier(nn.Module):
@@ -100,7 +101,9 @@ class ExitHead(nn.Module):
 
     def forward(self, x: torch.Tensor, size: Tuple[int, int], with_classifier: bool = True) -> ExitOutput:
         x = self.reduce(x)
-        if tuple(x.shape[-2:]) != tuple(size):
+        # a trace records one branch of a Python ``if``: it always resizes (a resize to the same
+        # size is the identity: bilinear, align_corners=False), eager resizes only when needed
+        if torch.jit.is_tracing() or tuple(x.shape[-2:]) != tuple(size):
             x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
         feats = self.feature(x)
         act = F.relu(feats)

@@ -298,7 +298,9 @@ class SegHeadMixin(ConvertibleHead):
         backbone) when given, else upsampled by ``common_stride`` (see :meth:`predict_logits`)."""
         outputs = self.forward_outputs(features)
         if self.training:
-            return None, self.losses(outputs, targets)
+            # detectron2's SemanticSegmentor hands over the mapper's labels (uint8) as they were
+            # copied; the losses index with int64
+            return None, self.losses(outputs, targets.long())
         return self.predict_logits(outputs["logits"], output_size), {}
 
     def predict_logits(self, logits: torch.Tensor, output_size: Optional[Sequence[int]] = None) -> torch.Tensor:

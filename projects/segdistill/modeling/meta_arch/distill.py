@@ -22,6 +22,9 @@
   :func:`~segdistill.modeling.distill.base.float32_island`) while their trainable parts run in
   the step's autocast dtype (:func:`~segdistill.modeling.distill.base.run_trainable`); the
   teacher's forward runs in ``MODEL.DISTILL.TEACHER.PRECISION`` ("step": the step's own).
+* The frozen teacher's score cannot change during a run: the trainer's evaluator keeps it per
+  dataset and :meth:`Distiller.teacher_identity`, and switches ``eval_teacher`` off for the
+  later evaluations of that dataset.
 * ``deploy_state_dict()`` is the student's own deployed state dict (``tools/deploy_model.py``):
   it loads into the student's own config.
 
@@ -167,6 +170,7 @@ class Distiller(nn.Module, SegmentorWrapper, DeployableModel):
         teacher_input_format: Optional[str],
         teacher_name: str,
         teacher_precision: str = "step",
+        teacher_weights: str = "",
     ):
         """
         Args:
@@ -182,6 +186,8 @@ class Distiller(nn.Module, SegmentorWrapper, DeployableModel):
             teacher_name: how errors name the teacher (its config file).
             teacher_precision: the teacher's forward precision, one of ``TEACHER_PRECISIONS``:
                 "step" (the step's autocast state), "fp32", "bf16", "fp16" (CUDA).
+            teacher_weights: the teacher's weights file ("" for a random teacher): with
+                ``teacher_name``, what :meth:`teacher_identity` names.
         """
         super().__init__()
         if teacher_precision not in TEACHER_PRECISIONS:
@@ -218,6 +224,8 @@ class Distiller(nn.Module, SegmentorWrapper, DeployableModel):
         self.exclude_ignore = bool(exclude_ignore)
         self.eval_teacher = bool(eval_teacher)
         self.teacher_precision = teacher_precision
+        self._teacher_identity = (f"{teacher_name}|{teacher_weights}" if teacher_weights
+                                  else f"{teacher_name}|random teacher {id(teacher)}")
         self.input_format = input_format
         self.teacher_input_format = teacher_input_format or input_format
         self.student_taps_needed = sorted({p.student for l in losses.values() for p in l.taps})
@@ -269,12 +277,18 @@ class Distiller(nn.Module, SegmentorWrapper, DeployableModel):
             "teacher_input_format": None if t_cfg is None else t_cfg.INPUT.FORMAT,
             "teacher_name": d.TEACHER.CONFIG_FILE,
             "teacher_precision": d.TEACHER.PRECISION,
+            "teacher_weights": d.TEACHER.WEIGHTS,
         }
 
     # -- the teacher: outside the module tree, follows the wrapper's device/dtype, never its mode
     @property
     def teacher(self) -> nn.Module:
         return self._teacher.value
+
+    def teacher_identity(self) -> str:
+        """What the frozen teacher's predictions depend on (its config file and weights file; a
+        random teacher: this instance): the key of its cached evaluation score."""
+        return self._teacher_identity
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)

@@ -214,7 +214,7 @@ class MultiExitSegmentor(SemanticSegmentorAnySize, DeployableModel):
                                       padding_constraints=self.backbone.padding_constraints)
 
     def _targets(self, batched_inputs) -> torch.Tensor:
-        targets = [x["sem_seg"].to(self.device) for x in batched_inputs]
+        targets = [x["sem_seg"].to(self.device, non_blocking=True).long() for x in batched_inputs]
         return ImageList.from_tensors(targets, self.backbone.size_divisibility, self.sem_seg_head.ignore_value,
                                       self.backbone.padding_constraints).tensor
 
