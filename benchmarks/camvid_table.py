@@ -6,6 +6,8 @@ from backbones pre-trained here, with the papers' premises checked and a claim-b
     python benchmarks/camvid_table.py --blocks sr --seeds 1   # one block, one seed
     python benchmarks/camvid_table.py --methods baseline,ds   # some rows only (a regime check)
     python benchmarks/camvid_table.py --table-only            # rebuild table.md / table.png / verdict
+    python benchmarks/camvid_table.py --from-summary docs/results/camvid/summary.json --output /tmp/t \
+        --publish docs/results/camvid                          # the same from the committed numbers alone
     python benchmarks/camvid_table.py --data-root /data/camvid --output DIR [KEY VALUE ...]
 
 The chain, one job graph (every step a subprocess, ``--jobs`` at once, ``--threads`` torch
@@ -71,7 +73,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pretrain as pretrain_mod  # noqa: E402  (benchmarks/pretrain.py)
 from methods import BLOCKS, METHODS, Method  # noqa: E402  (benchmarks/methods.py: the one catalogue)
 from table_report import TableInputs, write_table  # noqa: E402
-from table_stats import exit_mious, paired, premises, verdict  # noqa: E402,F401  (paired: re-exported with the table)
+from table_stats import exit_mious, exit_premise_per_run, paired, premises, verdict  # noqa: E402,F401  (paired: re-exported with the table)
 
 CONFIGS = os.path.join(ROOT, "configs", "camvid", "table")
 TRAIN, VAL = "camvid_train", "camvid_val"
@@ -136,6 +138,12 @@ class Table:
         self.pretrained = dict(PRETRAINED)
         self.pretrained.update(args.pretrained_map)
         self._cfgs: Dict[Tuple[str, Tuple[str, ...]], object] = {}
+        self.summary = load_summary(args.from_summary) if args.from_summary else None
+        if self.summary is not None:
+            # the published clusters files sit beside the published summary.json
+            d = os.path.dirname(os.path.abspath(args.from_summary))
+            self.clusters = {"hs3_clusters": os.path.join(d, "hs3_clusters.json"),
+                             "hs3_manual": os.path.join(d, "hs3_manual_clusters.json")}
 
     # ---------------------------------------------------------------- runs
     def folder(self, method: str, seed: int) -> str:
@@ -326,6 +334,9 @@ class Table:
 
     # ------------------------------------------------------------ table
     def collect(self) -> Dict[str, List[dict]]:
+        if self.summary is not None:
+            return {m.name: [r for r in self.summary["results"].get(m.name, []) if r["seed"] in self.method_seeds(m)]
+                    for m in self.wanted()}
         results = {}
         for m in self.wanted():
             rows = []
@@ -338,16 +349,24 @@ class Table:
         return results
 
     def phase1_metrics(self) -> dict:
+        if self.summary is not None:
+            return dict(self.summary.get("phase1", {}))
         path = os.path.join(self.phase1, "metrics.json")
         return last_eval(path, required=False) if os.path.isfile(path) else {}
 
     def describe_pretraining(self) -> str:
+        if self.summary is not None:
+            info = self.summary.get("pretraining", {})
+            return ", ".join(f"{b} from {n}" for b, n in self.pretrained.items() if n in info) or \
+                "random initialisation (no pre-training)"
         if self.args.scratch:
             return "random initialisation (no pre-training)"
         return ", ".join(f"{b} from {n}" for b, n in self.pretrained.items()
                          if os.path.isfile(pretrain_mod.weights_path(self.pretrain_out, n)))
 
     def pretraining_info(self) -> dict:
+        if self.summary is not None:
+            return dict(self.summary.get("pretraining", {}))
         info = {}
         for name in sorted(set(self.pretrained.values())):  # one order, whatever the hash seed
             p = os.path.join(self.pretrain_out, f"{name}.json")
@@ -365,7 +384,7 @@ class Table:
                           self.needs_hs3(self.wanted()) or "phase1" in self.args.methods, self.args.min_teacher_margin)
         inputs = TableInputs(
             out=self.out, seeds=self.seeds, blocks={b: BLOCKS[b] for b in self.blocks}, rows=rows, results=results,
-            premises=checks, verdict=verdict(results), pretraining=self.describe_pretraining(),
+            premises=checks, verdict=verdict(results, run_failures=run_failures(rows, results)), pretraining=self.describe_pretraining(),
             pretraining_info=self.pretraining_info(), phase1=self.phase1_metrics(), clusters=self.clusters,
         )
         text = write_table(inputs, self.args.publish)
@@ -373,6 +392,29 @@ class Table:
             for c in checks:
                 say(f"premise {'holds' if c['ok'] else 'FAILS'}: {c['name']}: {c['text']}")
         return text
+
+def run_failures(rows, results: Dict[str, List[dict]]) -> Dict[str, List[int]]:
+    """``{method: [seed, ...]}``: the runs whose final output is not above every exit."""
+    return {m: sorted({f["seed"] for f in fs}) for m, fs in exit_premise_per_run(rows, results).items() if fs}
+
+
+def load_summary(path: str) -> dict:
+    """A published summary.json (``--publish``), its runs in the form ``collect`` returns: what the
+    table, premises and verdict are computed from when the runs' folders are not on this machine."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"[table] --from-summary {path}: no such file (the table's published summary.json, "
+                         "e.g. docs/results/camvid/summary.json)")
+    with open(path) as f:
+        data = json.load(f)
+    results = {}
+    for m, rs in data["results"].items():
+        results[m] = []
+        for r in rs:
+            metrics = {"sem_seg/mIoU": r["mIoU"], **{f"sem_seg/IoU-{c}": v for c, v in r.get("IoU", {}).items()}}
+            results[m].append({"method": m, "seed": r["seed"], "mIoU": r["mIoU"], "exits": dict(r.get("exits", {})),
+                               "metrics": metrics, "sec_per_iter": r.get("sec_per_iter")})
+    return dict(data, results=results)
+
 
 def last_eval(metrics_path: str, required: bool = True) -> dict:
     """The last evaluation in a detectron2 metrics.json (the one at the end of training)."""
@@ -424,10 +466,14 @@ def parse_args(argv=None):
     p.add_argument("--hs3-ratio", type=float, default=0.5, help="classes kept per stage by the 'hs3_manual' row")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep the periodic checkpoints of finished runs")
     p.add_argument("--table-only", action="store_true", help="only rebuild table.md / table.png from finished runs")
+    p.add_argument("--from-summary", default="", help="rebuild the table from a published summary.json instead of "
+                   "the runs under --output (implies --table-only), e.g. docs/results/camvid/summary.json")
     p.add_argument("--publish", default="", help="also copy table.md, table.png, summary.json and the HS3 plots here")
     p.add_argument("--dry-run", action="store_true", help="list the jobs that would run")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every table training")
     args = p.parse_args(argv)
+    if args.from_summary:
+        args.table_only = True
     args.blocks = [b.strip() for b in args.blocks.split(",") if b.strip()]
     bad = [b for b in args.blocks if b not in BLOCKS]
     if bad or not args.blocks:
