@@ -41,6 +41,7 @@ from ..data.datasets.demo import is_demo_dataset
 from ..evaluation import CocoStuffEvaluator, SemSegEvaluator, build_label_spaces
 from ..evaluation.anytime import AnytimeEvaluator
 from ..modeling.meta_arch.anytime import AnytimeSegmentor, load_anytime_weights
+from .budget import apply_budget
 from .ddp import broadcast_batchnorm_buffers, create_ddp_model
 from .hooks import TrainingCurvesHook, TrainingProgressHook, exact_resume_hook, unwrap_model
 from .run import RunOutput
@@ -122,6 +123,9 @@ class Trainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
+        # SOLVER.BUDGET (engine/budget.py): the iteration count and stretched schedule follow from
+        # the budget and this model's counted step cost, before the scheduler and hooks read them
+        cfg, _ = apply_budget(cfg, model)  # its record is OUTPUT_DIR/budget.json
         check_eval_datasets(cfg.DATASETS.TEST)
         model = self.build_ddp_model(cfg, model)
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
