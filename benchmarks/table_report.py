@@ -144,7 +144,7 @@ def verdict_lines(verdict: List[dict]) -> List[str]:
         fails = "; ".join(f"{METHODS[m].label} seed{'s' if len(s) > 1 else ''} {', '.join(map(str, s))}"
                           for m, s in v.get("premise_failures", {}).items())
         lines.append(f"| {v['source']}: {METHODS[v['a']].label} > {METHODS[v['b']].label} | {v['delta']} | {ps[0]} | "
-                     f"{ps[1]} | +{v['gain']:.2f} | {v['verdict']} | {v['raw_verdict']} | {fails} |")
+                     f"{ps[1]} | {'+%.2f' % v['gain'] if v['gain'] > 0 else '(direction only)'} | {v['verdict']} | {v['raw_verdict']} | {fails} |")
     return lines
 
 

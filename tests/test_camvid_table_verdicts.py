@@ -63,8 +63,8 @@ def test_the_correction_removes_a_raw_reproduction_and_keeps_a_strong_one():
 
 
 def test_every_claim_cites_a_table_and_the_smallest_gains_the_tables_give():
-    for c in stats.CLAIMS:
-        assert "Table" in c.source and "(" in c.source or "Table 6" in c.source, c
+    for c in stats.CLAIMS:  # a table (and its column where it has several), or no gain at all
+        assert ("Table" in c.source and ("(" in c.source or "Table 6" in c.source)) or c.gain == 0, c
     gains = {(c.a, c.b): c.gain for c in stats.CLAIMS}
     # SR Table 1's MC column, HS3 Table 4, FAKD Table 3's Pascal VOC column (DeepLab-MV2)
     assert gains[("sr", "mea")] == 0.5 and gains[("sr", "baseline")] == 0.9
