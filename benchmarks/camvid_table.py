@@ -30,17 +30,32 @@ threads each, logs in the run folders):
      SKD, IFVD, CIRKD, MGD, DIST, FitNet and AT (each with its full objective, e.g. PD + SKD;
      docs/distillation.md).
 
+   * ``equal_compute``: the distillation rows at one training budget (``SOLVER.BUDGET``, the
+     FLOPs of ``--budget-steps`` steps of ``--budget-reference``, default 300 steps of the
+     student alone: its own row), counted once into ``OUTPUT/budget.json``; a costlier step
+     gets fewer iterations (``segdistill.engine.budget``).
+   * ``tuned``: each distillation row with its loss weights (``TUNE_KEYS``) picked without val:
+     a grid of x0.1, x0.3, x1, x3 of the default, ``--tune-seeds`` seeds a point, trained on
+     ``camvid_train_hs3_reduced`` (the distillers with a teacher trained there too) and
+     scored on ``camvid_train_hs3_analysis``; the best mean held-out mIoU is the pick
+     (``OUTPUT/tune/<method>/pick.json``), then the seeds on val with it.
+
+   ``--regime schedule_4x | demo_pretraining | heldout_exits`` names the confound runs and
+   the held-out anytime models (rows, overrides, output folder: ``REGIMES``).
    A row's baseline is its block's first method (the distillation rows: the student alone).
    Runs shared by blocks (baseline, DS) train once.
 3. **Premises** (printed, and written at the top of ``table.md``): the final output above every
-   DS exit (the Phase-1 DS model on the analysis split, and the baseline against the DS runs'
-   exits on val) and the teacher clearly above the student alone (``--min-teacher-margin``).
+   DS exit (the Phase-1 DS model on the analysis split, and inside each multi-exit model on
+   val: on its mean over seeds, and in each run) and the teacher clearly above the student alone (``--min-teacher-margin``).
    If one fails or is not measured yet, the table is written but its reading (the verdict) is
    withheld, with the margins.
 4. **Verdict**: for each claim of the papers (``CLAIMS``) the difference between two rows, paired
    by seed, its 95 % confidence interval (Student t over the seeds both rows finished), and
-   reproduced (the interval is above 0) / not reproduced (below 0, or it excludes the paper's
-   smallest reported gain) / inconclusive (it holds both 0 and the paper's gain).
+   two tests (Δ = 0, Δ = the paper's smallest gain) corrected by Holm over every test of the
+   table: reproduced (Δ = 0 rejected, above) / not reproduced (rejected below 0, or below the
+   gain) / inconclusive; the uncorrected reading of the raw interval beside it. The
+   premise "final above every exit" is checked inside each model (a gate) and each run
+   (listed per claim).
 
 Every finished run keeps its ``result.json`` under ``OUTPUT/runs/<method>/seed<k>/``, so an
 interrupted invocation resumes: finished runs are skipped and an interrupted training continues
@@ -72,7 +87,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pretrain as pretrain_mod  # noqa: E402  (benchmarks/pretrain.py)
 import step_cost  # noqa: E402  (benchmarks/step_cost.py: a method's counted step FLOPs)
-from methods import BLOCKS, BUDGET, METHODS, TUNE_GRID, TUNE_KEYS, TUNED_VALUE, Method  # noqa: E402  (the one catalogue)
+from methods import BLOCKS, BUDGET, HISTORY_ROWS, METHODS, TUNE_GRID, TUNE_KEYS, TUNED_VALUE, Method  # noqa: E402  (the one catalogue)
 from table_report import TableInputs, write_table  # noqa: E402
 from table_stats import exit_mious, exit_premise_per_run, paired, premises, verdict  # noqa: E402,F401  (paired: re-exported with the table)
 
@@ -193,6 +208,7 @@ class Table:
             names += [n for n in block_methods(b) if n not in names]
         if self.args.methods:
             names = [n for n in names if n in self.args.methods]
+            names += [n for n in self.args.methods if n in HISTORY_ROWS and n not in names]  # asked for by name
         return [METHODS[n] for n in names]
 
     def cfg(self, config: str, opts: Sequence[str]):
@@ -495,18 +511,21 @@ class Table:
 
     # ------------------------------------------------------------ table
     def collect(self) -> Dict[str, List[dict]]:
+        # the History rows are collected too (kept in summary.json, shown in no block)
         if self.summary is not None:
-            return {m.name: [r for r in self.summary["results"].get(m.name, []) if r["seed"] in self.method_seeds(m)]
-                    for m in self.wanted()}
+            out = {m.name: [r for r in self.summary["results"].get(m.name, []) if r["seed"] in self.method_seeds(m)]
+                   for m in self.wanted()}
+            return dict(out, **{n: rs for n, rs in self.summary["results"].items() if n in HISTORY_ROWS})
         results = {}
-        for m in self.wanted():
+        for m in self.wanted() + [METHODS[n] for n in HISTORY_ROWS]:
             rows = []
             for seed in self.method_seeds(m):
                 p = self.result_path(m.name, seed)
                 if os.path.isfile(p):
                     with open(p) as f:
                         rows.append(json.load(f))
-            results[m.name] = rows
+            if rows or m.name not in HISTORY_ROWS:
+                results[m.name] = rows
         return results
 
     def phase1_metrics(self) -> dict:

@@ -45,7 +45,7 @@ def write_table(t: TableInputs, publish_to: str = "") -> str:
     lines = [f"CamVid val (101 images), final mIoU % of the deployed model over seeds {t.seeds} "
              f"(mean ± standard deviation; n = finished seeds). Δ: against the block's baseline, paired by "
              f"seed, with its 95 % confidence interval (Student t, n - 1 degrees of freedom). "
-             f"Backbones: {t.pretraining}. Output: {t.out}", ""]
+             f"Backbones: {t.pretraining}. Output: {shown_path(t.out)}", ""]
     lines += ["### Premises", ""]
     for c in checks:
         state = "holds" if c["ok"] else ("FAILS" if c.get("gate", True) else "FAILS in some runs (listed, per claim below)")
@@ -94,7 +94,7 @@ def write_table(t: TableInputs, publish_to: str = "") -> str:
         for need, label in (("hs3_clusters", "trade-off rule"), ("hs3_manual", "manual ratio")):
             if os.path.isfile(t.clusters[need]):
                 lines += [f"HS3 clusters ({label}): {describe_clusters(t.clusters[need])}", ""]
-    lines += per_class_lines(results)
+    lines += per_class_lines({n: rs for n, rs in results.items() if n in t.rows})
     verdict = t.verdict
     lines += ["### Verdict (claims of the papers, paired by seed)", ""]
     if all(c["ok"] for c in checks if c.get("gate", True)):
@@ -126,6 +126,13 @@ def write_table(t: TableInputs, publish_to: str = "") -> str:
         publish(t, publish_to)
     return text
 
+
+
+def shown_path(path: str) -> str:
+    """``path`` relative to the repository when inside it (a published table names no machine's folders)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rel = os.path.relpath(os.path.abspath(path), root)
+    return path if rel.startswith("..") else rel
 
 
 def verdict_lines(verdict: List[dict]) -> List[str]:
