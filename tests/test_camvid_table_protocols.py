@@ -117,3 +117,25 @@ def test_step_cost_counts_and_times_in_one_run(tmp_path):
     assert r["student"]["cpu_s"] > 0 and len(r["pd"]["cpu"]) == 1
     with pytest.raises(SystemExit):
         cost.main(["--methods", "nope"])
+
+
+def test_the_heldout_curves_plain_model_is_the_tables_baseline(tmp_path):
+    """docs/results.md's held-out anytime command passes configs/camvid/table/baseline.yaml as the
+    plain model: it must build as an AnytimeSegmentor without exits and take the baseline's weights."""
+    import torch
+    from detectron2.modeling import build_model
+
+    from segdistill.config import load_yaml_config
+    from segdistill.engine.anytime import anytime_cfg
+    from segdistill.modeling.meta_arch.anytime import load_anytime_weights
+
+    opts = ["MODEL.TIMM.CHECKPOINT", "", "MODEL.DEVICE", "cpu"]
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs/camvid/table/baseline.yaml")
+    cfg = anytime_cfg(config, opts)
+    assert cfg.MODEL.EXITS.MODE == "none"
+    anytime = build_model(cfg)
+    plain = build_model(load_yaml_config(config, opts))
+    torch.save({"model": plain.state_dict()}, tmp_path / "plain.pth")
+    load_anytime_weights(anytime, str(tmp_path / "plain.pth"), weights_format=cfg.MODEL.WEIGHTS_FORMAT)
+    key = next(k for k in plain.state_dict() if k.endswith("weight"))
+    assert torch.equal(anytime.state_dict()[key], plain.state_dict()[key])
