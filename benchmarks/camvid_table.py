@@ -79,6 +79,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -178,7 +179,7 @@ class Table:
         # the weight-tuning protocol: its runs never see val, nor (training) the analysis split
         self.tune = os.path.join(self.out, "tune")
         self.tune_teacher = os.path.join(self.tune, "teacher", "seed0")
-        self._budget: Optional[float] = None
+        self._budget: Optional[dict] = None
         self.blocks = args.blocks
         self.seeds = list(range(args.seeds))
         self.pretrain_out = os.path.abspath(args.pretrain_output)
@@ -253,31 +254,61 @@ class Table:
         return cmd + ["SEED", str(seed), "OUTPUT_DIR", folder] + list(opts) + list(self.args.opts)
 
     # ----------------------------------------------------- equal compute
-    def budget(self) -> float:
-        """The equal-compute block's SOLVER.BUDGET: --budget-steps steps of --budget-reference,
-        counted once and kept in OUTPUT/budget.json (a resumed table keeps its budget)."""
+    def budget_record(self) -> dict:
+        """The equal-compute block's budget, measured once and kept in OUTPUT/budget.json (a
+        resumed table keeps it): ``flops`` (counted FLOPs of a step, per method) and, with
+        ``--budget-unit cpu``, ``cpu_s`` (single-thread CPU seconds of a step, measured in one
+        process, interleaved)."""
         if self._budget is None:
             path = os.path.join(self.out, "budget.json")
-            want = {"steps": self.args.budget_steps, "reference": self.args.budget_reference, "opts": list(self.args.opts)}
+            names = [self.args.budget_reference] + [m.name.split("@")[0] for m in self.wanted() if BUDGET in m.opts]
+            names = list(dict.fromkeys(names))
+            want = {"unit": self.args.budget_unit, "steps": self.args.budget_steps,
+                    "reference": self.args.budget_reference, "opts": list(self.args.opts)}
+            rec = None
             if os.path.isfile(path):
                 with open(path) as f:
                     rec = json.load(f)
-                if {k: rec.get(k) for k in want} == want:
-                    self._budget = float(rec["flops"])
-            if self._budget is None:
-                self._budget = step_cost.budget_for(self.args.budget_steps, self.args.budget_reference, self.args.opts)
+                if {k: rec.get(k) for k in want} != want or not set(names) <= set(rec.get("flops", {})):
+                    rec = None
+            if rec is None:
+                rec = dict(want)
+                if self.args.budget_unit == "cpu":
+                    torch_threads = step_cost.torch.get_num_threads()
+                    step_cost.torch.set_num_threads(1)
+                    measured = step_cost.measure(names, self.args.opts, self.args.budget_rounds, 1)
+                    step_cost.torch.set_num_threads(torch_threads)
+                    rec["flops"] = {n: r["flops"]["total"] for n, r in measured.items()}
+                    rec["cpu_s"] = {n: r["cpu_s"] for n, r in measured.items()}
+                else:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        rec["flops"] = {n: step_cost.count(step_cost.method_config(n, self.args.opts, tmp))["total"]
+                                        for n in names}
                 os.makedirs(self.out, exist_ok=True)
                 with open(path, "w") as f:
-                    json.dump(dict(want, flops=self._budget), f, indent=1)
+                    json.dump(rec, f, indent=1)
+            self._budget = rec
         return self._budget
 
-    def resolve(self, opts: Sequence[str], tuned: Optional[Dict[str, float]] = None) -> List[str]:
-        """A row's overrides with the catalogue's placeholders filled: the table's budget, and a
-        tuned weight's value (``tuned``: key -> value)."""
+    def budget(self, method: str) -> float:
+        """SOLVER.BUDGET of ``method`` in the equal-compute block. ``flops``: --budget-steps steps of
+        the reference's counted FLOPs, the same for every method. ``cpu``: the FLOPs of the
+        iterations that cost the method the reference's CPU time (steps x t_ref / t_method),
+        so that the engine's count gives those iterations."""
+        rec = self.budget_record()
+        ref = self.args.budget_reference
+        if rec["unit"] == "flops":
+            return float(rec["steps"]) * rec["flops"][ref]
+        n = int(math.floor(rec["steps"] * rec["cpu_s"][ref] / rec["cpu_s"][method] + 1e-9))  # 119.99999... is 120
+        return (max(1, n) + 0.5) * rec["flops"][method]  # half a step of slack: floor() gives n
+
+    def resolve(self, opts: Sequence[str], tuned: Optional[Dict[str, float]] = None, method: str = "") -> List[str]:
+        """A row's overrides with the catalogue's placeholders filled: the table's budget for
+        ``method`` (a row name, its ``@`` tag ignored), and a tuned weight's value (``tuned``: key -> value)."""
         out = list(opts)
         for i in range(1, len(out), 2):
             if out[i] == BUDGET:
-                out[i] = repr(self.budget())
+                out[i] = repr(self.budget(method.split("@")[0]))
             elif out[i] == TUNED_VALUE:
                 if tuned is None or out[i - 1] not in tuned:
                     raise SystemExit(f"[table] {out[i - 1]}: no tuned value yet (the tuning protocol's pick)")
@@ -394,7 +425,7 @@ class Table:
                                     list(m.needs) + needs + [f"pick:{base}"], m, seed, prepare=prepare))
                     continue
                 rows.append(Job(f"{m.name}/seed{seed}", folder,
-                                self.train_cmd(config_file(m), self.resolve(m.opts) + opts, folder, seed),
+                                self.train_cmd(config_file(m), self.resolve(m.opts, method=m.name) + opts, folder, seed),
                                 list(m.needs) + needs, m, seed))
         # pre-trainings the rows wait for, first; then the steps other rows wait for; then seed by seed
         for name in sorted({n.split(":", 1)[1] for j in rows for n in j.needs if n.startswith("pretrain:")}):
@@ -647,6 +678,9 @@ def parse_args(argv=None):
     p.add_argument("--budget-steps", type=float, default=300.0,
                    help="the equal-compute block's budget, in training steps of --budget-reference")
     p.add_argument("--budget-reference", default="student", help="the method whose step is the budget's unit")
+    p.add_argument("--budget-unit", default="flops", choices=("flops", "cpu"),
+                   help="equal counted training FLOPs, or equal single-thread CPU time (measured once here)")
+    p.add_argument("--budget-rounds", type=int, default=5, help="timed steps per method for --budget-unit cpu")
     p.add_argument("--tune-seeds", type=int, default=2, help="seeds 0..N-1 per grid point of the tuning protocol")
     p.add_argument("--regime", default="", choices=("",) + tuple(REGIMES),
                    help="a named set of rows, overrides and output folder: " + ", ".join(REGIMES))

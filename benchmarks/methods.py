@@ -137,7 +137,7 @@ BLOCKS = {
     "sr": ("Self-Regulation (SR Table 1 ablation)", ["baseline", "ds", "mea", "mea_srl", "mea_srf", "sr"]),
     "hs3": ("HS3 (HS3 Tables 1, 2 and 6)", ["baseline", "ds", "hs3", "hs3_manual", "hs3_fuse"]),
     "distill": ("Distillation (FAKD Tables 3-4, HWD Tables II-III)", ["student", "teacher", *DISTILL_ROWS]),
-    "equal_compute": ("Distillation at equal compute (one training budget in FLOPs: the student alone's 300 steps)",
+    "equal_compute": ("Distillation at equal compute (the student alone's 300 steps: FLOPs or CPU time, budget.json)",
                       ["student", "teacher"] + [m.name for m in EQUAL_COMPUTE]),
     "tuned": ("Distillation with each loss weight tuned on the analysis split (never on val)",
               ["student", "teacher"] + [m.name for m in TUNED]),

@@ -80,16 +80,34 @@ def test_equal_compute_block_end_to_end(table):
     text = mod.main(argv)
     budget = json.loads((out / "budget.json").read_text())
     pd = json.loads((out / "runs" / "pd@ec" / "seed0" / "budget.json").read_text())
-    assert pd["budget"] == budget["flops"] and budget["steps"] == 8.0
+    assert budget["unit"] == "flops" and budget["steps"] == 8.0
+    assert pd["budget"] == 8 * budget["flops"]["student"] and pd["step_flops"]["total"] == budget["flops"]["pd"]
     # PD's step runs the teacher too: costlier than the student's, so fewer iterations than 8
-    assert pd["step_flops"]["teacher"] > 0 and pd["step_flops"]["total"] > budget["flops"] / 8
-    assert 1 <= pd["iterations"] == int(budget["flops"] // pd["step_flops"]["total"]) < 8
+    assert pd["step_flops"]["teacher"] > 0 and pd["step_flops"]["total"] > budget["flops"]["student"]
+    assert 1 <= pd["iterations"] == int(pd["budget"] // pd["step_flops"]["total"]) < 8
     assert json.loads((out / "runs" / "pd@ec" / "seed0" / "result.json").read_text())["seed"] == 0
     assert "PD (equal compute)" in text and "equal compute" in text
     # the same command resumes with the same budget and trains nothing
     before = os.path.getmtime(out / "runs" / "pd@ec" / "seed0" / "result.json")
     mod.main(argv)
     assert os.path.getmtime(out / "runs" / "pd@ec" / "seed0" / "result.json") == before
+
+
+def test_equal_cpu_time_budget_gives_the_iterations_of_the_reference_time(table, monkeypatch):
+    mod, data, tmp = table
+    argv = ["--data-root", str(data), "--output", str(tmp / "cpu"), "--pretrained", "none", "--seeds", "1",
+            "--blocks", "equal_compute", "--methods", "student,teacher,pd@ec,skd@ec", "--budget-steps", "300",
+            "--budget-unit", "cpu"] + TINY
+    t = mod.Table(mod.parse_args(argv))
+    # fake measures: PD's step takes 1.6x the student's CPU time, SKD's 2.5x; FLOPs as counted
+    fake = {"student": (0.44, 100), "pd": (0.704, 330), "skd": (1.1, 870)}
+    monkeypatch.setattr(mod.step_cost, "measure", lambda names, opts, rounds, warmup: {
+        n: {"cpu_s": fake[n][0], "flops": {"total": fake[n][1]}} for n in names})
+    b = {n: t.budget(n) for n in fake}
+    assert [int(b[n] // fake[n][1]) for n in fake] == [300, 187, 120]  # 300 x 0.44 / t
+    assert json.loads((tmp / "cpu" / "budget.json").read_text())["cpu_s"]["pd"] == 0.704
+    cmd = " ".join(next(j for j in t.jobs() if j.key == "skd@ec/seed0").cmd)
+    assert f"SOLVER.BUDGET {b['skd']!r}" in cmd
 
 
 def test_regimes_name_their_rows_overrides_and_output(table):
