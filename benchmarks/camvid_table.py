@@ -356,6 +356,18 @@ class Table:
                        "split": f"trained on {TRAIN}_hs3_reduced, scored on {TRAIN}_hs3_analysis"}, fh, indent=1)
         return True
 
+    def tuning_picks(self) -> Dict[str, dict]:
+        """The picks of the tuned rows of the invocation (the summary's, when rebuilt from one)."""
+        if self.summary is not None:
+            return dict(self.summary.get("tuning", {}))
+        out = {}
+        for m in self.wanted():
+            base = m.name.split("@")[0]
+            if TUNED_VALUE in m.opts and os.path.isfile(self.pick_path(base)):
+                with open(self.pick_path(base)) as f:
+                    out[base] = json.load(f)
+        return out
+
     def tuned_weights(self, base: str) -> Dict[str, float]:
         with open(self.pick_path(base)) as f:
             return json.load(f)["weights"]
@@ -597,6 +609,7 @@ class Table:
             out=self.out, seeds=self.seeds, blocks={b: BLOCKS[b] for b in self.blocks}, rows=rows, results=results,
             premises=checks, verdict=verdict(results, run_failures=run_failures(rows, results)), pretraining=self.describe_pretraining(),
             pretraining_info=self.pretraining_info(), phase1=self.phase1_metrics(), clusters=self.clusters,
+            tuning=self.tuning_picks(),
         )
         text = write_table(inputs, self.args.publish)
         if not quiet:

@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Collection, Dict, List, Tuple
 
 from methods import METHODS
@@ -35,6 +35,7 @@ class TableInputs:
     pretraining_info: dict  # pre-training name -> its record
     phase1: dict  # the HS3 Phase-1 model's metrics on the analysis split ({} when not run)
     clusters: Dict[str, str]  # "hs3_clusters" / "hs3_manual" -> its clusters file
+    tuning: Dict[str, dict] = field(default_factory=dict)  # method -> its tuning pick (camvid_table's pick.json)
 
 
 
@@ -87,6 +88,14 @@ def write_table(t: TableInputs, publish_to: str = "") -> str:
             p_s = f"{p[0]:.3f} / {p[1]:.3f}" if p else ""
             lines.append(f"| {METHODS[n].label} | {mean:.1f} ± {std:.1f} | {len(vals)} | {delta} | {p_s} | {exits} | {spi_s} |")
         lines.append("")
+    if t.tuning:
+        lines += ["Tuning picks (mean held-out mIoU per grid factor of the default weight, trained on the reduced "
+                  "split, scored on the analysis split; the pick in bold):", ""]
+        for m, pk in t.tuning.items():
+            grid = ", ".join((f"**x{f}: {sum(v) / len(v):.1f}**" if float(f) == pk["factor"] else
+                              f"x{f}: {sum(v) / len(v):.1f}") for f, v in pk["held_out"].items())
+            lines.append(f"- {METHODS[m].label}: {grid}; " + ", ".join(f"{k} {v:g}" for k, v in pk["weights"].items()))
+        lines.append("")
     if "hs3" in t.blocks:
         choice = hs3_choice(t.clusters["hs3_clusters"])
         if choice:
@@ -114,7 +123,7 @@ def write_table(t: TableInputs, publish_to: str = "") -> str:
                     "sec_per_iter": r.get("sec_per_iter")} for r in rs] for m, rs in results.items()}
     common = {"seeds": t.seeds, "blocks": {b: list(block) for b, (_, block) in t.blocks.items()},
               "pretraining": t.pretraining_info, "premises": checks, "verdict": verdict,
-              "phase1": t.phase1}
+              "phase1": t.phase1, "tuning": t.tuning}
     with open(os.path.join(t.out, "results.json"), "w") as f:
         json.dump(dict(common, results=results), f, indent=1)
     p1 = common["phase1"]

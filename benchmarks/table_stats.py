@@ -214,7 +214,8 @@ def exit_mious(metrics: dict) -> Dict[str, float]:
 
 
 def _exit_rows(names: Collection[str], results: Dict[str, List[dict]]) -> List[str]:
-    return [n for n in names if n in METHODS and METHODS[n].family in FULL_CLASS_EXIT_FAMILIES
+    # in the catalogue's order, whatever the order (or hash seed) of ``names``
+    return [n for n in METHODS if n in names and METHODS[n].family in FULL_CLASS_EXIT_FAMILIES
             and any(r.get("exits") for r in results.get(n, []))]
 
 

@@ -68,6 +68,10 @@ def test_tuning_protocol_picks_on_the_analysis_split_and_the_tuned_row_uses_it(t
     cmd = " ".join(row.prepare())
     assert "MODEL.DISTILL.IFVD.WEIGHT 600.0" in cmd and "<tuned>" not in cmd
     assert "hs3_reduced" not in cmd and str(out / "runs" / "teacher" / "seed0" / "model_final.pth") in cmd  # on val
+    # the table reports the pick beside the grid's held-out scores
+    text = mod.main(argv[: -len(TINY)] + ["--table-only"] + TINY)
+    assert "**x3: 32.8**" in text and "x1: 31.5" in text and "MODEL.DISTILL.IFVD.WEIGHT 600" in text
+    assert json.loads((out / "summary.json").read_text())["tuning"]["ifvd"]["factor"] == 3.0
     # resumed: the grid is done, nothing of it runs again
     assert not [j for j in mod.Table(mod.parse_args(argv)).jobs() if j.key.startswith("tune/")]
 
