@@ -6,6 +6,8 @@ from backbones pre-trained here, with the papers' premises checked and a claim-b
     python benchmarks/camvid_table.py --blocks sr --seeds 1   # one block, one seed
     python benchmarks/camvid_table.py --methods baseline,ds   # some rows only (a regime check)
     python benchmarks/camvid_table.py --table-only            # rebuild table.md / table.png / verdict
+    python benchmarks/camvid_table.py --from-summary docs/results/camvid/summary.json --output /tmp/t \
+        --publish docs/results/camvid                          # the same from the committed numbers alone
     python benchmarks/camvid_table.py --data-root /data/camvid --output DIR [KEY VALUE ...]
 
 The chain, one job graph (every step a subprocess, ``--jobs`` at once, ``--threads`` torch
@@ -28,17 +30,32 @@ threads each, logs in the run folders):
      SKD, IFVD, CIRKD, MGD, DIST, FitNet and AT (each with its full objective, e.g. PD + SKD;
      docs/distillation.md).
 
+   * ``equal_compute``: the distillation rows at one training budget (``SOLVER.BUDGET``, the
+     FLOPs of ``--budget-steps`` steps of ``--budget-reference``, default 300 steps of the
+     student alone: its own row), counted once into ``OUTPUT/budget.json``; a costlier step
+     gets fewer iterations (``segdistill.engine.budget``).
+   * ``tuned``: each distillation row with its loss weights (``TUNE_KEYS``) picked without val:
+     a grid of x0.1, x0.3, x1, x3 of the default, ``--tune-seeds`` seeds a point, trained on
+     ``camvid_train_hs3_reduced`` (the distillers with a teacher trained there too) and
+     scored on ``camvid_train_hs3_analysis``; the best mean held-out mIoU is the pick
+     (``OUTPUT/tune/<method>/pick.json``), then the seeds on val with it.
+
+   ``--regime schedule_4x | demo_pretraining | heldout_exits`` names the confound runs and
+   the held-out anytime models (rows, overrides, output folder: ``REGIMES``).
    A row's baseline is its block's first method (the distillation rows: the student alone).
    Runs shared by blocks (baseline, DS) train once.
 3. **Premises** (printed, and written at the top of ``table.md``): the final output above every
-   DS exit (the Phase-1 DS model on the analysis split, and the baseline against the DS runs'
-   exits on val) and the teacher clearly above the student alone (``--min-teacher-margin``).
+   DS exit (the Phase-1 DS model on the analysis split, and inside each multi-exit model on
+   val: on its mean over seeds, and in each run) and the teacher clearly above the student alone (``--min-teacher-margin``).
    If one fails or is not measured yet, the table is written but its reading (the verdict) is
    withheld, with the margins.
 4. **Verdict**: for each claim of the papers (``CLAIMS``) the difference between two rows, paired
    by seed, its 95 % confidence interval (Student t over the seeds both rows finished), and
-   reproduced (the interval is above 0) / not reproduced (below 0, or it excludes the paper's
-   smallest reported gain) / inconclusive (it holds both 0 and the paper's gain).
+   two tests (Δ = 0, Δ = the paper's smallest gain) corrected by Holm over every test of the
+   table: reproduced (Δ = 0 rejected, above) / not reproduced (rejected below 0, or below the
+   gain) / inconclusive; the uncorrected reading of the raw interval beside it. The
+   premise "final above every exit" is checked inside each model (a gate) and each run
+   (listed per claim).
 
 Every finished run keeps its ``result.json`` under ``OUTPUT/runs/<method>/seed<k>/``, so an
 interrupted invocation resumes: finished runs are skipped and an interrupted training continues
@@ -62,16 +79,18 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pretrain as pretrain_mod  # noqa: E402  (benchmarks/pretrain.py)
-from methods import BLOCKS, METHODS, Method  # noqa: E402  (benchmarks/methods.py: the one catalogue)
+import step_cost  # noqa: E402  (benchmarks/step_cost.py: a method's counted step FLOPs)
+from methods import BLOCKS, BUDGET, HISTORY_ROWS, METHODS, TUNE_GRID, TUNE_KEYS, TUNED_VALUE, Method  # noqa: E402  (the one catalogue)
 from table_report import TableInputs, write_table  # noqa: E402
-from table_stats import exit_mious, paired, premises, verdict  # noqa: E402,F401  (paired: re-exported with the table)
+from table_stats import exit_mious, exit_premise_per_run, paired, premises, verdict  # noqa: E402,F401  (paired: re-exported with the table)
 
 CONFIGS = os.path.join(ROOT, "configs", "camvid", "table")
 TRAIN, VAL = "camvid_train", "camvid_val"
@@ -79,6 +98,31 @@ EXITS = ["res2", "res3", "res4"]
 
 # backbone (MODEL.TIMM.NAME) -> the pre-training of benchmarks/pretrain.py every run starts from
 PRETRAINED = {"resnet18": "resnet18_camvid", "mobilenetv2_100": "mobilenetv2_camvid", "resnet50": "resnet50_camvid"}
+
+
+# The confound runs and the held-out models, one name each (``--regime``): the overrides, the rows
+# and the output folder each adds to an invocation (docs/results.md, "Still to run").
+REGIMES = {
+    # 4x the schedule (1200 iterations, warm-up and periods alike): do the exits still cost the head?
+    "schedule_4x": dict(opts=["SOLVER.MAX_ITER", "1200", "SOLVER.WARMUP_ITERS", "120", "SOLVER.CHECKPOINT_PERIOD",
+                              "400", "TEST.EVAL_PERIOD", "1200"], methods=["baseline", "ds", "sr"], blocks=["sr"],
+                        output="output/camvid_table_schedule_4x"),
+    # ResNet-18 pre-trained on the demo generator (no CamVid image), as the papers start from data
+    # other than their benchmark's
+    "demo_pretraining": dict(opts=[], methods=["baseline", "ds", "sr"], blocks=["sr"],
+                             pretrained={"resnet18": "resnet18_demo"}, output="output/camvid_table_demo_pretraining"),
+    # DS, SR and the plain model trained without the analysis split: the held-out anytime curve's models
+    "heldout_exits": dict(opts=["DATASETS.TRAIN", '("camvid_train_hs3_reduced",)'], methods=["baseline", "ds", "sr"],
+                          blocks=["sr"], output="output/camvid_table_heldout_exits"),
+}
+
+
+def pick_weight(scores: Dict[float, List[float]]) -> float:
+    """The tuning protocol's pick: the grid factor with the best mean held-out mIoU over its seeds
+    (a tie goes to the factor nearest the authors' default, x1)."""
+    if not scores or any(not v for v in scores.values()):
+        raise ValueError(f"every grid point needs a finished run: {scores}")
+    return max(scores, key=lambda f: (statistics.mean(scores[f]), -abs(math.log(f))))
 
 
 def say(msg: str) -> None:
@@ -106,6 +150,8 @@ class Job:
     seed: int = 0
     proc: Optional[subprocess.Popen] = None
     started: float = 0.0
+    result: str = ""  # where finish() writes the run's result.json ("": the row's own)
+    prepare: Optional[Callable[[], List[str]]] = None  # the command, built when the job starts (a pick it waits for)
 
 
 def config_of(config: str, opts: Sequence[str]):
@@ -130,12 +176,22 @@ class Table:
         self.clusters = {"hs3_clusters": os.path.join(self.clusters_dir, "hs3", "clusters.json"),
                          "hs3_manual": os.path.join(self.clusters_dir, "hs3_manual", "clusters.json")}
         self.teacher_weights = os.path.join(self.runs, "teacher", "seed0", "model_final.pth")
+        # the weight-tuning protocol: its runs never see val, nor (training) the analysis split
+        self.tune = os.path.join(self.out, "tune")
+        self.tune_teacher = os.path.join(self.tune, "teacher", "seed0")
+        self._budget: Optional[dict] = None
         self.blocks = args.blocks
         self.seeds = list(range(args.seeds))
         self.pretrain_out = os.path.abspath(args.pretrain_output)
         self.pretrained = dict(PRETRAINED)
         self.pretrained.update(args.pretrained_map)
         self._cfgs: Dict[Tuple[str, Tuple[str, ...]], object] = {}
+        self.summary = load_summary(args.from_summary) if args.from_summary else None
+        if self.summary is not None:
+            # the published clusters files sit beside the published summary.json
+            d = os.path.dirname(os.path.abspath(args.from_summary))
+            self.clusters = {"hs3_clusters": os.path.join(d, "hs3_clusters.json"),
+                             "hs3_manual": os.path.join(d, "hs3_manual_clusters.json")}
 
     # ---------------------------------------------------------------- runs
     def folder(self, method: str, seed: int) -> str:
@@ -153,9 +209,13 @@ class Table:
             names += [n for n in block_methods(b) if n not in names]
         if self.args.methods:
             names = [n for n in names if n in self.args.methods]
+            names += [n for n in self.args.methods if n in HISTORY_ROWS and n not in names]  # asked for by name
         return [METHODS[n] for n in names]
 
     def cfg(self, config: str, opts: Sequence[str]):
+        # a placeholder's value is filled when the run starts; the config read here (backbone,
+        # meta-architecture, default weights) does not depend on it
+        opts = [x for k, v in zip(opts[::2], opts[1::2]) if v not in (BUDGET, TUNED_VALUE) for x in (k, v)]
         key = (config, tuple(opts))
         if key not in self._cfgs:
             self._cfgs[key] = config_of(config, list(opts) + list(self.args.opts))
@@ -193,6 +253,156 @@ class Table:
         cmd = [sys.executable, os.path.join(ROOT, "train_net.py"), "--config-file", os.path.join(CONFIGS, config), "--resume"]
         return cmd + ["SEED", str(seed), "OUTPUT_DIR", folder] + list(opts) + list(self.args.opts)
 
+    # ----------------------------------------------------- equal compute
+    def budget_record(self) -> dict:
+        """The equal-compute block's budget, measured once and kept in OUTPUT/budget.json (a
+        resumed table keeps it): ``flops`` (counted FLOPs of a step, per method) and, with
+        ``--budget-unit cpu``, ``cpu_s`` (single-thread CPU seconds of a step, measured in one
+        process, interleaved)."""
+        if self._budget is None:
+            path = os.path.join(self.out, "budget.json")
+            names = [self.args.budget_reference] + [m.name.split("@")[0] for m in self.wanted() if BUDGET in m.opts]
+            names = list(dict.fromkeys(names))
+            want = {"unit": self.args.budget_unit, "steps": self.args.budget_steps,
+                    "reference": self.args.budget_reference, "opts": list(self.args.opts)}
+            rec = None
+            if os.path.isfile(path):
+                with open(path) as f:
+                    rec = json.load(f)
+                if {k: rec.get(k) for k in want} != want or not set(names) <= set(rec.get("flops", {})):
+                    rec = None
+            if rec is None:
+                rec = dict(want)
+                if self.args.budget_unit == "cpu":
+                    torch_threads = step_cost.torch.get_num_threads()
+                    step_cost.torch.set_num_threads(1)
+                    measured = step_cost.measure(names, self.args.opts, self.args.budget_rounds, 1)
+                    step_cost.torch.set_num_threads(torch_threads)
+                    rec["flops"] = {n: r["flops"]["total"] for n, r in measured.items()}
+                    rec["cpu_s"] = {n: r["cpu_s"] for n, r in measured.items()}
+                else:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        rec["flops"] = {n: step_cost.count(step_cost.method_config(n, self.args.opts, tmp))["total"]
+                                        for n in names}
+                os.makedirs(self.out, exist_ok=True)
+                with open(path, "w") as f:
+                    json.dump(rec, f, indent=1)
+            self._budget = rec
+        return self._budget
+
+    def budget(self, method: str) -> float:
+        """SOLVER.BUDGET of ``method`` in the equal-compute block. ``flops``: --budget-steps steps of
+        the reference's counted FLOPs, the same for every method. ``cpu``: the FLOPs of the
+        iterations that cost the method the reference's CPU time (steps x t_ref / t_method),
+        so that the engine's count gives those iterations."""
+        rec = self.budget_record()
+        ref = self.args.budget_reference
+        if rec["unit"] == "flops":
+            return float(rec["steps"]) * rec["flops"][ref]
+        n = int(math.floor(rec["steps"] * rec["cpu_s"][ref] / rec["cpu_s"][method] + 1e-9))  # 119.99999... is 120
+        return (max(1, n) + 0.5) * rec["flops"][method]  # half a step of slack: floor() gives n
+
+    def resolve(self, opts: Sequence[str], tuned: Optional[Dict[str, float]] = None, method: str = "") -> List[str]:
+        """A row's overrides with the catalogue's placeholders filled: the table's budget for
+        ``method`` (a row name, its ``@`` tag ignored), and a tuned weight's value (``tuned``: key -> value)."""
+        out = list(opts)
+        for i in range(1, len(out), 2):
+            if out[i] == BUDGET:
+                out[i] = repr(self.budget(method.split("@")[0]))
+            elif out[i] == TUNED_VALUE:
+                if tuned is None or out[i - 1] not in tuned:
+                    raise SystemExit(f"[table] {out[i - 1]}: no tuned value yet (the tuning protocol's pick)")
+                out[i] = repr(tuned[out[i - 1]])
+        return out
+
+    # ------------------------------------------------ the tuning protocol
+    def tune_folder(self, base: str, factor: float, seed: int) -> str:
+        return os.path.join(self.tune, base, f"x{factor:g}", f"seed{seed}")
+
+    def default_weights(self, base: Method) -> Dict[str, float]:
+        """The authors' default of each weight the method's tuning scales (from its merged config)."""
+        cfg = self.cfg(config_file(base), base.opts)
+        out = {}
+        for key in TUNE_KEYS[base.name]:
+            node = cfg
+            for part in key.split("."):
+                node = node[part]
+            out[key] = float(node)
+        return out
+
+    def pick_path(self, base: str) -> str:
+        return os.path.join(self.tune, base, "pick.json")
+
+    def write_pick(self, base: str) -> bool:
+        """Write ``pick.json`` once every grid run of ``base`` finished; whether it exists."""
+        path = self.pick_path(base)
+        if os.path.isfile(path):
+            return True
+        scores = {}
+        for f in TUNE_GRID:
+            scores[f] = []
+            for seed in self.args.tune_seeds:
+                p = os.path.join(self.tune_folder(base, f, seed), "result.json")
+                if not os.path.isfile(p):
+                    return False
+                with open(p) as fh:
+                    scores[f].append(json.load(fh)["mIoU"])
+        factor = pick_weight(scores)
+        defaults = self.default_weights(METHODS[base])
+        with open(path, "w") as fh:
+            json.dump({"method": base, "grid": list(TUNE_GRID), "seeds": list(self.args.tune_seeds),
+                       "held_out": {f"{f:g}": v for f, v in scores.items()}, "factor": factor, "defaults": defaults,
+                       "weights": {k: v * factor for k, v in defaults.items()},
+                       "split": f"trained on {TRAIN}_hs3_reduced, scored on {TRAIN}_hs3_analysis"}, fh, indent=1)
+        return True
+
+    def tuning_picks(self) -> Dict[str, dict]:
+        """The picks of the tuned rows of the invocation (the summary's, when rebuilt from one)."""
+        if self.summary is not None:
+            return dict(self.summary.get("tuning", {}))
+        out = {}
+        for m in self.wanted():
+            base = m.name.split("@")[0]
+            if TUNED_VALUE in m.opts and os.path.isfile(self.pick_path(base)):
+                with open(self.pick_path(base)) as f:
+                    out[base] = json.load(f)
+        return out
+
+    def tuned_weights(self, base: str) -> Dict[str, float]:
+        with open(self.pick_path(base)) as f:
+            return json.load(f)["weights"]
+
+    def tune_jobs(self, tuned: Sequence[Method]) -> List[Job]:
+        """The grid runs of each tuned row's method (trained on the reduced split, scored on the
+        analysis split), and a teacher trained on the reduced split for them."""
+        jobs: List[Job] = []
+        held_out = ["DATASETS.TRAIN", f'("{TRAIN}_hs3_reduced",)', "DATASETS.TEST", f'("{TRAIN}_hs3_analysis",)']
+        bases = [METHODS[m.name.split("@")[0]] for m in tuned]
+        if any("teacher" in b.needs for b in bases) and not os.path.isfile(os.path.join(self.tune_teacher, "result.json")):
+            t = METHODS["teacher"]
+            extra, needs = self.row_opts(config_file(t), t.opts)
+            jobs.append(Job("tune/teacher", self.tune_teacher,
+                            self.train_cmd(config_file(t), list(t.opts) + extra + held_out, self.tune_teacher, 0), needs,
+                            t, 0, result=os.path.join(self.tune_teacher, "result.json")))
+        for b in bases:
+            if os.path.isfile(self.pick_path(b.name)):
+                continue
+            defaults = self.default_weights(b)
+            for f in TUNE_GRID:
+                for seed in self.args.tune_seeds:
+                    folder = self.tune_folder(b.name, f, seed)
+                    if os.path.isfile(os.path.join(folder, "result.json")):
+                        continue
+                    extra, needs = self.row_opts(config_file(b), b.opts)
+                    opts = list(b.opts) + extra + held_out + [x for k, v in defaults.items() for x in (k, repr(v * f))]
+                    if "teacher" in b.needs:
+                        opts += ["MODEL.DISTILL.TEACHER.WEIGHTS", os.path.join(self.tune_teacher, "model_final.pth")]
+                        needs = needs + ["tune_teacher"]
+                    jobs.append(Job(f"tune/{b.name}/x{f:g}/seed{seed}", folder,
+                                    self.train_cmd(config_file(b), opts, folder, seed), needs, b, seed,
+                                    result=os.path.join(folder, "result.json")))
+        return jobs
+
     def needs_hs3(self, methods: Sequence[Method]) -> bool:
         return any(n in m.needs for m in methods for n in self.clusters)
 
@@ -205,19 +415,29 @@ class Table:
             opts = ["DATASETS.TRAIN", f'("{reduced}",)', "DATASETS.TEST", f'("{analysis}",)']
             extra, needs = self.row_opts("ds.yaml", opts)
             rows.append(Job("hs3_clusters", self.phase1, self.train_cmd("ds.yaml", opts + extra, self.phase1, 0), needs))
+        tuned = [m for m in methods if TUNED_VALUE in m.opts]
+        rows += self.tune_jobs(tuned)
         for m in methods:
             for seed in self.method_seeds(m):
                 if os.path.isfile(self.result_path(m.name, seed)):
                     continue
                 folder = self.folder(m.name, seed)
                 extra, needs = self.row_opts(config_file(m), m.opts)
-                opts = list(m.opts) + extra
+                opts = extra
                 if "teacher" in m.needs:
                     opts += ["MODEL.DISTILL.TEACHER.WEIGHTS", self.teacher_weights]
                 for n, path in self.clusters.items():
                     if n in m.needs:
                         opts += ["MODEL.EXITS.HS3.CLUSTERS_FILE", path]
-                rows.append(Job(f"{m.name}/seed{seed}", folder, self.train_cmd(config_file(m), opts, folder, seed),
+                if m in tuned:  # its weights are the pick's: the command is built when the pick exists
+                    base = m.name.split("@")[0]
+                    prepare = (lambda m=m, base=base, opts=opts, folder=folder, seed=seed: self.train_cmd(
+                        config_file(m), self.resolve(m.opts, self.tuned_weights(base)) + opts, folder, seed))
+                    rows.append(Job(f"{m.name}/seed{seed}", folder, [sys.executable, f"(weights of {base}'s pick)"],
+                                    list(m.needs) + needs + [f"pick:{base}"], m, seed, prepare=prepare))
+                    continue
+                rows.append(Job(f"{m.name}/seed{seed}", folder,
+                                self.train_cmd(config_file(m), self.resolve(m.opts, method=m.name) + opts, folder, seed),
                                 list(m.needs) + needs, m, seed))
         # pre-trainings the rows wait for, first; then the steps other rows wait for; then seed by seed
         for name in sorted({n.split(":", 1)[1] for j in rows for n in j.needs if n.startswith("pretrain:")}):
@@ -225,7 +445,8 @@ class Table:
                 cmd = pretrain_mod.worker_cmd(name, self.pretrain_out, shlex.split(self.args.pretrain_opts))
                 jobs.append(Job(f"pretrain:{name}", pretrain_mod.run_folder(self.pretrain_out, name), cmd, []))
         order = {m.name: i for i, m in enumerate(methods)}
-        rows.sort(key=lambda j: (0 if j.key in ("hs3_clusters", "teacher/seed0") else 1, j.seed,
+        rows.sort(key=lambda j: (0 if j.key in ("hs3_clusters", "teacher/seed0", "tune/teacher") else 1,
+                                 0 if j.key.startswith("tune/") else 1, j.seed,
                                  order.get(j.method.name, 0) if j.method else 0))
         return jobs + rows
 
@@ -237,6 +458,10 @@ class Table:
             elif need == "teacher" and not os.path.isfile(self.result_path("teacher", 0)):
                 return False
             elif need in self.clusters and not os.path.isfile(self.clusters[need]):
+                return False
+            elif need == "tune_teacher" and not os.path.isfile(os.path.join(self.tune_teacher, "result.json")):
+                return False
+            elif need.startswith("pick:") and not self.write_pick(need.split(":", 1)[1]):
                 return False
         return True
 
@@ -255,6 +480,8 @@ class Table:
         done, durations, t0 = 0, [], time.time()
         while pending or running:
             for j in [j for j in pending if self.ready(j)][: max(0, self.args.jobs - len(running))]:
+                if j.prepare is not None:
+                    j.cmd = j.prepare()
                 os.makedirs(j.folder, exist_ok=True)
                 log = open(os.path.join(j.folder, "stdout.txt"), "a")
                 j.proc = subprocess.Popen(j.cmd, cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT)
@@ -303,9 +530,10 @@ class Table:
             for f in os.listdir(job.folder):
                 if f.startswith("model_") and f.endswith(".pth") and f != "model_final.pth":
                     os.remove(os.path.join(job.folder, f))
-        with open(self.result_path(job.method.name, job.seed) + ".tmp", "w") as f:
+        path = job.result or self.result_path(job.method.name, job.seed)
+        with open(path + ".tmp", "w") as f:
             json.dump(result, f, indent=1)
-        os.replace(self.result_path(job.method.name, job.seed) + ".tmp", self.result_path(job.method.name, job.seed))
+        os.replace(path + ".tmp", path)
         return f"mIoU {result['mIoU']:.1f}"
 
     def analyse_phase1(self) -> str:
@@ -326,28 +554,42 @@ class Table:
 
     # ------------------------------------------------------------ table
     def collect(self) -> Dict[str, List[dict]]:
+        # the History rows are collected too (kept in summary.json, shown in no block)
+        if self.summary is not None:
+            out = {m.name: [r for r in self.summary["results"].get(m.name, []) if r["seed"] in self.method_seeds(m)]
+                   for m in self.wanted()}
+            return dict(out, **{n: rs for n, rs in self.summary["results"].items() if n in HISTORY_ROWS})
         results = {}
-        for m in self.wanted():
+        for m in self.wanted() + [METHODS[n] for n in HISTORY_ROWS]:
             rows = []
             for seed in self.method_seeds(m):
                 p = self.result_path(m.name, seed)
                 if os.path.isfile(p):
                     with open(p) as f:
                         rows.append(json.load(f))
-            results[m.name] = rows
+            if rows or m.name not in HISTORY_ROWS:
+                results[m.name] = rows
         return results
 
     def phase1_metrics(self) -> dict:
+        if self.summary is not None:
+            return dict(self.summary.get("phase1", {}))
         path = os.path.join(self.phase1, "metrics.json")
         return last_eval(path, required=False) if os.path.isfile(path) else {}
 
     def describe_pretraining(self) -> str:
+        if self.summary is not None:
+            info = self.summary.get("pretraining", {})
+            return ", ".join(f"{b} from {n}" for b, n in self.pretrained.items() if n in info) or \
+                "random initialisation (no pre-training)"
         if self.args.scratch:
             return "random initialisation (no pre-training)"
         return ", ".join(f"{b} from {n}" for b, n in self.pretrained.items()
                          if os.path.isfile(pretrain_mod.weights_path(self.pretrain_out, n)))
 
     def pretraining_info(self) -> dict:
+        if self.summary is not None:
+            return dict(self.summary.get("pretraining", {}))
         info = {}
         for name in sorted(set(self.pretrained.values())):  # one order, whatever the hash seed
             p = os.path.join(self.pretrain_out, f"{name}.json")
@@ -365,14 +607,38 @@ class Table:
                           self.needs_hs3(self.wanted()) or "phase1" in self.args.methods, self.args.min_teacher_margin)
         inputs = TableInputs(
             out=self.out, seeds=self.seeds, blocks={b: BLOCKS[b] for b in self.blocks}, rows=rows, results=results,
-            premises=checks, verdict=verdict(results), pretraining=self.describe_pretraining(),
+            premises=checks, verdict=verdict(results, run_failures=run_failures(rows, results)), pretraining=self.describe_pretraining(),
             pretraining_info=self.pretraining_info(), phase1=self.phase1_metrics(), clusters=self.clusters,
+            tuning=self.tuning_picks(),
         )
         text = write_table(inputs, self.args.publish)
         if not quiet:
             for c in checks:
                 say(f"premise {'holds' if c['ok'] else 'FAILS'}: {c['name']}: {c['text']}")
         return text
+
+def run_failures(rows, results: Dict[str, List[dict]]) -> Dict[str, List[int]]:
+    """``{method: [seed, ...]}``: the runs whose final output is not above every exit."""
+    return {m: sorted({f["seed"] for f in fs}) for m, fs in exit_premise_per_run(rows, results).items() if fs}
+
+
+def load_summary(path: str) -> dict:
+    """A published summary.json (``--publish``), its runs in the form ``collect`` returns: what the
+    table, premises and verdict are computed from when the runs' folders are not on this machine."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"[table] --from-summary {path}: no such file (the table's published summary.json, "
+                         "e.g. docs/results/camvid/summary.json)")
+    with open(path) as f:
+        data = json.load(f)
+    results = {}
+    for m, rs in data["results"].items():
+        results[m] = []
+        for r in rs:
+            metrics = {"sem_seg/mIoU": r["mIoU"], **{f"sem_seg/IoU-{c}": v for c, v in r.get("IoU", {}).items()}}
+            results[m].append({"method": m, "seed": r["seed"], "mIoU": r["mIoU"], "exits": dict(r.get("exits", {})),
+                               "metrics": metrics, "sec_per_iter": r.get("sec_per_iter")})
+    return dict(data, results=results)
+
 
 def last_eval(metrics_path: str, required: bool = True) -> dict:
     """The last evaluation in a detectron2 metrics.json (the one at the end of training)."""
@@ -422,12 +688,38 @@ def parse_args(argv=None):
     p.add_argument("--hs3-method", default="spectral", choices=("spectral", "kmeans", "manual"),
                    help="HS3 analysis of the 'hs3' row (the paper's trade-off rule: spectral)")
     p.add_argument("--hs3-ratio", type=float, default=0.5, help="classes kept per stage by the 'hs3_manual' row")
+    p.add_argument("--budget-steps", type=float, default=300.0,
+                   help="the equal-compute block's budget, in training steps of --budget-reference")
+    p.add_argument("--budget-reference", default="student", help="the method whose step is the budget's unit")
+    p.add_argument("--budget-unit", default="flops", choices=("flops", "cpu"),
+                   help="equal counted training FLOPs, or equal single-thread CPU time (measured once here)")
+    p.add_argument("--budget-rounds", type=int, default=5, help="timed steps per method for --budget-unit cpu")
+    p.add_argument("--tune-seeds", type=int, default=2, help="seeds 0..N-1 per grid point of the tuning protocol")
+    p.add_argument("--regime", default="", choices=("",) + tuple(REGIMES),
+                   help="a named set of rows, overrides and output folder: " + ", ".join(REGIMES))
     p.add_argument("--keep-checkpoints", action="store_true", help="keep the periodic checkpoints of finished runs")
     p.add_argument("--table-only", action="store_true", help="only rebuild table.md / table.png from finished runs")
+    p.add_argument("--from-summary", default="", help="rebuild the table from a published summary.json instead of "
+                   "the runs under --output (implies --table-only), e.g. docs/results/camvid/summary.json")
     p.add_argument("--publish", default="", help="also copy table.md, table.png, summary.json and the HS3 plots here")
     p.add_argument("--dry-run", action="store_true", help="list the jobs that would run")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every table training")
     args = p.parse_args(argv)
+    if args.from_summary:
+        args.table_only = True
+    if args.budget_reference not in METHODS or args.budget_steps <= 0 or args.tune_seeds < 1:
+        p.error(f"--budget-reference takes a method of {sorted(METHODS)} (got {args.budget_reference!r}), "
+                "--budget-steps a positive number, --tune-seeds at least 1")
+    args.tune_seeds = list(range(args.tune_seeds))
+    if args.regime:
+        r = REGIMES[args.regime]
+        if args.output == p.get_default("output"):
+            args.output = r["output"]
+        args.blocks = ",".join(r["blocks"]) if args.blocks == p.get_default("blocks") else args.blocks
+        args.methods = args.methods or ",".join(r["methods"])
+        args.opts = list(r["opts"]) + (args.opts[1:] if args.opts[:1] == ["--"] else list(args.opts))
+        if r.get("pretrained") and not args.pretrained:
+            args.pretrained = ",".join(f"{b}={n}" for b, n in r["pretrained"].items())
     args.blocks = [b.strip() for b in args.blocks.split(",") if b.strip()]
     bad = [b for b in args.blocks if b not in BLOCKS]
     if bad or not args.blocks:

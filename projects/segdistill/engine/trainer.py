@@ -49,6 +49,7 @@ from ..evaluation.anytime import AnytimeEvaluator
 from ..modeling.meta_arch.anytime import AnytimeSegmentor, load_anytime_weights
 from ..modeling.meta_arch.distill import Distiller
 from ..modeling.test_time import build_test_time_model
+from .budget import apply_budget
 from .ddp import broadcast_batchnorm_buffers, create_ddp_model
 from .mixed_precision import build_train_step, inference_precision, use_channels_last
 from .hooks import TrainingCurvesHook, TrainingProgressHook, exact_resume_hook, unwrap_model
@@ -138,6 +139,9 @@ class Trainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
+        # SOLVER.BUDGET (engine/budget.py): the iteration count and stretched schedule follow from
+        # the budget and this model's counted step cost, before the scheduler and hooks read them
+        cfg, _ = apply_budget(cfg, model)  # its record is OUTPUT_DIR/budget.json
         check_eval_datasets(cfg.DATASETS.TEST)
         model = self.build_ddp_model(cfg, model)
         self._trainer = build_train_step(model, data_loader, optimizer, dtype=step_dtype)

@@ -1,0 +1,163 @@
+"""The CamVid table's protocols: the equal-compute block end to end on a tiny fixture (a method
+with a costlier step gets fewer iterations at the block's budget), the weight-tuning protocol
+(the pick is the grid point with the best held-out mIoU; the tuned row trains with it; it
+resumes), and the named regimes of the confound runs."""
+import json
+import os
+import sys
+
+import pytest
+from conftest import load_script as _load
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_camvid_table import TINY, write_camvid  # noqa: E402
+
+
+def load_script(name):
+    return _load(name, f"benchmarks/{name}.py", register=True)
+
+
+@pytest.fixture
+def table(tmp_path, monkeypatch):
+    mod = load_script("camvid_table")
+    data = tmp_path / "camvid"
+    write_camvid(data, n_train=6, n_val=2)
+    monkeypatch.setenv("SEGDISTILL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("SEGDISTILL_CAMVID_ROOT", str(data))
+    return mod, data, tmp_path
+
+
+def test_pick_weight_takes_the_best_held_out_grid_point():
+    mod = load_script("camvid_table")
+    assert mod.pick_weight({0.1: [30.0, 31.0], 0.3: [33.0, 32.5], 1.0: [32.0, 33.0], 3.0: [20.0, 21.0]}) == 0.3
+    assert mod.pick_weight({0.1: [30.0], 1.0: [30.0], 3.0: [30.0]}) == 1.0  # a tie: the authors' default
+    with pytest.raises(ValueError):
+        mod.pick_weight({0.1: [30.0], 1.0: []})
+
+
+def test_tuning_protocol_picks_on_the_analysis_split_and_the_tuned_row_uses_it(table):
+    mod, data, tmp = table
+    out = tmp / "t"
+    argv = ["--data-root", str(data), "--output", str(out), "--pretrained", "none", "--seeds", "2",
+            "--blocks", "tuned", "--methods", "student,ifvd@tuned"] + TINY
+    t = mod.Table(mod.parse_args(argv))
+    jobs = {j.key: j for j in t.jobs()}
+    grid = [k for k in jobs if k.startswith("tune/ifvd/")]
+    assert len(grid) == 8 and "tune/teacher" in jobs  # 4 factors x 2 seeds, and a teacher that never saw the split
+    j = jobs["tune/ifvd/x0.3/seed1"]
+    cmd = " ".join(j.cmd)
+    assert "camvid_train_hs3_reduced" in cmd and "camvid_train_hs3_analysis" in cmd and "camvid_val" not in cmd
+    assert "MODEL.DISTILL.IFVD.WEIGHT 60.0" in cmd  # 0.3 x the authors' 200
+    assert str(out / "tune" / "teacher" / "seed0" / "model_final.pth") in cmd
+    assert "camvid_train_hs3_analysis" not in " ".join(jobs["tune/teacher"].cmd).split("DATASETS.TRAIN")[1].split()[0]
+    row = jobs["ifvd@tuned/seed0"]
+    assert "pick:ifvd" in row.needs and not t.ready(row)  # waits for the pick
+    # fake held-out results: x3 is best
+    scores = {0.1: [30.0, 30.5], 0.3: [31.0, 31.5], 1.0: [32.0, 31.0], 3.0: [33.0, 32.5]}
+    for f, vals in scores.items():
+        for seed, v in enumerate(vals):
+            d = out / "tune" / "ifvd" / f"x{f:g}" / f"seed{seed}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "result.json").write_text(json.dumps({"mIoU": v}))
+    for teacher in (out / "tune" / "teacher" / "seed0", out / "runs" / "teacher" / "seed0"):
+        teacher.mkdir(parents=True, exist_ok=True)
+        (teacher / "result.json").write_text("{}")
+    assert t.ready(row)
+    pick = json.loads((out / "tune" / "ifvd" / "pick.json").read_text())
+    assert pick["factor"] == 3.0 and pick["weights"] == {"MODEL.DISTILL.IFVD.WEIGHT": 600.0}
+    cmd = " ".join(row.prepare())
+    assert "MODEL.DISTILL.IFVD.WEIGHT 600.0" in cmd and "<tuned>" not in cmd
+    assert "hs3_reduced" not in cmd and str(out / "runs" / "teacher" / "seed0" / "model_final.pth") in cmd  # on val
+    # the table reports the pick beside the grid's held-out scores
+    text = mod.main(argv[: -len(TINY)] + ["--table-only"] + TINY)
+    assert "**x3: 32.8**" in text and "x1: 31.5" in text and "MODEL.DISTILL.IFVD.WEIGHT 600" in text
+    assert json.loads((out / "summary.json").read_text())["tuning"]["ifvd"]["factor"] == 3.0
+    # resumed: the grid is done, nothing of it runs again
+    assert not [j for j in mod.Table(mod.parse_args(argv)).jobs() if j.key.startswith("tune/")]
+
+
+def test_equal_compute_block_end_to_end(table):
+    mod, data, tmp = table
+    out = tmp / "ec"
+    argv = ["--data-root", str(data), "--output", str(out), "--pretrained", "none", "--seeds", "1",
+            "--blocks", "equal_compute", "--methods", "student,teacher,pd@ec", "--budget-steps", "8"] + TINY
+    text = mod.main(argv)
+    budget = json.loads((out / "budget.json").read_text())
+    pd = json.loads((out / "runs" / "pd@ec" / "seed0" / "budget.json").read_text())
+    assert budget["unit"] == "flops" and budget["steps"] == 8.0
+    assert pd["budget"] == 8 * budget["flops"]["student"] and pd["step_flops"]["total"] == budget["flops"]["pd"]
+    # PD's step runs the teacher too: costlier than the student's, so fewer iterations than 8
+    assert pd["step_flops"]["teacher"] > 0 and pd["step_flops"]["total"] > budget["flops"]["student"]
+    assert 1 <= pd["iterations"] == int(pd["budget"] // pd["step_flops"]["total"]) < 8
+    assert json.loads((out / "runs" / "pd@ec" / "seed0" / "result.json").read_text())["seed"] == 0
+    assert "PD (equal compute)" in text and "equal compute" in text
+    # the same command resumes with the same budget and trains nothing
+    before = os.path.getmtime(out / "runs" / "pd@ec" / "seed0" / "result.json")
+    mod.main(argv)
+    assert os.path.getmtime(out / "runs" / "pd@ec" / "seed0" / "result.json") == before
+
+
+def test_equal_cpu_time_budget_gives_the_iterations_of_the_reference_time(table, monkeypatch):
+    mod, data, tmp = table
+    argv = ["--data-root", str(data), "--output", str(tmp / "cpu"), "--pretrained", "none", "--seeds", "1",
+            "--blocks", "equal_compute", "--methods", "student,teacher,pd@ec,skd@ec", "--budget-steps", "300",
+            "--budget-unit", "cpu"] + TINY
+    t = mod.Table(mod.parse_args(argv))
+    # fake measures: PD's step takes 1.6x the student's CPU time, SKD's 2.5x; FLOPs as counted
+    fake = {"student": (0.44, 100), "pd": (0.704, 330), "skd": (1.1, 870)}
+    monkeypatch.setattr(mod.step_cost, "measure", lambda names, opts, rounds, warmup: {
+        n: {"cpu_s": fake[n][0], "flops": {"total": fake[n][1]}} for n in names})
+    b = {n: t.budget(n) for n in fake}
+    assert [int(b[n] // fake[n][1]) for n in fake] == [300, 187, 120]  # 300 x 0.44 / t
+    assert json.loads((tmp / "cpu" / "budget.json").read_text())["cpu_s"]["pd"] == 0.704
+    cmd = " ".join(next(j for j in t.jobs() if j.key == "skd@ec/seed0").cmd)
+    assert f"SOLVER.BUDGET {b['skd']!r}" in cmd
+
+
+def test_regimes_name_their_rows_overrides_and_output(table):
+    mod, data, tmp = table
+    a = mod.parse_args(["--data-root", str(data), "--regime", "schedule_4x"])
+    assert a.output == "output/camvid_table_schedule_4x" and a.methods == ["baseline", "ds", "sr"]
+    assert a.opts[:2] == ["SOLVER.MAX_ITER", "1200"] and a.blocks == ["sr"]
+    b = mod.parse_args(["--data-root", str(data), "--regime", "demo_pretraining", "--seeds", "5"])
+    assert b.pretrained_map == {"resnet18": "resnet18_demo"} and b.output.endswith("demo_pretraining")
+    c = mod.parse_args(["--data-root", str(data), "--regime", "heldout_exits", "--seeds", "3"])
+    assert "camvid_train_hs3_reduced" in " ".join(c.opts) and c.seeds == 3
+    jobs = mod.Table(c).jobs()
+    assert all("camvid_train_hs3_reduced" in " ".join(j.cmd) for j in jobs if j.method is not None)
+
+
+def test_step_cost_counts_and_times_in_one_run(tmp_path):
+    cost = load_script("step_cost")
+    out = tmp_path / "cost.json"
+    cost.main(["--methods", "student", "pd", "--rounds", "1", "--warmup", "0", "--json", str(out),
+               "SOLVER.IMS_PER_BATCH", "2", "INPUT.CROP.SIZE", "(32, 32)"])
+    r = json.loads(out.read_text())["methods"]
+    # PD's step is the student's plus the teacher's forward (and PD's own small term)
+    assert r["pd"]["flops"]["teacher"] > 0 and "teacher" not in r["student"]["flops"]
+    assert r["pd"]["flops"]["total"] > r["student"]["flops"]["total"] + r["pd"]["flops"]["teacher"] * 0.99
+    assert r["student"]["cpu_s"] > 0 and len(r["pd"]["cpu"]) == 1
+    with pytest.raises(SystemExit):
+        cost.main(["--methods", "nope"])
+
+
+def test_the_heldout_curves_plain_model_is_the_tables_baseline(tmp_path):
+    """docs/results.md's held-out anytime command passes configs/camvid/table/baseline.yaml as the
+    plain model: it must build as an AnytimeSegmentor without exits and take the baseline's weights."""
+    import torch
+    from detectron2.modeling import build_model
+
+    from segdistill.config import load_yaml_config
+    from segdistill.engine.anytime import anytime_cfg
+    from segdistill.modeling.meta_arch.anytime import load_anytime_weights
+
+    opts = ["MODEL.TIMM.CHECKPOINT", "", "MODEL.DEVICE", "cpu"]
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs/camvid/table/baseline.yaml")
+    cfg = anytime_cfg(config, opts)
+    assert cfg.MODEL.EXITS.MODE == "none"
+    anytime = build_model(cfg)
+    plain = build_model(load_yaml_config(config, opts))
+    torch.save({"model": plain.state_dict()}, tmp_path / "plain.pth")
+    load_anytime_weights(anytime, str(tmp_path / "plain.pth"), weights_format=cfg.MODEL.WEIGHTS_FORMAT)
+    key = next(k for k in plain.state_dict() if k.endswith("weight"))
+    assert torch.equal(anytime.state_dict()[key], plain.state_dict()[key])
