@@ -38,7 +38,7 @@ WITH_PARTS = {"skd", "ifvd", "cirkd", "mgd", "fitnet", "afdcd",
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("overhead")
     md, js = out / "overhead.md", out / "overhead.json"
-    result = overhead.main(["--threads", "1", "--batch", "2", "--size", "32x32", "--warmup", "1", "--rounds", "2",
+    result = overhead.main(["--threads", "1", "--batch", "2", "--size", "32x32", "--warmup", "1", "--rounds", "2", "--reference-repeats", "1",
                             "--methods", "all", "--markdown", str(md), "--output-json", str(js)])
     return result, md, js
 
