@@ -27,8 +27,12 @@ threads each, logs in the run folders):
      ``camvid_train_hs3_reduced``, confusions on ``camvid_train_hs3_analysis``, then both analyses.
    * ``distill``: a teacher (trained once, seed 0), the student alone, PD, CWD, FAKD-CWD, FAKD-PD,
      HWD, HWD + FAKD-PD (FAKD Tables 3-4, HWD Tables II-III), and the papers' comparison rows
-     SKD, IFVD, CIRKD, MGD, DIST, FitNet and AT (each with its full objective, e.g. PD + SKD;
-     docs/distillation.md).
+     SKD, IFVD, CIRKD, MGD, DIST, FitNet and AT, and the 2023 papers' Af-DCD, DiffKD and MasKD
+     (each with its full objective, e.g. PD + SKD; docs/distillation.md). MasKD's receptive
+     tokens are learnt first, once, on the rows' teacher (``tools/maskd_tokens.py``, the
+     ``maskd_tokens`` job: on the teacher's training split, for ``MASKD_TOKENS_SHARE`` of the
+     rows' iterations), into ``OUTPUT/maskd_tokens/tokens.pth``; the tuning protocol learns its
+     own on its teacher (``OUTPUT/tune/maskd_tokens/tokens.pth``).
 
    * ``equal_compute``: the distillation rows at one training budget (``SOLVER.BUDGET``, the
      FLOPs of ``--budget-steps`` steps of ``--budget-reference``, default 300 steps of the
@@ -115,6 +119,13 @@ REGIMES = {
     "heldout_exits": dict(opts=["DATASETS.TRAIN", '("camvid_train_hs3_reduced",)'], methods=["baseline", "ds", "sr"],
                           blocks=["sr"], output="output/camvid_table_heldout_exits"),
 }
+
+
+# MasKD's first stage at the table's scale: the authors learn the tokens for 10k iterations before
+# a 40k-iteration distillation (hunto/MasKD segmentation/: train_mask_module.py's and
+# train_maskd.py's defaults), a quarter of it; the table's rows train 300 iterations, so 75 (at
+# least 1). A KEY VALUE override of MODEL.DISTILL.MASKD.TOKENS.ITERATIONS wins.
+MASKD_TOKENS_SHARE = 0.25
 
 
 def pick_weight(scores: Dict[float, List[float]]) -> float:
@@ -387,6 +398,9 @@ class Table:
         for b in bases:
             if os.path.isfile(self.pick_path(b.name)):
                 continue
+            if "maskd_tokens" in b.needs and not os.path.isfile(self.maskd_tokens_path(tune=True)) \
+                    and not any(j.key == "tune/maskd_tokens" for j in jobs):
+                jobs.append(self.maskd_tokens_job(tune=True))
             defaults = self.default_weights(b)
             for f in TUNE_GRID:
                 for seed in self.args.tune_seeds:
@@ -398,10 +412,38 @@ class Table:
                     if "teacher" in b.needs:
                         opts += ["MODEL.DISTILL.TEACHER.WEIGHTS", os.path.join(self.tune_teacher, "model_final.pth")]
                         needs = needs + ["tune_teacher"]
+                    if "maskd_tokens" in b.needs:  # learnt on the tuning protocol's teacher
+                        opts += ["MODEL.DISTILL.MASKD.TOKENS_FILE", self.maskd_tokens_path(tune=True)]
+                        needs = needs + ["tune_maskd_tokens"]
                     jobs.append(Job(f"tune/{b.name}/x{f:g}/seed{seed}", folder,
                                     self.train_cmd(config_file(b), opts, folder, seed), needs, b, seed,
                                     result=os.path.join(folder, "result.json")))
         return jobs
+
+    # ------------------------------------------------ MasKD's first stage
+    def maskd_tokens_path(self, tune: bool = False) -> str:
+        """MasKD's tokens file, learnt on the rows' teacher (``tune``: the tuning protocol's)."""
+        return os.path.join(self.tune if tune else self.out, "maskd_tokens", "tokens.pth")
+
+    def maskd_tokens_job(self, tune: bool = False) -> Job:
+        """``tools/maskd_tokens.py`` on the teacher the MasKD rows distil from, on the split that
+        teacher trained on (``tune``: the tuning protocol's teacher and its reduced split), for
+        ``MASKD_TOKENS_SHARE`` of the rows' iterations. It writes ``tokens.pth.tmp``, which
+        :meth:`finish` renames: an interrupted job leaves no file that looks finished, and a
+        finished one is not run again."""
+        m = METHODS["maskd"]
+        path = self.maskd_tokens_path(tune)
+        iterations = max(1, round(MASKD_TOKENS_SHARE * self.cfg(config_file(m), m.opts).SOLVER.MAX_ITER))
+        teacher = self.tune_teacher if tune else self.folder("teacher", 0)
+        opts = list(m.opts) + ["SEED", "0", "MODEL.DISTILL.MASKD.TOKENS.ITERATIONS", str(iterations),
+                               "MODEL.DISTILL.TEACHER.WEIGHTS", os.path.join(teacher, "model_final.pth"),
+                               "MODEL.DISTILL.TEACHER.OPTS", '["MODEL.TIMM.CHECKPOINT", ""]']
+        if tune:
+            opts += ["DATASETS.TRAIN", f'("{TRAIN}_hs3_reduced",)']
+        cmd = [sys.executable, os.path.join(ROOT, "tools", "maskd_tokens.py"), "--config-file",
+               os.path.join(CONFIGS, config_file(m)), "--output", path + ".tmp"] + opts + list(self.args.opts)
+        return Job("tune/maskd_tokens" if tune else "maskd_tokens", os.path.dirname(path), cmd,
+                   ["tune_teacher" if tune else "teacher"])
 
     def needs_hs3(self, methods: Sequence[Method]) -> bool:
         return any(n in m.needs for m in methods for n in self.clusters)
@@ -429,6 +471,10 @@ class Table:
                 for n, path in self.clusters.items():
                     if n in m.needs:
                         opts += ["MODEL.EXITS.HS3.CLUSTERS_FILE", path]
+                if "maskd_tokens" in m.needs:
+                    opts += ["MODEL.DISTILL.MASKD.TOKENS_FILE", self.maskd_tokens_path()]
+                    if not os.path.isfile(self.maskd_tokens_path()) and not any(j.key == "maskd_tokens" for j in rows):
+                        rows.append(self.maskd_tokens_job())
                 if m in tuned:  # its weights are the pick's: the command is built when the pick exists
                     base = m.name.split("@")[0]
                     prepare = (lambda m=m, base=base, opts=opts, folder=folder, seed=seed: self.train_cmd(
@@ -445,7 +491,8 @@ class Table:
                 cmd = pretrain_mod.worker_cmd(name, self.pretrain_out, shlex.split(self.args.pretrain_opts))
                 jobs.append(Job(f"pretrain:{name}", pretrain_mod.run_folder(self.pretrain_out, name), cmd, []))
         order = {m.name: i for i, m in enumerate(methods)}
-        rows.sort(key=lambda j: (0 if j.key in ("hs3_clusters", "teacher/seed0", "tune/teacher") else 1,
+        first = ("hs3_clusters", "teacher/seed0", "tune/teacher", "maskd_tokens", "tune/maskd_tokens")
+        rows.sort(key=lambda j: (0 if j.key in first else 1,
                                  0 if j.key.startswith("tune/") else 1, j.seed,
                                  order.get(j.method.name, 0) if j.method else 0))
         return jobs + rows
@@ -460,6 +507,10 @@ class Table:
             elif need in self.clusters and not os.path.isfile(self.clusters[need]):
                 return False
             elif need == "tune_teacher" and not os.path.isfile(os.path.join(self.tune_teacher, "result.json")):
+                return False
+            elif need == "maskd_tokens" and not os.path.isfile(self.maskd_tokens_path()):
+                return False
+            elif need == "tune_maskd_tokens" and not os.path.isfile(self.maskd_tokens_path(tune=True)):
                 return False
             elif need.startswith("pick:") and not self.write_pick(need.split(":", 1)[1]):
                 return False
@@ -519,6 +570,10 @@ class Table:
             return f"backbone exported (held-out mIoU {held.get('sem_seg/mIoU', float('nan')):.1f})"
         if job.key == "hs3_clusters":
             return self.analyse_phase1()
+        if job.key in ("maskd_tokens", "tune/maskd_tokens"):
+            path = self.maskd_tokens_path(tune=job.key.startswith("tune/"))
+            os.replace(path + ".tmp", path)
+            return f"MasKD tokens learnt on the teacher: {os.path.relpath(path, self.out)}"
         metrics = last_eval(os.path.join(job.folder, "metrics.json"))
         result = {
             "method": job.method.name, "seed": job.seed, "mIoU": metrics["sem_seg/mIoU"],

@@ -24,7 +24,8 @@ class Method:
     """One method: ``family`` + ``opts`` (KEY VALUE strings); ``label``: its row in the table;
     ``baseline``: the method it is compared with (None: it is a baseline itself); ``needs``:
     "teacher" (a trained or random teacher), "hs3_clusters" / "hs3_manual" (an HS3 clusters
-    file: the trade-off rule's / a constant ratio's); ``seeds``: the table's seeds (None: every
+    file: the trade-off rule's / a constant ratio's), "maskd_tokens" (MasKD's receptive tokens,
+    learnt on that teacher by tools/maskd_tokens.py; a random teacher draws them); ``seeds``: the table's seeds (None: every
     seed of the invocation)."""
 
     name: str
@@ -46,11 +47,13 @@ SR_OFF = ("MODEL.EXITS.SR.F_WEIGHT", "0.0", "MODEL.EXITS.SR.L_WEIGHT", "0.0")
 CIRKD_SMALL = ("MODEL.DISTILL.CIRKD.PIXEL_MEMORY_SIZE", "2000", "MODEL.DISTILL.CIRKD.REGION_MEMORY_SIZE", "200")
 
 
-def _distill(name: str, label: str, losses: Sequence[str], extra: Tuple[str, ...] = ()) -> Method:
-    """A distillation method: the student taught by the teacher through ``losses``."""
+def _distill(name: str, label: str, losses: Sequence[str], extra: Tuple[str, ...] = (),
+             needs: Tuple[str, ...] = ()) -> Method:
+    """A distillation method: the student taught by the teacher through ``losses``; ``needs``:
+    what it needs besides the teacher."""
     value = "[" + ", ".join(f'"{loss}"' for loss in losses) + "]"
     return Method(name, label, "distill", ("MODEL.DISTILL.LOSSES", value) + extra, baseline="student",
-                  needs=("teacher",))
+                  needs=("teacher",) + tuple(needs))
 
 
 METHODS: Dict[str, Method] = {m.name: m for m in [
@@ -90,7 +93,9 @@ METHODS: Dict[str, Method] = {m.name: m for m in [
     # 79-82); pooled 4x4, the table's 6x8 res5 maps would keep 1x2 positions
     _distill("afdcd", "Af-DCD", ["pd", "afdcd"], ("MODEL.DISTILL.AFDCD.POOL", "0")),
     _distill("diffkd", "DiffKD", ["pd", "diffkd"]),
-    _distill("maskd", "MasKD", ["maskd"]),  # its tokens file first (tools/maskd_tokens.py); a random teacher draws them
+    # its tokens file first, learnt on the row's teacher (tools/maskd_tokens.py; camvid_table.py's
+    # maskd_tokens job); a random teacher (overhead.py, step_cost.py) draws them
+    _distill("maskd", "MasKD", ["maskd"], needs=("maskd_tokens",)),
 ]}
 
 # Rows kept out of the table's body (docs/results.md, History): each was added after its default
@@ -100,7 +105,7 @@ HISTORY_ROWS = ("at_scaled",)
 
 # The distillation rows of the table (the block's body after the student and the teacher)
 DISTILL_ROWS = ("pd", "cwd", "fakd_cwd", "fakd_pd", "hwd", "hwd_fakd_pd", "skd", "ifvd", "cirkd", "mgd", "dist",
-                "fitnet", "at", "afdcd", "diffkd")
+                "fitnet", "at", "afdcd", "diffkd", "maskd")
 
 # The equal-compute block's budget: camvid_table.py replaces this value of SOLVER.BUDGET by the
 # FLOPs of --budget-steps steps of --budget-reference (the student alone, 300 steps: its own row).
@@ -132,7 +137,7 @@ TUNE_KEYS = {
     "mgd": ("MODEL.DISTILL.MGD.WEIGHT",), "dist": ("MODEL.DISTILL.DIST.WEIGHT",),
     "fitnet": ("MODEL.DISTILL.FITNET.WEIGHT",), "at": ("MODEL.DISTILL.AT.WEIGHT",),
     "afdcd": ("MODEL.DISTILL.AFDCD.FD_WEIGHT", "MODEL.DISTILL.AFDCD.CTR_WEIGHT"),
-    "diffkd": ("MODEL.DISTILL.DIFFKD.KD_WEIGHT",),
+    "diffkd": ("MODEL.DISTILL.DIFFKD.KD_WEIGHT",), "maskd": ("MODEL.DISTILL.MASKD.WEIGHT",),
 }
 TUNE_GRID = (0.1, 0.3, 1.0, 3.0)
 TUNED_VALUE = "<tuned>"  # replaced by default x the pick's factor when camvid_table.py builds the run
