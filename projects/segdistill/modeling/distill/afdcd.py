@@ -46,6 +46,10 @@ lines 8-12) uses ``--lambda-fd 2e-6 --lambda-ctr 5e-3 --enhance_projector True``
 ``FD_WEIGHT 2e-6 CTR_WEIGHT 5e-3 PROJECTOR enhanced`` (docs/reproduce.md). Not reproduced:
 CamVid's 44 x 44 crop instead of the pooling (``ocmgd.py`` lines 79-82) and the gradient
 clipping of the projector (``train_ocmgd.py`` line 315).
+
+The paper's method section could not be read here (the stored public copies searched hold its
+abstract only), so its equation numbers are not cited: each term is named by its role and its
+form is the authors' code's.
 """
 from __future__ import annotations
 

@@ -66,8 +66,9 @@ objective also distills the logits (a second, 1x1 diffusion model with KL at tem
 here the logits get the pixel-wise KD (``pd``, temperature 1, weight 1) without the second
 diffusion model, one denoiser per row as in the paper's dense-prediction form.
 
-The paper's text beyond its abstract could not be read here, so its equation numbers are not
-cited; every term is named by its role and its form taken from the authors' code
+The paper's text beyond its abstract could not be read here (the stored public copies
+searched, a NeurIPS 2023 text dump among them, hold its abstract and the start of its
+introduction only), so its equation numbers are not cited; every term is named by its role and its form taken from the authors' code
 (hunto/image_classification_sota ``lib/models/losses/diffkd/diffkd.py`` lines 39-79,
 ``diffkd_modules.py`` lines 5-153, ``scheduling_ddim.py``; ``kd_loss.py`` lines 75-91 and
 148-161): ``inference_steps=5``, ``num_train_timesteps=1000``, ``use_ae=True``, the linear

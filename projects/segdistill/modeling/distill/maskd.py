@@ -28,10 +28,12 @@ lines 201-207 give the optimizer the student alone), masks from the teacher::
 line 259: ``--lambda-kd 1``; so ``WEIGHT`` 0.5). With ``MODEL.DISTILL.EXCLUDE_IGNORE`` the masks
 are 0 at ignore pixels. No connector: both models predict the same K classes.
 
-The paper's text (its equations) could not be read where this was written; the forms above are
-the authors' segmentation code, which the paper's description matches (tokens learnt on the
-frozen teacher with the task loss and a Dice loss for diverse masks; reconstruction on each
-mask, normalised by its area). Not used by the segmentation code, so not here: the paper's mask
+The paper's method section could not be read here (the stored public copies searched, an
+ICLR 2023 text dump and arXiv mirrors among them, hold its abstract and introduction only), so
+its equation numbers are not cited; the forms above are the authors' segmentation code, which
+the abstract describes (tokens learnt on the frozen teacher with the task loss and a Dice loss
+for diverse masks; pixel-wise reconstruction on each mask; the area normalisation is the
+code's). Not used by the segmentation code, so not here: the paper's mask
 weighting module (detection). Not reproduced: the authors' script also distils the auxiliary
 head's logits (x 0.4, ``train_maskd.py`` line 263); the teacher's auxiliary head is not a tap
 (it does not run in eval()), so that term is left out; their token stage runs the teacher in
