@@ -11,10 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, YAML_TINY, load_script
+from conftest import LAZY_TINY, REPO, YAML_TINY, load_script
+from detectron2.config import instantiate
+from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from mmseg_oracle import randomize
-from segdistill.config import load_yaml_config
+from segdistill.config import load_lazy_config, load_yaml_config
+from segdistill.convert import WeightsMismatchError
+from segdistill.modeling import test_time
 from segdistill.utils.predictions import submission_ids
 
 predict = load_script("predict_tool", "tools/predict.py")
@@ -187,3 +191,35 @@ def test_each_checkpoint_kind_loads(kind, tmp_path, log):
         expected = _argmax(wrapper, files[0])
         assert not np.array_equal(expected, _argmax(trained, files[0]))
     np.testing.assert_array_equal(got, expected)
+
+
+def test_lazy_config_predicts_with_init_checkpoint_and_the_test_mapper(tmp_path, log):
+    """A lazy (.py) config: its model with train.init_checkpoint (as --eval-only loads it), the test
+    mapper's image format and resize, its test_time, the test dataset's classes."""
+    config = os.path.join(REPO, "configs/demo/deeplabv3_r18.py")
+    overrides = LAZY_TINY + ["train.device=cpu"]
+    model = instantiate(load_lazy_config(config, overrides).model)
+    weights = _checkpoint(model, tmp_path / "model.pth")
+    files = _images(tmp_path / "in")
+    out = tmp_path / "out"
+    # windows, and a resize to 24 px on the short side: the answer is neither the whole image's nor full size's
+    resize = ["dataloader.test.mapper.augmentations=[{_target_: detectron2.data.transforms.ResizeShortestEdge, "
+              "short_edge_length: 24, max_size: 64}]",
+              "+test_time={_target_: segdistill.modeling.test_time.TestTimeSegmentor, mode: slide, crop_size: [16, 16], "
+              "stride: [8, 8]}"]
+    predict.main(["--config-file", config, "--input", str(tmp_path / "in"), "--output", str(out), *overrides, *resize,
+                  f"train.init_checkpoint={weights}"])
+    wrapper = test_time.TestTimeSegmentor(model=model.eval(), mode="slide", crop_size=(16, 16), stride=(8, 8))
+    for f, (h, w) in zip(files, SIZES):
+        img = np.asarray(Image.open(f).convert("RGB"))  # the demo mapper's image_format is RGB
+        small = T.ResizeShortestEdge(24, 64).get_transform(img).apply_image(img)
+        with torch.no_grad():
+            expected = wrapper([{"image": torch.as_tensor(small.transpose(2, 0, 1).copy()), "height": h,
+                                 "width": w}])[0]["sem_seg"].argmax(0).numpy()
+        got = _labels(out, f)
+        assert got.shape == (h, w) and len(np.unique(expected)) > 1
+        assert not np.array_equal(expected, _argmax(model, f))  # the windows and the resize changed the answer
+        np.testing.assert_array_equal(got, expected)
+    # no weights: refused as --eval-only refuses them, with the key to set
+    with pytest.raises(WeightsMismatchError, match=r"train\.init_checkpoint is empty"):
+        predict.main(["--config-file", config, "--input", str(files[0]), "--output", str(tmp_path / "o2"), *overrides])

@@ -4,6 +4,7 @@
     python tools/predict.py --config-file CFG.yaml --input img.png dir/ "shots/*.jpg" --output out/ \
         [--confidence] [--dataset NAME] MODEL.WEIGHTS model.pth [KEY VALUE ...]
     python tools/predict.py --config-file CFG.yaml --video-input clip.mp4 --output out/ MODEL.WEIGHTS model.pth
+    python tools/predict.py --config-file CFG.py --input dir/ --output out/ train.init_checkpoint=model.pth [key=value ...]
 
 For each image (``--input``: files, folders, globs), under ``--output``:
 
@@ -25,6 +26,13 @@ Distiller checkpoint with its training config (its student predicts; the log say
 are used at their size (``INPUT.MIN_SIZE_TEST`` > 0 resizes them first, as the evaluation does);
 ``TEST.MODE slide`` (``TEST.SLIDE.CROP_SIZE`` / ``STRIDE``) runs large images in windows and
 ``TEST.AUG.ENABLED`` averages scales and flips (docs/datasets.md "Test-time modes").
+
+A lazy (``.py``) config is read as ``train_net.py --eval-only`` reads it: the model of ``model``
+with ``train.init_checkpoint`` (the backbones' ImageNet initialisation skipped, refused when
+empty or not fitting unless ``train.allow_random_weights``), on ``train.device``, run as the
+config's ``test_time`` asks; the images go through ``dataloader.test.mapper``'s augmentations
+and ``image_format``, and the classes are ``dataloader.test.dataset.names``'s first dataset's
+(``--dataset`` overrides).
 """
 from __future__ import annotations
 
@@ -48,10 +56,13 @@ from detectron2.data import MetadataCatalog  # noqa: E402
 from detectron2.data import detection_utils as utils  # noqa: E402
 from detectron2.data import transforms as T  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
-from segdistill.config import config_tool_parser, load_yaml_config  # noqa: E402
+from detectron2.config import instantiate  # noqa: E402
+from segdistill.config import ConfigError, config_tool_parser, load_lazy_config, load_yaml_config  # noqa: E402
+from segdistill.convert import DEFAULT_MIN_MATCHED  # noqa: E402
 from segdistill.convert.contracts import SegmentorWrapper  # noqa: E402
 from segdistill.data import register_config_datasets  # noqa: E402
-from segdistill.engine import Trainer  # noqa: E402
+from segdistill.engine import Trainer, check_lazy_config, load_evaluation_weights, skip_backbone_init  # noqa: E402
+from segdistill.engine.lazy import build_lazy_model, lazy_test_time_model, resolve_class_weighting  # noqa: E402
 from segdistill.modeling.meta_arch.anytime import AnytimeSegmentor  # noqa: E402
 from segdistill.modeling.meta_arch.multi_exit import MultiExitSegmentor  # noqa: E402
 from segdistill.modeling.test_time import build_test_time_model  # noqa: E402
@@ -77,35 +88,88 @@ def expand_inputs(patterns):
     return files
 
 
-def load_model(cfg):
-    """The model of ``cfg`` with ``MODEL.WEIGHTS`` (as ``--eval-only`` loads it), the model that
-    predicts (a Distiller's student), in the test-time mode of ``cfg``."""
-    model = Trainer.build_evaluation_model(cfg, cfg.MODEL.WEIGHTS)
+def predicting_model(model, weights: str):
+    """The model that predicts: a Distiller's student (said in the log), any other model itself."""
     if isinstance(model, SegmentorWrapper):
         student, prefix = model.wrapped_segmentor()
         logger.info("%s is a %s checkpoint: predicting with its student (%s, the weights under %r); the teacher "
-                    "is not run.", cfg.MODEL.WEIGHTS, type(model).__name__, type(student).__name__, prefix)
-        model = student
-    elif isinstance(model, MultiExitSegmentor):
+                    "is not run.", weights, type(model).__name__, type(student).__name__, prefix)
+        return student
+    if isinstance(model, MultiExitSegmentor):
         logger.info("%s is a multi-exit training checkpoint: the final head answers (its exits are not drawn).",
-                    cfg.MODEL.WEIGHTS)
+                    weights)
     elif isinstance(model, AnytimeSegmentor):
         logger.info("AnytimeSegmentor (policy %s): each overlay says which exit answered.", model.policy)
+    return model
+
+
+def load_model(cfg):
+    """The model of ``cfg`` with ``MODEL.WEIGHTS`` (as ``--eval-only`` loads it), the model that
+    predicts (a Distiller's student), in the test-time mode of ``cfg``."""
+    model = predicting_model(Trainer.build_evaluation_model(cfg, cfg.MODEL.WEIGHTS), cfg.MODEL.WEIGHTS)
     return build_test_time_model(cfg, model).eval()
 
 
-class Predictor:
-    """One image (HxWx3 in ``INPUT.FORMAT``) -> (label map, confidence map, caption)."""
+def load_lazy_model(cfg):
+    """The model of a lazy config with ``train.init_checkpoint``, as ``train_net.py --eval-only``
+    builds and loads it (``segdistill.engine.lazy_evaluate``), the model that predicts, run as the
+    config's ``test_time`` asks."""
+    weights = cfg.train.init_checkpoint
+    if weights:  # the checkpoint gives every weight: no ImageNet initialisation to read (or download)
+        skip_backbone_init(cfg.model)
+    resolve_class_weighting(cfg, training=False)  # class weights weigh the training loss only
+    model = build_lazy_model(cfg)
+    load_evaluation_weights(
+        model, weights, key="train.init_checkpoint", allow_random=bool(cfg.train.get("allow_random_weights", False)),
+        allow_key="train.allow_random_weights",
+        min_matched=float(cfg.train.get("min_matched_weights", DEFAULT_MIN_MATCHED)))
+    return lazy_test_time_model(cfg, predicting_model(model, weights)).eval()
 
-    def __init__(self, cfg, model):
+
+def _test_mapper(cfg):
+    """A lazy config's ``dataloader.test.mapper`` (what the evaluation feeds the model)."""
+    mapper = cfg.dataloader.get("test", {}).get("mapper", None)
+    if mapper is None or "image_format" not in mapper:
+        raise ConfigError("dataloader.test.mapper.image_format is not set: tools/predict.py reads images as the "
+                          "evaluation does; set it (e.g. dataloader.test.mapper.image_format=RGB).")
+    return mapper
+
+
+def lazy_settings(cfg, dataset: str = ""):
+    """(dataset, image format, test-time augmentations, ignore value) of a lazy config."""
+    mapper = _test_mapper(cfg)
+    if not dataset:
+        names = cfg.dataloader.test.get("dataset", {}).get("names", None)
+        if not names:
+            raise ConfigError("dataloader.test.dataset.names is not set: give --dataset NAME (whose classes, "
+                              "colours and ids the outputs use).")
+        dataset = names if isinstance(names, str) else names[0]
+    augmentations = instantiate(mapper.augmentations) if "augmentations" in mapper else []
+    return dataset, mapper.image_format, list(augmentations), mapper.get("ignore_value", None)
+
+
+def yaml_settings(cfg, dataset: str = ""):
+    """(dataset, image format, test-time augmentations, ignore value) of a YAML config."""
+    register_config_datasets(cfg)  # DATASETS.FOLDER
+    resize = ([T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)]
+              if cfg.INPUT.MIN_SIZE_TEST > 0 else [])
+    return dataset or cfg.DATASETS.TEST[0], cfg.INPUT.FORMAT, resize, cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
+
+
+class Predictor:
+    """One image (HxWx3 in the config's image format) -> (label map, confidence map, caption);
+    ``augmentations``: the evaluation's test-time ones (a resize), applied first."""
+
+    def __init__(self, model, augmentations=()):
         self.model = model
-        self.resize = (T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
-                       if cfg.INPUT.MIN_SIZE_TEST > 0 else None)
+        self.augmentations = T.AugmentationList(list(augmentations))
 
     @torch.no_grad()
     def __call__(self, image: np.ndarray):
         h, w = image.shape[:2]
-        x = self.resize.get_transform(image).apply_image(image) if self.resize is not None else image
+        aug = T.AugInput(image)
+        self.augmentations(aug)
+        x = aug.image
         out = self.model([{"image": torch.as_tensor(np.ascontiguousarray(x.transpose(2, 0, 1))), "height": h,
                            "width": w}])[0]
         probs = out["sem_seg"].float().softmax(0)
@@ -201,8 +265,10 @@ def predict_video(path, predictor, writer, output, image_format):
 
 
 def main(argv=None):
-    p = config_tool_parser(__doc__, "the config of the model (the training config for multi-exit, Distiller and "
-                           "anytime checkpoints)", "KEY VALUE overrides (MODEL.WEIGHTS: the checkpoint)")
+    p = config_tool_parser(__doc__, "the config of the model, YAML or lazy .py (the training config for multi-exit, "
+                           "Distiller and anytime checkpoints)",
+                           "overrides: YAML KEY VALUE (MODEL.WEIGHTS: the checkpoint); lazy key=value "
+                           "(train.init_checkpoint=: the checkpoint)")
     p.add_argument("--input", nargs="+", help="image files, folders or globs")
     p.add_argument("--video-input", help="a video file (OpenCV)")
     p.add_argument("--output", required=True, help="a folder (or a file for one image / the video)")
@@ -212,16 +278,22 @@ def main(argv=None):
     if bool(args.input) == bool(args.video_input):
         p.error("give --input (images) or --video-input (a video), one of them")
     setup_logger(name="segdistill")
-    cfg = load_yaml_config(args.config_file, args.opts)
-    register_config_datasets(cfg)  # DATASETS.FOLDER
-    dataset = args.dataset or cfg.DATASETS.TEST[0]
-    meta = MetadataCatalog.get(dataset)
     files = expand_inputs(args.input) if args.input else []
-    predictor = Predictor(cfg, load_model(cfg))
-    writer = Writer(meta, meta.get("ignore_label", cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE))
+    if args.config_file.endswith(".py"):
+        cfg = load_lazy_config(args.config_file, args.opts)  # the file's keys and the overrides, checked
+        check_lazy_config(cfg)
+        dataset, image_format, augmentations, ignore = lazy_settings(cfg, args.dataset)
+        model = load_lazy_model(cfg)
+    else:
+        cfg = load_yaml_config(args.config_file, args.opts)
+        dataset, image_format, augmentations, ignore = yaml_settings(cfg, args.dataset)
+        model = load_model(cfg)
+    meta = MetadataCatalog.get(dataset)
+    predictor = Predictor(model, augmentations)
+    writer = Writer(meta, meta.get("ignore_label", ignore))
     if args.video_input:
-        return predict_video(args.video_input, predictor, writer, args.output, cfg.INPUT.FORMAT)
-    predict_images(files, predictor, writer, args.output, cfg.INPUT.FORMAT, confidence=args.confidence)
+        return predict_video(args.video_input, predictor, writer, args.output, image_format)
+    predict_images(files, predictor, writer, args.output, image_format, confidence=args.confidence)
     return args.output
 
 
