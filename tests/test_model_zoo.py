@@ -74,6 +74,8 @@ def _prepare_cfg(cfg, tmp_dir):
         cfg.MODEL.DISTILL.TEACHER.ALLOW_RANDOM = True
         # nor its backbone file (the CamVid table's teacher starts from output/pretrain/)
         cfg.MODEL.DISTILL.TEACHER.OPTS = list(cfg.MODEL.DISTILL.TEACHER.OPTS) + ["MODEL.TIMM.CHECKPOINT", ""]
+        # MasKD's tokens are learnt on the trained teacher; a random teacher draws them instead
+        cfg.MODEL.DISTILL.MASKD.TOKENS_FILE = ""
     return cfg
 
 
@@ -159,6 +161,11 @@ def _lazy_model_cfg(path, tmp_dir):
     if "teacher" in cfg.model and "allow_random" in cfg.model.teacher:  # Distiller: no trained teacher here
         cfg.model.teacher.weights = ""
         cfg.model.teacher.allow_random = True
+        opts = list(cfg.model.losses.get("opts", []))
+        if "MODEL.DISTILL.MASKD.TOKENS_FILE" in opts:  # MasKD: a random teacher draws its tokens (the
+            # losses read whether the teacher is random from their own keys)
+            opts[opts.index("MODEL.DISTILL.MASKD.TOKENS_FILE") + 1] = ""
+            cfg.model.losses.opts = opts + ["MODEL.DISTILL.TEACHER.ALLOW_RANDOM", "True"]
     _point_lazy_clusters_files(cfg.model, tmp_dir)
     return cfg
 
