@@ -146,6 +146,9 @@ def our_model(keys: dict, model_kwargs=None) -> SemanticSegmentor:
     cfg.MODEL.SEM_SEG_HEAD.NORM = "BN"
     cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["res5"]
     cfg.MODEL.TIMM.OUTPUT_STRIDE = 8
+    # mmsegmentation's rule (its EncoderDecoder resizes the logits to the input size), which its
+    # files need: every case here is an mmsegmentation model
+    cfg.MODEL.SEM_SEG_HEAD.OUTPUT_RESIZE = "input"
     set_keys(cfg, **keys)
     cls = HRNetBackbone if cfg.MODEL.TIMM.NAME.startswith("hrnet") else TimmBackbone
     backbone = cls(**dict(cls.from_config(cfg, ShapeSpec(channels=3)), model_kwargs=model_kwargs))

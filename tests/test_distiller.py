@@ -227,7 +227,7 @@ def test_a_student_head_without_features_is_an_error(tmp_path):
     # detectron2's own DeepLabV3Head has no forward_features / forward_outputs / predictor
     kw = {"MODEL.SEM_SEG_HEAD.NAME": "DeepLabV3Head", "INPUT.CROP.SIZE": (64, 64)}
     for losses in (["fakd_pd"], ["cwd"]):
-        with pytest.raises(TypeError, match="SemanticSegmentorAnySize resizes the head.s logits to the input size: its "
+        with pytest.raises(TypeError, match="SemanticSegmentorAnySize passes the input size to its head: its "
                                             "head DeepLabV3Head "
                                             "does not follow segdistill's head contract"):
             build_model(distill_cfg(tmp_path, losses, **kw))

@@ -1,14 +1,17 @@
-"""mmsegmentation's ``encode_decode`` output at any input size.
+"""The output resize rules (``MODEL.SEM_SEG_HEAD.OUTPUT_RESIZE``) at any input size.
 
-The whole model runs as the project runs it (``SemanticSegmentorAnySize.forward``:
-normalisation, padding to the backbone's ``size_divisibility``, head, its logits resized to
-the padded input size, crop and resize to the requested size), against mmsegmentation 1.2.2's
-own forward (tests/mmseg_oracle.py), random weights. Tolerance: relative error
-(max |a - b| / max |b|), since random HRNet logits are large.
+``"input"`` gives mmsegmentation's ``encode_decode`` output: the whole model runs as the
+project runs it (``SemanticSegmentorAnySize.forward``: normalisation, padding to the
+backbone's ``size_divisibility``, head, its logits resized to the padded input size, crop and
+resize to the requested size), against mmsegmentation 1.2.2's own forward
+(tests/mmseg_oracle.py), random weights (the models of tests/test_convert_mmseg.py's
+``our_model`` are built with ``"input"``, the rule mmsegmentation's files need). Tolerance:
+relative error (max |a - b| / max |b|), since random HRNet logits are large.
 
-detectron2's own ``SemanticSegmentor`` (the head upsamples by its stride, then the excess is
-cropped) gives the same output, bit for bit, at sizes that are multiples of the head's stride,
-and another one elsewhere.
+``"stride"`` (the default) gives what the project gave before it had the rule, bit for bit:
+the head's logits upsampled by its stride, the excess cropped (detectron2's
+``SemanticSegmentor``). The two rules agree bit for bit at sizes that are multiples of the
+head's stride, and differ elsewhere.
 """
 from __future__ import annotations
 
@@ -88,7 +91,11 @@ def test_whole_model_matches_mmseg_at_any_size(case, size, tmp_path):
     rel = _rel(got, expected)
     assert rel < REL_TOL, f"{case} at {size}: relative error {rel:.2e}"
     # the test can fail: detectron2's SemanticSegmentor, the same weights, is off here
-    assert _rel(_forward(ours, x), expected) > 100 * REL_TOL
+    plain = _forward(ours, x)
+    assert _rel(plain, expected) > 100 * REL_TOL
+    # and so is the stride rule, which is detectron2's output bit for bit
+    ours.sem_seg_head.output_resize = "stride"
+    assert torch.equal(_forward(_any_size(ours), x), plain)
 
 
 @pytest.mark.parametrize("case,keys,size", [
@@ -109,17 +116,28 @@ def test_both_rules_agree_bit_for_bit_where_the_input_is_a_multiple_of_the_strid
     assert torch.equal(_forward(plain, x), _forward(_any_size(plain), x))
 
 
-def test_plain_segmentor_warns_once_naming_the_meta_architecture(caplog):
-    """detectron2's SemanticSegmentor does not pass the input size: a project head says so, once."""
+def test_plain_segmentor_warns_once_naming_the_meta_architecture_under_the_input_rule(caplog):
+    """detectron2's SemanticSegmentor does not pass the input size: a head whose rule needs it
+    ("input") says so, once, naming the meta-architecture that passes it; under the stride rule,
+    which needs no size, nothing is said."""
     _, keys, kwargs, _ = CASES["deeplabv3_r18_d8"]
-    plain = our_model(keys, kwargs)
     x = torch.randn(1, 3, 40, 56)
-    with caplog.at_level(logging.WARNING, logger="segdistill"):
-        _forward(plain, x)
-        _forward(plain, x)
-        _forward(_any_size(plain), x)
-    warnings = [r.getMessage() for r in caplog.records if "output_size" in r.getMessage()]
-    assert len(warnings) == 1 and "'SemanticSegmentorAnySize'" in warnings[0], warnings
+    for rule, expected in (("input", 1), ("stride", 0)):
+        plain = our_model(dict(keys, **{"MODEL.SEM_SEG_HEAD.OUTPUT_RESIZE": rule}), kwargs)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="segdistill"):
+            _forward(plain, x)
+            _forward(plain, x)
+            _forward(_any_size(plain), x)
+        warnings = [r.getMessage() for r in caplog.records if "output_size" in r.getMessage()]
+        assert len(warnings) == expected, (rule, warnings)
+        assert all("OUTPUT_RESIZE 'input'" in w and "'SemanticSegmentorAnySize'" in w for w in warnings), warnings
+
+
+def test_an_unknown_rule_is_refused_naming_the_key():
+    _, keys, kwargs, _ = CASES["deeplabv3_r18_d8"]
+    with pytest.raises(ValueError, match=r"MODEL\.SEM_SEG_HEAD\.OUTPUT_RESIZE 'resize'.*'stride', 'input'"):
+        our_model(dict(keys, **{"MODEL.SEM_SEG_HEAD.OUTPUT_RESIZE": "resize"}), kwargs)
 
 
 def test_hrnet_pads_only_where_it_must():
@@ -130,22 +148,27 @@ def test_hrnet_pads_only_where_it_must():
     assert bilinear.eval().size_divisibility == 0 and bilinear.train().size_divisibility == 32
 
 
-@pytest.mark.parametrize("meta", ["MultiExitSegmentor", "AnytimeSegmentor", "Distiller"])
-def test_every_project_segmentor_resizes_to_the_input_at_odd_sizes(meta, tmp_path):
-    """The final output of a multi-exit model (exits evaluated too), an anytime model (final
-    policy) and a distiller's student at 67x93 (not a multiple of the stride 8) is the plain
-    model's with the same weights: the head's logits resized to the input size."""
+@pytest.mark.parametrize("rule", ["stride", "input"])
+@pytest.mark.parametrize("meta", ["SemanticSegmentorAnySize", "MultiExitSegmentor", "AnytimeSegmentor", "Distiller"])
+def test_every_project_segmentor_follows_the_rule_at_odd_sizes(meta, rule, tmp_path):
+    """The final output of the plain segmentor, a multi-exit model (exits evaluated too), an
+    anytime model (final policy) and a distiller's student at 67x93 (not a multiple of the
+    stride 8), against the head's logits brought to the input by hand: under "stride" (the
+    default) upsampled by 8 and cropped, what detectron2's SemanticSegmentor gives (the
+    project's outputs before the rule existed), bit for bit; under "input" resized to 67x93.
+    The exits' logits are resized to the input size under either rule."""
     from detectron2.modeling import build_model
     from torch.nn import functional as F
 
     from conftest import random_batch, set_keys, tiny_cfg
 
     k = 5
+    keys = {} if rule == "stride" else {"MODEL.SEM_SEG_HEAD.OUTPUT_RESIZE": rule}  # "stride" is the default
     torch.manual_seed(0)
-    plain = build_model(tiny_cfg(num_classes=k)).eval()
-    assert type(plain) is SemanticSegmentorAnySize
-    cfg = tiny_cfg(num_classes=k, **{"MODEL.META_ARCHITECTURE": meta, "MODEL.EXITS.MODE": "ds",
-                                     "MODEL.EXITS.CHANNELS": 8, "MODEL.EXITS.EVAL_EXITS": True})
+    plain = build_model(tiny_cfg(num_classes=k, **keys)).eval()
+    assert type(plain) is SemanticSegmentorAnySize and plain.sem_seg_head.output_resize == rule
+    cfg = tiny_cfg(num_classes=k, **keys, **{"MODEL.META_ARCHITECTURE": meta, "MODEL.EXITS.MODE": "ds",
+                                             "MODEL.EXITS.CHANNELS": 8, "MODEL.EXITS.EVAL_EXITS": True})
     if meta == "Distiller":
         teacher = tmp_path / "teacher.yaml"
         teacher.write_text(tiny_cfg(num_classes=k, output_stride=16).dump())
@@ -159,9 +182,18 @@ def test_every_project_segmentor_resizes_to_the_input_at_odd_sizes(meta, tmp_pat
     with torch.no_grad():
         x = (torch.stack([b["image"] for b in batch]) - plain.pixel_mean) / plain.pixel_std
         logits = plain.sem_seg_head.forward_outputs(plain.backbone(x))["logits"]
-        expected = F.interpolate(logits, size=(67, 93), mode="bilinear", align_corners=False)
+        if rule == "stride":
+            expected = F.interpolate(logits, scale_factor=8, mode="bilinear", align_corners=False)[..., :67, :93]
+        else:
+            expected = F.interpolate(logits, size=(67, 93), mode="bilinear", align_corners=False)
         got = model(batch)
     for i, out in enumerate(got):
         assert torch.equal(out["sem_seg"], expected[i])
+    if meta == "SemanticSegmentorAnySize" and rule == "stride":  # detectron2's own meta-architecture
+        d2 = SemanticSegmentor(backbone=plain.backbone, sem_seg_head=plain.sem_seg_head,
+                               pixel_mean=plain.pixel_mean.flatten().tolist(),
+                               pixel_std=plain.pixel_std.flatten().tolist()).eval()
+        with torch.no_grad():
+            assert all(torch.equal(a["sem_seg"], b["sem_seg"]) for a, b in zip(d2(batch), got))
     if meta == "MultiExitSegmentor":  # exits answer at the input size too
         assert all(out[f"sem_seg_{n}"].shape[-2:] == (67, 93) for out in got for n in model.exits)

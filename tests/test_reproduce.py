@@ -196,7 +196,8 @@ def _signature(model):
     return {
         "modules": [type(m).__name__ for m in model.modules()],
         "params": {k: tuple(v.shape) for k, v in model.named_parameters()},
-        "head": (head.common_stride, head.ignore_value, head.loss_weight, head.align_corners, head.layout,
+        "head": (head.common_stride, head.ignore_value, head.loss_weight, head.align_corners, head.output_resize,
+                 head.layout,
                  None if head.aux_head is None else (head.aux_head.in_feature, head.aux_head.loss_weight)),
     }
 

@@ -1,7 +1,7 @@
 """A whole-model file loads only into a model that computes what the file's source computed.
 
-Options that change no tensor's shape (HRNet's branch fusion, ``align_corners``) pass the
-fit check; where the file's source pins them (segdistill.convert.source_options), a config
+Options that change no tensor's shape (HRNet's branch fusion, ``align_corners``, the output
+resize rule) pass the fit check; where the file's source pins them (segdistill.convert.source_options), a config
 that contradicts them is refused with the key and the value the file needs, through
 ``MODEL.WEIGHTS`` (the checkpointer and ``load_model_weights``) and the Distiller's teacher
 loader alike. mmsegmentation 1.2.2 (tests/mmseg_oracle.py) builds the files, random weights.
@@ -94,6 +94,21 @@ def test_mmseg_769_file_needs_align_corners(tmp_path):
     load_model_weights(our_model(keys, kwargs), path)
 
 
+def test_mmseg_file_needs_the_input_resize_rule(tmp_path):
+    """mmsegmentation resizes the logits to the input size: its file loaded into a model under the
+    stride rule would give other outputs wherever the input is not a multiple of the stride."""
+    mm_cfg, keys, kwargs, _ = CASES["pspnet_r50_d8"]
+    path = _save(tmp_path, "pspnet_r50-d8.pth", build_mmseg(mm_cfg))
+    stride = dict(keys, **{"MODEL.SEM_SEG_HEAD.OUTPUT_RESIZE": "stride"})
+    for load in (lambda m: load_model_weights(m, path), lambda m: SegDistillCheckpointer(m).load(path),
+                 lambda m: load_foreign_weights(m, path)):
+        with pytest.raises(SourceOptionsError, match=r"MODEL\.SEM_SEG_HEAD\.OUTPUT_RESIZE input   "
+                                                     r"\(the config has stride;") as e:
+            load(our_model(stride, kwargs))
+        assert "ALIGN_CORNERS" not in str(e.value)  # only what contradicts the file is named
+    load_model_weights(our_model(keys, kwargs), path)  # our_model: "input"
+
+
 def test_cirkd_file_needs_align_corners():
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
@@ -107,13 +122,18 @@ def test_cirkd_file_needs_align_corners():
     add_segdistill_config(cfg)
     cfg.merge_from_file(os.path.join(REPO, "configs", "reproduce", "hwd", "deeplabv3_r18_student.yaml"))
     cfg.MODEL.DEVICE, cfg.MODEL.NORM, cfg.MODEL.TIMM.CHECKPOINT = "meta", "BN", ""
-    assert cfg.MODEL.SEM_SEG_HEAD.ALIGN_CORNERS
+    assert cfg.MODEL.SEM_SEG_HEAD.ALIGN_CORNERS and cfg.MODEL.SEM_SEG_HEAD.OUTPUT_RESIZE == "input"
     with torch.device("meta"):
         assert convert_model_state(state, build_model(cfg), "cirkd", source="deeplabv3_resnet18_citys.pth")
         cfg.MODEL.SEM_SEG_HEAD.ALIGN_CORNERS = False
         model = build_model(cfg)
+        cfg.MODEL.SEM_SEG_HEAD.ALIGN_CORNERS = True
+        cfg.MODEL.SEM_SEG_HEAD.OUTPUT_RESIZE = "stride"  # CIRKD's eval.py resizes to the input size
+        stride = build_model(cfg)
     with pytest.raises(SourceOptionsError, match=r"MODEL\.SEM_SEG_HEAD\.ALIGN_CORNERS True"):
         convert_model_state(state, model, "cirkd", source="deeplabv3_resnet18_citys.pth")
+    with pytest.raises(SourceOptionsError, match=r"MODEL\.SEM_SEG_HEAD\.OUTPUT_RESIZE input"):
+        convert_model_state(state, stride, "cirkd", source="deeplabv3_resnet18_citys.pth")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ Tolerance: relative to the largest logit (slide), absolute on probabilities (aug
 Crop sizes are multiples of 8 and image sizes are not: every window of an image larger than
 the crop is a full crop, which the d8 models compute as mmsegmentation does today. The one
 case marked ODD asks for a window narrower than the crop (60 px wide): it equals
-mmsegmentation once models resize their logits to the input tensor's size at any size.
+mmsegmentation because the oracle models resize their logits to the input tensor's size at
+any size (``MODEL.SEM_SEG_HEAD.OUTPUT_RESIZE "input"``, mmsegmentation's rule).
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def _pair(case, tmp_path):
     mm = build_mmseg(mm_cfg)
     path = tmp_path / f"{case}.pth"
     torch.save({"state_dict": mm.state_dict()}, path)
-    ours = _any_size(our_model(keys, kwargs))  # logits resized to the input size, as mmsegmentation
+    # logits resized to the input size, as mmsegmentation (the rule its files need)
+    ours = _any_size(our_model(dict(keys, **{"MODEL.SEM_SEG_HEAD.OUTPUT_RESIZE": "input"}), kwargs))
     load_model_weights(ours, str(path))
     return mm, ours
 

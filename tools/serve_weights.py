@@ -232,6 +232,7 @@ MODEL:
     ASPP_CHANNELS: 32
     ASPP_DILATIONS: [12, 24, 36]
     ASPP_DROPOUT: 0.0
+    OUTPUT_RESIZE: "input"
 """
 
 # This project's names of that teacher -> mmsegmentation's (EncoderDecoder, ResNetV1c, ASPPHead):

@@ -49,5 +49,6 @@ def demo_deeplabv3_head(in_channels=512, aspp_channels=128, num_classes=NUM_CLAS
         dropout=_HEAD.DROPOUT,
         loss_weight=_HEAD.LOSS_WEIGHT,
         align_corners=_HEAD.ALIGN_CORNERS,
+        output_resize=_HEAD.OUTPUT_RESIZE,
         aux_head=None,
     )

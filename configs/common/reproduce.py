@@ -21,8 +21,10 @@ HR = ["res2", "res3", "res4", "res5"]
 
 
 def _head_common(align_corners=False):
+    # output_resize "input": the rule of the code bases the recipes reproduce (mmsegmentation,
+    # CIRKD), which their files need (docs/reproduce.md, "Input sizes")
     return dict(num_classes=NUM_CLASSES, norm=NORM, ignore_value=IGNORE, loss_type="cross_entropy",
-                loss_weight=_HEAD.LOSS_WEIGHT, align_corners=align_corners)
+                loss_weight=_HEAD.LOSS_WEIGHT, align_corners=align_corners, output_resize="input")
 
 
 # ---- backbones ---------------------------------------------------------------------------------

@@ -91,7 +91,7 @@ def deeplabv3(name, num_classes, aspp_channels, aux_channels=0, bottleneck_convs
         aux_head=aux_head(name, output_stride, num_classes, aux_channels) if aux_channels else None,
         bottleneck_convs=bottleneck_convs, layout=_HEAD.LAYOUT, pool_kernel_size=None,
         use_depthwise_separable_conv=_HEAD.USE_DEPTHWISE_SEPARABLE_CONV, dropout=_HEAD.DROPOUT,
-        loss_weight=_HEAD.LOSS_WEIGHT, align_corners=_HEAD.ALIGN_CORNERS,
+        loss_weight=_HEAD.LOSS_WEIGHT, align_corners=_HEAD.ALIGN_CORNERS, output_resize=_HEAD.OUTPUT_RESIZE,
     )
     return segmentor(backbone(name, output_stride, features), head)
 
@@ -103,7 +103,7 @@ def pspnet(name, num_classes, pool_channels, channels, aux_channels, output_stri
         bins=[1, 2, 3, 6], pool_channels=pool_channels, channels=channels, dropout=0.1, norm=NORM,
         ignore_value=IGNORE, loss_type="cross_entropy",
         aux_head=aux_head(name, output_stride, num_classes, aux_channels),
-        loss_weight=_HEAD.LOSS_WEIGHT, align_corners=_HEAD.ALIGN_CORNERS,
+        loss_weight=_HEAD.LOSS_WEIGHT, align_corners=_HEAD.ALIGN_CORNERS, output_resize=_HEAD.OUTPUT_RESIZE,
     )
     return segmentor(backbone(name, output_stride, ["res4", "res5"]), head)
 
@@ -116,7 +116,7 @@ def deeplabv3plus(name, num_classes, aux_channels=256, output_stride=16):
         norm=NORM, train_size=None, loss_type="cross_entropy", ignore_value=IGNORE, num_classes=num_classes,
         aux_head=aux_head(name, output_stride, num_classes, aux_channels),
         layout=_HEAD.LAYOUT, loss_weight=_HEAD.LOSS_WEIGHT, use_depthwise_separable_conv=_HEAD.USE_DEPTHWISE_SEPARABLE_CONV,
-        dropout=_HEAD.DROPOUT, align_corners=_HEAD.ALIGN_CORNERS,
+        dropout=_HEAD.DROPOUT, align_corners=_HEAD.ALIGN_CORNERS, output_resize=_HEAD.OUTPUT_RESIZE,
     )
     return segmentor(backbone(name, output_stride, ["res2", "res4", "res5"]), head)
 
@@ -128,6 +128,7 @@ def hrnetv2(width, num_classes):
         input_shape=stage_shapes(name, 32, STAGES), in_features=list(STAGES), num_classes=num_classes,
         channels=0, norm=NORM, ignore_value=IGNORE, loss_type="cross_entropy",
         loss_weight=_HEAD.LOSS_WEIGHT, align_corners=_HEAD.ALIGN_CORNERS, aux_head=None,
+        output_resize=_HEAD.OUTPUT_RESIZE,
     )
     return segmentor(backbone(name, 32, STAGES), head)
 
@@ -140,5 +141,6 @@ def ocrnet(width, num_classes, mid_channels=512, key_channels=256):
         mid_channels=mid_channels, key_channels=key_channels, dropout=0.05, ocr_aux_loss_weight=0.4,
         norm=NORM, ignore_value=IGNORE, loss_type="cross_entropy", region_channels=_HEAD.OCR_REGION_CHANNELS,
         loss_weight=_HEAD.LOSS_WEIGHT, align_corners=_HEAD.ALIGN_CORNERS, aux_head=None,
+        output_resize=_HEAD.OUTPUT_RESIZE,
     )
     return segmentor(backbone(name, 32, STAGES), head)

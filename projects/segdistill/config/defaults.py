@@ -147,6 +147,10 @@ def _add_foreign_layout_keys(cfg: CN) -> None:
     # align_corners of every bilinear resize in the heads and of the logits' upsampling
     # (mmsegmentation's 769x769 Cityscapes models and CIRKD use True).
     cfg.MODEL.SEM_SEG_HEAD.ALIGN_CORNERS = False
+    # How inference brings the head's logits to the input: "stride" (upsample by the head's
+    # stride, then crop the excess: detectron2's rule, the project's) or "input" (resize to
+    # the input size: mmsegmentation's and CIRKD's rule, which their files need).
+    cfg.MODEL.SEM_SEG_HEAD.OUTPUT_RESIZE = "stride"
     # Dropout of the auxiliary FCN head before its classifier.
     cfg.MODEL.SEM_SEG_HEAD.AUX_DROPOUT = 0.1
 

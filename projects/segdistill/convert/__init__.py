@@ -8,7 +8,7 @@
   backbone's body and family, a head's registered name, a deployed state dict), written as
   the base classes the models implement: this package imports no model;
 * :mod:`.source_options`: the shape-free options a whole-model file's source pins (HRNet
-  fusion, ``align_corners``), checked against the model's (:class:`SourceOptionsError`);
+  fusion, ``align_corners``, the output resize rule), checked against the model's (:class:`SourceOptionsError`);
 * :mod:`.load`: converting into a backbone body (``MODEL.TIMM.CHECKPOINT``) or a whole
   segmentor (``MODEL.WEIGHTS``, ``MODEL.DISTILL.TEACHER.WEIGHTS``);
 * :mod:`.fetch`: weights named by URL (``https://``, ``detectron2://``) fetched once into a

@@ -72,12 +72,17 @@ class ConvertibleHead:
       names the stage it reads; its ``conv`` and ``predictor`` take the file's auxiliary head;
     * ``align_corners``: of every bilinear resize of the head and of its output
       (``MODEL.SEM_SEG_HEAD.ALIGN_CORNERS``). Shape-free: the file's source pins it
+      (:mod:`.source_options`);
+    * ``output_resize``: how inference brings the logits to the input, "stride" (upsample by
+      the head's stride, then crop) or "input" (resize to the input size)
+      (``MODEL.SEM_SEG_HEAD.OUTPUT_RESIZE``). Shape-free: the file's source pins it
       (:mod:`.source_options`).
     """
 
     layout: str
     aux_head: Optional[nn.Module]
     align_corners: bool
+    output_resize: str
 
 
 class DeployableModel(abc.ABC):

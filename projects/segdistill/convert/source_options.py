@@ -5,7 +5,7 @@ fit check (:func:`.core.check_fit`) cannot see them: a file loads completely and
 are wrong. Where the file's source pins such an option, :func:`check_source_options`
 compares it with what the model computes (read through the contracts,
 :class:`~.contracts.ConvertibleBackbone` ``fuse_upsample`` and
-:class:`~.contracts.ConvertibleHead` ``align_corners``) and raises
+:class:`~.contracts.ConvertibleHead` ``align_corners`` and ``output_resize``) and raises
 :class:`SourceOptionsError` naming each config key and the value the file needs.
 
 Refused rather than set: the model is built (its layers, their modes) before its weights
@@ -20,9 +20,13 @@ What each source pins (docs/reproduce.md, "Options the file's source pins"):
   ``align_corners`` is a config choice (False for the 512x1024 Cityscapes models, True
   for the 769x769 ones): pinned when the file's ``meta`` holds its config text with one
   value, or when the file's name holds its zoo crop ``512x1024`` / ``769x769``; not
-  checked otherwise.
+  checked otherwise. Its ``EncoderDecoder`` resizes the decode head's logits to the input
+  size (``resize(seg_logits, size=inputs.shape[2:])``): ``MODEL.SEM_SEG_HEAD.OUTPUT_RESIZE
+  input``. OpenMMLab whole-model files are this format.
 * CIRKD (``cirkd``): every resize of its models aligns corners:
-  ``MODEL.SEM_SEG_HEAD.ALIGN_CORNERS True``. (ResNets only: no fusion option.)
+  ``MODEL.SEM_SEG_HEAD.ALIGN_CORNERS True``. (ResNets only: no fusion option.) Its models'
+  ``forward`` returns the logits at the head's stride, and its evaluation (``eval.py``,
+  ``predict_whole``) resizes them to the input size: ``MODEL.SEM_SEG_HEAD.OUTPUT_RESIZE input``.
 * the project's own checkpoints (``detectron2``): the file does not say; not checked.
 
 ImageNet files (``MODEL.TIMM.CHECKPOINT``) pin nothing: they hold no head, and the
@@ -40,10 +44,11 @@ from .contracts import ConvertibleBackbone, ConvertibleHead
 from .core import CheckpointMismatchError
 
 __all__ = ["SourceOptionsError", "source_options", "model_options", "check_source_options", "file_meta",
-           "FUSE_KEY", "ALIGN_KEY"]
+           "FUSE_KEY", "ALIGN_KEY", "RESIZE_KEY"]
 
 FUSE_KEY = "MODEL.TIMM.HRNET_FUSE_UPSAMPLE"
 ALIGN_KEY = "MODEL.SEM_SEG_HEAD.ALIGN_CORNERS"
+RESIZE_KEY = "MODEL.SEM_SEG_HEAD.OUTPUT_RESIZE"
 
 _ALIGN_IN_TEXT = re.compile(r"""['"]?align_corners['"]?\s*[=:]\s*(True|False)""")
 _ALIGN_BY_CROP = {"769x769": True, "512x1024": False}
@@ -84,14 +89,16 @@ def source_options(fmt: str, backbone: ConvertibleBackbone, *, source: str = "",
         align, how = _align_corners_of_mmseg_file(source, meta)
         if align is not None:
             pinned[ALIGN_KEY] = (align, f"mmsegmentation trained it with align_corners={align}, {how}")
+        pinned[RESIZE_KEY] = ("input", "mmsegmentation resizes the logits to the input size")
     elif fmt == "cirkd":
         pinned[ALIGN_KEY] = (True, "CIRKD's models resize with align_corners=True")
+        pinned[RESIZE_KEY] = ("input", "CIRKD's evaluation resizes the logits to the input size")
     return pinned
 
 
 def model_options(backbone: ConvertibleBackbone, head: ConvertibleHead) -> Dict[str, object]:
     """{config key: value} of the shape-free options the model computes with."""
-    options: Dict[str, object] = {ALIGN_KEY: head.align_corners}
+    options: Dict[str, object] = {ALIGN_KEY: head.align_corners, RESIZE_KEY: head.output_resize}
     if backbone.fuse_upsample:
         options[FUSE_KEY] = backbone.fuse_upsample
     return options
@@ -106,8 +113,8 @@ def check_source_options(fmt: str, backbone: ConvertibleBackbone, head: Converti
              if k in ours and ours[k] != v]
     if not wrong:
         return
-    lines = [f"{key} {source!r} ({fmt} format) was trained with other options than this config builds: its "
-             "tensors fit, but the model would compute other logits. Set:"]
+    lines = [f"{key} {source!r} ({fmt} format) comes from a code base that computes with other options than "
+             "this config builds: its tensors fit, but the model would compute other logits. Set:"]
     lines += [f"  {k} {v}   (the config has {ours[k]}; {why})" for k, v, why in wrong]
     lines.append("(the file's source pins these options: docs/reproduce.md, \"Options the file's source pins\")")
     raise SourceOptionsError("\n".join(lines))

@@ -3,15 +3,25 @@
 detectron2's ``SemanticSegmentor`` calls ``head(features, targets)`` and gets
 ``(None, losses)`` in training and ``(logits at input scale, {})`` in inference. Here the
 call takes the size of the logits at inference too: ``head(features, targets, output_size=(H, W))``
-returns the logits resized (bilinear, the head's ``align_corners``) to ``H x W``, the size of
-the (padded) tensor that entered the backbone, as mmsegmentation resizes them: the project's
+with ``H x W`` the size of the (padded) tensor that entered the backbone; the project's
 meta-architectures (``SemanticSegmentorAnySize``, ``MultiExitSegmentor``, ``AnytimeSegmentor``)
-pass it, so the output is the same at every input size, also where the size is not a multiple
-of the head's stride. Without it (detectron2's own ``SemanticSegmentor``) the logits are
-upsampled by ``common_stride``, detectron2's rule, which crops the excess afterwards; the two
-agree bit for bit when the input is a multiple of the stride, and a warning (once) names the
-meta-architecture that passes the size. Training losses resize by the stride, to the
-(padded) targets' size. The multi-exit segmentor and the distiller also need what the head computes *before* its
+pass it. What the head makes of it is its ``output_resize`` rule
+(``MODEL.SEM_SEG_HEAD.OUTPUT_RESIZE``, :data:`OUTPUT_RESIZE_RULES`):
+
+* ``"stride"`` (the default): the logits are upsampled by ``common_stride`` (bilinear, the
+  head's ``align_corners``) and the meta-architecture's postprocessing crops the excess, as
+  detectron2's heads do. Feature ``i`` keeps covering the input rows the network computed it
+  over (``stride * i`` onwards), also where the input is not a multiple of the stride.
+* ``"input"``: the logits are resized to ``H x W``, as mmsegmentation's ``EncoderDecoder``
+  and CIRKD's evaluation resize theirs: a file from those code bases gives their output at
+  every input size only under this rule (the file's source pins it:
+  ``segdistill.convert.source_options``). Without ``output_size`` (detectron2's own
+  ``SemanticSegmentor``) it falls back to the stride rule with a warning (once) naming the
+  meta-architecture that passes the size.
+
+The two rules agree bit for bit where the (padded) input is a multiple of the stride.
+Training losses resize by the stride, to the (padded) targets' size, under either rule.
+The multi-exit segmentor and the distiller also need what the head computes *before* its
 classifier, and the classifier itself (FAKD's closed-form bound reads its weight and bias).
 So every head here exposes:
 
@@ -22,8 +32,8 @@ So every head here exposes:
 * ``forward_outputs(features) -> dict``: ``{"features", "logits"}`` plus ``"aux_logits"``
   in training when an auxiliary FCN head is configured;
 * ``losses(outputs, targets) -> dict``: ``loss_sem_seg`` (and ``loss_aux``);
-* ``predict_logits(logits, output_size)``: the logits as inference returns them (resized to
-  ``output_size``; by the stride without it); ``forward(features, targets, output_size=...)``
+* ``predict_logits(logits, output_size)``: the logits as inference returns them (by the
+  ``output_resize`` rule); ``forward(features, targets, output_size=...)``
   is ``forward_outputs`` then ``losses`` (training) or ``predict_logits`` (inference).
 
 Other components call ``head.forward_outputs(features)`` directly, after checking the head
@@ -51,14 +61,17 @@ from ..backbones.norm import resolve_norm
 
 __all__ = ["SegHeadMixin", "AuxFCNHead", "build_aux_head", "check_seg_head", "seg_head_names", "upsample_logits",
            "resize_logits",
-           "LOSS_TYPES", "CONTRACT_ARGS", "check_loss_type", "safe_cross_entropy", "sem_seg_loss", "build_classifier", "common_head_config",
+           "LOSS_TYPES", "OUTPUT_RESIZE_RULES", "CONTRACT_ARGS", "check_loss_type", "safe_cross_entropy", "sem_seg_loss", "build_classifier", "common_head_config",
            "single_in_feature", "multi_in_features", "conv_norm", "conv_norm_relu", "dropout2d", "HRNET_BRANCHES"]
 
 logger = logging.getLogger(__name__)
 
 LOSS_TYPES = ("cross_entropy", "hard_pixel_mining")
+# How inference brings the logits to the input (MODEL.SEM_SEG_HEAD.OUTPUT_RESIZE; module docstring).
+OUTPUT_RESIZE_RULES = ("stride", "input")
 # The keyword arguments of the head contract every head passes to SegHeadMixin._init_contract.
-CONTRACT_ARGS = ("ignore_value", "loss_weight", "loss_type", "align_corners", "aux_head", "class_weights")
+CONTRACT_ARGS = ("ignore_value", "loss_weight", "loss_type", "align_corners", "aux_head", "class_weights",
+                 "output_resize")
 HRNET_BRANCHES = ["res2", "res3", "res4", "res5"]
 
 
@@ -216,6 +229,7 @@ def common_head_config(cfg, input_shape: Dict[str, ShapeSpec]) -> dict:
         align_corners=c.ALIGN_CORNERS,
         aux_head=build_aux_head(cfg, input_shape),
         class_weights=config_class_weights(cfg),
+        output_resize=c.OUTPUT_RESIZE,
     )
 
 
@@ -223,7 +237,7 @@ class SegHeadMixin(ConvertibleHead):
     """detectron2's head contract built on ``forward_features`` + ``predictor``.
 
     A head class sets ``in_features``, ``common_stride``, ``ignore_value``, ``loss_weight``,
-    ``loss_type``, ``align_corners``, ``predictor`` and ``aux_head`` (or None) —
+    ``loss_type``, ``align_corners``, ``output_resize``, ``predictor`` and ``aux_head`` (or None) —
     ``_init_contract`` sets all but the predictor — and implements ``forward_features``.
     ``layout`` names the code base whose structure a head reproduces where layouts differ
     (``MODEL.SEM_SEG_HEAD.LAYOUT``; "" for heads with one structure).
@@ -253,7 +267,8 @@ class SegHeadMixin(ConvertibleHead):
 
     def _init_contract(self, *, input_shape: Dict[str, ShapeSpec], in_features: Sequence[str], ignore_value: int,
                        loss_weight: float, loss_type: str, align_corners: bool, aux_head: Optional[AuxFCNHead],
-                       class_weights: Optional[Sequence[float]] = None, common_stride: Optional[int] = None) -> None:
+                       class_weights: Optional[Sequence[float]] = None, common_stride: Optional[int] = None,
+                       output_resize: str = "stride") -> None:
         """Set the attributes the contract reads (call after ``nn.Module.__init__``).
 
         ``in_features`` must be in ``input_shape``; they are kept finest first, and
@@ -262,9 +277,15 @@ class SegHeadMixin(ConvertibleHead):
         ``loss_sem_seg``; ``loss_type``: one of :data:`LOSS_TYPES`; ``align_corners``: of
         every bilinear resize of the head; ``aux_head``: an :class:`AuxFCNHead` or None;
         ``class_weights``: one weight per class of the pixel cross-entropies (head and auxiliary
-        head), or None (``MODEL.SEM_SEG_HEAD.CLASS_WEIGHTS`` / ``CLASS_WEIGHTING``).
+        head), or None (``MODEL.SEM_SEG_HEAD.CLASS_WEIGHTS`` / ``CLASS_WEIGHTING``);
+        ``output_resize``: how inference brings the logits to the input, one of
+        :data:`OUTPUT_RESIZE_RULES` (``MODEL.SEM_SEG_HEAD.OUTPUT_RESIZE``; the module docstring).
         """
         check_loss_type(loss_type)
+        if output_resize not in OUTPUT_RESIZE_RULES:
+            raise ValueError(f"Unknown MODEL.SEM_SEG_HEAD.OUTPUT_RESIZE {output_resize!r}; choose from "
+                             f"{OUTPUT_RESIZE_RULES} ('stride': upsample by the head's stride, then crop; "
+                             "'input': resize to the input size, as mmsegmentation and CIRKD do).")
         missing = [f for f in in_features if f not in input_shape]
         if missing:
             raise ValueError(f"{type(self).__name__}'s in_features {missing} are not in the backbone outputs "
@@ -275,8 +296,9 @@ class SegHeadMixin(ConvertibleHead):
         self.loss_weight = loss_weight
         self.loss_type = loss_type
         self.align_corners = bool(align_corners)
+        self.output_resize = output_resize
         self.aux_head = aux_head
-        self._warned_stride_rule = False  # see predict_logits
+        self._warned_no_size = False  # see predict_logits
         # not persistent: a loss setting, so checkpoints stay the same with or without it
         self.register_buffer("class_weights", None if class_weights is None else
                              torch.tensor([float(w) for w in class_weights]), persistent=False)
@@ -294,8 +316,8 @@ class SegHeadMixin(ConvertibleHead):
     def forward(self, features: Dict[str, torch.Tensor], targets: Optional[torch.Tensor] = None, *,
                 output_size: Optional[Sequence[int]] = None):
         """detectron2's head call: ``(None, losses)`` in training; ``(logits, {})`` in
-        inference, at ``output_size`` (H, W: the size of the padded tensor that entered the
-        backbone) when given, else upsampled by ``common_stride`` (see :meth:`predict_logits`)."""
+        inference, brought to the input by the ``output_resize`` rule (``output_size``: H, W,
+        the size of the padded tensor that entered the backbone; see :meth:`predict_logits`)."""
         outputs = self.forward_outputs(features)
         if self.training:
             # detectron2's SemanticSegmentor hands over the mapper's labels (uint8) as they were
@@ -304,21 +326,25 @@ class SegHeadMixin(ConvertibleHead):
         return self.predict_logits(outputs["logits"], output_size), {}
 
     def predict_logits(self, logits: torch.Tensor, output_size: Optional[Sequence[int]] = None) -> torch.Tensor:
-        """The head's logits (``forward_outputs(...)["logits"]``) as inference returns them:
-        resized to ``output_size`` (bilinear, ``align_corners``), or, when it is None
-        (detectron2's ``SemanticSegmentor``, which does not pass it), upsampled by
-        ``common_stride`` with a warning (once per head) that the output then depends on whether the
-        input is a multiple of the stride."""
-        if output_size is not None:
-            return resize_logits(logits, output_size, self.align_corners)
-        if not self._warned_stride_rule:
-            self._warned_stride_rule = True
-            logger.warning(
-                "%s was called without output_size (detectron2's SemanticSegmentor): its logits are upsampled by "
-                "the head's stride (%d), then cropped, which differs from resizing them to the input size where "
-                "the input is not a multiple of the stride (mmsegmentation's output). Use MODEL.META_ARCHITECTURE "
-                "'SemanticSegmentorAnySize' (segdistill's, which passes the input size).",
-                type(self).__name__, self.common_stride)
+        """The head's logits (``forward_outputs(...)["logits"]``) as inference returns them.
+
+        ``output_resize "stride"``: upsampled by ``common_stride`` (bilinear, ``align_corners``),
+        whatever ``output_size``; the caller's postprocessing crops them to the image.
+        ``"input"``: resized to ``output_size``; when it is None (detectron2's
+        ``SemanticSegmentor``, which does not pass it) upsampled by the stride, with a warning
+        (once per head) that the output then differs from the rule the config asks for where
+        the input is not a multiple of the stride."""
+        if self.output_resize == "input":
+            if output_size is not None:
+                return resize_logits(logits, output_size, self.align_corners)
+            if not self._warned_no_size:
+                self._warned_no_size = True
+                logger.warning(
+                    "%s has MODEL.SEM_SEG_HEAD.OUTPUT_RESIZE 'input' but was called without output_size (detectron2's "
+                    "SemanticSegmentor): its logits are upsampled by the head's stride (%d), then cropped, which "
+                    "differs from resizing them to the input size where the input is not a multiple of the stride. "
+                    "Use MODEL.META_ARCHITECTURE 'SemanticSegmentorAnySize' (segdistill's, which passes the input "
+                    "size).", type(self).__name__, self.common_stride)
         return upsample_logits(logits, self.common_stride, self.align_corners)
 
     def losses(self, outputs: Dict[str, torch.Tensor], targets: torch.Tensor) -> Dict[str, torch.Tensor]:

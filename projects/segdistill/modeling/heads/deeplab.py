@@ -192,6 +192,7 @@ class SegDeepLabV3PlusHead(SegHeadMixin, DeepLabV3PlusHead):
         align_corners: bool,
         aux_head: Optional[AuxFCNHead],
         class_weights: Optional[List[float]] = None,
+        output_resize: str = "stride",
     ):
         check_loss_type(loss_type)
         if num_classes is None:
@@ -213,7 +214,8 @@ class SegDeepLabV3PlusHead(SegHeadMixin, DeepLabV3PlusHead):
         in_features = [k for k, _ in sorted(shapes.items(), key=lambda kv: kv[1].stride)]
         self._init_contract(input_shape=shapes, in_features=in_features, common_stride=common_stride,
                             ignore_value=ignore_value, loss_weight=loss_weight, loss_type=loss_type,
-                            align_corners=align_corners, aux_head=aux_head, class_weights=class_weights)
+                            align_corners=align_corners, aux_head=aux_head, class_weights=class_weights,
+                            output_resize=output_resize)
 
     def _build_mmseg(self, shapes, project_channels, aspp_dilations, aspp_dropout, decoder_channels, norm,
                      train_size, num_classes, dropout, align_corners):

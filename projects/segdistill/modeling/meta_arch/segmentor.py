@@ -1,16 +1,18 @@
-"""``SemanticSegmentorAnySize``: detectron2's ``SemanticSegmentor``, whose output is the same at any input size.
+"""``SemanticSegmentorAnySize``: detectron2's ``SemanticSegmentor`` that gives its head the input size.
 
 detectron2's ``SemanticSegmentor`` calls ``head(features, targets)``; its heads upsample the
 logits by their stride and ``sem_seg_postprocess`` crops the padding. Where the input is not a
 multiple of the stride, the logits then cover more than the image and the crop keeps a part
-of them, while mmsegmentation (and the papers' numbers) resizes the logits to the input size.
-This meta-architecture is the same model (the same parameter names, the same checkpoints) with
-the project's rule: at inference it passes the size of the (padded) tensor that entered the
-backbone to the head (``output_size``, the head contract of
-:class:`~segdistill.modeling.heads.SegHeadMixin`), which resizes its logits to it; then
-``sem_seg_postprocess`` crops the padding and resizes to the requested output size as before.
-At sizes that are multiples of the head's stride both rules give the same output bit for bit
-(tested). Training is detectron2's: the head's losses on the padded targets.
+of them (each feature keeps the input rows it was computed over), while mmsegmentation and
+CIRKD resize the logits to the input size. This meta-architecture is the same model (the
+same parameter names, the same checkpoints) that passes the size of the (padded) tensor that
+entered the backbone to the head at inference (``output_size``, the head contract of
+:class:`~segdistill.modeling.heads.SegHeadMixin`), so that the head can apply either rule:
+its ``MODEL.SEM_SEG_HEAD.OUTPUT_RESIZE`` ("stride", the default: detectron2's output bit for
+bit; "input": mmsegmentation's). ``sem_seg_postprocess`` then crops the padding and resizes
+to the requested output size as before. At sizes that are multiples of the head's stride
+both rules give the same output bit for bit (tested). Training is detectron2's: the head's
+losses on the padded targets.
 
 It implements the distillation tap contract itself (:class:`~segdistill.modeling.distill.SegmentorTaps`),
 as student and as teacher, and :class:`~segdistill.modeling.meta_arch.MultiExitSegmentor`
@@ -47,7 +49,7 @@ def postprocess_sem_seg(logits: torch.Tensor, batched_inputs: List[dict], images
 
 @META_ARCH_REGISTRY.register()
 class SemanticSegmentorAnySize(SemanticSegmentor, SegmentorTaps):
-    """``SemanticSegmentor`` whose head resizes its logits to the input size (see the module docstring)."""
+    """``SemanticSegmentor`` that passes the input size to its head (see the module docstring)."""
 
     @configurable
     def __init__(self, *, backbone, sem_seg_head: nn.Module, pixel_mean, pixel_std):
@@ -57,7 +59,7 @@ class SemanticSegmentorAnySize(SemanticSegmentor, SegmentorTaps):
         """
         super().__init__(backbone=backbone, sem_seg_head=sem_seg_head, pixel_mean=pixel_mean, pixel_std=pixel_std)
         check_seg_head(
-            sem_seg_head, f"{type(self).__name__} resizes the head's logits to the input size",
+            sem_seg_head, f"{type(self).__name__} passes the input size to its head",
             ", or MODEL.META_ARCHITECTURE 'SemanticSegmentor' (detectron2's, whose heads upsample by their stride)",
         )
 
