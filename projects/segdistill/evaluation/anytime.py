@@ -1,7 +1,8 @@
 """Anytime inference: the evaluator of an exit policy and the per-image records of every exit.
 
 * :class:`AnytimeEvaluator` scores an ``AnytimeSegmentor``'s outputs: mIoU, average MACs
-  (fvcore, per image from the path it took: exits run + answer), the median wall time per
+  (per image: the output's own count ``anytime["macs"]`` when it has one, as policy
+  ``pixel`` does; else fvcore's, from the path it took: exits run + answer), the median wall time per
   image after a warm-up (the first ``WARMUP_IMAGES`` images of each process are not timed:
   CUDA's start-up, cuDNN's algorithm search and the allocator's first blocks land on them)
   and the exit histogram of the policy, next to the final output's (mIoU of ``sem_seg_final``
@@ -105,7 +106,9 @@ class AnytimeEvaluator(DatasetEvaluator):
         for out in outputs:
             a = out["anytime"]
             c = self._costs(tuple(a["input_hw"]))
-            self._rows.append((out["sem_seg_exit"], c.macs(out["sem_seg_exit"], a["evaluated"]), c.macs(FINAL, ()),
+            # a per-pixel policy counts its own MACs (masked stages); an image-level path's follow from the parts
+            macs = float(a["macs"]) if "macs" in a else c.macs(out["sem_seg_exit"], a["evaluated"])
+            self._rows.append((out["sem_seg_exit"], macs, c.macs(FINAL, ()),
                                a["time_s"], a.get("final_time_s", math.nan), len(self._rows) >= self._warmup))
 
     def evaluate(self):
