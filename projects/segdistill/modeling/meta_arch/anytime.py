@@ -23,6 +23,12 @@ meta-architecture is the *deployed* form of a trained ``MultiExitSegmentor`` (do
     first whose confidence (``MODEL.EXITS.ANYTIME.CONFIDENCE``, :data:`ANYTIME_CONFIDENCES`)
     reaches its threshold answers, else the final head. Images run one at a time (each
     image takes its own path; batch size does not change a decision).
+  - ``pixel``: per pixel (:meth:`AnytimeSegmentor.run_pixel`, ``MODEL.EXITS.ANYTIME.PIXEL_THRESHOLDS``
+    / ``PIXEL_MODE``): after each exit, the pixels whose top probability reaches its threshold
+    keep its answer and are frozen; the later stages run masked (:mod:`..masked`, through the
+    backbone's ``stage_modules()``) on the rest; the head runs dense and answers what is left.
+    Images run one at a time; outputs add counted ``macs``, ``active_pct``, ``answered_pct``
+    and the ``masked`` report to ``anytime``.
 
 * every output carries ``sem_seg`` (the answer), ``sem_seg_exit`` (the answering exit's
   name, or ``"final"``) and ``anytime`` = ``{"evaluated": exits run, "input_hw": padded
