@@ -248,13 +248,18 @@ def test_evaluator_reads_the_per_image_macs_of_the_output(model, write_label_dat
     top = F.softmax(l3, dim=1).amax(dim=1)
     pixel(model, {"res2": 2.0, "res3": float(top.median()), "res4": 2.0})
     ev = AnytimeEvaluator(name, costs=model.costs, exit_names=model.exit_names, distributed=False)
-    macs = []
+    macs, outs = [], []
     with torch.no_grad():
         for inp in inputs:
             out = model([inp])
             macs.append(out[0]["anytime"]["macs"])
+            outs.append(out[0]["anytime"])
             ev.process([inp], out)
     res = ev.evaluate()["anytime"]
     assert res["GMACs"] * 1e9 == pytest.approx(np.mean(macs))
+    assert res["pixels_res3_pct"] == pytest.approx(np.mean([a["answered_pct"]["res3"] for a in outs]))
+    assert res["pixels_final_pct"] == pytest.approx(100.0 - res["pixels_res3_pct"])
+    assert res["active_res4_pct"] == pytest.approx(np.mean([a["active_pct"]["res4"] for a in outs]))
+    assert 0.0 < res["pixels_res3_pct"] < 100.0
     assert res["GMACs"] < res["GMACs_final"]
     model.policy = FINAL
