@@ -263,3 +263,15 @@ def test_evaluator_reads_the_per_image_macs_of_the_output(model, write_label_dat
     assert 0.0 < res["pixels_res3_pct"] < 100.0
     assert res["GMACs"] < res["GMACs_final"]
     model.policy = FINAL
+
+
+def test_export_refuses_the_pixel_policy(model):
+    from conftest import load_script
+
+    export_tool = load_script("export_model", "tools/export_model.py")
+    pixel(model, {"res2": 2.0, "res3": 0.9, "res4": 0.9})
+    try:
+        with pytest.raises(export_tool.ExportError, match="'pixel' freezes pixels per image"):
+            export_tool.export_model(model, "onnx", "/nonexistent/never_written.onnx")
+    finally:
+        model.policy = FINAL
