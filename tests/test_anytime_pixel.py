@@ -275,3 +275,28 @@ def test_export_refuses_the_pixel_policy(model):
             export_tool.export_model(model, "onnx", "/nonexistent/never_written.onnx")
     finally:
         model.policy = FINAL
+
+
+def test_pixel_policy_on_mobilenetv2_sparse_equals_emulate():
+    cfg = tiny_cfg("mobilenetv2_100", "SegDeepLabV3Head", num_classes=K,
+                   **{"MODEL.META_ARCHITECTURE": "MultiExitSegmentor"})
+    cfg.MODEL.EXITS.MODE, cfg.MODEL.EXITS.CHANNELS = "ds", 16
+    trained = train_steps(cfg, K, 1)
+    cfg.MODEL.META_ARCHITECTURE = "AnytimeSegmentor"
+    m = build_model(cfg).eval()
+    m.load_state_dict(anytime_state_dict(m, trained.state_dict())[0], strict=True)
+    image = random_batch(1, 64, 80, K, seed=8, with_labels=False)[0]
+    l3, images = exit_logits(m, image, "res3")
+    top = F.softmax(l3, dim=1).amax(dim=1)
+    cut = float(top.flatten().sort().values[top.numel() // 10])  # most pixels freeze: sparse pays at stride 8
+    got = {}
+    for mode in ("emulate", "sparse"):
+        pixel(m, {"res2": 2.0, "res3": cut, "res4": 2.0}, mode)
+        with torch.no_grad():
+            got[mode] = m.run_pixel(images.tensor, images.image_sizes[0])
+    (emulated, info), (sparse, sinfo) = got["emulate"], got["sparse"]
+    frozen = (top >= cut)[:, None].expand_as(l3)
+    assert torch.equal(emulated[frozen], l3[frozen]) and torch.equal(sparse[frozen], l3[frozen])
+    torch.testing.assert_close(sparse, emulated, rtol=1e-5, atol=1e-5)
+    assert sinfo["masked"]["sparse_stages"] == ["res4", "res5"] and info["macs"] == pytest.approx(sinfo["macs"])
+    assert info["macs"] < m.costs(tuple(images.tensor.shape[-2:])).final
