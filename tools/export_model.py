@@ -98,6 +98,11 @@ def check_exportable(model: nn.Module) -> None:
                 "confidences; an exported graph runs one fixed path. Export a fixed exit instead: "
                 f"MODEL.EXITS.ANYTIME.POLICY exit:<name> (one of: {choices}), one file per exit if the "
                 "choice is to be made outside the model.")
+        if kind == "pixel":
+            raise ExportError(
+                "MODEL.EXITS.ANYTIME.POLICY 'pixel' freezes pixels per image from the exits' probabilities and "
+                "stops when none is left; an exported graph runs one fixed path. Export MODEL.EXITS.ANYTIME.POLICY "
+                "final or exit:<name> instead.")
 
 
 def _logits(model: nn.Module, image: torch.Tensor) -> torch.Tensor:

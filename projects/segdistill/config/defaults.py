@@ -189,7 +189,9 @@ def _add_anytime_keys(cfg: CN) -> None:
     cfg.MODEL.EXITS.ANYTIME = CN()
     # "final" (the final head answers: the plain deployed model's output), "exit:<name>" (that
     # exit always answers, e.g. "exit:res3"), "confidence" (per image, the first exit whose
-    # confidence reaches its threshold answers; the later stages are not run).
+    # confidence reaches its threshold answers; the later stages are not run), "pixel" (per
+    # pixel: a pixel whose top probability reaches its exit's PIXEL_THRESHOLDS value keeps that
+    # exit's answer; the later stages run only on the other pixels).
     cfg.MODEL.EXITS.ANYTIME.POLICY = "final"
     # An exit's confidence: "mean_max_prob" (mean over pixels of the top softmax probability)
     # or "fraction_above" (share of pixels whose top probability is >= PIXEL_THRESHOLD).
@@ -199,6 +201,13 @@ def _add_anytime_keys(cfg: CN) -> None:
     cfg.MODEL.EXITS.ANYTIME.THRESHOLDS_FILE = ""
     # ... or one value per exit (IN_FEATURES order); above 1 = never answer there (not run).
     cfg.MODEL.EXITS.ANYTIME.THRESHOLDS = []
+    # Policy "pixel": the top-probability threshold per exit (IN_FEATURES order), or one value
+    # shared by every exit; above 1 = that exit freezes no pixel (not run).
+    cfg.MODEL.EXITS.ANYTIME.PIXEL_THRESHOLDS = []
+    # Policy "pixel": how the stages after an exit skip the frozen pixels (modeling/masked.py):
+    # "emulate" (dense tensors times the mask) or "sparse" (gather / GEMM / scatter of the
+    # active pixels; a stage with most pixels active runs as "emulate").
+    cfg.MODEL.EXITS.ANYTIME.PIXEL_MODE = "emulate"
     # Also return the final head's output ("sem_seg_final") and its time, run after the answer,
     # so evaluators report policy and final output side by side (costs one plain forward).
     cfg.MODEL.EXITS.ANYTIME.EVAL_FINAL = False

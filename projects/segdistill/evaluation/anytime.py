@@ -1,7 +1,8 @@
 """Anytime inference: the evaluator of an exit policy and the per-image records of every exit.
 
 * :class:`AnytimeEvaluator` scores an ``AnytimeSegmentor``'s outputs: mIoU, average MACs
-  (fvcore, per image from the path it took: exits run + answer), the median wall time per
+  (per image: the output's own count ``anytime["macs"]`` when it has one, as policy
+  ``pixel`` does; else fvcore's, from the path it took: exits run + answer), the median wall time per
   image after a warm-up (the first ``WARMUP_IMAGES`` images of each process are not timed:
   CUDA's start-up, cuDNN's algorithm search and the allocator's first blocks land on them)
   and the exit histogram of the policy, next to the final output's (mIoU of ``sem_seg_final``
@@ -75,7 +76,10 @@ class AnytimeEvaluator(DatasetEvaluator):
     returns it) and ``anytime``: ``mIoU``, ``mIoU_final``, ``GMACs``, ``GMACs_final``,
     ``MACs_saved_pct``, ``time_ms``, ``time_ms_final`` (medians over the images after the first
     ``warmup_images`` of each process; over all of them when no process has more),
-    ``timed_images``, ``images`` and ``answered_<exit>_pct``.
+    ``timed_images``, ``images`` and ``answered_<exit>_pct``; for a per-pixel policy (outputs
+    with ``anytime["answered_pct"]`` / ``["active_pct"]``) also the means over images of the
+    share of pixels each output answered, ``pixels_<exit or final>_pct``, and of the share
+    active at each stage, ``active_<stage>_pct``.
     """
 
     def __init__(self, dataset_name: str, *, costs: Callable[[Tuple[int, int]], AnytimeCosts],
@@ -105,8 +109,11 @@ class AnytimeEvaluator(DatasetEvaluator):
         for out in outputs:
             a = out["anytime"]
             c = self._costs(tuple(a["input_hw"]))
-            self._rows.append((out["sem_seg_exit"], c.macs(out["sem_seg_exit"], a["evaluated"]), c.macs(FINAL, ()),
-                               a["time_s"], a.get("final_time_s", math.nan), len(self._rows) >= self._warmup))
+            # a per-pixel policy counts its own MACs (masked stages); an image-level path's follow from the parts
+            macs = float(a["macs"]) if "macs" in a else c.macs(out["sem_seg_exit"], a["evaluated"])
+            self._rows.append((out["sem_seg_exit"], macs, c.macs(FINAL, ()),
+                               a["time_s"], a.get("final_time_s", math.nan), len(self._rows) >= self._warmup,
+                               dict(a.get("answered_pct", {})), dict(a.get("active_pct", {}))))
 
     def evaluate(self):
         results = self._scorer.evaluate()
@@ -138,6 +145,10 @@ class AnytimeEvaluator(DatasetEvaluator):
         res["images"] = float(len(rows))
         for name in self._exit_names + [n for n in dict.fromkeys(answers) if n not in self._exit_names + [FINAL]] + [FINAL]:
             res[f"answered_{name}_pct"] = 100.0 * answers.count(name) / len(rows)
+        for col, prefix in ((6, "pixels"), (7, "active")):  # per-pixel policies: mean shares over images
+            keys = list(dict.fromkeys(k for r in rows for k in r[col]))
+            for k in keys:
+                res[f"{prefix}_{k}_pct"] = float(np.mean([r[col].get(k, 0.0) for r in rows]))
         results["anytime"] = res
         logger.info("Anytime policy %r: mIoU %.2f (final %.2f), %.3f GMACs (final %.3f, %.1f%% saved), "
                     "median %.1f ms/image (final %.1f; %d images after the warm-up); answered: %s", self._policy,

@@ -44,6 +44,7 @@ conversion. timm's ``create_model`` never downloads (its ``pretrained`` stays of
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import timm
@@ -58,7 +59,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
 from ...convert import ConvertibleBackbone, backbone_family, fetch_timm_weights, load_backbone_weights
-from ..stagewise import StagewiseBackbone  # the stage-by-stage contract anytime inference runs on
+from ..stagewise import StageModulesUnsupported, StagewiseBackbone  # the stage-by-stage contract anytime runs on
 from .norm import convert_norm, resolve_norm
 
 __all__ = [
@@ -346,6 +347,42 @@ class TimmBackbone(StagewiseBackbone, ConvertibleBackbone):
     def stage_shapes(self) -> Dict[str, ShapeSpec]:
         return {n: ShapeSpec(channels=self._out_feature_channels[n], stride=self._out_feature_strides[n])
                 for n in self._all_names}
+
+    def stage_modules(self) -> "OrderedDict[str, nn.Module]":
+        """The body's modules grouped by level, as ``forward_stages`` runs them: ResNet ``res1`` =
+        ``conv1, bn1, act1``, ``res2`` = ``maxpool, layer1``, then ``layer2..4``; MobileNetV2
+        ``res1`` = ``conv_stem, bn1, blocks.0``, then the blocks up to each level. A level of one
+        module is that module, else an ``nn.Sequential`` around the body's modules."""
+        from timm.models import FeatureDictNet
+        from timm.models.efficientnet import EfficientNetFeatures
+
+        body, names = self.body, iter(self._all_names)
+        out: "OrderedDict[str, nn.Module]" = OrderedDict()
+        pending: List[nn.Module] = []
+
+        def close():
+            out[next(names)] = pending[0] if len(pending) == 1 else nn.Sequential(*pending)
+            pending.clear()
+
+        if isinstance(body, FeatureDictNet):
+            for key, module in body.items():
+                pending.append(module)
+                if key in body.return_layers:
+                    close()
+        elif isinstance(body, EfficientNetFeatures) and body.feature_hooks is None:
+            stages = {f["stage"] for f in body.feature_info.get_dicts()}
+            pending += [body.conv_stem, body.bn1]
+            if 0 in stages:
+                close()
+            for i, block in enumerate(body.blocks):
+                pending.append(block)
+                if i + 1 in stages:
+                    close()
+        else:
+            raise StageModulesUnsupported(
+                f"{self.model_name}'s timm body ({type(body).__name__}) runs whole, so its stages cannot be named "
+                "one by one; stage_modules knows ResNet-like (FeatureDictNet) and MobileNetV2 / EfficientNet bodies.")
+        return out
     # ---- end of the stage-by-stage hunk ----
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
@@ -471,6 +508,14 @@ class HRNetBackbone(StagewiseBackbone, ConvertibleBackbone):
 
     def stage_shapes(self) -> Dict[str, ShapeSpec]:
         return {n: ShapeSpec(channels=c, stride=s) for n, (c, s) in self._shapes.items()}
+
+    def stage_modules(self) -> "OrderedDict[str, nn.Module]":
+        """Refused: an HRNet stage maps a list of branches to a list (with transitions and fuse
+        layers between them), not one tensor to one tensor."""
+        raise StageModulesUnsupported(
+            f"{self.model_name}: HRNet's stages take and return lists of branches, so they cannot be run as a "
+            "chain of one-tensor stage modules (per-pixel anytime inference supports timm ResNets and MobileNetV2 "
+            "for now).")
     # ---- end of the stage-by-stage hunk ----
 
     def output_shape(self) -> Dict[str, ShapeSpec]:

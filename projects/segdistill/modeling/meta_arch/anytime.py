@@ -23,6 +23,12 @@ meta-architecture is the *deployed* form of a trained ``MultiExitSegmentor`` (do
     first whose confidence (``MODEL.EXITS.ANYTIME.CONFIDENCE``, :data:`ANYTIME_CONFIDENCES`)
     reaches its threshold answers, else the final head. Images run one at a time (each
     image takes its own path; batch size does not change a decision).
+  - ``pixel``: per pixel (:meth:`AnytimeSegmentor.run_pixel`, ``MODEL.EXITS.ANYTIME.PIXEL_THRESHOLDS``
+    / ``PIXEL_MODE``): after each exit, the pixels whose top probability reaches its threshold
+    keep its answer and are frozen; the later stages run masked (:mod:`..masked`, through the
+    backbone's ``stage_modules()``) on the rest; the head runs dense and answers what is left.
+    Images run one at a time; outputs add counted ``macs``, ``active_pct``, ``answered_pct``
+    and the ``masked`` report to ``anytime``.
 
 * every output carries ``sem_seg`` (the answer), ``sem_seg_exit`` (the answering exit's
   name, or ``"final"``) and ``anytime`` = ``{"evaluated": exits run, "input_hw": padded
@@ -59,21 +65,23 @@ from ...convert import load_checked_weights
 from ..backbones.norm import resolve_norm
 from ..exits import EXIT_OBJECTIVES, HEAD_FEATURE_PREFIX, ExitHead, build_exit_heads, exit_modes, exit_size
 from ..heads.base import check_seg_head
-from ..stagewise import StagewiseBackbone
+from ..masked import MODES as MASKED_MODES, MaskedStage, PixelMask, UnsupportedModuleError
+from ..stagewise import StageModulesUnsupported, StagewiseBackbone
 from ..test_time import WholeImageOnly, check_whole_image_only
 from .segmentor import postprocess_sem_seg
 
 __all__ = [
-    "AnytimeSegmentor", "AnytimeCosts", "ANYTIME_CONFIDENCES",
+    "AnytimeSegmentor", "AnytimeCosts", "PixelCosts", "ANYTIME_CONFIDENCES",
     "parse_policy", "load_thresholds", "save_thresholds", "anytime_state_dict", "anytime_from_trained",
     "load_anytime_weights",
-    "FINAL", "NEVER",
+    "FINAL", "NEVER", "PIXEL",
 ]
 
 logger = logging.getLogger(__name__)
 
 FINAL = "final"  # the answer of the final head (``sem_seg_exit``), and the policy that always takes it
 CONFIDENCE = "confidence"
+PIXEL = "pixel"
 EXIT_PREFIX = "exit:"
 NEVER = math.inf  # a threshold no confidence reaches: that exit is not run
 THRESHOLDS_FORMAT = "segdistill-anytime-thresholds/1"
@@ -97,12 +105,13 @@ def fraction_above(logits: torch.Tensor, pixel_threshold: float) -> torch.Tensor
 
 
 def parse_policy(policy: str, exit_names: Sequence[str]) -> Tuple[str, Optional[str]]:
-    """``(kind, exit)`` of a policy string: ``("final", None)``, ``("exit", name)``, ``("confidence", None)``."""
-    choices = [FINAL, CONFIDENCE] + [EXIT_PREFIX + n for n in exit_names]
+    """``(kind, exit)`` of a policy string: ``("final", None)``, ``("exit", name)``, ``("confidence", None)``,
+    ``("pixel", None)``."""
+    choices = [FINAL, CONFIDENCE, PIXEL] + [EXIT_PREFIX + n for n in exit_names]
     if policy == FINAL:
         return FINAL, None
-    if policy == CONFIDENCE and exit_names:
-        return CONFIDENCE, None
+    if policy in (CONFIDENCE, PIXEL) and exit_names:
+        return policy, None
     if policy.startswith(EXIT_PREFIX) and policy[len(EXIT_PREFIX):] in exit_names:
         return "exit", policy[len(EXIT_PREFIX):]
     raise ValueError(f"Unknown MODEL.EXITS.ANYTIME.POLICY {policy!r} for exits {list(exit_names)}; "
@@ -160,6 +169,18 @@ def _thresholds_from_config(a, exit_names: Sequence[str]) -> Optional[Dict[str, 
                              f"{list(exit_names)}; give one per exit (above 1 = never answer there).")
         return {n: (NEVER if float(t) > 1.0 else float(t)) for n, t in zip(exit_names, a.THRESHOLDS)}
     return None
+
+
+def _pixel_thresholds_from_config(a, exit_names: Sequence[str]) -> Optional[Dict[str, float]]:
+    values = [float(t) for t in a.PIXEL_THRESHOLDS]
+    if not values:
+        return None
+    if len(values) == 1:
+        values = values * len(exit_names)
+    if len(values) != len(exit_names):
+        raise ValueError(f"MODEL.EXITS.ANYTIME.PIXEL_THRESHOLDS has {len(values)} values for the exits "
+                         f"{list(exit_names)}; give one per exit or one for all (above 1 = that exit freezes nothing).")
+    return {n: (NEVER if t > 1.0 else t) for n, t in zip(exit_names, values)}
 
 
 # ----------------------------------------------------------------------------- costs
@@ -239,6 +260,34 @@ class _Path(nn.Module):
         return (self.model.run_stages(x, sizes, self.evaluated, decide)[0], *ran)
 
 
+class _HeadOnly(nn.Module):
+    """The final head on the backbone features it reads, its logits resized to ``size``."""
+
+    def __init__(self, model, size):
+        super().__init__()
+        self.model, self.size = model, size
+
+    def forward(self, *feats):
+        head = self.model.sem_seg_head
+        return head(dict(zip(head.in_features, feats)), None, output_size=self.size)[0]
+
+
+@dataclass
+class PixelCosts:
+    """fvcore MACs of the parts policy ``pixel`` runs dense, at one (padded) input size:
+    ``stages[s]``: backbone stage ``s`` (``stage_modules()[s]``) at every pixel; ``head``: the
+    final head with its resize to the input size. The exits and their resize are
+    :class:`AnytimeCosts`' ``exits`` / ``answer``."""
+
+    input_hw: Tuple[int, int]
+    stages: Dict[str, float] = field(default_factory=dict)
+    head: float = 0.0
+
+
+def _drop_masked_on_load(module, incompatible_keys) -> None:
+    module._drop_masked()  # new weights: the sparse stages' folded norms are stale
+
+
 def _fvcore_macs(module: nn.Module, inputs: tuple) -> float:
     from fvcore.nn import FlopCountAnalysis
 
@@ -267,6 +316,8 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
         pixel_threshold: float = 0.9,
         thresholds: Optional[Dict[str, float]] = None,
         eval_final: bool = False,
+        pixel_thresholds: Optional[Dict[str, float]] = None,
+        pixel_mode: str = "emulate",
     ):
         """
         Args:
@@ -282,6 +333,10 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
             thresholds: exit name -> threshold in [0, 1] (``math.inf`` or above 1: never
                 answer there, the exit is not run); required by ``confidence``.
             eval_final: also return the plain path's output ``sem_seg_final`` (and its time).
+            pixel_thresholds: exit name -> top-probability threshold of policy ``pixel`` (above
+                1: that exit freezes nothing and is not run); required by ``pixel``.
+            pixel_mode: how policy ``pixel`` runs the stages after an exit: ``emulate`` or
+                ``sparse`` (:data:`segdistill.modeling.masked.MODES`).
         """
         super().__init__()
         if not isinstance(backbone, StagewiseBackbone):
@@ -317,8 +372,21 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
         self.pixel_threshold = float(pixel_threshold)
         self.thresholds = None if thresholds is None else dict(thresholds)
         self.eval_final = eval_final
-        self.policy = policy
+        if pixel_mode not in MASKED_MODES:
+            raise ValueError(f"Unknown MODEL.EXITS.ANYTIME.PIXEL_MODE {pixel_mode!r}; choose from {list(MASKED_MODES)}.")
+        self.pixel_mode = pixel_mode
+        self.pixel_thresholds = None
+        # stage name -> MaskedStage of policy ``pixel`` (compiled once; a sparse stage folds its
+        # norms on first use, so the cache is dropped whenever the weights may have changed:
+        # train() / eval(), a load_state_dict, another device)
+        self._masked: Dict[str, MaskedStage] = {}
+        self._masked_device = None
+        self.register_load_state_dict_post_hook(_drop_masked_on_load)
         self._costs: Dict[Tuple[int, int], AnytimeCosts] = {}
+        self._pixel_costs: Dict[Tuple[int, int], PixelCosts] = {}
+        if pixel_thresholds is not None:
+            self.set_pixel_thresholds(pixel_thresholds, check=False)
+        self.policy = policy
 
     @classmethod
     def from_config(cls, cfg):
@@ -359,6 +427,7 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
             "exits": exits, "policy": a.POLICY, "confidence": a.CONFIDENCE, "pixel_threshold": a.PIXEL_THRESHOLD,
             "thresholds": _thresholds_from_config(a, names), "eval_final": a.EVAL_FINAL,
+            "pixel_thresholds": _pixel_thresholds_from_config(a, names), "pixel_mode": a.PIXEL_MODE,
         }
 
     # ------------------------------------------------------------------ policy
@@ -384,6 +453,11 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
                                  "(tools/calibrate_exits.py writes one) or MODEL.EXITS.ANYTIME.THRESHOLDS.")
             if sorted(self.thresholds) != sorted(self.exit_names):
                 raise ValueError(f"Thresholds for {sorted(self.thresholds)} but the exits are {self.exit_names}.")
+        if kind == PIXEL:
+            if self.pixel_thresholds is None:
+                raise ValueError("Policy 'pixel' needs MODEL.EXITS.ANYTIME.PIXEL_THRESHOLDS (one value per exit, or "
+                                 "one for all, e.g. [0.998]).")
+            self._masked_plans(self.pixel_thresholds)  # refuses a stage masked execution cannot run, now
         self._policy, self._kind, self._fixed_exit = value, kind, name
 
     def set_thresholds(self, thresholds: Dict[str, float]) -> None:
@@ -392,13 +466,24 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
             raise ValueError(f"Thresholds for {sorted(thresholds)} but the exits are {self.exit_names}.")
         self.thresholds = {k: (NEVER if float(v) > 1.0 else float(v)) for k, v in thresholds.items()}
 
+    def set_pixel_thresholds(self, thresholds: Dict[str, float], check: bool = True) -> None:
+        """Replace policy ``pixel``'s thresholds (exit name -> value; above 1 = that exit freezes
+        nothing and is not run). ``check``: compile the stages the new thresholds mask now."""
+        if sorted(thresholds) != sorted(self.exit_names):
+            raise ValueError(f"Pixel thresholds for {sorted(thresholds)} but the exits are {self.exit_names}.")
+        new = {k: (NEVER if float(v) > 1.0 else float(v)) for k, v in thresholds.items()}
+        if check:
+            self._masked_plans(new)
+        self.pixel_thresholds = new
+
     def active_exits(self) -> Tuple[str, ...]:
         """The exits the current policy runs, shallowest first."""
         if self._kind == FINAL:
             return ()
         if self._kind == "exit":
             return (self._fixed_exit,)
-        return tuple(n for n in self.exit_names if math.isfinite(self.thresholds[n]))
+        thresholds = self.pixel_thresholds if self._kind == PIXEL else self.thresholds
+        return tuple(n for n in self.exit_names if math.isfinite(thresholds[n]))
 
     # ------------------------------------------------------------------ forward
     def _images(self, batched_inputs) -> ImageList:
@@ -460,19 +545,163 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
 
         return by_confidence
 
+    # ------------------------------------------------------------------ policy "pixel"
+    def train(self, mode: bool = True):
+        self._drop_masked()  # the weights may change while training: the folded norms are rebuilt
+        return super().train(mode)
+
+    def _drop_masked(self) -> None:
+        self._masked = {}
+
+    def _masked_plans(self, thresholds: Dict[str, float]) -> Dict[str, MaskedStage]:
+        """The stages policy ``pixel`` may run masked with ``thresholds`` (those after its first
+        exit, up to the last one it needs), compiled once; an error names a stage it cannot run."""
+        if self._masked_device != self.device:
+            self._masked, self._masked_device = {}, self.device
+        try:
+            modules = self.backbone.stage_modules()
+        except StageModulesUnsupported as e:
+            raise StageModulesUnsupported(f"Policy 'pixel' runs the backbone's stages one by one: {e}") from e
+        names = list(modules)
+        run = [n for n in self.exit_names if math.isfinite(thresholds[n])]
+        if not run:
+            return {}
+        last = max(names.index(n) for n in list(self.sem_seg_head.in_features) + run)
+        plans = {}
+        for name in names[names.index(run[0]) + 1:last + 1]:
+            if name not in self._masked:
+                try:
+                    self._masked[name] = MaskedStage(modules[name], name)
+                except UnsupportedModuleError as e:
+                    raise UnsupportedModuleError(
+                        f"Policy 'pixel' runs stage {name} on the pixels exit {run[0]} leaves active, but masked "
+                        f"execution cannot: {e} (put the first exit later or leave this backbone's exits to the "
+                        "image-level policies).") from e
+            plans[name] = self._masked[name]
+        return plans
+
+    @torch.no_grad()
+    def pixel_costs(self, input_hw: Sequence[int]) -> PixelCosts:
+        """fvcore MACs of the parts policy ``pixel`` runs dense at a padded input of ``input_hw`` (cached)."""
+        hw = tuple(int(v) for v in input_hw)
+        if hw not in self._pixel_costs:
+            was_training = self.training
+            self.eval()
+            costs = PixelCosts(hw)
+            x, feats = torch.zeros(1, 3, *hw, device=self.device), {}
+            for name, module in self.backbone.stage_modules().items():
+                costs.stages[name] = _fvcore_macs(module, (x,))
+                x = feats[name] = module(x)
+            costs.head = _fvcore_macs(_HeadOnly(self, hw), tuple(feats[n] for n in self.sem_seg_head.in_features))
+            self.train(was_training)
+            self._pixel_costs[hw] = costs
+        return self._pixel_costs[hw]
+
+    def run_pixel(self, x: torch.Tensor, image_size: Sequence[int]) -> Tuple[torch.Tensor, dict]:
+        """Policy ``pixel`` on one (padded, normalised) image ``x`` (``1 x 3 x H x W``) whose own
+        part is ``image_size``.
+
+        The stages run one by one (``stage_modules()``). After an exit with a finite threshold,
+        its logits, resized to ``H x W``, answer every still-active pixel whose top softmax
+        probability reaches the threshold; those pixels are frozen. Once a pixel is frozen, the
+        later stages run masked (``pixel_mode``; :class:`~segdistill.modeling.masked.PixelMask`
+        of the active pixels at every stride); before that they run dense, as ``forward_stages``.
+        When no pixel of the image's own part is active any more, nothing later runs. Else the
+        head runs dense on the (masked) features and its logits answer the active pixels.
+
+        Returns ``(logits 1 x K x H x W, info)``; ``info``: ``answer`` (``final`` when the head
+        ran, else the exit after which the image stopped), ``evaluated`` (exits run), ``macs``
+        (counted: dense parts by fvcore, masked stages by masked execution's per-convolution
+        count), ``active_pct`` (per backbone stage: % of the image's pixels active when it ran,
+        0 when not run), ``answered_pct`` (per exit run and ``final``: % of the image's pixels it
+        answered) and ``masked`` (``mode``, ``sparse_stages``: those the sparse path ran,
+        ``dense_ops``: what ran at every pixel whatever the mask)."""
+        if x.shape[0] != 1:
+            raise ValueError(f"run_pixel takes one image, got a batch of {x.shape[0]}.")
+        hw = tuple(x.shape[-2:])
+        thresholds = self.pixel_thresholds
+        costs, dense = self.costs(hw), self.pixel_costs(hw)
+        plans = self._masked_plans(thresholds)
+        modules = self.backbone.stage_modules()
+        pending = [n for n in self.exit_names if math.isfinite(thresholds[n])]
+        need = set(self.sem_seg_head.in_features)
+        size = exit_size(hw, next(iter(self.exits.values())).common_stride)
+        inside = torch.zeros(1, *hw, dtype=torch.bool, device=x.device)
+        inside[:, :image_size[0], :image_size[1]] = True  # the padding's pixels never keep an image running
+        pixels = float(inside.sum())
+        active = torch.ones_like(inside)
+        answer: Optional[torch.Tensor] = None
+        frozen, macs = False, 0.0
+        active_pct = {n: 0.0 for n in modules}
+        answered: Dict[str, float] = {}
+        dense_ops: List[str] = []
+        sparse_stages: List[str] = []
+        features, evaluated = {}, []
+
+        def info(answered_by):
+            return {"answer": answered_by, "evaluated": tuple(evaluated), "macs": macs, "active_pct": active_pct,
+                    "answered_pct": answered,
+                    "masked": {"mode": self.pixel_mode, "sparse_stages": sparse_stages, "dense_ops": dense_ops}}
+
+        feat = x
+        for name, module in modules.items():
+            share = 100.0 * float((active & inside).sum()) / pixels
+            if not frozen:  # every pixel active: the stage's own forward, bit for bit forward_stages'
+                feat = module(feat)
+                macs += dense.stages[name]
+            else:
+                feat, report = plans[name](feat, PixelMask(active), self.pixel_mode)
+                macs += float(report.macs[0])
+                dense_ops += [op for op in report.dense_ops if op not in dense_ops]
+                if report.sparse:
+                    sparse_stages.append(name)
+            active_pct[name] = share
+            features[name] = feat
+            if pending and pending[0] == name:
+                pending.pop(0)
+                logits = self.exits[name](feat, size, with_classifier=False).seg_logits
+                up = F.interpolate(logits, size=hw, mode="bilinear", align_corners=False)
+                macs += costs.exits[name] + costs.answer[name]
+                evaluated.append(name)
+                dense_ops.append(f"exits.{name}")
+                newly = active & (F.softmax(up.float(), dim=1).amax(dim=1) >= thresholds[name])
+                answer = torch.where(newly[:, None], up, torch.zeros_like(up) if answer is None else answer)
+                answered[name] = 100.0 * float((newly & inside).sum()) / pixels
+                active = active & ~newly  # a new tensor: a PixelMask made of the old one stays valid
+                frozen = frozen or bool(newly.any())
+                if not bool((active & inside).any()):
+                    return answer, info(name)
+            if not pending and need.issubset(features):
+                break
+        head, _ = self.sem_seg_head(features, None, output_size=hw)
+        macs += dense.head
+        dense_ops.append("sem_seg_head")
+        answered[FINAL] = 100.0 * float((active & inside).sum()) / pixels
+        return (head if answer is None else torch.where(active[:, None], head, answer)), info(FINAL)
+
+    # ------------------------------------------------------------------ outputs
     def _postprocess(self, logits, batched_inputs, images):
         return postprocess_sem_seg(logits, batched_inputs, images)
 
     def _infer(self, batched_inputs) -> List[dict]:
+        pixel = self._kind == PIXEL
+        if pixel:  # counted once per input size and compiled once, outside the timed part
+            hw = self.padded_size(batched_inputs[0]["image"].shape[-2:])
+            self.costs(hw), self.pixel_costs(hw), self._masked_plans(self.pixel_thresholds)
         start = self._clock()
         images = self._images(batched_inputs)
-        logits, answer, evaluated = self.run_stages(images.tensor, images.image_sizes, self.active_exits(),
-                                              self._decide(images.image_sizes))
+        if pixel:
+            logits, extra = self.run_pixel(images.tensor, images.image_sizes[0])
+            answer, evaluated = extra.pop("answer"), extra.pop("evaluated")
+        else:
+            logits, answer, evaluated = self.run_stages(images.tensor, images.image_sizes, self.active_exits(),
+                                                        self._decide(images.image_sizes))
+            extra = {}
         preds = self._postprocess(logits, batched_inputs, images)
         spent = (self._clock() - start) / len(batched_inputs)
         hw = tuple(images.tensor.shape[-2:])
         outputs = [{"sem_seg": p, "sem_seg_exit": answer,
-                    "anytime": {"evaluated": evaluated, "input_hw": hw, "time_s": spent}} for p in preds]
+                    "anytime": {"evaluated": evaluated, "input_hw": hw, "time_s": spent, **extra}} for p in preds]
         if self.eval_final:
             start = self._clock()
             images = self._images(batched_inputs)
@@ -488,7 +717,7 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
         if self.training:
             raise RuntimeError("AnytimeSegmentor is a deployed, inference-only model: train the MultiExitSegmentor of "
                                "the same config and deploy it (tools/deploy_model.py --target anytime).")
-        if self._kind == CONFIDENCE:  # each image takes its own path
+        if self._kind in (CONFIDENCE, PIXEL):  # each image takes its own path
             return [self._infer([inp])[0] for inp in batched_inputs]
         return self._infer(batched_inputs)
 

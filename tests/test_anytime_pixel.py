@@ -1,0 +1,302 @@
+"""Per-pixel anytime inference: the backbones' stage-module contract and the ``pixel`` policy of
+``AnytimeSegmentor`` (frozen pixels keep their exit's logits, later stages run masked, counted
+MACs), on a tiny DS model (ResNet-18 OS8, DeepLabV3 head, exits on res2..res4)."""
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from conftest import make_backbone, random_batch, tiny_cfg
+from conftest import trained_model as train_steps
+from detectron2.modeling import build_model
+from segdistill.evaluation.anytime import AnytimeEvaluator
+from segdistill.modeling.masked import PixelMask, masked_forward
+from segdistill.modeling.meta_arch.anytime import FINAL, PIXEL, anytime_state_dict
+from segdistill.modeling.stagewise import StageModulesUnsupported
+
+K = 5
+
+
+class CallCounter:
+    """Forward hooks counting the calls of named submodules."""
+
+    def __init__(self, modules):
+        self.counts = {name: 0 for name in modules}
+        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name):
+        def hook(*_):
+            self.counts[name] += 1
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def anytime_cfg(**keys):
+    cfg = tiny_cfg("resnet18", "SegDeepLabV3Head", num_classes=K, **{"MODEL.META_ARCHITECTURE": "MultiExitSegmentor"})
+    cfg.MODEL.EXITS.MODE = "ds"
+    cfg.MODEL.EXITS.CHANNELS = 16
+    for k, v in keys.items():
+        setattr(cfg.MODEL.EXITS.ANYTIME, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = anytime_cfg()
+    trained = train_steps(cfg, K, 1)
+    acfg = cfg.clone()
+    acfg.MODEL.META_ARCHITECTURE = "AnytimeSegmentor"
+    m = build_model(acfg).eval()
+    m.load_state_dict(anytime_state_dict(m, trained.state_dict())[0], strict=True)
+    return m
+
+
+def pixel(model, thresholds, mode="emulate"):
+    model.pixel_mode = mode
+    model.set_pixel_thresholds(thresholds)
+    model.policy = PIXEL
+
+
+def exit_logits(model, image, name):
+    """``exit:<name>``'s logits at the padded input size, and the normalised image."""
+    images = model._images([image])
+    with torch.no_grad():
+        logits, answer, _ = model.run_stages(images.tensor, images.image_sizes, (name,), lambda n, l: True)
+    assert answer == name
+    return logits, images
+
+
+# ---------------------------------------------------------------------- the stage-module contract
+@pytest.mark.parametrize("kind,options", [
+    ("resnet18", {"output_stride": 8}),
+    ("resnet18", {"output_stride": 8, "dilation_rule": "mmseg", "stem_type": "deep"}),
+    ("mobilenetv2_100", {"output_stride": 16}),
+    ("mobilenetv2_100", {}),
+])
+def test_stage_modules_chain_to_the_tensors_forward_stages_yields(kind, options):
+    torch.manual_seed(0)
+    bb = make_backbone(kind, **options).eval()
+    keys = list(bb.state_dict())
+    modules = bb.stage_modules()
+    assert list(modules) == list(bb.stage_shapes())
+    owned = {id(p) for p in bb.parameters()}
+    assert all(id(p) in owned for m in modules.values() for p in m.parameters())  # the backbone's own modules
+    x = torch.randn(1, 3, 48, 56)
+    with torch.no_grad():
+        ref = dict(bb.forward_stages(x))
+        for name, module in modules.items():
+            x = module(x)
+            assert torch.equal(x, ref[name]), name
+    assert list(bb.state_dict()) == keys  # the wrappers are not submodules
+
+
+def test_hrnet_refuses_stage_modules_with_the_reason():
+    bb = make_backbone("hrnet_w18_small")
+    with pytest.raises(StageModulesUnsupported, match="lists of branches"):
+        bb.stage_modules()
+
+
+# ---------------------------------------------------------------------- the pixel policy
+def test_all_pixels_frozen_after_an_exit_is_that_exits_output_and_nothing_later_runs(model):
+    b = model.backbone.body
+    counter = CallCounter({"layer2": b.layer2, "layer3": b.layer3, "layer4": b.layer4, "head": model.sem_seg_head,
+                           **{f"exit_{n}": m for n, m in model.exits.items()}})
+    batch = random_batch(2, 64, 80, K, seed=3, with_labels=False)
+    try:
+        for k, thresholds, later in [
+            ("res3", {"res2": 2.0, "res3": 0.0, "res4": 0.0}, ["layer3", "layer4", "head", "exit_res2", "exit_res4"]),
+            # res2 runs but freezes nothing (its threshold is above every probability): res3 still answers all
+            ("res3", {"res2": 1.0, "res3": 0.0, "res4": 0.0}, ["layer3", "layer4", "head", "exit_res4"]),
+            ("res2", {"res2": 0.0, "res3": 0.5, "res4": 0.5}, ["layer2", "layer3", "layer4", "head", "exit_res3",
+                                                               "exit_res4"]),
+        ]:
+            model.policy = f"exit:{k}"
+            with torch.no_grad():  # one image at a time, as the pixel policy runs
+                ref = [model([inp])[0] for inp in batch]
+            pixel(model, thresholds)
+            model.costs((64, 80)), model.pixel_costs((64, 80))  # counted once per size (fvcore runs every part)
+            counter.counts = dict.fromkeys(counter.counts, 0)
+            with torch.no_grad():
+                out = model(batch)
+            assert all(counter.counts[n] == 0 for n in later), (k, counter.counts)
+            assert all(torch.equal(o["sem_seg"], r["sem_seg"]) for o, r in zip(out, ref)), k
+            a = out[0]["anytime"]
+            assert out[0]["sem_seg_exit"] == k and a["answered_pct"][k] == 100.0
+            costs = model.costs(a["input_hw"])
+            assert a["macs"] == costs.macs(k, a["evaluated"]) + sum(costs.answer[e] for e in a["evaluated"] if e != k)
+            assert all(a["active_pct"][s] == 0.0 for s in ("res4", "res5"))
+    finally:
+        counter.remove()
+        model.policy = FINAL
+
+
+@pytest.mark.parametrize("mode", ["emulate", "sparse"])
+def test_a_frozen_pixel_keeps_its_exits_answer_and_a_pixel_below_the_threshold_never_does(model, mode):
+    image = random_batch(1, 64, 80, K, seed=5, with_labels=False)[0]
+    l3, images = exit_logits(model, image, "res3")
+    top = F.softmax(l3, dim=1).amax(dim=1)
+    cut = float(top.flatten().sort().values[top.numel() // 2])  # about half the pixels freeze at res3
+    frozen = top >= cut
+    pixel(model, {"res2": 2.0, "res3": cut, "res4": 2.0}, mode)
+    with torch.no_grad():
+        logits, info = model.run_pixel(images.tensor, images.image_sizes[0])
+        out = model([image])[0]
+    per_pixel, exit_per_pixel = logits.permute(0, 2, 3, 1), l3.permute(0, 2, 3, 1)
+    assert torch.equal(per_pixel[frozen], exit_per_pixel[frozen])
+    assert (per_pixel[~frozen] != exit_per_pixel[~frozen]).any(-1).all()
+    assert torch.equal(out["sem_seg"].argmax(0)[frozen[0]], l3[0].argmax(0)[frozen[0]])
+    share = 100.0 * float(frozen.float().mean())
+    assert info["answered_pct"] == pytest.approx({"res3": share, FINAL: 100.0 - share})
+    assert info["active_pct"]["res4"] == pytest.approx(100.0 - share) and info["active_pct"]["res3"] == 100.0
+    assert info["masked"]["sparse_stages"] == (["res4", "res5"] if mode == "sparse" else [])
+    assert "sem_seg_head" in info["masked"]["dense_ops"] and out["sem_seg_exit"] == FINAL
+    # counted MACs: the dense prefix (fvcore, traced whole), the exit, then layer3 / layer4 on the
+    # active pixels as masked execution counts them, then the dense head
+    feats = dict(model.backbone.forward_stages(images.tensor))
+    mask = PixelMask(~frozen)
+    with torch.no_grad():
+        y4, r4 = masked_forward(model.backbone.body.layer3, feats["res3"], mask, "emulate")
+        _, r5 = masked_forward(model.backbone.body.layer4, y4, mask, "emulate")
+    hw = tuple(images.tensor.shape[-2:])
+    costs, dense = model.costs(hw), model.pixel_costs(hw)
+    expected = costs.prefix["res3"] + costs.exits["res3"] + costs.answer["res3"] + float(r4.macs[0] + r5.macs[0]) \
+        + dense.head
+    assert info["macs"] == pytest.approx(expected, rel=1e-12)
+    assert info["macs"] < costs.final
+    if mode == "sparse":
+        pixel(model, {"res2": 2.0, "res3": cut, "res4": 2.0}, "emulate")
+        with torch.no_grad():
+            emulated, _ = model.run_pixel(images.tensor, images.image_sizes[0])
+        torch.testing.assert_close(logits, emulated, rtol=1e-5, atol=1e-5)
+    model.policy = FINAL
+
+
+def test_nothing_frozen_is_the_final_policy_bit_for_bit_with_its_macs(model):
+    batch = random_batch(2, 64, 80, K, seed=7, with_labels=False)
+    model.policy = FINAL
+    with torch.no_grad():  # one image at a time, as the pixel policy runs
+        ref = [model([inp])[0] for inp in batch]
+    costs = model.costs((64, 80))
+    for thresholds in ({"res2": 2.0, "res3": 2.0, "res4": 2.0}, {"res2": 1.0, "res3": 1.0, "res4": 1.0}):
+        pixel(model, thresholds)
+        with torch.no_grad():
+            out = model(batch)
+        assert all(torch.equal(o["sem_seg"], r["sem_seg"]) for o, r in zip(out, ref))
+        a = out[0]["anytime"]
+        assert out[0]["sem_seg_exit"] == FINAL and a["answered_pct"][FINAL] == 100.0
+        assert all(v == 100.0 for v in a["active_pct"].values())
+        assert a["macs"] == costs.macs(FINAL, a["evaluated"]) + sum(costs.answer[e] for e in a["evaluated"])
+    assert a["evaluated"] == ("res2", "res3", "res4")
+    model.policy = FINAL
+
+
+def test_counted_macs_at_every_pixel_active_add_up_to_the_final_path(model):
+    """The parts the pixel policy counts (dense stages, masked stages at a full mask, the head)
+    sum to costs()' final path (fvcore, traced whole)."""
+    hw = (64, 80)
+    pixel(model, {"res2": 0.5, "res3": 0.5, "res4": 0.5})
+    dense, costs = model.pixel_costs(hw), model.costs(hw)
+    assert sum(dense.stages.values()) + dense.head == costs.final
+    plans = model._masked_plans(model.pixel_thresholds)
+    assert sorted(plans) == ["res3", "res4", "res5"]
+    x = torch.zeros(1, 3, *hw)
+    with torch.no_grad():
+        for name, module in model.backbone.stage_modules().items():
+            if name in plans:
+                y, report = plans[name](x, PixelMask.full(1, hw), "emulate")
+                assert float(report.macs[0]) == dense.stages[name], name
+                assert torch.equal(y, module(x))
+            x = module(x)
+    model.policy = FINAL
+
+
+def test_config_keys_of_the_pixel_policy():
+    from segdistill.modeling.meta_arch.anytime import AnytimeSegmentor
+
+    cfg = anytime_cfg(POLICY="pixel", PIXEL_THRESHOLDS=[0.9])
+    cfg.MODEL.META_ARCHITECTURE = "AnytimeSegmentor"
+    m = AnytimeSegmentor(cfg)
+    assert m.pixel_thresholds == {"res2": 0.9, "res3": 0.9, "res4": 0.9} and m.pixel_mode == "emulate"
+    cfg.MODEL.EXITS.ANYTIME.PIXEL_THRESHOLDS = [2.0, 0.7, 0.8]
+    cfg.MODEL.EXITS.ANYTIME.PIXEL_MODE = "sparse"
+    m = AnytimeSegmentor(cfg)
+    assert m.pixel_thresholds == {"res2": float("inf"), "res3": 0.7, "res4": 0.8} and m.pixel_mode == "sparse"
+    assert m.active_exits() == ("res3", "res4")
+    for key, value, match in [("PIXEL_THRESHOLDS", [0.5, 0.5], "PIXEL_THRESHOLDS has 2 values"),
+                              ("PIXEL_THRESHOLDS", [], "needs MODEL.EXITS.ANYTIME.PIXEL_THRESHOLDS"),
+                              ("PIXEL_MODE", "dense", "PIXEL_MODE 'dense'")]:
+        bad = cfg.clone()
+        setattr(bad.MODEL.EXITS.ANYTIME, key, value)
+        with pytest.raises(ValueError, match=match):
+            AnytimeSegmentor(bad)
+
+
+def test_evaluator_reads_the_per_image_macs_of_the_output(model, write_label_dataset):
+    rng = np.random.default_rng(1)
+    name = write_label_dataset("anytime_pixel_eval", [rng.integers(0, K, (48, 64)) for _ in range(2)], K)
+    from detectron2.data import DatasetCatalog
+    from PIL import Image
+
+    inputs = []
+    for d in DatasetCatalog.get(name):
+        img = torch.as_tensor(np.array(Image.open(d["file_name"]).convert("RGB"))).permute(2, 0, 1).contiguous()
+        inputs.append({"image": img, "height": 48, "width": 64, "file_name": d["file_name"]})
+    l3, _ = exit_logits(model, inputs[0], "res3")
+    top = F.softmax(l3, dim=1).amax(dim=1)
+    pixel(model, {"res2": 2.0, "res3": float(top.median()), "res4": 2.0})
+    ev = AnytimeEvaluator(name, costs=model.costs, exit_names=model.exit_names, distributed=False)
+    macs, outs = [], []
+    with torch.no_grad():
+        for inp in inputs:
+            out = model([inp])
+            macs.append(out[0]["anytime"]["macs"])
+            outs.append(out[0]["anytime"])
+            ev.process([inp], out)
+    res = ev.evaluate()["anytime"]
+    assert res["GMACs"] * 1e9 == pytest.approx(np.mean(macs))
+    assert res["pixels_res3_pct"] == pytest.approx(np.mean([a["answered_pct"]["res3"] for a in outs]))
+    assert res["pixels_final_pct"] == pytest.approx(100.0 - res["pixels_res3_pct"])
+    assert res["active_res4_pct"] == pytest.approx(np.mean([a["active_pct"]["res4"] for a in outs]))
+    assert 0.0 < res["pixels_res3_pct"] < 100.0
+    assert res["GMACs"] < res["GMACs_final"]
+    model.policy = FINAL
+
+
+def test_export_refuses_the_pixel_policy(model):
+    from conftest import load_script
+
+    export_tool = load_script("export_model", "tools/export_model.py")
+    pixel(model, {"res2": 2.0, "res3": 0.9, "res4": 0.9})
+    try:
+        with pytest.raises(export_tool.ExportError, match="'pixel' freezes pixels per image"):
+            export_tool.export_model(model, "onnx", "/nonexistent/never_written.onnx")
+    finally:
+        model.policy = FINAL
+
+
+def test_pixel_policy_on_mobilenetv2_sparse_equals_emulate():
+    cfg = tiny_cfg("mobilenetv2_100", "SegDeepLabV3Head", num_classes=K,
+                   **{"MODEL.META_ARCHITECTURE": "MultiExitSegmentor"})
+    cfg.MODEL.EXITS.MODE, cfg.MODEL.EXITS.CHANNELS = "ds", 16
+    trained = train_steps(cfg, K, 1)
+    cfg.MODEL.META_ARCHITECTURE = "AnytimeSegmentor"
+    m = build_model(cfg).eval()
+    m.load_state_dict(anytime_state_dict(m, trained.state_dict())[0], strict=True)
+    image = random_batch(1, 64, 80, K, seed=8, with_labels=False)[0]
+    l3, images = exit_logits(m, image, "res3")
+    top = F.softmax(l3, dim=1).amax(dim=1)
+    cut = float(top.flatten().sort().values[top.numel() // 10])  # most pixels freeze: sparse pays at stride 8
+    got = {}
+    for mode in ("emulate", "sparse"):
+        pixel(m, {"res2": 2.0, "res3": cut, "res4": 2.0}, mode)
+        with torch.no_grad():
+            got[mode] = m.run_pixel(images.tensor, images.image_sizes[0])
+    (emulated, info), (sparse, sinfo) = got["emulate"], got["sparse"]
+    frozen = (top >= cut)[:, None].expand_as(l3)
+    assert torch.equal(emulated[frozen], l3[frozen]) and torch.equal(sparse[frozen], l3[frozen])
+    torch.testing.assert_close(sparse, emulated, rtol=1e-5, atol=1e-5)
+    assert sinfo["masked"]["sparse_stages"] == ["res4", "res5"] and info["macs"] == pytest.approx(sinfo["macs"])
+    assert info["macs"] < m.costs(tuple(images.tensor.shape[-2:])).final
