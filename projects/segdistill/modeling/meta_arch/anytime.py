@@ -356,7 +356,7 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
                 f"Anytime exits must sit on backbone stages (an exit on the head's features {heads} answers "
                 f"after the head has run); {bad} are not stages of {type(backbone).__name__}: {stages}."
                 if heads else f"Exits {bad} are not stages of {type(backbone).__name__}: {stages}.")
-        check_seg_head(sem_seg_head, "AnytimeSegmentor resizes the head's logits to the input size")
+        check_seg_head(sem_seg_head, "AnytimeSegmentor hands its head the input size (MODEL.SEM_SEG_HEAD.OUTPUT_RESIZE)")
         if exits:
             k = sem_seg_head.predictor.out_channels
             wrong = {n: e.num_classes for n, e in exits.items() if e.num_classes != k}
