@@ -59,6 +59,16 @@ def test_plain_model_exports_with_the_eager_logits_at_any_size(plain, fmt, tmp_p
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+def test_the_input_resize_rule_exports_with_dynamic_sizes(fmt, tmp_path):
+    """mmsegmentation's rule (logits resized to the input size, OUTPUT_RESIZE input) follows the
+    input's size in the exported graph too, odd sizes included."""
+    model = trained_model(tiny_cfg("resnet18", "SegDeepLabV3Head", num_classes=K,
+                                   **{"MODEL.SEM_SEG_HEAD.OUTPUT_RESIZE": "input"}), K, 1)
+    path = export_tool.export_model(model, fmt, str(tmp_path / f"m.{fmt}"), input_size=(64, 64))
+    assert_same_logits(model, fmt, path)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_fixed_exit_of_a_multi_exit_model_exports(fmt, tmp_path):
     torch.manual_seed(0)
     model = build_model(exit_cfg("exit:res3")).eval()

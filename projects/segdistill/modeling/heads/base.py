@@ -87,6 +87,10 @@ def resize_logits(logits: torch.Tensor, size: Sequence[int], align_corners: bool
     """Bilinear resize of N x K x h x w logits to ``size`` (H, W), as mmsegmentation's heads
     resize theirs to the input; the logits as they are when they already have that size.
     When ``size`` is ``stride`` times the logits' size this is :func:`upsample_logits`, bit for bit."""
+    if torch.jit.is_tracing():
+        # an export traces the input's size as a value of the graph (int() or a Python comparison
+        # would freeze the traced size into it); resizing to the same size is exact
+        return F.interpolate(logits.float(), size=(size[0], size[1]), mode="bilinear", align_corners=align_corners)
     size = (int(size[0]), int(size[1]))
     if tuple(logits.shape[-2:]) == size:
         return logits
