@@ -11,8 +11,11 @@
    SimpleTrainer for fp32, :class:`~segdistill.engine.MixedPrecisionTrainer` otherwise, with
    its GradScaler for fp16) on a random batch, the models of ``benchmarks/overhead.py``
    (demo configs, random teacher). Per step: the loss terms all finite, the parameters still
-   float32, the second step's time and, on CUDA, the peak memory of that step. A failure is
-   recorded (its error) and the run goes on.
+   float32, the second step's time and, on CUDA, the peak memory of that step and its
+   host-device synchronisations (``torch.cuda.set_sync_debug_mode``: one warning per
+   synchronising call, counted; the table adds them beyond the method's baseline row, which
+   ``tests/test_gpu_readiness.py`` bounds on CPU by counting the ops that would synchronise).
+   A failure is recorded (its error) and the run goes on.
 3. **The overhead benchmark** (``benchmarks/overhead.py``) on the same device with the
    precisions as columns.
 
@@ -29,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from typing import Dict, List, Optional
 
 import torch
@@ -76,11 +80,21 @@ def one_step(name: str, precision: str, settings, batch, device: str) -> dict:
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
+            count_syncs = cuda and i == 1
             t0 = time.perf_counter()
-            step.run_step()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if count_syncs:
+                    torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    step.run_step()
+                finally:
+                    if count_syncs:
+                        torch.cuda.set_sync_debug_mode("default")
             if cuda:
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
+            syncs = sum("synchroniz" in str(w.message) for w in caught) if count_syncs else None
             storage.step()
         losses = {k: float(h.latest()) for k, h in storage.histories().items()
                   if k.startswith("loss_") or k == "total_loss"}
@@ -88,7 +102,7 @@ def one_step(name: str, precision: str, settings, batch, device: str) -> dict:
         "ok": all(math.isfinite(v) for v in losses.values())
         and all(p.dtype == torch.float32 for p in model.parameters()),
         "total_loss": losses.get("total_loss"), "losses": losses, "step_s": seconds,
-        "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+        "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None, "syncs": syncs,
         "params_float32": all(p.dtype == torch.float32 for p in model.parameters()),
     }
 
@@ -128,17 +142,22 @@ def markdown(result: dict) -> str:
     steps = result["steps"]
     precisions = s["precisions"]
     lines += ["## One training step per method and precision", "",
-              "| method | " + " | ".join(f"{p} loss | {p} step (ms) | {p} peak (MiB)" for p in precisions) + " |",
-              "| --- |" + " --- | --- | --- |" * len(precisions)]
+              "Syncs: host-device synchronisations of the step beyond its baseline row's (CUDA only).", "",
+              "| method | " + " | ".join(f"{p} loss | {p} step (ms) | {p} peak (MiB) | {p} syncs" for p in precisions) + " |",
+              "| --- |" + " --- | --- | --- | --- |" * len(precisions)]
+    baseline_of = {n: overhead.ROWS[n].baseline for n in steps if n in overhead.ROWS}
     for n, per in steps.items():
         cells = []
         for p in precisions:
             v = per[p]
             if not v["ok"]:
-                cells += [f"FAIL {v.get('error', 'non-finite loss or non-float32 weights')}", "-", "-"]
+                cells += [f"FAIL {v.get('error', 'non-finite loss or non-float32 weights')}", "-", "-", "-"]
             else:
                 peak = "-" if v["peak_bytes"] is None else f"{v['peak_bytes'] / 2**20:.0f}"
-                cells += [f"{v['total_loss']:.4f}", f"{v['step_s'] * 1e3:.1f}", peak]
+                base = steps.get(baseline_of.get(n), {}).get(p, {}).get("syncs")
+                syncs = "-" if v.get("syncs") is None else (
+                    f"{v['syncs']}" if base is None or baseline_of.get(n) == n else f"{v['syncs']} (+{v['syncs'] - base})")
+                cells += [f"{v['total_loss']:.4f}", f"{v['step_s'] * 1e3:.1f}", peak, syncs]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     failed = [f"{n} ({p})" for n, per in steps.items() for p, v in per.items() if not v["ok"]]
     lines += ["", f"Steps failed: {', '.join(failed) if failed else 'none'}.", ""]

@@ -228,7 +228,7 @@ def _method_cfg(method, tmp_path):
         name = "student" if method == "student" else method.split("/")[1]
         opts = {} if name == "student" else {
             "MODEL.DISTILL.TEACHER.WEIGHTS": "", "MODEL.DISTILL.TEACHER.ALLOW_RANDOM": True,
-            "MODEL.DISTILL.EVAL_TEACHER": False, **SMALL}
+            "MODEL.DISTILL.EVAL_TEACHER": False, "MODEL.DISTILL.MASKD.TOKENS_FILE": "", **SMALL}
         cfg = _yaml_cfg(f"configs/demo/distill/{name}.yaml", tmp_path, **opts)
         if name != "student":
             cfg.MODEL.DISTILL.TEACHER.OPTS = ["MODEL.SEM_SEG_HEAD.ASPP_CHANNELS", 32]
@@ -270,7 +270,8 @@ def count_step_syncs(cfg, monkeypatch):
     return counter.counts
 
 
-_DISTILL = ["pd", "cwd", "hwd", "fakd_cwd", "fakd_pd", "skd", "ifvd", "cirkd", "mgd", "dist", "fitnet", "at"]
+_DISTILL = ["pd", "cwd", "hwd", "fakd_cwd", "fakd_pd", "skd", "ifvd", "cirkd", "mgd", "dist", "fitnet", "at",
+            "afdcd", "maskd", "diffkd"]
 METHODS = {**{f"distill/{m}": "student" for m in _DISTILL},
            "exits/ds": "exits/none", "exits/sr": "exits/none", "exits/sr_code": "exits/none",
            "hs3/hs3_r18": "exits/none", "hs3/hs3_fuse_r18": "exits/none"}
