@@ -1,9 +1,12 @@
 """Shared test helpers: tiny configs, a temporary labelled dataset, repository paths."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -19,6 +22,19 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Tests that serve files on a loopback server unset SEGDISTILL_OFFLINE themselves.
 os.environ["SEGDISTILL_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Every test process (the single one, or each pytest-xdist worker) has caches of its own, empty
+# when it starts and removed when it ends: the dataset-check markers and class weights
+# ($SEGDISTILL_CACHE_DIR), downloaded weights ($SEGDISTILL_CACHE), torch.hub's and the Hugging Face
+# Hub's folders. No test then reads what another worker, an earlier run or the user's own runs left
+# in ~/.cache, and none writes there. Set before anything imports huggingface_hub (it reads HF_HOME
+# then); subprocesses inherit them. What a test must control itself (an empty cache, a server's
+# files) it still sets with monkeypatch or its subprocess's environment.
+_CACHES = tempfile.mkdtemp(prefix=f"segdistill-tests-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
+atexit.register(shutil.rmtree, _CACHES, ignore_errors=True)
+for _var, _sub in (("SEGDISTILL_CACHE_DIR", "segdistill"), ("SEGDISTILL_CACHE", "weights"), ("TORCH_HOME", "torch"),
+                   ("HF_HOME", "huggingface")):
+    os.environ[_var] = os.path.join(_CACHES, _sub)
+os.environ.pop("HF_HUB_CACHE", None)  # would override HF_HOME's hub folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "projects"))  # also works without `pip install -e .`
@@ -79,6 +95,9 @@ def tiny_cfg(backbone="resnet18", head="SegDeepLabV3Head", output_stride=8, num_
         feats = ["res5"]
     cfg.MODEL.TIMM.OUT_FEATURES = feats
     cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = feats
+    # A fresh folder of this process's own, never the default ./output (the repository's, which
+    # tests running in parallel would share); a test that reads what was written there sets its own.
+    cfg.OUTPUT_DIR = tempfile.mkdtemp(prefix="output-", dir=_CACHES)
     return set_keys(cfg, **overrides)
 
 

@@ -269,7 +269,7 @@ def cityscapes_root(tmp_path):
     yield from fixture_root(tmp_path, write_cityscapes_fixture, register_cityscapes)
 
 
-def test_cityscapes_prepare_register_and_evaluate(cityscapes_root, monkeypatch):
+def test_cityscapes_prepare_register_and_evaluate(cityscapes_root, monkeypatch, tmp_path):
     from cityscapesscripts.helpers.labels import trainId2label
 
     root, stems = cityscapes_root
@@ -307,7 +307,9 @@ def test_cityscapes_prepare_register_and_evaluate(cityscapes_root, monkeypatch):
     from segdistill.engine import Trainer
     from segdistill.evaluation import SemSegEvaluator
 
-    ev = Trainer.build_evaluator(tiny_cfg(num_classes=19), "cityscapes_fine_sem_seg_val", output_folder=None)
+    # the evaluator writes its confusion matrix under OUTPUT_DIR/inference: the test's own folder
+    cfg = tiny_cfg(num_classes=19, OUTPUT_DIR=str(tmp_path / "out"))
+    ev = Trainer.build_evaluator(cfg, "cityscapes_fine_sem_seg_val", output_folder=None)
     assert type(ev) is SemSegEvaluator
     ev._distributed = False
     gt = torch.as_tensor(read_dataset_label(val[0]))
@@ -316,6 +318,7 @@ def test_cityscapes_prepare_register_and_evaluate(cityscapes_root, monkeypatch):
     ev.process([{"file_name": val[0]["file_name"]}], [{"sem_seg": scores}])
     res = ev.evaluate()["sem_seg"]
     assert res["mIoU"] == pytest.approx(100.0) and res["IoU-car"] == pytest.approx(100.0)
+    assert (tmp_path / "out" / "inference" / "cityscapes_fine_sem_seg_val" / "confusion_sem_seg.json").is_file()
 
 
 def test_cityscapes_layout_errors(tmp_path):
