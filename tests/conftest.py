@@ -166,6 +166,26 @@ def trained_model(cfg, num_classes, steps=1):
     return model.eval()
 
 
+def distill_run_opts(out_dir):
+    """train_net.py overrides of a tiny distillation run with a random teacher, no evaluation."""
+    return YAML_TINY + ["SOLVER.CHECKPOINT_PERIOD", "100", "MODEL.DISTILL.TEACHER.WEIGHTS", "",
+                        "MODEL.DISTILL.TEACHER.ALLOW_RANDOM", "True", "MODEL.DISTILL.EVAL_TEACHER", "False",
+                        "DATASETS.TEST", "()", "OUTPUT_DIR", out_dir]
+
+
+def assert_deploys_as_the_plain_student(cfg, model):
+    """A Distiller's deployed state dict has exactly the plain student's keys and shapes (no
+    loss part: those stay in training checkpoints)."""
+    from detectron2.modeling import build_model
+
+    plain_cfg = cfg.clone()
+    plain_cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentor"
+    plain = build_model(plain_cfg).state_dict()
+    deployed = model.deploy_state_dict()
+    assert set(deployed) == set(plain) and all(deployed[k].shape == plain[k].shape for k in plain)
+    assert not any(k.startswith("distill_losses") for k in deployed)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -46,9 +46,20 @@ TINY = ["SOLVER.MAX_ITER", "2", "TEST.EVAL_PERIOD", "2", "SOLVER.CHECKPOINT_PERI
 TINY_STR = " ".join(f"'{t}'" for t in TINY)
 
 
+def table_on_tiny_camvid(tmp_path, monkeypatch, n_train=10):
+    """(benchmarks/camvid_table.py, the data folder, tmp_path), with a tiny CamVid written into
+    tmp_path and the environment pointing at it (and at a cache folder of its own)."""
+    table = load_script("camvid_table")
+    data = tmp_path / "camvid"
+    write_camvid(data, n_train=n_train, n_val=2)
+    monkeypatch.setenv("SEGDISTILL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("SEGDISTILL_CAMVID_ROOT", str(data))
+    return table, data, tmp_path
+
+
 @pytest.fixture
 def tiny(tmp_path, monkeypatch):
-    table = load_script("camvid_table")
+    table, data, _ = table_on_tiny_camvid(tmp_path, monkeypatch)
     # one method of each kind, so that the test stays short: plain, multi-exit HS3 (+ Phase 1, DS),
     # teacher, and a distiller with two terms
     monkeypatch.setattr(table, "BLOCKS", {
@@ -56,10 +67,6 @@ def tiny(tmp_path, monkeypatch):
         "hs3": ("HS3", ["baseline", "hs3"]),
         "distill": ("Distillation", ["student", "teacher", "hwd_fakd_pd"]),
     })
-    data = tmp_path / "camvid"
-    write_camvid(data)
-    monkeypatch.setenv("SEGDISTILL_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("SEGDISTILL_CAMVID_ROOT", str(data))
     return table, data, tmp_path
 
 

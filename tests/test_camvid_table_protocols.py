@@ -7,24 +7,14 @@ import os
 import sys
 
 import pytest
-from conftest import load_script as _load
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_camvid_table import TINY, write_camvid  # noqa: E402
-
-
-def load_script(name):
-    return _load(name, f"benchmarks/{name}.py", register=True)
+from test_camvid_table import TINY, load_script, table_on_tiny_camvid  # noqa: E402
 
 
 @pytest.fixture
 def table(tmp_path, monkeypatch):
-    mod = load_script("camvid_table")
-    data = tmp_path / "camvid"
-    write_camvid(data, n_train=6, n_val=2)
-    monkeypatch.setenv("SEGDISTILL_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("SEGDISTILL_CAMVID_ROOT", str(data))
-    return mod, data, tmp_path
+    return table_on_tiny_camvid(tmp_path, monkeypatch, n_train=6)
 
 
 def test_pick_weight_takes_the_best_held_out_grid_point():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, YAML_TINY, LAZY_TINY, random_batch
+from conftest import REPO, LAZY_TINY, random_batch, assert_deploys_as_the_plain_student, distill_run_opts
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
@@ -210,18 +210,8 @@ def test_the_deployed_student_has_exactly_the_plain_students_parameters(tmp_path
     parts = dict(model.distill_losses.named_parameters())
     assert {k.split(".")[1] for k in parts} == {"ae", "trans", "model", "adapter", "proj"}
     assert all(p.grad is not None for p in parts.values())
-    plain_cfg = cfg.clone()
-    plain_cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentor"
-    plain = build_model(plain_cfg).state_dict()
-    deployed = model.deploy_state_dict()
-    assert set(deployed) == set(plain) and all(deployed[k].shape == plain[k].shape for k in plain)
-    assert not any(k.startswith("distill_losses") for k in deployed)
+    assert_deploys_as_the_plain_student(cfg, model)
 
-
-def _run_opts(out_dir):
-    return YAML_TINY + ["SOLVER.CHECKPOINT_PERIOD", "100", "MODEL.DISTILL.TEACHER.WEIGHTS", "",
-                        "MODEL.DISTILL.TEACHER.ALLOW_RANDOM", "True", "MODEL.DISTILL.EVAL_TEACHER", "False",
-                        "DATASETS.TEST", "()", "OUTPUT_DIR", out_dir]
 
 
 @pytest.mark.slow
@@ -230,7 +220,7 @@ def test_train_net_yaml_two_iterations_then_resume(tmp_path, monkeypatch):
     from test_train_net import run
 
     out_dir = str(tmp_path / "yaml")
-    config, opts = ["--config-file", "configs/demo/distill/diffkd.yaml"], _run_opts(out_dir)
+    config, opts = ["--config-file", "configs/demo/distill/diffkd.yaml"], distill_run_opts(out_dir)
     run(config + opts + ["SOLVER.MAX_ITER", "2"])
     saved = torch.load(os.path.join(out_dir, "model_final.pth"), weights_only=False)["model"]
     assert int(saved["distill_losses.diffkd.draws"]) == 2

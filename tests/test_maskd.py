@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, YAML_TINY, LAZY_TINY, load_script, random_batch
+from conftest import REPO, LAZY_TINY, load_script, random_batch, assert_deploys_as_the_plain_student, distill_run_opts
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
@@ -194,18 +194,8 @@ def test_the_deployed_student_has_exactly_the_plain_students_parameters(tmp_path
     sum(losses.values()).backward()
     assert not list(model.distill_losses.parameters())  # the tokens are fixed (a buffer)
     assert "distill_losses.maskd.tokens" in model.state_dict()  # saved with the checkpoint
-    plain_cfg = cfg.clone()
-    plain_cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentor"
-    plain = build_model(plain_cfg).state_dict()
-    deployed = model.deploy_state_dict()
-    assert set(deployed) == set(plain) and all(deployed[k].shape == plain[k].shape for k in plain)
-    assert not any(k.startswith("distill_losses") for k in deployed)
+    assert_deploys_as_the_plain_student(cfg, model)
 
-
-def _run_opts(out_dir):
-    return YAML_TINY + ["SOLVER.CHECKPOINT_PERIOD", "100", "MODEL.DISTILL.TEACHER.WEIGHTS", "",
-                        "MODEL.DISTILL.TEACHER.ALLOW_RANDOM", "True", "MODEL.DISTILL.EVAL_TEACHER", "False",
-                        "DATASETS.TEST", "()", "OUTPUT_DIR", out_dir]
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +207,7 @@ def tokens_file(tmp_path_factory):
     try:
         tool = load_script("maskd_tokens", "tools/maskd_tokens.py")
         doc = tool.main(["--config-file", "configs/demo/distill/maskd.yaml", "--output", out,
-                         *_run_opts(os.path.dirname(out)), "MODEL.DISTILL.MASKD.TOKENS.ITERATIONS", "3"])
+                         *distill_run_opts(os.path.dirname(out)), "MODEL.DISTILL.MASKD.TOKENS.ITERATIONS", "3"])
     finally:
         os.chdir(cwd)
     return out, doc
@@ -238,7 +228,7 @@ def test_train_net_yaml_two_iterations_then_resume(tmp_path, monkeypatch, tokens
     from test_train_net import run
 
     out_dir = str(tmp_path / "yaml")
-    config, opts = ["--config-file", "configs/demo/distill/maskd.yaml"], _run_opts(out_dir)
+    config, opts = ["--config-file", "configs/demo/distill/maskd.yaml"], distill_run_opts(out_dir)
     opts += ["MODEL.DISTILL.MASKD.TOKENS_FILE", tokens_file[0]]
     _, out = run(config + opts + ["SOLVER.MAX_ITER", "2"])
     assert "loss_maskd" in out

@@ -62,7 +62,7 @@ from torch.nn import functional as F
 from detectron2.config import configurable
 from detectron2.utils import comm
 
-from .base import CONNECTORS, DistillLoss, build_connector, register_distill_loss
+from .base import CONNECTORS, DistillLoss, build_connector, register_distill_loss, seeded_generator
 from .mgd import mgd_mask
 
 __all__ = ["AFDCD_MASKS", "AFDCD_PROJECTORS", "EnhancedProjector", "afdcd_center_mask", "afdcd_tokens",
@@ -219,7 +219,7 @@ class AugmentationFreeDenseContrastiveDistillation(DistillLoss):
 
     def generator(self) -> torch.Generator:
         """This step's mask generator: the seed, the process's rank and the draws so far."""
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + comm.get_rank()) * 1_000_003 + int(self.draws))
+        return seeded_generator(self.seed, comm.get_rank(), self.draws)
 
     def draw_mask(self, n: int, h: int, w: int, *, device, dtype) -> torch.Tensor:
         if self.mask_kind == "center":

@@ -59,7 +59,15 @@ __all__ = [
     "DISTILL_LOSSES", "register_distill_loss", "unregister_distill_loss", "build_distill_losses",
     "distill_losses_from_names", "DistillLoss", "TemperedLogitsLoss", "DistillBatch", "TapPair", "CONNECTORS",
     "build_connector", "as_float", "label_mask", "masked_mean", "resize_labels", "float32_island", "run_trainable",
+    "seeded_generator",
 ]
+
+def seeded_generator(seed: int, rank: int, draws: torch.Tensor, device="cpu") -> torch.Generator:
+    """The generator of one step's random draws of a loss: a function of the run's seed, the
+    process's rank and ``draws``, the loss's count of draws so far (a buffer, saved with its
+    checkpoints), so that a seeded run repeats and ``--resume`` continues it exactly."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + rank) * 1_000_003 + int(draws))
+
 
 def register_distill_loss(name: str):
     """Class decorator: make ``name`` a valid entry of ``MODEL.DISTILL.LOSSES`` and register the

@@ -93,7 +93,7 @@ from torch.nn import functional as F
 from detectron2.config import configurable
 from detectron2.utils import comm
 
-from .base import CONNECTORS, DistillLoss, build_connector, register_distill_loss
+from .base import CONNECTORS, DistillLoss, build_connector, register_distill_loss, seeded_generator
 
 __all__ = ["DIFFKD_BETAS", "DiffKDBottleneck", "NoisePredictor", "NoiseAdapter", "LinearAutoEncoder",
            "linear_alphas_cumprod", "ddim_timesteps", "ddim_denoise", "KnowledgeDiffusionDistillation"]
@@ -263,8 +263,7 @@ class KnowledgeDiffusionDistillation(DistillLoss):
 
     def generator(self, device) -> torch.Generator:
         """This step's generator, on ``device``: the seed, the process's rank and the steps so far."""
-        g = torch.Generator(device=device)
-        return g.manual_seed((self.seed * 1_000_003 + comm.get_rank()) * 1_000_003 + int(self.draws))
+        return seeded_generator(self.seed, comm.get_rank(), self.draws, device)
 
     def draw(self, n: int, shape, *, device, dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(timesteps N, training noise, start noise), each N x ``shape`` noise standard normal."""
