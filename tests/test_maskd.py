@@ -216,7 +216,7 @@ def tokens_file(tmp_path_factory):
 @pytest.mark.slow
 def test_the_tokens_tool_writes_a_file_the_loss_reads(tokens_file):
     path, doc = tokens_file
-    assert doc["tokens"] == [8, 10] and doc["iterations"] == 3 and math.isfinite(doc["final_ce"])
+    assert doc["tokens"] == [8, 10] and doc["iterations"] == 3 and 0 < doc["final_ce"] < math.log(10) + 1  # a cross-entropy over 10 classes near its start
     state = torch.load(path, weights_only=True)
     assert not torch.equal(state["tokens"], initial_tokens(8, 10, 0))  # trained, not the initialisation
     assert state["teacher_config"] == "configs/demo/distill/teacher.yaml"

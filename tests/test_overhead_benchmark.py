@@ -188,7 +188,10 @@ def test_precisions_noise_floor_and_one_thread_by_default(tmp_path):
     for block in ("training", "inference"):
         for n, v in res[block].items():
             assert set(v["precision"]) == {"fp32", "bf16", "channels_last"} and v["precision"]["fp32"]["speedup"] == 1
-            assert all(x["time_s"] > 0 and math.isfinite(x["speedup"]) for x in v["precision"].values()), n
+            fp32 = v["precision"]["fp32"]["time_s"]
+            # each speed-up is the fp32 time over that precision's, of the same row in the same run
+            assert all(x["time_s"] > 0 and x["speedup"] == pytest.approx(fp32 / x["time_s"])
+                       for x in v["precision"].values()), n
     assert set(res["noise"]["training"]) == {"student", "cwd"} and set(res["noise"]["inference"]) == {"student"}
     lo, hi = res["noise"]["inference_equal_rows"]
     assert lo == res["inference"]["cwd"]["time_ratio"] == hi
