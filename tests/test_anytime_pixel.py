@@ -13,25 +13,9 @@ from segdistill.evaluation.anytime import AnytimeEvaluator
 from segdistill.modeling.masked import PixelMask, masked_forward
 from segdistill.modeling.meta_arch.anytime import FINAL, PIXEL, anytime_state_dict
 from segdistill.modeling.stagewise import StageModulesUnsupported
+from test_anytime import CallCounter  # forward hooks counting named submodules' calls
 
 K = 5
-
-
-class CallCounter:
-    """Forward hooks counting the calls of named submodules."""
-
-    def __init__(self, modules):
-        self.counts = {name: 0 for name in modules}
-        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
-
-    def _hook(self, name):
-        def hook(*_):
-            self.counts[name] += 1
-        return hook
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
 
 
 def anytime_cfg(**keys):
