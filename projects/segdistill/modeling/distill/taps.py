@@ -43,6 +43,7 @@ from ..heads.base import SegHeadMixin, check_seg_head
 __all__ = [
     "LOGITS", "HEAD_FEATURES", "HEAD_TAPS", "SegmentorTaps", "StudentTaps", "SemanticSegmentorTaps",
     "segmentor_taps", "register_tap_adapter", "head_tap_shapes", "collect_taps", "backbone_stage_taps",
+    "segmentor_tap_shapes", "segmentor_tap_student", "segmentor_tap_teacher",
 ]
 
 LOGITS = "logits"
@@ -154,6 +155,30 @@ def normalise_inputs(model: SemanticSegmentor, batched_inputs: List[dict]) -> Tu
 # ------------------------------------------------------------------------------------------
 # detectron2's SemanticSegmentor
 # ------------------------------------------------------------------------------------------
+def segmentor_tap_shapes(model: SemanticSegmentor) -> Dict[str, ShapeSpec]:
+    """The taps of a backbone + head segmentor (detectron2's ``SemanticSegmentor`` and the
+    project's ``SemanticSegmentorAnySize``): the backbone's outputs and the head's taps."""
+    return {**dict(model.backbone.output_shape()), **head_tap_shapes(model.sem_seg_head)}
+
+
+def segmentor_tap_student(model: SemanticSegmentor, batched_inputs, taps) -> StudentTaps:
+    """A backbone + head segmentor's training step as its forward takes it (the head's losses
+    on the padded targets), with ``taps`` collected on the way."""
+    images, targets = normalise_inputs(model, batched_inputs)
+    features = model.backbone(images.tensor)
+    head_out = model.sem_seg_head.forward_outputs(features)
+    losses = model.sem_seg_head.losses(head_out, targets) if model.training and targets is not None else {}
+    return StudentTaps(losses, collect_taps(taps, features, head_out), images, targets)
+
+
+def segmentor_tap_teacher(model: SemanticSegmentor, images: torch.Tensor, taps) -> Dict[str, torch.Tensor]:
+    """``taps`` of a backbone + head segmentor on already normalised ``images`` (the head runs
+    only when a head tap is asked for)."""
+    features = model.backbone(images)
+    head_out = model.sem_seg_head.forward_outputs(features) if set(taps) & set(HEAD_TAPS) else None
+    return collect_taps(taps, features, head_out)
+
+
 class SemanticSegmentorTaps(SegmentorTaps):
     """The tap contract for detectron2's ``SemanticSegmentor`` (the same steps as its forward).
 
@@ -173,21 +198,13 @@ class SemanticSegmentorTaps(SegmentorTaps):
         self.model = model
 
     def tap_shapes(self) -> Dict[str, ShapeSpec]:
-        return {**dict(self.model.backbone.output_shape()), **head_tap_shapes(self.model.sem_seg_head)}
+        return segmentor_tap_shapes(self.model)
 
     def tap_student(self, batched_inputs, taps) -> StudentTaps:
-        m = self.model
-        images, targets = normalise_inputs(m, batched_inputs)
-        features = m.backbone(images.tensor)
-        head_out = m.sem_seg_head.forward_outputs(features)
-        losses = m.sem_seg_head.losses(head_out, targets) if m.training and targets is not None else {}
-        return StudentTaps(losses, collect_taps(taps, features, head_out), images, targets)
+        return segmentor_tap_student(self.model, batched_inputs, taps)
 
     def tap_teacher(self, images, taps) -> Dict[str, torch.Tensor]:
-        m = self.model
-        features = m.backbone(images)
-        head_out = m.sem_seg_head.forward_outputs(features) if set(taps) & set(HEAD_TAPS) else None
-        return collect_taps(taps, features, head_out)
+        return segmentor_tap_teacher(self.model, images, taps)
 
     def tap_classifier(self) -> nn.Conv2d:
         return self.model.sem_seg_head.predictor

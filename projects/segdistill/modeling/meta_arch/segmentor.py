@@ -31,7 +31,8 @@ from detectron2.modeling import META_ARCH_REGISTRY, SemanticSegmentor
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 
-from ..distill.taps import HEAD_TAPS, SegmentorTaps, StudentTaps, collect_taps, head_tap_shapes, normalise_inputs
+from ..distill.taps import (SegmentorTaps, StudentTaps, normalise_inputs, segmentor_tap_shapes, segmentor_tap_student,
+                           segmentor_tap_teacher)
 from ..heads.base import check_seg_head
 
 __all__ = ["SemanticSegmentorAnySize", "postprocess_sem_seg"]
@@ -76,19 +77,13 @@ class SemanticSegmentorAnySize(SemanticSegmentor, SegmentorTaps):
 
     # ------------------------------------------------------------------ distillation taps
     def tap_shapes(self) -> Dict[str, ShapeSpec]:
-        return {**dict(self.backbone.output_shape()), **head_tap_shapes(self.sem_seg_head)}
+        return segmentor_tap_shapes(self)
 
     def tap_student(self, batched_inputs, taps) -> StudentTaps:
-        images, targets = normalise_inputs(self, batched_inputs)
-        features = self.backbone(images.tensor)
-        head = self.sem_seg_head.forward_outputs(features)
-        losses = self.sem_seg_head.losses(head, targets) if self.training and targets is not None else {}
-        return StudentTaps(losses, collect_taps(taps, features, head), images, targets)
+        return segmentor_tap_student(self, batched_inputs, taps)
 
     def tap_teacher(self, images, taps) -> Dict[str, torch.Tensor]:
-        features = self.backbone(images)
-        head = self.sem_seg_head.forward_outputs(features) if set(taps) & set(HEAD_TAPS) else None
-        return collect_taps(taps, features, head)
+        return segmentor_tap_teacher(self, images, taps)
 
     def tap_classifier(self) -> nn.Conv2d:
         return self.sem_seg_head.predictor
