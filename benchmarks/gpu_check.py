@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import overhead  # noqa: E402  (benchmarks/overhead.py: its rows and model building)
 from detectron2.utils.events import EventStorage  # noqa: E402
 from segdistill.engine import build_train_step  # noqa: E402
+from segdistill.engine.hooks import FollowsTrainingProgress  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -69,7 +70,7 @@ def one_step(name: str, precision: str, settings, batch, device: str) -> dict:
     row = overhead.ROWS[name]
     model = overhead.build(row.config, row.overrides, settings).train()
     cfg = overhead.load_cfg(row.config, row.overrides, settings)
-    if hasattr(model, "set_training_progress"):  # a Distiller's or an exit model's schedules
+    if isinstance(model, FollowsTrainingProgress):  # a Distiller's or an exit model's schedules
         model.set_training_progress(cfg.SOLVER.MAX_ITER // 2, cfg.SOLVER.MAX_ITER)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     step = build_train_step(model, itertools.repeat(batch), opt, dtype=DTYPES[precision])

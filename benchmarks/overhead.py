@@ -110,6 +110,7 @@ from methods import METHODS, Method  # noqa: E402  (benchmarks/methods.py: the o
 from segdistill.config import load_yaml_config  # noqa: E402
 from segdistill.convert import deployed_state_dict  # noqa: E402
 from segdistill.engine import use_channels_last  # noqa: E402
+from segdistill.engine.hooks import FollowsTrainingProgress  # noqa: E402
 from segdistill.modeling.exits.hs3_clusters import save_clusters, synthetic_clusters  # noqa: E402
 from segdistill.modeling.meta_arch.distill import Distiller  # noqa: E402
 
@@ -565,14 +566,14 @@ def _run(args, names, device, cuda, tmp) -> dict:
         progress(f"building {n} ({m.config}{' + overrides' if m.overrides else ''})")
         models[n] = build(m.config, m.overrides, settings).train()
         cfg = load_cfg(m.config, m.overrides, settings)
-        if hasattr(models[n], "set_training_progress"):  # schedules (FAKD's lambda, SR) at mid-training
+        if isinstance(models[n], FollowsTrainingProgress):  # schedules (FAKD's lambda, SR) at mid-training
             models[n].set_training_progress(cfg.SOLVER.MAX_ITER // 2, cfg.SOLVER.MAX_ITER)
         opts[n] = torch.optim.SGD(models[n].parameters(), lr=1e-3, momentum=0.9)
         if cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES != num_classes:
             raise ValueError(f"{n}: {cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES} classes, the plain baseline {num_classes}")
         if any(uses_channels_last(x) for x in precisions):  # the same weights, in channels_last
             cl = use_channels_last(build(m.config, m.overrides, settings).train())
-            if hasattr(cl, "set_training_progress"):
+            if isinstance(cl, FollowsTrainingProgress):
                 cl.set_training_progress(cfg.SOLVER.MAX_ITER // 2, cfg.SOLVER.MAX_ITER)
             variants[n] = (cl, torch.optim.SGD(cl.parameters(), lr=1e-3, momentum=0.9))
     batch = make_batch(args.batch, args.size, num_classes)
