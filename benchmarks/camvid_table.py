@@ -203,6 +203,8 @@ class Table:
             d = os.path.dirname(os.path.abspath(args.from_summary))
             self.clusters = {"hs3_clusters": os.path.join(d, "hs3_clusters.json"),
                              "hs3_manual": os.path.join(d, "hs3_manual_clusters.json")}
+        # runs of a published summary that this invocation did not make (checked when the table is written)
+        self.merged = load_summary(args.merge_summary) if args.merge_summary else None
 
     # ---------------------------------------------------------------- runs
     def folder(self, method: str, seed: int) -> str:
@@ -371,7 +373,7 @@ class Table:
         """The picks of the tuned rows of the invocation (the summary's, when rebuilt from one)."""
         if self.summary is not None:
             return dict(self.summary.get("tuning", {}))
-        out = {}
+        out = dict(self.merged.get("tuning", {})) if self.merged is not None else {}
         for m in self.wanted():
             base = m.name.split("@")[0]
             if TUNED_VALUE in m.opts and os.path.isfile(self.pick_path(base)):
@@ -624,12 +626,17 @@ class Table:
                         rows.append(json.load(f))
             if rows or m.name not in HISTORY_ROWS:
                 results[m.name] = rows
+        if self.merged is not None:
+            results = merge_results(results, self.merged["results"], {m.name: self.method_seeds(m) for m in
+                                    self.wanted() + [METHODS[n] for n in HISTORY_ROWS]})
         return results
 
     def phase1_metrics(self) -> dict:
         if self.summary is not None:
             return dict(self.summary.get("phase1", {}))
         path = os.path.join(self.phase1, "metrics.json")
+        if not os.path.isfile(path) and self.merged is not None:
+            return dict(self.merged.get("phase1", {}))
         return last_eval(path, required=False) if os.path.isfile(path) else {}
 
     def describe_pretraining(self) -> str:
@@ -639,8 +646,9 @@ class Table:
                 "random initialisation (no pre-training)"
         if self.args.scratch:
             return "random initialisation (no pre-training)"
+        info = self.pretraining_info()
         return ", ".join(f"{b} from {n}" for b, n in self.pretrained.items()
-                         if os.path.isfile(pretrain_mod.weights_path(self.pretrain_out, n)))
+                         if os.path.isfile(pretrain_mod.weights_path(self.pretrain_out, n)) or n in info)
 
     def pretraining_info(self) -> dict:
         if self.summary is not None:
@@ -651,6 +659,8 @@ class Table:
             if os.path.isfile(p) and not self.args.scratch:
                 with open(p) as f:
                     info[name] = json.load(f)
+        if self.merged is not None:
+            info = merge_pretraining(info, self.merged.get("pretraining", {}))
         return info
 
     def write_table(self, quiet: bool = False) -> str:
@@ -677,11 +687,56 @@ def run_failures(rows, results: Dict[str, List[dict]]) -> Dict[str, List[int]]:
     return {m: sorted({f["seed"] for f in fs}) for m, fs in exit_premise_per_run(rows, results).items() if fs}
 
 
+# Two runs of the same row and seed "agree" when their mIoU differ by less than this: the
+# summary keeps 3 decimals, and runs on one machine with the same threads reproduce to the bit
+MERGE_TOLERANCE = 0.001
+
+
+def merge_pretraining(local: Dict[str, dict], published: Dict[str, dict]) -> Dict[str, dict]:
+    """The pre-trainings of this machine and of a published summary. A pre-training on both must
+    have the same held-out scores (the same backbone trained again); otherwise their runs are not
+    comparable and merging them is refused."""
+    out = dict(published)
+    for name, info in local.items():
+        if name in published:
+            a, b = info.get("held_out", {}), published[name].get("held_out", {})
+            bad = {k: (a[k], b[k]) for k in a if k in b and abs(a[k] - b[k]) > 1e-6}
+            if bad:
+                raise SystemExit(f"[table] --merge-summary: the pre-training {name!r} made here differs from the "
+                                 f"published one (held-out {bad}, here vs published): its runs are not comparable; "
+                                 "rerun every row here instead of merging")
+        out[name] = info
+    return out
+
+
+def merge_results(local: Dict[str, List[dict]], published: Dict[str, List[dict]],
+                  seeds: Dict[str, List[int]]) -> Dict[str, List[dict]]:
+    """Each row's runs made here, completed with the published runs of the seeds not made here.
+    Every run made here that the summary also has must agree with it (``MERGE_TOLERANCE``): the
+    check that the published runs reproduce on this machine, without which the rows could not be
+    paired across the two. Refused, with every disagreement listed, otherwise."""
+    out: Dict[str, List[dict]] = {}
+    bad = []
+    for name in set(local) | set(seeds):
+        mine = {r["seed"]: r for r in local.get(name, [])}
+        theirs = {r["seed"]: r for r in published.get(name, []) if r["seed"] in seeds.get(name, [])}
+        for seed in sorted(set(mine) & set(theirs)):
+            if abs(mine[seed]["mIoU"] - theirs[seed]["mIoU"]) >= MERGE_TOLERANCE:
+                bad.append(f"{name} seed {seed}: {mine[seed]['mIoU']:.3f} here, {theirs[seed]['mIoU']:.3f} published")
+        rows = [mine.get(s, theirs.get(s)) for s in sorted(set(mine) | set(theirs))]
+        if rows or name in local:
+            out[name] = rows
+    if bad:
+        raise SystemExit("[table] --merge-summary: runs made here disagree with the published ones, so the two "
+                         "cannot be paired (rerun every row here instead): " + "; ".join(bad))
+    return out
+
+
 def load_summary(path: str) -> dict:
     """A published summary.json (``--publish``), its runs in the form ``collect`` returns: what the
     table, premises and verdict are computed from when the runs' folders are not on this machine."""
     if not os.path.isfile(path):
-        raise SystemExit(f"[table] --from-summary {path}: no such file (the table's published summary.json, "
+        raise SystemExit(f"[table] {path}: no such summary file (the table's published summary.json, "
                          "e.g. docs/results/camvid/summary.json)")
     with open(path) as f:
         data = json.load(f)
@@ -756,12 +811,17 @@ def parse_args(argv=None):
     p.add_argument("--table-only", action="store_true", help="only rebuild table.md / table.png from finished runs")
     p.add_argument("--from-summary", default="", help="rebuild the table from a published summary.json instead of "
                    "the runs under --output (implies --table-only), e.g. docs/results/camvid/summary.json")
+    p.add_argument("--merge-summary", default="", help="complete the rows with the runs of a published "
+                   "summary.json that were not made here (e.g. docs/results/camvid/summary.json), after checking "
+                   "that its pre-trainings and every run made on both agree (the runs reproduce here)")
     p.add_argument("--publish", default="", help="also copy table.md, table.png, summary.json and the HS3 plots here")
     p.add_argument("--dry-run", action="store_true", help="list the jobs that would run")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every table training")
     args = p.parse_args(argv)
     if args.from_summary:
         args.table_only = True
+        if args.merge_summary:
+            p.error("--from-summary rebuilds from one summary alone; --merge-summary completes the runs made here")
     if args.budget_reference not in METHODS or args.budget_steps <= 0 or args.tune_seeds < 1:
         p.error(f"--budget-reference takes a method of {sorted(METHODS)} (got {args.budget_reference!r}), "
                 "--budget-steps a positive number, --tune-seeds at least 1")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
 __all__ = ["Method", "METHODS", "BLOCKS", "HISTORY_ROWS", "FAMILIES", "SR_OFF", "CIRKD_SMALL", "BUDGET",
-           "EQUAL_COMPUTE", "TUNED", "TUNE_KEYS", "TUNE_GRID", "TUNED_VALUE", "DISTILL_ROWS", "variant"]
+           "EQUAL_COMPUTE", "TUNED", "TUNE_KEYS", "TUNE_GRID", "TUNED_VALUE", "DISTILL_ROWS", "BF16", "variant"]
 
 # The kinds of model, each a config of every benchmark that builds it.
 FAMILIES = ("baseline", "ds", "sr", "hs3", "hs3_fuse", "teacher", "student", "distill")
@@ -143,7 +143,11 @@ TUNE_GRID = (0.1, 0.3, 1.0, 3.0)
 TUNED_VALUE = "<tuned>"  # replaced by default x the pick's factor when camvid_table.py builds the run
 TUNED = [variant(_BASE[n], "tuned", "(weight tuned on the analysis split)",
                  tuple(x for k in TUNE_KEYS[n] for x in (k, TUNED_VALUE))) for n in DISTILL_ROWS if n in TUNE_KEYS]
-METHODS.update({m.name: m for m in EQUAL_COMPUTE + TUNED})
+# The same trainings in bf16 autocast (SOLVER.AMP.ENABLED on the CPU; the optimizer, the
+# checkpoints and the evaluation stay float32, the teacher's forward follows the step): each against
+# its own float32 row, paired by seed, to show that the accuracy is unchanged within the interval.
+BF16 = [variant(_BASE[n], "bf16", "in bf16", ("SOLVER.AMP.ENABLED", "True"), baseline=n) for n in ("student", "pd")]
+METHODS.update({m.name: m for m in EQUAL_COMPUTE + TUNED + BF16})
 
 # The CamVid table's blocks: block -> (title with the papers, methods; the first is the baseline of the others)
 BLOCKS = {
@@ -154,4 +158,8 @@ BLOCKS = {
                       ["student", "teacher"] + [m.name for m in EQUAL_COMPUTE]),
     "tuned": ("Distillation with each loss weight tuned on the analysis split (never on val)",
               ["student", "teacher"] + [m.name for m in TUNED]),
+    # one block per float32 row, since a block's first row is the baseline of its others
+    "bf16_student": ("Mixed precision: the student alone trained in bf16 against float32", ["student", "student@bf16"]),
+    "bf16_pd": ("Mixed precision: PD trained in bf16 against float32 (the same float32 teacher)",
+                ["pd", "pd@bf16", "teacher"]),
 }

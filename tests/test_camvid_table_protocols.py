@@ -151,3 +151,64 @@ def test_the_heldout_curves_plain_model_is_the_tables_baseline(tmp_path):
     load_anytime_weights(anytime, str(tmp_path / "plain.pth"), weights_format=cfg.MODEL.WEIGHTS_FORMAT)
     key = next(k for k in plain.state_dict() if k.endswith("weight"))
     assert torch.equal(anytime.state_dict()[key], plain.state_dict()[key])
+
+
+def _fake_run(out, method, seed, miou):
+    d = out / "runs" / method / f"seed{seed}"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "result.json").write_text(json.dumps({"method": method, "seed": seed, "mIoU": miou, "exits": {},
+                                               "metrics": {"sem_seg/mIoU": miou}}))
+
+
+def test_merge_summary_completes_the_rows_only_where_the_runs_reproduce(table):
+    """Rows run here are completed by a published summary's seeds, and every run both have must
+    agree (a pre-training too): otherwise the merge is refused, naming each disagreement."""
+    mod, data, tmp = table
+    published = tmp / "pub" / "summary.json"
+    published.parent.mkdir()
+    pub = {"seeds": [0, 1, 2], "blocks": {}, "premises": [], "verdict": [], "phase1": {}, "tuning": {},
+           "pretraining": {"mobilenetv2_camvid": {"held_out": {"sem_seg/mIoU": 35.27}}},
+           "results": {"student": [{"seed": s, "mIoU": v} for s, v in enumerate([30.0, 31.0, 32.0])],
+                       "pd": [{"seed": s, "mIoU": v} for s, v in enumerate([31.0, 32.5, 33.0])],
+                       "teacher": [{"seed": 0, "mIoU": 40.0}]}}
+    published.write_text(json.dumps(pub))
+    out = tmp / "m"
+    argv = ["--data-root", str(data), "--output", str(out), "--pretrained", "none", "--seeds", "3",
+            "--blocks", "bf16_student,bf16_pd", "--merge-summary", str(published), "--table-only"]
+    for s, v in enumerate([30.0, 31.0, 32.0]):  # student seeds made again here: they reproduce
+        _fake_run(out, "student", s, v)
+    for s, v in enumerate([30.5, 31.0, 33.0]):
+        _fake_run(out, "student@bf16", s, v)
+    for s, v in enumerate([31.5, 32.5, 33.5]):
+        _fake_run(out, "pd@bf16", s, v)
+    t = mod.Table(mod.parse_args(argv))
+    res = t.collect()
+    assert [r["mIoU"] for r in res["pd"]] == [31.0, 32.5, 33.0]  # from the summary
+    assert [r["mIoU"] for r in res["student@bf16"]] == [30.5, 31.0, 33.0]  # made here
+    assert res["teacher"][0]["mIoU"] == 40.0
+    text = mod.main(argv)
+    # each bf16 row against its own float32 row, paired by seed: +0.5 and +0.33 on average
+    assert "| student (MBV2) alone in bf16 | 31.5 ± 1.3 | 3 | +0.5 [" in text
+    assert "| PD in bf16 | 32.5 ± 1.0 | 3 | +0.3 [" in text
+    # a run made here that the summary has with another value: refused, naming it
+    _fake_run(out, "pd", 1, 32.0)
+    with pytest.raises(SystemExit, match="pd seed 1: 32.000 here, 32.500 published"):
+        mod.Table(mod.parse_args(argv)).collect()
+    _fake_run(out, "pd", 1, 32.5)
+    # a pre-training made here with other held-out scores: refused
+    assert mod.merge_pretraining({"x": {"held_out": {"sem_seg/mIoU": 1.0}}}, {"x": {"held_out": {"sem_seg/mIoU": 1.0}}})
+    with pytest.raises(SystemExit, match="pre-training 'mobilenetv2_camvid'"):
+        mod.merge_pretraining({"mobilenetv2_camvid": {"held_out": {"sem_seg/mIoU": 35.2}}}, pub["pretraining"])
+    with pytest.raises(SystemExit):
+        mod.parse_args(argv + ["--from-summary", str(published)])
+
+
+def test_bf16_rows_train_with_autocast_against_their_float32_rows(table):
+    mod, data, tmp = table
+    t = mod.Table(mod.parse_args(["--data-root", str(data), "--output", str(tmp / "b"), "--pretrained", "none",
+                                  "--seeds", "1", "--blocks", "bf16_student,bf16_pd"] + TINY))
+    jobs = {j.key: j for j in t.jobs()}
+    assert set(jobs) == {"teacher/seed0", "student/seed0", "student@bf16/seed0", "pd/seed0", "pd@bf16/seed0"}
+    assert "SOLVER.AMP.ENABLED True" in " ".join(jobs["pd@bf16/seed0"].cmd)
+    assert "SOLVER.AMP.ENABLED" not in " ".join(jobs["pd/seed0"].cmd) + " ".join(jobs["teacher/seed0"].cmd)
+    assert mod.METHODS["pd@bf16"].baseline == "pd"
