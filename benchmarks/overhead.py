@@ -34,10 +34,13 @@ median) is the run's **noise floor**, reported with every table next to the spre
 inference rows that do exactly the baseline's work; a ratio within the floor of 1.00 is no
 difference. ``--threads`` is 1 by default (the docs' tables assume it).
 
-**Precisions** (``--precisions fp32 bf16 channels_last bf16_channels_last``; ``fp16`` on
-CUDA): every model is also timed, in the same shuffled rounds, under autocast in bf16
-(fp16), with its weights and batch in channels_last (a second copy of the model, the same
-initial weights), or both; the "Precision" table gives each row's fp32 time and the speed-up
+**Precisions** (``--precisions fp32 bf16 channels_last bf16_channels_last
+teacher_bf16_channels_last``; ``fp16`` on CUDA): every model is also timed, in the same
+shuffled rounds, under autocast in bf16 (fp16), with its weights and batch in channels_last
+(a second copy of the model, the same initial weights), or both; or, for a Distiller, with its
+frozen teacher's forward alone in bf16 (``MODEL.DISTILL.TEACHER.PRECISION bf16``) and the
+float32 student in channels_last (a model without a teacher, and every deployed model, then
+does channels_last's work: a second measurement of it); the "Precision" table gives each row's fp32 time and the speed-up
 of each precision over it (> 1: faster), at training (the forward under autocast, the
 backward outside it, as the trainer's step) and at inference. On CPU the process's CPU time per
 step is reported next to the wall time and is the figure the ratios use: on a shared machine
@@ -183,8 +186,11 @@ INFERENCE_BASELINE = {"baseline": "plain", "student": "student"}  # training bas
 TARGETS = {"sr": ("baseline", 1.15), "hwd": ("cwd", 1.05), "fakd_cwd": ("cwd", 1.2), "fakd_pd": ("cwd", 1.2)}
 COVARIANCES = ("diagonal", "full")
 # The numeric precision / memory format a model is timed in, besides float32: autocast in bf16
-# (fp16: CUDA only), the model and its batches in channels_last, or both.
-PRECISIONS = ("fp32", "bf16", "fp16", "channels_last", "bf16_channels_last")
+# (fp16: CUDA only), the model and its batches in channels_last, or both; or a Distiller's frozen
+# teacher alone in bf16 (MODEL.DISTILL.TEACHER.PRECISION) with the float32 student in channels_last
+# (a model without a teacher, and every deployed model, then does channels_last's work).
+TEACHER_BF16 = "teacher_bf16_channels_last"
+PRECISIONS = ("fp32", "bf16", "fp16", "channels_last", "bf16_channels_last", TEACHER_BF16)
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "bf16_channels_last": torch.bfloat16}
 
 
@@ -261,6 +267,18 @@ def build(file: str, overrides: Sequence, settings: Settings) -> nn.Module:
     cfg = load_cfg(file, overrides, settings)
     torch.manual_seed(0)
     return build_model(cfg)
+
+
+def teacher_bf16_variant(name: str, settings: Settings) -> nn.Module:
+    """Row ``name`` (a Distiller) with its frozen teacher's forward in bf16 and the float32
+    student in channels_last, in training mode at mid-schedule (the same initial weights)."""
+    m = ROWS[name]
+    overrides = tuple(m.overrides) + ("MODEL.DISTILL.TEACHER.PRECISION", "bf16")
+    cfg = load_cfg(m.config, overrides, settings)
+    model = use_channels_last(build(m.config, overrides, settings).train())
+    if isinstance(model, FollowsTrainingProgress):
+        model.set_training_progress(cfg.SOLVER.MAX_ITER // 2, cfg.SOLVER.MAX_ITER)
+    return model
 
 
 def make_batch(n: int, size: Tuple[int, int], num_classes: int, seed: int = 0, labels: bool = True):
@@ -559,7 +577,7 @@ def _run(args, names, device, cuda, tmp) -> dict:
         settings = settings._replace(clusters=clusters)
 
     # ---- training block
-    models, opts, variants = {}, {}, {}
+    models, opts, variants, teacher_bf16 = {}, {}, {}, {}
     precisions = list(args.precisions)
     for n in names:
         m = ROWS[n]
@@ -576,6 +594,9 @@ def _run(args, names, device, cuda, tmp) -> dict:
             if isinstance(cl, FollowsTrainingProgress):
                 cl.set_training_progress(cfg.SOLVER.MAX_ITER // 2, cfg.SOLVER.MAX_ITER)
             variants[n] = (cl, torch.optim.SGD(cl.parameters(), lr=1e-3, momentum=0.9))
+        if TEACHER_BF16 in precisions and cfg.MODEL.META_ARCHITECTURE == "Distiller":
+            tb = teacher_bf16_variant(n, settings)
+            teacher_bf16[n] = (tb, torch.optim.SGD(tb.parameters(), lr=1e-3, momentum=0.9))
     batch = make_batch(args.batch, args.size, num_classes)
     # reference rows: the baselines and CWD (the "x CWD" reference), timed several times per round
     refs = set(BASELINES) | {"cwd"}
@@ -583,7 +604,10 @@ def _run(args, names, device, cuda, tmp) -> dict:
                for k in range(args.reference_repeats if n in refs else 1)]
 
     def one_train_step(e: Entry):
-        model, opt = variants[e.name] if uses_channels_last(e.precision) else (models[e.name], opts[e.name])
+        if e.precision == TEACHER_BF16 and e.name in teacher_bf16:
+            model, opt = teacher_bf16[e.name]
+        else:
+            model, opt = variants[e.name] if uses_channels_last(e.precision) else (models[e.name], opts[e.name])
         return train_step(model, opt, batch, device, e.precision)
 
     rec = timed_rounds(entries, one_train_step, args.warmup + args.rounds, args.warmup, args.seed, "training")
@@ -636,7 +660,7 @@ def _run(args, names, device, cuda, tmp) -> dict:
             cl = build(m.deploy_config, m.deploy_overrides, settings)
             cl.load_state_dict(state, strict=True)
             deployed_cl[row] = use_channels_last(cl).eval()
-    for d in (models, opts, variants):  # free the training models before the inference block
+    for d in (models, opts, variants, teacher_bf16):  # free the training models before the inference block
         d.clear()
     infer_batch = make_batch(args.batch, args.size, num_classes, labels=False)
     irefs = set(INFERENCE_BASELINE.values())

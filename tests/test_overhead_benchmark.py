@@ -179,15 +179,17 @@ def test_precisions_noise_floor_and_one_thread_by_default(tmp_path):
     try:
         md = tmp_path / "p.md"
         res = overhead.main(["--batch", "2", "--size", "32x32", "--warmup", "0", "--rounds", "1", "--methods", "cwd",
-                             "--precisions", "bf16", "channels_last", "--reference-repeats", "2", "--markdown",
+                             "--precisions", "bf16", "channels_last", "teacher_bf16_channels_last",
+                             "--reference-repeats", "2", "--markdown",
                              str(md)])
     finally:
         torch.set_num_threads(threads)
     assert "1 thread(s)" in res["settings"]["where"]
-    assert res["settings"]["precisions"] == ["fp32", "bf16", "channels_last"]
+    precisions = ["fp32", "bf16", "channels_last", "teacher_bf16_channels_last"]
+    assert res["settings"]["precisions"] == precisions
     for block in ("training", "inference"):
         for n, v in res[block].items():
-            assert set(v["precision"]) == {"fp32", "bf16", "channels_last"} and v["precision"]["fp32"]["speedup"] == 1
+            assert set(v["precision"]) == set(precisions) and v["precision"]["fp32"]["speedup"] == 1
             fp32 = v["precision"]["fp32"]["time_s"]
             # each speed-up is the fp32 time over that precision's, of the same row in the same run
             assert all(x["time_s"] > 0 and x["speedup"] == pytest.approx(fp32 / x["time_s"])
@@ -213,3 +215,29 @@ def test_hs3_gmacs_toy_size():
     assert rows["HS3"] == rows["baseline"]
     (base, p0), (fuse, p1), (light, p2) = rows["baseline"], rows["HS3-Fuse"], rows["HS3-Fuse (lighter)"]
     assert base < light < fuse and p0 < p2 < p1
+
+
+def test_teacher_bf16_column_runs_the_teacher_alone_in_bf16():
+    """--precisions teacher_bf16_channels_last: the Distiller's teacher forward in bf16, its
+    student in float32 with channels_last weights (a forward hook sees the dtypes)."""
+    import torch
+
+    from segdistill.modeling.meta_arch.distill import Distiller
+
+    settings = overhead.Settings(device="cpu")
+    model = overhead.teacher_bf16_variant("cwd", settings)
+    assert isinstance(model, Distiller) and model.teacher_precision == "bf16"
+    seen = {}
+
+    def hook(name):
+        def record(mod, args, out):
+            seen.setdefault(name, out.dtype)
+        return record
+
+    t_conv = next(mm for mm in model.teacher.modules() if isinstance(mm, torch.nn.Conv2d))
+    s_conv = next(mm for mm in model.student.modules() if isinstance(mm, torch.nn.Conv2d))
+    t_conv.register_forward_hook(hook("teacher"))
+    s_conv.register_forward_hook(hook("student"))
+    assert s_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    model(overhead.make_batch(2, (32, 32), 10))
+    assert seen == {"teacher": torch.bfloat16, "student": torch.float32}
