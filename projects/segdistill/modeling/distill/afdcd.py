@@ -41,15 +41,23 @@ Defaults: the authors' code (OSVAI/Af-DCD ``train_ocmgd.py`` lines 76-80:
 ``losses/ocmgd.py`` lines 15-18: ``tau_ocd 0.07, M_ocd 16, pool_size 4, patch_size (4, 4)``;
 ``train_ocmgd.py`` line 304: the last-stage feature ``c4`` of both models). Their Cityscapes
 DeepLabV3 R101 -> R18 script (``train_scripts/cityscape/deeplabv3_r101_deeplabv3_r18_ocmgd.sh``
-lines 8-12) uses ``--lambda-fd 2e-6 --lambda-ctr 5e-3 --enhance_projector True`` (and
-``--rand_mask False``, which ``type=bool`` parsing reads as True, so the mask stays random):
-``FD_WEIGHT 2e-6 CTR_WEIGHT 5e-3 PROJECTOR enhanced`` (docs/reproduce.md). Not reproduced:
-CamVid's 44 x 44 crop instead of the pooling (``ocmgd.py`` lines 79-82) and the gradient
-clipping of the projector (``train_ocmgd.py`` line 315).
+lines 8-12) sets ``--lambda-fd 2e-6 --lambda-ctr 5e-3`` and spells two flags with underscores,
+``--rand_mask False --enhance_projector True``, which ``train_ocmgd.py``'s parser (``--rand-mask``,
+``--enhance-projector``, lines 78 and 80; strict ``parse_args``, line 117) rejects: the script as
+published stops at argument parsing, so which projector gave its 77.03 is not known from the
+code. The recipe takes the script's evident intent, ``FD_WEIGHT 2e-6 CTR_WEIGHT 5e-3 PROJECTOR
+enhanced`` (docs/reproduce.md); the mask stays random in any spelling that parses (``type=bool``
+reads the string "False" as True). Not reproduced: CamVid's 44 x 44 crop instead of the pooling
+(``ocmgd.py`` lines 77-80) and the gradient clipping of the projector (``train_ocmgd.py`` line 315).
 
-The paper's method section could not be read here (the stored public copies searched hold its
-abstract only), so its equation numbers are not cited: each term is named by its role and its
-form is the authors' code's.
+The paper's equations are not cited by number: its text could not be read from this machine.
+Searched: the stored public page copies (arXiv, OpenReview, NeurIPS and mirror pages; each is
+stored from its beginning only, so they give the abstract), the public-repository index (no
+copy of the text, summaries only) and the authors' repository (README and code, no formulas).
+Each term is named by its role, as the abstract and the authors' README name it (masked
+feature mimicking; omni-contrasting), and its form is the authors' code's (``losses/ocmgd.py``
+lines 53-128), checked line by line; take the numbers from the paper (arXiv 2312.04168) before
+citing them.
 """
 from __future__ import annotations
 
@@ -97,7 +105,9 @@ def afdcd_center_mask(n: int, h: int, w: int, *, device=None, dtype=torch.float3
 
 
 def feature_mimicking_loss(projected: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """``1 / N * sum (F - T)^2`` over channels and positions."""
+    """``L_fd`` (module docstring), the masked feature mimicking term: ``1 / N * sum (F - T)^2`` over
+    channels and positions (``losses/ocmgd.py`` line 69: summed squared error over the batch size;
+    the paper's equation number not read, see the module docstring)."""
     return (projected - teacher.detach()).pow(2).sum() / teacher.shape[0]
 
 
@@ -114,7 +124,9 @@ def afdcd_tokens(x: torch.Tensor, patch, groups: int) -> torch.Tensor:
 
 def omni_contrastive_loss(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float, groups: int,
                           patch_size: int, pool: int) -> torch.Tensor:
-    """``L_ctr`` (see the module docstring) of the projected student feature and the teacher's."""
+    """``L_ctr`` (see the module docstring), the omni-contrasting term, of the projected student feature
+    and the teacher's (``losses/ocmgd.py`` lines 74-114, divided by the batch size at line 70; the
+    paper's equation number not read, see the module docstring)."""
     teacher = teacher.detach()
     if pool > 0:
         student, teacher = F.max_pool2d(student, pool), F.max_pool2d(teacher, pool)

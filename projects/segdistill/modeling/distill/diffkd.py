@@ -5,8 +5,11 @@ and then used to denoise the student's feature before the two are compared: the 
 has to match what survives the denoising, not the noise a smaller model cannot avoid.
 
 **Tap.** The student's and the teacher's last backbone stage (``res5`` / ``res5``). The
-authors' public code is for classification (the last stage, ``layer4``, plus the logits), not
-segmentation. The last stage is the feature that code taps, a dense map in a segmentation
+authors' repository holds classification code (the last stage, ``layer4``, plus the logits), not
+segmentation; the first author has since shared a segmentation archive (code, log and checkpoint
+of DeepLabV3-R101 -> R18) through a download link in the repository's issue tracker ("Segmentation
+Code", 2024-02-21), which could not be read from this machine, so its tap is not known here. The
+last stage is the feature that code taps, a dense map in a segmentation
 backbone, and the tap of the other 2022-2023 rows built on CIRKD's code (MGD, Af-DCD), which
 puts the comparison on equal terms; it is also where the autoencoder pays (2048 channels for
 ResNet-101). Any tap pair can be set.
@@ -66,16 +69,21 @@ objective also distills the logits (a second, 1x1 diffusion model with KL at tem
 here the logits get the pixel-wise KD (``pd``, temperature 1, weight 1) without the second
 diffusion model, one denoiser per row as in the paper's dense-prediction form.
 
-The paper's text beyond its abstract could not be read here (the stored public copies
-searched, a NeurIPS 2023 text dump among them, hold its abstract and the start of its
-introduction only), so its equation numbers are not cited; every term is named by its role and its form taken from the authors' code
-(hunto/image_classification_sota ``lib/models/losses/diffkd/diffkd.py`` lines 39-79,
-``diffkd_modules.py`` lines 5-153, ``scheduling_ddim.py``; ``kd_loss.py`` lines 75-91 and
-148-161): ``inference_steps=5``, ``num_train_timesteps=1000``, ``use_ae=True``, the linear
-beta schedule, ``eta = 0``. Differences: the time embedding has ``T`` rows (the code's 1280 rows
-of which only the first ``T`` are ever read), the DDIM step uses the predicted noise directly
-(the code re-derives it from ``x0``, the same value without clipping), ``AE_CHANNELS 0`` is the
-code's own default (half the teacher's channels; the ImageNet config's 1024).
+The paper's equations are not cited by number: its text could not be read from this machine.
+Searched: the stored public page copies (arXiv, NeurIPS, a NeurIPS 2023 text dump and mirror
+pages; each is stored from its beginning only, so they give the abstract and the start of the
+introduction), the public-repository index (no copy of the text) and the authors' repositories
+(README and code, no formulas). Every term is named by its role and its form taken from the
+authors' code, checked line by line (hunto/image_classification_sota
+``lib/models/losses/diffkd/diffkd.py`` lines 39-79, ``diffkd_modules.py`` lines 5-153,
+``scheduling_ddim.py``; ``kd_loss.py`` lines 75-91 and 148-161): ``inference_steps=5``,
+``num_train_timesteps=1000``, ``use_ae=True``, the linear beta schedule, ``eta = 0``; take the
+numbers from the paper (arXiv 2305.15712) before citing them. Differences: the time embedding
+has ``T`` rows (the code's 1280 rows of which only the first ``T`` are ever read), the DDIM step
+uses the predicted noise directly (the code re-derives it from ``x0``, the same value without
+clipping). ``AE_CHANNELS 0`` is half the teacher's channels, the default of the code's ``DiffKD``
+class (``diffkd.py`` lines 24-25); the code's KD entry point defaults to 1024 (``kd_loss.py``
+line 77), as do its ImageNet configs: the same value for a ResNet-101 teacher's 2048 channels.
 
 The random draws (per step: the timesteps, the training noise, the start noise, in that order)
 come from a generator on the feature's device seeded by ``SEED``, the process's rank and the
@@ -128,14 +136,16 @@ class NoisePredictor(nn.Module):
                                   nn.Conv2d(channels, channels, 1), nn.BatchNorm2d(channels))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``t``: one timestep (0-d) or one per image (N)."""
+        """``eps_theta(x, t)`` (``diffkd_modules.py`` lines 55-61); ``t``: one timestep (0-d) or one per image (N)."""
         emb = self.time_embedding(t.long()).to(x.dtype)
         emb = emb.view(1, -1, 1, 1) if emb.dim() == 1 else emb[:, :, None, None]
         return self.pred(x + emb)
 
 
 class NoiseAdapter(nn.Module):
-    """``gamma`` per image in (0, 1): how much of the student feature the start sample keeps."""
+    """``gamma`` per image in (0, 1): how much of the student feature the start sample keeps, the
+    adaptive noise matching (``diffkd_modules.py`` lines 5-26, used at lines 113-116; the paper's
+    equation number not read, see the module docstring)."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -175,7 +185,8 @@ def ddim_timesteps(train_timesteps: int, steps: int) -> Tuple[List[int], int]:
 
 def ddim_denoise(model: nn.Module, x: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: List[int],
                  stride: int) -> torch.Tensor:
-    """Deterministic DDIM (``sigma = 0``) from ``x`` through ``timesteps``, ``abar_{<0} = 1``."""
+    """Deterministic DDIM (``sigma = 0``; Song et al., ICLR 2021, Eq. 12) from ``x`` through ``timesteps``,
+    ``abar_{<0} = 1`` (``diffkd_modules.py`` lines 120-131, ``scheduling_ddim.py`` ``step``)."""
     for t in timesteps:
         a_t = alphas_cumprod[t].to(x.dtype)
         a_prev = alphas_cumprod[t - stride].to(x.dtype) if t - stride >= 0 else x.new_tensor(1.0)
@@ -282,6 +293,8 @@ class KnowledgeDiffusionDistillation(DistillLoss):
         return hidden.detach(), F.mse_loss(rec, teacher_feature.detach())
 
     def diffusion_loss(self, z: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """``L_diff`` (module docstring), DDPM's simple objective on the target space (``diffkd.py``
+        lines 67-79; the paper's equation number not read, see the module docstring)."""
         a = self.alphas_cumprod.to(z.dtype)[timesteps][:, None, None, None]
         noisy = a.sqrt() * z + (1 - a).sqrt() * noise
         return F.mse_loss(self.model(noisy, timesteps), noise)
@@ -296,7 +309,8 @@ class KnowledgeDiffusionDistillation(DistillLoss):
 
     def forward(self, student_feature: torch.Tensor, teacher_feature: torch.Tensor, timesteps: torch.Tensor,
                 noise: torch.Tensor, start_noise: torch.Tensor):
-        """(L_kd, L_diff, L_ae or None), unweighted, with the given draws."""
+        """(L_kd, L_diff, L_ae or None), unweighted, with the given draws (``diffkd.py`` lines 39-65 and
+        ``kd_loss.py`` lines 136-161: ``L_kd`` the MSE of the denoised student and ``Z``)."""
         z, ae = self.target(teacher_feature)
         kd = F.mse_loss(self.denoise(student_feature, start_noise), z)
         return kd, self.diffusion_loss(z, timesteps, noise), ae

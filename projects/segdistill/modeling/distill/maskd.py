@@ -14,9 +14,12 @@ masks must differ::
     L_dice = 1 / (N T (T - 1)) * sum_n sum_{i != j} 2 <M_i, M_j> / (|M_i|^2 + |M_j|^2)
 
 (``segmentation/losses/maskd.py`` ``dice_coeff`` and ``MaskModule.forward_train``;
-``segmentation/train_mask_module.py`` lines 229-245: CE + Dice with weight 1, SGD lr 0.1 poly
-0.9, momentum 0.9, weight decay 1e-3, 10k iterations, tokens drawn from N(0, 0.01^2), line 175:
-8 tokens on the 19 logits). The tokens file holds the T x K tokens.
+``segmentation/train_mask_module.py`` lines 229-245: CE + Dice with weight 1; lines 54-60: SGD
+lr 0.1 poly 0.9, momentum 0.9, weight decay 1e-3, 10k iterations; tokens drawn from
+N(0, 0.01^2), ``losses/maskd.py`` line 26; line 175: 8 tokens on the 19 logits). The upsampling
+before the CE is bilinear with ``align_corners=False`` here; the authors' ``SegCrossEntropyLoss``
+(``segmentation/losses/loss.py`` line 21) uses ``align_corners=True``. The tokens file holds the
+T x K tokens.
 
 **Stage 2, the distillation** (this loss, ``loss_maskd``), tokens fixed (``train_maskd.py``
 lines 201-207 give the optimizer the student alone), masks from the teacher::
@@ -28,12 +31,15 @@ lines 201-207 give the optimizer the student alone), masks from the teacher::
 line 259: ``--lambda-kd 1``; so ``WEIGHT`` 0.5). With ``MODEL.DISTILL.EXCLUDE_IGNORE`` the masks
 are 0 at ignore pixels. No connector: both models predict the same K classes.
 
-The paper's method section could not be read here (the stored public copies searched, an
-ICLR 2023 text dump and arXiv mirrors among them, hold its abstract and introduction only), so
-its equation numbers are not cited; the forms above are the authors' segmentation code, which
-the abstract describes (tokens learnt on the frozen teacher with the task loss and a Dice loss
-for diverse masks; pixel-wise reconstruction on each mask; the area normalisation is the
-code's). Not used by the segmentation code, so not here: the paper's mask
+The paper's equations are not cited by number: its text could not be read from this machine.
+Searched: the stored public page copies (arXiv, OpenReview, an ICLR 2023 text dump and mirror
+pages; each is stored from its beginning only, so they give the abstract and the start of the
+introduction), the public-repository index (no copy of the text) and the authors' repository
+(README and code, no formulas). The forms above are the authors' segmentation code's, checked
+line by line, which the abstract describes (tokens learnt on the frozen teacher with the task
+loss and a Dice loss for diverse masks; pixel-wise reconstruction on each mask; the area
+normalisation is the code's); take the numbers from the paper (arXiv 2205.14589) before citing
+them. Not used by the segmentation code, so not here: the paper's mask
 weighting module (detection). Not reproduced: the authors' script also distils the auxiliary
 head's logits (x 0.4, ``train_maskd.py`` line 263); the teacher's auxiliary head is not a tap
 (it does not run in eval()), so that term is left out; their token stage runs the teacher in
@@ -70,20 +76,25 @@ TOKENS_COMMAND = "python tools/maskd_tokens.py --config-file <this config> --out
 
 
 def receptive_masks(tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """T x K tokens, N x K x h x w logits -> N x T x h x w masks ``sigmoid(t_i . z_p)``."""
+    """T x K tokens, N x K x h x w logits -> N x T x h x w masks ``sigmoid(t_i . z_p)``, the pixel-wise
+    attention of the receptive tokens (``losses/maskd.py`` ``MaskModule.forward_mask``, lines 36-43;
+    the paper's equation number not read, see the module docstring)."""
     return torch.einsum("tk,nkhw->nthw", tokens.to(logits.dtype), logits).sigmoid()
 
 
 def maskd_loss(student: torch.Tensor, teacher: torch.Tensor, masks: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """``L_maskd`` (module docstring): the mean over images, masks and classes of each mask's
-    squared, masked difference, normalised by the mask's sum. The teacher's side is a target."""
+    squared, masked difference, normalised by the mask's sum (``losses/maskd.py`` ``MasKDLoss.forward``,
+    lines 66-78, without its factor 0.5, which ``WEIGHT`` carries; the paper's equation number not
+    read). The teacher's side is a target."""
     teacher, masks = teacher.detach(), masks.detach()
     diff = (masks[:, :, None] * (student - teacher)[:, None]).pow(2).sum((3, 4))  # N x T x K
     return (diff / (masks.sum((2, 3))[..., None] + eps)).mean()
 
 
 def mask_diversity(masks: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """``L_dice``: the Dice coefficient of every ordered pair of distinct masks, averaged."""
+    """``L_dice``: the Dice coefficient of every ordered pair of distinct masks, averaged
+    (``losses/maskd.py`` ``dice_coeff``, lines 6-19; the paper's equation number not read)."""
     m = masks.flatten(2)  # N x T x P
     inner = m @ m.transpose(1, 2)  # N x T x T
     sq = inner.diagonal(dim1=1, dim2=2) + eps
@@ -95,7 +106,9 @@ def mask_diversity(masks: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 def token_learning_loss(tokens: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, *,
                         ignore_value: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(CE of the masked sum of the teacher's logits upsampled to the labels, ``L_dice``)."""
+    """(CE of the masked sum of the teacher's logits upsampled to the labels, ``L_dice``): the two
+    terms of ``L_tokens`` (``train_mask_module.py`` lines 232-239; the paper's equation numbers not
+    read)."""
     masks = receptive_masks(tokens, logits.detach())
     masked = (masks[:, :, None] * logits.detach()[:, None]).sum(1)
     masked = F.interpolate(masked, size=labels.shape[-2:], mode="bilinear", align_corners=False)
