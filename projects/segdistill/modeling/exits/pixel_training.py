@@ -58,10 +58,12 @@ detach; its training wrapper (``lib/utils/utils.py`` ``FullEEModel``) takes the 
 every (aggregated) output and ``lib/core/function.py`` sums them with ``EE_WEIGHTS``. So the
 code, as here, trains each later output on the copy-aggregated logits with gradient into the
 exit that froze a pixel, and the masks carry none (they come from a comparison). The paper
-(Liu et al., ICLR 2022, "Anytime Dense Prediction with Confidence Adaptivity", Sec. 3.3)
-describes the same copy of a confident pixel's prediction to the later exits; no difference
-in the training loss between the paper and the code was found, so there is one behaviour
-and no ``VARIANT`` key. What differs from the code, so that training agrees with this
+(Liu et al., ICLR 2022, "Anytime Dense Prediction with Confidence Adaptivity") describes
+the same: confident predictions are kept and skip the later layers' computation, and the
+later exits reuse them. No difference in the training loss between the paper (as far as its
+text was available when this was written: abstract, Fig. 2) and the code was found, so there
+is one behaviour and no ``VARIANT`` key; should one be found, the paper's form becomes the
+default and this one an option. What differs from the code, so that training agrees with this
 project's inference (policy ``pixel``):
 
 * the decision is taken at the input size on each exit's own logits resized bilinearly
