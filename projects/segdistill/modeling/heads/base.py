@@ -32,6 +32,7 @@ So every head here exposes:
 * ``forward_outputs(features) -> dict``: ``{"features", "logits"}`` plus ``"aux_logits"``
   in training when an auxiliary FCN head is configured;
 * ``losses(outputs, targets) -> dict``: ``loss_sem_seg`` (and ``loss_aux``);
+  ``input_size_loss(logits, targets)``: ``loss_sem_seg`` of logits already at the targets' size;
 * ``predict_logits(logits, output_size)``: the logits as inference returns them (by the
   ``output_resize`` rule); ``forward(features, targets, output_size=...)``
   is ``forward_outputs`` then ``losses`` (training) or ``predict_logits`` (inference).
@@ -353,15 +354,18 @@ class SegHeadMixin(ConvertibleHead):
 
     def losses(self, outputs: Dict[str, torch.Tensor], targets: torch.Tensor) -> Dict[str, torch.Tensor]:
         logits = upsample_logits(outputs["logits"], self.common_stride, self.align_corners)
-        losses = {
-            "loss_sem_seg": self.loss_weight
-            * sem_seg_loss(logits, targets, self.ignore_value, self.loss_type, self.class_weights)
-        }
+        losses = {"loss_sem_seg": self.input_size_loss(logits, targets)}
         if "aux_logits" in outputs:
             aux = upsample_logits(outputs["aux_logits"], self.aux_head.stride, self.align_corners)
             losses["loss_aux"] = self.aux_head.loss_weight * safe_cross_entropy(aux, targets, self.ignore_value,
                                                                                 self.class_weights)
         return losses
+
+    def input_size_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``loss_sem_seg`` of logits already at the targets' size (weighted, the head's loss
+        type and class weights): what :meth:`losses` takes after upsampling the head's logits,
+        and what mask-aware training takes of the aggregated final logits."""
+        return self.loss_weight * sem_seg_loss(logits, targets, self.ignore_value, self.loss_type, self.class_weights)
 
 
 def seg_head_names() -> List[str]:

@@ -16,6 +16,12 @@ named loss terms, next to the head's own ``loss_sem_seg``. Everything mode-speci
 exit's class count, label tables, an :class:`~segdistill.modeling.exits.ExitFusion`) comes
 from the objective class through its written contract (``segdistill.modeling.exits.objective``).
 
+With ``MODEL.EXITS.PIXEL.TRAIN_THRESHOLD`` > 0 (``pixel_train_threshold``) the training forward
+is mask-aware (:mod:`segdistill.modeling.exits.pixel_training`): the stages run one by one,
+pixels an exit answers confidently are frozen, later stages run masked on the rest, and later
+outputs are trained on the copy-aggregated logits, as ``AnytimeSegmentor`` policy ``pixel``
+infers; :meth:`MultiExitSegmentor.pixel_run` is that forward.
+
 With a fusion (HS3-Fuse) the exits are part of the deployed model: their fused features widen
 the head's input, so they run in ``eval()`` too and :meth:`deploy_state_dict` keeps them
 (classifiers dropped); such a checkpoint loads into the same config.
@@ -41,6 +47,7 @@ from ..exits import (
     EXIT_OBJECTIVES, HEAD_FEATURE_PREFIX, ExitFusion, ExitObjective, ExitOutput, MultiExitOutputs,
     MultiLabelClassifier, build_exit_heads, exit_modes, exit_size,
 )
+from ..exits.pixel_training import PixelRun, PixelTraining, check_train_threshold
 from ..distill.taps import HEAD_TAPS, StudentTaps, collect_taps, normalise_inputs
 from ..heads.base import SegHeadMixin
 from .segmentor import SemanticSegmentorAnySize
@@ -91,6 +98,7 @@ class MultiExitSegmentor(SemanticSegmentorAnySize, DeployableModel):
         objective: Optional[ExitObjective],
         eval_exits: bool,
         fusion: Optional[ExitFusion],
+        pixel_train_threshold: float = 0.0,
     ):
         """
         Args:
@@ -104,6 +112,9 @@ class MultiExitSegmentor(SemanticSegmentorAnySize, DeployableModel):
             fusion: an :class:`ExitFusion` feeding the exits into the head (HS3-Fuse), or None;
                 ``sem_seg_head`` must have been built for its ``head_input_shapes``. Kept as
                 the attribute ``fusion.name`` (its parameters' prefix, e.g. ``hs3_fuse``).
+            pixel_train_threshold: ``MODEL.EXITS.PIXEL.TRAIN_THRESHOLD``: 0 = off (the plain
+                training forward); in (0, 1]: mask-aware training with that top-probability
+                threshold after every exit (:class:`PixelTraining`).
         """
         super().__init__(backbone=backbone, sem_seg_head=sem_seg_head, pixel_mean=pixel_mean, pixel_std=pixel_std)
         self.exits = nn.ModuleDict(dict(exits or {}))
@@ -119,6 +130,10 @@ class MultiExitSegmentor(SemanticSegmentorAnySize, DeployableModel):
                 )
             self._fusion_name = fusion.name
             self.add_module(fusion.name, fusion)
+        self.pixel_training: Optional[PixelTraining] = None
+        if check_train_threshold(pixel_train_threshold) > 0:
+            self.pixel_training = PixelTraining(pixel_train_threshold)
+            self.pixel_training.check(backbone, self.exits, sem_seg_head, fused=fusion is not None)
         if not self.exits:
             return
         if objective is None:
@@ -165,7 +180,7 @@ class MultiExitSegmentor(SemanticSegmentorAnySize, DeployableModel):
         ret = {
             "backbone": backbone, "sem_seg_head": head,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
-            "eval_exits": c.EVAL_EXITS, "fusion": fusion,
+            "eval_exits": c.EVAL_EXITS, "fusion": fusion, "pixel_train_threshold": c.PIXEL.TRAIN_THRESHOLD,
             "exits": None, "final_classifier": None, "objective": None,
         }
         if objective_cls is None:
@@ -244,10 +259,29 @@ class MultiExitSegmentor(SemanticSegmentorAnySize, DeployableModel):
         return MultiExitOutputs(exits=exits, final=final, head=head_out, backbone=features,
                                 image_size=tuple(image_hw))
 
-    def _training_losses(self, outputs: MultiExitOutputs, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """The head's own losses (``loss_sem_seg`` scaled by the objective's ``final_loss_weight``)
-        and the objective's terms."""
-        losses = self.sem_seg_head.losses(outputs.head, targets)
+    def pixel_run(self, x: torch.Tensor) -> PixelRun:
+        """The mask-aware forward of a padded, normalised batch ``x`` (in ``train()`` or ``eval()``;
+        needs ``pixel_train_threshold`` > 0): :meth:`PixelTraining.run` on this model's parts."""
+        if self.pixel_training is None:
+            raise RuntimeError("pixel_run needs mask-aware training: MODEL.EXITS.PIXEL.TRAIN_THRESHOLD > 0.")
+        return self.pixel_training.run(backbone=self.backbone, exits=self.exits, head=self.sem_seg_head,
+                                       final_classifier=self.final_classifier, x=x)
+
+    def _training_step(self, x: torch.Tensor, targets: torch.Tensor):
+        """(backbone features, outputs, losses) of a training step on the padded batch ``x``."""
+        if self.pixel_training is None:
+            features = self.backbone(x)
+            outputs = self.forward_outputs(features, tuple(x.shape[-2:]))
+            return features, outputs, self._training_losses(outputs, targets)
+        run = self.pixel_run(x)
+        head_losses = PixelTraining.head_losses(self.sem_seg_head, run, targets)
+        return run.outputs.backbone, run.outputs, self._training_losses(run.outputs, targets, head_losses)
+
+    def _training_losses(self, outputs: MultiExitOutputs, targets: torch.Tensor,
+                         head_losses: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """The head's own losses (``loss_sem_seg`` scaled by the objective's ``final_loss_weight``;
+        ``head_losses`` when given, else the head's ``losses``) and the objective's terms."""
+        losses = self.sem_seg_head.losses(outputs.head, targets) if head_losses is None else head_losses
         weight = self.exit_objective.final_loss_weight
         if weight != 1.0:
             losses["loss_sem_seg"] = weight * losses["loss_sem_seg"]
@@ -260,15 +294,14 @@ class MultiExitSegmentor(SemanticSegmentorAnySize, DeployableModel):
     # teacher it runs the deployed path only.
     def tap_student(self, batched_inputs, taps) -> StudentTaps:
         images, targets = normalise_inputs(self, batched_inputs)
-        features = self.backbone(images.tensor)
         image_hw = tuple(images.tensor.shape[-2:])
         if self.exits and self.training:
             if targets is None:
                 raise ValueError("Training inputs need 'sem_seg' labels.")
-            outputs = self.forward_outputs(features, image_hw)
+            features, outputs, losses = self._training_step(images.tensor, targets)
             head = outputs.head
-            losses = self._training_losses(outputs, targets)
         else:
+            features = self.backbone(images.tensor)
             head = self.sem_seg_head.forward_outputs(self._head_input(features, image_hw)[0])
             losses = self.sem_seg_head.losses(head, targets) if self.training and targets is not None else {}
         return StudentTaps(losses, collect_taps(taps, features, head), images, targets)
@@ -294,14 +327,11 @@ class MultiExitSegmentor(SemanticSegmentorAnySize, DeployableModel):
         if self.fusion is None and (not self.exits or (not self.training and not self.eval_exits)):
             return super().forward(batched_inputs)
         images = self._images(batched_inputs)
-        features = self.backbone(images.tensor)
-        image_hw = tuple(images.tensor.shape[-2:])
         if self.training:
             if "sem_seg" not in batched_inputs[0]:
                 raise ValueError("Training inputs need 'sem_seg' labels.")
-            targets = self._targets(batched_inputs)
-            return self._training_losses(self.forward_outputs(features, image_hw), targets)
-        return self._inference_with_exits(batched_inputs, images, features)
+            return self._training_step(images.tensor, self._targets(batched_inputs))[2]
+        return self._inference_with_exits(batched_inputs, images, self.backbone(images.tensor))
 
     def _inference_with_exits(self, batched_inputs, images: ImageList, features):
         input_hw = tuple(images.tensor.shape[-2:])
