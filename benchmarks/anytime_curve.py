@@ -59,7 +59,7 @@ from segdistill.engine.anytime import (  # noqa: E402
 )
 from segdistill.evaluation.anytime import ExitRecords, collect_records, fixed_exit_outcome, policy_outcome  # noqa: E402
 from segdistill.evaluation.anytime_calibration import calibrate, check_held_out  # noqa: E402
-from segdistill.evaluation.anytime_risk import calibrate_risk, gap_losses  # noqa: E402
+from segdistill.evaluation.anytime_risk import QUALITIES, calibrate_risk, gap_losses  # noqa: E402
 from segdistill.modeling.meta_arch.anytime import FINAL  # noqa: E402
 
 logger = logging.getLogger("segdistill.anytime_curve")
@@ -354,7 +354,7 @@ def main(argv=None):
     p.add_argument("--risk-epsilons", default="0.02,0.05,0.1",
                    help="risk control: per-image gaps allowed (crc and ucb rows; empty: none)")
     p.add_argument("--risk-delta", type=float, default=0.1, help="risk control (ucb): failure probability")
-    p.add_argument("--risk-quality", choices=["miou", "pixel_accuracy"], default="miou")
+    p.add_argument("--risk-quality", choices=list(QUALITIES), default="miou")
     p.add_argument("--plot", default="", help="also copy the plot here (e.g. docs/images/anytime_demo.png)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--no-timing", action="store_true", help="skip the timed runs (step 4)")

@@ -18,6 +18,14 @@ are then searched on those records (docs/anytime.md):
   (max(0, q_final - q_answer), q in [0, 1]) is at most E on new images drawn like the split:
   in expectation (``crc``, conformal risk control) or with probability 1 - D (``ucb``,
   Hoeffding-Bentkus upper bound); *Fast yet Safe* (Jazbec et al., NeurIPS 2024).
+  ``--risk-quality disagreement`` bounds the share of pixels whose answer differs from the final
+  output's: it reads no label, so unlabelled images can be calibrated on.
+
+``--policy pixel`` calibrates the per-pixel policy's PIXEL_THRESHOLDS instead: the policy
+runs once per candidate setting (``--pixel-grid``, at most 16 shared thresholds; "never"
+is added), so calibration costs that many passes of the split, and the objectives above pick
+among the settings run. The file written is read with
+``MODEL.EXITS.ANYTIME.POLICY pixel MODEL.EXITS.ANYTIME.THRESHOLDS_FILE <output>``.
 
 The split defaults to ``<DATASETS.TRAIN[0]>_hs3_analysis`` (HS3_ANALYSIS.FRACTION,
 SPLIT_SEED, FILES); train on ``<name>_hs3_reduced`` to hold it out. An evaluation
@@ -40,6 +48,8 @@ import segdistill  # noqa: E402,F401
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from segdistill.config import config_tool_parser  # noqa: E402
 from segdistill.engine.anytime import anytime_cfg, calibrate_from_config  # noqa: E402
+from segdistill.evaluation.anytime import QUALITIES  # noqa: E402
+from segdistill.evaluation.anytime_pixel import DEFAULT_PIXEL_GRID  # noqa: E402
 
 
 def main(argv=None):
@@ -54,8 +64,13 @@ def main(argv=None):
                       help="one shared threshold with a guarantee on new images (needs --epsilon)")
     p.add_argument("--epsilon", type=float, default=None, help="risk control: the per-image gap allowed, in (0, 1)")
     p.add_argument("--delta", type=float, default=0.1, help="risk control (ucb): the probability the bound may fail")
-    p.add_argument("--risk-quality", choices=["miou", "pixel_accuracy"], default="miou",
-                   help="risk control: the per-image quality whose gap is controlled")
+    p.add_argument("--risk-quality", choices=list(QUALITIES), default="miou",
+                   help="risk control: the per-image quality whose gap is controlled (disagreement: label-free)")
+    p.add_argument("--policy", choices=["confidence", "pixel"], default="confidence",
+                   help="the policy to calibrate: per-image confidence thresholds, or per-pixel PIXEL_THRESHOLDS")
+    p.add_argument("--pixel-grid", default=None,
+                   help="--policy pixel: comma-separated shared thresholds to run (default: "
+                        f"{','.join(map(str, DEFAULT_PIXEL_GRID))})")
     p.add_argument("--candidates", type=int, default=16, help="threshold candidates per exit")
     p.add_argument("--records", default="", help="save / reuse the split's records here (.npz)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
@@ -65,12 +80,18 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if bool(args.risk_control) != (args.epsilon is not None):
         p.error("--risk-control and --epsilon go together.")
+    if args.pixel_grid is not None and args.policy != "pixel":
+        p.error("--pixel-grid goes with --policy pixel.")
+    try:
+        grid = None if args.pixel_grid is None else [float(v) for v in args.pixel_grid.split(",") if v.strip()]
+    except ValueError:
+        p.error(f"--pixel-grid must be comma-separated numbers, got {args.pixel_grid!r}.")
     cfg = anytime_cfg(args.config_file, args.opts)
     try:
         doc = calibrate_from_config(cfg, args.output, dataset=args.dataset, max_drop=args.max_drop,
                                     budget=args.budget, candidates=args.candidates, records_path=args.records,
                                     risk_control=args.risk_control, epsilon=args.epsilon, delta=args.delta,
-                                    quality=args.risk_quality)
+                                    quality=args.risk_quality, policy=args.policy, pixel_grid=grid)
     except (ValueError, KeyError, FileNotFoundError) as e:
         p.error(str(e))
     print(json.dumps({**doc, "config": args.config_file}, indent=1))

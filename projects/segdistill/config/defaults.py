@@ -197,7 +197,8 @@ def _add_anytime_keys(cfg: CN) -> None:
     # or "fraction_above" (share of pixels whose top probability is >= PIXEL_THRESHOLD).
     cfg.MODEL.EXITS.ANYTIME.CONFIDENCE = "mean_max_prob"
     cfg.MODEL.EXITS.ANYTIME.PIXEL_THRESHOLD = 0.9
-    # Thresholds of "confidence": a file written by tools/calibrate_exits.py ...
+    # Thresholds of "confidence": a file written by tools/calibrate_exits.py (a file written with
+    # --policy pixel holds policy "pixel"'s thresholds instead, read in place of PIXEL_THRESHOLDS) ...
     cfg.MODEL.EXITS.ANYTIME.THRESHOLDS_FILE = ""
     # ... or one value per exit (IN_FEATURES order); above 1 = never answer there (not run).
     cfg.MODEL.EXITS.ANYTIME.THRESHOLDS = []

@@ -7,7 +7,7 @@ HS3's Phase 1, :func:`default_calibration_split`), the per-image records are col
 the trainer's test loader and the thresholds chosen and written
 (:func:`calibrate_from_config`); :func:`evaluate_policy` scores a policy on a split. The
 evaluator, the records and the threshold search it drives are :mod:`segdistill.evaluation`'s
-(``anytime``, ``anytime_calibration``, ``anytime_risk``).
+(``anytime``, ``anytime_pixel``, ``anytime_calibration``, ``anytime_risk``).
 """
 from __future__ import annotations
 
@@ -26,11 +26,12 @@ from ..convert import check_weights_file
 from ..data import register_config_datasets
 from ..evaluation.anytime import AnytimeEvaluator, ExitRecords, collect_records
 from ..evaluation.anytime_calibration import calibrate, check_held_out
+from ..evaluation.anytime_pixel import DEFAULT_PIXEL_GRID, PixelRecords, collect_pixel_records, pixel_candidates
 from ..evaluation.anytime_risk import calibrate_risk, check_risk_args
 from ..hs3 import (
     ANALYSIS_SUFFIX, REDUCED_SUFFIX, maybe_register_hs3_split, read_analysis_files, register_config_splits,
 )
-from ..modeling.meta_arch.anytime import load_anytime_weights, save_thresholds
+from ..modeling.meta_arch.anytime import PIXEL, load_anytime_weights, save_thresholds
 from .trainer import Trainer
 from .mixed_precision import inference_precision, use_channels_last
 
@@ -90,7 +91,8 @@ def default_calibration_split(cfg) -> str:
 def calibrate_from_config(cfg, output: str, *, dataset: str = "", max_drop: Optional[float] = None,
                           budget: Optional[float] = None, candidates: int = 16, records_path: str = "",
                           risk_control: str = "", epsilon: Optional[float] = None, delta: float = 0.1,
-                          quality: str = "miou") -> dict:
+                          quality: str = "miou", policy: str = "confidence",
+                          pixel_grid: Optional[Sequence] = None) -> dict:
     """What ``tools/calibrate_exits.py`` does: choose the thresholds of ``cfg``'s anytime model
     (:func:`anytime_cfg`, ``MODEL.WEIGHTS`` set) on a held-out split and write the thresholds
     file ``output``. Returns the file's summary (thresholds, ``None`` = never, and what they give
@@ -101,14 +103,43 @@ def calibrate_from_config(cfg, output: str, *, dataset: str = "", max_drop: Opti
     ``records_path``: save the split's records there, or reuse them when the file holds
     records of this split. ``max_drop`` / ``budget``: :func:`~segdistill.evaluation.anytime_calibration.calibrate`'s objectives;
     ``risk_control`` (``crc`` / ``ucb``) with ``epsilon``, ``delta``, ``quality`` instead:
-    :func:`~segdistill.evaluation.anytime_risk.calibrate_risk` (one shared threshold with a guarantee)."""
+    :func:`~segdistill.evaluation.anytime_risk.calibrate_risk` (one shared threshold with a guarantee).
+
+    ``policy``: ``confidence`` (image-level: every exit and the head run once per image,
+    :func:`~segdistill.evaluation.anytime.collect_records`) or ``pixel`` (the per-pixel policy
+    runs once per setting of ``pixel_grid``, shared thresholds or per-exit rows, default
+    :data:`~segdistill.evaluation.anytime_pixel.DEFAULT_PIXEL_GRID`:
+    :func:`~segdistill.evaluation.anytime_pixel.collect_pixel_records`); the file written is
+    read as that policy's thresholds (``THRESHOLDS_FILE``)."""
+    if policy not in ("confidence", PIXEL):
+        raise ValueError(f"policy must be 'confidence' or 'pixel', got {policy!r}.")
+    if pixel_grid is not None and policy != PIXEL:
+        raise ValueError("pixel_grid is the candidate settings of policy 'pixel'; set policy 'pixel'.")
     if risk_control:  # checked before the model runs
         if max_drop is not None or budget is not None:
             raise ValueError("Give either risk_control (with epsilon) or max_drop / budget, not both.")
         check_risk_args(risk_control, epsilon, delta, quality)
     name = register_split(cfg, dataset) if dataset else default_calibration_split(cfg)
     check_held_out(name, list(cfg.DATASETS.TEST))
-    if records_path and os.path.isfile(records_path):
+    if policy == PIXEL:
+        grid = list(DEFAULT_PIXEL_GRID if pixel_grid is None else pixel_grid)
+        exits = list(cfg.MODEL.EXITS.IN_FEATURES)
+        pixel_candidates(grid, exits)  # checked before the model runs
+        if records_path and os.path.isfile(records_path):
+            records = PixelRecords.load(records_path)
+            if records.dataset != name:
+                raise ValueError(f"{records_path!r} holds records of {records.dataset!r}, not of the calibration "
+                                 f"split {name!r}: remove the file or name another one.")
+            logger.info("Reusing the per-pixel records in %s (%d images, %d settings).", records_path,
+                        records.num_images, len(records.thresholds))
+        else:
+            check_weights_file(cfg.MODEL.WEIGHTS)
+            model = build_anytime_model(cfg)
+            with inference_precision(cfg.TEST.PRECISION, cfg.MODEL.DEVICE):
+                records = collect_pixel_records(model, Trainer.build_test_loader(cfg, name), name, candidates=grid)
+            if records_path:
+                records.save(records_path)
+    elif records_path and os.path.isfile(records_path):
         records = ExitRecords.load(records_path)
         if records.dataset != name:
             raise ValueError(f"{records_path!r} holds records of {records.dataset!r}, not of the calibration "
@@ -126,9 +157,13 @@ def calibrate_from_config(cfg, output: str, *, dataset: str = "", max_drop: Opti
     else:
         result = calibrate(records, max_drop=max_drop, budget=budget, candidates=candidates)
     a = cfg.MODEL.EXITS.ANYTIME
-    summary = {**result.summary(), "dataset": name, "images": records.num_images, "weights": cfg.MODEL.WEIGHTS}
+    summary = {**result.summary(), "policy": policy, "dataset": name, "images": records.num_images,
+               "weights": cfg.MODEL.WEIGHTS}
+    if policy == PIXEL:  # what every setting gave: G passes of the split were paid for them
+        summary["pixel_mode"] = a.PIXEL_MODE
+        summary["settings"] = [records.candidate_summary(i) for i in range(len(records.thresholds))]
     save_thresholds(output, result.thresholds, confidence=a.CONFIDENCE, pixel_threshold=a.PIXEL_THRESHOLD,
-                    calibration=summary)
+                    calibration=summary, policy=policy)
     if not result.feasible:
         why = result.details.get("reason", "wrote the closest one")
         logger.warning("No threshold setting meets %s on %s: %s.", result.objective, name, why)

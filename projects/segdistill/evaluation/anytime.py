@@ -13,6 +13,11 @@
   histogram on that split then follow exactly without running the model again
   (:func:`policy_outcome`, :func:`evaluate_thresholds`): the confidence policy's answer for
   an image *is* one of those outputs.
+* :class:`ThresholdRecords` is the written contract between a split's records and the threshold
+  searches (:func:`~.anytime_calibration.calibrate`, :func:`~.anytime_risk.calibrate_risk`):
+  :class:`ExitRecords` implements it, and so do the per-pixel policy's records
+  (:class:`~.anytime_pixel.PixelRecords`), whose answers are not recorded outputs but one
+  recorded run per candidate setting.
 
 Choosing the thresholds on such records is :mod:`.anytime_calibration` (an mIoU margin or a
 MACs budget) and :mod:`.anytime_risk` (risk control); the command-line driver that builds
@@ -20,6 +25,7 @@ the model and registers the split is :mod:`segdistill.engine.anytime`.
 """
 from __future__ import annotations
 
+import abc
 import itertools
 import logging
 import math
@@ -40,8 +46,8 @@ from ..modeling.meta_arch.anytime import FINAL, AnytimeCosts
 from .sem_seg import SemSegEvaluator, device_confusion_matrix
 
 __all__ = [
-    "WARMUP_IMAGES", "AnytimeEvaluator", "ExitRecords", "collect_records", "PolicyOutcome", "policy_outcome", "fixed_exit_outcome",
-    "evaluate_thresholds", "miou_of_confusions",
+    "WARMUP_IMAGES", "AnytimeEvaluator", "ThresholdRecords", "ExitRecords", "collect_records", "PolicyOutcome",
+    "policy_outcome", "fixed_exit_outcome", "evaluate_thresholds", "miou_of_confusions", "QUALITIES", "quality_of",
 ]
 
 logger = logging.getLogger(__name__)
@@ -62,6 +68,107 @@ def miou_of_confusions(conf: np.ndarray) -> np.ndarray:
     return 100.0 * iou.sum(-1) / np.maximum(present.sum(-1), 1)
 
 
+#: Per-image qualities in [0, 1] that risk control bounds the gap of (:func:`quality_of`).
+QUALITIES = ("miou", "pixel_accuracy", "disagreement")
+
+
+def quality_of(confusions: np.ndarray, agreement: Optional[np.ndarray], quality: str) -> np.ndarray:
+    """Per-image quality in [0, 1] of outputs, from their confusion matrices ``... x K x K`` and
+    their agreement with the final output ``...`` (the share of the image's pixels where both
+    predict the same class; ``None`` when not recorded).
+
+    ``miou``: the image's mIoU over the classes of its ground truth; ``pixel_accuracy``; both 1
+    for an image without labelled pixels (no gap). ``disagreement``: the agreement, so that the
+    gap to the final output (agreement 1) is the share of pixels whose answer differs from the
+    final output's; it reads no label."""
+    if quality not in QUALITIES:
+        raise ValueError(f"quality must be one of {QUALITIES}, got {quality!r}.")
+    if quality == "disagreement":
+        if agreement is None:
+            raise ValueError("These records hold no agreement with the final output (written before it was "
+                             "recorded): collect them again to use the quality 'disagreement'.")
+        return np.asarray(agreement, dtype=np.float64)
+    conf = np.asarray(confusions, dtype=np.float64)
+    labelled = conf.sum((-2, -1))
+    if quality == "miou":
+        q = miou_of_confusions(conf) / 100.0
+    else:
+        q = np.trace(conf, axis1=-2, axis2=-1) / np.maximum(labelled, 1.0)
+    return np.where(labelled > 0, q, 1.0)
+
+
+# ----------------------------------------------------------------------------- the records contract
+class ThresholdRecords(abc.ABC):
+    """What the threshold searches read of a split's records (the written contract).
+
+    The records of a split hold, per image, a set of *outputs* (:attr:`num_outputs` of them:
+    for :class:`ExitRecords` each exit and the final head; for per-pixel records one run per
+    candidate setting) with their confusion matrices, and let a *threshold setting* (a row of one
+    value per exit, ``inf`` = the exit never answers) be evaluated. Implementations provide:
+
+    * ``exit_names`` (attribute): the exits, shallowest first; a row has one value per exit;
+    * :attr:`num_images`, :attr:`labelled_images` (images with at least one labelled pixel);
+    * :meth:`candidate_values` / :meth:`candidate_settings`: what :func:`~.anytime_calibration.calibrate`
+      searches (every setting, or coordinate descent over the values when there are too many);
+    * :meth:`risk_sequence`: the settings :func:`~.anytime_risk.calibrate_risk` tests, most
+      conservative ("never exit") first, in an order fixed before any loss is seen;
+    * :meth:`evaluate`: mIoU, average MACs and the answering exit of every image, per setting;
+    * :meth:`output_qualities`, :meth:`outputs_of`, :attr:`final_output`: each output's
+      per-image quality (:func:`quality_of`), the output each image gets under a setting, and
+      the final output's index (the reference of the risk's gap).
+
+    The setting "never everywhere" (the final head answers every image) must be evaluable.
+    """
+
+    exit_names: List[str]
+
+    @property
+    @abc.abstractmethod
+    def num_images(self) -> int:
+        """Images of the split."""
+
+    @property
+    @abc.abstractmethod
+    def labelled_images(self) -> int:
+        """Images with at least one labelled pixel (0: only label-free qualities can be used)."""
+
+    @abc.abstractmethod
+    def candidate_values(self, limit: int) -> List[np.ndarray]:
+        """Per exit, the threshold values worth trying (at most ``limit`` + never), ascending, ``inf`` last."""
+
+    @abc.abstractmethod
+    def candidate_settings(self, limit: int, max_combinations: int) -> Optional[np.ndarray]:
+        """Every setting to search (M x E), or None when there are more than ``max_combinations``
+        (the search then descends coordinate by coordinate over :meth:`candidate_values`)."""
+
+    @abc.abstractmethod
+    def risk_sequence(self, limit: int) -> np.ndarray:
+        """The settings risk control tests (M x E), "never" everywhere first, the most conservative first."""
+
+    @abc.abstractmethod
+    def evaluate(self, t: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """mIoU (M), average MACs (M) and each image's answering exit (M x N: index into the
+        exits, E = the final head) of the settings ``t`` (M x E, ``inf`` = never)."""
+
+    @property
+    @abc.abstractmethod
+    def num_outputs(self) -> int:
+        """Outputs recorded per image."""
+
+    @property
+    @abc.abstractmethod
+    def final_output(self) -> int:
+        """Index of the final output (the final head on every pixel) among the outputs."""
+
+    @abc.abstractmethod
+    def output_qualities(self, quality: str) -> np.ndarray:
+        """N x :attr:`num_outputs`: each output's quality on each image (:func:`quality_of`)."""
+
+    @abc.abstractmethod
+    def outputs_of(self, t: np.ndarray) -> np.ndarray:
+        """M x N: the output each image gets under each setting of ``t``."""
+
+
 # ----------------------------------------------------------------------------- evaluator
 class AnytimeEvaluator(DatasetEvaluator):
     """mIoU, average MACs, average time per image and exit histogram of an anytime policy,
@@ -78,8 +185,10 @@ class AnytimeEvaluator(DatasetEvaluator):
     ``warmup_images`` of each process; over all of them when no process has more),
     ``timed_images``, ``images`` and ``answered_<exit>_pct``; for a per-pixel policy (outputs
     with ``anytime["answered_pct"]`` / ``["active_pct"]``) also the means over images of the
-    share of pixels each output answered, ``pixels_<exit or final>_pct``, and of the share
-    active at each stage, ``active_<stage>_pct``.
+    share of pixels each output answered, ``pixels_<exit or final>_pct``, of the share
+    active at each stage, ``active_<stage>_pct``, and of the share frozen before it,
+    ``frozen_<stage>_pct`` (100 minus the active share: a stage an image stopped before has
+    every pixel frozen).
     """
 
     def __init__(self, dataset_name: str, *, costs: Callable[[Tuple[int, int]], AnytimeCosts],
@@ -149,6 +258,8 @@ class AnytimeEvaluator(DatasetEvaluator):
             keys = list(dict.fromkeys(k for r in rows for k in r[col]))
             for k in keys:
                 res[f"{prefix}_{k}_pct"] = float(np.mean([r[col].get(k, 0.0) for r in rows]))
+                if prefix == "active":
+                    res[f"frozen_{k}_pct"] = 100.0 - res[f"active_{k}_pct"]
         results["anytime"] = res
         logger.info("Anytime policy %r: mIoU %.2f (final %.2f), %.3f GMACs (final %.3f, %.1f%% saved), "
                     "median %.1f ms/image (final %.1f; %d images after the warm-up); answered: %s", self._policy,
@@ -160,12 +271,15 @@ class AnytimeEvaluator(DatasetEvaluator):
 
 # ----------------------------------------------------------------------------- records
 @dataclass
-class ExitRecords:
+class ExitRecords(ThresholdRecords):
     """Per image of a split: every exit's confidence, every output's confusion matrix, path costs.
 
     ``confidences`` N x E; ``confusions`` N x (E + 1) x K x K (outputs: the exits shallowest
     first, then the final head; rows = ground truth); MACs per image: ``prefix``, ``exit_macs``,
-    ``answer`` N x E and ``final`` N (:class:`AnytimeCosts`' parts).
+    ``answer`` N x E and ``final`` N (:class:`AnytimeCosts`' parts); ``agreement`` N x (E + 1):
+    the share of each image's pixels where the output predicts the final head's class (None in
+    records written before it was kept). The confidence policy's answer is one of the outputs,
+    so every threshold setting can be evaluated (:class:`ThresholdRecords`).
     """
 
     exit_names: List[str]
@@ -177,9 +291,12 @@ class ExitRecords:
     final: np.ndarray
     dataset: str = ""
     class_names: List[str] = field(default_factory=list)
+    agreement: Optional[np.ndarray] = None
 
     def __post_init__(self):
         n, e = len(self.final), len(self.exit_names)
+        if self.agreement is not None and np.shape(self.agreement) != (n, e + 1):
+            raise ValueError(f"ExitRecords.agreement must be {n} x {e + 1}, got {np.shape(self.agreement)}.")
         for name in ("confidences", "prefix", "exit_macs", "answer"):
             if np.shape(getattr(self, name)) != (n, e):
                 raise ValueError(f"ExitRecords.{name} must be {n} x {e}, got {np.shape(getattr(self, name))}.")
@@ -190,17 +307,71 @@ class ExitRecords:
     def num_images(self) -> int:
         return len(self.final)
 
+    @property
+    def labelled_images(self) -> int:
+        return int((np.asarray(self.confusions)[:, -1].sum((-2, -1)) > 0).sum())
+
+    def candidate_values(self, limit: int) -> List[np.ndarray]:
+        """Per exit: its recorded confidences (at most ``limit``, spread by quantile), each one
+        a value some image reaches, plus ``inf`` (never)."""
+        return [_quantile_values(self.confidences[:, i], limit) for i in range(len(self.exit_names))]
+
+    def candidate_settings(self, limit: int, max_combinations: int) -> Optional[np.ndarray]:
+        cands = self.candidate_values(limit)
+        if int(np.prod([len(c) for c in cands], dtype=np.float64)) > max_combinations:
+            return None
+        return np.array(list(itertools.product(*cands)), dtype=np.float64).reshape(-1, len(cands))
+
+    def risk_sequence(self, limit: int) -> np.ndarray:
+        """One threshold shared by every exit: ``inf`` (never), then the recorded confidences
+        in decreasing order (at most ``limit``, spread by quantile)."""
+        u = np.unique(self.confidences)
+        if len(u) > limit:
+            u = np.unique(np.quantile(u, np.linspace(0.0, 1.0, limit), method="nearest"))
+        lambdas = np.concatenate([[np.inf], u[::-1]])
+        return np.repeat(lambdas[:, None], len(self.exit_names), axis=1)
+
+    def evaluate(self, t: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return evaluate_thresholds(self, np.asarray(t, dtype=np.float64))
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.exit_names) + 1
+
+    @property
+    def final_output(self) -> int:
+        return len(self.exit_names)
+
+    def output_qualities(self, quality: str) -> np.ndarray:
+        return quality_of(self.confusions, self.agreement, quality)
+
+    def outputs_of(self, t: np.ndarray) -> np.ndarray:
+        return self.evaluate(t)[2]  # the answering output is the answering exit (E: the final head)
+
     def save(self, path: str) -> None:
+        extra = {} if self.agreement is None else {"agreement": self.agreement}
         np.savez_compressed(path, exit_names=np.array(self.exit_names), confidences=self.confidences,
                             confusions=self.confusions, prefix=self.prefix, exit_macs=self.exit_macs,
                             answer=self.answer, final=self.final, dataset=np.array(self.dataset),
-                            class_names=np.array(self.class_names))
+                            class_names=np.array(self.class_names), **extra)
 
     @classmethod
     def load(cls, path: str) -> "ExitRecords":
         z = np.load(path, allow_pickle=False)
+        if "confidences" not in z:
+            raise ValueError(f"{path!r} holds no image-level exit records (per-pixel records are read by "
+                             "segdistill.evaluation.anytime_pixel.PixelRecords.load).")
         return cls([str(s) for s in z["exit_names"]], z["confidences"], z["confusions"], z["prefix"], z["exit_macs"],
-                   z["answer"], z["final"], str(z["dataset"]), [str(s) for s in z["class_names"]])
+                   z["answer"], z["final"], str(z["dataset"]), [str(s) for s in z["class_names"]],
+                   z["agreement"] if "agreement" in z else None)
+
+
+def _quantile_values(values: np.ndarray, limit: int) -> np.ndarray:
+    """The distinct ``values`` (at most ``limit``, spread by quantile) plus ``inf``."""
+    u = np.unique(values)
+    if len(u) > limit:
+        u = np.unique(np.quantile(u, np.linspace(0.0, 1.0, limit), method="nearest"))
+    return np.concatenate([u, [np.inf]])
 
 
 @torch.no_grad()
@@ -210,7 +381,7 @@ def collect_records(model, data_loader, dataset_name: str, log_every: int = 50) 
     names, ignore = list(meta.stuff_classes), meta.get("ignore_label", 255)
     by_file = {d["file_name"]: d for d in DatasetCatalog.get(dataset_name)}
     exits = model.exit_names
-    conf, confs, prefix, ex, ans, fin = [], [], [], [], [], []
+    conf, confs, prefix, ex, ans, fin, agree = [], [], [], [], [], [], []
     was_training = model.training
     model.eval()
     for i, batch in enumerate(data_loader):
@@ -224,8 +395,9 @@ def collect_records(model, data_loader, dataset_name: str, log_every: int = 50) 
             preds = [out["exits"][n] for n in exits] + [out["final"]]
             gt = gt.to(preds[0].device, non_blocking=True)
             # counted on the model's device: K x K per output comes back, not H x W predictions
-            confs.append(torch.stack([device_confusion_matrix(gt, p.argmax(0), len(names), ignore)
-                                      for p in preds]).cpu().numpy())
+            labels = [p.argmax(0) for p in preds]
+            confs.append(torch.stack([device_confusion_matrix(gt, p, len(names), ignore) for p in labels]).cpu().numpy())
+            agree.append(torch.stack([(p == labels[-1]).double().mean() for p in labels]).cpu().numpy())
             conf.append([out["confidence"][n] for n in exits])
             c = model.costs(out["input_hw"])
             prefix.append([c.prefix[n] for n in exits])
@@ -240,7 +412,7 @@ def collect_records(model, data_loader, dataset_name: str, log_every: int = 50) 
     return ExitRecords(exits, np.array(conf, dtype=np.float64).reshape(shape), np.array(confs),
                        np.array(prefix, dtype=np.float64).reshape(shape), np.array(ex, dtype=np.float64).reshape(shape),
                        np.array(ans, dtype=np.float64).reshape(shape), np.array(fin, dtype=np.float64),
-                       dataset_name, names)
+                       dataset_name, names, np.array(agree, dtype=np.float64).reshape(len(fin), e + 1))
 
 
 # ----------------------------------------------------------------------------- policies on records
@@ -259,7 +431,7 @@ class PolicyOutcome:
         return {n: int((self.answers == i).sum()) for i, n in enumerate(names)}
 
 
-def _thresholds_array(records: ExitRecords, thresholds) -> np.ndarray:
+def _thresholds_array(records: ThresholdRecords, thresholds) -> np.ndarray:
     if isinstance(thresholds, dict):
         missing = [n for n in records.exit_names if n not in thresholds]
         if missing:
@@ -295,11 +467,12 @@ def evaluate_thresholds(records: ExitRecords, t: np.ndarray, chunk: Optional[int
     return np.concatenate(mious), np.concatenate(costs), np.concatenate(answers)
 
 
-def policy_outcome(records: ExitRecords, thresholds) -> PolicyOutcome:
-    """The confidence policy with ``thresholds`` (exit -> value, or one per exit; above 1 =
-    never) on the recorded split."""
+def policy_outcome(records: ThresholdRecords, thresholds) -> PolicyOutcome:
+    """The policy the records are of (confidence for :class:`ExitRecords`, pixel for per-pixel
+    records) with ``thresholds`` (exit -> value, or one per exit; above 1 = never) on the
+    recorded split."""
     t = _thresholds_array(records, thresholds)[None]
-    miou, cost, ans = evaluate_thresholds(records, t)
+    miou, cost, ans = records.evaluate(t)
     return PolicyOutcome(float(miou[0]), float(cost[0]), ans[0], list(records.exit_names))
 
 

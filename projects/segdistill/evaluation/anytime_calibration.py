@@ -9,7 +9,6 @@ evaluation split.
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence
 
@@ -17,8 +16,8 @@ import numpy as np
 
 from detectron2.data import DatasetCatalog
 
-from ..modeling.meta_arch.anytime import FINAL, NEVER
-from .anytime import ExitRecords, PolicyOutcome, evaluate_thresholds, fixed_exit_outcome, policy_outcome
+from ..modeling.meta_arch.anytime import NEVER
+from .anytime import PolicyOutcome, ThresholdRecords, policy_outcome
 
 __all__ = ["Calibration", "calibrate", "check_held_out"]
 
@@ -48,15 +47,6 @@ class Calibration:
         }
 
 
-def _candidates(values: np.ndarray, limit: int) -> np.ndarray:
-    """Threshold candidates of one exit: its recorded confidences (at most ``limit`` of them,
-    spread by quantile), each one a value some image reaches, plus ``inf`` (never)."""
-    u = np.unique(values)
-    if len(u) > limit:
-        u = np.unique(np.quantile(u, np.linspace(0.0, 1.0, limit), method="nearest"))
-    return np.concatenate([u, [np.inf]])
-
-
 def _best(miou, cost, t, final_miou, final_cost, max_drop, budget):
     """Index of the best row: among the feasible ones, the lowest cost (max_drop) or the best
     mIoU (budget); ties: higher mIoU / lower cost, then higher thresholds (fewer early answers).
@@ -74,7 +64,7 @@ def _best(miou, cost, t, final_miou, final_cost, max_drop, budget):
     return int(order[0]), bool(feasible[order[0]])
 
 
-def calibrate(records: ExitRecords, *, max_drop: Optional[float] = None, budget: Optional[float] = None,
+def calibrate(records: ThresholdRecords, *, max_drop: Optional[float] = None, budget: Optional[float] = None,
               candidates: int = 16, max_combinations: int = 200_000) -> Calibration:
     """Thresholds on a held-out split.
 
@@ -82,8 +72,11 @@ def calibrate(records: ExitRecords, *, max_drop: Optional[float] = None, budget:
     output's minus ``max_drop``. ``budget`` (a fraction of the final path's average MACs,
     e.g. 0.7): the best mIoU whose average MACs stay within it. At most one of them (neither:
     ``max_drop`` 1).
-    The search is exhaustive over ``candidates`` values per exit (+ never) when that makes at
-    most ``max_combinations`` settings, else coordinate descent from "never" everywhere.
+    The records say what is searched (:class:`~.anytime.ThresholdRecords`): for
+    :class:`~.anytime.ExitRecords`, every combination of ``candidates`` values per exit (+
+    never) when that makes at most ``max_combinations`` settings, else coordinate descent from
+    "never" everywhere; for per-pixel records (:class:`~.anytime_pixel.PixelRecords`), every
+    setting they recorded (``candidates`` does not apply: the grid was fixed when they were collected).
     When no setting is feasible (a budget below the cheapest path), the cheapest setting is
     returned with ``feasible`` False (with ``max_drop``: the final head everywhere is always
     feasible).
@@ -99,13 +92,17 @@ def calibrate(records: ExitRecords, *, max_drop: Optional[float] = None, budget:
     names = list(records.exit_names)
     if not names:
         raise ValueError("calibrate: the model has no exits.")
-    final = fixed_exit_outcome(records, FINAL)
-    cands = [_candidates(records.confidences[:, i], candidates) for i in range(len(names))]
-    total = int(np.prod([len(c) for c in cands], dtype=np.float64))
+    if records.labelled_images == 0:
+        raise ValueError(f"calibrate: none of the {records.num_images} images of the records has a labelled pixel, "
+                         "so no mIoU can be measured; label the split, or use risk control with the label-free "
+                         "quality 'disagreement' (--risk-control ucb --epsilon E --risk-quality disagreement).")
+    final = policy_outcome(records, {n: NEVER for n in names})
+    cands = records.candidate_values(candidates)
+    settings = records.candidate_settings(candidates, max_combinations)
     args = (final.miou, final.avg_macs, max_drop, budget)
-    if total <= max_combinations:
-        t = np.array(list(itertools.product(*cands)), dtype=np.float64)
-        miou, cost, _ = evaluate_thresholds(records, t)
+    if settings is not None:
+        t = settings
+        miou, cost, _ = records.evaluate(t)
         best, feasible = _best(miou, cost, t, *args)
         chosen = t[best]
     else:
@@ -115,7 +112,7 @@ def calibrate(records: ExitRecords, *, max_drop: Optional[float] = None, budget:
             for i in range(len(names)):
                 t = np.repeat(chosen[None], len(cands[i]), axis=0)
                 t[:, i] = cands[i]
-                miou, cost, _ = evaluate_thresholds(records, t)
+                miou, cost, _ = records.evaluate(t)
                 best, feasible = _best(miou, cost, t, *args)
                 chosen = t[best]
             if np.array_equal(chosen, before):

@@ -72,7 +72,7 @@ from .segmentor import postprocess_sem_seg
 
 __all__ = [
     "AnytimeSegmentor", "AnytimeCosts", "PixelCosts", "ANYTIME_CONFIDENCES",
-    "parse_policy", "load_thresholds", "save_thresholds", "anytime_state_dict", "anytime_from_trained",
+    "parse_policy", "load_thresholds", "save_thresholds", "thresholds_file_policy", "anytime_state_dict", "anytime_from_trained",
     "load_anytime_weights",
     "FINAL", "NEVER", "PIXEL",
 ]
@@ -120,11 +120,16 @@ def parse_policy(policy: str, exit_names: Sequence[str]) -> Tuple[str, Optional[
 
 # ----------------------------------------------------------------------------- thresholds file
 def save_thresholds(path: str, thresholds: Dict[str, float], *, confidence: str, pixel_threshold: float,
-                    calibration: Optional[dict] = None) -> str:
+                    calibration: Optional[dict] = None, policy: str = CONFIDENCE) -> str:
     """Write the thresholds file ``MODEL.EXITS.ANYTIME.THRESHOLDS_FILE`` points to (JSON;
-    ``null`` = never answer from that exit)."""
+    ``null`` = never answer from that exit). ``policy``: the policy the thresholds are for,
+    ``confidence`` (per-image confidence thresholds) or ``pixel`` (per-pixel top-probability
+    thresholds, read as ``PIXEL_THRESHOLDS``)."""
+    if policy not in (CONFIDENCE, PIXEL):
+        raise ValueError(f"A thresholds file is for policy {CONFIDENCE!r} or {PIXEL!r}, got {policy!r}.")
     doc = {
         "format": THRESHOLDS_FORMAT,
+        "policy": policy,
         "confidence": confidence,
         "pixel_threshold": float(pixel_threshold),
         "thresholds": {k: (None if not math.isfinite(v) else float(v)) for k, v in thresholds.items()},
@@ -136,8 +141,7 @@ def save_thresholds(path: str, thresholds: Dict[str, float], *, confidence: str,
     return path
 
 
-def load_thresholds(path: str, exit_names: Sequence[str], *, confidence: str, pixel_threshold: float) -> Dict[str, float]:
-    """Read a thresholds file, checked against the model's exits and confidence settings."""
+def _read_thresholds_file(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"MODEL.EXITS.ANYTIME.THRESHOLDS_FILE {path!r} does not exist; "
                                 "tools/calibrate_exits.py writes one.")
@@ -146,8 +150,26 @@ def load_thresholds(path: str, exit_names: Sequence[str], *, confidence: str, pi
     if doc.get("format") != THRESHOLDS_FORMAT:
         raise ValueError(f"{path!r} is not an anytime thresholds file (format {doc.get('format')!r}, "
                          f"expected {THRESHOLDS_FORMAT!r}).")
-    if doc["confidence"] != confidence or (confidence == "fraction_above"
-                                           and float(doc["pixel_threshold"]) != float(pixel_threshold)):
+    return doc
+
+
+def thresholds_file_policy(path: str) -> str:
+    """The policy a thresholds file is for: ``confidence`` (files written before the field
+    existed too) or ``pixel``."""
+    return _read_thresholds_file(path).get("policy", CONFIDENCE)
+
+
+def load_thresholds(path: str, exit_names: Sequence[str], *, confidence: str, pixel_threshold: float,
+                    policy: str = CONFIDENCE) -> Dict[str, float]:
+    """Read a thresholds file, checked against the model's exits, the policy it is read for and
+    (policy ``confidence``) the confidence settings."""
+    doc = _read_thresholds_file(path)
+    if doc.get("policy", CONFIDENCE) != policy:
+        raise ValueError(f"{path!r} holds thresholds of policy {doc.get('policy', CONFIDENCE)!r}, read for policy "
+                         f"{policy!r}: calibrate with tools/calibrate_exits.py --policy {policy}.")
+    mismatch = doc["confidence"] != confidence or (confidence == "fraction_above"
+                                                   and float(doc["pixel_threshold"]) != float(pixel_threshold))
+    if policy == CONFIDENCE and mismatch:  # a per-pixel policy's thresholds do not depend on the confidence
         raise ValueError(
             f"{path!r} was calibrated for confidence {doc['confidence']!r} (pixel threshold "
             f"{doc['pixel_threshold']}), but the config asks for MODEL.EXITS.ANYTIME.CONFIDENCE {confidence!r} "
@@ -161,7 +183,7 @@ def load_thresholds(path: str, exit_names: Sequence[str], *, confidence: str, pi
 def _thresholds_from_config(a, exit_names: Sequence[str]) -> Optional[Dict[str, float]]:
     if a.THRESHOLDS and a.THRESHOLDS_FILE:
         raise ValueError("Set MODEL.EXITS.ANYTIME.THRESHOLDS or MODEL.EXITS.ANYTIME.THRESHOLDS_FILE, not both.")
-    if a.THRESHOLDS_FILE:
+    if a.THRESHOLDS_FILE and thresholds_file_policy(a.THRESHOLDS_FILE) == CONFIDENCE:
         return load_thresholds(a.THRESHOLDS_FILE, exit_names, confidence=a.CONFIDENCE, pixel_threshold=a.PIXEL_THRESHOLD)
     if a.THRESHOLDS:
         if len(a.THRESHOLDS) != len(exit_names):
@@ -173,6 +195,12 @@ def _thresholds_from_config(a, exit_names: Sequence[str]) -> Optional[Dict[str, 
 
 def _pixel_thresholds_from_config(a, exit_names: Sequence[str]) -> Optional[Dict[str, float]]:
     values = [float(t) for t in a.PIXEL_THRESHOLDS]
+    if a.THRESHOLDS_FILE and thresholds_file_policy(a.THRESHOLDS_FILE) == PIXEL:  # calibrated per-pixel thresholds
+        if values:
+            raise ValueError(f"MODEL.EXITS.ANYTIME.THRESHOLDS_FILE {a.THRESHOLDS_FILE!r} holds policy 'pixel''s "
+                             "thresholds: set it or MODEL.EXITS.ANYTIME.PIXEL_THRESHOLDS, not both.")
+        return load_thresholds(a.THRESHOLDS_FILE, exit_names, confidence=a.CONFIDENCE,
+                               pixel_threshold=a.PIXEL_THRESHOLD, policy=PIXEL)
     if not values:
         return None
     if len(values) == 1:
