@@ -325,3 +325,18 @@ def test_unknown_head_and_bad_levels_are_named():
         from segdistill.modeling.exits import ExitObjective, register_exit_objective
 
         register_exit_objective("rh")(type("Clash", (ExitObjective,), {}))
+
+
+def test_rh_keys_come_from_its_files_hook():
+    from detectron2.config import get_cfg
+    from segdistill import add_segdistill_config
+    from segdistill.config import config_hooks
+    from segdistill.modeling.exits.rh import add_rh_exit_config
+
+    assert add_rh_exit_config in config_hooks()
+    cfg = get_cfg()
+    add_segdistill_config(cfg)
+    assert cfg.MODEL.EXITS.HEAD == "sr" and cfg.MODEL.EXITS.RH.CHANNELS == 128 and cfg.MODEL.EXITS.RH.LEVELS == []
+    cfg.MODEL.EXITS.RH.CHANNELS = 3
+    add_segdistill_config(cfg)  # present: changes nothing
+    assert cfg.MODEL.EXITS.RH.CHANNELS == 3
