@@ -340,3 +340,39 @@ def test_rh_keys_come_from_its_files_hook():
     cfg.MODEL.EXITS.RH.CHANNELS = 3
     add_segdistill_config(cfg)  # present: changes nothing
     assert cfg.MODEL.EXITS.RH.CHANNELS == 3
+
+
+def test_anytime_curve_compares_sr_and_rh_exits(tmp_path, write_label_dataset):
+    """benchmarks/anytime_curve.py takes a model with either exit head from its config (RH vs SR
+    exits, the same model otherwise): each exit's MACs differ by exactly the exit modules' counts."""
+    import importlib.util
+
+    import numpy as np
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    rng = np.random.default_rng(3)
+    calib = write_label_dataset("rh_toy_calib", [rng.integers(0, K, (48, 64)) for _ in range(2)], K)
+    val = write_label_dataset("rh_toy_val", [rng.integers(0, K, (48, 64)) for _ in range(2)], K)
+    files, exit_macs = {}, {}
+    for head in ("sr", "rh"):
+        cfg = tiny_cfg(num_classes=K, **{"MODEL.META_ARCHITECTURE": "MultiExitSegmentor", "MODEL.EXITS.MODE": "ds",
+                                         "MODEL.EXITS.HEAD": head, "MODEL.EXITS.CHANNELS": 16,
+                                         "MODEL.EXITS.RH.CHANNELS": 16, "DATALOADER.NUM_WORKERS": 0})
+        cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (calib,), (val,)
+        trained = train_steps(cfg, K, 1)
+        (tmp_path / head).mkdir()
+        DetectionCheckpointer(trained, save_dir=str(tmp_path / head)).save("model_final")
+        (tmp_path / f"{head}.yaml").write_text(cfg.dump())
+        files[head] = (str(tmp_path / f"{head}.yaml"), str(tmp_path / head / "model_final.pth"))
+        exit_macs[head] = anytime_from_trained(cfg, trained).costs((48, 64)).exits
+    spec = importlib.util.spec_from_file_location("anytime_curve", os.path.join(REPO, "benchmarks", "anytime_curve.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    sr, rh = bench.main(["--output", str(tmp_path / "curve"), "--calib-dataset", calib, "--drops", "0",
+                         "--threads", "1", "--model", "SR", *files["sr"], "--model", "RH", *files["rh"]])
+    assert sr["exits"] == rh["exits"] == ["res2", "res3", "res4"]
+    for name in sr["exits"]:
+        got = rh["fixed"][name]["GMACs"] - sr["fixed"][name]["GMACs"]
+        assert got == pytest.approx((exit_macs["rh"][name] - exit_macs["sr"][name]) / 1e9, rel=1e-9)
+        assert exit_macs["rh"][name] < exit_macs["sr"][name]
+    assert rh["fixed"]["final"]["GMACs"] == pytest.approx(sr["fixed"]["final"]["GMACs"])
