@@ -376,3 +376,25 @@ def test_anytime_curve_compares_sr_and_rh_exits(tmp_path, write_label_dataset):
         assert got == pytest.approx((exit_macs["rh"][name] - exit_macs["sr"][name]) / 1e9, rel=1e-9)
         assert exit_macs["rh"][name] < exit_macs["sr"][name]
     assert rh["fixed"]["final"]["GMACs"] == pytest.approx(sr["fixed"]["final"]["GMACs"])
+
+
+@pytest.mark.parametrize("backbone,head,exits", [
+    ("mobilenetv2_100", "SegDeepLabV3Head", ["res3", "res4"]),
+    ("hrnet_w18_small", "HRNetV2Head", ["layer1", "stage2_b1", "stage3_b2"]),  # HRNet's branches, strides 4 / 8 / 16
+])
+def test_rh_exits_on_other_bodies_train_and_answer(backbone, head, exits):
+    cfg = tiny_cfg(backbone, head, num_classes=K, **{
+        "MODEL.META_ARCHITECTURE": "MultiExitSegmentor", "MODEL.EXITS.MODE": "ds", "MODEL.EXITS.HEAD": "rh",
+        "MODEL.EXITS.RH.CHANNELS": 8, "MODEL.EXITS.IN_FEATURES": exits, "MODEL.EXITS.MAX_DOWNSAMPLE": 4,
+        "MODEL.EXITS.EVAL_EXITS": True})
+    if backbone.startswith("hrnet"):
+        cfg.MODEL.TIMM.OUT_FEATURES = cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    trained = train_steps(cfg, K, 1)
+    assert [e.levels for e in trained.exits.values()] == [3, 2, 1][-len(exits):]
+    model = anytime_from_trained(cfg, trained)
+    batch = random_batch(1, 64, 64, K, seed=6, with_labels=False)
+    with torch.no_grad():
+        reference = trained(batch)[0]
+        for name in exits:
+            model.policy = f"exit:{name}"
+            assert torch.equal(model(batch)[0]["sem_seg"], reference[f"sem_seg_{name}"])
