@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """The anytime trade-off curve: mIoU against average MACs of trained multi-exit models
 (docs/anytime.md). Each ``--model LABEL CONFIG WEIGHTS`` is a training config (ds, sr, or
-the plain ``none``) and its checkpoint; each becomes its deployed ``AnytimeSegmentor``.
+the plain ``none``; either exit head, ``MODEL.EXITS.HEAD`` sr or rh) and its checkpoint; each
+becomes its deployed ``AnytimeSegmentor``.
 
     python benchmarks/anytime_curve.py --output output/anytime_demo/curve --threads 1 \
         --model DS configs/demo/exits/ds.yaml output/anytime_demo/ds/model_final.pth \
         --model SR configs/demo/exits/sr.yaml output/anytime_demo/sr/model_final.pth \
+        --model DS-RH configs/demo/exits/ds_rh.yaml output/anytime_demo/ds_rh/model_final.pth \
         --model plain configs/demo/exits/none.yaml output/anytime_demo/none/model_final.pth \
         --opts DATASETS.TRAIN "('segdistill_demo_train_hs3_reduced',)" HS3_ANALYSIS.FRACTION 0.2
 

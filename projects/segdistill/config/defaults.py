@@ -169,7 +169,10 @@ def _add_exit_keys(cfg: CN) -> None:
     cfg.MODEL.EXITS.IN_FEATURES = ["res2", "res3", "res4"]
     # Classes predicted by each exit, one per IN_FEATURES entry; empty = MODEL.SEM_SEG_HEAD.NUM_CLASSES.
     cfg.MODEL.EXITS.NUM_CLASSES = []
-    # Channels of an exit's two 3x3 convs (256 in the paper). Their norm is the heads' norm
+    # The exit head: "sr" (Self-Regulation's: 3x3 conv, resize, 3x3 conv, segmenter; CHANNELS) or
+    # "rh" (ADP-C's pooled 1x1 encoder-decoder; its keys MODEL.EXITS.RH.*, modeling/exits/rh.py).
+    cfg.MODEL.EXITS.HEAD = "sr"
+    # Channels of an "sr" exit's two 3x3 convs (256 in the paper). Their norm is the heads' norm
     # (MODEL.NORM, else MODEL.SEM_SEG_HEAD.NORM; modeling/backbones/norm.py).
     cfg.MODEL.EXITS.CHANNELS = 256
     # Every exit's feature map is resized to 1/COMMON_STRIDE of the input (1/8 in the paper).

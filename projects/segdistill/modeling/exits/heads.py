@@ -7,6 +7,11 @@ An exit (Self-Regulation, section 4.4) on a stage's features ``x``::
     -> ReLU -> segmenter: 1x1 conv to K logits  (pixel-level, MEA seg / deep supervision)
             -> classifier: global average pool + linear to K logits (image-level, MEA cls / SR-L)
 
+This is the ``sr`` exit head (``MODEL.EXITS.HEAD``); ``rh`` (``rh.py``) is ADP-C's pooled
+encoder-decoder. Every exit head implements :class:`ExitHeadBase` and registers its name with
+:func:`register_exit_head`, so the segmentors, objectives, HS3-Fuse, anytime inference and the
+cost counts work with either.
+
 ``K`` is per exit (HS3 gives each exit its own clustered class set). Exits are training-only
 unless an :class:`ExitFusion` feeds them into the head (HS3-Fuse); the deployed model
 (``MultiExitSegmentor.deploy_state_dict``) contains none of the others.
@@ -14,7 +19,7 @@ unless an :class:`ExitFusion` feeds them into the head (HS3-Fuse); the deployed 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -25,6 +30,7 @@ from detectron2.layers import Conv2d, ShapeSpec
 from ..heads.base import conv_norm
 
 __all__ = [
+    "ExitHeadBase", "EXIT_HEADS", "register_exit_head", "exit_head_class", "exit_head_kwargs", "SR_HEAD",
     "ExitHead", "MultiLabelClassifier", "ExitOutput", "MultiExitOutputs", "ExitFusion", "build_exit_heads",
     "check_exit_features", "exit_size", "HEAD_FEATURE_PREFIX",
 ]
@@ -84,8 +90,90 @@ class MultiExitOutputs:
     image_size: Tuple[int, int] = (0, 0)
 
 
-class ExitHead(nn.Module):
-    """One exit: reduce conv, resize to the common stride, feature conv, segmenter (+ classifier)."""
+class ExitHeadBase(nn.Module):
+    """The contract of an exit head (one per ``MODEL.EXITS.HEAD`` value), what the segmentors,
+    the objectives, an :class:`ExitFusion` and anytime inference rely on:
+
+    * attributes ``num_classes`` (K), ``channels`` (the channels of ``ExitOutput.features``),
+      ``common_stride`` and ``classifier`` (a :class:`MultiLabelClassifier` or None);
+    * ``forward(x, size, with_classifier=True) -> ExitOutput``: ``features`` and
+      ``seg_logits`` at ``size`` (1/``common_stride`` of the input), the segmenter reading
+      ``relu(features)``; ``cls_logits`` from the classifier (None without one or when
+      ``with_classifier`` is False);
+    * the constructor takes the keyword arguments ``in_channels, num_classes, channels,
+      common_stride, norm, with_classifier`` and the options :meth:`per_exit_options` gives;
+    * :meth:`config_kwargs`: the config keys the head reads (its ``channels`` and options).
+
+    A subclass registers its name with :func:`register_exit_head` (``name`` is set then).
+    """
+
+    name: str = ""  # the registered MODEL.EXITS.HEAD value
+
+    @classmethod
+    def config_kwargs(cls, cfg) -> Dict[str, Any]:
+        """``channels`` and ``head_options`` of :func:`build_exit_heads` from ``cfg``."""
+        raise NotImplementedError(f"Exit head {cls.__name__} must define the classmethod config_kwargs(cfg).")
+
+    @classmethod
+    def per_exit_options(cls, in_features: Sequence[str], options: Dict[str, Any]) -> List[Dict[str, Any]]:
+        """The constructor's extra keyword arguments for every exit of ``in_features`` (shallowest
+        first), from ``options`` (:func:`build_exit_heads`' ``head_options``); none by default."""
+        if options:
+            raise ValueError(f"MODEL.EXITS.HEAD {cls.name!r} takes no options, got head_options {dict(options)}.")
+        return [{} for _ in in_features]
+
+    @property
+    def inference_parts(self) -> Tuple[str, ...]:
+        """The submodules inference needs: all but the image-level classifier."""
+        return tuple(n for n, _ in self.named_children() if n != "classifier")
+
+    def forward(self, x: torch.Tensor, size: Tuple[int, int], with_classifier: bool = True) -> ExitOutput:
+        raise NotImplementedError
+
+
+# MODEL.EXITS.HEAD -> exit-head class (ExitHeadBase); a class registers with @register_exit_head(name).
+EXIT_HEADS: Dict[str, type] = {}
+
+
+def register_exit_head(name: str):
+    """Class decorator: make ``name`` a valid ``MODEL.EXITS.HEAD`` for an :class:`ExitHeadBase` subclass."""
+
+    def deco(cls):
+        if not (isinstance(cls, type) and issubclass(cls, ExitHeadBase)):
+            raise TypeError(f"Exit head {name!r} must subclass ExitHeadBase, got {cls!r}.")
+        if name in EXIT_HEADS and EXIT_HEADS[name] is not cls:
+            raise ValueError(f"Exit head {name!r} is already registered ({EXIT_HEADS[name].__name__}).")
+        EXIT_HEADS[name] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
+def exit_head_class(name: str) -> type:
+    """The exit-head class of ``MODEL.EXITS.HEAD`` ``name``, or a ValueError naming the choices."""
+    if name not in EXIT_HEADS:
+        raise ValueError(f"Unknown MODEL.EXITS.HEAD {name!r}; choose from {sorted(EXIT_HEADS)} "
+                         "(lazy configs: build_exit_heads(head=...)).")
+    return EXIT_HEADS[name]
+
+
+def exit_head_kwargs(cfg) -> Dict[str, Any]:
+    """``head``, ``channels`` and ``head_options`` of :func:`build_exit_heads` for ``cfg``'s
+    ``MODEL.EXITS.HEAD`` (each head reads its own keys)."""
+    name = cfg.MODEL.EXITS.HEAD
+    kwargs = {"head": name, "head_options": {}}
+    kwargs.update(exit_head_class(name).config_kwargs(cfg))
+    return kwargs
+
+
+SR_HEAD = "sr"
+
+
+@register_exit_head(SR_HEAD)
+class ExitHead(ExitHeadBase):
+    """One exit (``MODEL.EXITS.HEAD sr``, Self-Regulation's): reduce conv, resize to the common
+    stride, feature conv, segmenter (+ classifier)."""
 
     def __init__(self, *, in_channels: int, num_classes: int, channels: int, common_stride: int, norm: str,
                  with_classifier: bool):
@@ -98,6 +186,10 @@ class ExitHead(nn.Module):
         self.segmenter = Conv2d(channels, num_classes, 1)
         self.classifier = (MultiLabelClassifier(in_channels=channels, num_classes=num_classes)
                            if with_classifier else None)
+
+    @classmethod
+    def config_kwargs(cls, cfg) -> Dict[str, Any]:
+        return {"channels": cfg.MODEL.EXITS.CHANNELS}
 
     def forward(self, x: torch.Tensor, size: Tuple[int, int], with_classifier: bool = True) -> ExitOutput:
         x = self.reduce(x)
@@ -120,14 +212,16 @@ class ExitFusion(nn.Module):
 
     * ``name``: the attribute (and state-dict prefix) the segmentor keeps it under;
     * ``exit_names``: the exits it reads (every exit, backbone stages only);
-    * ``exit_parts``: the exits' submodules it needs at inference (kept by deploy);
+    * ``exit_parts``: the exits' submodules it needs at inference (kept by deploy); None (the
+      default): every part but the classifier (:attr:`ExitHeadBase.inference_parts`), whatever
+      the exit head;
     * :meth:`head_input_shapes`: the backbone's output shapes as the head sees them;
     * ``forward(features, exits) -> features``: the head's input from the backbone's
       features and the exits' :class:`ExitOutput`.
     """
 
     name = "exit_fusion"
-    exit_parts: Tuple[str, ...] = ("reduce", "feature", "segmenter")
+    exit_parts: Optional[Tuple[str, ...]] = None
 
     @property
     def exit_names(self) -> List[str]:
@@ -184,12 +278,17 @@ def build_exit_heads(
     norm: str,
     with_classifier: bool,
     max_downsample: int,
+    head: str = SR_HEAD,
+    head_options: Optional[Dict[str, Any]] = None,
 ) -> nn.ModuleDict:
     """Exits on ``in_features`` (shallowest first), checked against ``input_shape``.
 
-    ``num_classes`` is one int for all exits or a list with one entry per exit. Also usable
-    from lazy configs.
+    ``num_classes`` is one int for all exits or a list with one entry per exit. ``head``: the
+    exit head (``MODEL.EXITS.HEAD``: ``sr``, :class:`ExitHead`; ``rh``, ADP-C's pooled
+    encoder-decoder) and ``head_options`` its options (``rh``: ``{"levels": [...]}``);
+    ``channels`` is the head's width. Also usable from lazy configs.
     """
+    cls = exit_head_class(head)
     in_features = list(in_features)
     check_exit_features(in_features, input_shape, common_stride, max_downsample)
     if isinstance(num_classes, int):
@@ -200,8 +299,9 @@ def build_exit_heads(
             f"MODEL.EXITS.NUM_CLASSES has {len(num_classes)} entries for {len(in_features)} exits "
             f"{in_features}; give one per exit (or none to use MODEL.SEM_SEG_HEAD.NUM_CLASSES)."
         )
+    options = cls.per_exit_options(in_features, dict(head_options or {}))
     return nn.ModuleDict({
-        name: ExitHead(in_channels=input_shape[name].channels, num_classes=int(k), channels=channels,
-                       common_stride=common_stride, norm=norm, with_classifier=with_classifier)
-        for name, k in zip(in_features, num_classes)
+        name: cls(in_channels=input_shape[name].channels, num_classes=int(k), channels=channels,
+                  common_stride=common_stride, norm=norm, with_classifier=with_classifier, **opts)
+        for name, k, opts in zip(in_features, num_classes, options)
     })

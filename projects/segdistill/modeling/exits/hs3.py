@@ -46,7 +46,7 @@ from detectron2.layers import ShapeSpec
 from ..backbones.norm import resolve_norm
 from ..heads.ocr import ObjectContext
 from ..heads.psp import conv_norm_relu
-from .heads import HEAD_FEATURE_PREFIX, ExitFusion, ExitOutput, MultiExitOutputs
+from .heads import HEAD_FEATURE_PREFIX, ExitFusion, ExitOutput, MultiExitOutputs, exit_head_kwargs
 from .hs3_clusters import HS3Clusters, clusters_fingerprint, load_clusters
 from .objective import ExitObjective, put_scalar, register_exit_objective
 
@@ -282,7 +282,7 @@ class HS3Objective(ExitObjective):
                              f"{heads}; use backbone stages in MODEL.EXITS.IN_FEATURES.")
         shapes = dict(backbone_shapes)
         target = fuse_target(cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES, shapes)
-        return HS3Fuse(exit_channels={n: cfg.MODEL.EXITS.CHANNELS for n in exit_names}, target=target,
+        return HS3Fuse(exit_channels={n: exit_head_kwargs(cfg)["channels"] for n in exit_names}, target=target,
                        target_stride=shapes[target].stride, mid_channels=f.OCR_MID_CHANNELS,
                        key_channels=f.OCR_KEY_CHANNELS, channel_scale=f.CHANNEL_SCALE,
                        norm=resolve_norm(cfg, "head"))

@@ -147,7 +147,9 @@ class ExitObjective(nn.Module):
 
 # MODEL.EXITS.MODE -> ExitObjective subclass, built as ``cls(cfg)`` (a @configurable class).
 EXIT_OBJECTIVES = SectionRegistry(parent="MODEL.EXITS", base=ExitObjective, what="Exit objective",
-                                  reserved={"none": "MODEL.EXITS.MODE 'none' means no exits"})
+                                  reserved={"none": "MODEL.EXITS.MODE 'none' means no exits",
+                                            "rh": "MODEL.EXITS.RH holds the keys of the rh exit head "
+                                                  "(MODEL.EXITS.HEAD)"})
 
 
 def register_exit_objective(name: str):

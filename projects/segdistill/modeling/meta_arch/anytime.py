@@ -5,7 +5,7 @@ that the res3 exit already segments confidently does not need res4, res5 and the
 meta-architecture is the *deployed* form of a trained ``MultiExitSegmentor`` (docs/anytime.md):
 
 * parts: the backbone (a :class:`~segdistill.modeling.stagewise.StagewiseBackbone`), the
-  final head and each exit's segmenter (``ExitHead`` without its multi-label classifier);
+  final head and each exit (``MODEL.EXITS.HEAD`` ``sr`` or ``rh``) without its multi-label classifier;
   the training-only parts (classifiers, objective state) are not built. Parameter names are
   the training model's (``backbone.*``, ``sem_seg_head.*``, ``exits.<name>.*``), so
   ``tools/deploy_model.py --target anytime`` writes a checkpoint that loads with no missing
@@ -63,7 +63,9 @@ from detectron2.structures import ImageList
 
 from ...convert import load_checked_weights
 from ..backbones.norm import resolve_norm
-from ..exits import EXIT_OBJECTIVES, HEAD_FEATURE_PREFIX, ExitHead, build_exit_heads, exit_modes, exit_size
+from ..exits import (
+    EXIT_OBJECTIVES, HEAD_FEATURE_PREFIX, ExitHeadBase, build_exit_heads, exit_head_kwargs, exit_modes, exit_size,
+)
 from ..heads.base import check_seg_head
 from ..masked import MODES as MASKED_MODES, MaskedStage, PixelMask, UnsupportedModuleError
 from ..stagewise import StageModulesUnsupported, StagewiseBackbone
@@ -338,7 +340,7 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
         sem_seg_head: nn.Module,
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
-        exits: Dict[str, ExitHead],
+        exits: Dict[str, ExitHeadBase],
         policy: str = FINAL,
         confidence: str = "mean_max_prob",
         pixel_threshold: float = 0.9,
@@ -353,7 +355,7 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
             sem_seg_head: the final head, as the plain ``SemanticSegmentorAnySize`` has it (one of
                 segdistill's heads, :class:`~segdistill.modeling.heads.SegHeadMixin`: it takes the output size).
             pixel_mean, pixel_std: as ``SemanticSegmentorAnySize``.
-            exits: backbone stage name -> :class:`ExitHead` over the head's classes (built
+            exits: backbone stage name -> exit head (``sr`` or ``rh``) over the head's classes (built
                 without classifier); {} for a model without exits (policy ``final`` only).
             policy: ``final``, ``exit:<name>`` or ``confidence`` (settable later: ``model.policy = ...``).
             confidence: a name in :data:`ANYTIME_CONFIDENCES`.
@@ -446,7 +448,7 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
                                  "dataset's classes (MODE ds or sr).")
             exits = build_exit_heads(
                 input_shape=backbone.stage_shapes(), in_features=names,
-                num_classes=objective_cls.exit_num_classes(cfg, names), channels=c.CHANNELS,
+                num_classes=objective_cls.exit_num_classes(cfg, names), **exit_head_kwargs(cfg),
                 common_stride=c.COMMON_STRIDE, norm=resolve_norm(cfg, "head"),
                 with_classifier=False, max_downsample=c.MAX_DOWNSAMPLE,
             )

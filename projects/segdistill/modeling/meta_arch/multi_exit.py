@@ -45,7 +45,7 @@ from ..backbones.norm import resolve_norm
 from ..backbones.stages import backbone_stage_shapes, with_backbone_stages
 from ..exits import (
     EXIT_OBJECTIVES, HEAD_FEATURE_PREFIX, ExitFusion, ExitObjective, ExitOutput, MultiExitOutputs,
-    MultiLabelClassifier, build_exit_heads, exit_modes, exit_size,
+    MultiLabelClassifier, build_exit_heads, exit_head_kwargs, exit_modes, exit_size,
 )
 from ..exits.pixel_training import PixelRun, PixelTraining, check_train_threshold
 from ..distill.taps import HEAD_TAPS, StudentTaps, collect_taps, normalise_inputs
@@ -104,7 +104,8 @@ class MultiExitSegmentor(SemanticSegmentorAnySize, DeployableModel):
         Args:
             backbone, sem_seg_head, pixel_mean, pixel_std: as ``SemanticSegmentorAnySize`` (the
                 head is one of segdistill's heads, :class:`SegHeadMixin`).
-            exits: exit name (a backbone output, or ``head_features``) -> :class:`ExitHead`,
+            exits: exit name (a backbone output, or ``head_features``) -> exit head
+                (:class:`~segdistill.modeling.exits.ExitHeadBase`: ``sr`` or ``rh``),
                 shallowest first (see :func:`build_exit_heads`); None/empty = plain training.
             final_classifier: multi-label classifier on the head's features (MEA / SR-L), or None.
             objective: turns :class:`MultiExitOutputs` into loss terms; required with exits.
@@ -189,7 +190,7 @@ class MultiExitSegmentor(SemanticSegmentorAnySize, DeployableModel):
         shapes = {**backbone_stage_shapes(backbone), **dict(backbone.output_shape()), **head_feature_shapes(head)}
         objective = objective_cls(cfg)
         exits = build_exit_heads(
-            input_shape=shapes, in_features=names, num_classes=exit_classes, channels=c.CHANNELS,
+            input_shape=shapes, in_features=names, num_classes=exit_classes, **exit_head_kwargs(cfg),
             common_stride=c.COMMON_STRIDE, norm=resolve_norm(cfg, "head"),
             with_classifier=objective.needs_classifiers, max_downsample=c.MAX_DOWNSAMPLE,
         )
@@ -218,7 +219,7 @@ class MultiExitSegmentor(SemanticSegmentorAnySize, DeployableModel):
         fusion = self.fusion
         if fusion is not None:
             keep = keep + (f"{fusion.name}.", "exit_objective.") + tuple(
-                f"exits.{n}.{p}." for n in self.exits for p in fusion.exit_parts)
+                f"exits.{n}.{p}." for n, ex in self.exits.items() for p in (fusion.exit_parts or ex.inference_parts))
         return {k: v for k, v in self.state_dict().items() if k.startswith(keep)}
 
     # ------------------------------------------------------------------ forward
