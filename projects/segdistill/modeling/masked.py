@@ -670,7 +670,11 @@ def _compile_sequential(module: nn.Sequential, name: str, dense: bool = False) -
     return nodes[0] if len(nodes) == 1 else SeqNode(nodes, name)
 
 
-def compile_conv_unit(conv, norm, act, name, dense=False) -> _ConvUnit:
+def compile_conv_unit(conv: nn.Conv2d, norm: Optional[nn.Module], act, name: str, dense: bool = False) -> MaskedNode:
+    """``act(norm(conv(x)))`` as one unit, computed at the active output pixels (``dense``: at
+    every pixel, counted as such and listed in ``dense_ops``); the norm and activation checked."""
+    if norm is not None:
+        _norm(norm, join_name(name, "norm"))
     if isinstance(norm, _NORMS_WITH_ACT):
         check_identity(norm.drop, f"{name}.drop", "dropout in a norm")
         check_activation(norm.act, f"{name}.act")
@@ -687,10 +691,7 @@ def _compile_conv(module: nn.Conv2d, name: str) -> MaskedNode:
 @register_masked(D2Conv2d)
 def _compile_d2_conv(module: D2Conv2d, name: str) -> MaskedNode:
     """detectron2's Conv2d: its own ``norm`` and ``activation`` (a function) are the unit's."""
-    norm = module.norm
-    if norm is not None:
-        norm = _norm(norm, join_name(name, "norm"))
-    return compile_conv_unit(module, norm, module.activation, name)
+    return compile_conv_unit(module, module.norm, module.activation, name)
 
 
 @register_masked(nn.Identity)
