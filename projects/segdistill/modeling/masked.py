@@ -22,7 +22,12 @@ its output is ``act(shortcut(x))``: with an identity shortcut (and a ReLU-family
 after non-negative inputs, or none as in MobileNetV2) it keeps its input value bit for bit.
 A projection shortcut (ResNet's strided 1x1 ``downsample``) is computed at every pixel, so
 frozen pixels keep the shortcut; it is listed in ``MaskedReport.dense_ops``. A block without
-a shortcut (MobileNetV2's first block of a stage) leaves frozen pixels at 0.
+a shortcut (MobileNetV2's first block of a stage) leaves frozen pixels at 0. A max-pool and an
+upsampling compute their active output pixels only (frozen ones 0; a max-pool's out-of-image
+taps read -inf, as its padding). HRNet's fuse layers (:mod:`.masked_hrnet`): a fused output
+pixel frozen at its resolution keeps the identity branch's value. The heads
+(:mod:`.masked_heads`): global operations (ASPP's image pooling) run at every pixel and are
+listed in ``dense_ops``.
 
 Modes
 -----
@@ -41,21 +46,33 @@ Modes
 Counted cost (``MaskedReport.macs``, per image; the same in both modes and independent of the
 fallback): per convolution, active output pixels x ``k_h k_w Cin Cout / groups``; per norm,
 fvcore's eval-mode convention per output element (2 with affine parameters, 1 without; a
-frozen BN's multiply-add is not counted by fvcore, so 0). With every pixel active the sum is
-fvcore's count of the stage (tested). Activations and additions are not counted (fvcore
-neither).
+frozen BN's multiply-add is not counted by fvcore, so 0); per upsampling, fvcore's count per
+output element (:data:`UPSAMPLE_ELEMENT_MACS`: nearest 1, bilinear 4) at the active ones; a
+dense operation its whole fvcore count. With every pixel active the sum is fvcore's count of
+the stage (tested). Pooling, activations and additions are not counted (fvcore neither).
 
 Supported modules (an explicit registry of exact types -> masked implementations,
 :func:`register_masked`; a module of any other type is an :class:`UnsupportedModuleError`
 naming it, subclasses included, since a subclass may compute something else):
 ``nn.Sequential`` (consecutive ``Conv2d`` -> norm -> activation fuse into one unit),
-``nn.Conv2d`` (any kernel, stride, dilation, groups; zero padding), ``nn.Identity``, timm's
-``BasicBlock`` / ``Bottleneck`` (ResNet; no SE, anti-aliasing, drop-block, drop-path or
-avg-pool downsample) and ``InvertedResidual`` / ``DepthwiseSeparableConv`` (MobileNetV2; no
-SE, no space-to-depth). Norms: ``BatchNorm2d``, ``SyncBatchNorm``, timm's ``BatchNormAct2d`` /
+``nn.Conv2d`` (any kernel, stride, dilation, groups; zero padding), detectron2's ``Conv2d``
+(with its own norm and ``relu`` activation), ``nn.Identity``, ``nn.MaxPool2d`` (the ResNet
+stem's; no ``ceil_mode``), ``nn.Upsample`` (nearest, bilinear), ``nn.Dropout`` /
+``nn.Dropout2d``, timm's ``BasicBlock`` / ``Bottleneck`` (ResNet; no SE, anti-aliasing,
+drop-block, drop-path or avg-pool downsample) and ``InvertedResidual`` /
+``DepthwiseSeparableConv`` (MobileNetV2; no SE, no space-to-depth). Registered in other files
+(imported with ``segdistill.modeling``): HRNet's stages, ``HighResolutionModule`` (timm's and
+mmsegmentation's fusion) and ``SequentialList`` (:mod:`.masked_hrnet`); the DeepLabV3 and FCN
+heads with their ASPPs and separable convs (:mod:`.masked_heads`). Norms: ``BatchNorm2d``,
+``SyncBatchNorm``, detectron2's ``NaiveSyncBatchNorm``, timm's ``BatchNormAct2d`` /
 ``SyncBatchNormAct`` and the frozen BNs its ``freeze_batch_norm_2d`` makes (torchvision's
-``FrozenBatchNorm2d``, ``FrozenBatchNormAct2d``), detectron2's ``FrozenBatchNorm2d``. Activations: ``ReLU``, ``ReLU6``,
-``Identity``. Not yet: HRNet's blocks and fuse layers, pooling, the heads' global ops.
+``FrozenBatchNorm2d``, ``FrozenBatchNormAct2d``), detectron2's ``FrozenBatchNorm2d``.
+Activations: ``ReLU``, ``ReLU6``, ``Identity``, the function ``relu``.
+
+A stage takes one tensor or a list of tensors (HRNet's branches) and returns what its module
+returns. Implementations in other files build on the nodes exported here (:class:`MaskedNode`:
+``emulate`` on tensors, ``sparse`` / ``sparse_rows`` on :class:`FlatMap` s; :func:`compile_masked`
+for children, :func:`compile_conv_unit` for a convolution unit, :func:`row_indices` for windows).
 """
 from __future__ import annotations
 
