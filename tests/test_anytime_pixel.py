@@ -135,20 +135,27 @@ def test_a_frozen_pixel_keeps_its_exits_answer_and_a_pixel_below_the_threshold_n
     share = 100.0 * float(frozen.float().mean())
     assert info["answered_pct"] == pytest.approx({"res3": share, FINAL: 100.0 - share})
     assert info["active_pct"]["res4"] == pytest.approx(100.0 - share) and info["active_pct"]["res3"] == 100.0
-    assert info["masked"]["sparse_stages"] == (["res4", "res5"] if mode == "sparse" else [])
-    assert "sem_seg_head" in info["masked"]["dense_ops"] and out["sem_seg_exit"] == FINAL
-    # counted MACs: the dense prefix (fvcore, traced whole), the exit, then layer3 / layer4 on the
-    # active pixels as masked execution counts them, then the dense head
+    # the DeepLabV3 head runs masked too: only its global image pooling at every pixel
+    assert info["masked"]["sparse_stages"] == (["res4", "res5", "sem_seg_head"] if mode == "sparse" else [])
+    assert "sem_seg_head" not in info["masked"]["dense_ops"] and out["sem_seg_exit"] == FINAL
+    assert "sem_seg_head.aspp.image_pool" in info["masked"]["dense_ops"]
+    # counted MACs: the dense prefix (fvcore, traced whole), the exit, then layer3 / layer4 and the
+    # head on the active pixels as masked execution counts them, then the head's resize
     feats = dict(model.backbone.forward_stages(images.tensor))
     mask = PixelMask(~frozen)
     with torch.no_grad():
         y4, r4 = masked_forward(model.backbone.body.layer3, feats["res3"], mask, "emulate")
-        _, r5 = masked_forward(model.backbone.body.layer4, y4, mask, "emulate")
+        y5, r5 = masked_forward(model.backbone.body.layer4, y4, mask, "emulate")
+        head_logits, r_head = masked_forward(model.sem_seg_head, y5, mask, "emulate")
     hw = tuple(images.tensor.shape[-2:])
     costs, dense = model.costs(hw), model.pixel_costs(hw)
     expected = costs.prefix["res3"] + costs.exits["res3"] + costs.answer["res3"] + float(r4.macs[0] + r5.macs[0]) \
-        + dense.head
+        + float(r_head.macs[0]) + dense.head_resize
     assert info["macs"] == pytest.approx(expected, rel=1e-12)
+    assert 0 < dense.head_resize < float(r_head.macs[0]) < dense.head
+    # the active pixels' answer: the masked head's logits brought to the input
+    head_answer = model.sem_seg_head.predict_logits(head_logits, hw).permute(0, 2, 3, 1)
+    torch.testing.assert_close(per_pixel[~frozen], head_answer[~frozen], rtol=1e-5, atol=1e-5)
     assert info["macs"] < costs.final
     if mode == "sparse":
         pixel(model, {"res2": 2.0, "res3": cut, "res4": 2.0}, "emulate")
@@ -194,6 +201,9 @@ def test_counted_macs_at_every_pixel_active_add_up_to_the_final_path(model):
                 assert float(report.macs[0]) == dense.stages[name], name
                 assert torch.equal(y, module(x))
             x = module(x)
+        # the head, masked at a full mask, plus its resize: the dense head's fvcore count
+        _, report = masked_forward(model.sem_seg_head, x, PixelMask.full(1, hw), "emulate")
+    assert float(report.macs[0]) + dense.head_resize == dense.head
     model.policy = FINAL
 
 
@@ -282,5 +292,5 @@ def test_pixel_policy_on_mobilenetv2_sparse_equals_emulate():
     frozen = (top >= cut)[:, None].expand_as(l3)
     assert torch.equal(emulated[frozen], l3[frozen]) and torch.equal(sparse[frozen], l3[frozen])
     torch.testing.assert_close(sparse, emulated, rtol=1e-5, atol=1e-5)
-    assert sinfo["masked"]["sparse_stages"] == ["res4", "res5"] and info["macs"] == pytest.approx(sinfo["macs"])
+    assert sinfo["masked"]["sparse_stages"] == ["res4", "res5", "sem_seg_head"] and info["macs"] == pytest.approx(sinfo["macs"])
     assert info["macs"] < m.costs(tuple(images.tensor.shape[-2:])).final

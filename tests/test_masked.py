@@ -73,6 +73,7 @@ def mobilenet_stages(**options):
 BACKBONES = {
     "resnet18_os32": lambda: resnet_stages(),
     "resnet18_os8": lambda: resnet_stages(output_stride=8),
+    "resnet18_os16": lambda: resnet_stages(output_stride=16),
     "resnet18_os8_mmseg": lambda: resnet_stages(output_stride=8, dilation_rule="mmseg", stem_type="deep"),
     "resnet50_os8": lambda: resnet50_stages(output_stride=8),
     "mobilenetv2_os32": lambda: mobilenet_stages(),
@@ -153,7 +154,8 @@ def test_every_pixel_active_sparse_equals_emulate_equals_the_stage(backbone, dev
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backbone", ["resnet18_os32", "resnet18_os8_mmseg", "resnet50_os8", "mobilenetv2_os8"])
+@pytest.mark.parametrize("backbone", ["resnet18_os32", "resnet18_os16", "resnet18_os8_mmseg", "resnet50_os8",
+                                      "mobilenetv2_os8"])
 def test_sparse_equals_emulate_on_random_boundary_and_border_masks(backbone, device):
     for name, stage, x, _ in BACKBONES[backbone]():
         stage.to(device)
@@ -190,6 +192,58 @@ def test_frozen_pixels_keep_their_input_through_identity_shortcut_blocks(backbon
             frozen = (~m)[:, None].expand_as(y)
             assert torch.equal(out[frozen], y[frozen]), (backbone, name, mode)
             assert not torch.allclose(out[~frozen], y[~frozen]), (backbone, name, mode)
+
+
+# ---------------------------------------------------------------------------------- pooling
+def resnet_stem_stages():
+    """ResNet-18's res1 (conv, BN, ReLU) and res2 (the stem's max-pool, then layer1) as
+    stage_modules() names them: (name, module, input, output)."""
+    bb = randomise_norms(make_backbone("resnet18", out_features=["res2"]))
+    x = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        feats = dict(bb.forward_stages(x))
+    mods = bb.stage_modules()
+    return [("res1", mods["res1"], x, feats["res1"]), ("res2", mods["res2"], feats["res1"], feats["res2"])]
+
+
+def test_the_stems_max_pool_in_both_modes():
+    """res2 starts with the stem's max-pool: with every pixel active both modes give
+    forward_stages' tensors; with masks sparse == emulate; pooling adds no MACs (fvcore counts none)."""
+    assert type(resnet_stem_stages()[1][1][0]) is nn.MaxPool2d
+    for name, stage, x, y in resnet_stem_stages():
+        n, size = x.shape[0], tuple(x.shape[-2:])
+        full = PixelMask.full(n, size)
+        with torch.no_grad():
+            emu, r_emu = masked_forward(stage, x, full, "emulate")
+        sparse, r_sparse = masked_forward(stage, x, full, "sparse", max_active=1.0)
+        torch.testing.assert_close(emu, y, **TOL, msg=name)
+        torch.testing.assert_close(sparse, y, **TOL, msg=name)
+        assert float(r_sparse.macs[0]) == fvcore_count(stage, x[:1]).total(), name
+        for m in [random_mask(n, size, 0.3, seed=1), boundary_mask(n, size, seed=3)] + border_masks(n, size):
+            with torch.no_grad():
+                emu, r_emu = masked_forward(stage, x, PixelMask(m), "emulate")
+            sparse, r_sparse = masked_forward(stage, x, PixelMask(m), "sparse", max_active=1.0)
+            torch.testing.assert_close(sparse, emu, **TOL, msg=name)
+            assert torch.equal(r_emu.macs, r_sparse.macs)
+    pool = nn.MaxPool2d(3, 2, 1)
+    assert fvcore_count(pool, torch.randn(1, 4, 9, 9)).total() == 0
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(2), nn.MaxPool2d((3, 2), 1, (1, 0), dilation=(1, 2))])
+def test_max_pool_active_pixels_are_the_dense_pools_frozen_ones_zero(pool):
+    """Negative inputs: a tap outside the image must read -inf (the pool's padding), not 0."""
+    pool.eval()
+    x = -torch.rand(2, 5, 9, 11) - 0.5
+    with torch.no_grad():
+        dense = pool(x)
+    out_hw = tuple(dense.shape[-2:])
+    for m in [random_mask(2, (9, 11), 0.4, seed=2)] + border_masks(2, (9, 11)):
+        mask = PixelMask(m)
+        active = mask.at(out_hw)[:, None]
+        for mode in MODES:
+            y, report = masked_forward(pool, x, mask, mode, max_active=1.0)
+            torch.testing.assert_close(y, dense * active, rtol=0, atol=0)
+            assert float(report.macs.sum()) == 0.0
 
 
 # ---------------------------------------------------------------------------------- single convs

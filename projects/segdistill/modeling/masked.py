@@ -22,7 +22,12 @@ its output is ``act(shortcut(x))``: with an identity shortcut (and a ReLU-family
 after non-negative inputs, or none as in MobileNetV2) it keeps its input value bit for bit.
 A projection shortcut (ResNet's strided 1x1 ``downsample``) is computed at every pixel, so
 frozen pixels keep the shortcut; it is listed in ``MaskedReport.dense_ops``. A block without
-a shortcut (MobileNetV2's first block of a stage) leaves frozen pixels at 0.
+a shortcut (MobileNetV2's first block of a stage) leaves frozen pixels at 0. A max-pool and an
+upsampling compute their active output pixels only (frozen ones 0; a max-pool's out-of-image
+taps read -inf, as its padding). HRNet's fuse layers (:mod:`.masked_hrnet`): a fused output
+pixel frozen at its resolution keeps the identity branch's value. The heads
+(:mod:`.masked_heads`): global operations (ASPP's image pooling) run at every pixel and are
+listed in ``dense_ops``.
 
 Modes
 -----
@@ -41,32 +46,44 @@ Modes
 Counted cost (``MaskedReport.macs``, per image; the same in both modes and independent of the
 fallback): per convolution, active output pixels x ``k_h k_w Cin Cout / groups``; per norm,
 fvcore's eval-mode convention per output element (2 with affine parameters, 1 without; a
-frozen BN's multiply-add is not counted by fvcore, so 0). With every pixel active the sum is
-fvcore's count of the stage (tested). Activations and additions are not counted (fvcore
-neither).
+frozen BN's multiply-add is not counted by fvcore, so 0); per upsampling, fvcore's count per
+output element (:data:`UPSAMPLE_ELEMENT_MACS`: nearest 1, bilinear 4) at the active ones; a
+dense operation its whole fvcore count. With every pixel active the sum is fvcore's count of
+the stage (tested). Pooling, activations and additions are not counted (fvcore neither).
 
 Supported modules (an explicit registry of exact types -> masked implementations,
 :func:`register_masked`; a module of any other type is an :class:`UnsupportedModuleError`
 naming it, subclasses included, since a subclass may compute something else):
 ``nn.Sequential`` (consecutive ``Conv2d`` -> norm -> activation fuse into one unit),
-``nn.Conv2d`` (any kernel, stride, dilation, groups; zero padding), ``nn.Identity``, timm's
-``BasicBlock`` / ``Bottleneck`` (ResNet; no SE, anti-aliasing, drop-block, drop-path or
-avg-pool downsample) and ``InvertedResidual`` / ``DepthwiseSeparableConv`` (MobileNetV2; no
-SE, no space-to-depth). Norms: ``BatchNorm2d``, ``SyncBatchNorm``, timm's ``BatchNormAct2d`` /
+``nn.Conv2d`` (any kernel, stride, dilation, groups; zero padding), detectron2's ``Conv2d``
+(with its own norm and ``relu`` activation), ``nn.Identity``, ``nn.MaxPool2d`` (the ResNet
+stem's; no ``ceil_mode``), ``nn.Upsample`` (nearest, bilinear), ``nn.Dropout`` /
+``nn.Dropout2d``, timm's ``BasicBlock`` / ``Bottleneck`` (ResNet; no SE, anti-aliasing,
+drop-block, drop-path or avg-pool downsample) and ``InvertedResidual`` /
+``DepthwiseSeparableConv`` (MobileNetV2; no SE, no space-to-depth). Registered in other files
+(imported with ``segdistill.modeling``): HRNet's stages, ``HighResolutionModule`` (timm's and
+mmsegmentation's fusion) and ``SequentialList`` (:mod:`.masked_hrnet`); the DeepLabV3 and FCN
+heads with their ASPPs and separable convs (:mod:`.masked_heads`). Norms: ``BatchNorm2d``,
+``SyncBatchNorm``, detectron2's ``NaiveSyncBatchNorm``, timm's ``BatchNormAct2d`` /
 ``SyncBatchNormAct`` and the frozen BNs its ``freeze_batch_norm_2d`` makes (torchvision's
-``FrozenBatchNorm2d``, ``FrozenBatchNormAct2d``), detectron2's ``FrozenBatchNorm2d``. Activations: ``ReLU``, ``ReLU6``,
-``Identity``. Not yet: HRNet's blocks and fuse layers, pooling, the heads' global ops.
+``FrozenBatchNorm2d``, ``FrozenBatchNormAct2d``), detectron2's ``FrozenBatchNorm2d``.
+Activations: ``ReLU``, ``ReLU6``, ``Identity``, the function ``relu``.
+
+A stage takes one tensor or a list of tensors (HRNet's branches) and returns what its module
+returns. Implementations in other files build on the nodes exported here (:class:`MaskedNode`:
+``emulate`` on tensors, ``sparse`` / ``sparse_rows`` on :class:`FlatMap` s; :func:`compile_masked`
+for children, :func:`compile_conv_unit` for a convolution unit, :func:`row_indices` for windows).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from detectron2.layers import FrozenBatchNorm2d as D2FrozenBatchNorm2d
+from detectron2.layers import Conv2d as D2Conv2d, FrozenBatchNorm2d as D2FrozenBatchNorm2d, NaiveSyncBatchNorm
 from timm.layers.norm_act import BatchNormAct2d, FrozenBatchNormAct2d, SyncBatchNormAct
 from torchvision.ops.misc import FrozenBatchNorm2d  # what timm's freeze_batch_norm_2d makes of a BatchNorm2d
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
@@ -75,6 +92,9 @@ from timm.models.resnet import BasicBlock, Bottleneck
 __all__ = [
     "PixelMask", "MaskedReport", "MaskedStage", "masked_forward", "register_masked", "supported_modules",
     "UnsupportedModuleError", "MODES", "SPARSE_MAX_ACTIVE",
+    # for masked implementations registered in other files (masked_hrnet.py, masked_heads.py)
+    "MaskedNode", "MaskedContext", "FlatMap", "SeqNode", "compile_masked", "compile_conv_unit", "join_name",
+    "check_activation", "check_identity", "row_indices", "UPSAMPLE_ELEMENT_MACS",
 ]
 
 MODES = ("emulate", "sparse")
@@ -156,7 +176,7 @@ class MaskedReport:
     active_share: float = 1.0
 
 
-class _Context:
+class MaskedContext:
     """One call's state: the mask, the cost being counted, the sparse path's index caches."""
 
     def __init__(self, mask: PixelMask, device):
@@ -198,7 +218,7 @@ class _Context:
         return self.rows[key]
 
 
-class _Flat:
+class FlatMap:
     """A sparse-path feature map: channels-last rows ``(N*H*W + 1) x C``, the last row zero
     (what out-of-image taps read)."""
 
@@ -206,7 +226,7 @@ class _Flat:
         self.data, self.n, self.h, self.w = data, n, h, w
 
     @classmethod
-    def from_nchw(cls, x: torch.Tensor) -> "_Flat":
+    def from_nchw(cls, x: torch.Tensor) -> "FlatMap":
         n, c, h, w = x.shape
         data = x.new_empty(n * h * w + 1, c)
         data[:-1].view(n, h, w, c).copy_(x.permute(0, 2, 3, 1))
@@ -214,18 +234,52 @@ class _Flat:
         return cls(data, n, h, w)
 
     @classmethod
-    def scatter(cls, rows: torch.Tensor, idx: torch.Tensor, n: int, h: int, w: int) -> "_Flat":
+    def scatter(cls, rows: torch.Tensor, idx: torch.Tensor, n: int, h: int, w: int) -> "FlatMap":
         data = rows.new_zeros(n * h * w + 1, rows.shape[1])
         data[idx] = rows
         return cls(data, n, h, w)
+
+    @classmethod
+    def cat(cls, maps: Sequence["FlatMap"]) -> "FlatMap":
+        """The channel concatenation of maps of one size (``torch.cat(..., dim=1)``)."""
+        if len({(m.n, m.h, m.w) for m in maps}) != 1:
+            raise ValueError(f"Masked execution concatenates maps of one size, got {[(m.h, m.w) for m in maps]}.")
+        return cls(torch.cat([m.data for m in maps], 1), maps[0].n, maps[0].h, maps[0].w)
+
+    @property
+    def size(self) -> Tuple[int, int]:
+        return self.h, self.w
 
     def nchw(self) -> torch.Tensor:
         # a channels_last-strided NCHW view: no copy
         return self.data[:-1].view(self.n, self.h, self.w, -1).permute(0, 3, 1, 2)
 
 
+def row_indices(x: FlatMap, out: Tuple[int, int], idx: torch.Tensor, kernel, stride, padding, dilation,
+                ctx: MaskedContext, tag=None) -> torch.Tensor:
+    """``P x (kh*kw)`` rows of ``x`` that the window of each output pixel ``idx`` (flat, into
+    ``N*oh*ow``) reads; a tap outside the image reads the zero row (``N*H*W``). Cached per call."""
+    key = ((x.h, x.w), out, tuple(kernel), tuple(stride), tuple(padding), tuple(dilation), tag)
+    if key not in ctx.taps:
+        oh, ow = out
+        n_i, rem = idx // (oh * ow), idx % (oh * ow)
+        oi, oj = rem // ow, rem % ow
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+        di = torch.arange(kh, device=idx.device) * dh - ph
+        dj = torch.arange(kw, device=idx.device) * dw - pw
+        r = (oi * sh)[:, None, None] + di[None, :, None]
+        col = (oj * sw)[:, None, None] + dj[None, None, :]
+        valid = (r >= 0) & (r < x.h) & (col >= 0) & (col < x.w)
+        flat = (n_i * (x.h * x.w))[:, None, None] + r * x.w + col
+        ctx.taps[key] = torch.where(valid, flat, torch.full_like(flat, x.n * x.h * x.w)).flatten(1)
+    return ctx.taps[key]
+
+
 # ----------------------------------------------------------------------------- the plan nodes
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Identity)  # exact types: elementwise, f(0) = 0
+_ACTIVATION_FUNCTIONS = (F.relu, torch.relu)  # detectron2's Conv2d takes its activation as a function
+# fvcore's count per output element of a resampling (aten::upsample_*), by mode
+UPSAMPLE_ELEMENT_MACS = {"nearest": 1, "bilinear": 4}
 
 
 def _bn_elements_fvcore(norm: nn.Module) -> int:
@@ -237,6 +291,7 @@ def _bn_elements_fvcore(norm: nn.Module) -> int:
 _NORMS: Dict[type, Callable[[nn.Module], int]] = {
     nn.BatchNorm2d: _bn_elements_fvcore,
     nn.SyncBatchNorm: _bn_elements_fvcore,
+    NaiveSyncBatchNorm: _bn_elements_fvcore,  # detectron2's "SyncBN": plain BN at inference
     BatchNormAct2d: _bn_elements_fvcore,
     SyncBatchNormAct: _bn_elements_fvcore,
     FrozenBatchNorm2d: lambda m: 0,
@@ -246,15 +301,18 @@ _NORMS: Dict[type, Callable[[nn.Module], int]] = {
 _NORMS_WITH_ACT = (BatchNormAct2d, SyncBatchNormAct, FrozenBatchNormAct2d)
 
 
-def _check_activation(act: nn.Module, name: str) -> nn.Module:
-    if type(act) not in _ACTIVATIONS:
+def check_activation(act, name: str):
+    """``act`` when it is a supported activation (a module of an exact type in ``_ACTIVATIONS``
+    or one of ``_ACTIVATION_FUNCTIONS``), else an :class:`UnsupportedModuleError` naming it."""
+    if type(act) not in _ACTIVATIONS and not any(act is f for f in _ACTIVATION_FUNCTIONS):
         raise UnsupportedModuleError(
-            f"Masked execution: activation {name} is a {type(act).__qualname__}; supported: "
-            f"{[t.__name__ for t in _ACTIVATIONS]} (applied to active rows only, so it must map 0 to 0).")
+            f"Masked execution: activation {name} is {getattr(act, '__qualname__', type(act).__qualname__)}; "
+            f"supported: {[t.__name__ for t in _ACTIVATIONS]} and the functions relu (applied to active rows only, "
+            "so it must map 0 to 0).")
     return act
 
 
-def _check_identity(module: Optional[nn.Module], name: str, what: str) -> None:
+def check_identity(module: Optional[nn.Module], name: str, what: str) -> None:
     if module is not None and type(module) is not nn.Identity:
         raise UnsupportedModuleError(
             f"Masked execution does not support {what} ({name}: {type(module).__qualname__}); it needs None or "
@@ -276,16 +334,21 @@ def _fold(conv: nn.Conv2d, norm: Optional[nn.Module]) -> Tuple[torch.Tensor, tor
     return w * scale.view(-1, 1, 1, 1), b * scale + shift
 
 
-class _Node:
+class MaskedNode:
+    """A compiled module: ``emulate`` on dense tensors, ``sparse`` on :class:`FlatMap` s (a node
+    of a list-valued module, HRNet's, takes and returns lists of them), ``sparse_rows`` the
+    output's active rows only (what a residual sum or a fuse layer adds up), ``modules`` the
+    torch modules it runs (the sparse path checks that none is training)."""
+
     name = ""
 
-    def emulate(self, x: torch.Tensor, ctx: _Context) -> torch.Tensor:
+    def emulate(self, x: torch.Tensor, ctx: MaskedContext) -> torch.Tensor:
         raise NotImplementedError
 
-    def sparse(self, x: _Flat, ctx: _Context) -> _Flat:
+    def sparse(self, x: FlatMap, ctx: MaskedContext) -> FlatMap:
         raise NotImplementedError
 
-    def sparse_rows(self, x: _Flat, ctx: _Context):
+    def sparse_rows(self, x: FlatMap, ctx: MaskedContext):
         """``(rows, idx, (n, h, w))``: the output's active rows only (frozen rows are 0)."""
         raise UnsupportedModuleError(f"Masked execution: {self.name} cannot end a residual branch.")
 
@@ -293,7 +356,7 @@ class _Node:
         return []
 
 
-class _Identity(_Node):
+class _Identity(MaskedNode):
     def emulate(self, x, ctx):
         return x
 
@@ -301,7 +364,7 @@ class _Identity(_Node):
         return x
 
 
-class _ConvUnit(_Node):
+class _ConvUnit(MaskedNode):
     """``act(norm(conv(x)))`` computed at the active output pixels (``dense``: at every pixel)."""
 
     def __init__(self, conv: nn.Conv2d, norm: Optional[nn.Module], act: Optional[nn.Module], name: str,
@@ -313,6 +376,8 @@ class _ConvUnit(_Node):
         # the activation applied to rows: a BatchNormAct2d's own, or the module after the norm
         self.row_act = norm.act if isinstance(norm, _NORMS_WITH_ACT) else act
         self.extra_act = None if isinstance(norm, _NORMS_WITH_ACT) else act  # emulate calls it after the norm
+        # detectron2's Conv2d applies its own norm and activation in its forward
+        self.owns_norm_act = type(conv) is D2Conv2d
         self.folded: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         kh, kw = conv.kernel_size
         self.per_pixel = kh * kw * conv.in_channels * conv.out_channels // conv.groups
@@ -320,7 +385,7 @@ class _ConvUnit(_Node):
             self.per_pixel += _NORMS[type(norm)](norm) * conv.out_channels
 
     def modules(self):
-        return [m for m in (self.conv, self.norm, self.extra_act) if m is not None]
+        return [m for m in (self.conv, self.norm, self.extra_act) if isinstance(m, nn.Module)]
 
     def out_size(self, h: int, w: int) -> Tuple[int, int]:
         c = self.conv
@@ -329,9 +394,9 @@ class _ConvUnit(_Node):
 
     def emulate(self, x, ctx):
         y = self.conv(x)
-        if self.norm is not None:
+        if self.norm is not None and not self.owns_norm_act:
             y = self.norm(y)
-        if self.extra_act is not None:
+        if self.extra_act is not None and not self.owns_norm_act:
             y = self.extra_act(y)
         size = tuple(y.shape[-2:])
         ctx.count(self.name, self.per_pixel, size, self.dense)
@@ -339,23 +404,9 @@ class _ConvUnit(_Node):
             return y
         return y * ctx.mask_weights(size, y.dtype)
 
-    def _taps(self, x: _Flat, out: Tuple[int, int], idx: torch.Tensor, ctx: _Context) -> torch.Tensor:
-        """``P x (kh*kw)`` input rows each output pixel's taps read (the zero row outside)."""
+    def _taps(self, x: FlatMap, out: Tuple[int, int], idx: torch.Tensor, ctx: MaskedContext) -> torch.Tensor:
         c = self.conv
-        key = ((x.h, x.w), out, c.kernel_size, c.stride, c.padding, c.dilation, self.dense)
-        if key not in ctx.taps:
-            oh, ow = out
-            n_i, rem = idx // (oh * ow), idx % (oh * ow)
-            oi, oj = rem // ow, rem % ow
-            (kh, kw), (sh, sw), (ph, pw), (dh, dw) = c.kernel_size, c.stride, c.padding, c.dilation
-            di = torch.arange(kh, device=idx.device) * dh - ph
-            dj = torch.arange(kw, device=idx.device) * dw - pw
-            r = (oi * sh)[:, None, None] + di[None, :, None]
-            col = (oj * sw)[:, None, None] + dj[None, None, :]
-            valid = (r >= 0) & (r < x.h) & (col >= 0) & (col < x.w)
-            flat = (n_i * (x.h * x.w))[:, None, None] + r * x.w + col
-            ctx.taps[key] = torch.where(valid, flat, torch.full_like(flat, x.n * x.h * x.w)).flatten(1)
-        return ctx.taps[key]
+        return row_indices(x, out, idx, c.kernel_size, c.stride, c.padding, c.dilation, ctx, self.dense)
 
     def sparse_rows(self, x, ctx):
         out = self.out_size(x.h, x.w)
@@ -402,11 +453,11 @@ class _ConvUnit(_Node):
 
     def sparse(self, x, ctx):
         rows, idx, (n, h, w) = self.sparse_rows(x, ctx)
-        return _Flat.scatter(rows, idx, n, h, w)
+        return FlatMap.scatter(rows, idx, n, h, w)
 
 
-class _Seq(_Node):
-    def __init__(self, nodes: List[_Node], name: str):
+class SeqNode(MaskedNode):
+    def __init__(self, nodes: List[MaskedNode], name: str):
         self.nodes, self.name = nodes, name
 
     def modules(self):
@@ -428,10 +479,10 @@ class _Seq(_Node):
         return self.nodes[-1].sparse_rows(x, ctx)
 
 
-class _Residual(_Node):
+class _Residual(MaskedNode):
     """``act(shortcut(x) + branch(x))`` with the branch added at active pixels only."""
 
-    def __init__(self, branch: _Node, shortcut: Optional[_Node], act: Optional[nn.Module], name: str):
+    def __init__(self, branch: MaskedNode, shortcut: Optional[MaskedNode], act: Optional[nn.Module], name: str):
         self.branch, self.shortcut, self.act, self.name = branch, shortcut, act, name
 
     def modules(self):
@@ -453,11 +504,127 @@ class _Residual(_Node):
         data[-1].zero_()
         rows = rows + short.data[idx]
         data[idx] = rows if self.act is None else self.act(rows)
-        return _Flat(data, n, h, w)
+        return FlatMap(data, n, h, w)
+
+
+def _pair(v) -> Tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class _MaxPool(MaskedNode):
+    """``nn.MaxPool2d`` at the active output pixels (frozen outputs 0, as a convolution unit's).
+    Out-of-image taps read -inf, as its padding does; frozen input pixels read what the input
+    holds there. fvcore counts no MACs for pooling, so neither does this."""
+
+    def __init__(self, pool: nn.MaxPool2d, name: str):
+        if pool.ceil_mode or pool.return_indices:
+            raise UnsupportedModuleError(f"Masked execution: {name} (MaxPool2d) needs ceil_mode=False and "
+                                         "return_indices=False.")
+        self.pool, self.name = pool, name
+        self.kernel, self.padding, self.dilation = _pair(pool.kernel_size), _pair(pool.padding), _pair(pool.dilation)
+        self.stride = _pair(pool.stride if pool.stride is not None else pool.kernel_size)
+
+    def modules(self):
+        return [self.pool]
+
+    def out_size(self, h: int, w: int) -> Tuple[int, int]:
+        return tuple((s + 2 * p - d * (k - 1) - 1) // st + 1
+                     for s, p, d, k, st in zip((h, w), self.padding, self.dilation, self.kernel, self.stride))
+
+    def emulate(self, x, ctx):
+        y = self.pool(x)
+        return y * ctx.mask_weights(tuple(y.shape[-2:]), y.dtype)
+
+    def sparse_rows(self, x, ctx):
+        out = self.out_size(x.h, x.w)
+        idx = ctx.active_rows(x.n, out, False)
+        c = x.data.shape[1]
+        if idx.numel() == 0:
+            return x.data.new_zeros(0, c), idx, (x.n, *out)
+        taps = row_indices(x, out, idx, self.kernel, self.stride, self.padding, self.dilation, ctx)
+        outside = (taps == x.n * x.h * x.w)[:, :, None]
+        chunk = max(1, GATHER_CHUNK // (taps.shape[1] * c))
+        pieces = []
+        for s in range(0, idx.numel(), chunk):
+            t = taps[s:s + chunk]
+            cols = x.data.index_select(0, t.reshape(-1)).view(t.shape[0], t.shape[1], c)
+            pieces.append(cols.masked_fill(outside[s:s + chunk], float("-inf")).amax(1))
+        return (pieces[0] if len(pieces) == 1 else torch.cat(pieces)), idx, (x.n, *out)
+
+    def sparse(self, x, ctx):
+        rows, idx, (n, h, w) = self.sparse_rows(x, ctx)
+        return FlatMap.scatter(rows, idx, n, h, w)
+
+
+class _Upsample(MaskedNode):
+    """``nn.Upsample`` (nearest or bilinear) at the active output pixels, frozen outputs 0;
+    counted as fvcore counts it, per output element (:data:`UPSAMPLE_ELEMENT_MACS`), at the
+    active ones. ``sparse``: nearest reads each active pixel's source row (the map PyTorch's
+    own nearest rule gives, computed once per size); bilinear resizes the (scattered) input
+    map densely and keeps the active rows: a frozen input pixel reads 0 in both modes."""
+
+    def __init__(self, up: nn.Upsample, name: str):
+        if up.mode not in UPSAMPLE_ELEMENT_MACS:
+            raise UnsupportedModuleError(f"Masked execution: {name} upsamples with mode {up.mode!r}; supported: "
+                                         f"{sorted(UPSAMPLE_ELEMENT_MACS)}.")
+        self.up, self.name = up, name
+
+    def modules(self):
+        return [self.up]
+
+    def emulate(self, x, ctx):
+        y = self.up(x)
+        size = tuple(y.shape[-2:])
+        ctx.count(self.name, UPSAMPLE_ELEMENT_MACS[self.up.mode] * y.shape[1], size, False)
+        return y * ctx.mask_weights(size, y.dtype)
+
+    def _source(self, x: FlatMap, ctx: MaskedContext) -> torch.Tensor:
+        """Per output pixel of one image, the input pixel nearest reads (PyTorch's rule)."""
+        key = ("nearest", x.size, self.up.size, self.up.scale_factor)
+        if key not in ctx.taps:
+            grid = torch.arange(x.h * x.w, dtype=torch.float64, device=x.data.device).view(1, 1, x.h, x.w)
+            ctx.taps[key] = self.up(grid)[0, 0].long()
+        return ctx.taps[key]
+
+    def sparse_rows(self, x, ctx):
+        if self.up.mode == "nearest":
+            src = self._source(x, ctx)
+            out = tuple(src.shape)
+            idx = ctx.active_rows(x.n, out, False)
+            per = out[0] * out[1]
+            rows = x.data[(idx // per) * (x.h * x.w) + src.flatten()[idx % per]]
+        else:
+            y = self.up(x.nchw())
+            out = tuple(y.shape[-2:])
+            idx = ctx.active_rows(x.n, out, False)
+            rows = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])[idx]
+        ctx.count(self.name, UPSAMPLE_ELEMENT_MACS[self.up.mode] * x.data.shape[1], out, False)
+        return rows, idx, (x.n, *out)
+
+    def sparse(self, x, ctx):
+        rows, idx, (n, h, w) = self.sparse_rows(x, ctx)
+        return FlatMap.scatter(rows, idx, n, h, w)
+
+
+class _Dropout(MaskedNode):
+    """Dropout: its own forward in ``emulate`` (0 stays 0); the identity on the sparse path,
+    which runs in ``eval()`` only."""
+
+    def __init__(self, module: nn.Module, name: str):
+        self.module, self.name = module, name
+
+    def modules(self):
+        return [self.module]
+
+    def emulate(self, x, ctx):
+        return self.module(x)
+
+    def sparse(self, x, ctx):
+        return x
 
 
 # ----------------------------------------------------------------------------- the registry
-_COMPILERS: Dict[type, Callable[[nn.Module, str], _Node]] = {}
+_COMPILERS: Dict[type, Callable[[nn.Module, str], MaskedNode]] = {}
 
 
 def register_masked(*types: type):
@@ -474,7 +641,7 @@ def supported_modules() -> List[str]:
     return sorted({t.__qualname__ for t in _COMPILERS})
 
 
-def _compile(module: nn.Module, name: str) -> _Node:
+def compile_masked(module: nn.Module, name: str) -> MaskedNode:
     fn = _COMPILERS.get(type(module))
     if fn is None:
         raise UnsupportedModuleError(
@@ -485,17 +652,17 @@ def _compile(module: nn.Module, name: str) -> _Node:
     return fn(module, name)
 
 
-def _join(prefix: str, child: str) -> str:
+def join_name(prefix: str, child: str) -> str:
     return f"{prefix}.{child}" if prefix else child
 
 
 @register_masked(nn.Sequential)
-def _compile_sequential(module: nn.Sequential, name: str, dense: bool = False) -> _Node:
+def _compile_sequential(module: nn.Sequential, name: str, dense: bool = False) -> MaskedNode:
     items = list(module.named_children())
     nodes, i = [], 0
     while i < len(items):
         child_name, child = items[i]
-        full = _join(name, child_name)
+        full = join_name(name, child_name)
         if type(child) is nn.Conv2d:  # peephole: Conv2d [norm] [activation] is one unit
             norm = act = None
             if i + 1 < len(items) and type(items[i + 1][1]) in _NORMS:
@@ -504,7 +671,7 @@ def _compile_sequential(module: nn.Sequential, name: str, dense: bool = False) -
             if i + 1 < len(items) and type(items[i + 1][1]) in _ACTIVATIONS and type(items[i + 1][1]) is not nn.Identity:
                 i += 1
                 act = items[i][1]
-            nodes.append(_conv_unit(child, norm, act, full, dense))
+            nodes.append(compile_conv_unit(child, norm, act, full, dense))
         elif type(child) in _NORMS or type(child) in _ACTIVATIONS and type(child) is not nn.Identity:
             raise UnsupportedModuleError(
                 f"Masked execution: {full} ({type(child).__qualname__}) does not follow a Conv2d; norms and "
@@ -513,30 +680,55 @@ def _compile_sequential(module: nn.Sequential, name: str, dense: bool = False) -
             raise UnsupportedModuleError(f"Masked execution: a projection shortcut ({full}) must be Conv2d + norm, "
                                          f"not {type(child).__qualname__}.")
         else:
-            nodes.append(_compile(child, full))
+            nodes.append(compile_masked(child, full))
         i += 1
     if not nodes:
         return _Identity()
-    return nodes[0] if len(nodes) == 1 else _Seq(nodes, name)
+    return nodes[0] if len(nodes) == 1 else SeqNode(nodes, name)
 
 
-def _conv_unit(conv, norm, act, name, dense=False) -> _ConvUnit:
+def compile_conv_unit(conv: nn.Conv2d, norm: Optional[nn.Module], act, name: str, dense: bool = False) -> MaskedNode:
+    """``act(norm(conv(x)))`` as one unit, computed at the active output pixels (``dense``: at
+    every pixel, counted as such and listed in ``dense_ops``); the norm and activation checked."""
+    if norm is not None:
+        _norm(norm, join_name(name, "norm"))
     if isinstance(norm, _NORMS_WITH_ACT):
-        _check_identity(norm.drop, f"{name}.drop", "dropout in a norm")
-        _check_activation(norm.act, f"{name}.act")
+        check_identity(norm.drop, f"{name}.drop", "dropout in a norm")
+        check_activation(norm.act, f"{name}.act")
     if act is not None:
-        _check_activation(act, name)
+        check_activation(act, name)
     return _ConvUnit(conv, norm, act, name, dense)
 
 
 @register_masked(nn.Conv2d)
-def _compile_conv(module: nn.Conv2d, name: str) -> _Node:
-    return _conv_unit(module, None, None, name)
+def _compile_conv(module: nn.Conv2d, name: str) -> MaskedNode:
+    return compile_conv_unit(module, None, None, name)
+
+
+@register_masked(D2Conv2d)
+def _compile_d2_conv(module: D2Conv2d, name: str) -> MaskedNode:
+    """detectron2's Conv2d: its own ``norm`` and ``activation`` (a function) are the unit's."""
+    return compile_conv_unit(module, module.norm, module.activation, name)
 
 
 @register_masked(nn.Identity)
-def _compile_identity(module: nn.Identity, name: str) -> _Node:
+def _compile_identity(module: nn.Identity, name: str) -> MaskedNode:
     return _Identity()
+
+
+@register_masked(nn.MaxPool2d)
+def _compile_max_pool(module: nn.MaxPool2d, name: str) -> MaskedNode:
+    return _MaxPool(module, name)
+
+
+@register_masked(nn.Upsample)
+def _compile_upsample(module: nn.Upsample, name: str) -> MaskedNode:
+    return _Upsample(module, name)
+
+
+@register_masked(nn.Dropout, nn.Dropout2d)
+def _compile_dropout(module: nn.Module, name: str) -> MaskedNode:
+    return _Dropout(module, name)
 
 
 def _norm(module: nn.Module, name: str) -> nn.Module:
@@ -546,7 +738,7 @@ def _norm(module: nn.Module, name: str) -> nn.Module:
     return module
 
 
-def _shortcut(downsample: Optional[nn.Module], name: str) -> Optional[_Node]:
+def _shortcut(downsample: Optional[nn.Module], name: str) -> Optional[MaskedNode]:
     if downsample is None:
         return None
     if type(downsample) is not nn.Sequential:
@@ -556,69 +748,75 @@ def _shortcut(downsample: Optional[nn.Module], name: str) -> Optional[_Node]:
 
 
 @register_masked(BasicBlock)
-def _compile_basic(b: BasicBlock, name: str) -> _Node:
+def _compile_basic(b: BasicBlock, name: str) -> MaskedNode:
     for attr, what in (("drop_block", "drop-block"), ("aa", "anti-aliasing"), ("se", "squeeze-excitation"),
                        ("drop_path", "drop-path")):
-        _check_identity(getattr(b, attr), _join(name, attr), what)
-    branch = _Seq([_conv_unit(b.conv1, _norm(b.bn1, _join(name, "bn1")), b.act1, _join(name, "conv1")),
-                   _conv_unit(b.conv2, _norm(b.bn2, _join(name, "bn2")), None, _join(name, "conv2"))], name)
-    return _Residual(branch, _shortcut(b.downsample, _join(name, "downsample")),
-                     _check_activation(b.act2, _join(name, "act2")), name)
+        check_identity(getattr(b, attr), join_name(name, attr), what)
+    branch = SeqNode([compile_conv_unit(b.conv1, _norm(b.bn1, join_name(name, "bn1")), b.act1, join_name(name, "conv1")),
+                   compile_conv_unit(b.conv2, _norm(b.bn2, join_name(name, "bn2")), None, join_name(name, "conv2"))], name)
+    return _Residual(branch, _shortcut(b.downsample, join_name(name, "downsample")),
+                     check_activation(b.act2, join_name(name, "act2")), name)
 
 
 @register_masked(Bottleneck)
-def _compile_bottleneck(b: Bottleneck, name: str) -> _Node:
+def _compile_bottleneck(b: Bottleneck, name: str) -> MaskedNode:
     for attr, what in (("drop_block", "drop-block"), ("aa", "anti-aliasing"), ("se", "squeeze-excitation"),
                        ("drop_path", "drop-path")):
-        _check_identity(getattr(b, attr), _join(name, attr), what)
-    branch = _Seq([_conv_unit(b.conv1, _norm(b.bn1, _join(name, "bn1")), b.act1, _join(name, "conv1")),
-                   _conv_unit(b.conv2, _norm(b.bn2, _join(name, "bn2")), b.act2, _join(name, "conv2")),
-                   _conv_unit(b.conv3, _norm(b.bn3, _join(name, "bn3")), None, _join(name, "conv3"))], name)
-    return _Residual(branch, _shortcut(b.downsample, _join(name, "downsample")),
-                     _check_activation(b.act3, _join(name, "act3")), name)
+        check_identity(getattr(b, attr), join_name(name, attr), what)
+    branch = SeqNode([compile_conv_unit(b.conv1, _norm(b.bn1, join_name(name, "bn1")), b.act1, join_name(name, "conv1")),
+                   compile_conv_unit(b.conv2, _norm(b.bn2, join_name(name, "bn2")), b.act2, join_name(name, "conv2")),
+                   compile_conv_unit(b.conv3, _norm(b.bn3, join_name(name, "bn3")), None, join_name(name, "conv3"))], name)
+    return _Residual(branch, _shortcut(b.downsample, join_name(name, "downsample")),
+                     check_activation(b.act3, join_name(name, "act3")), name)
 
 
 def _check_efficientnet_block(b: nn.Module, name: str) -> None:
     if b.conv_s2d is not None:
         raise UnsupportedModuleError(f"Masked execution does not support space-to-depth ({name}.conv_s2d).")
     for attr, what in (("aa", "anti-aliasing"), ("se", "squeeze-excitation"), ("drop_path", "drop-path")):
-        _check_identity(getattr(b, attr), _join(name, attr), what)
+        check_identity(getattr(b, attr), join_name(name, attr), what)
 
 
 @register_masked(InvertedResidual)
-def _compile_inverted_residual(b: InvertedResidual, name: str) -> _Node:
+def _compile_inverted_residual(b: InvertedResidual, name: str) -> MaskedNode:
     _check_efficientnet_block(b, name)
-    branch = _Seq([_conv_unit(b.conv_pw, _norm(b.bn1, _join(name, "bn1")), None, _join(name, "conv_pw")),
-                   _conv_unit(b.conv_dw, _norm(b.bn2, _join(name, "bn2")), None, _join(name, "conv_dw")),
-                   _conv_unit(b.conv_pwl, _norm(b.bn3, _join(name, "bn3")), None, _join(name, "conv_pwl"))], name)
+    branch = SeqNode([compile_conv_unit(b.conv_pw, _norm(b.bn1, join_name(name, "bn1")), None, join_name(name, "conv_pw")),
+                   compile_conv_unit(b.conv_dw, _norm(b.bn2, join_name(name, "bn2")), None, join_name(name, "conv_dw")),
+                   compile_conv_unit(b.conv_pwl, _norm(b.bn3, join_name(name, "bn3")), None, join_name(name, "conv_pwl"))], name)
     return _Residual(branch, None, None, name) if b.has_skip else branch
 
 
 @register_masked(DepthwiseSeparableConv)
-def _compile_depthwise_separable(b: DepthwiseSeparableConv, name: str) -> _Node:
+def _compile_depthwise_separable(b: DepthwiseSeparableConv, name: str) -> MaskedNode:
     _check_efficientnet_block(b, name)
-    branch = _Seq([_conv_unit(b.conv_dw, _norm(b.bn1, _join(name, "bn1")), None, _join(name, "conv_dw")),
-                   _conv_unit(b.conv_pw, _norm(b.bn2, _join(name, "bn2")), None, _join(name, "conv_pw"))], name)
+    branch = SeqNode([compile_conv_unit(b.conv_dw, _norm(b.bn1, join_name(name, "bn1")), None, join_name(name, "conv_dw")),
+                   compile_conv_unit(b.conv_pw, _norm(b.bn2, join_name(name, "bn2")), None, join_name(name, "conv_pw"))], name)
     return _Residual(branch, None, None, name) if b.has_skip else branch
 
 
 # ----------------------------------------------------------------------------- entry points
+Features = Union[torch.Tensor, List[torch.Tensor]]  # one map, or HRNet's branches (finest first)
+
+
 class MaskedStage:
     """A stage compiled for masked execution (its BatchNorms folded on the first sparse call:
-    build a new one after its weights change)."""
+    build a new one after its weights change). A stage takes one ``N x C x H x W`` tensor, or a
+    list of them (HRNet's branches), and returns what its module returns."""
 
     def __init__(self, stage: nn.Module, name: str = ""):
         self.stage = stage
-        self.plan = _compile(stage, name)
+        self.plan = compile_masked(stage, name)
 
-    def __call__(self, x: torch.Tensor, mask: PixelMask, mode: str = "sparse",
-                 max_active: float = SPARSE_MAX_ACTIVE) -> Tuple[torch.Tensor, MaskedReport]:
+    def __call__(self, x: Features, mask: PixelMask, mode: str = "sparse",
+                 max_active: float = SPARSE_MAX_ACTIVE) -> Tuple[Features, MaskedReport]:
         if mode not in MODES:
             raise ValueError(f"Unknown masked execution mode {mode!r}; choose from {list(MODES)}.")
-        if mask.batch_size != x.shape[0]:
-            raise ValueError(f"The mask has {mask.batch_size} images, the input {x.shape[0]}.")
-        share = mask.share(x.shape[-2:])
-        ctx = _Context(mask, x.device)
+        maps = list(x) if isinstance(x, (list, tuple)) else [x]
+        if any(mask.batch_size != t.shape[0] for t in maps):
+            raise ValueError(f"The mask has {mask.batch_size} images, the input {[t.shape[0] for t in maps]}.")
+        # the share at the finest input map (a list's coarser branches cover the same pixels)
+        share = mask.share(max((tuple(t.shape[-2:]) for t in maps), key=lambda hw: hw[0] * hw[1]))
+        ctx = MaskedContext(mask, maps[0].device)
         if mode == "sparse" and share <= max_active:
             training = [m for m in self.plan.modules() if m.training]
             if training:
@@ -626,20 +824,24 @@ class MaskedStage:
                     f"Masked mode 'sparse' folds the norms' running statistics, but {len(training)} modules of the "
                     "stage are in training mode: call eval() first (mode 'emulate' trains).")
             with torch.no_grad():
-                y = self.plan.sparse(_Flat.from_nchw(x), ctx).nchw()
+                if isinstance(x, (list, tuple)):
+                    y = [f.nchw() for f in self.plan.sparse([FlatMap.from_nchw(t) for t in maps], ctx)]
+                else:
+                    y = self.plan.sparse(FlatMap.from_nchw(x), ctx)
+                    y = [f.nchw() for f in y] if isinstance(y, list) else y.nchw()
             ran_sparse = True
         else:
-            y = self.plan.emulate(x, ctx)
+            y = self.plan.emulate(list(x) if isinstance(x, (list, tuple)) else x, ctx)
             ran_sparse = False
         return y, MaskedReport(ctx.macs, ctx.dense_ops, ran_sparse, share)
 
 
-def masked_forward(stage: nn.Module, x: torch.Tensor, mask: PixelMask, mode: str = "sparse", *,
-                   max_active: float = SPARSE_MAX_ACTIVE) -> Tuple[torch.Tensor, MaskedReport]:
-    """Run ``stage`` on ``x`` computing only ``mask``'s active pixels (module docstring).
+def masked_forward(stage: nn.Module, x: Features, mask: PixelMask, mode: str = "sparse", *,
+                   max_active: float = SPARSE_MAX_ACTIVE) -> Tuple[Features, MaskedReport]:
+    """Run ``stage`` on ``x`` (a tensor, or a list of HRNet branches) computing only ``mask``'s
+    active pixels (module docstring).
 
     Returns ``(y, MaskedReport)``. ``mode``: ``emulate`` or ``sparse``; ``sparse`` runs the
     stage as ``emulate`` when the active share at its input exceeds ``max_active``.
     Compiles ``stage`` on every call; hold a :class:`MaskedStage` to compile once."""
     return MaskedStage(stage)(x, mask, mode, max_active)
-

@@ -26,7 +26,8 @@ meta-architecture is the *deployed* form of a trained ``MultiExitSegmentor`` (do
   - ``pixel``: per pixel (:meth:`AnytimeSegmentor.run_pixel`, ``MODEL.EXITS.ANYTIME.PIXEL_THRESHOLDS``
     / ``PIXEL_MODE``): after each exit, the pixels whose top probability reaches its threshold
     keep its answer and are frozen; the later stages run masked (:mod:`..masked`, through the
-    backbone's ``stage_modules()``) on the rest; the head runs dense and answers what is left.
+    backbone's ``stage_modules()``) on the rest; the head runs masked too where masked execution
+    implements it (DeepLabV3, FCN: :mod:`..masked_heads`), else dense, and answers what is left.
     Images run one at a time; outputs add counted ``macs``, ``active_pct``, ``answered_pct``
     and the ``masked`` report to ``anytime``.
 
@@ -84,6 +85,7 @@ logger = logging.getLogger(__name__)
 FINAL = "final"  # the answer of the final head (``sem_seg_exit``), and the policy that always takes it
 CONFIDENCE = "confidence"
 PIXEL = "pixel"
+HEAD = "sem_seg_head"  # the final head's name in policy pixel's dense_ops / sparse_stages
 EXIT_PREFIX = "exit:"
 NEVER = math.inf  # a threshold no confidence reaches: that exit is not run
 THRESHOLDS_FORMAT = "segdistill-anytime-thresholds/1"
@@ -302,16 +304,29 @@ class _HeadOnly(nn.Module):
         return head(dict(zip(head.in_features, feats)), None, output_size=self.size)[0]
 
 
+class _HeadResize(nn.Module):
+    """The final head's logits brought to ``size`` by its output_resize rule (``predict_logits``)."""
+
+    def __init__(self, model, size):
+        super().__init__()
+        self.model, self.size = model, size
+
+    def forward(self, logits):
+        return self.model.sem_seg_head.predict_logits(logits, self.size)
+
+
 @dataclass
 class PixelCosts:
     """fvcore MACs of the parts policy ``pixel`` runs dense, at one (padded) input size:
     ``stages[s]``: backbone stage ``s`` (``stage_modules()[s]``) at every pixel; ``head``: the
-    final head with its resize to the input size. The exits and their resize are
+    final head with its resize to the input size; ``head_resize``: that resize alone (what a
+    head run masked adds to masked execution's count of it). The exits and their resize are
     :class:`AnytimeCosts`' ``exits`` / ``answer``."""
 
     input_hw: Tuple[int, int]
     stages: Dict[str, float] = field(default_factory=dict)
     head: float = 0.0
+    head_resize: float = 0.0
 
 
 def _drop_masked_on_load(module, incompatible_keys) -> None:
@@ -409,7 +424,7 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
         # stage name -> MaskedStage of policy ``pixel`` (compiled once; a sparse stage folds its
         # norms on first use, so the cache is dropped whenever the weights may have changed:
         # train() / eval(), a load_state_dict, another device)
-        self._masked: Dict[str, MaskedStage] = {}
+        self._masked: Dict[str, Optional[MaskedStage]] = {}  # and the head's under HEAD (None: runs dense)
         self._masked_device = None
         self.register_load_state_dict_post_hook(_drop_masked_on_load)
         self._costs: Dict[Tuple[int, int], AnytimeCosts] = {}
@@ -610,6 +625,16 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
             plans[name] = self._masked[name]
         return plans
 
+    def _masked_head(self) -> Optional[MaskedStage]:
+        """The final head compiled for masked execution (once, with the stages), or None where
+        masked execution has no implementation of it: it then runs dense, listed in ``dense_ops``."""
+        if HEAD not in self._masked:
+            try:
+                self._masked[HEAD] = MaskedStage(self.sem_seg_head, HEAD)
+            except UnsupportedModuleError:
+                self._masked[HEAD] = None
+        return self._masked[HEAD]
+
     @torch.no_grad()
     def pixel_costs(self, input_hw: Sequence[int]) -> PixelCosts:
         """fvcore MACs of the parts policy ``pixel`` runs dense at a padded input of ``input_hw`` (cached)."""
@@ -623,6 +648,8 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
                 costs.stages[name] = _fvcore_macs(module, (x,))
                 x = feats[name] = module(x)
             costs.head = _fvcore_macs(_HeadOnly(self, hw), tuple(feats[n] for n in self.sem_seg_head.in_features))
+            logits = self.sem_seg_head.forward_outputs({n: feats[n] for n in self.sem_seg_head.in_features})["logits"]
+            costs.head_resize = _fvcore_macs(_HeadResize(self, hw), (logits,))
             self.train(was_training)
             self._pixel_costs[hw] = costs
         return self._pixel_costs[hw]
@@ -637,7 +664,9 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
         later stages run masked (``pixel_mode``; :class:`~segdistill.modeling.masked.PixelMask`
         of the active pixels at every stride); before that they run dense, as ``forward_stages``.
         When no pixel of the image's own part is active any more, nothing later runs. Else the
-        head runs dense on the (masked) features and its logits answer the active pixels.
+        head runs on the (masked) features and its logits answer the active pixels: masked (its
+        logits at the active pixels, then its resize to the input) once a pixel is frozen, where
+        masked execution implements the head (``segdistill.modeling.masked_heads``), else dense.
 
         Returns ``(logits 1 x K x H x W, info)``; ``info``: ``answer`` (``final`` when the head
         ran, else the exit after which the image stopped), ``evaluated`` (exits run), ``macs``
@@ -645,7 +674,8 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
         count), ``active_pct`` (per backbone stage: % of the image's pixels active when it ran,
         0 when not run), ``answered_pct`` (per exit run and ``final``: % of the image's pixels it
         answered) and ``masked`` (``mode``, ``sparse_stages``: those the sparse path ran,
-        ``dense_ops``: what ran at every pixel whatever the mask)."""
+        ``dense_ops``: what ran at every pixel whatever the mask; ``sem_seg_head`` when the head
+        ran dense)."""
         if x.shape[0] != 1:
             raise ValueError(f"run_pixel takes one image, got a batch of {x.shape[0]}.")
         hw = tuple(x.shape[-2:])
@@ -703,9 +733,18 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
                     return answer, info(name)
             if not pending and need.issubset(features):
                 break
-        head, _ = self.sem_seg_head(features, None, output_size=hw)
-        macs += dense.head
-        dense_ops.append("sem_seg_head")
+        head_plan = self._masked_head() if frozen else None
+        if head_plan is None:
+            head, _ = self.sem_seg_head(features, None, output_size=hw)
+            macs += dense.head
+            dense_ops.append(HEAD)
+        else:  # its logits at the active pixels (frozen ones 0, replaced by their answers below), then the resize
+            logits, report = head_plan(features[self.sem_seg_head.in_features[0]], PixelMask(active), self.pixel_mode)
+            head = self.sem_seg_head.predict_logits(logits, hw)
+            macs += float(report.macs[0]) + dense.head_resize
+            dense_ops += [op for op in report.dense_ops if op not in dense_ops]
+            if report.sparse:
+                sparse_stages.append(HEAD)
         answered[FINAL] = 100.0 * float((active & inside).sum()) / pixels
         return (head if answer is None else torch.where(active[:, None], head, answer)), info(FINAL)
 
