@@ -28,10 +28,26 @@ an evaluation split is refused) and on the evaluation split (default ``DATASETS.
    default 1) and every fixed output. The operating point's measured mIoU and exit histogram
    must equal step 3's (printed as ``consistent``).
 
-Outputs in ``--output``: ``records_<label>_{calib,eval}.npz``, ``result_<label>.json`` (each
-step resumes from them), ``curve.json``, ``curve.md`` (tables) and ``curve.png`` (plot; also
-copied to ``--plot`` when given). Times are wall-clock on the machine it runs on: say how
-loaded it was.
+5. with ``--pixel``, the per-pixel policy (``result["pixel"]``; docs/anytime.md, "Measuring the
+   per-pixel policy"): ``collect_pixel_records`` on both splits over ``--pixel-grid`` (ADP-C's
+   0.998 added), run in ``--pixel-mode``; rows calibrated for each ``--drops`` and ``--budgets``
+   value, ADP-C's fixed 0.998, crc and ucb for each ``--risk-epsilons`` value (with the gap
+   measured on the evaluation split) and every recorded setting, each with mIoU, counted GMACs,
+   the frozen share before each stage and its difference to the image-level policy at the same
+   D (MACs saved, points) and at equal MACs (mIoU); then timed runs paired with the final path
+   (the operating point in each ``--pixel-timed-modes`` mode, ADP-C's 0.998 and "nothing
+   frozen" in sparse) and the stage-by-stage sparse / emulate / dense times with every pixel active.
+
+``--seeds-summary FOLDER ...`` runs no model: it reads the ``result_<label>.json`` of several
+``--output`` folders (one per seed) and writes ``seeds_summary.json`` / ``.md`` in ``--output``:
+every numeric entry's mean over the seeds with its 95 % Student-t interval, and the per-pixel
+acceptance readings on those means.
+
+Outputs in ``--output``: ``records_<label>_{calib,eval}.npz`` (with ``--pixel`` also
+``records_<label>_pixel_<mode>_{calib,eval}.npz``), ``result_<label>.json`` (each step resumes
+from them: records are reused, timed runs are not repeated), ``curve.json``, ``curve.md``
+(tables) and ``curve.png`` (plot; also copied to ``--plot`` when given). Times are wall-clock
+on the machine it runs on (``--threads``, default 1): say how loaded it was.
 """
 from __future__ import annotations
 
@@ -364,10 +380,11 @@ def _time_pixel(model, cfg, evaluation, result, args, save):
     exits = model.exit_names
     rows = {r["row"]: r for r in pix["rows"]}
     ops = [r for r in pix["rows"] if r.get("objective") == "max_drop"]
-    op = min(ops, key=lambda r: abs(r["max_drop"] - args.operating_drop))
     adpc = rows[f"ADP-C {ADPC_THRESHOLD:g}"]
-    runs = [(f"pixel:{m}", op, m) for m in args.pixel_timed_modes] + [
-        ("ADP-C:sparse", adpc, "sparse"), ("nothing_frozen:sparse", {"thresholds": {n: None for n in exits}}, "sparse")]
+    runs = [("ADP-C:sparse", adpc, "sparse"), ("nothing_frozen:sparse", {"thresholds": {n: None for n in exits}}, "sparse")]
+    if ops:  # the operating point: the calibrated drop nearest --operating-drop
+        op = min(ops, key=lambda r: abs(r["max_drop"] - args.operating_drop))
+        runs = [(f"pixel:{m}", op, m) for m in args.pixel_timed_modes] + runs
     saved = (model.policy, model.pixel_mode, model.pixel_thresholds)
     try:
         for key, row, mode in runs:
@@ -821,7 +838,7 @@ def main(argv=None):
     p.add_argument("--risk-delta", type=float, default=0.1, help="risk control (ucb): failure probability")
     p.add_argument("--risk-quality", choices=list(QUALITIES), default="miou")
     p.add_argument("--plot", default="", help="also copy the plot here (e.g. docs/images/anytime_demo.png)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
     p.add_argument("--no-timing", action="store_true", help="skip the timed runs (step 4)")
     p.add_argument("--pixel", action="store_true",
                    help="add the per-pixel policy's rows (policy pixel: records on both splits, calibrated rows, "
