@@ -78,8 +78,10 @@ class StagewiseBackbone(Backbone):
 
     def stage_outputs(self) -> "OrderedDict[str, Tuple[str, ...]]":
         """``{stage name: the feature names it yields}``, in ``stage_modules()``' order (module
-        docstring). Default: one feature per stage, named after it."""
-        return OrderedDict((name, (name,)) for name in self.stage_modules())
+        docstring): the features ``forward_stages`` computes together. Default: one feature
+        per stage, named after it (``stage_shapes()``' names; it holds for a body whose
+        ``stage_modules()`` is refused too, so consumers that only group features can ask it)."""
+        return OrderedDict((name, (name,)) for name in self.stage_shapes())
 
     @staticmethod
     def stage_features(names: Sequence[str], y: Union[torch.Tensor, List[torch.Tensor]]) -> Dict[str, torch.Tensor]:

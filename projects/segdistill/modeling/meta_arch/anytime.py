@@ -243,14 +243,22 @@ class AnytimeCosts:
 
 
 class _Prefix(nn.Module):
+    """The backbone up to the stage that yields feature ``stage``. Every feature computed so far
+    is an output, so that fvcore's trace keeps what runs: a stage of several features (HRNet's
+    branches) computes them all, also those its exit does not read."""
+
     def __init__(self, model, stage):
         super().__init__()
         self.model, self.stage = model, stage
 
     def forward(self, x):
-        for name, feat in self.model.backbone.forward_stages(x):
-            if name == self.stage:
-                return feat
+        backbone = self.model.backbone
+        last = backbone.stage_outputs()[backbone.stage_of_features()[self.stage]][-1]
+        feats = []
+        for name, feat in backbone.forward_stages(x):
+            feats.append(feat)
+            if name == last:
+                return tuple(feats)
         raise KeyError(self.stage)
 
 
@@ -284,12 +292,13 @@ class _Path(nn.Module):
     def forward(self, x):
         sizes = [tuple(x.shape[-2:])] * x.shape[0]
         ran = []  # every exit's logits are outputs too, so the trace keeps exits that did not answer
+        features = {}  # and every feature computed (the branches of a stage no exit or head reads)
 
         def decide(e, logits):
             ran.append(logits)
             return e == self.answer
 
-        return (self.model.run_stages(x, sizes, self.evaluated, decide)[0], *ran)
+        return (self.model.run_stages(x, sizes, self.evaluated, decide, features)[0], *ran, *features.values())
 
 
 class _HeadOnly(nn.Module):
@@ -554,13 +563,16 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
         return torch.cat(out)
 
     def run_stages(self, x: torch.Tensor, image_sizes, evaluate: Sequence[str],
-                   decide: Callable[[str, torch.Tensor], bool]):
+                   decide: Callable[[str, torch.Tensor], bool], features: Optional[Dict[str, torch.Tensor]] = None):
         """Run the stages lazily; after exit ``e`` of ``evaluate`` (shallowest first),
         ``decide(e, logits)`` True makes ``e`` answer and nothing after it runs.
-        Returns (logits at the padded input size, answer, exits evaluated)."""
+        Returns (logits at the padded input size, answer, exits evaluated); ``features``, when
+        given, is filled with every backbone feature computed (those of the answering exit's
+        stage included: a list-valued stage computes its branches together)."""
         pending = [n for n in self.exit_names if n in set(evaluate)]
         need = set(self.sem_seg_head.in_features)
-        features, evaluated = {}, []
+        features = {} if features is None else features
+        evaluated = []
         size = exit_size(x.shape[-2:], next(iter(self.exits.values())).common_stride) if pending else None
         stages = self.backbone.forward_stages(x)
         try:
@@ -572,6 +584,11 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
                     evaluated.append(name)
                     if decide(name, logits):
                         up = F.interpolate(logits, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+                        # the rest of this stage's features were computed with it: yielded with no more work
+                        group = self.backbone.stage_outputs()[self.backbone.stage_of_features()[name]]
+                        for _ in group[group.index(name) + 1:]:
+                            rest, feat = next(stages)
+                            features[rest] = feat
                         return up, name, tuple(evaluated)
                 if not pending and need.issubset(features):
                     break
