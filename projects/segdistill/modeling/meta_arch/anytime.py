@@ -26,7 +26,8 @@ meta-architecture is the *deployed* form of a trained ``MultiExitSegmentor`` (do
   - ``pixel``: per pixel (:meth:`AnytimeSegmentor.run_pixel`, ``MODEL.EXITS.ANYTIME.PIXEL_THRESHOLDS``
     / ``PIXEL_MODE``): after each exit, the pixels whose top probability reaches its threshold
     keep its answer and are frozen; the later stages run masked (:mod:`..masked`, through the
-    backbone's ``stage_modules()``) on the rest; the head runs masked too where masked execution
+    backbone's ``stage_modules()`` / ``stage_outputs()``: one tensor or, on HRNet, a list of
+    branches per stage) on the rest; the head runs masked too where masked execution
     implements it (DeepLabV3, FCN: :mod:`..masked_heads`), else dense, and answers what is left.
     Images run one at a time; outputs add counted ``macs``, ``active_pct``, ``answered_pct``
     and the ``masked`` report to ``anytime``.
@@ -220,7 +221,9 @@ def _pixel_thresholds_from_config(a, exit_names: Sequence[str]) -> Optional[Dict
 class AnytimeCosts:
     """fvcore MACs of the parts of every path at one (padded) input size.
 
-    ``prefix[e]``: the backbone up to and including exit ``e``'s stage; ``exits[e]``: exit
+    ``prefix[e]``: the backbone up to and including the stage that yields exit ``e``'s
+    feature, whole (an HRNet stage computes all its branches, also those ``e`` does not read,
+    so every feature computed is an output of the trace); ``exits[e]``: exit
     ``e`` (reduce conv, resize, feature conv, segmenter) on that stage; ``answer[e]``:
     upsampling ``e``'s logits to the input size; ``final``: the plain deployed path (backbone
     as far as the head reads, head, its upsampling). fvcore counts one multiply-accumulate of
