@@ -12,7 +12,6 @@ from detectron2.modeling import build_model
 from segdistill.evaluation.anytime import AnytimeEvaluator
 from segdistill.modeling.masked import PixelMask, masked_forward
 from segdistill.modeling.meta_arch.anytime import FINAL, PIXEL, anytime_state_dict
-from segdistill.modeling.stagewise import StageModulesUnsupported
 from test_anytime import CallCounter  # forward hooks counting named submodules' calls
 
 K = 5
@@ -59,28 +58,48 @@ def exit_logits(model, image, name):
     ("resnet18", {"output_stride": 8, "dilation_rule": "mmseg", "stem_type": "deep"}),
     ("mobilenetv2_100", {"output_stride": 16}),
     ("mobilenetv2_100", {}),
+    ("hrnet_w18_small", {}),
+    ("hrnet_w18_small", {"fuse_upsample": "bilinear"}),
 ])
 def test_stage_modules_chain_to_the_tensors_forward_stages_yields(kind, options):
+    """Each stage takes the previous one's return value (the image first) and yields the
+    features stage_outputs() names: one tensor, or HRNet's list of branches; concatenated, the
+    names are stage_shapes()' and the tensors forward_stages()' bit for bit."""
     torch.manual_seed(0)
     bb = make_backbone(kind, **options).eval()
     keys = list(bb.state_dict())
-    modules = bb.stage_modules()
-    assert list(modules) == list(bb.stage_shapes())
+    modules, outputs = bb.stage_modules(), bb.stage_outputs()
+    assert list(outputs) == list(modules)
+    assert [f for names in outputs.values() for f in names] == list(bb.stage_shapes())
+    if kind.startswith("hrnet"):
+        assert list(modules) == ["layer1", "stage2", "stage3", "stage4"]
+        assert outputs["stage2"] == ("stage2_b0", "stage2_b1") and outputs["stage4"] == ("res2", "res3", "res4", "res5")
+    else:
+        assert all(names == (n,) for n, names in outputs.items())
+    assert bb.stage_of_features()["res2"] == ("stage4" if kind.startswith("hrnet") else "res2")
     owned = {id(p) for p in bb.parameters()}
     assert all(id(p) in owned for m in modules.values() for p in m.parameters())  # the backbone's own modules
-    x = torch.randn(1, 3, 48, 56)
+    x = torch.randn(1, 3, 64, 64) if kind.startswith("hrnet") and not options else torch.randn(1, 3, 48, 56)
+    got = {}
     with torch.no_grad():
         ref = dict(bb.forward_stages(x))
         for name, module in modules.items():
             x = module(x)
-            assert torch.equal(x, ref[name]), name
+            got.update(bb.stage_features(outputs[name], x))
+    assert list(got) == list(ref)
+    assert all(torch.equal(got[n], ref[n]) for n in ref)
     assert list(bb.state_dict()) == keys  # the wrappers are not submodules
 
 
-def test_hrnet_refuses_stage_modules_with_the_reason():
-    bb = make_backbone("hrnet_w18_small")
-    with pytest.raises(StageModulesUnsupported, match="lists of branches"):
-        bb.stage_modules()
+def test_stage_features_refuses_a_return_value_other_than_the_names_say():
+    bb = make_backbone("resnet18")
+    t = torch.zeros(1, 2, 3, 3)
+    assert bb.stage_features(("a", "b"), [t, t + 1])["b"] is not None
+    for names, y, match in [(("a",), [t], "one tensor, got a list of 1"),
+                            (("a", "b"), t, "a list of 2 tensors, got Tensor"),
+                            (("a", "b"), [t, t, t], "a list of 2 tensors, got a list of 3")]:
+        with pytest.raises(ValueError, match=match):
+            bb.stage_features(names, y)
 
 
 # ---------------------------------------------------------------------- the pixel policy

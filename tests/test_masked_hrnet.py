@@ -16,7 +16,7 @@ from torch import nn
 
 from conftest import make_backbone
 from segdistill.modeling.masked import MODES, PixelMask, masked_forward
-from segdistill.modeling.masked_hrnet import HRNetStage, hrnet_stage_modules
+from segdistill.modeling.backbones.timm_backbone import HRNetStage
 from test_masked import TOL, border_masks, boundary_mask, fvcore_count, random_mask, randomise_norms
 from timm.models.hrnet import HighResolutionModule
 
@@ -32,7 +32,7 @@ def first_images(v):
 
 
 def hrnet_stages(fusion):
-    """(name, module, input, output) of each stage of hrnet_stage_modules, from forward_stages."""
+    """(name, module, input, output) of each stage of the backbone's stage_modules(), from forward_stages."""
     torch.manual_seed(0)
     bb = randomise_norms(make_backbone("hrnet_w18_small", fuse_upsample=fusion))
     x = torch.randn(2, 3, *SIZES[fusion], generator=torch.Generator().manual_seed(1))
@@ -41,7 +41,7 @@ def hrnet_stages(fusion):
     outs = {"layer1": f["layer1"], "stage2": [f["stage2_b0"], f["stage2_b1"]],
             "stage3": [f[f"stage3_b{i}"] for i in range(3)], "stage4": [f[f"res{i}"] for i in range(2, 6)]}
     stages, prev = [], x
-    for name, module in hrnet_stage_modules(bb.body).items():
+    for name, module in bb.stage_modules().items():
         stages.append((name, module, prev, outs[name]))
         prev = outs[name]
     return stages
@@ -54,7 +54,7 @@ def stages(request):
 
 def test_stage_modules_chain_to_forward_stages_and_hold_the_bodys_modules():
     bb = make_backbone("hrnet_w18_small").eval()
-    modules = hrnet_stage_modules(bb.body)
+    modules = bb.stage_modules()
     assert list(modules) == ["layer1", "stage2", "stage3", "stage4"]
     assert all(type(m) is HRNetStage for k, m in modules.items() if k != "layer1")
     owned = {id(p) for p in bb.parameters()}

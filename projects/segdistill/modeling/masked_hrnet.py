@@ -21,14 +21,14 @@ every branch's resolution (a coarse pixel is active if any finer pixel it covers
 * A **transition** (:class:`HRNetStage`) keeps the existing branches and makes a new one from
   the last with strided conv units: the new branch's frozen pixels are 0 (no shortcut).
 
-:class:`HRNetStage` is one stage as ``HRNetBackbone.forward_stages`` runs it (transition, then
-the stage's modules), and :func:`hrnet_stage_modules` a body's stages in order, chaining from
-the input; ``HRNetBackbone.stage_modules`` does not return them yet (the stage-module contract
-of :mod:`.stagewise` maps one tensor to one tensor).
+:class:`~.backbones.timm_backbone.HRNetStage` is one stage as ``HRNetBackbone.forward_stages``
+runs it (transition, then the stage's modules); ``HRNetBackbone.stage_modules()`` returns them
+(``layer1``, ``stage2`` .. ``stage4``) and ``stage_outputs()`` names each stage's branches, the
+list-valued stages of :mod:`.stagewise`'s contract, so policy ``pixel`` and mask-aware
+training run HRNet through it.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import List, Optional
 
 from torch import nn
@@ -36,39 +36,13 @@ from torch.nn import functional as F
 
 from timm.models.hrnet import HighResolutionModule, SequentialList
 
-from .backbones.timm_backbone import SizeFusingHRModule
+from .backbones.timm_backbone import HRNetStage, SizeFusingHRModule
 from .masked import (
     UPSAMPLE_ELEMENT_MACS, FlatMap, MaskedContext, MaskedNode, UnsupportedModuleError, check_activation,
     compile_masked, join_name, register_masked,
 )
 
-__all__ = ["HRNetStage", "hrnet_stage_modules"]
-
-
-class HRNetStage(nn.Module):
-    """One HRNet stage as ``HRNetBackbone.forward_stages`` runs it: the ``transition`` (the
-    existing branches as they are, a new branch from the last one), then ``stage``. It holds
-    the body's modules and no parameter of its own. Takes a tensor (``layer1``'s output) or the
-    previous stage's list of branches; returns the list of branches."""
-
-    def __init__(self, transition: nn.ModuleList, stage: nn.Module):
-        super().__init__()
-        self.transition, self.stage = transition, stage
-
-    def forward(self, x):
-        yl = list(x) if isinstance(x, (list, tuple)) else [x]
-        return self.stage([yl[i] if isinstance(t, nn.Identity) else t(yl[-1]) for i, t in enumerate(self.transition)])
-
-
-def hrnet_stage_modules(body: nn.Module) -> "OrderedDict[str, nn.Module]":
-    """A timm HRNet body's stages in ``forward_stages``' order: ``layer1`` (the stem and
-    layer1, an ``nn.Sequential``), then ``stage2`` .. ``stage4`` (:class:`HRNetStage`), such that
-    ``x_k = modules[k](x_{k-1})`` gives ``layer1``'s tensor, then each stage's list of branches."""
-    stem = nn.Sequential(body.conv1, body.bn1, body.act1, body.conv2, body.bn2, body.act2, body.layer1)
-    out = OrderedDict(layer1=stem)
-    for k in (2, 3, 4):
-        out[f"stage{k}"] = HRNetStage(getattr(body, f"transition{k - 1}"), getattr(body, f"stage{k}"))
-    return out
+__all__: List[str] = []
 
 
 class _ListChain(MaskedNode):

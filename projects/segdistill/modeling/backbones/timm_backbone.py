@@ -63,7 +63,7 @@ from ..stagewise import StageModulesUnsupported, StagewiseBackbone  # the stage-
 from .norm import convert_norm, resolve_norm
 
 __all__ = [
-    "TimmBackbone", "HRNetBackbone", "build_timm_backbone", "load_body_checkpoint",
+    "TimmBackbone", "HRNetBackbone", "HRNetStage", "SizeFusingHRModule", "build_timm_backbone", "load_body_checkpoint",
     "STEM_TYPES", "DILATION_RULES", "HRNET_FUSE_UPSAMPLES", "backbone_family",
 ]
 
@@ -510,12 +510,22 @@ class HRNetBackbone(StagewiseBackbone, ConvertibleBackbone):
         return {n: ShapeSpec(channels=c, stride=s) for n, (c, s) in self._shapes.items()}
 
     def stage_modules(self) -> "OrderedDict[str, nn.Module]":
-        """Refused: an HRNet stage maps a list of branches to a list (with transitions and fuse
-        layers between them), not one tensor to one tensor."""
-        raise StageModulesUnsupported(
-            f"{self.model_name}: HRNet's stages take and return lists of branches, so they cannot be run as a "
-            "chain of one-tensor stage modules (per-pixel anytime inference supports timm ResNets and MobileNetV2 "
-            "for now).")
+        """The body's stages as ``forward_stages`` runs them: ``layer1`` (the stem and layer1, an
+        ``nn.Sequential``: image -> tensor), then ``stage2`` .. ``stage4`` (:class:`HRNetStage`:
+        the previous stage's tensor or list of branches -> this stage's list of branches)."""
+        b = self.body
+        out: "OrderedDict[str, nn.Module]" = OrderedDict()
+        out["layer1"] = nn.Sequential(b.conv1, b.bn1, b.act1, b.conv2, b.bn2, b.act2, b.layer1)
+        for k in (2, 3, 4):
+            out[f"stage{k}"] = HRNetStage(getattr(b, f"transition{k - 1}"), getattr(b, f"stage{k}"))
+        return out
+
+    def stage_outputs(self) -> "OrderedDict[str, Tuple[str, ...]]":
+        """``layer1`` yields ``layer1``; ``stage2`` its branches ``stage2_b*``, ``stage3``
+        ``stage3_b*``, ``stage4`` ``res2..res5`` (finest first, the order of its list)."""
+        names = list(self._shapes)
+        return OrderedDict((stage, tuple(n for n in names if _hrnet_stage(n) == stage))
+                           for stage in ("layer1", "stage2", "stage3", "stage4"))
     # ---- end of the stage-by-stage hunk ----
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
@@ -559,6 +569,29 @@ class SizeFusingHRModule(HighResolutionModule):
 def _transition(transitions: nn.ModuleList, yl: List[torch.Tensor]) -> List[torch.Tensor]:
     """HRNet's branch transition: identity for existing branches, a new branch from the last."""
     return [yl[i] if isinstance(t, nn.Identity) else t(yl[-1]) for i, t in enumerate(transitions)]
+
+
+def _hrnet_stage(feature: str) -> str:
+    """The stage (``HRNetBackbone.stage_modules()``' name) that yields an HRNet feature."""
+    if feature.startswith("res"):
+        return "stage4"
+    return feature.split("_b")[0]  # layer1, stage2_b1 -> stage2, ...
+
+
+class HRNetStage(nn.Module):
+    """One HRNet stage as ``HRNetBackbone.forward_stages`` runs it: the ``transition`` (the
+    existing branches as they are, a new branch from the last one), then ``stage``. It holds
+    the body's modules and no parameter of its own (``HRNetBackbone.stage_modules`` builds it
+    on call; not a submodule of the backbone). Takes a tensor (``layer1``'s output) or the
+    previous stage's list of branches; returns the list of branches, finest first. Masked
+    execution implements it (:mod:`segdistill.modeling.masked_hrnet`)."""
+
+    def __init__(self, transition: nn.ModuleList, stage: nn.Module):
+        super().__init__()
+        self.transition, self.stage = transition, stage
+
+    def forward(self, x):
+        return self.stage(_transition(self.transition, list(x) if isinstance(x, (list, tuple)) else [x]))
 
 
 @BACKBONE_REGISTRY.register()

@@ -11,7 +11,9 @@ What one step computes (the contract)
 -------------------------------------
 With threshold ``t`` in (0, 1], on a (padded, normalised) batch ``x`` of size ``H x W``:
 
-1. The backbone runs stage by stage (``StagewiseBackbone.stage_modules()``). Before any
+1. The backbone runs stage by stage (``StagewiseBackbone.stage_modules()``; a stage may
+   yield several named features, ``stage_outputs()``, as HRNet's stages yield their branches,
+   and the exits on them run in that order once the stage has run). Before any
    pixel of the batch is frozen a stage runs its own forward (dense); after, it runs through
    :func:`segdistill.modeling.masked.MaskedStage` in mode ``emulate`` with
    ``PixelMask(active)`` (dense tensors, outputs multiplied by the active mask at every
@@ -187,24 +189,24 @@ class PixelTraining:
             modules = backbone.stage_modules()
         except StageModulesUnsupported as e:
             raise ConfigError(f"{key}: {e}") from e
-        names = list(modules)
-        missing = [n for n in exits if n not in names]
+        names, stage_of = list(modules), backbone.stage_of_features()
+        missing = [n for n in exits if n not in stage_of]
         if missing:
-            raise ConfigError(f"{key}: exits {missing} are not stages of {type(backbone).__name__} ({names}).")
-        first = min(names.index(n) for n in exits)
-        for name in names[first + 1:]:
+            raise ConfigError(f"{key}: exits {missing} are not stages of {type(backbone).__name__} ({list(stage_of)}).")
+        first = min(exits, key=lambda n: names.index(stage_of[n]))
+        for name in names[names.index(stage_of[first]) + 1:]:
             try:
                 MaskedStage(modules[name], name)
             except UnsupportedModuleError as e:
-                raise ConfigError(f"{key}: stage {name} runs masked after exit {names[first]}, but {e}") from e
+                raise ConfigError(f"{key}: stage {name} runs masked after exit {first}, but {e}") from e
 
     def run(self, *, backbone: StagewiseBackbone, exits: Dict[str, nn.Module], head: SegHeadMixin,
             final_classifier: Optional[nn.Module], x: torch.Tensor) -> PixelRun:
         """The forward of ``x`` (``N x 3 x H x W``, padded and normalised): module docstring.
-        ``exits``: stage name -> :class:`~.heads.ExitHead`, shallowest first; the objective's
+        ``exits``: backbone feature name (``stage_shapes()``) -> :class:`~.heads.ExitHead`, shallowest first; the objective's
         classifiers run when the exits have them."""
         hw = tuple(x.shape[-2:])
-        modules = backbone.stage_modules()
+        modules, outputs = backbone.stage_modules(), backbone.stage_outputs()
         size = exit_size(hw, next(iter(exits.values())).common_stride)
         need = set(head.in_features) | set(backbone.output_shape()) | set(exits)
         active = torch.ones(x.shape[0], *hw, dtype=torch.bool, device=x.device)
@@ -220,17 +222,18 @@ class PixelTraining:
                 feat, _ = MaskedStage(module, name)(feat, PixelMask(active), "emulate")
             else:  # nothing frozen yet: the stage's own forward, as forward_stages
                 feat = module(feat)
-            features[name] = feat
-            if name in exits:
-                out = exits[name](feat, size)
+            yielded = backbone.stage_features(outputs[name], feat)
+            features.update(yielded)
+            for feature in (f for f in outputs[name] if f in exits):  # in the stage's order
+                out = exits[feature](yielded[feature], size)
                 up = F.interpolate(out.seg_logits, size=hw, mode="bilinear", align_corners=False)
                 with torch.no_grad():  # the decision: a comparison of detached probabilities
                     newly = active & (F.softmax(up.detach().float(), dim=1).amax(dim=1) >= self.threshold)
                 # this exit's aggregated logits: its own where still active, the earlier answers elsewhere
                 aggregated = up if answer is None else torch.where(active[:, None], up, answer)
                 answer = torch.where(newly[:, None], up, torch.zeros_like(up) if answer is None else answer)
-                own[name], frozen[name] = up, newly
-                exit_outs[name] = ExitOutput(out.features, aggregated, out.cls_logits, 1)
+                own[feature], frozen[feature] = up, newly
+                exit_outs[feature] = ExitOutput(out.features, aggregated, out.cls_logits, 1)
                 active = active & ~newly
                 frozen_any = frozen_any or bool(newly.any())
             if need.issubset(features):
@@ -242,7 +245,7 @@ class PixelTraining:
         feats = head_out["features"]
         final = ExitOutput(feats, final_logits, final_classifier(feats) if final_classifier is not None else None, 1)
         backbone_feats = {n: features[n] for n in backbone.output_shape()}
-        outputs = MultiExitOutputs(exits=exit_outs, final=final, head=head_out, backbone=backbone_feats,
+        outputs = MultiExitOutputs(exits={n: exit_outs[n] for n in exits}, final=final, head=head_out, backbone=backbone_feats,
                                    image_size=hw)
         return PixelRun(outputs, own, frozen, active)
 

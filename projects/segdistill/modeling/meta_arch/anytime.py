@@ -26,7 +26,8 @@ meta-architecture is the *deployed* form of a trained ``MultiExitSegmentor`` (do
   - ``pixel``: per pixel (:meth:`AnytimeSegmentor.run_pixel`, ``MODEL.EXITS.ANYTIME.PIXEL_THRESHOLDS``
     / ``PIXEL_MODE``): after each exit, the pixels whose top probability reaches its threshold
     keep its answer and are frozen; the later stages run masked (:mod:`..masked`, through the
-    backbone's ``stage_modules()``) on the rest; the head runs masked too where masked execution
+    backbone's ``stage_modules()`` / ``stage_outputs()``: one tensor or, on HRNet, a list of
+    branches per stage) on the rest; the head runs masked too where masked execution
     implements it (DeepLabV3, FCN: :mod:`..masked_heads`), else dense, and answers what is left.
     Images run one at a time; outputs add counted ``macs``, ``active_pct``, ``answered_pct``
     and the ``masked`` report to ``anytime``.
@@ -220,7 +221,9 @@ def _pixel_thresholds_from_config(a, exit_names: Sequence[str]) -> Optional[Dict
 class AnytimeCosts:
     """fvcore MACs of the parts of every path at one (padded) input size.
 
-    ``prefix[e]``: the backbone up to and including exit ``e``'s stage; ``exits[e]``: exit
+    ``prefix[e]``: the backbone up to and including the stage that yields exit ``e``'s
+    feature, whole (an HRNet stage computes all its branches, also those ``e`` does not read,
+    so every feature computed is an output of the trace); ``exits[e]``: exit
     ``e`` (reduce conv, resize, feature conv, segmenter) on that stage; ``answer[e]``:
     upsampling ``e``'s logits to the input size; ``final``: the plain deployed path (backbone
     as far as the head reads, head, its upsampling). fvcore counts one multiply-accumulate of
@@ -243,14 +246,22 @@ class AnytimeCosts:
 
 
 class _Prefix(nn.Module):
+    """The backbone up to the stage that yields feature ``stage``. Every feature computed so far
+    is an output, so that fvcore's trace keeps what runs: a stage of several features (HRNet's
+    branches) computes them all, also those its exit does not read."""
+
     def __init__(self, model, stage):
         super().__init__()
         self.model, self.stage = model, stage
 
     def forward(self, x):
-        for name, feat in self.model.backbone.forward_stages(x):
-            if name == self.stage:
-                return feat
+        backbone = self.model.backbone
+        last = backbone.stage_outputs()[backbone.stage_of_features()[self.stage]][-1]
+        feats = []
+        for name, feat in backbone.forward_stages(x):
+            feats.append(feat)
+            if name == last:
+                return tuple(feats)
         raise KeyError(self.stage)
 
 
@@ -284,12 +295,13 @@ class _Path(nn.Module):
     def forward(self, x):
         sizes = [tuple(x.shape[-2:])] * x.shape[0]
         ran = []  # every exit's logits are outputs too, so the trace keeps exits that did not answer
+        features = {}  # and every feature computed (the branches of a stage no exit or head reads)
 
         def decide(e, logits):
             ran.append(logits)
             return e == self.answer
 
-        return (self.model.run_stages(x, sizes, self.evaluated, decide)[0], *ran)
+        return (self.model.run_stages(x, sizes, self.evaluated, decide, features)[0], *ran, *features.values())
 
 
 class _HeadOnly(nn.Module):
@@ -318,7 +330,9 @@ class _HeadResize(nn.Module):
 @dataclass
 class PixelCosts:
     """fvcore MACs of the parts policy ``pixel`` runs dense, at one (padded) input size:
-    ``stages[s]``: backbone stage ``s`` (``stage_modules()[s]``) at every pixel; ``head``: the
+    ``stages[s]``: backbone stage ``s`` (``stage_modules()[s]``, on the previous stage's tensor
+    or list of branches; keyed by the stage's name, which for a list-valued stage is not one of
+    the features it yields: ``stage_outputs()``) at every pixel; ``head``: the
     final head with its resize to the input size; ``head_resize``: that resize alone (what a
     head run masked adds to masked execution's count of it). The exits and their resize are
     :class:`AnytimeCosts`' ``exits`` / ``answer``."""
@@ -552,13 +566,16 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
         return torch.cat(out)
 
     def run_stages(self, x: torch.Tensor, image_sizes, evaluate: Sequence[str],
-                   decide: Callable[[str, torch.Tensor], bool]):
+                   decide: Callable[[str, torch.Tensor], bool], features: Optional[Dict[str, torch.Tensor]] = None):
         """Run the stages lazily; after exit ``e`` of ``evaluate`` (shallowest first),
         ``decide(e, logits)`` True makes ``e`` answer and nothing after it runs.
-        Returns (logits at the padded input size, answer, exits evaluated)."""
+        Returns (logits at the padded input size, answer, exits evaluated); ``features``, when
+        given, is filled with every backbone feature computed (those of the answering exit's
+        stage included: a list-valued stage computes its branches together)."""
         pending = [n for n in self.exit_names if n in set(evaluate)]
         need = set(self.sem_seg_head.in_features)
-        features, evaluated = {}, []
+        features = {} if features is None else features
+        evaluated = []
         size = exit_size(x.shape[-2:], next(iter(self.exits.values())).common_stride) if pending else None
         stages = self.backbone.forward_stages(x)
         try:
@@ -570,6 +587,11 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
                     evaluated.append(name)
                     if decide(name, logits):
                         up = F.interpolate(logits, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+                        # the rest of this stage's features were computed with it: yielded with no more work
+                        group = self.backbone.stage_outputs()[self.backbone.stage_of_features()[name]]
+                        for _ in group[group.index(name) + 1:]:
+                            rest, feat = next(stages)
+                            features[rest] = feat
                         return up, name, tuple(evaluated)
                 if not pending and need.issubset(features):
                     break
@@ -607,13 +629,13 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
             modules = self.backbone.stage_modules()
         except StageModulesUnsupported as e:
             raise StageModulesUnsupported(f"Policy 'pixel' runs the backbone's stages one by one: {e}") from e
-        names = list(modules)
+        names, stage_of = list(modules), self.backbone.stage_of_features()
         run = [n for n in self.exit_names if math.isfinite(thresholds[n])]
         if not run:
             return {}
-        last = max(names.index(n) for n in list(self.sem_seg_head.in_features) + run)
+        last = max(names.index(stage_of[n]) for n in list(self.sem_seg_head.in_features) + run)
         plans = {}
-        for name in names[names.index(run[0]) + 1:last + 1]:
+        for name in names[names.index(stage_of[run[0]]) + 1:last + 1]:
             if name not in self._masked:
                 try:
                     self._masked[name] = MaskedStage(modules[name], name)
@@ -644,9 +666,11 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
             self.eval()
             costs = PixelCosts(hw)
             x, feats = torch.zeros(1, 3, *hw, device=self.device), {}
+            outputs = self.backbone.stage_outputs()
             for name, module in self.backbone.stage_modules().items():
                 costs.stages[name] = _fvcore_macs(module, (x,))
-                x = feats[name] = module(x)
+                x = module(x)
+                feats.update(self.backbone.stage_features(outputs[name], x))
             costs.head = _fvcore_macs(_HeadOnly(self, hw), tuple(feats[n] for n in self.sem_seg_head.in_features))
             logits = self.sem_seg_head.forward_outputs({n: feats[n] for n in self.sem_seg_head.in_features})["logits"]
             costs.head_resize = _fvcore_macs(_HeadResize(self, hw), (logits,))
@@ -658,7 +682,9 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
         """Policy ``pixel`` on one (padded, normalised) image ``x`` (``1 x 3 x H x W``) whose own
         part is ``image_size``.
 
-        The stages run one by one (``stage_modules()``). After an exit with a finite threshold,
+        The stages run one by one (``stage_modules()``; a stage may yield several named
+        features, ``stage_outputs()``, e.g. HRNet's branches, and the exits on them run in that
+        order once the stage has run). After an exit with a finite threshold,
         its logits, resized to ``H x W``, answer every still-active pixel whose top softmax
         probability reaches the threshold; those pixels are frozen. Once a pixel is frozen, the
         later stages run masked (``pixel_mode``; :class:`~segdistill.modeling.masked.PixelMask`
@@ -671,8 +697,8 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
         Returns ``(logits 1 x K x H x W, info)``; ``info``: ``answer`` (``final`` when the head
         ran, else the exit after which the image stopped), ``evaluated`` (exits run), ``macs``
         (counted: dense parts by fvcore, masked stages by masked execution's per-convolution
-        count), ``active_pct`` (per backbone stage: % of the image's pixels active when it ran,
-        0 when not run), ``answered_pct`` (per exit run and ``final``: % of the image's pixels it
+        count), ``active_pct`` (per backbone feature, ``stage_shapes()``' names: % of the image's
+        pixels active when the stage yielding it ran, 0 when not run), ``answered_pct`` (per exit run and ``final``: % of the image's pixels it
         answered) and ``masked`` (``mode``, ``sparse_stages``: those the sparse path ran,
         ``dense_ops``: what ran at every pixel whatever the mask; ``sem_seg_head`` when the head
         ran dense)."""
@@ -682,7 +708,7 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
         thresholds = self.pixel_thresholds
         costs, dense = self.costs(hw), self.pixel_costs(hw)
         plans = self._masked_plans(thresholds)
-        modules = self.backbone.stage_modules()
+        modules, outputs = self.backbone.stage_modules(), self.backbone.stage_outputs()
         pending = [n for n in self.exit_names if math.isfinite(thresholds[n])]
         need = set(self.sem_seg_head.in_features)
         size = exit_size(hw, next(iter(self.exits.values())).common_stride)
@@ -692,7 +718,7 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
         active = torch.ones_like(inside)
         answer: Optional[torch.Tensor] = None
         frozen, macs = False, 0.0
-        active_pct = {n: 0.0 for n in modules}
+        active_pct = {n: 0.0 for names in outputs.values() for n in names}
         answered: Dict[str, float] = {}
         dense_ops: List[str] = []
         sparse_stages: List[str] = []
@@ -715,22 +741,25 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
                 dense_ops += [op for op in report.dense_ops if op not in dense_ops]
                 if report.sparse:
                     sparse_stages.append(name)
-            active_pct[name] = share
-            features[name] = feat
-            if pending and pending[0] == name:
+            yielded = self.backbone.stage_features(outputs[name], feat)
+            features.update(yielded)
+            active_pct.update(dict.fromkeys(outputs[name], share))
+            for feature in outputs[name]:  # the exits on this stage's features, in its order
+                if not (pending and pending[0] == feature):
+                    continue
                 pending.pop(0)
-                logits = self.exits[name](feat, size, with_classifier=False).seg_logits
+                logits = self.exits[feature](yielded[feature], size, with_classifier=False).seg_logits
                 up = F.interpolate(logits, size=hw, mode="bilinear", align_corners=False)
-                macs += costs.exits[name] + costs.answer[name]
-                evaluated.append(name)
-                dense_ops.append(f"exits.{name}")
-                newly = active & (F.softmax(up.float(), dim=1).amax(dim=1) >= thresholds[name])
+                macs += costs.exits[feature] + costs.answer[feature]
+                evaluated.append(feature)
+                dense_ops.append(f"exits.{feature}")
+                newly = active & (F.softmax(up.float(), dim=1).amax(dim=1) >= thresholds[feature])
                 answer = torch.where(newly[:, None], up, torch.zeros_like(up) if answer is None else answer)
-                answered[name] = 100.0 * float((newly & inside).sum()) / pixels
+                answered[feature] = 100.0 * float((newly & inside).sum()) / pixels
                 active = active & ~newly  # a new tensor: a PixelMask made of the old one stays valid
                 frozen = frozen or bool(newly.any())
                 if not bool((active & inside).any()):
-                    return answer, info(name)
+                    return answer, info(feature)
             if not pending and need.issubset(features):
                 break
         head_plan = self._masked_head() if frozen else None
