@@ -24,8 +24,13 @@ With threshold ``t`` in (0, 1], on a (padded, normalised) batch ``x`` of size ``
    active whose top softmax probability of ``own[e]`` (float32, computed on detached logits)
    reaches ``t`` are frozen by ``e`` (``frozen[e]``, a boolean tensor: no gradient flows
    through the decision, neither into the exit nor into anything before it).
-3. The head runs dense on the (masked) features; its logits are brought to ``H x W`` as
-   inference brings them (``predict_logits(logits, (H, W))``).
+3. The head's logits, as policy ``pixel`` computes them: once a pixel is frozen, the head
+   runs masked (``emulate``) where masked execution implements it
+   (:mod:`segdistill.modeling.masked_heads`: DeepLabV3, FCN), else dense on the (masked)
+   features; they are brought to ``H x W`` as inference brings them
+   (``predict_logits(logits, (H, W))``). The head's dense forward also runs, for the outputs
+   the objectives read besides the final logits (its features, ``aux_logits``): with a masked
+   head, the head's cost is paid twice in such a step.
 4. Copy aggregation: exit ``e``'s aggregated logits are ``own[e]`` at the pixels active when
    it ran, and at every pixel frozen earlier the logits of the exit that froze it (each
    pixel keeps the answer of the first exit that reached ``t``); the final aggregated logits
@@ -239,8 +244,16 @@ class PixelTraining:
             if need.issubset(features):
                 break
         head_in = {n: features[n] for n in head.in_features}
-        head_out = head.forward_outputs(head_in)
-        final_up = head.predict_logits(head_out["logits"], hw)
+        head_out = head.forward_outputs(head_in)  # features and aux logits for the objectives
+        logits = head_out["logits"]
+        if frozen_any:  # the final logits as policy pixel computes them: the head masked where it can be
+            try:
+                plan = MaskedStage(head, "sem_seg_head")
+            except UnsupportedModuleError:
+                plan = None  # dense, as the anytime model runs such a head
+            if plan is not None:
+                logits, _ = plan(head_in[head.in_features[0]], PixelMask(active), "emulate")
+        final_up = head.predict_logits(logits, hw)
         final_logits = torch.where(active[:, None], final_up, answer)
         feats = head_out["features"]
         final = ExitOutput(feats, final_logits, final_classifier(feats) if final_classifier is not None else None, 1)
