@@ -44,7 +44,7 @@ from segdistill.config import load_yaml_config  # noqa: E402
 from segdistill.engine.budget import step_flops, synthetic_batch  # noqa: E402
 from segdistill.modeling.exits.hs3_clusters import save_clusters, synthetic_clusters  # noqa: E402
 
-__all__ = ["method_config", "count", "budget_for", "measure", "main"]
+__all__ = ["method_config", "count", "budget_for", "measure", "default_methods", "main"]
 
 CONFIGS = os.path.join(ROOT, "configs", "camvid", "table")
 
@@ -125,8 +125,15 @@ def report(result: Dict[str, dict], reference: str) -> str:
     return "\n".join(lines)
 
 
+def default_methods() -> list:
+    """The table's methods; not their variants (``<method>@<tag>``): an equal-compute or tuned row
+    takes its method's step (only the iterations or weights differ), and the bf16 rows' autocast
+    is the trainer's, which this count does not model."""
+    return list(dict.fromkeys(n for _, ms in BLOCKS.values() for n in ms if "@" not in n))
+
+
 def main(argv=None) -> dict:
-    table_rows = list(dict.fromkeys(n for _, ms in BLOCKS.values() for n in ms))
+    table_rows = default_methods()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="*", default=table_rows, help="methods of benchmarks/methods.py (then KEY VALUE)")
     p.add_argument("--reference", default="student", help="the method the ratios are taken against")

@@ -212,3 +212,13 @@ def test_bf16_rows_train_with_autocast_against_their_float32_rows(table):
     assert "SOLVER.AMP.ENABLED True" in " ".join(jobs["pd@bf16/seed0"].cmd)
     assert "SOLVER.AMP.ENABLED" not in " ".join(jobs["pd/seed0"].cmd) + " ".join(jobs["teacher/seed0"].cmd)
     assert mod.METHODS["pd@bf16"].baseline == "pd"
+
+
+def test_step_cost_default_methods_all_build_their_configs(tmp_path):
+    """Every method step_cost.py times by default has a config it can build (no variant with a
+    placeholder value, such as the equal-compute rows' budget, reaches the config)."""
+    cost = load_script("step_cost")
+    names = cost.default_methods()
+    assert "student" in names and "maskd" in names and not [n for n in names if "@" in n]
+    for n in names:
+        assert cost.method_config(n, clusters_dir=str(tmp_path)).MODEL.DEVICE == "cpu"
