@@ -99,10 +99,11 @@ __all__ = [
 
 MODES = ("emulate", "sparse")
 # Above this active share (at the stage's input) ``sparse`` runs the stage dense (``emulate``):
-# the gather costs more than the skipped pixels save. Preliminary figure (two ResNet-18
-# BasicBlocks, 64x128, 1 CPU thread: break-even at ~20 % frozen for 128-256 channels, ~39 % for
-# 64); benchmarks/masked_breakeven.py measures it per width and map size.
-SPARSE_MAX_ACTIVE = 0.8
+# the gather costs more than the skipped pixels save. Measured by benchmarks/masked_breakeven.py
+# (two ResNet BasicBlocks, 1 CPU thread, docs/anytime.md): break-even at 17-50 % frozen on maps
+# of 32x40 and more (64-512 channels, random and boundary masks), about 40 % in the median;
+# never on 8x10 maps.
+SPARSE_MAX_ACTIVE = 0.6
 # Rows x (k*k*Cin) floats gathered at once by a sparse convolution (bounds its memory: 8 MB).
 GATHER_CHUNK = 1 << 21
 
