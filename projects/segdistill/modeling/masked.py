@@ -67,7 +67,10 @@ heads with their ASPPs and separable convs (:mod:`.masked_heads`). Norms: ``Batc
 ``SyncBatchNorm``, detectron2's ``NaiveSyncBatchNorm``, timm's ``BatchNormAct2d`` /
 ``SyncBatchNormAct`` and the frozen BNs its ``freeze_batch_norm_2d`` makes (torchvision's
 ``FrozenBatchNorm2d``, ``FrozenBatchNormAct2d``), detectron2's ``FrozenBatchNorm2d``.
-Activations: ``ReLU``, ``ReLU6``, ``Identity``, the function ``relu``.
+Activations: ``ReLU``, ``ReLU6``, ``Identity``, the function ``relu``. A model whose norms were
+folded (:mod:`.fold`, ``TEST.FOLD_BN``) runs too: a norm's place then holds an ``nn.Identity`` or
+the activation of a timm ``*Act`` norm, and the unit is the convolution (its folded weight and bias)
+with that activation.
 
 A stage takes one tensor or a list of tensors (HRNet's branches) and returns what its module
 returns. Implementations in other files build on the nodes exported here (:class:`MaskedNode`:
