@@ -190,6 +190,21 @@ def test_counts_on_a_tiny_sequential_and_what_is_left_is_reported():
     assert "2 left as they are" in report.summary()
 
 
+def test_a_shared_convolution_is_left_and_reported():
+    """A convolution that also runs elsewhere (here without the norm) keeps its weights."""
+    conv, bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+    model = nn.ModuleDict({"a": nn.Sequential(conv, bn), "b": nn.Sequential(conv, nn.ReLU())}).eval()
+    randomize(model, 0)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        ref = model["a"](x), model["b"](x)
+    report = fold_batch_norms_report(model)
+    assert report.folded == [] and [(n, t) for n, t, _ in report.left] == [("a.1", "BatchNorm2d")]
+    assert "shared" in report.left[0][2]
+    with torch.no_grad():
+        assert torch.equal(model["a"](x), ref[0]) and torch.equal(model["b"](x), ref[1])
+
+
 @pytest.mark.parametrize("name, pairs", [
     # stem conv_stem/bn1, DepthwiseSeparableConv 2, 16 InvertedResidual x 3
     ("mobilenetv2_100", 1 + 2 + 16 * 3),

@@ -28,12 +28,14 @@ The norms (:data:`FOLDABLE_NORMS`): ``BatchNorm2d``, ``SyncBatchNorm``, detectro
 ``NaiveSyncBatchNorm`` and ``FrozenBatchNorm2d``, torchvision's ``FrozenBatchNorm2d``, timm's
 ``BatchNormAct2d`` / ``SyncBatchNormAct`` / ``FrozenBatchNormAct2d``, each with running
 statistics. Anything else (a norm after something other than a convolution, a norm without
-running statistics, GroupNorm, a convolution of another type) is left as it is and listed in
+running statistics, GroupNorm, a convolution of another type, a convolution or norm reachable
+under several names: it may run elsewhere too) is left as it is and listed in
 :attr:`FoldReport.left` with the reason.
 """
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -209,12 +211,18 @@ def fold_batch_norms_report(model: nn.Module) -> FoldReport:
             "the running statistics into the convolutions, which is right at inference only. Call model.eval() "
             "first (and fold a copy of a model that is still being trained).")
     report = FoldReport()
-    used = set()  # a module met twice (shared) is folded at most once
+    # A module reachable under several names may run in several places, where another path reads
+    # its output (a shared convolution) or applies it again (a shared norm): such pairs are left.
+    places = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    shared = {i for i, n in places.items() if n > 1}
+    reasons: Dict[int, str] = {}  # why a norm after a convolution was left
+    why_shared = "it or its convolution is reachable under several names (a shared module)"
     for name, module in list(model.named_modules()):
         prefix = f"{name}." if name else ""
         if type(module) is D2Conv2d and module.norm is not None:
-            if _unfoldable(module.norm) is None and id(module.norm) not in used:
-                used.add(id(module.norm))
+            if {id(module), id(module.norm)} & shared:
+                reasons[id(module.norm)] = why_shared
+            elif _unfoldable(module.norm) is None:
                 _write(module, module.norm)
                 module.norm = None  # detectron2's Conv2d: conv -> norm -> activation; the activation stays
                 report.folded.append(f"{prefix}norm")
@@ -225,9 +233,11 @@ def fold_batch_norms_report(model: nn.Module) -> FoldReport:
         children = dict(module.named_children())
         for conv_name, norm_name in pairs(module):
             conv, norm = _conv_of(children.get(conv_name)), children.get(norm_name)
-            if conv is None or norm is None or _unfoldable(norm) is not None or {id(conv), id(norm)} & used:
+            if conv is None or norm is None or _unfoldable(norm) is not None:
                 continue
-            used.update((id(conv), id(norm)))
+            if {id(conv), id(norm)} & shared:
+                reasons[id(norm)] = why_shared
+                continue
             _write(conv, norm)
             replacement = FOLDABLE_NORMS[type(norm)](norm)
             setattr(module, norm_name, replacement)
@@ -238,7 +248,8 @@ def fold_batch_norms_report(model: nn.Module) -> FoldReport:
             module.after_fold()
     for name, module in model.named_modules():
         if isinstance(module, _REPORTED_NORMS):
-            why = _unfoldable(module) or "not right after a convolution in a structure the fold knows"
+            why = _unfoldable(module) or reasons.get(
+                id(module), "not right after a convolution in a structure the fold knows")
             report.left.append((name, type(module).__qualname__, why))
     return report
 
