@@ -57,6 +57,11 @@ before the losses (losses and backward not counted; fvcore counts a batch norm i
 mode, which computes batch statistics, higher than in eval(), so a baseline's training FLOPs
 are slightly above its inference FLOPs); at inference, the deployed model.
 
+**Folded BatchNorms** (``--fold-bn``): every deployed model (each precision's copy) is timed
+with its convolutions' BatchNorms folded into them (``TEST.FOLD_BN``, ``segdistill.modeling.fold``),
+as the deployed file runs; the settings line and JSON (``settings.fold_bn``) say so, and the
+deployed parameters and FLOPs are the folded models'. Training is never folded.
+
 **Inference block.** Every method's deployed model is built the way the project ships it
 (``segdistill.convert.deploy``, ``tools/deploy_model.py``): the trained model's
 ``deploy_state_dict()`` loaded strictly (no missing or unexpected keys) into its deployed
@@ -112,7 +117,7 @@ from detectron2.modeling import build_model  # noqa: E402
 from methods import METHODS, Method  # noqa: E402  (benchmarks/methods.py: the one catalogue)
 from segdistill.config import load_yaml_config  # noqa: E402
 from segdistill.convert import deployed_state_dict  # noqa: E402
-from segdistill.engine import use_channels_last  # noqa: E402
+from segdistill.engine import fold_for_inference, use_channels_last  # noqa: E402
 from segdistill.engine.hooks import FollowsTrainingProgress  # noqa: E402
 from segdistill.modeling.exits.hs3_clusters import save_clusters, synthetic_clusters  # noqa: E402
 from segdistill.modeling.meta_arch.distill import Distiller  # noqa: E402
@@ -537,6 +542,9 @@ def main(argv=None) -> dict:
                    help="classes of every model and of the teacher (default: the configs' own, 10)")
     p.add_argument("--covariance", default="", choices=("",) + COVARIANCES,
                    help="FAKD's class covariance (default: the configs')")
+    p.add_argument("--fold-bn", action="store_true",
+                   help="time the deployed models with their convolutions' BatchNorms folded (TEST.FOLD_BN), "
+                        "in every precision")
     p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="overrides of every config")
     args = p.parse_args(argv)
     try:
@@ -654,12 +662,12 @@ def _run(args, names, device, cuda, tmp) -> dict:
         state = {k: v.to(device) for k, v in deployed_state_dict(models[n]).items()}
         model = build(m.deploy_config, m.deploy_overrides, settings)
         model.load_state_dict(state, strict=True)
-        deployed[row] = model.eval()
+        deployed[row] = fold_for_inference(model.eval(), args.fold_bn)  # --fold-bn: as TEST.FOLD_BN runs it
         rows[row] = n
         if any(uses_channels_last(x) for x in precisions):
             cl = build(m.deploy_config, m.deploy_overrides, settings)
             cl.load_state_dict(state, strict=True)
-            deployed_cl[row] = use_channels_last(cl).eval()
+            deployed_cl[row] = fold_for_inference(use_channels_last(cl).eval(), args.fold_bn)
     for d in (models, opts, variants, teacher_bf16):  # free the training models before the inference block
         d.clear()
     infer_batch = make_batch(args.batch, args.size, num_classes, labels=False)
@@ -704,7 +712,8 @@ def _run(args, names, device, cuda, tmp) -> dict:
         "settings": {"device": device, "where": where, "batch": args.batch, "size": list(args.size),
                      "classes": num_classes, "covariance": args.covariance or "config", "opts": list(args.opts),
                      "rounds": args.rounds, "warmup": args.warmup, "timing": "wall" if cuda else "cpu",
-                     "precisions": precisions, "reference_repeats": args.reference_repeats, "seed": args.seed,
+                     "precisions": precisions, "fold_bn": bool(args.fold_bn),
+                     "reference_repeats": args.reference_repeats, "seed": args.seed,
                      "memory": "cuda_peak" if cuda else "saved_for_backward", "torch": torch.__version__},
         "training": train, "inference": infer, "targets": targets, "noise": noise,
     }
@@ -748,7 +757,9 @@ def report(result: dict, fmt: str) -> str:
         + ("peak CUDA memory of a step (own weights, optimizer state, teacher + the step's peak)" if cuda else
            "bytes autograd saves for the backward pass (CPU: no peak-memory counter)")
         + ". Params / FLOPs (fvcore, 1 image): training = the whole training model (frozen teacher included), "
-          "forward before the losses; inference = the deployed model.",
+          "forward before the losses; inference = the deployed model"
+        + (" with its BatchNorms folded into the convolutions (--fold-bn, every precision)." if s["fold_bn"]
+           else "."),
         "",
         f"{h}Training step",
         "",
@@ -767,7 +778,7 @@ def report(result: dict, fmt: str) -> str:
                        m(v["params"]), opt(v["loss_parts_params"] and v["loss_parts_params"] / 1e6, "{:.3f}"),
                        g(v["flops"]), m(v["params_inference"]), g(v["flops_inference"])])
     lines += [tabulate(rows, head, tablefmt=fmt, disable_numparse=True, colalign=_align(head, 2)), "",
-              f"{h}Inference (deployed model vs plain baseline)", ""]
+              f"{h}Inference (deployed model vs plain baseline{', BatchNorms folded' if s['fold_bn'] else ''})", ""]
     head = ["deployed", "loads into", "baseline", "wall (ms)"] + ([] if cuda else ["CPU (ms)"]) + [
         f"x base ({t})", "params (M)", "GFLOPs", "params equal", "FLOPs equal"]
     rows = []

@@ -21,6 +21,10 @@ MODEL.EXITS.ANYTIME.POLICY exit:<name>`` or ``final``). Training models (a ``Dis
 ``MultiExitSegmentor``) and the ``confidence`` policy (it chooses a path per image) are
 refused with what to export instead.
 
+``TEST.FOLD_BN True`` folds every convolution's BatchNorm into it before tracing (one pass less
+over the map per norm; docs/deploy.md "BatchNorm folding"); the file is still checked against
+the model as loaded, with its norms.
+
 After writing, the file is run (TorchScript: torch.jit.load; ONNX: onnxruntime on CPU) next
 to the eager model at the traced size and at a second size that is not a multiple of 32; a
 difference above 1e-4 (relative to the largest logit when logits are large) is an error, so a
@@ -48,6 +52,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 from segdistill.config import config_tool_parser, load_yaml_config  # noqa: E402
 from segdistill.convert import DeployableModel  # noqa: E402
 from segdistill.data import register_config_datasets  # noqa: E402
+from segdistill.engine import fold_for_inference  # noqa: E402
 from segdistill.engine.trainer import load_evaluation_weights  # noqa: E402
 from segdistill.modeling.meta_arch.anytime import AnytimeSegmentor, parse_policy  # noqa: E402
 
@@ -254,7 +259,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     load_evaluation_weights(model, cfg.MODEL.WEIGHTS, allow_random=cfg.TEST.ALLOW_RANDOM_WEIGHTS,
                             min_matched=cfg.TEST.MIN_MATCHED_WEIGHTS)
     model.eval()
-    path = export_model(model, args.format, args.output, input_size=args.input_size, fixed_size=args.fixed_size)
+    # TEST.FOLD_BN: the norms folded before tracing; the file is checked against the model as loaded
+    deployed = fold_for_inference(model, cfg.TEST.FOLD_BN, copy_model=True)
+    path = export_model(deployed, args.format, args.output, input_size=args.input_size, fixed_size=args.fixed_size)
     try:
         found = verify(model, args.format, path, check_sizes(args.input_size, args.fixed_size))
     except ExportError as e:

@@ -25,7 +25,9 @@ answers), an AnytimeSegmentor (``MODEL.META_ARCHITECTURE AnytimeSegmentor``), or
 Distiller checkpoint with its training config (its student predicts; the log says so). Images
 are used at their size (``INPUT.MIN_SIZE_TEST`` > 0 resizes them first, as the evaluation does);
 ``TEST.MODE slide`` (``TEST.SLIDE.CROP_SIZE`` / ``STRIDE``) runs large images in windows and
-``TEST.AUG.ENABLED`` averages scales and flips (docs/datasets.md "Test-time modes").
+``TEST.AUG.ENABLED`` averages scales and flips (docs/datasets.md "Test-time modes");
+``TEST.FOLD_BN True`` (lazy ``train.fold_bn=True``) predicts with the convolutions' BatchNorms
+folded (docs/deploy.md).
 
 A lazy (``.py``) config is read as ``train_net.py --eval-only`` reads it: the model of ``model``
 with ``train.init_checkpoint`` (the backbones' ImageNet initialisation skipped, refused when
@@ -61,8 +63,9 @@ from segdistill.config import ConfigError, config_tool_parser, load_lazy_config,
 from segdistill.convert import DEFAULT_MIN_MATCHED  # noqa: E402
 from segdistill.convert.contracts import SegmentorWrapper  # noqa: E402
 from segdistill.data import register_config_datasets  # noqa: E402
-from segdistill.engine import Trainer, check_lazy_config, load_evaluation_weights, skip_backbone_init  # noqa: E402
-from segdistill.engine.lazy import build_lazy_model, lazy_test_time_model, resolve_class_weighting  # noqa: E402
+from segdistill.engine import (Trainer, check_lazy_config, fold_for_inference, load_evaluation_weights,  # noqa: E402
+                               skip_backbone_init)
+from segdistill.engine.lazy import build_lazy_model, lazy_fold_bn, lazy_test_time_model, resolve_class_weighting  # noqa: E402
 from segdistill.modeling.meta_arch.anytime import AnytimeSegmentor  # noqa: E402
 from segdistill.modeling.meta_arch.multi_exit import MultiExitSegmentor  # noqa: E402
 from segdistill.modeling.test_time import build_test_time_model  # noqa: E402
@@ -107,7 +110,7 @@ def load_model(cfg):
     """The model of ``cfg`` with ``MODEL.WEIGHTS`` (as ``--eval-only`` loads it), the model that
     predicts (a Distiller's student), in the test-time mode of ``cfg``."""
     model = predicting_model(Trainer.build_evaluation_model(cfg, cfg.MODEL.WEIGHTS), cfg.MODEL.WEIGHTS)
-    return build_test_time_model(cfg, model).eval()
+    return build_test_time_model(cfg, fold_for_inference(model, cfg.TEST.FOLD_BN)).eval()
 
 
 def load_lazy_model(cfg):
@@ -123,7 +126,7 @@ def load_lazy_model(cfg):
         model, weights, key="train.init_checkpoint", allow_random=bool(cfg.train.get("allow_random_weights", False)),
         allow_key="train.allow_random_weights",
         min_matched=float(cfg.train.get("min_matched_weights", DEFAULT_MIN_MATCHED)))
-    return lazy_test_time_model(cfg, predicting_model(model, weights)).eval()
+    return lazy_test_time_model(cfg, fold_for_inference(predicting_model(model, weights), lazy_fold_bn(cfg))).eval()
 
 
 def _test_mapper(cfg):

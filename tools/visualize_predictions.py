@@ -15,7 +15,7 @@ from detectron2.modeling import build_model  # noqa: E402
 from segdistill.config import config_tool_parser, load_yaml_config  # noqa: E402
 from segdistill.data import SemSegDatasetMapper, register_config_datasets  # noqa: E402
 from segdistill.convert import load_checked_weights  # noqa: E402
-from segdistill.engine import inference_precision, use_channels_last  # noqa: E402
+from segdistill.engine import fold_for_inference, inference_precision, use_channels_last  # noqa: E402
 from segdistill.utils.predictions import write_prediction_pictures  # noqa: E402
 
 
@@ -38,6 +38,7 @@ def main(argv=None):
     # undeployed Distiller checkpoint: the error gives the tools/deploy_model.py command)
     load_checked_weights(model, args.weights, key="--weights", min_matched=cfg.TEST.MIN_MATCHED_WEIGHTS,
                          what="the model of --config-file", weights_format=cfg.MODEL.WEIGHTS_FORMAT)
+    model = fold_for_inference(model, cfg.TEST.FOLD_BN)  # as the evaluation
     with precision:  # TEST.PRECISION, as the evaluation
         n = write_prediction_pictures(model, dataset, out, max_images=args.max_images or cfg.SEGDISTILL.VIS_MAX_IMAGES,
                                       mapper=SemSegDatasetMapper(cfg, False), scale=args.scale, overview=args.overview)

@@ -49,6 +49,7 @@ def lazy_train_defaults() -> Dict[str, Any]:
         amp=dict(enabled=False, dtype="auto"),  # dtype: "auto" (fp16 on CUDA, bf16 on CPU), "bf16", "fp16"
         channels_last=False,  # the model's weights and input batches in channels_last memory format
         test_precision="fp32",  # evaluation under autocast: "fp32", "bf16", "fp16" (CUDA only)
+        fold_bn=False,  # evaluation and inference with each convolution's BatchNorm folded into it
         ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),
         checkpointer=dict(period=400, max_to_keep=100),
         eval_period=400,

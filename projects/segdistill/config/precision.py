@@ -13,6 +13,9 @@
   ``"fp16"`` (CUDA only), as ``torch.autocast``.
 * ``MODEL.CHANNELS_LAST`` (lazy: ``train.channels_last``): the model's 4-d weights and its
   input batch in ``torch.channels_last`` memory format, in training, evaluation and inference.
+* ``TEST.FOLD_BN`` (lazy: ``train.fold_bn``): evaluation and inference (the same places as
+  ``TEST.PRECISION``, and ``tools/export_model.py`` before tracing) run the model with every
+  convolution's BatchNorm folded into it (``segdistill.modeling.fold``); training never does.
 
 :func:`amp_dtype` and :func:`precision_dtype` turn the strings into a ``torch.dtype`` (None:
 float32) or raise a :class:`ConfigError` naming the key and what to write; the trainers call
@@ -37,7 +40,8 @@ _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @register_config_hook
 def add_precision_config(cfg) -> None:
-    """``SOLVER.AMP.DTYPE`` (detectron2 defines ``SOLVER.AMP.ENABLED``), ``MODEL.CHANNELS_LAST``, ``TEST.PRECISION``."""
+    """``SOLVER.AMP.DTYPE`` (detectron2 defines ``SOLVER.AMP.ENABLED``), ``MODEL.CHANNELS_LAST``, ``TEST.PRECISION``,
+    ``TEST.FOLD_BN``."""
     # Autocast dtype of the training step when SOLVER.AMP.ENABLED: "auto" (fp16 on CUDA, as
     # detectron2's AMPTrainer; bf16 on CPU), "bf16", or "fp16" (CUDA only, with a GradScaler).
     # Checkpoints stay float32 whatever the dtype. Lazy configs: train.amp.dtype.
@@ -50,6 +54,11 @@ def add_precision_config(cfg) -> None:
     # calibration, prediction pictures): "fp32", "bf16" or "fp16" (CUDA only), under autocast.
     # Lazy configs: train.test_precision.
     cfg.TEST.PRECISION = "fp32"
+    # Evaluation and inference (as TEST.PRECISION, and tools/export_model.py before tracing) with
+    # each convolution's BatchNorm folded into its weight and bias: one pass less over the map per
+    # norm, the same outputs up to float rounding. Periodic evaluation folds a copy. Lazy configs:
+    # train.fold_bn.
+    cfg.TEST.FOLD_BN = False
 
 
 def device_type(device) -> str:

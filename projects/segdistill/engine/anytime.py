@@ -33,7 +33,7 @@ from ..hs3 import (
 )
 from ..modeling.meta_arch.anytime import PIXEL, load_anytime_weights, save_thresholds
 from .trainer import Trainer
-from .mixed_precision import inference_precision, use_channels_last
+from .mixed_precision import fold_for_inference, inference_precision, use_channels_last
 
 __all__ = ["anytime_cfg", "build_anytime_model", "register_split", "default_calibration_split",
            "calibrate_from_config", "evaluate_policy"]
@@ -55,12 +55,13 @@ def anytime_cfg(config_file: str, opts: Sequence[str] = ()):
 
 
 def build_anytime_model(cfg):
-    """The AnytimeSegmentor of ``cfg`` with ``MODEL.WEIGHTS`` loaded (training or anytime checkpoint), in eval()."""
+    """The AnytimeSegmentor of ``cfg`` with ``MODEL.WEIGHTS`` loaded (training or anytime checkpoint), in eval()
+    (``TEST.FOLD_BN``: its convolutions' BatchNorms folded)."""
     if not cfg.MODEL.WEIGHTS:
         raise ValueError("Set MODEL.WEIGHTS to the trained multi-exit checkpoint (or its anytime deployment).")
     model = build_model(cfg)
     load_anytime_weights(model, cfg.MODEL.WEIGHTS, weights_format=cfg.MODEL.WEIGHTS_FORMAT)
-    return use_channels_last(model, cfg.MODEL.CHANNELS_LAST).eval()
+    return fold_for_inference(use_channels_last(model, cfg.MODEL.CHANNELS_LAST).eval(), cfg.TEST.FOLD_BN)
 
 
 def register_split(cfg, name: str) -> str:

@@ -3,7 +3,7 @@
 A lazy config provides ``model``, ``dataloader.{train,test,evaluator}``, ``optimizer``,
 ``lr_multiplier`` and ``train`` (:func:`segdistill.config.lazy_train_defaults`, the keys a
 file may set: ``output_dir``, ``init_checkpoint``, ``max_iter``,
-``device``, ``amp.enabled``, ``amp.dtype``, ``channels_last``, ``test_precision``, ``ddp``, ``checkpointer``, ``eval_period``, ``log_period``,
+``device``, ``amp.enabled``, ``amp.dtype``, ``channels_last``, ``test_precision``, ``fold_bn``, ``ddp``, ``checkpointer``, ``eval_period``, ``log_period``,
 ``seed``, ``allow_random_weights``, ``min_matched_weights``).
 
 As in the YAML :class:`segdistill.engine.Trainer`: nothing is written into
@@ -42,12 +42,12 @@ from ..modeling.backbones import HRNetBackbone, TimmBackbone
 from ..modeling.test_time import TestTimeSegmentor, WholeImageOnly
 from ..config import ConfigError, amp_dtype, check_dataset_names, check_device
 from .ddp import broadcast_batchnorm_buffers, create_ddp_model
-from .mixed_precision import build_train_step, inference_precision, model_device, use_channels_last
-from .hooks import TrainingCurvesHook, TrainingProgressHook, exact_resume_hook
+from .mixed_precision import build_train_step, fold_for_inference, inference_precision, model_device, use_channels_last
+from .hooks import TrainingCurvesHook, TrainingProgressHook, exact_resume_hook, unwrap_model
 from .run import RunOutput
 from .trainer import anytime_evaluators, load_evaluation_weights, warn_random_backbone
 
-__all__ = ["lazy_test", "lazy_test_time_model", "lazy_train", "lazy_evaluate", "check_lazy_config", "skip_backbone_init",
+__all__ = ["lazy_test", "lazy_fold_bn", "lazy_test_time_model", "lazy_train", "lazy_evaluate", "check_lazy_config", "skip_backbone_init",
            "random_backbones", "resolve_class_weighting"]
 
 logger = logging.getLogger(__name__)
@@ -82,10 +82,13 @@ def check_lazy_config(cfg) -> None:
 
 
 def lazy_test(cfg, model):
-    """Evaluate ``model`` on ``dataloader.test`` with ``dataloader.evaluator``."""
+    """Evaluate ``model`` on ``dataloader.test`` with ``dataloader.evaluator`` (``train.fold_bn``: a
+    copy of it with its convolutions' BatchNorms folded)."""
     if "evaluator" not in cfg.dataloader:
         return {}
     broadcast_batchnorm_buffers(model)
+    if lazy_fold_bn(cfg):
+        model = fold_for_inference(unwrap_model(model), True, copy_model=True)
     evaluator = instantiate(cfg.dataloader.evaluator)
     names = _dataset_names(cfg, "test")
     anytime = anytime_evaluators(model, names[:1], cfg.train.output_dir) if len(names) == 1 else None
@@ -111,6 +114,11 @@ def lazy_test_time_model(cfg, model):
     if "test_time" not in cfg:
         return model
     return TestTimeSegmentor(model=model, **_test_time_arguments(cfg))
+
+
+def lazy_fold_bn(cfg) -> bool:
+    """A lazy config's ``train.fold_bn`` (``TEST.FOLD_BN``'s counterpart)."""
+    return bool(cfg.train.get("fold_bn", False))
 
 
 def _test_precision(cfg, device):

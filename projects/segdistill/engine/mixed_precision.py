@@ -13,12 +13,15 @@ Parts that must stay float32 under autocast (softmax, KL, reductions of the dist
 are the models' business: the Distiller's float32 island (``meta_arch/distill.py``).
 
 :func:`inference_precision` is the autocast of evaluation and inference (``TEST.PRECISION``;
-lazy: ``train.test_precision``). :func:`use_channels_last` puts a model's 4-d weights and the input batch of each of its
+lazy: ``train.test_precision``). :func:`fold_for_inference` is ``TEST.FOLD_BN`` (lazy:
+``train.fold_bn``): the evaluated or deployed model with its convolutions' BatchNorms folded
+(:mod:`segdistill.modeling.fold`). :func:`use_channels_last` puts a model's 4-d weights and the input batch of each of its
 backbones in ``torch.channels_last`` (``MODEL.CHANNELS_LAST``; lazy: ``train.channels_last``).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from typing import Optional
 
@@ -29,8 +32,10 @@ from detectron2.engine import SimpleTrainer
 from detectron2.modeling import Backbone
 
 from ..config import device_type, precision_dtype
+from ..modeling.fold import fold_batch_norms
 
-__all__ = ["MixedPrecisionTrainer", "build_train_step", "use_channels_last", "model_device", "inference_precision"]
+__all__ = ["MixedPrecisionTrainer", "build_train_step", "use_channels_last", "model_device", "inference_precision",
+           "fold_for_inference"]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -103,6 +108,19 @@ def inference_precision(precision: str, device, *, key: str = "TEST.PRECISION"):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type(device), dtype=dtype)
+
+
+def fold_for_inference(model: nn.Module, enabled: bool, *, copy_model: bool = False) -> nn.Module:
+    """``model`` as evaluation and inference run it under ``TEST.FOLD_BN`` (lazy: ``train.fold_bn``):
+    switched to eval() with every convolution's BatchNorm folded into it
+    (:func:`segdistill.modeling.fold.fold_batch_norms`; the norms it cannot fold are logged), in
+    place, or in a copy with ``copy_model`` (a model that is still being trained: periodic
+    evaluation); ``model`` itself when not ``enabled``."""
+    if not enabled:
+        return model
+    if copy_model:
+        model = copy.deepcopy(model)
+    return fold_batch_norms(model.eval())
 
 
 def _channels_last_input(module, args):

@@ -22,7 +22,8 @@ in the constructor (the reason is written there):
 * a missing ``MODEL.WEIGHTS`` file is a clear error before anything is loaded;
 * ``SOLVER.AMP.ENABLED``: the project's :class:`~segdistill.engine.mixed_precision.MixedPrecisionTrainer`
   (CPU bf16, CUDA fp16 / bf16 by ``SOLVER.AMP.DTYPE``), resolved before anything is built;
-  ``MODEL.CHANNELS_LAST``: the model (training, evaluation) in channels_last;
+  ``MODEL.CHANNELS_LAST``: the model (training, evaluation) in channels_last; ``TEST.FOLD_BN``:
+  evaluation runs a copy of the model with its convolutions' BatchNorms folded;
 * ``training_curves.png`` in ``OUTPUT_DIR``.
 """
 from __future__ import annotations
@@ -51,7 +52,7 @@ from ..modeling.meta_arch.distill import Distiller
 from ..modeling.test_time import build_test_time_model
 from .budget import apply_budget
 from .ddp import broadcast_batchnorm_buffers, create_ddp_model
-from .mixed_precision import build_train_step, inference_precision, use_channels_last
+from .mixed_precision import build_train_step, fold_for_inference, inference_precision, use_channels_last
 from .hooks import TrainingCurvesHook, TrainingProgressHook, exact_resume_hook, unwrap_model
 from .run import RunOutput
 
@@ -235,8 +236,12 @@ class Trainer(DefaultTrainer):
         ``TEST.MODE slide`` and ``TEST.AUG.ENABLED`` run the model through
         :class:`~segdistill.modeling.test_time.TestTimeSegmentor` (periodic and ``--eval-only``).
         A distiller's frozen teacher (``MODEL.DISTILL.EVAL_TEACHER``) is scored at the first
-        evaluation of each dataset only; later ones report that score (:class:`SemSegEvaluator`). The model runs in ``TEST.PRECISION``."""
+        evaluation of each dataset only; later ones report that score (:class:`SemSegEvaluator`). The model runs in ``TEST.PRECISION``;
+        with ``TEST.FOLD_BN`` a copy of it with its convolutions' BatchNorms folded is evaluated (the
+        training model keeps its norms)."""
         broadcast_batchnorm_buffers(model)
+        if cfg.TEST.FOLD_BN:
+            model = fold_for_inference(unwrap_model(model), True, copy_model=True)
         if evaluators is None:
             evaluators = anytime_evaluators(model, cfg.DATASETS.TEST, cfg.OUTPUT_DIR)
         distiller = unwrap_model(model)

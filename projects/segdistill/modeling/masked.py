@@ -67,7 +67,10 @@ heads with their ASPPs and separable convs (:mod:`.masked_heads`). Norms: ``Batc
 ``SyncBatchNorm``, detectron2's ``NaiveSyncBatchNorm``, timm's ``BatchNormAct2d`` /
 ``SyncBatchNormAct`` and the frozen BNs its ``freeze_batch_norm_2d`` makes (torchvision's
 ``FrozenBatchNorm2d``, ``FrozenBatchNormAct2d``), detectron2's ``FrozenBatchNorm2d``.
-Activations: ``ReLU``, ``ReLU6``, ``Identity``, the function ``relu``.
+Activations: ``ReLU``, ``ReLU6``, ``Identity``, the function ``relu``. A model whose norms were
+folded (:mod:`.fold`, ``TEST.FOLD_BN``) runs too: a norm's place then holds an ``nn.Identity`` or
+the activation of a timm ``*Act`` norm, and the unit is the convolution (its folded weight and bias)
+with that activation.
 
 A stage takes one tensor or a list of tensors (HRNet's branches) and returns what its module
 returns. Implementations in other files build on the nodes exported here (:class:`MaskedNode`:
@@ -88,6 +91,8 @@ from timm.layers.norm_act import BatchNormAct2d, FrozenBatchNormAct2d, SyncBatch
 from torchvision.ops.misc import FrozenBatchNorm2d  # what timm's freeze_batch_norm_2d makes of a BatchNorm2d
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
 from timm.models.resnet import BasicBlock, Bottleneck
+
+from .fold import fold_conv_norm
 
 __all__ = [
     "PixelMask", "MaskedReport", "MaskedStage", "masked_forward", "register_masked", "supported_modules",
@@ -320,21 +325,6 @@ def check_identity(module: Optional[nn.Module], name: str, what: str) -> None:
             "nn.Identity there.")
 
 
-def _fold(conv: nn.Conv2d, norm: Optional[nn.Module]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of ``norm(conv(x))`` as one convolution (running statistics)."""
-    w = conv.weight.detach()
-    b = conv.bias.detach() if conv.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
-    if norm is None:
-        return w, b
-    scale = torch.rsqrt(norm.running_var.detach() + norm.eps)
-    if norm.weight is not None:
-        scale = scale * norm.weight.detach()
-    shift = -norm.running_mean.detach() * scale
-    if norm.bias is not None:
-        shift = shift + norm.bias.detach()
-    return w * scale.view(-1, 1, 1, 1), b * scale + shift
-
-
 class MaskedNode:
     """A compiled module: ``emulate`` on dense tensors, ``sparse`` on :class:`FlatMap` s (a node
     of a list-valued module, HRNet's, takes and returns lists of them), ``sparse_rows`` the
@@ -414,7 +404,7 @@ class _ConvUnit(MaskedNode):
         ctx.count(self.name, self.per_pixel, out, self.dense)
         idx = ctx.active_rows(x.n, out, self.dense)
         if self.folded is None:
-            self.folded = _fold(self.conv, self.norm)
+            self.folded = fold_conv_norm(self.conv, self.norm)
         w, b = self.folded
         cout, cin_g, kh, kw = w.shape
         groups, taps_n = self.conv.groups, kh * kw
@@ -669,6 +659,8 @@ def _compile_sequential(module: nn.Sequential, name: str, dense: bool = False) -
             if i + 1 < len(items) and type(items[i + 1][1]) in _NORMS:
                 i += 1
                 norm = items[i][1]
+            elif i + 1 < len(items) and type(items[i + 1][1]) is nn.Identity:
+                i += 1  # the place of a norm folded into the convolution (modeling/fold.py)
             if i + 1 < len(items) and type(items[i + 1][1]) in _ACTIVATIONS and type(items[i + 1][1]) is not nn.Identity:
                 i += 1
                 act = items[i][1]
@@ -739,6 +731,20 @@ def _norm(module: nn.Module, name: str) -> nn.Module:
     return module
 
 
+def _unit(block: nn.Module, conv: str, norm: str, act, name: str) -> MaskedNode:
+    """A block's ``conv -> norm -> act`` unit (its children named ``conv`` and ``norm``), where the
+    norm may also be what a folded norm left in its place (modeling/fold.py): an ``nn.Identity``,
+    or a timm ``*Act`` norm's activation."""
+    module = getattr(block, norm)
+    if type(module) is nn.Identity:
+        module = None
+    elif type(module) not in _NORMS and type(module) in _ACTIVATIONS and act is None:
+        module, act = None, module
+    else:
+        _norm(module, join_name(name, norm))
+    return compile_conv_unit(getattr(block, conv), module, act, join_name(name, conv))
+
+
 def _shortcut(downsample: Optional[nn.Module], name: str) -> Optional[MaskedNode]:
     if downsample is None:
         return None
@@ -753,8 +759,8 @@ def _compile_basic(b: BasicBlock, name: str) -> MaskedNode:
     for attr, what in (("drop_block", "drop-block"), ("aa", "anti-aliasing"), ("se", "squeeze-excitation"),
                        ("drop_path", "drop-path")):
         check_identity(getattr(b, attr), join_name(name, attr), what)
-    branch = SeqNode([compile_conv_unit(b.conv1, _norm(b.bn1, join_name(name, "bn1")), b.act1, join_name(name, "conv1")),
-                   compile_conv_unit(b.conv2, _norm(b.bn2, join_name(name, "bn2")), None, join_name(name, "conv2"))], name)
+    branch = SeqNode([_unit(b, "conv1", "bn1", b.act1, name),
+                      _unit(b, "conv2", "bn2", None, name)], name)
     return _Residual(branch, _shortcut(b.downsample, join_name(name, "downsample")),
                      check_activation(b.act2, join_name(name, "act2")), name)
 
@@ -764,9 +770,9 @@ def _compile_bottleneck(b: Bottleneck, name: str) -> MaskedNode:
     for attr, what in (("drop_block", "drop-block"), ("aa", "anti-aliasing"), ("se", "squeeze-excitation"),
                        ("drop_path", "drop-path")):
         check_identity(getattr(b, attr), join_name(name, attr), what)
-    branch = SeqNode([compile_conv_unit(b.conv1, _norm(b.bn1, join_name(name, "bn1")), b.act1, join_name(name, "conv1")),
-                   compile_conv_unit(b.conv2, _norm(b.bn2, join_name(name, "bn2")), b.act2, join_name(name, "conv2")),
-                   compile_conv_unit(b.conv3, _norm(b.bn3, join_name(name, "bn3")), None, join_name(name, "conv3"))], name)
+    branch = SeqNode([_unit(b, "conv1", "bn1", b.act1, name),
+                      _unit(b, "conv2", "bn2", b.act2, name),
+                      _unit(b, "conv3", "bn3", None, name)], name)
     return _Residual(branch, _shortcut(b.downsample, join_name(name, "downsample")),
                      check_activation(b.act3, join_name(name, "act3")), name)
 
@@ -781,17 +787,17 @@ def _check_efficientnet_block(b: nn.Module, name: str) -> None:
 @register_masked(InvertedResidual)
 def _compile_inverted_residual(b: InvertedResidual, name: str) -> MaskedNode:
     _check_efficientnet_block(b, name)
-    branch = SeqNode([compile_conv_unit(b.conv_pw, _norm(b.bn1, join_name(name, "bn1")), None, join_name(name, "conv_pw")),
-                   compile_conv_unit(b.conv_dw, _norm(b.bn2, join_name(name, "bn2")), None, join_name(name, "conv_dw")),
-                   compile_conv_unit(b.conv_pwl, _norm(b.bn3, join_name(name, "bn3")), None, join_name(name, "conv_pwl"))], name)
+    branch = SeqNode([_unit(b, "conv_pw", "bn1", None, name),
+                      _unit(b, "conv_dw", "bn2", None, name),
+                      _unit(b, "conv_pwl", "bn3", None, name)], name)
     return _Residual(branch, None, None, name) if b.has_skip else branch
 
 
 @register_masked(DepthwiseSeparableConv)
 def _compile_depthwise_separable(b: DepthwiseSeparableConv, name: str) -> MaskedNode:
     _check_efficientnet_block(b, name)
-    branch = SeqNode([compile_conv_unit(b.conv_dw, _norm(b.bn1, join_name(name, "bn1")), None, join_name(name, "conv_dw")),
-                   compile_conv_unit(b.conv_pw, _norm(b.bn2, join_name(name, "bn2")), None, join_name(name, "conv_pw"))], name)
+    branch = SeqNode([_unit(b, "conv_dw", "bn1", None, name),
+                      _unit(b, "conv_pw", "bn2", None, name)], name)
     return _Residual(branch, None, None, name) if b.has_skip else branch
 
 

@@ -68,6 +68,7 @@ from ..backbones.norm import resolve_norm
 from ..exits import (
     EXIT_OBJECTIVES, HEAD_FEATURE_PREFIX, ExitHeadBase, build_exit_heads, exit_head_kwargs, exit_modes, exit_size,
 )
+from ..fold import FoldAware
 from ..heads.base import check_seg_head
 from ..masked import MODES as MASKED_MODES, MaskedStage, PixelMask, UnsupportedModuleError
 from ..stagewise import StageModulesUnsupported, StagewiseBackbone
@@ -358,7 +359,7 @@ def _fvcore_macs(module: nn.Module, inputs: tuple) -> float:
 
 # ----------------------------------------------------------------------------- the model
 @META_ARCH_REGISTRY.register()
-class AnytimeSegmentor(nn.Module, WholeImageOnly):
+class AnytimeSegmentor(nn.Module, WholeImageOnly, FoldAware):
     """The deployed multi-exit segmentor: stage-by-stage inference with an exit policy."""
 
     @configurable
@@ -619,6 +620,11 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly):
 
     def _drop_masked(self) -> None:
         self._masked = {}
+
+    def after_fold(self) -> None:
+        """The norms were folded into the convolutions (modeling/fold.py): the compiled masked
+        stages hold the old norms, so they are compiled again from the folded modules."""
+        self._drop_masked()
 
     def _masked_plans(self, thresholds: Dict[str, float]) -> Dict[str, MaskedStage]:
         """The stages policy ``pixel`` may run masked with ``thresholds`` (those after its first
