@@ -277,7 +277,8 @@ class Table:
             names = [self.args.budget_reference] + [m.name.split("@")[0] for m in self.wanted() if BUDGET in m.opts]
             names = list(dict.fromkeys(names))
             want = {"unit": self.args.budget_unit, "steps": self.args.budget_steps,
-                    "reference": self.args.budget_reference, "opts": list(self.args.opts)}
+                    "reference": self.args.budget_reference, "opts": list(self.args.opts),
+                    "source": os.path.abspath(self.args.budget_cpu_from) if self.args.budget_cpu_from else ""}
             rec = None
             if os.path.isfile(path):
                 with open(path) as f:
@@ -286,7 +287,9 @@ class Table:
                     rec = None
             if rec is None:
                 rec = dict(want)
-                if self.args.budget_unit == "cpu":
+                if self.args.budget_unit == "cpu" and self.args.budget_cpu_from:
+                    rec.update(cpu_record_from(self.args.budget_cpu_from, names, self.args.opts))
+                elif self.args.budget_unit == "cpu":
                     torch_threads = step_cost.torch.get_num_threads()
                     step_cost.torch.set_num_threads(1)
                     measured = step_cost.measure(names, self.args.opts, self.args.budget_rounds, 1)
@@ -687,6 +690,24 @@ def run_failures(rows, results: Dict[str, List[dict]]) -> Dict[str, List[int]]:
     return {m: sorted({f["seed"] for f in fs}) for m, fs in exit_premise_per_run(rows, results).items() if fs}
 
 
+def cpu_record_from(path: str, names: Sequence[str], opts: Sequence[str]) -> dict:
+    """``flops`` and ``cpu_s`` per method from a ``benchmarks/step_cost.py --json`` file measured
+    on a quiet machine (the table's own measurement runs beside its trainings): one thread, the
+    table's overrides, every method of the block."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"[table] --budget-cpu-from {path}: no such file (write it with benchmarks/step_cost.py "
+                         "--threads 1 --json PATH on a quiet machine)")
+    with open(path) as f:
+        doc = json.load(f)
+    missing = [n for n in names if n not in doc.get("methods", {})]
+    if doc.get("threads") != 1 or list(doc.get("opts", [])) != list(opts) or missing:
+        raise SystemExit(f"[table] --budget-cpu-from {path}: measured with {doc.get('threads')} thread(s) and overrides "
+                         f"{doc.get('opts', [])}; the table needs 1 thread, its overrides {list(opts)} and every method "
+                         f"of the block (missing: {missing})")
+    return {"flops": {n: doc["methods"][n]["flops"]["total"] for n in names},
+            "cpu_s": {n: doc["methods"][n]["cpu_s"] for n in names}}
+
+
 # Two runs of the same row and seed "agree" when their mIoU differ by less than this: the
 # summary keeps 3 decimals, and runs on one machine with the same threads reproduce to the bit
 MERGE_TOLERANCE = 0.001
@@ -811,6 +832,9 @@ def parse_args(argv=None):
     p.add_argument("--table-only", action="store_true", help="only rebuild table.md / table.png from finished runs")
     p.add_argument("--from-summary", default="", help="rebuild the table from a published summary.json instead of "
                    "the runs under --output (implies --table-only), e.g. docs/results/camvid/summary.json")
+    p.add_argument("--budget-cpu-from", default="", help="with --budget-unit cpu: take each step's single-thread "
+                   "CPU time from a benchmarks/step_cost.py --json file measured on a quiet machine (e.g. "
+                   "docs/results/camvid/step_cost.json) instead of measuring beside the trainings")
     p.add_argument("--merge-summary", default="", help="complete the rows with the runs of a published "
                    "summary.json that were not made here (e.g. docs/results/camvid/summary.json), after checking "
                    "that its pre-trainings and every run made on both agree (the runs reproduce here)")

@@ -154,7 +154,7 @@ def main(argv=None) -> dict:
     print(report(result, args.reference), flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"reference": args.reference, "threads": args.threads, "rounds": args.rounds,
+            json.dump({"reference": args.reference, "threads": args.threads, "rounds": args.rounds, "opts": opts,
                        "counter": "torch.utils.flop_counter.flop_registry", "methods": result}, f, indent=1)
     return result
 

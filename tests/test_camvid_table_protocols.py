@@ -222,3 +222,26 @@ def test_step_cost_default_methods_all_build_their_configs(tmp_path):
     assert "student" in names and "maskd" in names and not [n for n in names if "@" in n]
     for n in names:
         assert cost.method_config(n, clusters_dir=str(tmp_path)).MODEL.DEVICE == "cpu"
+
+
+def test_equal_cpu_time_budget_from_a_quiet_step_cost_file(table, monkeypatch):
+    """--budget-cpu-from: the block's CPU times come from a step_cost.py file (measured on a quiet
+    machine), not from a measurement beside the trainings; a file of the wrong kind is refused."""
+    mod, data, tmp = table
+    doc = {"reference": "student", "threads": 1, "rounds": 5, "opts": [], "methods": {
+        n: {"cpu_s": t, "flops": {"total": f}} for n, (t, f) in
+        {"student": (0.32, 100), "pd": (0.48, 330), "skd": (1.1, 870)}.items()}}
+    path = tmp / "step_cost.json"
+    path.write_text(json.dumps(doc))
+    monkeypatch.setattr(mod.step_cost, "measure", lambda *a: pytest.fail("measured beside the trainings"))
+    argv = ["--data-root", str(data), "--output", str(tmp / "q"), "--pretrained", "none", "--seeds", "1",
+            "--blocks", "equal_compute", "--methods", "student,teacher,pd@ec,skd@ec", "--budget-steps", "300",
+            "--budget-unit", "cpu", "--budget-cpu-from", str(path)]
+    t = mod.Table(mod.parse_args(argv))
+    b = {n: t.budget(n) for n in ("student", "pd", "skd")}
+    assert [int(b[n] // f) for n, f in (("student", 100), ("pd", 330), ("skd", 870))] == [300, 200, 87]
+    assert json.loads((tmp / "q" / "budget.json").read_text())["source"] == str(path)
+    doc["threads"] = 2
+    path.write_text(json.dumps(doc))
+    with pytest.raises(SystemExit, match="1 thread"):
+        mod.Table(mod.parse_args([str(tmp / "r") if a == str(tmp / "q") else a for a in argv])).budget("pd")
