@@ -125,6 +125,25 @@ def test_ctrl_c_in_a_lazy_run_prints_one_line_and_exits_130(tmp_path, monkeypatc
 
 
 @pytest.mark.slow
+def test_a_ctrl_c_that_python_dropped_is_delivered_again(tmp_path, capsys):
+    """Python drops a KeyboardInterrupt raised inside a finalizer; the run still stops: the
+    interrupt is delivered again, and the handler before the block is back after it."""
+    cfg = LazyConfig.load(LAZY)
+    cfg.train.output_dir = str(tmp_path / "run")
+    before = signal.getsignal(signal.SIGINT)
+    start = time.time()
+    with pytest.raises(SystemExit) as e, exit_on_interrupt(RunOutput(cfg, mode="train"), ["train_net.py"]):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1.0)  # the handler runs here
+        except KeyboardInterrupt:
+            pass  # dropped, as in a finalizer
+        while time.time() - start < 15:  # the run goes on
+            time.sleep(0.05)
+    assert e.value.code == 130 and time.time() - start < 10
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_sigint_during_a_yaml_run_then_resume_finishes(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "projects") + os.pathsep + os.environ.get("PYTHONPATH", ""))

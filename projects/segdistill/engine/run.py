@@ -34,8 +34,10 @@ import logging
 import logging.handlers
 import os
 import shlex
+import signal
 import sys
 import tempfile
+import threading
 from typing import Dict, Iterator, List, Optional, Sequence
 
 from detectron2.config import CfgNode, LazyConfig
@@ -324,15 +326,63 @@ def setup_run(cfg, args) -> RunOutput:
 INTERRUPTED_EXIT_CODE = 130
 
 
+#: Seconds after a Ctrl-C that did not stop the run before it is delivered again.
+INTERRUPT_REPEAT_S = 2.0
+
+
+class _RepeatedInterrupt:
+    """SIGINT raises KeyboardInterrupt, as Python's default handler does, and delivers SIGINT
+    again after :data:`INTERRUPT_REPEAT_S` while the block is still running: Python drops a
+    KeyboardInterrupt raised inside a finalizer (``__del__``, a weakref callback: "Exception
+    ignored in ..."), so a single Ctrl-C could otherwise be lost and the run go on. Installed
+    from the main thread only (signal handlers live there); removed when the block ends."""
+
+    def __init__(self):
+        self.timer: Optional[threading.Timer] = None
+        self.previous = None
+
+    def _again(self) -> None:
+        self.timer = None
+        os.kill(os.getpid(), signal.SIGINT)
+
+    def handle(self, signum, frame):
+        if self.timer is None:
+            self.timer = threading.Timer(INTERRUPT_REPEAT_S, self._again)
+            self.timer.daemon = True
+            self.timer.start()
+        raise KeyboardInterrupt
+
+    def install(self) -> bool:
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+        return True
+
+    def remove(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        signal.signal(signal.SIGINT, self.previous)
+
+
 @contextlib.contextmanager
 def exit_on_interrupt(output: RunOutput, argv: Optional[Sequence[str]] = None) -> Iterator[None]:
     """Turn Ctrl-C (KeyboardInterrupt) inside the block into one line on stderr from the main
     process (:meth:`RunOutput.interrupted_message`, ``argv`` defaults to ``sys.argv``) and
     ``SystemExit(130)``; checkpoints already written are kept, nothing new is saved (the
-    interrupted iteration may be half done)."""
+    interrupted iteration may be half done). A Ctrl-C that Python dropped (raised inside a
+    finalizer) is delivered again (:class:`_RepeatedInterrupt`), so one Ctrl-C always stops the run."""
+    repeat = _RepeatedInterrupt()
+    installed = repeat.install()
     try:
         yield
     except KeyboardInterrupt:
+        if installed:
+            repeat.remove()
+            installed = False
         if comm.is_main_process():
             print(output.interrupted_message(list(sys.argv if argv is None else argv)), file=sys.stderr, flush=True)
         raise SystemExit(INTERRUPTED_EXIT_CODE) from None
+    finally:
+        if installed:
+            repeat.remove()

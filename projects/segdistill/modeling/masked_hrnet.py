@@ -38,31 +38,11 @@ from timm.models.hrnet import HighResolutionModule, SequentialList
 
 from .backbones.timm_backbone import HRNetStage, SizeFusingHRModule
 from .masked import (
-    UPSAMPLE_ELEMENT_MACS, FlatMap, MaskedContext, MaskedNode, UnsupportedModuleError, check_activation,
+    UPSAMPLE_ELEMENT_MACS, FlatMap, MaskedContext, MaskedNode, SeqNode, UnsupportedModuleError, check_activation,
     compile_masked, join_name, register_masked,
 )
 
 __all__: List[str] = []
-
-
-class _ListChain(MaskedNode):
-    """List -> list modules applied in turn (timm's ``SequentialList``)."""
-
-    def __init__(self, nodes: List[MaskedNode], name: str):
-        self.nodes, self.name = nodes, name
-
-    def modules(self):
-        return [m for node in self.nodes for m in node.modules()]
-
-    def emulate(self, x, ctx):
-        for node in self.nodes:
-            x = node.emulate(x, ctx)
-        return x
-
-    def sparse(self, x, ctx):
-        for node in self.nodes:
-            x = node.sparse(x, ctx)
-        return x
 
 
 class _Stage(MaskedNode):
@@ -158,7 +138,8 @@ class _FusedBranches(MaskedNode):
 
 @register_masked(SequentialList)
 def _compile_sequential_list(module: SequentialList, name: str) -> MaskedNode:
-    return _ListChain([compile_masked(m, join_name(name, n)) for n, m in module.named_children()], name)
+    # list -> list modules applied in turn: the chain node of nn.Sequential serves (its nodes take lists)
+    return SeqNode([compile_masked(m, join_name(name, n)) for n, m in module.named_children()], name)
 
 
 @register_masked(HRNetStage)
