@@ -24,6 +24,17 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
+
+def expected_masked_macs(by_module, sizes, mask, report) -> float:
+    """fvcore's MACs per module (``by_module``) scaled by each module's active share at its
+    output size (``sizes``: module name -> (h, w)); the report's dense ops count in full."""
+    expected = 0.0
+    for n, hw in sizes.items():
+        dense = any(n == d or n.startswith(d.rsplit(".", 1)[0] + ".") for d in report.dense_ops)
+        share = 1.0 if dense else float(mask.count(hw)[0]) / (hw[0] * hw[1])
+        expected += by_module[n] * share
+    return expected
+
 def randomise_norms(module: nn.Module, seed: int = 0) -> nn.Module:
     """Non-trivial running statistics and affine parameters, so that folding them matters."""
     g = torch.Generator().manual_seed(seed)
@@ -319,12 +330,7 @@ def test_macs_are_fvcores_at_100_percent_and_its_per_module_counts_scaled_by_the
             h.remove()
         m = PixelMask(random_mask(1, x1.shape[-2:], 0.3, seed=7))
         _, report = masked_forward(stage, x1, m, "emulate")
-        by_module = fca.by_module()
-        expected = 0.0
-        for n, hw in sizes.items():
-            dense = any(n == d or n.startswith(d.rsplit(".", 1)[0] + ".") for d in report.dense_ops)
-            share = 1.0 if dense else float(m.count(hw)[0]) / (hw[0] * hw[1])
-            expected += by_module[n] * share
+        expected = expected_masked_macs(fca.by_module(), sizes, m, report)
         assert float(report.macs[0]) == pytest.approx(expected, rel=1e-12), (backbone, name)
         assert float(report.macs[0]) < fca.total()
         if backbone.startswith("resnet") and name != "res2":

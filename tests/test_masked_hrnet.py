@@ -17,7 +17,9 @@ from torch import nn
 from conftest import make_backbone
 from segdistill.modeling.masked import MODES, PixelMask, masked_forward
 from segdistill.modeling.backbones.timm_backbone import HRNetStage
-from test_masked import TOL, border_masks, boundary_mask, fvcore_count, random_mask, randomise_norms
+from test_masked import (
+    TOL, border_masks, boundary_mask, expected_masked_macs, fvcore_count, random_mask, randomise_norms,
+)
 from timm.models.hrnet import HighResolutionModule
 
 SIZES = {"nearest": (32, 64), "bilinear": (40, 56)}
@@ -135,11 +137,6 @@ def test_macs_are_fvcores_per_module_counts_scaled_by_the_active_share():
             h.remove()
         m = PixelMask(random_mask(1, SIZES["nearest"], 0.02, seed=7))  # a share below 1 at every stride
         _, report = masked_forward(stage, x1, m, "emulate")
-        by_module = fca.by_module()
-        expected = 0.0
-        for n, hw in sizes.items():
-            dense = any(n == d or n.startswith(d.rsplit(".", 1)[0] + ".") for d in report.dense_ops)
-            share = 1.0 if dense else float(m.count(hw)[0]) / (hw[0] * hw[1])
-            expected += by_module[n] * share
+        expected = expected_masked_macs(fca.by_module(), sizes, m, report)
         assert float(report.macs[0]) == pytest.approx(expected, rel=1e-12), name
         assert float(report.macs[0]) < fca.total()
