@@ -103,6 +103,28 @@ def test_stage_features_refuses_a_return_value_other_than_the_names_say():
 
 
 # ---------------------------------------------------------------------- the pixel policy
+def check_exit_answers_every_pixel(model, batch, k, thresholds, later, counter) -> dict:
+    """Policy ``pixel`` with ``thresholds`` under which exit ``k`` freezes every pixel: the
+    answer equals policy ``exit:k`` bit for bit, none of the modules ``later`` (names of
+    ``counter``) runs, and the counted MACs are exit k's path; returns image 0's ``anytime``."""
+    model.policy = f"exit:{k}"
+    with torch.no_grad():  # one image at a time, as the pixel policy runs
+        ref = [model([inp])[0] for inp in batch]
+    pixel(model, thresholds)
+    hw = ref[0]["anytime"]["input_hw"]
+    model.costs(hw), model.pixel_costs(hw)  # counted once per size (fvcore runs every part)
+    counter.counts = dict.fromkeys(counter.counts, 0)
+    with torch.no_grad():
+        out = model(batch)
+    assert all(counter.counts[n] == 0 for n in later), (k, counter.counts)
+    assert all(torch.equal(o["sem_seg"], r["sem_seg"]) for o, r in zip(out, ref)), k
+    a = out[0]["anytime"]
+    assert out[0]["sem_seg_exit"] == k and a["answered_pct"][k] == 100.0
+    costs = model.costs(hw)
+    assert a["macs"] == costs.macs(k, a["evaluated"]) + sum(costs.answer[e] for e in a["evaluated"] if e != k)
+    return a
+
+
 def test_all_pixels_frozen_after_an_exit_is_that_exits_output_and_nothing_later_runs(model):
     b = model.backbone.body
     counter = CallCounter({"layer2": b.layer2, "layer3": b.layer3, "layer4": b.layer4, "head": model.sem_seg_head,
@@ -116,20 +138,7 @@ def test_all_pixels_frozen_after_an_exit_is_that_exits_output_and_nothing_later_
             ("res2", {"res2": 0.0, "res3": 0.5, "res4": 0.5}, ["layer2", "layer3", "layer4", "head", "exit_res3",
                                                                "exit_res4"]),
         ]:
-            model.policy = f"exit:{k}"
-            with torch.no_grad():  # one image at a time, as the pixel policy runs
-                ref = [model([inp])[0] for inp in batch]
-            pixel(model, thresholds)
-            model.costs((64, 80)), model.pixel_costs((64, 80))  # counted once per size (fvcore runs every part)
-            counter.counts = dict.fromkeys(counter.counts, 0)
-            with torch.no_grad():
-                out = model(batch)
-            assert all(counter.counts[n] == 0 for n in later), (k, counter.counts)
-            assert all(torch.equal(o["sem_seg"], r["sem_seg"]) for o, r in zip(out, ref)), k
-            a = out[0]["anytime"]
-            assert out[0]["sem_seg_exit"] == k and a["answered_pct"][k] == 100.0
-            costs = model.costs(a["input_hw"])
-            assert a["macs"] == costs.macs(k, a["evaluated"]) + sum(costs.answer[e] for e in a["evaluated"] if e != k)
+            a = check_exit_answers_every_pixel(model, batch, k, thresholds, later, counter)
             assert all(a["active_pct"][s] == 0.0 for s in ("res4", "res5"))
     finally:
         counter.remove()

@@ -13,8 +13,9 @@ from torch.nn import functional as F
 from conftest import random_batch, tiny_cfg
 from conftest import trained_model as train_steps
 from segdistill.modeling.masked import PixelMask
-from segdistill.modeling.meta_arch.anytime import FINAL, PIXEL
+from segdistill.modeling.meta_arch.anytime import FINAL
 from test_anytime import CallCounter, anytime_twin
+from test_anytime_pixel import check_exit_answers_every_pixel, pixel
 from test_pixel_training import twin
 
 K = 5
@@ -44,12 +45,6 @@ def pair(request):
     return request.param, cfg, trained, model
 
 
-def pixel(model, thresholds, mode="emulate"):
-    model.pixel_mode = mode
-    model.set_pixel_thresholds(thresholds)
-    model.policy = PIXEL
-
-
 def exit_logits(model, images, name):
     """Exit ``name``'s logits at the padded input size (``exit:<name>``'s answer)."""
     with torch.no_grad():
@@ -72,21 +67,7 @@ def test_all_pixels_frozen_after_an_exit_is_that_exits_output_and_nothing_later_
             # stage2_b0 runs and freezes nothing (threshold above every probability): stage3_b1 answers all
             ("stage3_b1", {"stage2_b0": 1.0, "stage3_b1": 0.0}, ["transition3", "stage4", "head"]),
         ]:
-            model.policy = f"exit:{k}"
-            with torch.no_grad():  # one image at a time, as the pixel policy runs
-                ref = [model([inp])[0] for inp in batch]
-            pixel(model, thresholds)
-            hw = ref[0]["anytime"]["input_hw"]
-            model.costs(hw), model.pixel_costs(hw)  # counted once per size (fvcore runs every part)
-            counter.counts = dict.fromkeys(counter.counts, 0)
-            with torch.no_grad():
-                out = model(batch)
-            assert all(counter.counts[n] == 0 for n in later), (k, counter.counts)
-            assert all(torch.equal(o["sem_seg"], r["sem_seg"]) for o, r in zip(out, ref)), k
-            a = out[0]["anytime"]
-            assert out[0]["sem_seg_exit"] == k and a["answered_pct"][k] == 100.0
-            costs = model.costs(hw)
-            assert a["macs"] == costs.macs(k, a["evaluated"]) + sum(costs.answer[e] for e in a["evaluated"] if e != k)
+            a = check_exit_answers_every_pixel(model, batch, k, thresholds, later, counter)
             # active_pct per feature: every branch of the stages that ran, 0 for those that did not
             assert all(a["active_pct"][f] == 100.0 for f in ("layer1", "stage2_b0", "stage2_b1"))
             assert all(a["active_pct"][f] == 0.0 for f in ("res2", "res3", "res4", "res5"))
