@@ -115,9 +115,11 @@ REGIMES = {
     # other than their benchmark's
     "demo_pretraining": dict(opts=[], methods=["baseline", "ds", "sr"], blocks=["sr"],
                              pretrained={"resnet18": "resnet18_demo"}, output="output/camvid_table_demo_pretraining"),
-    # DS, SR and the plain model trained without the analysis split: the held-out anytime curve's models
-    "heldout_exits": dict(opts=["DATASETS.TRAIN", '("camvid_train_hs3_reduced",)'], methods=["baseline", "ds", "sr"],
-                          blocks=["sr"], output="output/camvid_table_heldout_exits"),
+    # DS, SR and the plain model trained without the analysis split: the held-out anytime curve's
+    # models; with DS's RH-exit and mask-aware variants (per-pixel anytime)
+    "heldout_exits": dict(opts=["DATASETS.TRAIN", '("camvid_train_hs3_reduced",)'],
+                          methods=["baseline", "ds", "sr", "ds_rh", "ds_pixel"], blocks=["anytime_exits"],
+                          output="output/camvid_table_heldout_exits"),
 }
 
 

@@ -64,6 +64,12 @@ METHODS: Dict[str, Method] = {m.name: m for m in [
     Method("mea_srl", "MEA+SR-L", "sr", ("MODEL.EXITS.SR.F_WEIGHT", "0.0"), baseline="baseline"),
     Method("mea_srf", "MEA+SR-F", "sr", ("MODEL.EXITS.SR.L_WEIGHT", "0.0"), baseline="baseline"),
     Method("sr", "SR", "sr", baseline="baseline"),
+    # the per-pixel anytime models' variants (the held-out regime, docs/anytime.md): DS with ADP-C's
+    # RH exits in place of SR's exit heads, and DS trained mask-aware at ADP-C's confidence
+    # threshold 0.998 (its training and test threshold; no value seen on val)
+    Method("ds_rh", "DS (RH exits)", "ds", ("MODEL.EXITS.HEAD", "rh"), baseline="baseline"),
+    Method("ds_pixel", "DS (mask-aware, t 0.998)", "ds", ("MODEL.EXITS.PIXEL.TRAIN_THRESHOLD", "0.998"),
+           baseline="baseline"),
     # HS3 (its Tables 1, 2 and 6)
     Method("hs3", "HS3", "hs3", baseline="baseline", needs=("hs3_clusters",)),
     Method("hs3_manual", "HS3 (manual ratio)", "hs3", baseline="baseline", needs=("hs3_manual",)),
@@ -152,6 +158,8 @@ METHODS.update({m.name: m for m in EQUAL_COMPUTE + TUNED + BF16})
 # The CamVid table's blocks: block -> (title with the papers, methods; the first is the baseline of the others)
 BLOCKS = {
     "sr": ("Self-Regulation (SR Table 1 ablation)", ["baseline", "ds", "mea", "mea_srl", "mea_srf", "sr"]),
+    "anytime_exits": ("Anytime exits (trained without the analysis split): SR vs RH exit heads, mask-aware DS",
+                      ["baseline", "ds", "sr", "ds_rh", "ds_pixel"]),
     "hs3": ("HS3 (HS3 Tables 1, 2 and 6)", ["baseline", "ds", "hs3", "hs3_manual", "hs3_fuse"]),
     "distill": ("Distillation (FAKD Tables 3-4, HWD Tables II-III)", ["student", "teacher", *DISTILL_ROWS]),
     "equal_compute": ("Distillation at equal compute (the student alone's 300 steps: FLOPs or CPU time, budget.json)",

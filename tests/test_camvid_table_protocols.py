@@ -115,6 +115,12 @@ def test_regimes_name_their_rows_overrides_and_output(table):
     assert "camvid_train_hs3_reduced" in " ".join(c.opts) and c.seeds == 3
     jobs = mod.Table(c).jobs()
     assert all("camvid_train_hs3_reduced" in " ".join(j.cmd) for j in jobs if j.method is not None)
+    # the per-pixel anytime variants train beside DS and SR, each with its own switch and nothing else
+    assert c.methods == ["baseline", "ds", "sr", "ds_rh", "ds_pixel"] and c.blocks == ["anytime_exits"]
+    cmds = {j.key: " ".join(j.cmd) for j in jobs if j.method is not None}
+    assert "MODEL.EXITS.HEAD rh" in cmds["ds_rh/seed2"] and "MODEL.EXITS.HEAD" not in cmds["ds/seed2"]
+    assert "MODEL.EXITS.PIXEL.TRAIN_THRESHOLD 0.998" in cmds["ds_pixel/seed0"]
+    assert "TRAIN_THRESHOLD" not in cmds["ds_rh/seed0"] and len(cmds) == 5 * 3
 
 
 def test_step_cost_counts_and_times_in_one_run(tmp_path):
