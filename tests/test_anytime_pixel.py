@@ -11,6 +11,7 @@ from conftest import trained_model as train_steps
 from detectron2.modeling import build_model
 from segdistill.evaluation.anytime import AnytimeEvaluator
 from segdistill.modeling.masked import PixelMask, masked_forward
+from segdistill.modeling.exits import exit_size
 from segdistill.modeling.meta_arch.anytime import FINAL, PIXEL, anytime_state_dict
 from test_anytime import CallCounter  # forward hooks counting named submodules' calls
 
@@ -322,3 +323,53 @@ def test_pixel_policy_on_mobilenetv2_sparse_equals_emulate():
     torch.testing.assert_close(sparse, emulated, rtol=1e-5, atol=1e-5)
     assert sinfo["masked"]["sparse_stages"] == ["res4", "res5", "sem_seg_head"] and info["macs"] == pytest.approx(sinfo["macs"])
     assert info["macs"] < m.costs(tuple(images.tensor.shape[-2:])).final
+
+
+@pytest.mark.parametrize("mode", ["emulate", "sparse"])
+def test_an_exit_after_a_freeze_runs_masked_counts_fewer_macs_and_leaves_dense_ops(model, mode):
+    """res3 freezes about three quarters of the pixels; res4 then runs masked on the rest (its
+    logits at the active pixels, masked_exits) and freezes some of them with those logits."""
+    image = random_batch(1, 64, 80, K, seed=5, with_labels=False)[0]
+    l3, images = exit_logits(model, image, "res3")
+    hw = tuple(images.tensor.shape[-2:])
+    top3 = F.softmax(l3, dim=1).amax(dim=1)
+    cut3 = float(top3.flatten().sort().values[top3.numel() // 4])
+    active = top3 < cut3
+    mask = PixelMask(active)
+    # res4's features and its masked logits, as the policy computes them
+    feats = dict(model.backbone.forward_stages(images.tensor))
+    size = exit_size(hw, model.exits["res4"].common_stride)
+    with torch.no_grad():
+        y4, _ = masked_forward(model.backbone.body.layer3, feats["res3"], mask, "emulate")
+        masked4, r_exit = masked_forward(model.exits["res4"], y4, mask, "emulate")
+        dense4 = model.exits["res4"](y4, size, with_classifier=False).seg_logits
+    up4 = F.interpolate(masked4, size=hw, mode="bilinear", align_corners=False)
+    top4 = F.softmax(up4, dim=1).amax(dim=1)
+    cut4 = float(top4[active].median())
+    frozen4 = active & (top4 >= cut4)
+    assert 0 < int(frozen4.sum()) < int(active.sum())
+    pixel(model, {"res2": 2.0, "res3": cut3, "res4": cut4}, mode)
+    with torch.no_grad():
+        logits, info = model.run_pixel(images.tensor, images.image_sizes[0])
+    assert info["evaluated"] == ("res3", "res4") and info["answer"] == FINAL
+    # res3 ran before any freeze: its own (dense) forward; res4 masked
+    assert "exits.res3" in info["masked"]["dense_ops"] and "exits.res4" not in info["masked"]["dense_ops"]
+    assert ("exits.res4" in info["masked"]["sparse_stages"]) == (mode == "sparse")
+    costs = model.costs(hw)
+    assert 0 < float(r_exit.macs[0]) < costs.exits["res4"]
+    # the pixels res4 froze keep its masked logits (not its dense forward's: no halo at frozen neighbours)
+    per_pixel = logits.permute(0, 2, 3, 1)
+    torch.testing.assert_close(per_pixel[frozen4], up4.permute(0, 2, 3, 1)[frozen4], rtol=1e-5, atol=1e-5)
+    dense_up = F.interpolate(dense4, size=hw, mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+    assert not torch.allclose(per_pixel[frozen4], dense_up[frozen4], rtol=1e-5, atol=1e-5)
+    # counted: the masked res4 exit's count in place of costs().exits["res4"], its resize at every pixel
+    with torch.no_grad():
+        _, r4 = masked_forward(model.backbone.body.layer3, feats["res3"], mask, "emulate")
+        after = PixelMask(active & ~frozen4)
+        y5, r5 = masked_forward(model.backbone.body.layer4, y4, after, "emulate")
+        _, r_head = masked_forward(model.sem_seg_head, y5, after, "emulate")
+    expected = costs.prefix["res3"] + costs.exits["res3"] + costs.answer["res3"] + float(r4.macs[0]) \
+        + float(r_exit.macs[0]) + costs.answer["res4"] + float(r5.macs[0]) + float(r_head.macs[0]) \
+        + model.pixel_costs(hw).head_resize
+    assert info["macs"] == pytest.approx(expected, rel=1e-12)
+    model.policy = FINAL

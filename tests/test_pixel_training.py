@@ -14,6 +14,8 @@ from conftest import random_batch, run_train_net, tiny_cfg
 from conftest import trained_model as train_steps
 from detectron2.modeling import build_model
 from segdistill.config import ConfigError
+from segdistill.modeling.exits import exit_size
+from segdistill.modeling.masked import MaskedStage, PixelMask
 from segdistill.modeling.meta_arch.anytime import PIXEL, anytime_state_dict
 
 K = 5
@@ -73,17 +75,34 @@ def test_off_is_todays_training_bit_for_bit():
     assert torch.equal(losses["loss_sem_seg"], ce) and torch.equal(losses["loss_ds"], ds)
 
 
-def test_eval_aggregated_final_logits_are_the_pixel_policys_answer(trained):
-    cfg, model = trained
+def check_eval_is_the_pixel_policy(cfg, model, t):
+    """In eval(), the aggregated final logits of mask-aware training with threshold ``t`` are
+    policy ``pixel``'s answer (emulate), every exit freezing pixels; the exits after the first
+    freeze run masked in both (their logits at the active pixels, masked_exits), not dense."""
     batch = random_batch(2, 64, 64, K, seed=5)
     x = model._images(batch).tensor
-    t = 0.7
     pixel_model = twin(cfg, model, t)
     with torch.no_grad():
         run = pixel_model.pixel_run(x)
     shares = {n: float(f.float().mean()) for n, f in run.frozen.items()}
     # every exit freezes pixels (the later ones on masked features), and the head answers some
     assert all(v > 0.05 for v in shares.values()) and 0.1 < float(run.active.float().mean()) < 0.9, shares
+
+    # res3 runs after res2's freeze: its own logits are its masked logits on the masked res3
+    # features, not its dense forward's (which read frozen neighbours' features)
+    modules = pixel_model.backbone.stage_modules()
+    active = PixelMask(~run.frozen["res2"])
+    ex = pixel_model.exits["res3"]
+    with torch.no_grad():
+        f2 = x
+        for name in list(modules)[:list(modules).index("res2") + 1]:  # dense up to res2 (nothing frozen yet)
+            f2 = modules[name](f2)
+        f3, _ = MaskedStage(modules["res3"], "res3")(f2, active, "emulate")
+        masked, _ = MaskedStage(ex, "exits.res3")(f3, active, "emulate")
+        dense = ex(f3, exit_size((64, 64), ex.common_stride), with_classifier=False).seg_logits
+    up = lambda t: F.interpolate(t, size=(64, 64), mode="bilinear", align_corners=False)  # noqa: E731
+    torch.testing.assert_close(run.own["res3"], up(masked), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(run.own["res3"], up(dense), rtol=1e-5, atol=1e-5)
 
     acfg = cfg.clone()
     acfg.MODEL.META_ARCHITECTURE = "AnytimeSegmentor"
@@ -96,9 +115,38 @@ def test_eval_aggregated_final_logits_are_the_pixel_policys_answer(trained):
         with torch.no_grad():
             expected, info = anytime.run_pixel(x[i:i + 1], (64, 64))
         assert info["answer"] == "final"
+        # an exit run after a pixel of this image froze ran masked; one run before, its dense forward
+        names = list(run.frozen)
+        for k, name in enumerate(names):
+            after = any(bool(run.frozen[e][i].any()) for e in names[:k])
+            assert (f"exits.{name}" in info["masked"]["dense_ops"]) == (not after), (i, name)
         torch.testing.assert_close(run.final_logits[i:i + 1], expected, rtol=1e-5, atol=1e-5)
         for name, f in run.frozen.items():  # each exit froze the share the policy says it answered
             assert 100.0 * float(f[i].float().mean()) == pytest.approx(info["answered_pct"][name])
+
+
+def test_eval_aggregated_final_logits_are_the_pixel_policys_answer(trained):
+    cfg, model = trained
+    check_eval_is_the_pixel_policy(cfg, model, 0.7)
+
+
+def test_eval_aggregated_final_logits_are_the_pixel_policys_answer_with_rh_exits():
+    cfg = exit_cfg()
+    cfg.MODEL.EXITS.HEAD = "rh"
+    cfg.MODEL.EXITS.RH.CHANNELS = 16
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    x = model._images(random_batch(2, 64, 64, K, seed=5)).tensor
+    with torch.no_grad():  # RH's logits are smooth: centre each exit's and scale them to unit spread,
+        feats = dict(model.backbone.forward_stages(x))  # so that confident pixels spread over the image
+        for name, ex in model.exits.items():
+            ex.segmenter.bias.zero_()
+            logits = ex(feats[name], (8, 8), with_classifier=False).seg_logits
+            ex.segmenter.bias.copy_(-logits.mean((0, 2, 3)))
+            scale = 1.0 / float((logits - logits.mean((0, 2, 3), keepdim=True)).std())
+            ex.segmenter.weight.mul_(scale)
+            ex.segmenter.bias.mul_(scale)
+    check_eval_is_the_pixel_policy(cfg, model, 0.6)
 
 
 def test_the_copy_carries_gradient_to_the_freezing_exit_and_the_decision_none(trained):

@@ -63,7 +63,8 @@ drop-block, drop-path or avg-pool downsample) and ``InvertedResidual`` /
 ``DepthwiseSeparableConv`` (MobileNetV2; no SE, no space-to-depth). Registered in other files
 (imported with ``segdistill.modeling``): HRNet's stages, ``HighResolutionModule`` (timm's and
 mmsegmentation's fusion) and ``SequentialList`` (:mod:`.masked_hrnet`); the DeepLabV3 and FCN
-heads with their ASPPs and separable convs (:mod:`.masked_heads`). Norms: ``BatchNorm2d``,
+heads with their ASPPs and separable convs (:mod:`.masked_heads`); the ``sr`` and ``rh`` exit
+heads (:mod:`.masked_exits`; the mask given at the input size). Norms: ``BatchNorm2d``,
 ``SyncBatchNorm``, detectron2's ``NaiveSyncBatchNorm``, timm's ``BatchNormAct2d`` /
 ``SyncBatchNormAct`` and the frozen BNs its ``freeze_batch_norm_2d`` makes (torchvision's
 ``FrozenBatchNorm2d``, ``FrozenBatchNormAct2d``), detectron2's ``FrozenBatchNorm2d``.

@@ -19,7 +19,14 @@ With threshold ``t`` in (0, 1], on a (padded, normalised) batch ``x`` of size ``
    ``PixelMask(active)`` (dense tensors, outputs multiplied by the active mask at every
    stride, max-pooled; differentiable; BatchNorm in training mode then takes its batch
    statistics over every pixel, frozen ones included, as the masked module docstring says).
-2. After exit ``e``'s stage, the exit runs dense on that (masked) stage output; its logits
+2. After exit ``e``'s stage, the exit runs on that (masked) stage output: before any pixel
+   of the batch is frozen its own forward; after, its segmentation logits as policy ``pixel``
+   computes them, masked (``emulate``, the same ``PixelMask(active)``: its convolutions and
+   resizes at the active pixels, :mod:`segdistill.modeling.masked_exits`) where masked
+   execution implements its head (``sr``, ``rh``), else dense. Its dense forward also runs,
+   for the features and class logits the objectives read (as the head's, below: the exit's
+   cost, small next to a stage's, is then paid twice, and a BatchNorm in training mode
+   updates its running statistics on both passes). Its logits
    are resized (bilinear, ``align_corners`` False) to ``H x W``: ``own[e]``. The pixels still
    active whose top softmax probability of ``own[e]`` (float32, computed on detached logits)
    reaches ``t`` are frozen by ``e`` (``frozen[e]``, a boolean tensor: no gradient flows
@@ -45,7 +52,7 @@ What each loss term sees
 The objective (``MODEL.EXITS.MODE``) reads a :class:`~.heads.MultiExitOutputs` in which every
 exit's ``seg_logits`` and the final ``seg_logits`` are the aggregated logits at ``H x W``
 (``stride`` 1); features, class logits and the head's other outputs (``aux_logits``) are
-each part's own, computed on the masked features. So deep supervision's ``loss_ds`` is the
+each part's own (its dense forward), computed on the masked features. So deep supervision's ``loss_ds`` is the
 sum over exits of the cross-entropy of each exit's aggregated logits, and the head's
 ``loss_sem_seg`` is the head's loss (``SegHeadMixin.input_size_loss``) of the final
 aggregated logits. A frozen pixel therefore counts in the loss of its freezing exit and again
@@ -80,7 +87,9 @@ project's inference (policy ``pixel``):
 * a frozen pixel's features follow :mod:`segdistill.modeling.masked` (0 in a convolution's
   output, the shortcut through a residual block); ADP-C's masked convs fill them by an
   RBF interpolation of active neighbours (``lib/models/conv_mask.py``);
-* the exits run dense on the masked features (ADP-C masks the exits' convs too);
+* the exits' logits are masked as the stages are (frozen pixels are 0 in each conv's and
+  resize's output, no halo), as ADP-C masks its exits' convs (with the interpolation above);
+  an RH exit's pooled levels are masked with the mask max-pooled to each level;
 * aggregation happens at the input size (ADP-C: at the exits' stride, where all its exits
   and its head already are).
 
@@ -129,6 +138,15 @@ def check_train_threshold(value: float) -> float:
         raise ConfigError(f"MODEL.EXITS.PIXEL.TRAIN_THRESHOLD must be in [0, 1] (0 = off), got {value!r}; "
                           "e.g. MODEL.EXITS.PIXEL.TRAIN_THRESHOLD 0.998.")
     return t
+
+
+def _masked_or_none(module: nn.Module, name: str) -> Optional[MaskedStage]:
+    """``module`` compiled for masked execution, or None where masked execution has no
+    implementation of it: it then runs dense, as the anytime model runs such a head or exit."""
+    try:
+        return MaskedStage(module, name)
+    except UnsupportedModuleError:
+        return None
 
 
 @dataclass
@@ -230,8 +248,13 @@ class PixelTraining:
             yielded = backbone.stage_features(outputs[name], feat)
             features.update(yielded)
             for feature in (f for f in outputs[name] if f in exits):  # in the stage's order
-                out = exits[feature](yielded[feature], size)
-                up = F.interpolate(out.seg_logits, size=hw, mode="bilinear", align_corners=False)
+                out = exits[feature](yielded[feature], size)  # its features and class logits, for the objectives
+                seg = out.seg_logits
+                if frozen_any:  # its logits as policy pixel computes them: masked where it can be
+                    plan = _masked_or_none(exits[feature], f"exits.{feature}")
+                    if plan is not None:
+                        seg, _ = plan(yielded[feature], PixelMask(active), "emulate")
+                up = F.interpolate(seg, size=hw, mode="bilinear", align_corners=False)
                 with torch.no_grad():  # the decision: a comparison of detached probabilities
                     newly = active & (F.softmax(up.detach().float(), dim=1).amax(dim=1) >= self.threshold)
                 # this exit's aggregated logits: its own where still active, the earlier answers elsewhere
@@ -247,10 +270,7 @@ class PixelTraining:
         head_out = head.forward_outputs(head_in)  # features and aux logits for the objectives
         logits = head_out["logits"]
         if frozen_any:  # the final logits as policy pixel computes them: the head masked where it can be
-            try:
-                plan = MaskedStage(head, "sem_seg_head")
-            except UnsupportedModuleError:
-                plan = None  # dense, as the anytime model runs such a head
+            plan = _masked_or_none(head, "sem_seg_head")
             if plan is not None:
                 logits, _ = plan(head_in[head.in_features[0]], PixelMask(active), "emulate")
         final_up = head.predict_logits(logits, hw)

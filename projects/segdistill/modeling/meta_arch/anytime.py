@@ -27,8 +27,9 @@ meta-architecture is the *deployed* form of a trained ``MultiExitSegmentor`` (do
     / ``PIXEL_MODE``): after each exit, the pixels whose top probability reaches its threshold
     keep its answer and are frozen; the later stages run masked (:mod:`..masked`, through the
     backbone's ``stage_modules()`` / ``stage_outputs()``: one tensor or, on HRNet, a list of
-    branches per stage) on the rest; the head runs masked too where masked execution
-    implements it (DeepLabV3, FCN: :mod:`..masked_heads`), else dense, and answers what is left.
+    branches per stage) on the rest; the later exits (``sr``, ``rh``: :mod:`..masked_exits`)
+    and the head run masked too where masked execution implements them (heads: DeepLabV3,
+    FCN, :mod:`..masked_heads`), else dense, and the head answers what is left.
     Images run one at a time; outputs add counted ``macs``, ``active_pct``, ``answered_pct``
     and the ``masked`` report to ``anytime``.
 
@@ -88,6 +89,7 @@ FINAL = "final"  # the answer of the final head (``sem_seg_exit``), and the poli
 CONFIDENCE = "confidence"
 PIXEL = "pixel"
 HEAD = "sem_seg_head"  # the final head's name in policy pixel's dense_ops / sparse_stages
+EXITS = "exits"  # exit e's name there: "exits.<e>"
 EXIT_PREFIX = "exit:"
 NEVER = math.inf  # a threshold no confidence reaches: that exit is not run
 THRESHOLDS_FORMAT = "segdistill-anytime-thresholds/1"
@@ -439,7 +441,7 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly, FoldAware):
         # stage name -> MaskedStage of policy ``pixel`` (compiled once; a sparse stage folds its
         # norms on first use, so the cache is dropped whenever the weights may have changed:
         # train() / eval(), a load_state_dict, another device)
-        self._masked: Dict[str, Optional[MaskedStage]] = {}  # and the head's under HEAD (None: runs dense)
+        self._masked: Dict[str, Optional[MaskedStage]] = {}  # and the head's under HEAD, exit e's under "exits.<e>" (None: runs dense)
         self._masked_device = None
         self.register_load_state_dict_post_hook(_drop_masked_on_load)
         self._costs: Dict[Tuple[int, int], AnytimeCosts] = {}
@@ -663,6 +665,20 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly, FoldAware):
                 self._masked[HEAD] = None
         return self._masked[HEAD]
 
+    def _masked_exit(self, name: str) -> Optional[MaskedStage]:
+        """Exit ``name`` compiled for masked execution (once, cached with the stages), or None
+        where masked execution has no implementation of its head: it then runs dense, listed in
+        ``dense_ops``."""
+        key = f"{EXITS}.{name}"
+        if self._masked_device != self.device:
+            self._masked, self._masked_device = {}, self.device
+        if key not in self._masked:
+            try:
+                self._masked[key] = MaskedStage(self.exits[name], key)
+            except UnsupportedModuleError:
+                self._masked[key] = None
+        return self._masked[key]
+
     @torch.no_grad()
     def pixel_costs(self, input_hw: Sequence[int]) -> PixelCosts:
         """fvcore MACs of the parts policy ``pixel`` runs dense at a padded input of ``input_hw`` (cached)."""
@@ -695,6 +711,12 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly, FoldAware):
         probability reaches the threshold; those pixels are frozen. Once a pixel is frozen, the
         later stages run masked (``pixel_mode``; :class:`~segdistill.modeling.masked.PixelMask`
         of the active pixels at every stride); before that they run dense, as ``forward_stages``.
+        An exit run once a pixel is frozen runs masked too (its logits at the active pixels,
+        ``segdistill.modeling.masked_exits``; frozen ones are 0, never used: those pixels keep
+        their answers), where masked execution implements its head (``sr``, ``rh``), else dense;
+        before any freeze it runs its own forward (bit for bit the other policies' exit). Its
+        resize to the input runs at every pixel and is counted so (``costs().answer``), as the
+        head's resize (``PixelCosts.head_resize``).
         When no pixel of the image's own part is active any more, nothing later runs. Else the
         head runs on the (masked) features and its logits answer the active pixels: masked (its
         logits at the active pixels, then its resize to the input) once a pixel is frozen, where
@@ -702,12 +724,12 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly, FoldAware):
 
         Returns ``(logits 1 x K x H x W, info)``; ``info``: ``answer`` (``final`` when the head
         ran, else the exit after which the image stopped), ``evaluated`` (exits run), ``macs``
-        (counted: dense parts by fvcore, masked stages by masked execution's per-convolution
-        count), ``active_pct`` (per backbone feature, ``stage_shapes()``' names: % of the image's
+        (counted: dense parts by fvcore, masked stages, exits and head by masked execution's
+        per-convolution count), ``active_pct`` (per backbone feature, ``stage_shapes()``' names: % of the image's
         pixels active when the stage yielding it ran, 0 when not run), ``answered_pct`` (per exit run and ``final``: % of the image's pixels it
         answered) and ``masked`` (``mode``, ``sparse_stages``: those the sparse path ran,
-        ``dense_ops``: what ran at every pixel whatever the mask; ``sem_seg_head`` when the head
-        ran dense)."""
+        ``exits.<e>`` and ``sem_seg_head`` among them, ``dense_ops``: what ran at every pixel;
+        ``exits.<e>`` when exit ``e`` ran its dense forward, ``sem_seg_head`` when the head did)."""
         if x.shape[0] != 1:
             raise ValueError(f"run_pixel takes one image, got a batch of {x.shape[0]}.")
         hw = tuple(x.shape[-2:])
@@ -754,11 +776,21 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly, FoldAware):
                 if not (pending and pending[0] == feature):
                     continue
                 pending.pop(0)
-                logits = self.exits[feature](yielded[feature], size, with_classifier=False).seg_logits
+                exit_plan = self._masked_exit(feature) if frozen else None
+                if exit_plan is None:  # nothing frozen yet (or no masked implementation): its own forward
+                    logits = self.exits[feature](yielded[feature], size, with_classifier=False).seg_logits
+                    macs += costs.exits[feature]
+                    dense_ops.append(f"{EXITS}.{feature}")
+                else:  # its logits at the active pixels (frozen ones 0: their answers are kept below)
+                    logits, report = exit_plan(yielded[feature], PixelMask(active), self.pixel_mode)
+                    macs += float(report.macs[0])
+                    dense_ops += [op for op in report.dense_ops if op not in dense_ops]
+                    if report.sparse:
+                        sparse_stages.append(f"{EXITS}.{feature}")
+                # the resize to the input runs (and is counted) at every pixel, as the head's resize
                 up = F.interpolate(logits, size=hw, mode="bilinear", align_corners=False)
-                macs += costs.exits[feature] + costs.answer[feature]
+                macs += costs.answer[feature]
                 evaluated.append(feature)
-                dense_ops.append(f"exits.{feature}")
                 newly = active & (F.softmax(up.float(), dim=1).amax(dim=1) >= thresholds[feature])
                 answer = torch.where(newly[:, None], up, torch.zeros_like(up) if answer is None else answer)
                 answered[feature] = 100.0 * float((newly & inside).sum()) / pixels
@@ -792,6 +824,8 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly, FoldAware):
         if pixel:  # counted once per input size and compiled once, outside the timed part
             hw = self.padded_size(batched_inputs[0]["image"].shape[-2:])
             self.costs(hw), self.pixel_costs(hw), self._masked_plans(self.pixel_thresholds)
+            for name in self.active_exits()[1:]:  # those that may run after a freeze
+                self._masked_exit(name)
         start = self._clock()
         images = self._images(batched_inputs)
         if pixel:
