@@ -113,7 +113,7 @@ def test_sparse_equals_emulate_on_random_thresholds_and_frozen_pixels_keep_their
     thresholds = {EXITS[0]: cut, EXITS[1]: float(torch.empty(1).uniform_(0.6, 0.99, generator=g))}
     got = {}
     for mode in ("emulate", "sparse"):
-        pixel(model, thresholds, mode)
+        pixel(model, thresholds, mode, min_pixels=0)
         with torch.no_grad():
             got[mode] = model.run_pixel(images.tensor, images.image_sizes[0])
     (emulated, info), (sparse, sinfo) = got["emulate"], got["sparse"]

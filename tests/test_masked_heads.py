@@ -69,7 +69,7 @@ def test_every_pixel_active_sparse_equals_emulate_equals_the_heads_logits_with_f
     full = PixelMask.full(2, SIZE)
     with torch.no_grad():
         emu, r_emu = masked_forward(head, x, full, "emulate")
-    sparse, r_sparse = masked_forward(head, x, full, "sparse", max_active=1.0)
+    sparse, r_sparse = masked_forward(head, x, full, "sparse", max_active=1.0, min_pixels=0)
     assert r_sparse.sparse
     torch.testing.assert_close(emu, ref, **TOL)
     torch.testing.assert_close(sparse, ref, **TOL)
@@ -92,7 +92,7 @@ def test_sparse_equals_emulate_on_masks_frozen_logits_zero_and_macs_affine_in_th
         mask = PixelMask(m)
         with torch.no_grad():
             emu, r_emu = masked_forward(head, x, mask, "emulate")
-        sparse, r_sparse = masked_forward(head, x, mask, "sparse", max_active=1.0)
+        sparse, r_sparse = masked_forward(head, x, mask, "sparse", max_active=1.0, min_pixels=0)
         torch.testing.assert_close(sparse, emu, **TOL)
         assert torch.equal(r_emu.macs, r_sparse.macs)
         assert torch.equal(emu[(~m)[:, None].expand_as(emu)], torch.zeros(int((~m).sum()) * emu.shape[1]))

@@ -39,9 +39,11 @@ Modes
   zero row; each convolution gathers the ``k x k`` patches of its active output pixels
   (out-of-image taps read the zero row, so no padded copy is made) in chunks, multiplies
   them with the folded weight in one GEMM (depthwise: a per-channel product and sum), applies
-  the activation to those rows only and scatters them into the next buffer. A stage whose
-  active share at its input exceeds ``max_active`` (default :data:`SPARSE_MAX_ACTIVE`) runs
-  ``emulate`` instead (the same outputs; the gather does not pay there).
+  the activation to those rows only and scatters them into the next buffer. A stage runs
+  sparse only where the gather pays: its active share at its (finest) input exceeds neither
+  ``max_active`` (default :data:`SPARSE_MAX_ACTIVE`) and that map has at least ``min_pixels``
+  pixels per image (default :data:`SPARSE_MIN_PIXELS`); else it runs ``emulate`` (the same
+  outputs and counted MACs, ``MaskedReport.sparse`` False).
 
 Counted cost (``MaskedReport.macs``, per image; the same in both modes and independent of the
 fallback): per convolution, active output pixels x ``k_h k_w Cin Cout / groups``; per norm,
@@ -96,7 +98,7 @@ from .fold import fold_conv_norm
 
 __all__ = [
     "PixelMask", "MaskedReport", "MaskedStage", "masked_forward", "register_masked", "supported_modules",
-    "UnsupportedModuleError", "MODES", "SPARSE_MAX_ACTIVE",
+    "UnsupportedModuleError", "MODES", "SPARSE_MAX_ACTIVE", "SPARSE_MIN_PIXELS",
     # for masked implementations registered in other files (masked_hrnet.py, masked_heads.py)
     "MaskedNode", "MaskedContext", "FlatMap", "SeqNode", "compile_masked", "compile_conv_unit", "join_name",
     "check_activation", "check_identity", "row_indices", "UPSAMPLE_ELEMENT_MACS",
@@ -109,6 +111,14 @@ MODES = ("emulate", "sparse")
 # of 32x40 and more (64-512 channels, random and boundary masks), about 40 % in the median;
 # never on 8x10 maps.
 SPARSE_MAX_ACTIVE = 0.6
+# Below this many pixels per image (at the stage's finest input map) ``sparse`` runs the stage
+# dense (``emulate``) whatever the share: the gather's fixed cost outweighs too few pixels. From
+# the same table: at 32x40 (1280 pixels) the break-even frozen share is 0.25-0.50 over widths
+# and masks, at or near the 40 % frozen SPARSE_MAX_ACTIVE asks for; at 16x20 (320) it is
+# 0.40-0.83 and never at 512 channels, and at 8x10 (80) never. So sparse runs from the smallest
+# measured map on which it pays under SPARSE_MAX_ACTIVE, 32x40 (the stride-4 map of a padded
+# 128x160 CamVid image); sizes between 16x20 and 32x40 are not measured and run emulate.
+SPARSE_MIN_PIXELS = 32 * 40
 # Rows x (k*k*Cin) floats gathered at once by a sparse convolution (bounds its memory: 8 MB).
 GATHER_CHUNK = 1 << 21
 
@@ -815,16 +825,18 @@ class MaskedStage:
         self.plan = compile_masked(stage, name)
 
     def __call__(self, x: Features, mask: PixelMask, mode: str = "sparse",
-                 max_active: float = SPARSE_MAX_ACTIVE) -> Tuple[Features, MaskedReport]:
+                 max_active: float = SPARSE_MAX_ACTIVE,
+                 min_pixels: int = SPARSE_MIN_PIXELS) -> Tuple[Features, MaskedReport]:
         if mode not in MODES:
             raise ValueError(f"Unknown masked execution mode {mode!r}; choose from {list(MODES)}.")
         maps = list(x) if isinstance(x, (list, tuple)) else [x]
         if any(mask.batch_size != t.shape[0] for t in maps):
             raise ValueError(f"The mask has {mask.batch_size} images, the input {[t.shape[0] for t in maps]}.")
-        # the share at the finest input map (a list's coarser branches cover the same pixels)
-        share = mask.share(max((tuple(t.shape[-2:]) for t in maps), key=lambda hw: hw[0] * hw[1]))
+        # the share and size at the finest input map (a list's coarser branches cover the same pixels)
+        finest = max((tuple(t.shape[-2:]) for t in maps), key=lambda hw: hw[0] * hw[1])
+        share = mask.share(finest)
         ctx = MaskedContext(mask, maps[0].device)
-        if mode == "sparse" and share <= max_active:
+        if mode == "sparse" and share <= max_active and finest[0] * finest[1] >= min_pixels:
             training = [m for m in self.plan.modules() if m.training]
             if training:
                 raise RuntimeError(
@@ -844,11 +856,13 @@ class MaskedStage:
 
 
 def masked_forward(stage: nn.Module, x: Features, mask: PixelMask, mode: str = "sparse", *,
-                   max_active: float = SPARSE_MAX_ACTIVE) -> Tuple[Features, MaskedReport]:
+                   max_active: float = SPARSE_MAX_ACTIVE,
+                   min_pixels: int = SPARSE_MIN_PIXELS) -> Tuple[Features, MaskedReport]:
     """Run ``stage`` on ``x`` (a tensor, or a list of HRNet branches) computing only ``mask``'s
     active pixels (module docstring).
 
     Returns ``(y, MaskedReport)``. ``mode``: ``emulate`` or ``sparse``; ``sparse`` runs the
-    stage as ``emulate`` when the active share at its input exceeds ``max_active``.
-    Compiles ``stage`` on every call; hold a :class:`MaskedStage` to compile once."""
-    return MaskedStage(stage)(x, mask, mode, max_active)
+    stage as ``emulate`` when the active share at its (finest) input exceeds ``max_active`` or
+    that map has fewer than ``min_pixels`` pixels per image (``max_active`` 1, ``min_pixels`` 0:
+    always sparse). Compiles ``stage`` on every call; hold a :class:`MaskedStage` to compile once."""
+    return MaskedStage(stage)(x, mask, mode, max_active, min_pixels)
