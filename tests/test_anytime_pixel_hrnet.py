@@ -1,8 +1,8 @@
 """Policy ``pixel`` and mask-aware training on HRNet: list-valued stages.
 
 HRNet-W18-small (timm's nearest fusion at 64x64 and mmsegmentation's bilinear one at 40x56, a
-size whose branches need its resize), the repository's HRNetV2 head on res2..res5 (no masked
-implementation: it runs dense), DS exits on two branches of two stages (``stage2_b0``,
+size whose branches need its resize), the repository's HRNetV2 head on res2..res5 (masked once a
+pixel is frozen: its branches' list is its input), DS exits on two branches of two stages (``stage2_b0``,
 ``stage3_b1``; their segmenters scaled so that confident pixels spread over the image). The
 stages after an exit take and return lists of branches, each masked at its own resolution.
 """
@@ -93,7 +93,7 @@ def test_nothing_frozen_is_the_final_policy_with_its_macs(pair):
         assert out[0]["sem_seg_exit"] == FINAL and a["answered_pct"][FINAL] == 100.0
         assert all(v == 100.0 for v in a["active_pct"].values()) and len(a["active_pct"]) == 10
         assert a["macs"] == costs.macs(FINAL, a["evaluated"]) + sum(costs.answer[e] for e in a["evaluated"])
-        assert a["masked"]["dense_ops"][-1] == "sem_seg_head"  # HRNetV2's head has no masked implementation
+        assert a["masked"]["dense_ops"][-1] == "sem_seg_head"  # nothing frozen: the head's own forward, dense
     assert a["evaluated"] == tuple(EXITS)
     model.policy = FINAL
 
@@ -120,6 +120,9 @@ def test_sparse_equals_emulate_on_random_thresholds_and_frozen_pixels_keep_their
     torch.testing.assert_close(sparse, emulated, rtol=1e-5, atol=1e-5)
     assert sinfo["macs"] == pytest.approx(info["macs"], rel=1e-12) and sinfo["answered_pct"] == info["answered_pct"]
     assert "stage3" in sinfo["masked"]["sparse_stages"] and info["masked"]["sparse_stages"] == []
+    # the HRNetV2 head runs masked (sparse: its input, res2, has at most 35 % of its pixels active)
+    assert "sem_seg_head" in sinfo["masked"]["sparse_stages"]
+    assert all("sem_seg_head" not in i["masked"]["dense_ops"] for i in (info, sinfo))
     assert 0 < info["answered_pct"][EXITS[0]] < 100 and info["answer"] == FINAL
     frozen = (top >= cut)[:, None].expand_as(first)
     assert torch.equal(emulated[frozen], first[frozen]) and torch.equal(sparse[frozen], first[frozen])

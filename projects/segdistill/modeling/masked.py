@@ -65,19 +65,20 @@ drop-block, drop-path or avg-pool downsample) and ``InvertedResidual`` /
 ``DepthwiseSeparableConv`` (MobileNetV2; no SE, no space-to-depth). Registered in other files
 (imported with ``segdistill.modeling``): HRNet's stages, ``HighResolutionModule`` (timm's and
 mmsegmentation's fusion) and ``SequentialList`` (:mod:`.masked_hrnet`); the DeepLabV3 and FCN
-heads with their ASPPs and separable convs (:mod:`.masked_heads`). Norms: ``BatchNorm2d``,
-``SyncBatchNorm``, detectron2's ``NaiveSyncBatchNorm``, timm's ``BatchNormAct2d`` /
-``SyncBatchNormAct`` and the frozen BNs its ``freeze_batch_norm_2d`` makes (torchvision's
-``FrozenBatchNorm2d``, ``FrozenBatchNormAct2d``), detectron2's ``FrozenBatchNorm2d``.
+heads with their ASPPs and separable convs, and the HRNetV2 head (:mod:`.masked_heads`).
+Norms: ``BatchNorm2d``, ``SyncBatchNorm``, detectron2's ``NaiveSyncBatchNorm``, timm's
+``BatchNormAct2d`` / ``SyncBatchNormAct`` and the frozen BNs its ``freeze_batch_norm_2d`` makes
+(torchvision's ``FrozenBatchNorm2d``, ``FrozenBatchNormAct2d``), detectron2's ``FrozenBatchNorm2d``.
 Activations: ``ReLU``, ``ReLU6``, ``Identity``, the function ``relu``. A model whose norms were
 folded (:mod:`.fold`, ``TEST.FOLD_BN``) runs too: a norm's place then holds an ``nn.Identity`` or
 the activation of a timm ``*Act`` norm, and the unit is the convolution (its folded weight and bias)
 with that activation.
 
-A stage takes one tensor or a list of tensors (HRNet's branches) and returns what its module
-returns. Implementations in other files build on the nodes exported here (:class:`MaskedNode`:
-``emulate`` on tensors, ``sparse`` / ``sparse_rows`` on :class:`FlatMap` s; :func:`compile_masked`
-for children, :func:`compile_conv_unit` for a convolution unit, :func:`row_indices` for windows).
+A stage takes one tensor or a list of tensors (HRNet's branches; the HRNetV2 head's input) and
+returns what its module returns. Implementations in other files build on the nodes exported
+here (:class:`MaskedNode`: ``emulate`` on tensors, ``sparse`` / ``sparse_rows`` on
+:class:`FlatMap` s; :func:`compile_masked` for children, :func:`compile_conv_unit` for a
+convolution unit, :func:`row_indices` for windows).
 """
 from __future__ import annotations
 
@@ -842,12 +843,10 @@ class MaskedStage:
                 raise RuntimeError(
                     f"Masked mode 'sparse' folds the norms' running statistics, but {len(training)} modules of the "
                     "stage are in training mode: call eval() first (mode 'emulate' trains).")
-            with torch.no_grad():
-                if isinstance(x, (list, tuple)):
-                    y = [f.nchw() for f in self.plan.sparse([FlatMap.from_nchw(t) for t in maps], ctx)]
-                else:
-                    y = self.plan.sparse(FlatMap.from_nchw(x), ctx)
-                    y = [f.nchw() for f in y] if isinstance(y, list) else y.nchw()
+            with torch.no_grad():  # a list in (HRNet's branches) gives a list (a stage) or one map (its head)
+                flat = [FlatMap.from_nchw(t) for t in maps] if isinstance(x, (list, tuple)) else FlatMap.from_nchw(x)
+                y = self.plan.sparse(flat, ctx)
+                y = [f.nchw() for f in y] if isinstance(y, list) else y.nchw()
             ran_sparse = True
         else:
             y = self.plan.emulate(list(x) if isinstance(x, (list, tuple)) else x, ctx)

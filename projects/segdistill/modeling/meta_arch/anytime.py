@@ -28,7 +28,7 @@ meta-architecture is the *deployed* form of a trained ``MultiExitSegmentor`` (do
     keep its answer and are frozen; the later stages run masked (:mod:`..masked`, through the
     backbone's ``stage_modules()`` / ``stage_outputs()``: one tensor or, on HRNet, a list of
     branches per stage) on the rest; the head runs masked too where masked execution
-    implements it (DeepLabV3, FCN: :mod:`..masked_heads`), else dense, and answers what is left.
+    implements it (DeepLabV3, FCN, HRNetV2: :mod:`..masked_heads`), else dense, and answers what is left.
     With ``PIXEL_MODE sparse``, a masked stage or head takes the sparse path where masked execution's
     rule (``SPARSE_MAX_ACTIVE`` / ``SPARSE_MIN_PIXELS``) says it pays, else runs emulated.
     Images run one at a time; outputs add counted ``macs``, ``active_pct``, ``answered_pct``
@@ -76,6 +76,7 @@ from ..heads.base import check_seg_head
 from ..masked import (
     MODES as MASKED_MODES, SPARSE_MAX_ACTIVE, SPARSE_MIN_PIXELS, MaskedStage, PixelMask, UnsupportedModuleError,
 )
+from ..masked_heads import masked_head_input
 from ..stagewise import StageModulesUnsupported, StagewiseBackbone
 from ..test_time import WholeImageOnly, check_whole_image_only
 from .segmentor import postprocess_sem_seg
@@ -732,7 +733,8 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly, FoldAware):
         When no pixel of the image's own part is active any more, nothing later runs. Else the
         head runs on the (masked) features and its logits answer the active pixels: masked (its
         logits at the active pixels, then its resize to the input) once a pixel is frozen, where
-        masked execution implements the head (``segdistill.modeling.masked_heads``), else dense.
+        masked execution implements the head (``segdistill.modeling.masked_heads``; its input:
+        ``masked_head_input``, the list of the head's features for a head of several), else dense.
         ``sparse`` follows the rule ``sparse_max_active`` / ``sparse_min_pixels`` per stage and head.
 
         Returns ``(logits 1 x K x H x W, info)``; ``info``: ``answer`` (``final`` when the head
@@ -809,7 +811,7 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly, FoldAware):
             macs += dense.head
             dense_ops.append(HEAD)
         else:  # its logits at the active pixels (frozen ones 0, replaced by their answers below), then the resize
-            logits, report = head_plan(features[self.sem_seg_head.in_features[0]], PixelMask(active),
+            logits, report = head_plan(masked_head_input(self.sem_seg_head, features), PixelMask(active),
                                        self.pixel_mode, **self._sparse_rule())
             head = self.sem_seg_head.predict_logits(logits, hw)
             macs += float(report.macs[0]) + dense.head_resize
