@@ -13,6 +13,7 @@ from torch.nn import functional as F
 from conftest import random_batch, tiny_cfg
 from conftest import trained_model as train_steps
 from segdistill.modeling.masked import PixelMask
+from segdistill.modeling.masked_heads import masked_head_input
 from segdistill.modeling.meta_arch.anytime import FINAL
 from test_anytime import CallCounter, anytime_twin
 from test_anytime_pixel import check_exit_answers_every_pixel, pixel
@@ -150,7 +151,8 @@ def test_counted_macs_at_every_pixel_active_add_up_to_the_final_path(pair):
         assert costs.macs(answer, evaluated) == model.path_macs(hw, answer, evaluated), answer
     plans = model._masked_plans(model.pixel_thresholds)
     assert sorted(plans) == ["stage3", "stage4"]
-    x = torch.zeros(1, 3, *hw)
+    x, feats = torch.zeros(1, 3, *hw), {}
+    outputs = model.backbone.stage_outputs()
     with torch.no_grad():
         for name, module in model.backbone.stage_modules().items():
             if name in plans:
@@ -158,6 +160,12 @@ def test_counted_macs_at_every_pixel_active_add_up_to_the_final_path(pair):
                 assert float(report.macs[0]) == dense.stages[name], name
                 assert isinstance(y, list) and all(torch.equal(a, b) for a, b in zip(y, module(x))), name
             x = module(x)
+            feats.update(model.backbone.stage_features(outputs[name], x))
+        # the head, masked at a full mask on its list of branches, plus its resize: the dense head's fvcore count
+        head = model._masked_head()
+        logits, report = head(masked_head_input(model.sem_seg_head, feats), PixelMask.full(1, hw), "emulate")
+    assert float(report.macs[0]) + dense.head_resize == dense.head and report.dense_ops == []
+    torch.testing.assert_close(logits, model.sem_seg_head.forward_outputs(feats)["logits"], rtol=1e-5, atol=1e-5)
     model.policy = FINAL
 
 
