@@ -425,8 +425,8 @@ def _time_pixel(model, cfg, evaluation, result, args, save):
 def stage_overhead(model, cfg, evaluation, repeats: int, warmup: int = 3) -> dict:
     """Nothing frozen, stage by stage: each backbone stage after the first exit (those policy
     ``pixel`` may run masked) at the evaluation split's padded input size, run dense (its own
-    forward), masked ``sparse`` as deployed (``SPARSE_MAX_ACTIVE``: with every pixel active it
-    runs as ``emulate``), ``sparse`` forced (every stage gathered: the gather's own overhead)
+    forward), masked ``sparse`` as deployed (the model's ``SPARSE_MAX_ACTIVE`` /
+    ``SPARSE_MIN_PIXELS`` rule: with every pixel active it runs as ``emulate``), ``sparse`` forced (every stage gathered: the gather's own overhead)
     and ``emulate``. Median ms over ``repeats`` rounds after ``warmup``, the variants
     interleaved in each round so that a drifting load hits them alike."""
     inp = next(iter(Trainer.build_test_loader(cfg, evaluation)))[0]
@@ -445,8 +445,9 @@ def stage_overhead(model, cfg, evaluation, repeats: int, warmup: int = 3) -> dic
         x = modules[name](x)
     mask = PixelMask.full(1, hw, device=model.device)
     variants = {"dense": lambda n, s: modules[n](inputs[n]),
-                "sparse": lambda n, s: s(inputs[n], mask, "sparse"),
-                "sparse_forced": lambda n, s: s(inputs[n], mask, "sparse", max_active=1.0),
+                "sparse": lambda n, s: s(inputs[n], mask, "sparse", max_active=model.sparse_max_active,
+                                         min_pixels=model.sparse_min_pixels),
+                "sparse_forced": lambda n, s: s(inputs[n], mask, "sparse", max_active=1.0, min_pixels=0),
                 "emulate": lambda n, s: s(inputs[n], mask, "emulate")}
     plans = {n: MaskedStage(modules[n], n) for n in stages}
     times = {n: {v: [] for v in variants} for n in stages}
@@ -522,7 +523,7 @@ def pixel_table(r) -> list:
     so = pix.get("stage_overhead")
     if so:
         lines += ["", f"Nothing frozen, stage by stage (input {so['input_hw'][0]}x{so['input_hw'][1]}, median of "
-                  f"{so['repeats']} rounds; sparse as deployed falls back to emulate above SPARSE_MAX_ACTIVE):", "",
+                  f"{so['repeats']} rounds; sparse as deployed falls back to emulate above SPARSE_MAX_ACTIVE or below SPARSE_MIN_PIXELS):", "",
                   "| stage | dense ms | sparse (deployed) | sparse forced | emulate |", "|---|---|---|---|---|"]
         for n, s in list(so["stages"].items()) + [("total", so["total"])]:
             lines.append(f"| {n} | {s['dense_ms']:.2f} | {s['sparse_vs_dense']:.3f}x | {s['sparse_forced_vs_dense']:.3f}x "

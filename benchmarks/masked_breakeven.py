@@ -140,12 +140,12 @@ def run(widths: Sequence[int], sizes: Sequence[Tuple[int, int]], frozen: Sequenc
                 pm = PixelMask(make_mask(mask, size, f, seed=k).to(dev))
                 with torch.no_grad():
                     ref, _ = compiled(x, pm, "emulate")
-                out, report = compiled(x, pm, "sparse", max_active=1.0)
+                out, report = compiled(x, pm, "sparse", max_active=1.0, min_pixels=0)
                 err = float((out - ref).abs().max())
                 if err > 1e-3 * max(1.0, float(ref.abs().max())):
                     raise AssertionError(f"sparse differs from emulate by {err} (width {width}, size {size}, frozen {f})")
                 # a fresh mask object per call: its per-size pools are part of the cost
-                sparse_ms = median_ms(lambda: compiled(x, PixelMask(pm.active), "sparse", max_active=1.0),
+                sparse_ms = median_ms(lambda: compiled(x, PixelMask(pm.active), "sparse", max_active=1.0, min_pixels=0),
                                       warmup, repeats, sync)
                 ratios.append(sparse_ms / dense_ms)
                 rows.append({"width": width, "size": list(size), "frozen": f, "active_share": pm.share(size),

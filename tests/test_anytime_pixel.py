@@ -10,7 +10,7 @@ from conftest import make_backbone, random_batch, tiny_cfg
 from conftest import trained_model as train_steps
 from detectron2.modeling import build_model
 from segdistill.evaluation.anytime import AnytimeEvaluator
-from segdistill.modeling.masked import PixelMask, masked_forward
+from segdistill.modeling.masked import SPARSE_MIN_PIXELS, PixelMask, masked_forward
 from segdistill.modeling.exits import exit_size
 from segdistill.modeling.meta_arch.anytime import FINAL, PIXEL, anytime_state_dict
 from test_anytime import CallCounter  # forward hooks counting named submodules' calls
@@ -38,8 +38,10 @@ def model():
     return m
 
 
-def pixel(model, thresholds, mode="emulate"):
-    model.pixel_mode = mode
+def pixel(model, thresholds, mode="emulate", min_pixels=SPARSE_MIN_PIXELS):
+    """Policy ``pixel`` with ``thresholds`` in ``mode``; ``min_pixels``: the sparse path's map-size
+    rule (the tiny test maps are below the default: 0 lets them run sparse)."""
+    model.pixel_mode, model.sparse_min_pixels = mode, min_pixels
     model.set_pixel_thresholds(thresholds)
     model.policy = PIXEL
 
@@ -153,7 +155,7 @@ def test_a_frozen_pixel_keeps_its_exits_answer_and_a_pixel_below_the_threshold_n
     top = F.softmax(l3, dim=1).amax(dim=1)
     cut = float(top.flatten().sort().values[top.numel() // 4])  # about three quarters of the pixels freeze at res3
     frozen = top >= cut
-    pixel(model, {"res2": 2.0, "res3": cut, "res4": 2.0}, mode)
+    pixel(model, {"res2": 2.0, "res3": cut, "res4": 2.0}, mode, min_pixels=0)
     with torch.no_grad():
         logits, info = model.run_pixel(images.tensor, images.image_sizes[0])
         out = model([image])[0]
@@ -257,6 +259,48 @@ def test_config_keys_of_the_pixel_policy():
             AnytimeSegmentor(bad)
 
 
+def test_config_keys_of_the_sparse_rule_reach_the_masked_stages_and_head(model):
+    """MODEL.EXITS.ANYTIME.SPARSE_MAX_ACTIVE / SPARSE_MIN_PIXELS: defaults masked.py's constants,
+    checked, and the rule of every masked stage, exit and the head of policy pixel (the same answer)."""
+    from segdistill.config import ConfigError
+    from segdistill.modeling.masked import SPARSE_MAX_ACTIVE
+    from segdistill.modeling.meta_arch.anytime import AnytimeSegmentor
+
+    cfg = anytime_cfg(POLICY="pixel", PIXEL_THRESHOLDS=[0.9], PIXEL_MODE="sparse")
+    cfg.MODEL.META_ARCHITECTURE = "AnytimeSegmentor"
+    a = cfg.MODEL.EXITS.ANYTIME
+    assert (a.SPARSE_MAX_ACTIVE, a.SPARSE_MIN_PIXELS) == (SPARSE_MAX_ACTIVE, SPARSE_MIN_PIXELS)
+    image = random_batch(1, 64, 80, K, seed=8, with_labels=False)[0]
+    l3, images = exit_logits(model, image, "res3")
+    cut = float(F.softmax(l3, dim=1).amax(dim=1).flatten().sort().values[l3[0, 0].numel() // 4])  # 3/4 freeze
+    runs = {}
+    # res4, its exit, res5 and the head read 8x10 maps (80 pixels) with a quarter of the pixels active
+    for max_active, min_pixels, sparse in [(SPARSE_MAX_ACTIVE, SPARSE_MIN_PIXELS, []), (SPARSE_MAX_ACTIVE, 80, True),
+                                           (SPARSE_MAX_ACTIVE, 81, []), (0.1, 0, [])]:
+        c = cfg.clone()
+        c.MODEL.EXITS.ANYTIME.SPARSE_MAX_ACTIVE, c.MODEL.EXITS.ANYTIME.SPARSE_MIN_PIXELS = max_active, min_pixels
+        m = AnytimeSegmentor(c).eval()
+        m.load_state_dict(model.state_dict())
+        assert (m.sparse_max_active, m.sparse_min_pixels) == (max_active, min_pixels)
+        m.set_pixel_thresholds({"res2": 2.0, "res3": cut, "res4": 1.0})  # res4's exit runs (masked), freezes nothing
+        with torch.no_grad():
+            runs[min_pixels, max_active] = logits, info = m.run_pixel(images.tensor, images.image_sizes[0])
+        assert info["masked"]["sparse_stages"] == (["res4", "exits.res4", "res5", "sem_seg_head"] if sparse is True
+                                                   else sparse)
+        assert info["answered_pct"]["res3"] == pytest.approx(75.0, abs=1.0)
+    ref, ref_info = runs[SPARSE_MIN_PIXELS, SPARSE_MAX_ACTIVE]
+    for logits, info in runs.values():
+        torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+        assert info["macs"] == pytest.approx(ref_info["macs"], rel=1e-12)
+    for key, value, match in [("SPARSE_MAX_ACTIVE", 1.5, r"SPARSE_MAX_ACTIVE is 1.5; write an active share in \[0, 1\]"),
+                              ("SPARSE_MIN_PIXELS", -1, "SPARSE_MIN_PIXELS is -1; write a pixel count >= 0"),
+                              ("SPARSE_MIN_PIXELS", 2.5, "SPARSE_MIN_PIXELS is 2.5")]:
+        bad = cfg.clone()
+        setattr(bad.MODEL.EXITS.ANYTIME, key, value)
+        with pytest.raises(ConfigError, match=match):
+            AnytimeSegmentor(bad)
+
+
 def test_evaluator_reads_the_per_image_macs_of_the_output(model, write_label_dataset):
     rng = np.random.default_rng(1)
     name = write_label_dataset("anytime_pixel_eval", [rng.integers(0, K, (48, 64)) for _ in range(2)], K)
@@ -314,7 +358,7 @@ def test_pixel_policy_on_mobilenetv2_sparse_equals_emulate():
     cut = float(top.flatten().sort().values[top.numel() // 10])  # most pixels freeze: sparse pays at stride 8
     got = {}
     for mode in ("emulate", "sparse"):
-        pixel(m, {"res2": 2.0, "res3": cut, "res4": 2.0}, mode)
+        pixel(m, {"res2": 2.0, "res3": cut, "res4": 2.0}, mode, min_pixels=0)
         with torch.no_grad():
             got[mode] = m.run_pixel(images.tensor, images.image_sizes[0])
     (emulated, info), (sparse, sinfo) = got["emulate"], got["sparse"]
@@ -348,7 +392,7 @@ def test_an_exit_after_a_freeze_runs_masked_counts_fewer_macs_and_leaves_dense_o
     cut4 = float(top4[active].median())
     frozen4 = active & (top4 >= cut4)
     assert 0 < int(frozen4.sum()) < int(active.sum())
-    pixel(model, {"res2": 2.0, "res3": cut3, "res4": cut4}, mode)
+    pixel(model, {"res2": 2.0, "res3": cut3, "res4": cut4}, mode, min_pixels=0)  # the tiny maps may run sparse
     with torch.no_grad():
         logits, info = model.run_pixel(images.tensor, images.image_sizes[0])
     assert info["evaluated"] == ("res3", "res4") and info["answer"] == FINAL

@@ -1,8 +1,8 @@
 """Policy ``pixel`` and mask-aware training on HRNet: list-valued stages.
 
 HRNet-W18-small (timm's nearest fusion at 64x64 and mmsegmentation's bilinear one at 40x56, a
-size whose branches need its resize), the repository's HRNetV2 head on res2..res5 (no masked
-implementation: it runs dense), DS exits on two branches of two stages (``stage2_b0``,
+size whose branches need its resize), the repository's HRNetV2 head on res2..res5 (masked once a
+pixel is frozen: its branches' list is its input), DS exits on two branches of two stages (``stage2_b0``,
 ``stage3_b1``; their segmenters scaled so that confident pixels spread over the image). The
 stages after an exit take and return lists of branches, each masked at its own resolution.
 """
@@ -13,6 +13,7 @@ from torch.nn import functional as F
 from conftest import random_batch, tiny_cfg
 from conftest import trained_model as train_steps
 from segdistill.modeling.masked import PixelMask
+from segdistill.modeling.masked_heads import masked_head_input
 from segdistill.modeling.meta_arch.anytime import FINAL
 from test_anytime import CallCounter, anytime_twin
 from test_anytime_pixel import check_exit_answers_every_pixel, pixel
@@ -93,7 +94,7 @@ def test_nothing_frozen_is_the_final_policy_with_its_macs(pair):
         assert out[0]["sem_seg_exit"] == FINAL and a["answered_pct"][FINAL] == 100.0
         assert all(v == 100.0 for v in a["active_pct"].values()) and len(a["active_pct"]) == 10
         assert a["macs"] == costs.macs(FINAL, a["evaluated"]) + sum(costs.answer[e] for e in a["evaluated"])
-        assert a["masked"]["dense_ops"][-1] == "sem_seg_head"  # HRNetV2's head has no masked implementation
+        assert a["masked"]["dense_ops"][-1] == "sem_seg_head"  # nothing frozen: the head's own forward, dense
     assert a["evaluated"] == tuple(EXITS)
     model.policy = FINAL
 
@@ -113,13 +114,16 @@ def test_sparse_equals_emulate_on_random_thresholds_and_frozen_pixels_keep_their
     thresholds = {EXITS[0]: cut, EXITS[1]: float(torch.empty(1).uniform_(0.6, 0.99, generator=g))}
     got = {}
     for mode in ("emulate", "sparse"):
-        pixel(model, thresholds, mode)
+        pixel(model, thresholds, mode, min_pixels=0)
         with torch.no_grad():
             got[mode] = model.run_pixel(images.tensor, images.image_sizes[0])
     (emulated, info), (sparse, sinfo) = got["emulate"], got["sparse"]
     torch.testing.assert_close(sparse, emulated, rtol=1e-5, atol=1e-5)
     assert sinfo["macs"] == pytest.approx(info["macs"], rel=1e-12) and sinfo["answered_pct"] == info["answered_pct"]
     assert "stage3" in sinfo["masked"]["sparse_stages"] and info["masked"]["sparse_stages"] == []
+    # the HRNetV2 head runs masked (sparse: its input, res2, has at most 35 % of its pixels active)
+    assert "sem_seg_head" in sinfo["masked"]["sparse_stages"]
+    assert all("sem_seg_head" not in i["masked"]["dense_ops"] for i in (info, sinfo))
     assert 0 < info["answered_pct"][EXITS[0]] < 100 and info["answer"] == FINAL
     frozen = (top >= cut)[:, None].expand_as(first)
     assert torch.equal(emulated[frozen], first[frozen]) and torch.equal(sparse[frozen], first[frozen])
@@ -147,7 +151,8 @@ def test_counted_macs_at_every_pixel_active_add_up_to_the_final_path(pair):
         assert costs.macs(answer, evaluated) == model.path_macs(hw, answer, evaluated), answer
     plans = model._masked_plans(model.pixel_thresholds)
     assert sorted(plans) == ["stage3", "stage4"]
-    x = torch.zeros(1, 3, *hw)
+    x, feats = torch.zeros(1, 3, *hw), {}
+    outputs = model.backbone.stage_outputs()
     with torch.no_grad():
         for name, module in model.backbone.stage_modules().items():
             if name in plans:
@@ -155,6 +160,12 @@ def test_counted_macs_at_every_pixel_active_add_up_to_the_final_path(pair):
                 assert float(report.macs[0]) == dense.stages[name], name
                 assert isinstance(y, list) and all(torch.equal(a, b) for a, b in zip(y, module(x))), name
             x = module(x)
+            feats.update(model.backbone.stage_features(outputs[name], x))
+        # the head, masked at a full mask on its list of branches, plus its resize: the dense head's fvcore count
+        head = model._masked_head()
+        logits, report = head(masked_head_input(model.sem_seg_head, feats), PixelMask.full(1, hw), "emulate")
+    assert float(report.macs[0]) + dense.head_resize == dense.head and report.dense_ops == []
+    torch.testing.assert_close(logits, model.sem_seg_head.forward_outputs(feats)["logits"], rtol=1e-5, atol=1e-5)
     model.policy = FINAL
 
 

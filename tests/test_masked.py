@@ -16,7 +16,7 @@ from torch import nn
 
 from conftest import make_backbone
 from segdistill.modeling.masked import (
-    MODES, SPARSE_MAX_ACTIVE, MaskedStage, PixelMask, UnsupportedModuleError, masked_forward, supported_modules,
+    MODES, SPARSE_MAX_ACTIVE, SPARSE_MIN_PIXELS, MaskedStage, PixelMask, UnsupportedModuleError, masked_forward, supported_modules,
 )
 from timm.models.resnet import BasicBlock
 
@@ -157,7 +157,7 @@ def test_every_pixel_active_sparse_equals_emulate_equals_the_stage(backbone, dev
         full = PixelMask.full(x.shape[0], x.shape[-2:], device=device)
         with torch.no_grad():
             emu, r_emu = masked_forward(stage, x, full, "emulate")
-        sparse, r_sparse = masked_forward(stage, x, full, "sparse", max_active=1.0)
+        sparse, r_sparse = masked_forward(stage, x, full, "sparse", max_active=1.0, min_pixels=0)
         assert r_sparse.sparse and not r_emu.sparse
         torch.testing.assert_close(emu, y, **TOL, msg=f"{backbone} {name} emulate")
         torch.testing.assert_close(sparse, y, **TOL, msg=f"{backbone} {name} sparse")
@@ -178,7 +178,7 @@ def test_sparse_equals_emulate_on_random_boundary_and_border_masks(backbone, dev
             mask = PixelMask(m.to(device))
             with torch.no_grad():
                 emu, r_emu = masked_forward(stage, x, mask, "emulate")
-            sparse, r_sparse = masked_forward(stage, x, mask, "sparse", max_active=1.0)
+            sparse, r_sparse = masked_forward(stage, x, mask, "sparse", max_active=1.0, min_pixels=0)
             assert r_sparse.sparse
             torch.testing.assert_close(sparse, emu, **TOL, msg=f"{backbone} {name} mask {k}")
             assert torch.equal(r_emu.macs, r_sparse.macs)
@@ -199,7 +199,7 @@ def test_frozen_pixels_keep_their_input_through_identity_shortcut_blocks(backbon
         m = random_mask(y.shape[0], y.shape[-2:], 0.4, seed=5)
         for mode in MODES:
             with torch.no_grad():
-                out, _ = masked_forward(tail, y, PixelMask(m), mode, max_active=1.0)
+                out, _ = masked_forward(tail, y, PixelMask(m), mode, max_active=1.0, min_pixels=0)
             frozen = (~m)[:, None].expand_as(y)
             assert torch.equal(out[frozen], y[frozen]), (backbone, name, mode)
             assert not torch.allclose(out[~frozen], y[~frozen]), (backbone, name, mode)
@@ -226,14 +226,14 @@ def test_the_stems_max_pool_in_both_modes():
         full = PixelMask.full(n, size)
         with torch.no_grad():
             emu, r_emu = masked_forward(stage, x, full, "emulate")
-        sparse, r_sparse = masked_forward(stage, x, full, "sparse", max_active=1.0)
+        sparse, r_sparse = masked_forward(stage, x, full, "sparse", max_active=1.0, min_pixels=0)
         torch.testing.assert_close(emu, y, **TOL, msg=name)
         torch.testing.assert_close(sparse, y, **TOL, msg=name)
         assert float(r_sparse.macs[0]) == fvcore_count(stage, x[:1]).total(), name
         for m in [random_mask(n, size, 0.3, seed=1), boundary_mask(n, size, seed=3)] + border_masks(n, size):
             with torch.no_grad():
                 emu, r_emu = masked_forward(stage, x, PixelMask(m), "emulate")
-            sparse, r_sparse = masked_forward(stage, x, PixelMask(m), "sparse", max_active=1.0)
+            sparse, r_sparse = masked_forward(stage, x, PixelMask(m), "sparse", max_active=1.0, min_pixels=0)
             torch.testing.assert_close(sparse, emu, **TOL, msg=name)
             assert torch.equal(r_emu.macs, r_sparse.macs)
     pool = nn.MaxPool2d(3, 2, 1)
@@ -252,7 +252,7 @@ def test_max_pool_active_pixels_are_the_dense_pools_frozen_ones_zero(pool):
         mask = PixelMask(m)
         active = mask.at(out_hw)[:, None]
         for mode in MODES:
-            y, report = masked_forward(pool, x, mask, mode, max_active=1.0)
+            y, report = masked_forward(pool, x, mask, mode, max_active=1.0, min_pixels=0)
             torch.testing.assert_close(y, dense * active, rtol=0, atol=0)
             assert float(report.macs.sum()) == 0.0
 
@@ -300,7 +300,7 @@ def test_conv_units_sparse_equals_emulate_and_macs_linear_in_active_pixels(kind)
         mask = PixelMask(m)
         with torch.no_grad():
             emu, r_emu = masked_forward(unit, x, mask, "emulate")
-        sparse, r_sparse = masked_forward(unit, x, mask, "sparse", max_active=1.0)
+        sparse, r_sparse = masked_forward(unit, x, mask, "sparse", max_active=1.0, min_pixels=0)
         torch.testing.assert_close(sparse, emu, **TOL)
         active = mask.at(out_hw)
         # active output pixels: the dense unit's values; frozen ones: 0
@@ -317,7 +317,7 @@ def test_macs_are_fvcores_at_100_percent_and_its_per_module_counts_scaled_by_the
     for name, stage, x, _ in BACKBONES[backbone]():
         x1 = x[:1]
         fca = fvcore_count(stage, x1)
-        _, report = masked_forward(stage, x1, PixelMask.full(1, x1.shape[-2:]), "sparse", max_active=1.0)
+        _, report = masked_forward(stage, x1, PixelMask.full(1, x1.shape[-2:]), "sparse", max_active=1.0, min_pixels=0)
         assert float(report.macs[0]) == fca.total(), (backbone, name)
         # a mask: every conv / norm counts its dense fvcore count x its output's active share,
         # the projection shortcuts (dense_ops) their whole count
@@ -366,16 +366,36 @@ def test_sparse_falls_back_to_emulate_above_max_active_and_refuses_training_norm
     share = m.share((8, 8))
     with torch.no_grad():
         emu, _ = masked_forward(unit, x, m, "emulate")
-    y, report = masked_forward(unit, x, m, "sparse", max_active=share - 1e-6)
+    y, report = masked_forward(unit, x, m, "sparse", max_active=share - 1e-6, min_pixels=0)
     assert not report.sparse and report.active_share == share and torch.equal(y, emu)
-    y, report = masked_forward(unit, x, m, "sparse", max_active=share)
+    y, report = masked_forward(unit, x, m, "sparse", max_active=share, min_pixels=0)
     assert report.sparse
     assert 0 < SPARSE_MAX_ACTIVE < 1
     unit.train()
     with pytest.raises(RuntimeError, match="eval"):
-        masked_forward(unit, x, m, "sparse", max_active=1.0)
+        masked_forward(unit, x, m, "sparse", max_active=1.0, min_pixels=0)
     with pytest.raises(ValueError, match="mode"):
         masked_forward(unit, x, m, "dense")
+
+
+def test_sparse_runs_dense_on_a_map_smaller_than_min_pixels():
+    """Below ``min_pixels`` pixels per image a sparse call runs emulate, whatever the share; at
+    and above it the sparse path runs. The outputs and the counted MACs are the same either way."""
+    stage = MaskedStage(randomise_norms(nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 8))))
+    small, large = (6, 8), (12, 16)
+    assert SPARSE_MIN_PIXELS > large[0] * large[1]
+    for size in (small, large):
+        m = PixelMask(random_mask(2, size, 0.3, seed=2))
+        x = torch.relu(torch.randn(2, 8, *size, generator=torch.Generator().manual_seed(3)))
+        with torch.no_grad():
+            emu, r_emu = stage(x, m, "emulate")
+        assert m.share(size) <= SPARSE_MAX_ACTIVE
+        y, report = stage(x, m, "sparse", min_pixels=large[0] * large[1])
+        assert report.sparse == (size == large) and report.active_share == m.share(size)
+        torch.testing.assert_close(y, emu, **TOL)
+        assert torch.equal(report.macs, r_emu.macs)
+        assert not stage(x, m, "sparse")[1].sparse  # the default rule: both maps are below SPARSE_MIN_PIXELS
+        assert stage(x, m, "sparse", min_pixels=0)[1].sparse
 
 
 def test_emulate_is_differentiable():

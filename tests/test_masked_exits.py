@@ -99,7 +99,7 @@ def test_every_pixel_active_sparse_equals_emulate_equals_the_exits_logits_with_f
     plan = MaskedStage(ex, "exits.e")
     with torch.no_grad():
         emu, r_emu = plan(x, full, "emulate")
-    sparse, r_sparse = plan(x, full, "sparse", max_active=1.0)
+    sparse, r_sparse = plan(x, full, "sparse", max_active=1.0, min_pixels=0)
     assert r_sparse.sparse and not r_emu.sparse
     torch.testing.assert_close(emu, ref, **TOL)
     torch.testing.assert_close(sparse, ref, **TOL)
@@ -124,7 +124,7 @@ def test_sparse_equals_emulate_on_masks_frozen_logits_zero_and_macs_counted_at_t
         mask = PixelMask(m)
         with torch.no_grad():
             emu, r_emu = plan(x, mask, "emulate")
-        sparse, r_sparse = plan(x, mask, "sparse", max_active=1.0)
+        sparse, r_sparse = plan(x, mask, "sparse", max_active=1.0, min_pixels=0)
         torch.testing.assert_close(sparse, emu, **TOL)
         assert torch.equal(r_emu.macs, r_sparse.macs)
         torch.testing.assert_close(r_sparse.macs, brute_force_macs(ex, x, mask), rtol=1e-12, atol=0)
@@ -150,4 +150,4 @@ def test_emulate_trains_the_exit_and_sparse_refuses_training_mode():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in ex.named_parameters()
                if not n.startswith("classifier"))
     with pytest.raises(RuntimeError, match="call eval"):
-        MaskedStage(ex, "exits.e")(x, PixelMask(blocky_mask(2, 4)), "sparse", max_active=1.0)
+        MaskedStage(ex, "exits.e")(x, PixelMask(blocky_mask(2, 4)), "sparse", max_active=1.0, min_pixels=0)

@@ -69,7 +69,7 @@ def test_every_pixel_active_sparse_equals_emulate_equals_the_heads_logits_with_f
     full = PixelMask.full(2, SIZE)
     with torch.no_grad():
         emu, r_emu = masked_forward(head, x, full, "emulate")
-    sparse, r_sparse = masked_forward(head, x, full, "sparse", max_active=1.0)
+    sparse, r_sparse = masked_forward(head, x, full, "sparse", max_active=1.0, min_pixels=0)
     assert r_sparse.sparse
     torch.testing.assert_close(emu, ref, **TOL)
     torch.testing.assert_close(sparse, ref, **TOL)
@@ -92,7 +92,7 @@ def test_sparse_equals_emulate_on_masks_frozen_logits_zero_and_macs_affine_in_th
         mask = PixelMask(m)
         with torch.no_grad():
             emu, r_emu = masked_forward(head, x, mask, "emulate")
-        sparse, r_sparse = masked_forward(head, x, mask, "sparse", max_active=1.0)
+        sparse, r_sparse = masked_forward(head, x, mask, "sparse", max_active=1.0, min_pixels=0)
         torch.testing.assert_close(sparse, emu, **TOL)
         assert torch.equal(r_emu.macs, r_sparse.macs)
         assert torch.equal(emu[(~m)[:, None].expand_as(emu)], torch.zeros(int((~m).sum()) * emu.shape[1]))
@@ -131,3 +131,102 @@ def test_unsupported_heads_and_pooling_are_errors_naming_them():
     head = build_sem_seg_head(cfg, {"res2": ShapeSpec(channels=16, stride=4), "res5": ShapeSpec(channels=CHANNELS, stride=8)})
     with pytest.raises(UnsupportedModuleError, match="SegDeepLabV3PlusHead"):
         MaskedStage(head, "sem_seg_head")
+
+
+# ---------------------------------------------------------------------- HRNetV2Head (several inputs)
+BRANCHES = {"res2": (8, 4), "res3": (16, 8), "res4": (24, 16), "res5": (32, 32)}  # channels, stride
+HR_SIZES = [(10, 13), (5, 7), (3, 4), (2, 2)]  # sizes HRNet's strided 3x3 convs give a 40x52 input
+
+
+class BranchLogits(nn.Module):
+    """HRNetV2Head's logits before the resize, from its branches (finest first)."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, *branches):
+        return self.head.forward_outputs(dict(zip(self.head.in_features, branches)))["logits"]
+
+
+def make_hrnetv2_head(align_corners=False, channels=0):
+    cfg = tiny_cfg("resnet18", "HRNetV2Head", **{"MODEL.SEM_SEG_HEAD.IN_FEATURES": list(BRANCHES),
+                                                 "MODEL.SEM_SEG_HEAD.ALIGN_CORNERS": align_corners,
+                                                 "MODEL.SEM_SEG_HEAD.HRNETV2_CHANNELS": channels})
+    torch.manual_seed(0)
+    head = build_sem_seg_head(cfg, {n: ShapeSpec(channels=c, stride=s) for n, (c, s) in BRANCHES.items()})
+    with torch.no_grad():  # logits of order 1, so that 1e-5 means something
+        nn.init.normal_(head.predictor.weight, 0, 1.0 / head.predictor.in_channels ** 0.5)
+    return randomise_norms(head)
+
+
+def branches(n=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.relu(torch.randn(n, c, *hw, generator=g)) for (c, _), hw in zip(BRANCHES.values(), HR_SIZES)]
+
+
+def hr_fvcore(head, xs) -> float:
+    from fvcore.nn import FlopCountAnalysis
+
+    fca = FlopCountAnalysis(BranchLogits(head), tuple(t[:1] for t in xs))
+    fca.unsupported_ops_warnings(False)
+    fca.uncalled_modules_warnings(False)
+    return fca.total()
+
+
+@pytest.mark.parametrize("align_corners,channels", [(False, 0), (True, 0), (False, 24)])
+def test_hrnetv2_every_pixel_active_sparse_equals_emulate_equals_the_heads_logits_with_fvcores_macs(align_corners,
+                                                                                                   channels):
+    head, xs = make_hrnetv2_head(align_corners, channels), branches()
+    with torch.no_grad():
+        ref = BranchLogits(head)(*xs)
+    assert ref.abs().amax() > 0.1
+    full = PixelMask.full(2, HR_SIZES[0])
+    with torch.no_grad():
+        emu, r_emu = masked_forward(head, xs, full, "emulate")
+    sparse, r_sparse = masked_forward(head, xs, full, "sparse", max_active=1.0, min_pixels=0)
+    assert r_sparse.sparse and not r_emu.sparse and r_sparse.dense_ops == []
+    torch.testing.assert_close(emu, ref, **TOL)
+    torch.testing.assert_close(sparse, ref, **TOL)
+    assert torch.equal(r_emu.macs, r_sparse.macs)
+    assert float(r_sparse.macs[0]) == hr_fvcore(head, xs)
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_hrnetv2_sparse_equals_emulate_on_masks_frozen_logits_zero_and_macs_linear_in_the_active_count(align_corners):
+    head, xs = make_hrnetv2_head(align_corners), branches(seed=4)
+    size = HR_SIZES[0]
+    with torch.no_grad():
+        dense = BranchLogits(head)(*xs)
+    per_image = {}
+    for m in [random_mask(2, size, 0.3, seed=1), random_mask(2, size, 0.7, seed=2), boundary_mask(2, size, seed=3)] + \
+            border_masks(2, size) + [torch.zeros(2, *size, dtype=torch.bool)]:
+        mask = PixelMask(m)
+        with torch.no_grad():
+            emu, r_emu = masked_forward(head, xs, mask, "emulate")
+        sparse, r_sparse = masked_forward(head, xs, mask, "sparse", max_active=1.0, min_pixels=0)
+        torch.testing.assert_close(sparse, emu, **TOL)
+        assert torch.equal(r_emu.macs, r_sparse.macs)
+        assert torch.equal(emu[(~m)[:, None].expand_as(emu)], torch.zeros(int((~m).sum()) * emu.shape[1]))
+        # every unit is 1x1 after the resize: active pixels are the dense head's
+        torch.testing.assert_close(emu, dense * m[:, None], **TOL)
+        for count, macs in zip(m.flatten(1).sum(1).tolist(), r_sparse.macs.tolist()):
+            per_image[count] = macs
+    full = hr_fvcore(head, xs)
+    assert per_image.pop(0) == 0  # nothing global: linear in the active count
+    for count, macs in per_image.items():
+        assert macs == pytest.approx(count * full / (size[0] * size[1]), rel=1e-12), count
+
+
+def test_hrnetv2_min_pixels_reads_the_finest_branch_and_one_tensor_is_refused():
+    head, xs = make_hrnetv2_head(), branches()
+    mask = PixelMask(random_mask(2, HR_SIZES[0], 0.3, seed=5))
+    pixels = HR_SIZES[0][0] * HR_SIZES[0][1]
+    with torch.no_grad():
+        emu, _ = masked_forward(head, xs, mask, "emulate")
+    for min_pixels, ran in [(pixels, True), (pixels + 1, False)]:
+        y, report = masked_forward(head, xs, mask, "sparse", min_pixels=min_pixels)
+        assert report.sparse == ran and report.active_share == mask.share(HR_SIZES[0])
+        torch.testing.assert_close(y, emu, **TOL)
+    with pytest.raises(TypeError, match="list of its in_features"):
+        masked_forward(head, xs[0], mask, "emulate")

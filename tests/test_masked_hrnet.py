@@ -70,7 +70,7 @@ def test_every_pixel_active_sparse_equals_emulate_equals_forward_stages_with_fvc
         full = PixelMask.full(2, SIZES[fusion])
         with torch.no_grad():
             emu, r_emu = masked_forward(stage, x, full, "emulate")
-        sparse, r_sparse = masked_forward(stage, x, full, "sparse", max_active=1.0)
+        sparse, r_sparse = masked_forward(stage, x, full, "sparse", max_active=1.0, min_pixels=0)
         assert r_sparse.sparse and len(as_list(sparse)) == len(as_list(y))
         for k, (e, s, ref) in enumerate(zip(as_list(emu), as_list(sparse), as_list(y))):
             torch.testing.assert_close(e, ref, **TOL, msg=f"{fusion} {name} branch {k} emulate")
@@ -89,7 +89,7 @@ def test_sparse_equals_emulate_on_random_boundary_and_border_masks(stages):
             mask = PixelMask(m)
             with torch.no_grad():
                 emu, r_emu = masked_forward(stage, x, mask, "emulate")
-            sparse, r_sparse = masked_forward(stage, x, mask, "sparse", max_active=1.0)
+            sparse, r_sparse = masked_forward(stage, x, mask, "sparse", max_active=1.0, min_pixels=0)
             for e, s in zip(as_list(emu), as_list(sparse)):
                 torch.testing.assert_close(s, e, **TOL, msg=f"{fusion} {name} mask {k}")
             assert torch.equal(r_emu.macs, r_sparse.macs)
@@ -112,7 +112,7 @@ def test_fused_pixels_frozen_at_their_resolution_keep_the_identity_branch(stages
     blocks = random_mask(2, (-(-h // 16), -(-w // 16)), 0.5, seed=5)
     mask = PixelMask(blocks.repeat_interleave(16, 1).repeat_interleave(16, 2)[:, :h, :w])
     with torch.no_grad():
-        out, _ = masked_forward(module, [b.clone() for b in branches], mask, mode, max_active=1.0)
+        out, _ = masked_forward(module, [b.clone() for b in branches], mask, mode, max_active=1.0, min_pixels=0)
     compared = 0
     for b, o in zip(branches, out):
         frozen = (~mask.at(b.shape[-2:]))[:, None].expand_as(b)

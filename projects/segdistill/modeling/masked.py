@@ -39,9 +39,11 @@ Modes
   zero row; each convolution gathers the ``k x k`` patches of its active output pixels
   (out-of-image taps read the zero row, so no padded copy is made) in chunks, multiplies
   them with the folded weight in one GEMM (depthwise: a per-channel product and sum), applies
-  the activation to those rows only and scatters them into the next buffer. A stage whose
-  active share at its input exceeds ``max_active`` (default :data:`SPARSE_MAX_ACTIVE`) runs
-  ``emulate`` instead (the same outputs; the gather does not pay there).
+  the activation to those rows only and scatters them into the next buffer. A stage runs
+  sparse only where the gather pays: its active share at its (finest) input exceeds neither
+  ``max_active`` (default :data:`SPARSE_MAX_ACTIVE`) and that map has at least ``min_pixels``
+  pixels per image (default :data:`SPARSE_MIN_PIXELS`); else it runs ``emulate`` (the same
+  outputs and counted MACs, ``MaskedReport.sparse`` False).
 
 Counted cost (``MaskedReport.macs``, per image; the same in both modes and independent of the
 fallback): per convolution, active output pixels x ``k_h k_w Cin Cout / groups``; per norm,
@@ -63,9 +65,9 @@ drop-block, drop-path or avg-pool downsample) and ``InvertedResidual`` /
 ``DepthwiseSeparableConv`` (MobileNetV2; no SE, no space-to-depth). Registered in other files
 (imported with ``segdistill.modeling``): HRNet's stages, ``HighResolutionModule`` (timm's and
 mmsegmentation's fusion) and ``SequentialList`` (:mod:`.masked_hrnet`); the DeepLabV3 and FCN
-heads with their ASPPs and separable convs (:mod:`.masked_heads`); the ``sr`` and ``rh`` exit
-heads (:mod:`.masked_exits`; the mask given at the input size). Norms: ``BatchNorm2d``,
-``SyncBatchNorm``, detectron2's ``NaiveSyncBatchNorm``, timm's ``BatchNormAct2d`` /
+heads with their ASPPs and separable convs, and the HRNetV2 head (:mod:`.masked_heads`); the ``sr``
+and ``rh`` exit heads (:mod:`.masked_exits`; the mask given at the input size). Norms:
+``BatchNorm2d``, ``SyncBatchNorm``, detectron2's ``NaiveSyncBatchNorm``, timm's ``BatchNormAct2d`` /
 ``SyncBatchNormAct`` and the frozen BNs its ``freeze_batch_norm_2d`` makes (torchvision's
 ``FrozenBatchNorm2d``, ``FrozenBatchNormAct2d``), detectron2's ``FrozenBatchNorm2d``.
 Activations: ``ReLU``, ``ReLU6``, ``Identity``, the function ``relu``. A model whose norms were
@@ -73,10 +75,11 @@ folded (:mod:`.fold`, ``TEST.FOLD_BN``) runs too: a norm's place then holds an `
 the activation of a timm ``*Act`` norm, and the unit is the convolution (its folded weight and bias)
 with that activation.
 
-A stage takes one tensor or a list of tensors (HRNet's branches) and returns what its module
-returns. Implementations in other files build on the nodes exported here (:class:`MaskedNode`:
-``emulate`` on tensors, ``sparse`` / ``sparse_rows`` on :class:`FlatMap` s; :func:`compile_masked`
-for children, :func:`compile_conv_unit` for a convolution unit, :func:`row_indices` for windows).
+A stage takes one tensor or a list of tensors (HRNet's branches; the HRNetV2 head's input) and
+returns what its module returns. Implementations in other files build on the nodes exported
+here (:class:`MaskedNode`: ``emulate`` on tensors, ``sparse`` / ``sparse_rows`` on
+:class:`FlatMap` s; :func:`compile_masked` for children, :func:`compile_conv_unit` for a
+convolution unit, :func:`row_indices` for windows).
 """
 from __future__ import annotations
 
@@ -97,7 +100,7 @@ from .fold import fold_conv_norm
 
 __all__ = [
     "PixelMask", "MaskedReport", "MaskedStage", "masked_forward", "register_masked", "supported_modules",
-    "UnsupportedModuleError", "MODES", "SPARSE_MAX_ACTIVE",
+    "UnsupportedModuleError", "MODES", "SPARSE_MAX_ACTIVE", "SPARSE_MIN_PIXELS",
     # for masked implementations registered in other files (masked_hrnet.py, masked_heads.py)
     "MaskedNode", "MaskedContext", "FlatMap", "SeqNode", "compile_masked", "compile_conv_unit", "join_name",
     "check_activation", "check_identity", "row_indices", "UPSAMPLE_ELEMENT_MACS",
@@ -110,6 +113,14 @@ MODES = ("emulate", "sparse")
 # of 32x40 and more (64-512 channels, random and boundary masks), about 40 % in the median;
 # never on 8x10 maps.
 SPARSE_MAX_ACTIVE = 0.6
+# Below this many pixels per image (at the stage's finest input map) ``sparse`` runs the stage
+# dense (``emulate``) whatever the share: the gather's fixed cost outweighs too few pixels. From
+# the same table: at 32x40 (1280 pixels) the break-even frozen share is 0.25-0.50 over widths
+# and masks, at or near the 40 % frozen SPARSE_MAX_ACTIVE asks for; at 16x20 (320) it is
+# 0.40-0.83 and never at 512 channels, and at 8x10 (80) never. So sparse runs from the smallest
+# measured map on which it pays under SPARSE_MAX_ACTIVE, 32x40 (the stride-4 map of a padded
+# 128x160 CamVid image); sizes between 16x20 and 32x40 are not measured and run emulate.
+SPARSE_MIN_PIXELS = 32 * 40
 # Rows x (k*k*Cin) floats gathered at once by a sparse convolution (bounds its memory: 8 MB).
 GATHER_CHUNK = 1 << 21
 
@@ -816,27 +827,27 @@ class MaskedStage:
         self.plan = compile_masked(stage, name)
 
     def __call__(self, x: Features, mask: PixelMask, mode: str = "sparse",
-                 max_active: float = SPARSE_MAX_ACTIVE) -> Tuple[Features, MaskedReport]:
+                 max_active: float = SPARSE_MAX_ACTIVE,
+                 min_pixels: int = SPARSE_MIN_PIXELS) -> Tuple[Features, MaskedReport]:
         if mode not in MODES:
             raise ValueError(f"Unknown masked execution mode {mode!r}; choose from {list(MODES)}.")
         maps = list(x) if isinstance(x, (list, tuple)) else [x]
         if any(mask.batch_size != t.shape[0] for t in maps):
             raise ValueError(f"The mask has {mask.batch_size} images, the input {[t.shape[0] for t in maps]}.")
-        # the share at the finest input map (a list's coarser branches cover the same pixels)
-        share = mask.share(max((tuple(t.shape[-2:]) for t in maps), key=lambda hw: hw[0] * hw[1]))
+        # the share and size at the finest input map (a list's coarser branches cover the same pixels)
+        finest = max((tuple(t.shape[-2:]) for t in maps), key=lambda hw: hw[0] * hw[1])
+        share = mask.share(finest)
         ctx = MaskedContext(mask, maps[0].device)
-        if mode == "sparse" and share <= max_active:
+        if mode == "sparse" and share <= max_active and finest[0] * finest[1] >= min_pixels:
             training = [m for m in self.plan.modules() if m.training]
             if training:
                 raise RuntimeError(
                     f"Masked mode 'sparse' folds the norms' running statistics, but {len(training)} modules of the "
                     "stage are in training mode: call eval() first (mode 'emulate' trains).")
-            with torch.no_grad():
-                if isinstance(x, (list, tuple)):
-                    y = [f.nchw() for f in self.plan.sparse([FlatMap.from_nchw(t) for t in maps], ctx)]
-                else:
-                    y = self.plan.sparse(FlatMap.from_nchw(x), ctx)
-                    y = [f.nchw() for f in y] if isinstance(y, list) else y.nchw()
+            with torch.no_grad():  # a list in (HRNet's branches) gives a list (a stage) or one map (its head)
+                flat = [FlatMap.from_nchw(t) for t in maps] if isinstance(x, (list, tuple)) else FlatMap.from_nchw(x)
+                y = self.plan.sparse(flat, ctx)
+                y = [f.nchw() for f in y] if isinstance(y, list) else y.nchw()
             ran_sparse = True
         else:
             y = self.plan.emulate(list(x) if isinstance(x, (list, tuple)) else x, ctx)
@@ -845,11 +856,13 @@ class MaskedStage:
 
 
 def masked_forward(stage: nn.Module, x: Features, mask: PixelMask, mode: str = "sparse", *,
-                   max_active: float = SPARSE_MAX_ACTIVE) -> Tuple[Features, MaskedReport]:
+                   max_active: float = SPARSE_MAX_ACTIVE,
+                   min_pixels: int = SPARSE_MIN_PIXELS) -> Tuple[Features, MaskedReport]:
     """Run ``stage`` on ``x`` (a tensor, or a list of HRNet branches) computing only ``mask``'s
     active pixels (module docstring).
 
     Returns ``(y, MaskedReport)``. ``mode``: ``emulate`` or ``sparse``; ``sparse`` runs the
-    stage as ``emulate`` when the active share at its input exceeds ``max_active``.
-    Compiles ``stage`` on every call; hold a :class:`MaskedStage` to compile once."""
-    return MaskedStage(stage)(x, mask, mode, max_active)
+    stage as ``emulate`` when the active share at its (finest) input exceeds ``max_active`` or
+    that map has fewer than ``min_pixels`` pixels per image (``max_active`` 1, ``min_pixels`` 0:
+    always sparse). Compiles ``stage`` on every call; hold a :class:`MaskedStage` to compile once."""
+    return MaskedStage(stage)(x, mask, mode, max_active, min_pixels)

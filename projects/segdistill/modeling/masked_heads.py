@@ -1,12 +1,14 @@
-"""Masked (per-pixel) execution of the heads: DeepLabV3 (its ASPP) and FCN.
+"""Masked (per-pixel) execution of the heads: DeepLabV3 (its ASPP), FCN and HRNetV2.
 
-The masked implementations of segdistill's heads that take one backbone feature, registered
-with :func:`~.masked.register_masked`; the contract is :mod:`.masked`'s. A head's masked
-implementation maps its input feature (``features[head.in_features[0]]``) to its logits before
-the resize to the input, ``head.forward_outputs(features)["logits"]`` (= ``predictor(
-forward_features(features))``), computed at the active pixels of the head's stride (frozen
-logits are 0); the caller resizes them (``head.predict_logits``) and keeps them where pixels
-are active. Heads:
+The masked implementations of segdistill's heads, registered with
+:func:`~.masked.register_masked`; the contract is :mod:`.masked`'s. A head's masked
+implementation maps its input, :func:`masked_head_input` (``features[head.in_features[0]]`` for
+a head of one feature, the list ``[features[n] for n in head.in_features]`` for a head of
+several, in that order: HRNetV2's branches, finest first), to its logits before the resize to
+the input, ``head.forward_outputs(features)["logits"]`` (= ``predictor(forward_features(
+features))``), computed at the active pixels of the head's stride (that of its first input;
+frozen logits are 0); the caller resizes them (``head.predict_logits``) and keeps them where
+pixels are active. Heads:
 
 * :class:`~.heads.SegDeepLabV3Head` in every layout (detectron2's ``ASPP``, and
   :class:`~.heads.aspp.SegASPP` of mmsegmentation / CIRKD): the 1x1 and dilated 3x3 branches
@@ -18,27 +20,41 @@ are active. Heads:
   bilinear resize (4 per output element). detectron2's ``crop`` pooling (a fixed window) is
   refused;
 * :class:`~.heads.FCNHead`: its 3x3 convs, the concatenation of the input (as it is, frozen
-  pixels included) with their output and the fuse conv, the classifier.
+  pixels included) with their output and the fuse conv, the classifier;
+* :class:`~.heads.HRNetV2Head`: the coarser branches resized bilinearly (the head's
+  ``align_corners``) to the first branch's size at its active pixels only (frozen ones 0;
+  counted as fvcore counts a bilinear resize, 4 per output element, at the active ones), the
+  concatenation with the first branch (as it is), the 1x1 conv-norm-ReLU and the classifier
+  at the active pixels. The sparse path interpolates each active pixel from its four source
+  pixels (PyTorch's source-index rule), so nothing is resized at frozen pixels.
 
 Dropout is its own forward in ``emulate`` and the identity on the (``eval()``-only) sparse path.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from detectron2.layers import ASPP, DepthwiseSeparableConv2d
 
-from .heads import FCNHead, SegDeepLabV3Head
+from .heads import FCNHead, HRNetV2Head, SegDeepLabV3Head
 from .heads.aspp import SegASPP, SeparableConvNormReLU
 from .masked import (
-    UPSAMPLE_ELEMENT_MACS, FlatMap, MaskedNode, SeqNode, UnsupportedModuleError, compile_conv_unit, compile_masked,
-    join_name, register_masked,
+    UPSAMPLE_ELEMENT_MACS, FlatMap, MaskedContext, MaskedNode, SeqNode, UnsupportedModuleError, compile_conv_unit,
+    compile_masked, join_name, register_masked,
 )
 
-__all__: List[str] = []
+__all__ = ["masked_head_input"]
+
+
+def masked_head_input(head: nn.Module, features: Dict[str, torch.Tensor]) -> Union[torch.Tensor, List[torch.Tensor]]:
+    """What a head's masked implementation takes (module docstring): its one input feature, or
+    the list of its ``in_features`` (in that order) when it reads several."""
+    names = list(head.in_features)
+    return features[names[0]] if len(names) == 1 else [features[n] for n in names]
 
 
 class _ASPP(MaskedNode):
@@ -158,3 +174,81 @@ def _compile_fcn(head: FCNHead, name: str) -> MaskedNode:
     tail = SeqNode([compile_masked(head.dropout, join_name(name, "dropout")),
                     compile_masked(head.predictor, join_name(name, "predictor"))], name)
     return _FCN(compile_masked(head.convs, join_name(name, "convs")), fuse, tail, name)
+
+
+def _bilinear_axis(n_in: int, n_out: int, align_corners: bool, device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per output index of one axis: the two source indices and the weight of the second, as
+    PyTorch's bilinear resize to a given size computes them (``area_pixel_compute_source_index``)."""
+    dst = torch.arange(n_out, dtype=torch.float64, device=device)
+    if align_corners:
+        src = dst * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
+    else:
+        src = ((dst + 0.5) * (n_in / n_out) - 0.5).clamp(min=0.0)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    return i0, (i0 + 1).clamp(max=n_in - 1), src - i0
+
+
+class _HRNetV2(MaskedNode):
+    """HRNetV2Head: the branches resized to the first one's size at its active pixels and
+    concatenated with it, then the 1x1 units (module docstring). Takes the list of branches."""
+
+    def __init__(self, fuse: MaskedNode, predictor: MaskedNode, align_corners: bool, name: str):
+        self.fuse, self.predictor, self.align_corners, self.name = fuse, predictor, align_corners, name
+
+    def modules(self):
+        return self.fuse.modules() + self.predictor.modules()
+
+    @staticmethod
+    def _branches(x) -> list:
+        if not isinstance(x, (list, tuple)):
+            raise TypeError("HRNetV2Head's masked implementation takes the list of its in_features' maps "
+                            "(segdistill.modeling.masked_heads.masked_head_input), got one tensor.")
+        return list(x)
+
+    def _count_resize(self, ctx: MaskedContext, j: int, channels: int, size) -> None:
+        ctx.count(join_name(self.name, f"resize.{j}"), UPSAMPLE_ELEMENT_MACS["bilinear"] * channels, size, False)
+
+    def emulate(self, x, ctx):
+        first, *rest = self._branches(x)
+        size = tuple(first.shape[-2:])
+        ups = [first]
+        for j, t in enumerate(rest, 1):  # the head's own resize (concat_branches), kept at the active pixels
+            up = F.interpolate(t, size=size, mode="bilinear", align_corners=self.align_corners)
+            self._count_resize(ctx, j, up.shape[1], size)
+            ups.append(up * ctx.mask_weights(size, up.dtype))
+        return self.predictor.emulate(self.fuse.emulate(torch.cat(ups, dim=1), ctx), ctx)
+
+    def _resize_rows(self, t: FlatMap, size, idx: torch.Tensor, ctx: MaskedContext) -> torch.Tensor:
+        """``t`` resized bilinearly to ``size`` at the flat output pixels ``idx`` only: ``P x C``."""
+        key = ("bilinear", t.size, tuple(size), self.align_corners)
+        if key not in ctx.taps:
+            ctx.taps[key] = (_bilinear_axis(t.h, size[0], self.align_corners, idx.device),
+                             _bilinear_axis(t.w, size[1], self.align_corners, idx.device))
+        (r0, r1, ly), (c0, c1, lx) = ctx.taps[key]
+        per = size[0] * size[1]
+        base, rem = (idx // per) * (t.h * t.w), idx % per
+        oi, oj = rem // size[1], rem % size[1]
+        ly, lx = ly[oi].to(t.data.dtype)[:, None], lx[oj].to(t.data.dtype)[:, None]
+        a, b = base + r0[oi] * t.w, base + r1[oi] * t.w
+        top = t.data[a + c0[oj]] * (1 - lx) + t.data[a + c1[oj]] * lx
+        bottom = t.data[b + c0[oj]] * (1 - lx) + t.data[b + c1[oj]] * lx
+        return top * (1 - ly) + bottom * ly
+
+    def sparse(self, x, ctx):
+        first, *rest = self._branches(x)
+        idx = ctx.active_rows(first.n, first.size, False)
+        widths = [first.data.shape[1]] + [t.data.shape[1] for t in rest]
+        data = first.data.new_zeros(first.data.shape[0], sum(widths))
+        data[:, :widths[0]] = first.data  # the first branch as it is, frozen pixels included (emulate's)
+        start = widths[0]
+        for j, t in enumerate(rest, 1):
+            self._count_resize(ctx, j, t.data.shape[1], first.size)
+            data[idx, start:start + widths[j]] = self._resize_rows(t, first.size, idx, ctx)
+            start += widths[j]
+        return self.predictor.sparse(self.fuse.sparse(FlatMap(data, first.n, first.h, first.w), ctx), ctx)
+
+
+@register_masked(HRNetV2Head)
+def _compile_hrnetv2(head: HRNetV2Head, name: str) -> MaskedNode:
+    return _HRNetV2(compile_masked(head.fuse, join_name(name, "fuse")),
+                    compile_masked(head.predictor, join_name(name, "predictor")), head.align_corners, name)

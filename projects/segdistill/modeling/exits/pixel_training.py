@@ -33,7 +33,7 @@ With threshold ``t`` in (0, 1], on a (padded, normalised) batch ``x`` of size ``
    through the decision, neither into the exit nor into anything before it).
 3. The head's logits, as policy ``pixel`` computes them: once a pixel is frozen, the head
    runs masked (``emulate``) where masked execution implements it
-   (:mod:`segdistill.modeling.masked_heads`: DeepLabV3, FCN), else dense on the (masked)
+   (:mod:`segdistill.modeling.masked_heads`: DeepLabV3, FCN, HRNetV2), else dense on the (masked)
    features; they are brought to ``H x W`` as inference brings them
    (``predict_logits(logits, (H, W))``). The head's dense forward also runs, for the outputs
    the objectives read besides the final logits (its features, ``aux_logits``): with a masked
@@ -112,6 +112,7 @@ from detectron2.config import CfgNode as CN
 from ...config import ConfigError, register_config_hook
 from ..heads.base import SegHeadMixin
 from ..masked import MaskedStage, PixelMask, UnsupportedModuleError
+from ..masked_heads import masked_head_input
 from ..stagewise import StageModulesUnsupported, StagewiseBackbone
 from .heads import HEAD_FEATURE_PREFIX, ExitOutput, MultiExitOutputs, exit_size
 
@@ -272,7 +273,7 @@ class PixelTraining:
         if frozen_any:  # the final logits as policy pixel computes them: the head masked where it can be
             plan = _masked_or_none(head, "sem_seg_head")
             if plan is not None:
-                logits, _ = plan(head_in[head.in_features[0]], PixelMask(active), "emulate")
+                logits, _ = plan(masked_head_input(head, head_in), PixelMask(active), "emulate")
         final_up = head.predict_logits(logits, hw)
         final_logits = torch.where(active[:, None], final_up, answer)
         feats = head_out["features"]

@@ -29,7 +29,9 @@ meta-architecture is the *deployed* form of a trained ``MultiExitSegmentor`` (do
     backbone's ``stage_modules()`` / ``stage_outputs()``: one tensor or, on HRNet, a list of
     branches per stage) on the rest; the later exits (``sr``, ``rh``: :mod:`..masked_exits`)
     and the head run masked too where masked execution implements them (heads: DeepLabV3,
-    FCN, :mod:`..masked_heads`), else dense, and the head answers what is left.
+    FCN, HRNetV2, :mod:`..masked_heads`), else dense, and the head answers what is left.
+    With ``PIXEL_MODE sparse``, a masked stage, exit or head takes the sparse path where masked
+    execution's rule (``SPARSE_MAX_ACTIVE`` / ``SPARSE_MIN_PIXELS``) says it pays, else runs emulated.
     Images run one at a time; outputs add counted ``macs``, ``active_pct``, ``answered_pct``
     and the ``masked`` report to ``anytime``.
 
@@ -64,6 +66,7 @@ from detectron2.utils.registry import Registry
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
 from detectron2.structures import ImageList
 
+from ...config import ConfigError, register_keys
 from ...convert import load_checked_weights
 from ..backbones.norm import resolve_norm
 from ..exits import (
@@ -71,7 +74,10 @@ from ..exits import (
 )
 from ..fold import FoldAware
 from ..heads.base import check_seg_head
-from ..masked import MODES as MASKED_MODES, MaskedStage, PixelMask, UnsupportedModuleError
+from ..masked import (
+    MODES as MASKED_MODES, SPARSE_MAX_ACTIVE, SPARSE_MIN_PIXELS, MaskedStage, PixelMask, UnsupportedModuleError,
+)
+from ..masked_heads import masked_head_input
 from ..stagewise import StageModulesUnsupported, StagewiseBackbone
 from ..test_time import WholeImageOnly, check_whole_image_only
 from .segmentor import postprocess_sem_seg
@@ -93,6 +99,23 @@ EXITS = "exits"  # exit e's name there: "exits.<e>"
 EXIT_PREFIX = "exit:"
 NEVER = math.inf  # a threshold no confidence reaches: that exit is not run
 THRESHOLDS_FORMAT = "segdistill-anytime-thresholds/1"
+
+# Policy "pixel" with PIXEL_MODE "sparse": the rule by which a masked stage (or the head) runs
+# the sparse path: at most SPARSE_MAX_ACTIVE of its input pixels active and at least
+# SPARSE_MIN_PIXELS pixels per image at its finest input map, else dense (the same outputs).
+# The defaults are masked execution's measured break-even (modeling/masked.py).
+add_anytime_sparse_config = register_keys("add_anytime_sparse_config", "MODEL.EXITS.ANYTIME",
+                                          SPARSE_MAX_ACTIVE=SPARSE_MAX_ACTIVE, SPARSE_MIN_PIXELS=SPARSE_MIN_PIXELS)
+
+
+def _check_sparse_rule(max_active, min_pixels) -> None:
+    if isinstance(max_active, bool) or not isinstance(max_active, (int, float)) or not 0.0 <= max_active <= 1.0:
+        raise ConfigError(f"MODEL.EXITS.ANYTIME.SPARSE_MAX_ACTIVE is {max_active!r}; write an active share in "
+                          f"[0, 1], e.g. {SPARSE_MAX_ACTIVE} (1: any share may run sparse).")
+    if isinstance(min_pixels, bool) or not isinstance(min_pixels, int) or min_pixels < 0:
+        raise ConfigError(f"MODEL.EXITS.ANYTIME.SPARSE_MIN_PIXELS is {min_pixels!r}; write a pixel count >= 0, "
+                          f"e.g. {SPARSE_MIN_PIXELS} (0: a map of any size may run sparse).")
+
 
 # MODEL.EXITS.ANYTIME.CONFIDENCE -> fn(logits N x K x h x w, pixel_threshold) -> N confidences in
 # [0, 1]; a function registers under its own name: ``@ANYTIME_CONFIDENCES.register()``.
@@ -380,6 +403,8 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly, FoldAware):
         eval_final: bool = False,
         pixel_thresholds: Optional[Dict[str, float]] = None,
         pixel_mode: str = "emulate",
+        sparse_max_active: float = SPARSE_MAX_ACTIVE,
+        sparse_min_pixels: int = SPARSE_MIN_PIXELS,
     ):
         """
         Args:
@@ -399,6 +424,10 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly, FoldAware):
                 1: that exit freezes nothing and is not run); required by ``pixel``.
             pixel_mode: how policy ``pixel`` runs the stages after an exit: ``emulate`` or
                 ``sparse`` (:data:`segdistill.modeling.masked.MODES`).
+            sparse_max_active, sparse_min_pixels: ``sparse`` runs a masked stage (or the head) on
+                the sparse path only when at most this share of its input pixels is active and
+                its finest input map has at least this many pixels, else as ``emulate``
+                (:class:`~segdistill.modeling.masked.MaskedStage`; settable later, like ``pixel_mode``).
         """
         super().__init__()
         if not isinstance(backbone, StagewiseBackbone):
@@ -437,6 +466,8 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly, FoldAware):
         if pixel_mode not in MASKED_MODES:
             raise ValueError(f"Unknown MODEL.EXITS.ANYTIME.PIXEL_MODE {pixel_mode!r}; choose from {list(MASKED_MODES)}.")
         self.pixel_mode = pixel_mode
+        _check_sparse_rule(sparse_max_active, sparse_min_pixels)
+        self.sparse_max_active, self.sparse_min_pixels = float(sparse_max_active), int(sparse_min_pixels)
         self.pixel_thresholds = None
         # stage name -> MaskedStage of policy ``pixel`` (compiled once; a sparse stage folds its
         # norms on first use, so the cache is dropped whenever the weights may have changed:
@@ -490,6 +521,7 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly, FoldAware):
             "exits": exits, "policy": a.POLICY, "confidence": a.CONFIDENCE, "pixel_threshold": a.PIXEL_THRESHOLD,
             "thresholds": _thresholds_from_config(a, names), "eval_final": a.EVAL_FINAL,
             "pixel_thresholds": _pixel_thresholds_from_config(a, names), "pixel_mode": a.PIXEL_MODE,
+            "sparse_max_active": a.SPARSE_MAX_ACTIVE, "sparse_min_pixels": a.SPARSE_MIN_PIXELS,
         }
 
     # ------------------------------------------------------------------ policy
@@ -655,6 +687,9 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly, FoldAware):
             plans[name] = self._masked[name]
         return plans
 
+    def _sparse_rule(self) -> dict:
+        return {"max_active": self.sparse_max_active, "min_pixels": self.sparse_min_pixels}
+
     def _masked_head(self) -> Optional[MaskedStage]:
         """The final head compiled for masked execution (once, with the stages), or None where
         masked execution has no implementation of it: it then runs dense, listed in ``dense_ops``."""
@@ -720,7 +755,9 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly, FoldAware):
         When no pixel of the image's own part is active any more, nothing later runs. Else the
         head runs on the (masked) features and its logits answer the active pixels: masked (its
         logits at the active pixels, then its resize to the input) once a pixel is frozen, where
-        masked execution implements the head (``segdistill.modeling.masked_heads``), else dense.
+        masked execution implements the head (``segdistill.modeling.masked_heads``; its input:
+        ``masked_head_input``, the list of the head's features for a head of several), else dense.
+        ``sparse`` follows the rule ``sparse_max_active`` / ``sparse_min_pixels`` per stage and head.
 
         Returns ``(logits 1 x K x H x W, info)``; ``info``: ``answer`` (``final`` when the head
         ran, else the exit after which the image stopped), ``evaluated`` (exits run), ``macs``
@@ -764,7 +801,7 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly, FoldAware):
                 feat = module(feat)
                 macs += dense.stages[name]
             else:
-                feat, report = plans[name](feat, PixelMask(active), self.pixel_mode)
+                feat, report = plans[name](feat, PixelMask(active), self.pixel_mode, **self._sparse_rule())
                 macs += float(report.macs[0])
                 dense_ops += [op for op in report.dense_ops if op not in dense_ops]
                 if report.sparse:
@@ -782,7 +819,8 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly, FoldAware):
                     macs += costs.exits[feature]
                     dense_ops.append(f"{EXITS}.{feature}")
                 else:  # its logits at the active pixels (frozen ones 0: their answers are kept below)
-                    logits, report = exit_plan(yielded[feature], PixelMask(active), self.pixel_mode)
+                    logits, report = exit_plan(yielded[feature], PixelMask(active), self.pixel_mode,
+                                               **self._sparse_rule())
                     macs += float(report.macs[0])
                     dense_ops += [op for op in report.dense_ops if op not in dense_ops]
                     if report.sparse:
@@ -806,7 +844,8 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly, FoldAware):
             macs += dense.head
             dense_ops.append(HEAD)
         else:  # its logits at the active pixels (frozen ones 0, replaced by their answers below), then the resize
-            logits, report = head_plan(features[self.sem_seg_head.in_features[0]], PixelMask(active), self.pixel_mode)
+            logits, report = head_plan(masked_head_input(self.sem_seg_head, features), PixelMask(active),
+                                       self.pixel_mode, **self._sparse_rule())
             head = self.sem_seg_head.predict_logits(logits, hw)
             macs += float(report.macs[0]) + dense.head_resize
             dense_ops += [op for op in report.dense_ops if op not in dense_ops]
