@@ -150,8 +150,8 @@ def verdict_lines(verdict: List[dict]) -> List[str]:
     tests = max((v.get("tests", 0) for v in verdict), default=0)
     lines = [f"Verdict rule: each claim is two tests, \"Δ = 0\" and \"Δ = the paper's smallest gain\" (two-sided "
              f"Student t, the tests of the 95 % interval); Holm's step-down correction over all {tests} tests of "
-             f"the table keeps the family-wise error at {ALPHA:g}. Reproduced: Δ = 0 rejected after Holm with Δ > 0; "
-             "not reproduced: Δ = 0 rejected with Δ < 0, or Δ = gain rejected with Δ below it; otherwise "
+             f"the table keeps the family-wise error at {ALPHA:g}. Reproduced: Δ = 0 rejected after Holm with Δ > 0 "
+             "(in direction only where Δ = gain is rejected too, with Δ below it); not reproduced: Δ = 0 rejected with Δ < 0, or Δ = gain rejected with Δ below it; otherwise "
              "inconclusive. The uncorrected reading (the raw interval against 0 and the gain) is beside it.", "",
              "| claim | Δ [95 % CI] (n) | p (Δ = 0): raw / Holm | p (Δ = gain): raw / Holm | paper's smallest gain "
              "| verdict (Holm) | uncorrected | runs failing the premise |", "|---|---|---|---|---|---|---|---|"]

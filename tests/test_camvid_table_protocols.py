@@ -113,6 +113,8 @@ def test_regimes_name_their_rows_overrides_and_output(table):
     assert b.pretrained_map == {"resnet18": "resnet18_demo"} and b.output.endswith("demo_pretraining")
     c = mod.parse_args(["--data-root", str(data), "--regime", "heldout_exits", "--seeds", "3"])
     assert "camvid_train_hs3_reduced" in " ".join(c.opts) and c.seeds == 3
+    assert c.output == "output/camvid_table_heldout_exits"
+    c.output = str(tmp / "heldout")  # not the repository's output folder, where runs may have finished
     jobs = mod.Table(c).jobs()
     assert all("camvid_train_hs3_reduced" in " ".join(j.cmd) for j in jobs if j.method is not None)
     # the per-pixel anytime variants train beside DS and SR, each with its own switch and nothing else
