@@ -103,7 +103,7 @@ __all__ = [
     "UnsupportedModuleError", "MODES", "SPARSE_MAX_ACTIVE", "SPARSE_MIN_PIXELS",
     # for masked implementations registered in other files (masked_hrnet.py, masked_heads.py)
     "MaskedNode", "MaskedContext", "FlatMap", "SeqNode", "compile_masked", "compile_conv_unit", "join_name",
-    "check_activation", "check_identity", "row_indices", "UPSAMPLE_ELEMENT_MACS",
+    "check_activation", "check_identity", "row_indices", "bilinear_rows", "UPSAMPLE_ELEMENT_MACS",
 ]
 
 MODES = ("emulate", "sparse")
@@ -291,6 +291,40 @@ def row_indices(x: FlatMap, out: Tuple[int, int], idx: torch.Tensor, kernel, str
         flat = (n_i * (x.h * x.w))[:, None, None] + r * x.w + col
         ctx.taps[key] = torch.where(valid, flat, torch.full_like(flat, x.n * x.h * x.w)).flatten(1)
     return ctx.taps[key]
+
+
+def _bilinear_axis(n_in: int, n_out: int, align_corners: bool, device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per output index along one axis: the two source indices and the second one's weight, by
+    PyTorch's rule for a bilinear resize to a given size (``area_pixel_compute_source_index``, in
+    float32 as its CPU kernel computes it for float32 maps)."""
+    dst = torch.arange(n_out, dtype=torch.float32, device=device)
+    if align_corners:
+        src = dst * (float(n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
+    else:
+        src = ((dst + 0.5) * (float(n_in) / n_out) - 0.5).clamp(min=0.0)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    return i0, (i0 + 1).clamp(max=n_in - 1), (src - i0).clamp(0.0, 1.0)
+
+
+def bilinear_rows(x: FlatMap, size: Tuple[int, int], idx: torch.Tensor, ctx: MaskedContext,
+                  align_corners: bool = False) -> torch.Tensor:
+    """``x`` resized bilinearly to ``size`` at the output pixels ``idx`` (flat, into
+    ``N * size``) only: ``P x C`` rows, what ``F.interpolate(x, size, mode="bilinear",
+    align_corners=align_corners)`` holds there, each read from its four source pixels (no dense
+    resize; a frozen source pixel holds what ``x`` holds there). The axes' taps are cached per call."""
+    key = ("bilinear", x.size, tuple(size), bool(align_corners))
+    if key not in ctx.taps:
+        ctx.taps[key] = (_bilinear_axis(x.h, size[0], align_corners, idx.device),
+                         _bilinear_axis(x.w, size[1], align_corners, idx.device))
+    (r0, r1, ly), (c0, c1, lx) = ctx.taps[key]
+    per = size[0] * size[1]
+    base, rem = (idx // per) * (x.h * x.w), idx % per
+    oi, oj = rem // size[1], rem % size[1]
+    ly, lx = ly[oi].to(x.data.dtype)[:, None], lx[oj].to(x.data.dtype)[:, None]
+    top, bottom = base + r0[oi] * x.w, base + r1[oi] * x.w
+    upper = x.data[top + c0[oj]] * (1 - lx) + x.data[top + c1[oj]] * lx
+    lower = x.data[bottom + c0[oj]] * (1 - lx) + x.data[bottom + c1[oj]] * lx
+    return upper * (1 - ly) + lower * ly
 
 
 # ----------------------------------------------------------------------------- the plan nodes

@@ -49,7 +49,8 @@ from torch.nn import functional as F
 from .exits.heads import ExitHead, exit_size
 from .exits.rh import RHExitHead
 from .masked import (
-    UPSAMPLE_ELEMENT_MACS, FlatMap, MaskedContext, MaskedNode, compile_masked, join_name, register_masked, row_indices,
+    UPSAMPLE_ELEMENT_MACS, FlatMap, MaskedContext, MaskedNode, bilinear_rows, compile_masked, join_name, register_masked,
+    row_indices,
 )
 
 __all__: List[str] = []
@@ -71,41 +72,10 @@ def _resize_emulate(x: torch.Tensor, size: Tuple[int, int], ctx: MaskedContext, 
     return y * ctx.mask_weights(size, y.dtype)
 
 
-def _axis_taps(n_in: int, n_out: int, device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PyTorch's bilinear rule (``align_corners=False``, an output size given) along one axis:
-    per output index the two source indices and the second one's weight."""
-    dst = torch.arange(n_out, dtype=torch.float32, device=device)
-    src = ((dst + 0.5) * (float(n_in) / n_out) - 0.5).clamp(min=0.0)
-    i0 = src.long().clamp(max=n_in - 1)
-    i1 = torch.where(i0 < n_in - 1, i0 + 1, i0)
-    return i0, i1, (src - i0).clamp(0.0, 1.0)
-
-
-def _bilinear_rows(x: FlatMap, size: Tuple[int, int], idx: torch.Tensor, ctx: MaskedContext):
-    """``P x 4`` source rows of ``x`` and their weights for the output pixels ``idx`` (flat,
-    into ``N * size``). Cached per call."""
-    key = ("bilinear", x.size, size)
-    if key not in ctx.taps:
-        oh, ow = size
-        n, rem = idx // (oh * ow), idx % (oh * ow)
-        h0, h1, lh = (t[rem // ow] for t in _axis_taps(x.h, oh, idx.device))
-        w0, w1, lw = (t[rem % ow] for t in _axis_taps(x.w, ow, idx.device))
-        base = n * (x.h * x.w)
-        rows = torch.stack([base + h0 * x.w + w0, base + h0 * x.w + w1, base + h1 * x.w + w0, base + h1 * x.w + w1], 1)
-        weights = torch.stack([(1 - lh) * (1 - lw), (1 - lh) * lw, lh * (1 - lw), lh * lw], 1)
-        ctx.taps[key] = (rows, weights)
-    return ctx.taps[key]
-
-
 def _resize_sparse(x: FlatMap, size: Tuple[int, int], ctx: MaskedContext, name: str) -> FlatMap:
     idx = ctx.active_rows(x.n, size, False)
     ctx.count(name, UPSAMPLE_ELEMENT_MACS["bilinear"] * x.data.shape[1], size, False)
-    rows, weights = _bilinear_rows(x, size, idx, ctx)
-    weights = weights.to(x.data.dtype)
-    out = x.data[rows[:, 0]] * weights[:, :1]
-    for k in range(1, 4):
-        out = out + x.data[rows[:, k]] * weights[:, k:k + 1]
-    return FlatMap.scatter(out, idx, x.n, *size)
+    return FlatMap.scatter(bilinear_rows(x, size, idx, ctx), idx, x.n, *size)
 
 
 # ----------------------------------------------------------------------------- 2x2 average pooling (RH)

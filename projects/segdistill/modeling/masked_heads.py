@@ -32,7 +32,7 @@ Dropout is its own forward in ``emulate`` and the identity on the (``eval()``-on
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -43,8 +43,8 @@ from detectron2.layers import ASPP, DepthwiseSeparableConv2d
 from .heads import FCNHead, HRNetV2Head, SegDeepLabV3Head
 from .heads.aspp import SegASPP, SeparableConvNormReLU
 from .masked import (
-    UPSAMPLE_ELEMENT_MACS, FlatMap, MaskedContext, MaskedNode, SeqNode, UnsupportedModuleError, compile_conv_unit,
-    compile_masked, join_name, register_masked,
+    UPSAMPLE_ELEMENT_MACS, FlatMap, MaskedContext, MaskedNode, SeqNode, UnsupportedModuleError, bilinear_rows,
+    compile_conv_unit, compile_masked, join_name, register_masked,
 )
 
 __all__ = ["masked_head_input"]
@@ -176,18 +176,6 @@ def _compile_fcn(head: FCNHead, name: str) -> MaskedNode:
     return _FCN(compile_masked(head.convs, join_name(name, "convs")), fuse, tail, name)
 
 
-def _bilinear_axis(n_in: int, n_out: int, align_corners: bool, device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per output index of one axis: the two source indices and the weight of the second, as
-    PyTorch's bilinear resize to a given size computes them (``area_pixel_compute_source_index``)."""
-    dst = torch.arange(n_out, dtype=torch.float64, device=device)
-    if align_corners:
-        src = dst * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
-    else:
-        src = ((dst + 0.5) * (n_in / n_out) - 0.5).clamp(min=0.0)
-    i0 = src.floor().long().clamp(max=n_in - 1)
-    return i0, (i0 + 1).clamp(max=n_in - 1), src - i0
-
-
 class _HRNetV2(MaskedNode):
     """HRNetV2Head: the branches resized to the first one's size at its active pixels and
     concatenated with it, then the 1x1 units (module docstring). Takes the list of branches."""
@@ -218,22 +206,6 @@ class _HRNetV2(MaskedNode):
             ups.append(up * ctx.mask_weights(size, up.dtype))
         return self.predictor.emulate(self.fuse.emulate(torch.cat(ups, dim=1), ctx), ctx)
 
-    def _resize_rows(self, t: FlatMap, size, idx: torch.Tensor, ctx: MaskedContext) -> torch.Tensor:
-        """``t`` resized bilinearly to ``size`` at the flat output pixels ``idx`` only: ``P x C``."""
-        key = ("bilinear", t.size, tuple(size), self.align_corners)
-        if key not in ctx.taps:
-            ctx.taps[key] = (_bilinear_axis(t.h, size[0], self.align_corners, idx.device),
-                             _bilinear_axis(t.w, size[1], self.align_corners, idx.device))
-        (r0, r1, ly), (c0, c1, lx) = ctx.taps[key]
-        per = size[0] * size[1]
-        base, rem = (idx // per) * (t.h * t.w), idx % per
-        oi, oj = rem // size[1], rem % size[1]
-        ly, lx = ly[oi].to(t.data.dtype)[:, None], lx[oj].to(t.data.dtype)[:, None]
-        a, b = base + r0[oi] * t.w, base + r1[oi] * t.w
-        top = t.data[a + c0[oj]] * (1 - lx) + t.data[a + c1[oj]] * lx
-        bottom = t.data[b + c0[oj]] * (1 - lx) + t.data[b + c1[oj]] * lx
-        return top * (1 - ly) + bottom * ly
-
     def sparse(self, x, ctx):
         first, *rest = self._branches(x)
         idx = ctx.active_rows(first.n, first.size, False)
@@ -243,7 +215,7 @@ class _HRNetV2(MaskedNode):
         start = widths[0]
         for j, t in enumerate(rest, 1):
             self._count_resize(ctx, j, t.data.shape[1], first.size)
-            data[idx, start:start + widths[j]] = self._resize_rows(t, first.size, idx, ctx)
+            data[idx, start:start + widths[j]] = bilinear_rows(t, first.size, idx, ctx, self.align_corners)
             start += widths[j]
         return self.predictor.sparse(self.fuse.sparse(FlatMap(data, first.n, first.h, first.w), ctx), ctx)
 
