@@ -149,6 +149,36 @@ def test_all_pixels_frozen_after_an_exit_is_that_exits_output_and_nothing_later_
 
 
 @pytest.mark.parametrize("mode", ["emulate", "sparse"])
+def test_an_input_that_is_not_a_multiple_of_the_heads_stride(model, mode):
+    """OUTPUT_RESIZE "stride" (the default, CamVid's 120 rows at stride 16): the head's map
+    upsampled by its stride overshoots the input (8 rows -> 128); the per-pixel answer takes it
+    cut to the input, as postprocessing crops it, beside the exits' answers at the input size."""
+    image = random_batch(1, 60, 76, K, seed=6, with_labels=False)[0]
+    l3, images = exit_logits(model, image, "res3")
+    hw = tuple(images.tensor.shape[-2:])
+    assert model.sem_seg_head.output_resize == "stride" and tuple(l3.shape[-2:]) == hw
+    assert any(v % model.sem_seg_head.common_stride for v in hw)  # the case: not a multiple
+    top = F.softmax(l3, dim=1).amax(dim=1)
+    cut = float(top.flatten().sort().values[top.numel() // 2])
+    frozen = top >= cut
+    try:
+        pixel(model, {"res2": 2.0, "res3": cut, "res4": 2.0}, mode, min_pixels=0)
+        with torch.no_grad():
+            logits, info = model.run_pixel(images.tensor, images.image_sizes[0])
+            out = model([image])[0]
+            model.policy = FINAL
+            final = model([image])[0]["sem_seg"]
+    finally:
+        model.policy = FINAL
+    assert tuple(logits.shape[-2:]) == hw and info["answer"] == FINAL
+    per_pixel = logits.permute(0, 2, 3, 1)
+    assert torch.equal(per_pixel[frozen], l3.permute(0, 2, 3, 1)[frozen])
+    assert out["sem_seg"].shape == final.shape == (K, 60, 76)
+    # the head's pixels are its (masked) answer: not res3's, and on the same grid as the final output
+    assert (per_pixel[~frozen] != l3.permute(0, 2, 3, 1)[~frozen]).any(-1).all()
+
+
+@pytest.mark.parametrize("mode", ["emulate", "sparse"])
 def test_a_frozen_pixel_keeps_its_exits_answer_and_a_pixel_below_the_threshold_never_does(model, mode):
     image = random_batch(1, 64, 80, K, seed=5, with_labels=False)[0]
     l3, images = exit_logits(model, image, "res3")

@@ -149,6 +149,21 @@ def test_eval_aggregated_final_logits_are_the_pixel_policys_answer_with_rh_exits
     check_eval_is_the_pixel_policy(cfg, model, 0.6)
 
 
+def test_an_input_that_is_not_a_multiple_of_the_heads_stride(trained):
+    """The head's "stride" map overshoots a 60x76 input; the final aggregated logits take it cut
+    to the input (as policy pixel does), in eval and in training."""
+    cfg, model = trained
+    for training in (False, True):
+        m = twin(cfg, model, 0.7).train(training)
+        x = m._images(random_batch(2, 60, 76, K, seed=5)).tensor
+        assert any(v % m.sem_seg_head.common_stride for v in x.shape[-2:])
+        run = m.pixel_run(x)
+        assert tuple(run.final_logits.shape[-2:]) == tuple(x.shape[-2:]) == tuple(run.active.shape[-2:])
+        head = m.sem_seg_head.predict_logits(run.outputs.head["logits"], tuple(x.shape[-2:]))
+        assert tuple(head.shape[-2:]) != tuple(x.shape[-2:])  # the overshoot the cut removes
+        assert 0.0 < float(run.active.float().mean()) < 1.0
+
+
 def test_the_copy_carries_gradient_to_the_freezing_exit_and_the_decision_none(trained):
     cfg, model = trained
     model = twin(cfg, model, 0.7).train()

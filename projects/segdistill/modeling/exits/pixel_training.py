@@ -110,7 +110,7 @@ from torch.nn import functional as F
 from detectron2.config import CfgNode as CN
 
 from ...config import ConfigError, register_config_hook
-from ..heads.base import SegHeadMixin
+from ..heads.base import SegHeadMixin, crop_logits
 from ..masked import MaskedStage, PixelMask, UnsupportedModuleError
 from ..masked_heads import masked_head_input
 from ..stagewise import StageModulesUnsupported, StagewiseBackbone
@@ -274,7 +274,7 @@ class PixelTraining:
             plan = _masked_or_none(head, "sem_seg_head")
             if plan is not None:
                 logits, _ = plan(masked_head_input(head, head_in), PixelMask(active), "emulate")
-        final_up = head.predict_logits(logits, hw)
+        final_up = crop_logits(head.predict_logits(logits, hw), hw)  # a "stride" head's map may overshoot
         final_logits = torch.where(active[:, None], final_up, answer)
         feats = head_out["features"]
         final = ExitOutput(feats, final_logits, final_classifier(feats) if final_classifier is not None else None, 1)

@@ -61,7 +61,7 @@ from ...data import config_class_weights
 from ..backbones.norm import resolve_norm
 
 __all__ = ["SegHeadMixin", "AuxFCNHead", "build_aux_head", "check_seg_head", "seg_head_names", "upsample_logits",
-           "resize_logits",
+           "resize_logits", "crop_logits",
            "LOSS_TYPES", "OUTPUT_RESIZE_RULES", "CONTRACT_ARGS", "check_loss_type", "safe_cross_entropy", "sem_seg_loss", "build_classifier", "common_head_config",
            "single_in_feature", "multi_in_features", "conv_norm", "conv_norm_relu", "dropout2d", "HRNET_BRANCHES"]
 
@@ -82,6 +82,15 @@ def upsample_logits(logits: torch.Tensor, stride: int, align_corners: bool = Fal
     if stride == 1:
         return logits
     return F.interpolate(logits.float(), scale_factor=stride, mode="bilinear", align_corners=align_corners)
+
+
+def crop_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Logits from :meth:`SegHeadMixin.predict_logits` at the (padded) input size ``size``: under
+    ``output_resize "stride"`` they are the head's map upsampled by its stride, which overshoots
+    an input that is not a multiple of the stride (e.g. 120 rows at stride 16: 128); the rows and
+    columns past the input, which postprocessing drops with the padding, are dropped here, so the
+    logits line up pixel for pixel with maps of the input's size (per-pixel answers)."""
+    return logits[..., :size[0], :size[1]]
 
 
 def resize_logits(logits: torch.Tensor, size: Sequence[int], align_corners: bool = False) -> torch.Tensor:

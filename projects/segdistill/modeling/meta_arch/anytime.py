@@ -73,7 +73,7 @@ from ..exits import (
     EXIT_OBJECTIVES, HEAD_FEATURE_PREFIX, ExitHeadBase, build_exit_heads, exit_head_kwargs, exit_modes, exit_size,
 )
 from ..fold import FoldAware
-from ..heads.base import check_seg_head
+from ..heads.base import check_seg_head, crop_logits
 from ..masked import (
     MODES as MASKED_MODES, SPARSE_MAX_ACTIVE, SPARSE_MIN_PIXELS, MaskedStage, PixelMask, UnsupportedModuleError,
 )
@@ -841,12 +841,13 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly, FoldAware):
         head_plan = self._masked_head() if frozen else None
         if head_plan is None:
             head, _ = self.sem_seg_head(features, None, output_size=hw)
+            head = crop_logits(head, hw)  # a "stride" head's map may overshoot the input
             macs += dense.head
             dense_ops.append(HEAD)
         else:  # its logits at the active pixels (frozen ones 0, replaced by their answers below), then the resize
             logits, report = head_plan(masked_head_input(self.sem_seg_head, features), PixelMask(active),
                                        self.pixel_mode, **self._sparse_rule())
-            head = self.sem_seg_head.predict_logits(logits, hw)
+            head = crop_logits(self.sem_seg_head.predict_logits(logits, hw), hw)
             macs += float(report.macs[0]) + dense.head_resize
             dense_ops += [op for op in report.dense_ops if op not in dense_ops]
             if report.sparse:
