@@ -81,6 +81,19 @@ def test_every_pixel_active_sparse_equals_emulate_equals_the_heads_logits_with_f
         assert r_sparse.dense_ops == []
 
 
+def sparse_matches_emulate(head, x, m):
+    """The head masked by ``m`` in both modes: equal logits, equal counted MACs, frozen logits 0.
+    Returns emulate's logits and sparse's report."""
+    mask = PixelMask(m)
+    with torch.no_grad():
+        emu, r_emu = masked_forward(head, x, mask, "emulate")
+    sparse, r_sparse = masked_forward(head, x, mask, "sparse", max_active=1.0, min_pixels=0)
+    torch.testing.assert_close(sparse, emu, **TOL)
+    assert torch.equal(r_emu.macs, r_sparse.macs)
+    assert torch.equal(emu[(~m)[:, None].expand_as(emu)], torch.zeros(int((~m).sum()) * emu.shape[1]))
+    return emu, r_sparse
+
+
 @pytest.mark.parametrize("kind", sorted(HEADS))
 def test_sparse_equals_emulate_on_masks_frozen_logits_zero_and_macs_affine_in_the_active_count(kind):
     head, x = make_head(kind), features()
@@ -89,13 +102,7 @@ def test_sparse_equals_emulate_on_masks_frozen_logits_zero_and_macs_affine_in_th
     per_image = {}
     for m in [random_mask(2, SIZE, 0.3, seed=1), boundary_mask(2, SIZE, seed=3)] + border_masks(2, SIZE) + [
             torch.zeros(2, *SIZE, dtype=torch.bool)]:
-        mask = PixelMask(m)
-        with torch.no_grad():
-            emu, r_emu = masked_forward(head, x, mask, "emulate")
-        sparse, r_sparse = masked_forward(head, x, mask, "sparse", max_active=1.0, min_pixels=0)
-        torch.testing.assert_close(sparse, emu, **TOL)
-        assert torch.equal(r_emu.macs, r_sparse.macs)
-        assert torch.equal(emu[(~m)[:, None].expand_as(emu)], torch.zeros(int((~m).sum()) * emu.shape[1]))
+        emu, r_sparse = sparse_matches_emulate(head, x, m)
         if kind.startswith("deeplabv3_detectron2"):
             # every spatial conv reads the head's input itself (1x1 projection and classifier after
             # them), so active pixels are the dense head's
@@ -201,13 +208,7 @@ def test_hrnetv2_sparse_equals_emulate_on_masks_frozen_logits_zero_and_macs_line
     per_image = {}
     for m in [random_mask(2, size, 0.3, seed=1), random_mask(2, size, 0.7, seed=2), boundary_mask(2, size, seed=3)] + \
             border_masks(2, size) + [torch.zeros(2, *size, dtype=torch.bool)]:
-        mask = PixelMask(m)
-        with torch.no_grad():
-            emu, r_emu = masked_forward(head, xs, mask, "emulate")
-        sparse, r_sparse = masked_forward(head, xs, mask, "sparse", max_active=1.0, min_pixels=0)
-        torch.testing.assert_close(sparse, emu, **TOL)
-        assert torch.equal(r_emu.macs, r_sparse.macs)
-        assert torch.equal(emu[(~m)[:, None].expand_as(emu)], torch.zeros(int((~m).sum()) * emu.shape[1]))
+        emu, r_sparse = sparse_matches_emulate(head, xs, m)
         # every unit is 1x1 after the resize: active pixels are the dense head's
         torch.testing.assert_close(emu, dense * m[:, None], **TOL)
         for count, macs in zip(m.flatten(1).sum(1).tolist(), r_sparse.macs.tolist()):
