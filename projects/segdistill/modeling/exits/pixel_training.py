@@ -30,7 +30,10 @@ With threshold ``t`` in (0, 1], on a (padded, normalised) batch ``x`` of size ``
    are resized (bilinear, ``align_corners`` False) to ``H x W``: ``own[e]``. The pixels still
    active whose top softmax probability of ``own[e]`` (float32, computed on detached logits)
    reaches ``t`` are frozen by ``e`` (``frozen[e]``, a boolean tensor: no gradient flows
-   through the decision, neither into the exit nor into anything before it).
+   through the decision, neither into the exit nor into anything before it); with
+   ``MODEL.EXITS.PIXEL.CELL c`` > 1, whole ``c x c`` cells of the input freeze together, a
+   cell when all its active pixels reach ``t`` (:func:`.pixel_cells.freeze_decision`, the
+   rule policy ``pixel`` applies; every pixel of the batch counts, there is no padding mask).
 3. The head's logits, as policy ``pixel`` computes them: once a pixel is frozen, the head
    runs masked (``emulate``) where masked execution implements it
    (:mod:`segdistill.modeling.masked_heads`: DeepLabV3, FCN, HRNetV2), else dense on the (masked)
@@ -82,8 +85,10 @@ project's inference (policy ``pixel``):
 
 * the decision is taken at the input size on each exit's own logits resized bilinearly
   (frozen when the top probability is *at least* ``t``; ADP-C: above it), at the active
-  pixels only; ADP-C decides at the exits' stride on the aggregated logits (the same set:
-  a frozen pixel keeps a confident answer) and resizes the mask (nearest) to every conv;
+  pixels only (or per ``MODEL.EXITS.PIXEL.CELL`` cell of the input: with the cell equal to
+  a stride, a mask of that stride's map, as ADP-C's); ADP-C decides at the exits' stride on
+  the aggregated logits (the same set: a frozen pixel keeps a confident answer) and resizes
+  the mask (nearest) to every conv;
 * a frozen pixel's features follow :mod:`segdistill.modeling.masked` (0 in a convolution's
   output, the shortcut through a residual block); ADP-C's masked convs fill them by an
   RBF interpolation of active neighbours (``lib/models/conv_mask.py``);
@@ -115,6 +120,7 @@ from ..masked import MaskedStage, PixelMask, UnsupportedModuleError
 from ..masked_heads import masked_head_input
 from ..stagewise import StageModulesUnsupported, StagewiseBackbone
 from .heads import HEAD_FEATURE_PREFIX, ExitOutput, MultiExitOutputs, exit_size
+from .pixel_cells import check_pixel_cell, freeze_decision
 
 __all__ = ["PixelTraining", "PixelRun", "add_pixel_training_config", "check_train_threshold"]
 
@@ -178,11 +184,14 @@ class PixelTraining:
     modules; ``emulate`` runs the modules' own forwards, so nothing goes stale when the
     weights change)."""
 
-    def __init__(self, threshold: float):
+    def __init__(self, threshold: float, cell: int = 1):
+        """``threshold``: ``MODEL.EXITS.PIXEL.TRAIN_THRESHOLD`` in (0, 1]; ``cell``:
+        ``MODEL.EXITS.PIXEL.CELL``, the side of the decision cells (:mod:`.pixel_cells`)."""
         t = check_train_threshold(threshold)
         if t <= 0.0:
             raise ValueError("PixelTraining needs a threshold in (0, 1]; 0 means mask-aware training is off.")
         self.threshold = t
+        self.cell = check_pixel_cell(cell)
 
     def check(self, backbone: nn.Module, exits: Dict[str, nn.Module], head: nn.Module, fused: bool) -> None:
         """Raise a clear error where the model cannot be trained mask-aware: the same limits as
@@ -256,8 +265,9 @@ class PixelTraining:
                     if plan is not None:
                         seg, _ = plan(yielded[feature], PixelMask(active), "emulate")
                 up = F.interpolate(seg, size=hw, mode="bilinear", align_corners=False)
-                with torch.no_grad():  # the decision: a comparison of detached probabilities
-                    newly = active & (F.softmax(up.detach().float(), dim=1).amax(dim=1) >= self.threshold)
+                with torch.no_grad():  # the decision: a comparison of detached probabilities, per cell
+                    top = F.softmax(up.detach().float(), dim=1).amax(dim=1)
+                    newly = freeze_decision(top, active, self.threshold, self.cell)
                 # this exit's aggregated logits: its own where still active, the earlier answers elsewhere
                 aggregated = up if answer is None else torch.where(active[:, None], up, answer)
                 answer = torch.where(newly[:, None], up, torch.zeros_like(up) if answer is None else answer)

@@ -25,7 +25,8 @@ meta-architecture is the *deployed* form of a trained ``MultiExitSegmentor`` (do
     image takes its own path; batch size does not change a decision).
   - ``pixel``: per pixel (:meth:`AnytimeSegmentor.run_pixel`, ``MODEL.EXITS.ANYTIME.PIXEL_THRESHOLDS``
     / ``PIXEL_MODE``): after each exit, the pixels whose top probability reaches its threshold
-    keep its answer and are frozen; the later stages run masked (:mod:`..masked`, through the
+    (``MODEL.EXITS.PIXEL.CELL`` > 1: whole cells of the input whose active pixels all reach
+    it, :mod:`..exits.pixel_cells`) keep its answer and are frozen; the later stages run masked (:mod:`..masked`, through the
     backbone's ``stage_modules()`` / ``stage_outputs()``: one tensor or, on HRNet, a list of
     branches per stage) on the rest; the later exits (``sr``, ``rh``: :mod:`..masked_exits`)
     and the head run masked too where masked execution implements them (heads: DeepLabV3,
@@ -72,6 +73,7 @@ from ..backbones.norm import resolve_norm
 from ..exits import (
     EXIT_OBJECTIVES, HEAD_FEATURE_PREFIX, ExitHeadBase, build_exit_heads, exit_head_kwargs, exit_modes, exit_size,
 )
+from ..exits.pixel_cells import check_pixel_cell, freeze_decision
 from ..fold import FoldAware
 from ..heads.base import check_seg_head, crop_logits
 from ..masked import (
@@ -405,6 +407,7 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly, FoldAware):
         pixel_mode: str = "emulate",
         sparse_max_active: float = SPARSE_MAX_ACTIVE,
         sparse_min_pixels: int = SPARSE_MIN_PIXELS,
+        pixel_cell: int = 1,
     ):
         """
         Args:
@@ -428,6 +431,9 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly, FoldAware):
                 the sparse path only when at most this share of its input pixels is active and
                 its finest input map has at least this many pixels, else as ``emulate``
                 (:class:`~segdistill.modeling.masked.MaskedStage`; settable later, like ``pixel_mode``).
+            pixel_cell: ``MODEL.EXITS.PIXEL.CELL``: policy ``pixel`` freezes ``c x c`` cells of
+                the padded input together (:mod:`segdistill.modeling.exits.pixel_cells`; 1: each
+                pixel on its own), as mask-aware training does.
         """
         super().__init__()
         if not isinstance(backbone, StagewiseBackbone):
@@ -468,6 +474,7 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly, FoldAware):
         self.pixel_mode = pixel_mode
         _check_sparse_rule(sparse_max_active, sparse_min_pixels)
         self.sparse_max_active, self.sparse_min_pixels = float(sparse_max_active), int(sparse_min_pixels)
+        self.pixel_cell = check_pixel_cell(pixel_cell)
         self.pixel_thresholds = None
         # stage name -> MaskedStage of policy ``pixel`` (compiled once; a sparse stage folds its
         # norms on first use, so the cache is dropped whenever the weights may have changed:
@@ -522,6 +529,7 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly, FoldAware):
             "thresholds": _thresholds_from_config(a, names), "eval_final": a.EVAL_FINAL,
             "pixel_thresholds": _pixel_thresholds_from_config(a, names), "pixel_mode": a.PIXEL_MODE,
             "sparse_max_active": a.SPARSE_MAX_ACTIVE, "sparse_min_pixels": a.SPARSE_MIN_PIXELS,
+            "pixel_cell": c.PIXEL.CELL,
         }
 
     # ------------------------------------------------------------------ policy
@@ -743,7 +751,9 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly, FoldAware):
         features, ``stage_outputs()``, e.g. HRNet's branches, and the exits on them run in that
         order once the stage has run). After an exit with a finite threshold,
         its logits, resized to ``H x W``, answer every still-active pixel whose top softmax
-        probability reaches the threshold; those pixels are frozen. Once a pixel is frozen, the
+        probability reaches the threshold; those pixels are frozen (with ``pixel_cell`` c > 1:
+        every still-active pixel of each ``c x c`` cell whose active pixels inside the image
+        all reach it, :func:`~segdistill.modeling.exits.pixel_cells.freeze_decision`). Once a pixel is frozen, the
         later stages run masked (``pixel_mode``; :class:`~segdistill.modeling.masked.PixelMask`
         of the active pixels at every stride); before that they run dense, as ``forward_stages``.
         An exit run once a pixel is frozen runs masked too (its logits at the active pixels,
@@ -829,7 +839,8 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly, FoldAware):
                 up = F.interpolate(logits, size=hw, mode="bilinear", align_corners=False)
                 macs += costs.answer[feature]
                 evaluated.append(feature)
-                newly = active & (F.softmax(up.float(), dim=1).amax(dim=1) >= thresholds[feature])
+                top = F.softmax(up.float(), dim=1).amax(dim=1)
+                newly = freeze_decision(top, active, thresholds[feature], self.pixel_cell, inside)
                 answer = torch.where(newly[:, None], up, torch.zeros_like(up) if answer is None else answer)
                 answered[feature] = 100.0 * float((newly & inside).sum()) / pixels
                 active = active & ~newly  # a new tensor: a PixelMask made of the old one stays valid

@@ -47,6 +47,7 @@ from ..exits import (
     EXIT_OBJECTIVES, HEAD_FEATURE_PREFIX, ExitFusion, ExitObjective, ExitOutput, MultiExitOutputs,
     MultiLabelClassifier, build_exit_heads, exit_head_kwargs, exit_modes, exit_size,
 )
+from ..exits.pixel_cells import check_pixel_cell
 from ..exits.pixel_training import PixelRun, PixelTraining, check_train_threshold
 from ..distill.taps import HEAD_TAPS, StudentTaps, collect_taps, normalise_inputs
 from ..heads.base import SegHeadMixin
@@ -99,6 +100,7 @@ class MultiExitSegmentor(SemanticSegmentorAnySize, DeployableModel):
         eval_exits: bool,
         fusion: Optional[ExitFusion],
         pixel_train_threshold: float = 0.0,
+        pixel_cell: int = 1,
     ):
         """
         Args:
@@ -116,6 +118,8 @@ class MultiExitSegmentor(SemanticSegmentorAnySize, DeployableModel):
             pixel_train_threshold: ``MODEL.EXITS.PIXEL.TRAIN_THRESHOLD``: 0 = off (the plain
                 training forward); in (0, 1]: mask-aware training with that top-probability
                 threshold after every exit (:class:`PixelTraining`).
+            pixel_cell: ``MODEL.EXITS.PIXEL.CELL``: mask-aware training freezes ``c x c``
+                cells of the input together (1: each pixel on its own), as policy ``pixel``.
         """
         super().__init__(backbone=backbone, sem_seg_head=sem_seg_head, pixel_mean=pixel_mean, pixel_std=pixel_std)
         self.exits = nn.ModuleDict(dict(exits or {}))
@@ -132,8 +136,9 @@ class MultiExitSegmentor(SemanticSegmentorAnySize, DeployableModel):
             self._fusion_name = fusion.name
             self.add_module(fusion.name, fusion)
         self.pixel_training: Optional[PixelTraining] = None
+        check_pixel_cell(pixel_cell)
         if check_train_threshold(pixel_train_threshold) > 0:
-            self.pixel_training = PixelTraining(pixel_train_threshold)
+            self.pixel_training = PixelTraining(pixel_train_threshold, pixel_cell)
             self.pixel_training.check(backbone, self.exits, sem_seg_head, fused=fusion is not None)
         if not self.exits:
             return
@@ -182,6 +187,7 @@ class MultiExitSegmentor(SemanticSegmentorAnySize, DeployableModel):
             "backbone": backbone, "sem_seg_head": head,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
             "eval_exits": c.EVAL_EXITS, "fusion": fusion, "pixel_train_threshold": c.PIXEL.TRAIN_THRESHOLD,
+            "pixel_cell": c.PIXEL.CELL,
             "exits": None, "final_classifier": None, "objective": None,
         }
         if objective_cls is None:
