@@ -447,3 +447,110 @@ def test_an_exit_after_a_freeze_runs_masked_counts_fewer_macs_and_leaves_dense_o
         + model.pixel_costs(hw).head_resize
     assert info["macs"] == pytest.approx(expected, rel=1e-12)
     model.policy = FINAL
+
+
+# ---------------------------------------------------------------------- decision cells (MODEL.EXITS.PIXEL.CELL)
+def brute_force_cells(top, active, threshold, cell, inside):
+    """The cell rule written out, one cell at a time: a cell freezes its active pixels when its
+    active pixels inside the image (or, for a cell wholly in the padding, its active pixels)
+    all reach the threshold."""
+    n, h, w = top.shape
+    out = torch.zeros_like(active)
+    for i in range(n):
+        for r in range(0, h, cell):
+            for c in range(0, w, cell):
+                box = (i, slice(r, r + cell), slice(c, c + cell))
+                act, ins = active[box], inside[0, r:r + cell, c:c + cell]
+                decides = act & ins if bool((act & ins).any()) else act
+                if bool((top[box][decides] >= threshold).all()):
+                    out[box] = act
+    return out
+
+
+def test_the_cell_decision_equals_a_loop_over_cells():
+    from segdistill.modeling.exits.pixel_cells import freeze_decision
+
+    g = torch.Generator().manual_seed(0)
+    top = torch.rand(2, 23, 30, generator=g)
+    active = torch.rand(2, 23, 30, generator=g) > 0.15
+    inside = torch.zeros(1, 23, 30, dtype=torch.bool)
+    inside[:, :17, :21] = True  # the padding: partial cells mixing image and padding, and cells wholly in it
+    top[:, 17:, :] = 0.0  # padding pixels below every threshold: they must not hold back a cell with image pixels
+    for cell in (1, 2, 3, 4, 7, 8, 32):
+        for t in (0.05, 0.2, 0.5):
+            got = freeze_decision(top, active, t, cell, inside)
+            assert torch.equal(got, brute_force_cells(top, active, t, cell, inside)), (cell, t)
+            assert not bool((got & inside & (top < t)).any())  # an image pixel below the threshold never freezes
+            assert not bool((got & ~active).any())
+            # no padding mask (mask-aware training): every pixel decides
+            everywhere = torch.ones_like(inside)
+            assert torch.equal(freeze_decision(top, active, t, cell), brute_force_cells(top, active, t, cell, everywhere))
+        if cell == 1:  # the per-pixel decision, padding included
+            assert torch.equal(freeze_decision(top, active, 0.2, 1, inside), active & (top >= 0.2))
+    # some cells do freeze with image pixels and padding in them at the thresholds used
+    assert bool((freeze_decision(top, active, 0.05, 4, inside) & ~inside).any())
+
+
+def test_config_key_of_the_decision_cells(model):
+    from segdistill.config import ConfigError
+    from segdistill.modeling.meta_arch.anytime import AnytimeSegmentor
+
+    cfg = anytime_cfg(POLICY="pixel", PIXEL_THRESHOLDS=[0.9])
+    cfg.MODEL.META_ARCHITECTURE = "AnytimeSegmentor"
+    assert cfg.MODEL.EXITS.PIXEL.CELL == 1 and model.pixel_cell == 1
+    cfg.MODEL.EXITS.PIXEL.CELL = 16
+    assert AnytimeSegmentor(cfg).pixel_cell == 16
+    for value in (0, -8, 2.5, True, "8"):
+        cfg.MODEL.EXITS.PIXEL.CELL = value
+        with pytest.raises(ConfigError, match=r"MODEL.EXITS.PIXEL.CELL is .*; write an integer >= 1, e.g. "
+                                              r"MODEL.EXITS.PIXEL.CELL 16"):
+            AnytimeSegmentor(cfg)
+
+
+def test_cells_of_a_stages_stride_freeze_whole_map_pixels_of_that_stage(model):
+    """CELL 8, the stride of res3..res5's maps: res3 freezes whole 8x8 cells (those whose pixels
+    inside the image all reach the threshold; the last 4 rows and columns are padding), each
+    frozen pixel keeps res3's logits, no image pixel below the threshold freezes, and the
+    masked res4 stage's active share on its 8x10 map is the share of active cells exactly
+    (PixelMask's max-pool keeps no extra map pixel)."""
+    image = random_batch(1, 64, 80, K, seed=5, with_labels=False)[0]
+    l3, images = exit_logits(model, image, "res3")
+    hw, c = tuple(images.tensor.shape[-2:]), 8
+    assert hw == (64, 80)
+    own = (60, 76)  # run as an image of 60 x 76 padded to 64 x 80
+    inside = torch.zeros(1, *hw, dtype=torch.bool)
+    inside[:, :own[0], :own[1]] = True
+    top = F.softmax(l3, dim=1).amax(dim=1)
+    cell_min = top.masked_fill(~inside, float("inf")).view(1, 8, c, 10, c).amin(dim=(2, 4))
+    cut = float(cell_min.flatten().sort().values[40])  # about half of the 80 cells freeze
+    frozen_cells = cell_min >= cut
+    frozen = frozen_cells.repeat_interleave(c, 1).repeat_interleave(c, 2)
+    assert 0 < int(frozen_cells.sum()) < 80
+    assert bool((frozen & ~inside).any())  # cells mixing image and padding among them
+    try:
+        model.pixel_cell = c
+        pixel(model, {"res2": 2.0, "res3": cut, "res4": 2.0})
+        with torch.no_grad():
+            logits, info = model.run_pixel(images.tensor, own)
+    finally:
+        model.pixel_cell = 1
+        model.policy = FINAL
+    per_pixel, exit_per_pixel = logits.permute(0, 2, 3, 1), l3.permute(0, 2, 3, 1)
+    kept = (per_pixel == exit_per_pixel).all(-1)
+    assert torch.equal(kept, frozen)  # exactly the whole cells, each pixel with res3's logits
+    assert not bool((kept & inside & (top < cut)).any())
+    share = float(frozen_cells.float().mean())
+    assert info["answered_pct"]["res3"] == pytest.approx(100.0 * float((frozen & inside).sum()) / (60 * 76))
+    # the masked stage and the head ran on the cells' mask: at stride 8 no map pixel is kept by max-pooling
+    feats = dict(model.backbone.forward_stages(images.tensor))
+    mask = PixelMask(~frozen)
+    assert torch.equal(mask.at((8, 10)), ~frozen_cells)
+    with torch.no_grad():
+        y4, r4 = masked_forward(model.backbone.body.layer3, feats["res3"], mask, "emulate")
+        y5, r5 = masked_forward(model.backbone.body.layer4, y4, mask, "emulate")
+        _, r_head = masked_forward(model.sem_seg_head, y5, mask, "emulate")
+    assert r4.active_share == pytest.approx(1.0 - share, abs=1e-12)
+    costs, dense = model.costs(hw), model.pixel_costs(hw)
+    expected = costs.prefix["res3"] + costs.exits["res3"] + costs.answer["res3"] + float(r4.macs[0] + r5.macs[0]) \
+        + float(r_head.macs[0]) + dense.head_resize
+    assert info["macs"] == pytest.approx(expected, rel=1e-12)

@@ -253,3 +253,39 @@ def test_train_net_lazy_ds_mask_aware(tmp_path):
         f"train.output_dir={out_dir}",
     ])
     assert losses_logged(out_dir) == ({"loss_sem_seg", "loss_ds"}, 1)
+
+
+def test_cells_in_eval_are_the_pixel_policys_answer_and_freeze_whole_cells(trained):
+    """MODEL.EXITS.PIXEL.CELL 4, read by both models: mask-aware training freezes whole 4x4
+    cells (a cell when all its still-active pixels reach t) and its eval() answer is policy
+    pixel's with the same cells."""
+    cfg, model = trained
+    cfg = cfg.clone()
+    cfg.MODEL.EXITS.PIXEL.CELL = 4
+    t = 0.66
+    check_eval_is_the_pixel_policy(cfg, model, t)
+    m = twin(cfg, model, t).eval()
+    assert m.pixel_training.cell == 4
+    x = m._images(random_batch(2, 64, 64, K, seed=5)).tensor
+    with torch.no_grad():
+        run = m.pixel_run(x)
+    cells = lambda t: F.max_pool2d(t[:, None].float(), 4)[:, 0] > 0  # noqa: E731  any pixel of a cell
+    done = torch.zeros_like(run.active)
+    for name, f in run.frozen.items():
+        top = F.softmax(run.own[name], dim=1).amax(dim=1)
+        before = ~done
+        done = done | f
+        # a cell with a pixel frozen by this exit is frozen whole; a pixel it froze reached t
+        assert not bool((cells(f) & cells(~done)).any()), name
+        assert not bool((f & (top < t)).any()), name
+        # a cell left active holds an active pixel below t
+        left = cells(before) & ~cells(f)
+        assert torch.equal(left, left & cells(before & ~f & (top < t))), name
+    assert torch.equal(~done, run.active)
+
+
+def test_config_error_of_the_cell_names_the_key():
+    cfg = exit_cfg(threshold=0.9)
+    cfg.MODEL.EXITS.PIXEL.CELL = 0
+    with pytest.raises(ConfigError, match=r"MODEL.EXITS.PIXEL.CELL is 0; write an integer >= 1"):
+        build_model(cfg)
