@@ -284,7 +284,8 @@ def test_calibrate_exits_policy_pixel_end_to_end(tmp_path):
 
     config = os.path.join(REPO, "configs/demo/exits/ds.yaml")
     opts = ["DATASETS.TRAIN", "('segdistill_demo_mini_train',)", "DATASETS.TEST", "('segdistill_demo_mini_val',)",
-            "MODEL.SEM_SEG_HEAD.ASPP_CHANNELS", "32", "MODEL.EXITS.CHANNELS", "16", "DATALOADER.NUM_WORKERS", "0"]
+            "MODEL.SEM_SEG_HEAD.ASPP_CHANNELS", "32", "MODEL.EXITS.CHANNELS", "16", "DATALOADER.NUM_WORKERS", "0",
+            "MODEL.EXITS.PIXEL.CELL", "2"]
     cfg = tool_cfg(config, opts)
     cfg.MODEL.META_ARCHITECTURE = "MultiExitSegmentor"
     DetectionCheckpointer(build_model(cfg), save_dir=str(tmp_path)).save("model")
@@ -298,12 +299,17 @@ def test_calibrate_exits_policy_pixel_end_to_end(tmp_path):
     doc = json.load(open(out))
     records = PixelRecords.load(rec)
     assert doc["policy"] == "pixel" and doc["calibration"]["dataset"] == "segdistill_demo_mini_train_hs3_analysis"
+    assert doc["pixel_cell"] == 2  # the decision cell the thresholds were calibrated for (the config's)
     assert len(doc["calibration"]["settings"]) == 3 == len(records.thresholds) and records.num_images >= 1
     want = calibrate(records, max_drop=100.0).thresholds
     assert {k: (math.inf if v is None else v) for k, v in doc["thresholds"].items()} == want
     # read back by the config: THRESHOLDS_FILE of policy pixel is PIXEL_THRESHOLDS
     acfg = tool_cfg(config, opts + ["MODEL.EXITS.ANYTIME.POLICY", "pixel", "MODEL.EXITS.ANYTIME.THRESHOLDS_FILE", out])
     assert AnytimeSegmentor(acfg).pixel_thresholds == want
+    acfg.MODEL.EXITS.PIXEL.CELL = 1  # other cells freeze other pixels with the same thresholds
+    with pytest.raises(ValueError, match="calibrated for MODEL.EXITS.PIXEL.CELL 2, but the config asks for 1"):
+        AnytimeSegmentor(acfg)
+    acfg.MODEL.EXITS.PIXEL.CELL = 2
     acfg.MODEL.EXITS.ANYTIME.PIXEL_THRESHOLDS = [0.9]
     with pytest.raises(ValueError, match="not both"):
         AnytimeSegmentor(acfg)

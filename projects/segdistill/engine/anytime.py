@@ -164,7 +164,7 @@ def calibrate_from_config(cfg, output: str, *, dataset: str = "", max_drop: Opti
         summary["pixel_mode"] = a.PIXEL_MODE
         summary["settings"] = [records.candidate_summary(i) for i in range(len(records.thresholds))]
     save_thresholds(output, result.thresholds, confidence=a.CONFIDENCE, pixel_threshold=a.PIXEL_THRESHOLD,
-                    calibration=summary, policy=policy)
+                    calibration=summary, policy=policy, pixel_cell=cfg.MODEL.EXITS.PIXEL.CELL)
     if not result.feasible:
         why = result.details.get("reason", "wrote the closest one")
         logger.warning("No threshold setting meets %s on %s: %s.", result.objective, name, why)

@@ -153,11 +153,12 @@ def parse_policy(policy: str, exit_names: Sequence[str]) -> Tuple[str, Optional[
 
 # ----------------------------------------------------------------------------- thresholds file
 def save_thresholds(path: str, thresholds: Dict[str, float], *, confidence: str, pixel_threshold: float,
-                    calibration: Optional[dict] = None, policy: str = CONFIDENCE) -> str:
+                    calibration: Optional[dict] = None, policy: str = CONFIDENCE, pixel_cell: int = 1) -> str:
     """Write the thresholds file ``MODEL.EXITS.ANYTIME.THRESHOLDS_FILE`` points to (JSON;
     ``null`` = never answer from that exit). ``policy``: the policy the thresholds are for,
     ``confidence`` (per-image confidence thresholds) or ``pixel`` (per-pixel top-probability
-    thresholds, read as ``PIXEL_THRESHOLDS``)."""
+    thresholds, read as ``PIXEL_THRESHOLDS``, with the decision cell ``pixel_cell`` they were
+    calibrated for, ``MODEL.EXITS.PIXEL.CELL``)."""
     if policy not in (CONFIDENCE, PIXEL):
         raise ValueError(f"A thresholds file is for policy {CONFIDENCE!r} or {PIXEL!r}, got {policy!r}.")
     doc = {
@@ -168,6 +169,8 @@ def save_thresholds(path: str, thresholds: Dict[str, float], *, confidence: str,
         "thresholds": {k: (None if not math.isfinite(v) else float(v)) for k, v in thresholds.items()},
         "calibration": calibration or {},
     }
+    if policy == PIXEL:  # the same thresholds freeze other pixels with other cells
+        doc["pixel_cell"] = check_pixel_cell(pixel_cell)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
@@ -193,9 +196,10 @@ def thresholds_file_policy(path: str) -> str:
 
 
 def load_thresholds(path: str, exit_names: Sequence[str], *, confidence: str, pixel_threshold: float,
-                    policy: str = CONFIDENCE) -> Dict[str, float]:
-    """Read a thresholds file, checked against the model's exits, the policy it is read for and
-    (policy ``confidence``) the confidence settings."""
+                    policy: str = CONFIDENCE, pixel_cell: int = 1) -> Dict[str, float]:
+    """Read a thresholds file, checked against the model's exits, the policy it is read for,
+    (policy ``confidence``) the confidence settings and (policy ``pixel``) the decision cell
+    (a file without one was calibrated per pixel, cell 1)."""
     doc = _read_thresholds_file(path)
     if doc.get("policy", CONFIDENCE) != policy:
         raise ValueError(f"{path!r} holds thresholds of policy {doc.get('policy', CONFIDENCE)!r}, read for policy "
@@ -207,6 +211,9 @@ def load_thresholds(path: str, exit_names: Sequence[str], *, confidence: str, pi
             f"{path!r} was calibrated for confidence {doc['confidence']!r} (pixel threshold "
             f"{doc['pixel_threshold']}), but the config asks for MODEL.EXITS.ANYTIME.CONFIDENCE {confidence!r} "
             f"(PIXEL_THRESHOLD {pixel_threshold}); recalibrate or change the config.")
+    if policy == PIXEL and int(doc.get("pixel_cell", 1)) != pixel_cell:
+        raise ValueError(f"{path!r} was calibrated for MODEL.EXITS.PIXEL.CELL {doc.get('pixel_cell', 1)}, but the config "
+                         f"asks for {pixel_cell}; write MODEL.EXITS.PIXEL.CELL {doc.get('pixel_cell', 1)} or recalibrate.")
     got = doc["thresholds"]
     if sorted(got) != sorted(exit_names):
         raise ValueError(f"{path!r} has thresholds for exits {sorted(got)}, the model has {list(exit_names)}.")
@@ -226,14 +233,14 @@ def _thresholds_from_config(a, exit_names: Sequence[str]) -> Optional[Dict[str, 
     return None
 
 
-def _pixel_thresholds_from_config(a, exit_names: Sequence[str]) -> Optional[Dict[str, float]]:
+def _pixel_thresholds_from_config(a, exit_names: Sequence[str], cell: int) -> Optional[Dict[str, float]]:
     values = [float(t) for t in a.PIXEL_THRESHOLDS]
     if a.THRESHOLDS_FILE and thresholds_file_policy(a.THRESHOLDS_FILE) == PIXEL:  # calibrated per-pixel thresholds
         if values:
             raise ValueError(f"MODEL.EXITS.ANYTIME.THRESHOLDS_FILE {a.THRESHOLDS_FILE!r} holds policy 'pixel''s "
                              "thresholds: set it or MODEL.EXITS.ANYTIME.PIXEL_THRESHOLDS, not both.")
         return load_thresholds(a.THRESHOLDS_FILE, exit_names, confidence=a.CONFIDENCE,
-                               pixel_threshold=a.PIXEL_THRESHOLD, policy=PIXEL)
+                               pixel_threshold=a.PIXEL_THRESHOLD, policy=PIXEL, pixel_cell=check_pixel_cell(cell))
     if not values:
         return None
     if len(values) == 1:
@@ -527,7 +534,7 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly, FoldAware):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
             "exits": exits, "policy": a.POLICY, "confidence": a.CONFIDENCE, "pixel_threshold": a.PIXEL_THRESHOLD,
             "thresholds": _thresholds_from_config(a, names), "eval_final": a.EVAL_FINAL,
-            "pixel_thresholds": _pixel_thresholds_from_config(a, names), "pixel_mode": a.PIXEL_MODE,
+            "pixel_thresholds": _pixel_thresholds_from_config(a, names, c.PIXEL.CELL), "pixel_mode": a.PIXEL_MODE,
             "sparse_max_active": a.SPARSE_MAX_ACTIVE, "sparse_min_pixels": a.SPARSE_MIN_PIXELS,
             "pixel_cell": c.PIXEL.CELL,
         }
