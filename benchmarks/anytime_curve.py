@@ -663,6 +663,23 @@ def summary_table(summary: dict) -> str:
                 lines.append(f"| {n} | {_ci(mean.get(p + '/mIoU'))} | {_ci(mean.get(p + '/drop'))} | "
                              f"{_ci(mean.get(p + '/GMACs'))} | {_ci(mean.get(p + '/MACs_saved_pct'))} | {_ci(same)} | "
                              f"{_ci(mean.get(p + '/vs_image_equal_macs/mIoU'))} | {_ci(mean.get(p + '/val_risk'))} |")
+        curve = list(dict.fromkeys(k.split("]")[0][len("curve["):] for k in mean if k.startswith("curve[")))
+        risk = list(dict.fromkeys(k.split("]")[0][len("risk["):] for k in mean if k.startswith("risk[")))
+        if curve or "fixed/final/mIoU" in mean:  # the image-level policy (step 3) and the fixed outputs
+            lines += ["", "| image-level policy | val mIoU | drop | GMACs | MACs saved % | val risk (certified share) |",
+                      "|---|---|---|---|---|---|"]
+            for n in [f for f in mean if f.startswith("fixed/") and f.endswith("/mIoU")]:
+                n = n.split("/")[1]
+                lines.append(f"| {n if n == FINAL else 'exit:' + n} | {_ci(mean.get(f'fixed/{n}/mIoU'))} | | "
+                             f"{_ci(mean.get(f'fixed/{n}/GMACs'))} | | |")
+            rows = [(f"confidence, D={n.split('=')[1]}", f"curve[{n}]") for n in curve]
+            rows += [(n.replace("method=", "").replace(" epsilon=", " eps="), f"risk[{n}]") for n in risk]
+            for name, p in rows:
+                cert = mean.get(p + "/feasible")
+                risk_cell = "" if p.startswith("curve") else (
+                    f"{_ci(mean.get(p + '/val_risk'))} ({_pct(None if cert is None else cert['mean'], '{:.0%}')})")
+                lines.append(f"| {name} | {_ci(mean.get(p + '/mIoU'))} | {_ci(mean.get(p + '/drop'))} | "
+                             f"{_ci(mean.get(p + '/GMACs'))} | {_ci(mean.get(p + '/MACs_saved_pct'))} | {risk_cell} |")
         timed = list(dict.fromkeys(k.split("/")[2] for k in mean if k.startswith("pixel/timed/")))
         if timed:
             lines += ["", "| timed run | time / final | time saved % | MACs saved % | time saved / MACs saved |",

@@ -135,6 +135,9 @@ def test_seeds_summary_means_and_intervals(tmp_path):
                  "vs_image_equal_macs": None if equal is None else {"mIoU": equal}},
                 {"row": "pixel ucb eps=0.05", "certified": certified, "val_risk": risk, "epsilon": 0.05}]
         return {"label": "DS", "fixed": {FINAL: {"mIoU": 60.0}},
+                "curve": [{"max_drop": 1.0, "mIoU": 60.0 - 2 * drop, "drop": 2 * drop, "GMACs": 1.0, "MACs_saved_pct": 40.0}],
+                "risk": [{"method": "ucb", "epsilon": 0.1, "feasible": certified, "val_risk": 2 * risk, "mIoU": 59.0,
+                          "drop": 1.0, "GMACs": 0.5, "MACs_saved_pct": 50.0}],
                 "pixel": {"rows": rows, "timed": {"pixel:sparse": {"time_to_macs_saving": ratio}}}}
 
     seeds = [result(0.2, 10.0, 0.4, True, 0.01, 0.7), result(0.5, 12.0, None, True, 0.03, 0.5),
@@ -161,5 +164,11 @@ def test_seeds_summary_means_and_intervals(tmp_path):
     assert a["pixel_policy"] and a["time_half_of_macs"] and a["time_to_macs_saving"] == pytest.approx(0.5)
     assert a["ucb"] == [{"epsilon": 0.05, "certified_share": 1.0, "val_risk": pytest.approx(0.03), "pass": True}]
     assert (tmp_path / "summary" / "seeds_summary.md").read_text().count("pass") >= 2
+    # the image-level policy's rows too: its drop at D = 1 is 2 x the pixel rows' (mean 1.0)
+    assert m["curve[max_drop=1]/drop"]["mean"] == pytest.approx(1.0)
+    md = (tmp_path / "summary" / "seeds_summary.md").read_text()
+    assert "| confidence, D=1 | 59.00 [" in md and "| final | 60.00 [60.00, 60.00] (n=3) |" in md
+    assert "| ucb eps=0.1 | 59.00 [59.00, 59.00] (n=3) |" in md and "(100%) |" in md  # certified in every seed
+    assert m["risk[method=ucb epsilon=0.1]/val_risk"]["mean"] == pytest.approx(0.06)
     with pytest.raises(FileNotFoundError, match="result_<label>.json"):
         bench.main(["--output", str(tmp_path / "s2"), "--seeds-summary", str(tmp_path)])
