@@ -860,6 +860,15 @@ class MaskedStage:
         self.stage = stage
         self.plan = compile_masked(stage, name)
 
+    @classmethod
+    def or_dense(cls, module: nn.Module, name: str = "") -> Optional["MaskedStage"]:
+        """``module`` compiled, or None where masked execution has no implementation of it (a
+        head or an exit the caller then runs dense, listed in its ``dense_ops``)."""
+        try:
+            return cls(module, name)
+        except UnsupportedModuleError:
+            return None
+
     def __call__(self, x: Features, mask: PixelMask, mode: str = "sparse",
                  max_active: float = SPARSE_MAX_ACTIVE,
                  min_pixels: int = SPARSE_MIN_PIXELS) -> Tuple[Features, MaskedReport]:

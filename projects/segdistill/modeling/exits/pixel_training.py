@@ -147,15 +147,6 @@ def check_train_threshold(value: float) -> float:
     return t
 
 
-def _masked_or_none(module: nn.Module, name: str) -> Optional[MaskedStage]:
-    """``module`` compiled for masked execution, or None where masked execution has no
-    implementation of it: it then runs dense, as the anytime model runs such a head or exit."""
-    try:
-        return MaskedStage(module, name)
-    except UnsupportedModuleError:
-        return None
-
-
 @dataclass
 class PixelRun:
     """One mask-aware forward.
@@ -261,7 +252,7 @@ class PixelTraining:
                 out = exits[feature](yielded[feature], size)  # its features and class logits, for the objectives
                 seg = out.seg_logits
                 if frozen_any:  # its logits as policy pixel computes them: masked where it can be
-                    plan = _masked_or_none(exits[feature], f"exits.{feature}")
+                    plan = MaskedStage.or_dense(exits[feature], f"exits.{feature}")
                     if plan is not None:
                         seg, _ = plan(yielded[feature], PixelMask(active), "emulate")
                 up = F.interpolate(seg, size=hw, mode="bilinear", align_corners=False)
@@ -281,7 +272,7 @@ class PixelTraining:
         head_out = head.forward_outputs(head_in)  # features and aux logits for the objectives
         logits = head_out["logits"]
         if frozen_any:  # the final logits as policy pixel computes them: the head masked where it can be
-            plan = _masked_or_none(head, "sem_seg_head")
+            plan = MaskedStage.or_dense(head, "sem_seg_head")
             if plan is not None:
                 logits, _ = plan(masked_head_input(head, head_in), PixelMask(active), "emulate")
         final_up = crop_logits(head.predict_logits(logits, hw), hw)  # a "stride" head's map may overshoot

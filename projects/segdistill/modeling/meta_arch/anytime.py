@@ -705,29 +705,23 @@ class AnytimeSegmentor(nn.Module, WholeImageOnly, FoldAware):
     def _sparse_rule(self) -> dict:
         return {"max_active": self.sparse_max_active, "min_pixels": self.sparse_min_pixels}
 
-    def _masked_head(self) -> Optional[MaskedStage]:
-        """The final head compiled for masked execution (once, with the stages), or None where
-        masked execution has no implementation of it: it then runs dense, listed in ``dense_ops``."""
-        if HEAD not in self._masked:
-            try:
-                self._masked[HEAD] = MaskedStage(self.sem_seg_head, HEAD)
-            except UnsupportedModuleError:
-                self._masked[HEAD] = None
-        return self._masked[HEAD]
-
-    def _masked_exit(self, name: str) -> Optional[MaskedStage]:
-        """Exit ``name`` compiled for masked execution (once, cached with the stages), or None
-        where masked execution has no implementation of its head: it then runs dense, listed in
-        ``dense_ops``."""
-        key = f"{EXITS}.{name}"
+    def _masked_or_dense(self, key: str, module: nn.Module) -> Optional[MaskedStage]:
+        """``module`` compiled for masked execution once (cached with the stages, under ``key``),
+        or None where masked execution has no implementation of it: it then runs dense, listed
+        in ``dense_ops``."""
         if self._masked_device != self.device:
             self._masked, self._masked_device = {}, self.device
         if key not in self._masked:
-            try:
-                self._masked[key] = MaskedStage(self.exits[name], key)
-            except UnsupportedModuleError:
-                self._masked[key] = None
+            self._masked[key] = MaskedStage.or_dense(module, key)
         return self._masked[key]
+
+    def _masked_head(self) -> Optional[MaskedStage]:
+        """The final head compiled for masked execution, or None (it runs dense)."""
+        return self._masked_or_dense(HEAD, self.sem_seg_head)
+
+    def _masked_exit(self, name: str) -> Optional[MaskedStage]:
+        """Exit ``name`` compiled for masked execution, or None (it runs dense)."""
+        return self._masked_or_dense(f"{EXITS}.{name}", self.exits[name])
 
     @torch.no_grad()
     def pixel_costs(self, input_hw: Sequence[int]) -> PixelCosts:
